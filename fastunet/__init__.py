@@ -1,0 +1,14 @@
+"""fastunet: a drop-in U-Net for PyTorch whose hot paths are fused Triton GPU kernels.
+
+``fastunet.UNet(in_ch, out_ch)`` has the classic U-Net's modules and state_dict keys; on NVIDIA
+GPUs its forward runs fused Triton kernels, elsewhere the exact eager math.
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.fastunet.*)
+from .backend import BACKENDS, get_backend, set_backend
+from .model import UNet
+from .reference import DoubleConv, UNetReference
+
+__version__ = "0.1.0"
+
+__all__ = ["UNet", "UNetReference", "DoubleConv", "set_backend", "get_backend", "BACKENDS", "__version__"]

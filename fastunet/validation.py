@@ -1,0 +1,57 @@
+"""Input checks for ``UNet.forward``: every mistake a user can make with the input tensor gets
+an error that names the problem and the expected value, before any kernel or ``torch.cat``
+sees it."""
+
+from __future__ import annotations
+
+import torch
+
+
+def nearest_multiple(n: int, m: int) -> int:
+    """The multiple of ``m`` closest to ``n`` (ties round up), never below ``m``."""
+    return max(m, ((n + m // 2) // m) * m)
+
+
+def validate_input(
+    x: object,
+    *,
+    in_ch: int,
+    depth: int,
+    param_dtype: torch.dtype,
+    param_device: torch.device,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``x`` is a valid U-Net input.
+
+    Valid: a floating-point ``[N, in_ch, H, W]`` tensor with H and W multiples of ``2**depth``
+    on the model's device, in the model's dtype unless autocast is on for that device.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"UNet expects a torch.Tensor of shape [N, C, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        hint = " (for one image use x.unsqueeze(0))" if x.dim() == 3 else ""
+        raise ValueError(
+            f"UNet expects a 4-D input [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}{hint}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"UNet expects a floating-point input (float32, float16, bfloat16 or float64), got "
+            f"{x.dtype}; convert it first, e.g. x.float() / 255 for 8-bit images"
+        )
+    n, c, h, w = x.shape
+    if c != in_ch:
+        raise ValueError(f"UNet was built for {in_ch} input channels, got an input with {c} (shape {tuple(x.shape)})")
+    m = 2**depth
+    if h % m or w % m:
+        raise ValueError(
+            f"UNet with depth {depth} needs H and W divisible by {m}, got H={h}, W={w}; "
+            f"the nearest valid size is H={nearest_multiple(h, m)}, W={nearest_multiple(w, m)} "
+            "(pad or resize the input)"
+        )
+    if x.device != param_device:
+        raise ValueError(f"input is on {x.device} but the model's parameters are on {param_device}; move one of them")
+    autocast = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+    if x.dtype != param_dtype and not autocast:
+        raise TypeError(
+            f"input dtype {x.dtype} does not match the model's parameters ({param_dtype}); convert the "
+            f"model (model.to({x.dtype})) or the input, or run under torch.autocast"
+        )

@@ -1,0 +1,109 @@
+"""Shared test utilities: the per-dtype tolerance table and a comparison that
+prints the worst mismatches.
+
+Every comparison is against a float64 reference computed from the *same*
+(rounded) inputs, so the tolerance only has to cover the arithmetic of the
+kernel under test, not input rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# name -> (atol, rtol). ``atol`` is scaled by the RMS of the expected tensor so one
+# row serves activations of any magnitude. Written down once; tests never inline numbers.
+TOLERANCES = {
+    "fp64": (1e-10, 1e-10),
+    "fp32": (2e-5, 2e-5),  # IEEE fp32 dots (interpreter, or allow_tf32=False)
+    "tf32": (5e-3, 5e-3),  # fp32 tensors on tensor cores (10-bit mantissa inputs)
+    "fp16": (1e-2, 1e-2),
+    "bf16": (6e-2, 6e-2),
+}
+
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def tolerance_name(dtype: torch.dtype) -> str:
+    """The row of ``TOLERANCES`` that a computation in ``dtype`` on this machine falls in."""
+    name = DTYPE_NAMES[dtype]
+    if name == "fp32" and torch.cuda.is_available() and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return name
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, tol: str, what: str = "", scale: float | None = None
+) -> float:
+    """Assert ``actual`` matches ``expected`` (float64) within ``TOLERANCES[tol]``.
+
+    ``atol`` is multiplied by ``scale`` (default: the RMS of ``expected``); pass the magnitude of
+    the surrounding computation when ``expected`` is mathematically zero (e.g. a conv bias's
+    gradient in front of a training-mode BatchNorm is pure rounding noise).
+
+    NaNs in ``actual`` where ``expected`` has none fail (that is how poisoned,
+    unwritten outputs are caught). Returns the worst error relative to
+    ``atol + rtol*|expected|`` so callers can report it.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    atol, rtol = TOLERANCES[tol]
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    if scale is None:
+        scale = e.pow(2).mean().sqrt().item() if e.numel() else 1.0
+    bound = atol * max(scale, 1e-12) + rtol * e.abs()
+    nan_mismatch = torch.isnan(a) != torch.isnan(e)
+    err = (a - e).abs()
+    err = torch.where(torch.isnan(a) & torch.isnan(e), torch.zeros_like(err), err)
+    ratio = torch.where(nan_mismatch, torch.full_like(err, float("inf")), err / bound)
+    worst = ratio.max().item() if ratio.numel() else 0.0
+    if not worst <= 1.0:
+        flat = ratio.flatten()
+        k = min(5, flat.numel())
+        idx = flat.topk(k).indices
+        rows = []
+        for i in idx.tolist():
+            coord = tuple(int(c) for c in torch.unravel_index(torch.tensor(i), a.shape))
+            rows.append(f"  at {coord}: got {a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g}")
+        raise AssertionError(
+            f"{what}: mismatch beyond {tol} tolerance (atol={atol}*rms, rtol={rtol}); "
+            f"worst ratio {worst:.3g}, {int((ratio > 1).sum())} of {ratio.numel()} elements\n" + "\n".join(rows)
+        )
+    return worst
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| in float64: the figure reported in closing notes."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    denom = e.abs().max().item() or 1.0
+    return (a - e).abs().max().item() / denom
+
+
+def poisoned_like(t: torch.Tensor, memory_format=torch.channels_last) -> torch.Tensor:
+    """An output buffer filled with NaN so any element a kernel fails to write shows up."""
+    out = torch.empty_like(t, memory_format=memory_format)
+    return out.fill_(float("nan"))
+
+
+def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics, so eval-mode
+    folding is actually exercised (fresh BN layers are the identity)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(3)
+    return model
+
+
+def model_pair(in_ch=3, out_ch=2, *, dtype=torch.float64, device="cpu", **options):
+    """A reference model and a ``fastunet.UNet`` holding the same random weights and BN state."""
+    from fastunet import UNet, UNetReference
+
+    ref = randomize_batchnorm(UNetReference(in_ch, out_ch, **options)).to(device=device, dtype=dtype)
+    model = UNet(in_ch, out_ch, **options).to(device=device, dtype=dtype)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    return ref, model

@@ -1,0 +1,48 @@
+"""torch.compile of the whole model with the fused ops forced: one graph, the same numbers."""
+
+import pytest
+import torch
+from helpers import assert_close, model_pair
+
+import fastunet
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    before = fastunet.get_backend()
+    yield
+    fastunet.set_backend(before)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compile_fullgraph_fused(train):
+    fastunet.set_backend("triton")
+    torch._dynamo.reset()
+    ref, model = model_pair(3, 2, base_channels=4, depth=2)
+    ref.train(train)
+    model.train(train)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yc, yr = compiled(xc), ref(xr)
+    assert_close(yc, yr, "fp64", "compiled output")
+    yc.sum().backward()
+    yr.sum().backward()
+    assert_close(xc.grad, xr.grad, "fp64", "compiled input grad")
+    for (name, pr), pm in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert_close(pm.grad, pr.grad, "fp64", f"compiled grad of {name}", scale=1.0)
+
+
+def test_compile_inductor_inference():
+    """The default (inductor) backend with the ops as opaque extern calls."""
+    fastunet.set_backend("triton")
+    torch._dynamo.reset()
+    ref, model = model_pair(3, 2, base_channels=4, depth=2)
+    ref.eval()
+    model.eval()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(compiled(x), ref(x), "fp64", "inductor output")

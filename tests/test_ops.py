@@ -1,0 +1,99 @@
+"""The torch.library op layer: opcheck (schema, fake tensors, autograd registration, AOT
+dispatch) on every op, and gradcheck of every autograd formula in float64."""
+
+import pytest
+import torch
+
+import fastunet  # noqa: F401  (registers the ops)
+
+pytestmark = pytest.mark.ops
+
+ops = torch.ops.fastunet
+
+
+def _t(*shape, dtype=torch.float64, grad=True, channels_last=True):
+    t = torch.randn(*shape, dtype=dtype)
+    if channels_last and t.dim() == 4:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+def op_cases(dtype):
+    """(op, args) for every op with small odd shapes; scale/shift/biases stay float32 unless fp64."""
+    vec = torch.float64 if dtype == torch.float64 else torch.float32
+    n, h, w = 2, 5, 6
+    return {
+        "conv3x3_bn_act": (
+            ops.conv3x3_bn_act,
+            (_t(n, 3, h, w, dtype=dtype), None, _t(4, 3, 3, 3, dtype=dtype), _t(4, dtype=vec), _t(4, dtype=vec), True),
+        ),
+        "conv3x3_bn_act_two_sources": (
+            ops.conv3x3_bn_act,
+            (_t(n, 2, h, w, dtype=dtype), _t(n, 3, h, w, dtype=dtype, channels_last=False),
+             _t(4, 5, 3, 3, dtype=dtype), _t(4, dtype=vec), _t(4, dtype=vec), False),
+        ),
+        "conv3x3_bn_act_head": (
+            ops.conv3x3_bn_act_head,
+            (_t(n, 2, h, w, dtype=dtype), _t(n, 3, h, w, dtype=dtype), _t(4, 5, 3, 3, dtype=dtype),
+             _t(4, dtype=vec), _t(4, dtype=vec), True, _t(3, 4, 1, 1, dtype=dtype), _t(3, dtype=vec), "softmax"),
+        ),
+        "upconv2x2": (ops.upconv2x2, (_t(n, 4, 3, 5, dtype=dtype), _t(4, 3, 2, 2, dtype=dtype), _t(3, dtype=vec))),
+        "maxpool2x2": (ops.maxpool2x2, (_t(n, 3, 6, 4, dtype=dtype),)),
+        "head1x1": (ops.head1x1, (_t(n, 4, h, w, dtype=dtype), _t(2, 4, 1, 1, dtype=dtype), _t(2, dtype=vec), "sigmoid")),
+    }  # fmt: skip
+
+
+CASES = list(op_cases(torch.float64))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_opcheck_float64(case):
+    op, args = op_cases(torch.float64)[case]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradcheck_float64(case):
+    """The registered backward formulas against finite differences."""
+    op, args = op_cases(torch.float64)[case]
+    torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["none", "sigmoid", "softmax"])
+def test_head_gradcheck_every_activation(activation):
+    args = (_t(1, 3, 2, 3), _t(2, 3, 1, 1), _t(2), activation)
+    torch.autograd.gradcheck(lambda *a: ops.head1x1(*a), args)
+
+
+def test_pool_gradient_routes_ties_like_torch():
+    x = torch.zeros(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(1, 2, 2, 2, dtype=torch.float64)
+    ops.maxpool2x2(x).backward(g)
+    torch.nn.functional.max_pool2d(x2, 2).backward(g)
+    assert torch.equal(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda: ops.conv3x3_bn_act(_t(1, 3, 4, 4), None, _t(4, 2, 3, 3), _t(4), _t(4), True),
+            r"weight must be \[C_out, 3, 3, 3\]",
+        ),
+        (lambda: ops.conv3x3_bn_act(_t(1, 3, 4, 4), _t(1, 2, 4, 5), _t(4, 5, 3, 3), _t(4), _t(4), True), "x2"),
+        (lambda: ops.conv3x3_bn_act(_t(1, 3, 4, 4), None, _t(4, 3, 3, 3), _t(3), _t(4), True), "scale and shift"),
+        (lambda: ops.upconv2x2(_t(1, 3, 4, 4), _t(2, 3, 2, 2), _t(3)), "do not fit"),
+        (lambda: ops.maxpool2x2(_t(1, 3, 5, 4)), "even H and W"),
+        (lambda: ops.head1x1(_t(1, 3, 4, 4), _t(2, 3, 1, 1), _t(2), "relu"), "activation must be one of"),
+    ],
+    ids=["conv-weight", "conv-x2", "conv-scale", "upconv", "pool", "head"],
+)
+def test_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_mixed_dtypes_rejected():
+    with pytest.raises(TypeError, match="one dtype"):
+        ops.conv3x3_bn_act(_t(1, 3, 4, 4), None, _t(4, 3, 3, 3, dtype=torch.float32), _t(4), _t(4), True)
