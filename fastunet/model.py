@@ -27,6 +27,12 @@ from .validation import validate_input
 _ops = torch.ops.fastunet
 
 
+def _kernels():
+    from . import kernels  # deferred: the CPU fallback never imports triton
+
+    return kernels
+
+
 def _bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
 
@@ -80,7 +86,9 @@ class UNet(UNetReference):
         x = self._double_conv(getattr(self, f"conv{d + 1}"), x, None, dtype)
         for k in range(d + 2, 2 * d + 2):
             up = getattr(self, f"up{k}")
-            weight = self._prepare(f"up{k}", (up.weight,), dtype, lambda w=up.weight: w.to(dtype))
+            weight = self._prepare(
+                f"up{k}", (up.weight,), dtype, lambda w=up.weight: _kernels().pack_upconv2x2_weight(w.to(dtype))
+            )
             u = _ops.upconv2x2(x, weight, up.bias)
             dc = getattr(self, f"conv{k}")
             fuse_head = k == 2 * d + 1 and self._head_fusable(dc)
@@ -112,7 +120,9 @@ class UNet(UNetReference):
     ) -> Tensor:
         conv, bn = dc.conv[idx], dc.conv[idx + 1]
         name = f"{id(dc)}.{idx}"
-        weight = self._prepare(name + ".w", (conv.weight,), dtype, lambda: conv.weight.to(dtype))
+        weight = self._prepare(
+            name + ".w", (conv.weight,), dtype, lambda: _kernels().pack_conv3x3_weight(conv.weight.to(dtype))
+        )
         if _bn_uses_batch_stats(bn):
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             shift = conv.bias.to(acc) if conv.bias is not None else x.new_zeros(conv.out_channels, dtype=acc)

@@ -244,10 +244,15 @@ def _(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
     _check_conv3x3(x, x2, weight, scale, shift)
     _check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
     if _use_kernels(x):
-        return _kernels().conv3x3_bn_act_head(
-            x, weight, scale.float(), shift.float(), head_weight, head_bias.float(),
-            activation=activation, x2=x2, relu=relu,
-        )  # fmt: skip
+        k = _kernels()
+        if head_weight.shape[0] <= k.MAX_HEAD_K and weight.shape[0] <= k.MAX_HEAD_C_OUT:
+            return k.conv3x3_bn_act_head(
+                x, weight, scale.float(), shift.float(), head_weight, head_bias.float(),
+                activation=activation, x2=x2, relu=relu,
+            )  # fmt: skip
+        # Too wide for one epilogue tile: two kernels, the intermediate written once.
+        h = k.conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
+        return k.head1x1(h, head_weight, head_bias.float(), activation=activation)
     h = _conv3x3_composite(x, x2, weight, scale, shift, relu).to(x.dtype)
     return _as_nhwc(_head_composite(h, head_weight, head_bias, activation), x.dtype)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+HAS_CUDA = torch.cuda.is_available()
+
 # name -> (atol, rtol). ``atol`` is scaled by the RMS of the expected tensor so one
 # row serves activations of any magnitude. Written down once; tests never inline numbers.
 TOLERANCES = {

@@ -97,3 +97,11 @@ def test_bad_arguments(call, match):
 def test_mixed_dtypes_rejected():
     with pytest.raises(TypeError, match="one dtype"):
         ops.conv3x3_bn_act(_t(1, 3, 4, 4), None, _t(4, 3, 3, 3, dtype=torch.float32), _t(4), _t(4), True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_opcheck_on_the_kernel_path(case, device):
+    """float32 runs the Triton kernels (CUDA, or the interpreter on CPU): opcheck them too."""
+    op, args = op_cases(torch.float32)[case]
+    args = tuple(a.detach().to(device).requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)

@@ -1,0 +1,594 @@
+"""The providers timed side by side, the inputs and weights they share, and the float64 check.
+
+A *case* is one (mode, batch, image size, dtype) point. For a case every provider builds its
+own model from the same ``state_dict`` and runs on the same pre-generated input batches; its
+output on the first batch is compared with a float64 forward of the reference model on the
+same device and input before anything is timed (``bench_provider``).
+
+Providers (``PROVIDERS``, in table order):
+
+=============================== ============================================================
+``eager_fp32_nchw``             reference eager model, fp32, NCHW (TF32 convs on CUDA when
+                                ``torch.backends.cudnn.allow_tf32``, PyTorch's default)
+``eager_cl_amp``                reference eager model, channels_last, under ``torch.autocast``
+                                in the case's dtype (plain fp32 for fp32 cases): the baseline
+                                every speedup is quoted against
+``compile_default``             ``torch.compile(reference)``, same layout and autocast
+``compile_max_autotune``        ``torch.compile(reference, mode="max-autotune")``
+``compile_max_autotune_freezing`` the same with ``torch._inductor.config.freezing = True``
+                                around the compile (inference only)
+``fastunet``                    ``fastunet.UNet`` with the ``"auto"`` backend: the Triton
+                                kernels on CUDA, the eager CPU fallback on CPU
+``fastunet_compile``            ``torch.compile(fastunet.UNet)``
+``fastunet_cudagraph``          fastunet captured once in a ``torch.cuda.CUDAGraph`` after
+                                warm-up, replayed with a static input buffer (inference, CUDA)
+=============================== ============================================================
+
+Inputs are fp32 (as a data loader delivers them); NCHW for ``eager_fp32_nchw`` and
+channels_last for everyone else, converted once outside the timed region. Casting to the
+16-bit dtype happens inside the timed step (autocast, or fastunet's own entrance cast), the
+same for all. A training step is ``zero_grad`` + forward + a linear loss + backward (no
+optimizer step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from timing import synchronize, time_steps
+
+import fastunet
+from fastunet.backend import triton_available, use_fused
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Output check: max|y - y64| / max|y64| over the whole network output (sigmoid, in (0, 1)).
+# Measured on calibrated random weights: IEEE fp32 ~1e-6, fp16 autocast ~1.5e-3, bf16 autocast
+# ~1e-2 (23 layers of 8-bit mantissa rounding). The bounds leave a 4-10x margin over that; a
+# real bug (a wrong tap, a missing BatchNorm, an unwritten tile) is off by O(1).
+OUTPUT_TOL = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
+# Training adds a gradient check: ||g - g64|| / ||g64|| over all parameter gradients. Train-mode
+# BatchNorm makes gradients much less well conditioned than the output (measured: fp32 ~5e-3,
+# fp16 ~0.11, bf16 ~0.32 for eager autocast itself), so these bounds only catch gross errors
+# (zero, missing or wrong-direction gradients); the output check above stays the tight one.
+GRAD_TOL = {"fp32": 5e-2, "tf32": 0.5, "fp16": 0.5, "bf16": 0.8}
+
+
+def compute_precision(dtype_name: str, device: torch.device) -> str:
+    """The arithmetic a provider computing in ``dtype_name`` really does: fp32 convs on CUDA run
+    in TF32 when cuDNN allows it (the default), and fastunet follows the same switch."""
+    if dtype_name == "fp32":
+        return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
+    return dtype_name
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    in_ch: int = 3
+    out_ch: int = 1
+    base_channels: int = 64
+    depth: int = 4
+    out_activation: str = "sigmoid"
+
+    def options(self) -> dict:
+        return {
+            "base_channels": self.base_channels,
+            "depth": self.depth,
+            "out_activation": self.out_activation,
+        }
+
+    def flop_config(self) -> dict:
+        return {
+            "in_ch": self.in_ch,
+            "out_ch": self.out_ch,
+            "base_channels": self.base_channels,
+            "depth": self.depth,
+        }
+
+
+@dataclass
+class Case:
+    """One benchmark point and everything its providers share.
+
+    ``inputs_nchw``/``inputs_cl``: ``n_inputs`` fp32 batches ``[batch, in_ch, size, size]``
+    (same values, two layouts). ``ref_out``: float64 ``[batch, out_ch, size, size]``, the
+    reference forward on ``inputs_nchw[0]``. Training only: ``grad_probe`` (fp32, output
+    shape) defines the loss ``sum(y * grad_probe)``, and ``ref_grads`` are the float64 gradients
+    of that loss for every parameter, in ``model.parameters()`` order.
+    """
+
+    mode: str
+    batch: int
+    size: int
+    dtype_name: str
+    device: torch.device
+    model: ModelConfig
+    state_dict: dict
+    inputs_nchw: list[torch.Tensor]
+    inputs_cl: list[torch.Tensor]
+    ref_out: torch.Tensor
+    ref_grads: list[torch.Tensor] | None = None
+    grad_probe: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def training(self) -> bool:
+        return self.mode == "training"
+
+
+# --------------------------------------------------------------------------- shared weights
+def _batchnorms(model: torch.nn.Module) -> Iterator[torch.nn.BatchNorm2d]:
+    return (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def make_state_dict(cfg: ModelConfig, device: torch.device, seed: int) -> dict:
+    """Weights every provider loads: default init, then BatchNorm made to matter.
+
+    With default init and identity running statistics the signal fades through 18 convs and
+    the output is a near-constant sigmoid(bias), which would hide a wrong kernel. So the
+    running statistics are calibrated on one random batch (every BN then really normalizes
+    and every layer shapes the output) and the affine parameters are perturbed (so folding BN
+    into scale/shift is exercised). Returned on CPU.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = fastunet.UNetReference(cfg.in_ch, cfg.out_ch, **cfg.options())
+        gen = torch.Generator().manual_seed(seed + 1)
+        calib = max(64, 4 * 2**cfg.depth)
+        x = torch.randn(4, cfg.in_ch, calib, calib, generator=gen)
+        for bn in _batchnorms(model):
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average: one batch sets the statistics exactly
+        model.to(device).train()
+        with torch.no_grad():
+            model(x.to(device))
+            for bn in _batchnorms(model):
+                bn.momentum = 0.1
+                bn.weight.mul_(1 + 0.1 * torch.randn(bn.weight.shape, generator=gen).to(device))
+                bn.bias.add_(0.1 * torch.randn(bn.bias.shape, generator=gen).to(device))
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _load(model_cls: type, cfg: ModelConfig, state_dict: dict, device, mode: str) -> torch.nn.Module:
+    model = model_cls(cfg.in_ch, cfg.out_ch, **cfg.options())
+    model.load_state_dict(state_dict, strict=True)
+    model.to(device)
+    if mode == "training":
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)  # inference: parameters are constants (freezing needs it)
+    return model
+
+
+def make_case(
+    cfg: ModelConfig,
+    state_dict: dict,
+    *,
+    mode: str,
+    batch: int,
+    size: int,
+    dtype_name: str,
+    device: torch.device,
+    n_inputs: int,
+    seed: int,
+) -> Case:
+    """Generate the inputs and compute the float64 reference (output, and gradients in training)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, cfg.in_ch, size, size)
+    inputs_nchw = [torch.randn(shape, generator=gen).to(device) for _ in range(n_inputs)]
+    inputs_cl = [x.contiguous(memory_format=torch.channels_last) for x in inputs_nchw]
+    probe = None
+    if mode == "training":
+        out_shape = (batch, cfg.out_ch, size, size)
+        # Unit-variance probe scaled by 1/sqrt(numel): gradients stay O(1) per element, far from
+        # fp16 overflow and underflow (there is no GradScaler in a timed step).
+        numel = math.prod(out_shape)
+        probe = (torch.randn(out_shape, generator=gen) / math.sqrt(numel)).to(device)
+    ref = _load(fastunet.UNetReference, cfg, state_dict, device, mode).double()
+    x64 = inputs_nchw[0].double()
+    ref_grads = None
+    if mode == "training":
+        out = ref(x64)
+        (out * probe.double()).sum().backward()
+        ref_grads = [p.grad.detach().clone() for p in ref.parameters()]
+        out = out.detach()
+    else:
+        with torch.no_grad():
+            out = ref(x64)
+    del ref
+    return Case(mode, batch, size, dtype_name, device, cfg, state_dict, inputs_nchw, inputs_cl, out, ref_grads, probe)
+
+
+# --------------------------------------------------------------------------- runners
+@dataclass
+class Runner:
+    """A built provider: ``step(x)`` runs one timed step and returns the network output.
+
+    ``inputs`` are the case's batches in the layout this provider takes; ``params`` the
+    parameters whose ``.grad`` a training step fills; ``warmup_context`` wraps the first calls
+    (where ``torch.compile`` compiles); ``keepalive`` holds whatever the step closes over.
+    """
+
+    step: Callable[[torch.Tensor], torch.Tensor]
+    inputs: list[torch.Tensor]
+    params: list[torch.Tensor]
+    warmup_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    keepalive: tuple = field(default_factory=tuple)
+
+
+def _autocast(case: Case, enabled: bool = True) -> contextlib.AbstractContextManager:
+    if not enabled or case.dtype_name == "fp32":
+        return contextlib.nullcontext()
+    # cache_enabled=False: the cache only saves re-casting a weight used twice in one region
+    # (none is, in a U-Net), and cached casts must not be captured by a CUDA graph.
+    return torch.autocast(case.device.type, dtype=case.dtype, cache_enabled=False)
+
+
+def _make_step(model, params, case: Case, *, amp: bool = True, before: Callable | None = None):
+    if not case.training:
+
+        def infer(x):
+            if before is not None:
+                before()
+            with torch.no_grad(), _autocast(case, amp):
+                return model(x)
+
+        return infer
+
+    probe = case.grad_probe
+
+    def train(x):
+        if before is not None:
+            before()
+        for p in params:
+            p.grad = None
+        with _autocast(case, amp):
+            y = model(x)
+        (y.float() * probe).sum().backward()
+        return y
+
+    return train
+
+
+def _reference(case: Case, channels_last: bool) -> torch.nn.Module:
+    model = _load(fastunet.UNetReference, case.model, case.state_dict, case.device, case.mode)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _fastunet(case: Case) -> torch.nn.Module:
+    model = _load(fastunet.UNet, case.model, case.state_dict, case.device, case.mode)
+    fused = use_fused(case.inputs_cl[0])
+    # Never time something other than what the label says: on CUDA this must be the Triton
+    # path, on CPU the eager fallback (the "auto" backend; the interpreter is never benchmarked).
+    if case.device.type == "cuda" and not fused:
+        raise RuntimeError(
+            f"fastunet would not take the fused Triton path (backend {fastunet.get_backend()!r}, "
+            f"triton importable: {triton_available()})"
+        )
+    if case.device.type != "cuda" and fused:
+        raise RuntimeError("fastunet would run the Triton interpreter on CPU; use the 'auto' backend")
+    return model
+
+
+def _mark_step(case: Case) -> Callable | None:
+    # Inductor's CUDA graphs (mode="max-autotune") reuse output memory across calls; marking
+    # each step tells it the previous outputs are dead. A no-op without CUDA graphs.
+    return torch.compiler.cudagraph_mark_step_begin if case.device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def _inductor_freezing() -> Iterator[None]:
+    """``torch._inductor.config.freezing = True`` for the duration, restored after."""
+    import torch._inductor.config as inductor_config
+
+    previous = inductor_config.freezing
+    inductor_config.freezing = True
+    try:
+        yield
+    finally:
+        inductor_config.freezing = previous
+
+
+def build_eager_fp32_nchw(case: Case) -> Runner:
+    model = _reference(case, channels_last=False)
+    params = list(model.parameters())
+    step = _make_step(model, params, case, amp=False)
+    return Runner(step, case.inputs_nchw, params, keepalive=(model,))
+
+
+def build_eager_cl_amp(case: Case) -> Runner:
+    model = _reference(case, channels_last=True)
+    params = list(model.parameters())
+    return Runner(_make_step(model, params, case), case.inputs_cl, params, keepalive=(model,))
+
+
+def _build_compiled(case: Case, model: torch.nn.Module, freezing: bool = False, **compile_kwargs) -> Runner:
+    params = list(model.parameters())
+    compiled = torch.compile(model, **compile_kwargs)
+    step = _make_step(compiled, params, case, before=_mark_step(case))
+    context = _inductor_freezing if freezing else contextlib.nullcontext
+    return Runner(step, case.inputs_cl, params, warmup_context=context, keepalive=(model, compiled))
+
+
+def build_compile_default(case: Case) -> Runner:
+    return _build_compiled(case, _reference(case, channels_last=True))
+
+
+def build_compile_max_autotune(case: Case) -> Runner:
+    return _build_compiled(case, _reference(case, channels_last=True), mode="max-autotune")
+
+
+def build_compile_max_autotune_freezing(case: Case) -> Runner:
+    model = _reference(case, channels_last=True)
+    return _build_compiled(case, model, freezing=True, mode="max-autotune")
+
+
+def build_fastunet(case: Case) -> Runner:
+    model = _fastunet(case)
+    params = list(model.parameters())
+    return Runner(_make_step(model, params, case), case.inputs_cl, params, keepalive=(model,))
+
+
+def build_fastunet_compile(case: Case) -> Runner:
+    return _build_compiled(case, _fastunet(case))
+
+
+def build_fastunet_cudagraph(case: Case) -> Runner:
+    """Capture one inference forward in a CUDA graph; a step copies the batch in and replays.
+
+    The recipe of the CUDA-graphs documentation: warm up on a side stream (Triton autotuning,
+    lazy init and weight preparation all happen there, outside the capture), capture under the
+    same no_grad/autocast state, then replay. The input copy is part of every timed step, as
+    it would be in use.
+    """
+    if case.training:
+        raise RuntimeError("CUDA-graph capture of a training step is not implemented")
+    model = _fastunet(case)
+    static_x = case.inputs_cl[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad(), _autocast(case):
+        for _ in range(3):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad(), _autocast(case):
+        static_y = model(static_x)
+
+    def step(x):
+        static_x.copy_(x)
+        graph.replay()
+        return static_y
+
+    return Runner(step, case.inputs_cl, list(model.parameters()), keepalive=(model, graph, static_x, static_y))
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable[[Case], Runner]
+    family: str  # "eager" | "compile" (torch.compile of the reference) | "fastunet"
+    uses_compile: bool = False
+    slow_compile: bool = False  # max-autotune: minutes of autotuning, left out of --quick
+    needs_cuda: bool = False
+    inference_only: bool = False
+    fixed_dtype: str | None = None  # computes in this dtype whatever the case's dtype
+
+    def precision(self, case: Case) -> str:
+        return compute_precision(self.fixed_dtype or case.dtype_name, case.device)
+
+    def label(self, case: Case) -> str:
+        amp = "" if case.dtype_name == "fp32" else f", autocast {case.dtype_name}"
+        cpu = case.device.type != "cuda"
+        return {
+            "eager_fp32_nchw": "eager reference, fp32 NCHW",
+            "eager_cl_amp": f"eager reference, channels_last{amp or ', fp32'}",
+            "compile_default": f"torch.compile(reference){amp}",
+            "compile_max_autotune": f"torch.compile(reference, max-autotune){amp}",
+            "compile_max_autotune_freezing": f"torch.compile(reference, max-autotune) + freezing{amp}",
+            "fastunet": f"fastunet CPU fallback (eager math){amp}" if cpu else f"fastunet (Triton){amp}",
+            "fastunet_compile": f"torch.compile(fastunet){' CPU fallback' if cpu else ''}{amp}",
+            "fastunet_cudagraph": f"fastunet, CUDA-graph replay{amp}",
+        }[self.name]
+
+
+PROVIDERS = [
+    Provider("eager_fp32_nchw", build_eager_fp32_nchw, "eager", fixed_dtype="fp32"),
+    Provider("eager_cl_amp", build_eager_cl_amp, "eager"),
+    Provider("compile_default", build_compile_default, "compile", uses_compile=True),
+    Provider("compile_max_autotune", build_compile_max_autotune, "compile", uses_compile=True, slow_compile=True),
+    Provider(
+        "compile_max_autotune_freezing",
+        build_compile_max_autotune_freezing,
+        "compile",
+        uses_compile=True,
+        slow_compile=True,
+        inference_only=True,
+    ),
+    Provider("fastunet", build_fastunet, "fastunet"),
+    Provider("fastunet_compile", build_fastunet_compile, "fastunet", uses_compile=True),
+    Provider("fastunet_cudagraph", build_fastunet_cudagraph, "fastunet", needs_cuda=True, inference_only=True),
+]
+PROVIDER_NAMES = [p.name for p in PROVIDERS]
+
+
+def skip_reason(provider: Provider, case: Case, quick: bool) -> str | None:
+    """Why ``provider`` does not run for ``case`` (None: it runs)."""
+    if provider.needs_cuda and case.device.type != "cuda":
+        return "needs an NVIDIA GPU (CUDA graphs of the Triton kernels)"
+    if provider.inference_only and case.training:
+        return "inference only"
+    if provider.uses_compile and quick and case.device.type != "cuda":
+        return "torch.compile providers are optional on CPU and skipped in --quick"
+    if provider.slow_compile and quick:
+        return "skipped in --quick (max-autotune compiles for minutes)"
+    return None
+
+
+# --------------------------------------------------------------------------- checking
+def output_error(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max|y - ref|, max|y - ref| / max|ref|) in float64; NaN anywhere counts as infinite."""
+    y64 = y.detach().to(torch.float64)
+    if tuple(y64.shape) != tuple(ref.shape):
+        raise ValueError(f"output shape {tuple(y64.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(y64).all():
+        return math.inf, math.inf
+    max_abs = (y64 - ref).abs().max().item()
+    return max_abs, max_abs / (ref.abs().max().item() or 1.0)
+
+
+def grad_error(params: list[torch.Tensor], ref_grads: list[torch.Tensor]) -> float:
+    """||g - g64|| / ||g64|| over all parameter gradients; a missing or non-finite one is inf."""
+    if len(params) != len(ref_grads):
+        return math.inf
+    num = den = 0.0
+    for p, g64 in zip(params, ref_grads, strict=True):
+        if p.grad is None:
+            return math.inf
+        g = p.grad.detach().to(torch.float64)
+        if not torch.isfinite(g).all():
+            return math.inf
+        num += (g - g64).pow(2).sum().item()
+        den += g64.pow(2).sum().item()
+    return math.sqrt(num) / (math.sqrt(den) or 1.0)
+
+
+# --------------------------------------------------------------------------- measuring
+def _memory(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _release(device: torch.device) -> None:
+    # Only memory counters need a clean slate between providers, and they exist on CUDA only.
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _no_recompiles(enabled: bool) -> contextlib.AbstractContextManager:
+    # A recompile inside the timed loop would time the compiler; make it an error instead.
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(error_on_recompile=True)
+
+
+def failure_reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def blank_row(provider: Provider, case: Case) -> dict:
+    """A result row with every key present (see run.py's docstring for their meaning)."""
+    return {
+        "provider": provider.name,
+        "label": provider.label(case),
+        "family": provider.family,
+        "mode": case.mode,
+        "batch": case.batch,
+        "size": case.size,
+        "dtype": case.dtype_name,
+        "precision": provider.precision(case),
+        "status": "skipped",
+        "reason": None,
+        "ms_median": None,
+        "ms_p20": None,
+        "ms_p80": None,
+        "n_reps": None,
+        "timer": None,
+        "first_call_s": None,
+        "images_per_s": None,
+        "gflop_per_step": None,
+        "tflops": None,
+        "peak_kind": None,
+        "peak_fraction": None,
+        "peak_mem_mb": None,
+        "static_mem_mb": None,
+        "max_abs_err": None,
+        "max_rel_err": None,
+        "tolerance": OUTPUT_TOL[provider.precision(case)],
+        "grad_rel_l2_err": None,
+        "grad_tolerance": GRAD_TOL[provider.precision(case)] if case.training else None,
+        "speedup_vs_eager_amp": None,
+        "speedup_vs_best_compile": None,
+    }
+
+
+def bench_provider(
+    provider: Provider, case: Case, *, warmup: int, reps: int, quick: bool, verbose: bool = False
+) -> dict:
+    """Build, warm up, check against float64, then time one provider; never raises.
+
+    Returns a row (``blank_row``'s keys) with status ``"ok"``, ``"wrong"`` (error above the
+    tolerance: timed, but never counted as a result), ``"failed"`` (with the exception in
+    ``reason``) or ``"skipped"``. Memory (CUDA only) is counted above what the harness already
+    holds (shared inputs, float64 reference), so it is the provider's own footprint: weights,
+    caches, graphs and activations.
+    """
+    row = blank_row(provider, case)
+    reason = skip_reason(provider, case, quick)
+    if reason is not None:
+        row["reason"] = reason
+        return row
+    device = case.device
+    runner = None
+    try:
+        _release(device)
+        if provider.uses_compile:
+            torch._dynamo.reset()
+        baseline = _memory(device)
+        t0 = time.perf_counter()
+        runner = provider.build(case)
+        inputs = runner.inputs
+        with runner.warmup_context():
+            runner.step(inputs[0])
+            synchronize(device)
+            row["first_call_s"] = time.perf_counter() - t0
+            for i in range(1, warmup + 1):
+                runner.step(inputs[i % len(inputs)])
+            synchronize(device)
+        with _no_recompiles(provider.uses_compile):
+            y = runner.step(inputs[0])
+            row["max_abs_err"], row["max_rel_err"] = output_error(y, case.ref_out)
+            del y
+            if case.training:
+                row["grad_rel_l2_err"] = grad_error(runner.params, case.ref_grads)
+            synchronize(device)
+            if device.type == "cuda":
+                row["static_mem_mb"] = (_memory(device) - baseline) / 2**20
+                torch.cuda.reset_peak_memory_stats(device)
+            timing = time_steps(runner.step, inputs, device=device, warmup=0, reps=reps)
+            if device.type == "cuda":
+                row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+        row.update(ms_median=timing.median_ms, ms_p20=timing.p20_ms, ms_p80=timing.p80_ms)
+        row.update(n_reps=timing.n, timer=timing.method)
+        wrong = not row["max_rel_err"] <= row["tolerance"]
+        if case.training and not row["grad_rel_l2_err"] <= row["grad_tolerance"]:
+            wrong = True
+        row["status"] = "wrong" if wrong else "ok"
+        if wrong:
+            row["reason"] = f"error above tolerance: output {row['max_rel_err']:.3g} (tol {row['tolerance']:g})" + (
+                f", gradients {row['grad_rel_l2_err']:.3g} (tol {row['grad_tolerance']:g})" if case.training else ""
+            )
+    except Exception as exc:  # one provider failing must not end the run
+        row["status"] = "failed"
+        row["reason"] = failure_reason(exc)
+        if verbose:
+            traceback.print_exc()
+    finally:
+        runner = None
+        if provider.uses_compile:
+            torch._dynamo.reset()
+        _release(device)
+    return row

@@ -1,0 +1,296 @@
+"""Everything derived from the measured rows: throughput, fractions of peak, speedups, the
+issue's targets, the printed tables, the JSON file and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+BASELINE = "eager_cl_amp"
+# The issue's acceptance targets, judged only on the case they were set for.
+TARGET_CASE = {"device": "H100", "batch": 16, "size": 256, "dtype": "bf16", "mode": "inference"}
+TARGET_MODEL = {"base_channels": 64, "depth": 4}
+TARGETS = (
+    ("speedup_vs_eager_amp", ">=", 1.6, "fastunet >= 1.6x eager channels_last AMP"),
+    ("speedup_vs_best_compile", ">=", 1.2, "fastunet >= 1.2x the best torch.compile"),
+    ("peak_fraction", ">=", 0.55, "fastunet >= 55 % of the measured bf16 matmul peak"),
+    ("memory_ratio", "<=", 0.6, "fastunet peak memory <= 0.6x eager AMP"),
+)
+
+
+def slug(text: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def case_key(row: dict) -> tuple:
+    return (row["mode"], row["batch"], row["size"], row["dtype"])
+
+
+# --------------------------------------------------------------------------- derived numbers
+def add_throughput(row: dict, flops_per_step: int, peaks: dict | None) -> None:
+    """Fill images/s, GFLOP, TFLOP/s and the fraction of the measured peak of a timed row."""
+    row["gflop_per_step"] = flops_per_step / 1e9
+    if row["ms_median"] is None:
+        return
+    seconds = row["ms_median"] * 1e-3
+    row["images_per_s"] = row["batch"] / seconds
+    row["tflops"] = flops_per_step / seconds / 1e12
+    peak = (peaks or {}).get("matmul_tflops", {}).get(row["precision"])
+    if peak:
+        row["peak_kind"] = f"{row['precision']} matmul"
+        row["peak_fraction"] = row["tflops"] / peak
+
+
+def add_layer_peak(row: dict, peaks: dict | None) -> None:
+    """Fraction of the measured peak a layer's fastunet op reaches: of the matmul peak for layers
+    with FLOPs, of the copy bandwidth for the max-pool (which only moves bytes)."""
+    if row["fastunet_ms"] is None or not peaks:
+        return
+    if row["fastunet_tflops"]:
+        peak = peaks["matmul_tflops"].get(row["precision"])
+        if peak:
+            row["peak_kind"], row["fastunet_peak_fraction"] = (
+                f"{row['precision']} matmul",
+                row["fastunet_tflops"] / peak,
+            )
+    elif row["fastunet_gbps"] and peaks.get("copy_gbps"):
+        row["peak_kind"], row["fastunet_peak_fraction"] = "copy bandwidth", row["fastunet_gbps"] / peaks["copy_gbps"]
+
+
+def add_speedups(rows: Sequence[dict]) -> dict[tuple, dict]:
+    """Speedups of every ``ok`` row vs eager AMP and vs the fastest correct torch.compile of the
+    reference, per case. Rows that are wrong, failed or skipped get none (a wrong result is never
+    a speedup). Returns ``{case_key: {"baseline_ms", "best_compile", "best_compile_ms"}}``."""
+    summary: dict[tuple, dict] = {}
+    for key in dict.fromkeys(case_key(r) for r in rows):
+        case_rows = [r for r in rows if case_key(r) == key]
+        ok = [r for r in case_rows if r["status"] == "ok"]
+        base = next((r for r in ok if r["provider"] == BASELINE), None)
+        compiled = [r for r in ok if r["family"] == "compile"]
+        best = min(compiled, key=lambda r: r["ms_median"]) if compiled else None
+        for r in ok:
+            if base is not None:
+                r["speedup_vs_eager_amp"] = base["ms_median"] / r["ms_median"]
+            if best is not None:
+                r["speedup_vs_best_compile"] = best["ms_median"] / r["ms_median"]
+        summary[key] = {
+            "baseline_ms": base["ms_median"] if base else None,
+            "best_compile": best["provider"] if best else None,
+            "best_compile_ms": best["ms_median"] if best else None,
+        }
+    return summary
+
+
+def evaluate_targets(result: dict) -> list[dict]:
+    """The issue's targets as PASS / FAIL / ``"not measured"`` records.
+
+    Judged on the plain ``fastunet`` provider (what users call) in the target case on an H100
+    with the classic width; anything else reports "not measured" and says what was missing.
+    """
+    device_name = result["device"]["name"]
+    cfg = result["config"]
+    want = TARGET_CASE
+    missing = []
+    if result["device"]["type"] != "cuda" or want["device"] not in device_name.upper():
+        missing.append(f"an {want['device']} (this run: {device_name})")
+    if cfg["mode"] != want["mode"]:
+        missing.append(f"--mode {want['mode']}")
+    if cfg["base_channels"] != TARGET_MODEL["base_channels"] or cfg["depth"] != TARGET_MODEL["depth"]:
+        missing.append("the classic width (--base-channels 64, depth 4)")
+    rows = [
+        r
+        for r in result["rows"]
+        if (r["mode"], r["batch"], r["size"], r["dtype"]) == (want["mode"], want["batch"], want["size"], want["dtype"])
+    ]
+    if not rows:
+        missing.append(f"batch {want['batch']}, {want['size']}x{want['size']}, {want['dtype']}")
+    fast = next((r for r in rows if r["provider"] == "fastunet"), None)
+    base = next((r for r in rows if r["provider"] == BASELINE), None)
+    where = f"{want['device']}, batch {want['batch']}, {want['size']}x{want['size']}, {want['dtype']} {want['mode']}"
+    out = []
+    for metric, op, threshold, text in TARGETS:
+        record = {"target": f"{text} ({where})", "metric": metric, "op": op, "threshold": threshold}
+        value = None
+        if fast is not None and fast["status"] == "ok":
+            if metric == "memory_ratio":
+                ok_base = base is not None and base["status"] == "ok"
+                if ok_base and fast["peak_mem_mb"] is not None and base["peak_mem_mb"]:
+                    value = fast["peak_mem_mb"] / base["peak_mem_mb"]
+            else:
+                value = fast[metric]
+        record["value"] = value
+        if missing:
+            record["result"], record["detail"] = "not measured", "needs " + "; ".join(missing)
+        elif fast is None or fast["status"] == "skipped":
+            record["result"], record["detail"] = "not measured", "the fastunet provider did not run"
+        elif fast["status"] in ("wrong", "failed"):
+            record["result"], record["detail"] = "FAIL", f"fastunet {fast['status']}: {fast['reason']}"
+        elif value is None:
+            record["result"] = "not measured"
+            record["detail"] = {
+                "speedup_vs_eager_amp": "eager AMP baseline did not run correctly",
+                "speedup_vs_best_compile": "no torch.compile provider ran correctly",
+                "peak_fraction": "no measured bf16 peak",
+                "memory_ratio": "no peak memory for fastunet or eager AMP",
+            }[metric]
+        else:
+            passed = value >= threshold if op == ">=" else value <= threshold
+            record["result"] = "PASS" if passed else "FAIL"
+            record["detail"] = f"{value:.3g} {op} {threshold:g}"
+            if metric == "speedup_vs_best_compile":
+                compiled = [r["provider"] for r in rows if r["family"] == "compile" and r["status"] == "ok"]
+                record["detail"] += f" (compile providers measured: {', '.join(compiled)})"
+        out.append(record)
+    return out
+
+
+# --------------------------------------------------------------------------- text tables
+def _f(value, spec: str, dash: str = "-") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return dash
+    return format(value, spec)
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[bool]) -> str:
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def _status(row: dict) -> str:
+    status = row["status"].upper() if row["status"] in ("wrong", "failed") else row["status"]
+    return f"{status}: {row['reason']}" if row["reason"] else status
+
+
+def provider_table(rows: Sequence[dict]) -> str:
+    headers = [
+        "provider", "ms median [p20-p80]", "img/s", "TFLOP/s", "%peak", "peak MiB",
+        "max abs / rel err (tol)", "x eager-AMP", "x best-compile", "status",
+    ]  # fmt: skip
+    body = []
+    for r in rows:
+        timed = r["ms_median"] is not None
+        ms = f"{r['ms_median']:.3f} [{r['ms_p20']:.3f}-{r['ms_p80']:.3f}]" if timed else "-"
+        err = "-"
+        if r["max_rel_err"] is not None:
+            err = f"{_f(r['max_abs_err'], '.1e', 'inf')} / {_f(r['max_rel_err'], '.1e', 'inf')} ({r['tolerance']:.0e})"
+        if r["grad_rel_l2_err"] is not None:
+            err += f" grad {r['grad_rel_l2_err']:.1e} ({r['grad_tolerance']:.0e})"
+        body.append([
+            r["provider"], ms, _f(r["images_per_s"], ".1f"), _f(r["tflops"], ".2f"),
+            _f(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f"),
+            _f(r["peak_mem_mb"], ".0f"), err,
+            _f(r["speedup_vs_eager_amp"], ".2f"), _f(r["speedup_vs_best_compile"], ".2f"), _status(r),
+        ])  # fmt: skip
+    return format_table(headers, body, [False, True, True, True, True, True, True, True, True, False])
+
+
+def layer_table(rows: Sequence[dict]) -> str:
+    timed = [r for r in rows if r["fastunet_ms"] is not None]
+    slowest = max(timed, key=lambda r: r["fastunet_ms"], default=None)
+    behind = min(timed, key=lambda r: r["speedup"], default=None)
+    headers = [
+        "layer", "shape", "GFLOP", "fastunet ms", "torch ms", "speedup",
+        "fastunet rate (% peak)", "err fastunet", "err torch", "status",
+    ]  # fmt: skip
+    body = []
+    for r in rows:
+        rate = f"{r['fastunet_tflops']:.2f} TF/s" if r["fastunet_tflops"] else _f(r["fastunet_gbps"], ".0f") + " GB/s"
+        if r.get("fastunet_peak_fraction") is not None:
+            rate += f" ({100 * r['fastunet_peak_fraction']:.0f}%)"
+        notes = [_status(r)]
+        if r is slowest:
+            notes.append("<- slowest")
+        if r is behind and r["speedup"] < 1:
+            notes.append("<- furthest behind torch")
+        body.append([
+            r["layer"], r["shape"], _f(r["gflop"], ".3f"), _f(r["fastunet_ms"], ".4f"),
+            _f(r["torch_ms"], ".4f"), _f(r["speedup"], ".2f"),
+            rate if r["fastunet_ms"] is not None else "-",
+            _f(r["fastunet_err"], ".1e"), _f(r["torch_err"], ".1e"), " ".join(notes),
+        ])  # fmt: skip
+    return format_table(headers, body, [False, False, True, True, True, True, True, True, True, False])
+
+
+def target_lines(targets: Sequence[dict]) -> list[str]:
+    return [f"TARGET {t['result']:>12}  {t['target']}: {t['detail']}" for t in targets]
+
+
+# --------------------------------------------------------------------------- files
+def _finite(obj):
+    """JSON has no inf/nan: non-finite floats become null (the row's status says why)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def result_stem(result: dict) -> str:
+    """``<device-slug>_<YYYY-MM-DD>_<mode>[_quick]``."""
+    quick = "_quick" if result["config"]["quick"] else ""
+    return f"{result['device']['slug']}_{result['date']}_{result['config']['mode']}{quick}"
+
+
+def write_json(result: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{result_stem(result)}.json"
+    path.write_text(json.dumps(_finite(result), indent=1, allow_nan=False) + "\n")
+    return path
+
+
+_COLORS = {"eager": "#8c8c8c", "compile": "#4c72b0", "fastunet": "#dd8452"}
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Horizontal bars of images/s per provider, one panel per case; wrong rows hatched red,
+    failed and skipped rows named with their status instead of a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys(case_key(r) for r in result["rows"]))
+    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 0.45 * len(result["rows"]) + 1.2 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys, strict=True):
+        rows = [r for r in result["rows"] if case_key(r) == key]
+        y = list(range(len(rows)))[::-1]
+        for yi, r in zip(y, rows, strict=True):
+            value = r["images_per_s"] or 0.0
+            wrong = r["status"] == "wrong"
+            ax.barh(
+                yi,
+                value,
+                color="#d62728" if wrong else _COLORS.get(r["family"], "#555555"),
+                hatch="//" if wrong else None,
+            )
+            text = f" {value:.1f}" if r["status"] == "ok" else f" {r['status'].upper()}"
+            ax.text(value, yi, text, va="center", fontsize=8)
+        ax.set_yticks(y, [r["provider"] for r in rows], fontsize=8)
+        mode, batch, size, dtype = key
+        ax.set_title(f"{mode}, batch {batch}, {size}x{size}, {dtype}", fontsize=9)
+        ax.set_xlabel("images / s (higher is better)", fontsize=8)
+        ax.margins(x=0.2)
+    cfg = result["config"]
+    fig.suptitle(
+        f"fastunet benchmark: {result['device']['name']}, {result['date']}\n"
+        f"UNet({cfg['in_ch']}, {cfg['out_ch']}, base_channels={cfg['base_channels']})"
+        + (" --quick" if cfg["quick"] else ""),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,500 @@
+#!/usr/bin/env python
+"""fastunet's main command: the U-Net benchmark, every provider side by side in one process.
+
+    python benchmarks/run.py                          # GPU: batch 1 and 16, 256^2 and 512^2, bf16
+    python benchmarks/run.py --quick                  # GPU: the target case only, fewer reps
+    python benchmarks/run.py --device cpu --quick     # no GPU: a < 1 minute smoke run
+    python benchmarks/run.py --mode training --dtype bf16 fp16 --batch 8 --size 256
+
+Method
+------
+* **Same weights, same inputs.** One ``state_dict`` (default init, BatchNorm statistics
+  calibrated on a random batch and affine parameters perturbed, so every layer matters) is
+  loaded by every provider's model. Each case pre-generates ``n_inputs`` fp32 batches and every
+  provider cycles through the same ones; enough of them that together they exceed twice the
+  GPU's L2 cache, so a small case is not timed out of a warm cache.
+* **Checked before timed.** Each provider's output on the first batch is compared with a
+  float64 forward of the reference model (``.double()``, same device, same input): max abs
+  error and max abs error / max|ref| are reported; above the precision's tolerance
+  (``providers.OUTPUT_TOL``) the row is ``wrong``: shown as WRONG, kept out of every speedup.
+  Training also compares all parameter gradients (relative L2 error, ``providers.GRAD_TOL``).
+* **Timing.** Warm-up first (which includes compilation and autotuning, reported separately as
+  ``first_call_s``). CUDA: a CUDA-event pair around every step, read after one synchronize;
+  CPU: ``time.perf_counter`` per step. Median and 20th/80th percentiles, never the mean.
+  Single layers are timed with ``triton.testing.do_bench`` (L2 flushed before every call) on
+  CUDA. Peaks are measured in the same run (``timing.measure_peaks``): a large matmul per
+  precision through ``do_bench`` and a large device-to-device copy.
+* **FLOPs** are counted from the model configuration (``flops.py``): 2 x MACs of every conv,
+  transposed conv and the 1x1 head, ~96.3 GFLOP per 256x256 image for ``UNet(3, 1)``; a
+  training step counts as 3 forwards (the usual convention).
+* **Memory** (CUDA): ``torch.cuda.max_memory_allocated`` over the timed steps after
+  ``reset_peak_memory_stats``, minus what the harness itself holds (shared inputs, float64
+  reference), i.e. the provider's own weights, caches, graphs and activations. null on CPU.
+* **CPU.** ``--device cpu`` compares the reference eager path with fastunet's CPU fallback
+  (the ``"auto"`` backend on CPU runs the eager reference math). The Triton providers need an
+  NVIDIA GPU and are skipped; the Triton interpreter is never benchmarked (this script unsets
+  ``TRITON_INTERPRET`` and always selects the ``"auto"`` backend).
+
+Exit status: 0, or 1 when any row (model or layer) is WRONG. The JSON and the plot are
+written either way.
+
+JSON (``<out>/<device-slug>_<YYYY-MM-DD>_<mode>[_quick].json``)
+-----------------------------------------------------------------
+``schema``: format version (1). ``date`` (YYYY-MM-DD, local), ``timestamp`` (UTC, ISO 8601),
+``wall_s`` (whole run, seconds), ``command`` (argv as run).
+
+``device``: ``type`` ("cuda" | "cpu"), ``name``, ``slug`` (file-name form of the name); CUDA:
+``capability``, ``sm_count``, ``memory_gib``, ``l2_mib``; CPU: ``cores``, ``threads``.
+
+``versions``: ``python``, ``torch``, ``triton``, ``cuda`` (torch's CUDA, null on CPU builds),
+``cudnn``, ``fastunet``, ``numpy``, ``git_commit`` (null outside a repository with commits).
+
+``config``: ``mode``, ``device``, ``batches``, ``sizes``, ``dtypes``, ``in_ch``, ``out_ch``,
+``base_channels``, ``depth``, ``out_activation``, ``providers``, ``warmup``, ``reps``,
+``n_inputs`` (as requested; null = chosen per case from the L2 size, see ``cases``), ``quick``,
+``seed``, ``threads`` (torch intra-op threads), ``layers`` (per-layer table on),
+``backend`` (fastunet backend, always "auto"), ``cudnn_benchmark``, ``cudnn_allow_tf32``,
+``matmul_precision``.
+
+``peaks``: ``matmul_tflops`` ({precision: TFLOP/s} for "bf16", "fp16", "tf32", "fp32" as
+needed), ``copy_gbps`` (device-to-device copy, read + write bytes), ``matmul_n``,
+``copy_bytes``, ``method``.
+
+``flop_convention``: the counting rule in words.
+
+``rows`` (one per provider and case): ``provider``, ``label``, ``family`` ("eager" |
+"compile" = torch.compile of the reference | "fastunet"), ``mode``, ``batch``, ``size``,
+``dtype`` (the case's), ``precision`` (what this provider computes in: "fp32", "tf32", "bf16",
+"fp16"), ``status`` ("ok" | "wrong" | "failed" | "skipped"), ``reason`` (why, for anything but
+ok), ``ms_median``/``ms_p20``/``ms_p80`` (per step), ``n_reps``, ``timer`` ("cuda-events" |
+"perf_counter"), ``first_call_s`` (build + first step: compile time), ``images_per_s``,
+``gflop_per_step``, ``tflops`` (achieved), ``peak_kind`` and ``peak_fraction`` (tflops over the
+measured matmul peak of that precision), ``peak_mem_mb`` and ``static_mem_mb`` (MiB; CUDA
+only), ``max_abs_err``, ``max_rel_err`` and ``tolerance`` (output vs float64),
+``grad_rel_l2_err`` and ``grad_tolerance`` (training only), ``speedup_vs_eager_amp`` (vs
+``eager_cl_amp``: channels_last + autocast, or channels_last fp32 in fp32 cases) and
+``speedup_vs_best_compile`` (vs the fastest correct torch.compile of the reference); both null
+unless the row is ok.
+
+``cases`` (one per case): ``mode``, ``batch``, ``size``, ``dtype``, ``gflop_per_step``,
+``n_inputs``, ``baseline_ms``, ``best_compile``, ``best_compile_ms``.
+
+``layers`` (one per distinct layer shape and case; forward, eval-mode ops): ``layer`` (module
+names sharing the shape, "="-joined), ``kind``, ``shape``, ``count``, ``batch``, ``size``,
+``dtype``, ``precision``, ``gflop``, ``min_mb`` (bytes the fused op must move, MB),
+``fastunet_ms``/``_p20``/``_p80``, ``torch_ms``/``_p20``/``_p80``, ``fastunet_tflops``,
+``torch_tflops``, ``fastunet_gbps``, ``torch_gbps``, ``speedup`` (torch_ms / fastunet_ms),
+``peak_kind`` and ``fastunet_peak_fraction`` (of the matmul peak, or of the copy bandwidth for
+the max-pool), ``fastunet_err``, ``torch_err`` (max rel error vs float64), ``tolerance``,
+``status``, ``reason``.
+
+``targets``: the issue's goals (H100, batch 16, 256x256, bf16 inference): ``target``,
+``metric``, ``op``, ``threshold``, ``value``, ``result`` ("PASS" | "FAIL" | "not measured"),
+``detail``.
+
+``notes``: plain-language remarks printed with the tables (quick mode, skipped providers).
+Non-finite numbers are written as null.
+"""
+
+# ruff: noqa: E402  (the environment must be fixed before torch/triton are imported)
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Never time Triton's CPU interpreter: the test suite sets TRITON_INTERPRET=1, and a
+    # subprocess would inherit it. It must be gone before triton is imported.
+    _INTERPRET_WAS_SET = os.environ.pop("TRITON_INTERPRET", None) is not None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+else:
+    _INTERPRET_WAS_SET = False
+
+import argparse
+import datetime as dt
+import gc
+import math
+import platform
+import subprocess
+import time
+
+import numpy as np
+import report
+import torch
+from flops import TRAINING_FLOP_FACTOR, step_flops
+from layers import bench_layer, layer_specs
+from providers import (
+    PROVIDER_NAMES,
+    PROVIDERS,
+    Case,
+    ModelConfig,
+    bench_provider,
+    blank_row,
+    compute_precision,
+    failure_reason,
+    make_case,
+    make_state_dict,
+)
+from timing import measure_peaks
+from tqdm import tqdm
+
+import fastunet
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Defaults per (device type, quick); explicit options always win. --quick on CPU uses one
+# intra-op thread: on a busy machine OpenMP's barriers wait on descheduled threads, and a 10 ms
+# forward became 100+ ms (seen on a loaded 2-core runner).
+_DEFAULT_KEYS = ("batch", "size", "dtype", "base_channels", "warmup", "reps", "threads")
+DEFAULTS = {
+    ("cuda", False): dict(zip(_DEFAULT_KEYS, ([1, 16], [256, 512], ["bf16"], 64, 10, 50, None), strict=True)),
+    ("cuda", True): dict(zip(_DEFAULT_KEYS, ([16], [256], ["bf16"], 64, 5, 20, None), strict=True)),
+    ("cpu", False): dict(zip(_DEFAULT_KEYS, ([1], [128], ["fp32"], 64, 2, 10, None), strict=True)),
+    ("cpu", True): dict(zip(_DEFAULT_KEYS, ([2], [64], ["fp32", "bf16"], 8, 2, 10, 1), strict=True)),
+}
+
+FLOP_CONVENTION = (
+    "FLOPs = 2 x multiply-accumulates of the 3x3 convs, 2x2 stride-2 transposed convs and the 1x1 "
+    "head, counted from the model configuration (BatchNorm, ReLU, pool, concat, sigmoid not "
+    f"counted); a training step = {TRAINING_FLOP_FACTOR} x forward (the usual convention)."
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/run.py",
+        description="Benchmark fastunet against eager PyTorch and torch.compile, side by side.",
+        epilog="Defaults depend on --device and --quick; see DEFAULTS in this file.",
+    )
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")
+    p.add_argument("--quick", action="store_true", help="small, fast run (a smoke test on CPU)")
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes")
+    p.add_argument("--size", type=int, nargs="+", help="square image sizes (multiples of 2**depth)")
+    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], help="compute dtypes")
+    p.add_argument("--mode", choices=["inference", "training"], default="inference")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (JSON and PNG)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDER_NAMES, help="subset of providers")
+    p.add_argument("--warmup", type=int, help="warm-up steps per provider (after the first call)")
+    p.add_argument("--reps", type=int, help="timed steps per provider")
+    p.add_argument("--base-channels", type=int, help="width of the first level (64 classic)")
+    p.add_argument("--depth", type=int, default=4, help="number of poolings (4 classic)")
+    p.add_argument("--in-ch", type=int, default=3)
+    p.add_argument("--out-ch", type=int, default=1)
+    p.add_argument("--n-inputs", type=int, help="input batches to rotate through (default: from L2 size)")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; 1 for --device cpu --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing providers")
+    args = p.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available (use --device cpu)")
+    defaults = DEFAULTS[(args.device, args.quick)]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.dtype = list(dict.fromkeys(args.dtype))
+    m = 2**args.depth
+    bad = [s for s in args.size if s <= 0 or s % m]
+    if bad:
+        p.error(f"--size must be positive multiples of 2**depth = {m}, got {bad}")
+    if min(args.batch) < 1 or args.reps < 1 or args.warmup < 0 or args.base_channels < 1:
+        p.error("--batch, --reps and --base-channels must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    args.providers = args.providers or PROVIDER_NAMES
+    return args
+
+
+# --------------------------------------------------------------------------- environment
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = torch.cuda.get_device_name(device)
+        return {
+            "type": "cuda",
+            "name": name,
+            "slug": report.slug(name),
+            "capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        }
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "type": "cpu",
+        "name": name,
+        "slug": "cpu-" + report.slug(name),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "fastunet": fastunet.__version__,
+        "numpy": np.__version__,
+        "git_commit": commit if commit and len(commit) == 40 else None,
+    }
+
+
+def rotation_count(device: torch.device, input_bytes: int, requested: int | None) -> int:
+    """How many input batches to cycle through: together at least twice the L2 cache (GPU),
+    at least 3, at most 64 and 1 GiB."""
+    if requested:
+        return requested
+    if device.type != "cuda":
+        return 3
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 << 20
+    n = math.ceil(2 * l2 / input_bytes)
+    return max(3, min(n, 64, (1 << 30) // input_bytes))
+
+
+def failed_row(provider, cfg, mode, batch, size, dtype_name, device, reason: str) -> dict:
+    """The row of a provider whose case could not even be set up."""
+    stub = Case(mode, batch, size, dtype_name, device, cfg, {}, [], [], torch.empty(0))
+    row = blank_row(provider, stub)
+    row["status"], row["reason"] = "failed", reason
+    return row
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    previous_backend = fastunet.get_backend()
+    fastunet.set_backend("auto")  # Triton on CUDA tensors, the eager fallback on CPU
+    try:
+        return run(args, argv)
+    finally:
+        fastunet.set_backend(previous_backend)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = ModelConfig(args.in_ch, args.out_ch, args.base_channels, args.depth)
+    providers = [p for p in PROVIDERS if p.name in args.providers]
+    info = device_info(device)
+
+    notes = []
+    if _INTERPRET_WAS_SET:
+        notes.append(
+            "TRITON_INTERPRET was set in the environment and has been unset: benchmarks never time the interpreter."
+        )
+    if args.quick:
+        notes.append(
+            f"--quick: UNet({cfg.in_ch}, {cfg.out_ch}, base_channels={cfg.base_channels}) at batch "
+            f"{args.batch}, size {args.size}, {args.warmup} warm-up and {args.reps} timed steps, "
+            f"{torch.get_num_threads()} CPU thread(s): a fast check "
+            "of the harness"
+            + (", not a measurement of the classic 31M-parameter model." if cfg.base_channels != 64 else ".")
+        )
+    if device.type != "cuda":
+        notes.append(
+            "No NVIDIA GPU: the Triton providers (fastunet's fused kernels, torch.compile(fastunet) on Triton, "
+            "CUDA-graph replay) need an NVIDIA GPU and were skipped. The 'fastunet' rows time fastunet's CPU "
+            "fallback (the 'auto' backend on CPU runs the eager reference math), so ~1x eager is expected."
+        )
+    print(f"fastunet benchmark on {info['name']} ({device.type}), torch {torch.__version__}, mode {args.mode}")
+    for note in notes:
+        print("note:", note)
+    sys.stdout.flush()
+
+    cases = [(b, s, d) for d in args.dtype for b in args.batch for s in args.size]
+    n_layer_rows = 0 if args.no_layers else len(layer_specs(cfg, 1, args.size[0]))
+    total = 1 + len(cases) * (1 + len(providers) + n_layer_rows)
+    rows: list[dict] = []
+    layer_rows: list[dict] = []
+    case_summaries: list[dict] = []
+    with tqdm(total=total, desc="benchmark", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        bar.set_postfix_str("measuring peaks")
+        kinds = {compute_precision(d, device) for d in args.dtype}
+        if "eager_fp32_nchw" in args.providers:
+            kinds.add(compute_precision("fp32", device))
+        peaks = None
+        try:
+            peaks = measure_peaks(device, sorted(kinds))
+        except Exception as exc:  # the run is still useful without peaks
+            notes.append(f"peak measurement failed: {failure_reason(exc)}")
+        bar.update(1)
+        state_dict = make_state_dict(cfg, device, args.seed)
+        for batch, size, dtype_name in cases:
+            label = f"b{batch} {size}x{size} {dtype_name}"
+            bar.set_postfix_str(f"{label}: float64 reference")
+            input_bytes = batch * cfg.in_ch * size * size * 4
+            n_inputs = rotation_count(device, input_bytes, args.n_inputs)
+            try:
+                case = make_case(
+                    cfg, state_dict, mode=args.mode, batch=batch, size=size, dtype_name=dtype_name,
+                    device=device, n_inputs=n_inputs, seed=args.seed + 1,
+                )  # fmt: skip
+                case_error = None
+            except Exception as exc:  # e.g. the float64 reference runs out of memory
+                case, case_error = None, f"case setup (inputs, float64 reference) failed: {failure_reason(exc)}"
+                _release(device)
+            bar.update(1)
+            flops = step_flops(args.mode, **cfg.flop_config(), batch=batch, height=size)
+            case_rows = []
+            for provider in providers:
+                bar.set_postfix_str(f"{label}: {provider.name}")
+                if case is None:
+                    row = failed_row(provider, cfg, args.mode, batch, size, dtype_name, device, case_error)
+                else:
+                    row = bench_provider(
+                        provider, case, warmup=args.warmup, reps=args.reps, quick=args.quick, verbose=args.verbose
+                    )
+                report.add_throughput(row, flops, peaks)
+                case_rows.append(row)
+                bar.update(1)
+            summary = report.add_speedups(case_rows)[report.case_key(case_rows[0])]
+            case_summaries.append(
+                {"mode": args.mode, "batch": batch, "size": size, "dtype": dtype_name,
+                 "gflop_per_step": flops / 1e9, "n_inputs": n_inputs, **summary}
+            )  # fmt: skip
+            rows.extend(case_rows)
+            del case
+            gc.collect()
+            if not args.no_layers:
+                for spec, names in layer_specs(cfg, batch, size):
+                    bar.set_postfix_str(f"{label}: layer {names[0]}")
+                    layer_row = bench_layer(
+                        spec, names, dtype_name, device, size=size, warmup=args.warmup, reps=args.reps,
+                        rep_ms=50 if args.quick else 100,
+                    )  # fmt: skip
+                    report.add_layer_peak(layer_row, peaks)
+                    layer_rows.append(layer_row)
+                    bar.update(1)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    result = {
+        "schema": 1,
+        "date": dt.date.today().isoformat(),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": None,
+        "command": " ".join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
+        "device": info,
+        "versions": versions(),
+        "config": {
+            "mode": args.mode,
+            "device": device.type,
+            "batches": args.batch,
+            "sizes": args.size,
+            "dtypes": args.dtype,
+            "in_ch": cfg.in_ch,
+            "out_ch": cfg.out_ch,
+            "base_channels": cfg.base_channels,
+            "depth": cfg.depth,
+            "out_activation": cfg.out_activation,
+            "providers": [p.name for p in providers],
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "n_inputs": args.n_inputs,
+            "quick": args.quick,
+            "seed": args.seed,
+            "threads": torch.get_num_threads(),
+            "layers": not args.no_layers,
+            "backend": fastunet.get_backend(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
+            "matmul_precision": torch.get_float32_matmul_precision(),
+        },
+        "peaks": peaks,
+        "flop_convention": FLOP_CONVENTION,
+        "cases": case_summaries,
+        "rows": rows,
+        "layers": layer_rows,
+        "targets": [],
+        "notes": notes,
+    }
+    result["targets"] = report.evaluate_targets(result)
+
+    print_report(result)
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    json_path = report.write_json(result, args.out)
+    png_path = report.plot(result, json_path.with_suffix(".png"))
+    print(f"\nwrote {json_path}\nwrote {png_path}\n({result['wall_s']:.1f} s)")
+    wrong = [r for r in rows + layer_rows if r["status"] == "wrong"]
+    if wrong:
+        print(f"\n{len(wrong)} row(s) WRONG: their outputs differ from the float64 reference beyond tolerance.")
+    return 1 if wrong else 0
+
+
+def print_report(result: dict) -> None:
+    peaks = result["peaks"]
+    if peaks:
+        mm = ", ".join(f"{k} {v:.3g}" for k, v in peaks["matmul_tflops"].items())
+        print(f"\nmeasured peaks: matmul TFLOP/s {mm}; copy {peaks['copy_gbps']:.0f} GB/s")
+    if result["rows"]:
+        first = report.case_key(result["rows"][0])
+        print("\nproviders:")
+        for r in result["rows"]:
+            if report.case_key(r) == first:
+                print(f"  {r['provider']:<30} {r['label']}")
+    cfg = result["config"]
+    for case in result["cases"]:
+        key = (case["mode"], case["batch"], case["size"], case["dtype"])
+        rows = [r for r in result["rows"] if report.case_key(r) == key]
+        print(
+            f"\n== {case['mode']}, batch {case['batch']}, {case['size']}x{case['size']}, {case['dtype']}: "
+            f"UNet({cfg['in_ch']}, {cfg['out_ch']}, base_channels={cfg['base_channels']}), "
+            f"{case['gflop_per_step']:.2f} GFLOP/step, {case['n_inputs']} rotating inputs =="
+        )
+        print(report.provider_table(rows))
+        layers = [
+            r
+            for r in result["layers"]
+            if (r["batch"], r["size"], r["dtype"]) == (case["batch"], case["size"], case["dtype"])
+        ]
+        if layers:
+            print(
+                f"\n-- per layer (forward, eval-mode ops), batch {case['batch']}, "
+                f"{case['size']}x{case['size']}, {case['dtype']} --"
+            )
+            print(report.layer_table(layers))
+    print()
+    for line in report.target_lines(result["targets"]):
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""fastunet's Triton kernels and their launchers (installed as ``fastunet.kernels``).
+
+Launchers take and return torch tensors with logical NCHW shapes and any strides (channels_last
+is the fast layout), check their inputs, pick a config and launch. No ``nn.Module`` and no
+``torch.library`` here: ``fastunet.ops`` registers these as ``torch.ops.fastunet.*``.
+
+| launcher | fuses |
+|---|---|
+| ``conv3x3_bn_act`` | 3x3 conv (optionally of ``cat([x, x2])``) + folded BN/bias + ReLU |
+| ``conv3x3_bn_act_head`` | the same + 1x1 head + sigmoid/softmax in the epilogue |
+| ``upconv2x2`` | ConvTranspose2d(k=2, s=2) + bias, phase-scatter epilogue |
+| ``maxpool2x2`` | 2x2 max-pool, NaN-propagating |
+| ``head1x1`` | 1x1 conv + activation |
+"""
+
+from importlib import import_module
+
+from .conv3x3 import (
+    MAX_HEAD_C_OUT,
+    MAX_HEAD_K,
+    conv3x3_bn_act,
+    conv3x3_bn_act_head,
+    pack_conv3x3_weight,
+)
+from .head1x1 import head1x1
+from .maxpool2x2 import maxpool2x2
+from .upconv2x2 import pack_upconv2x2_weight, upconv2x2
+
+#: Kernel modules that expose ``compile_specs(arch)`` for the offline compile report (ring 2).
+KERNEL_MODULES = ("conv3x3", "upconv2x2", "maxpool2x2", "head1x1")
+
+
+def all_compile_specs(arch: int) -> list:
+    """Every (kernel, config, dtype) ``KernelSpec`` the launchers can use on ``arch`` (80 or 90)."""
+    specs = []
+    for name in KERNEL_MODULES:
+        specs += import_module(f"{__name__}.{name}").compile_specs(arch)
+    return specs
+
+
+__all__ = [
+    "MAX_HEAD_C_OUT",
+    "MAX_HEAD_K",
+    "KERNEL_MODULES",
+    "all_compile_specs",
+    "conv3x3_bn_act",
+    "conv3x3_bn_act_head",
+    "head1x1",
+    "maxpool2x2",
+    "pack_conv3x3_weight",
+    "pack_upconv2x2_weight",
+    "upconv2x2",
+]

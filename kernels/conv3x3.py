@@ -1,0 +1,929 @@
+"""Fused 3x3 convolution (pad 1, stride 1) + per-channel scale/shift + optional ReLU.
+
+One implicit-GEMM Triton kernel, ``_conv3x3_bn_act_kernel``, computes
+
+    y[n, co, h, w] = act(scale[co] * sum_{ci, kh, kw} x[n, ci, h+kh-1, w+kw-1] * wt[co, ci, kh, kw]
+                         + shift[co])
+
+with eval-mode BatchNorm and the conv bias folded into ``scale``/``shift`` by the caller. The
+GEMM view: M = N*H*W output pixels, N = C_out, K = 9 taps x C_in with the channel fastest. Two
+optional fusions ride on the same kernel:
+
+* a second K source ``x2`` (the decoder's ``torch.cat([up, skip], 1)`` without a concat pass);
+* the U-Net's 1x1 head (+ sigmoid/softmax) in the epilogue, so the last feature map is never
+  written (``conv3x3_bn_act_head``).
+
+Why a second K source instead of a concat. A decoder conv convolves ``cat([up, skip], 1)``; its
+reads are the same bytes whichever way the two halves are stored. ``torch.cat`` adds a read
+and a write of the whole concatenated tensor: for the 4-level U-Net on one 256x256 image that is
+1024x32x32 + 512x64x64 + 256x128x128 + 128x256x256 = 15.7 M elements, so 2 x 15.7 M x 2 B =
+63 MB per image in fp16 (about 19 us of H100 HBM time), for nothing. Both fused options move
+zero extra bytes: (a) this kernel's two sources, (b) the upsample writing into a channel slice
+of a buffer the encoder conv already wrote its skip into. At equal bytes (a) wins on
+simplicity: every tensor stays dense and owned by one op, with no buffer planned across the
+network and no in-place op for autograd or ``torch.compile`` to track. Its cost is a second
+pipelined K loop per tile: one more pipeline fill and drain.
+
+Small-M, deep layers may split K across programs (``SPLIT_K``): every split writes its fp32
+partial tile to its own slice of a workspace and ``_conv3x3_splitk_epilogue_kernel`` sums the
+slices in a fixed order, so the result is deterministic (no atomics).
+
+Launchers: ``pack_conv3x3_weight``, ``conv3x3_bn_act``, ``conv3x3_bn_act_head``; the offline
+compile report uses ``compile_specs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (
+    KernelSpec,
+    device_arch,
+    dot_precision,
+    interpreting,
+    smem_limit,
+    triton_dtype,
+    tuned_arch,
+)
+
+__all__ = [
+    "compile_specs",
+    "conv3x3_bn_act",
+    "conv3x3_bn_act_head",
+    "pack_conv3x3_weight",
+]
+
+_INT32_MAX = 2**31 - 1
+# Consecutive programs cover GROUP_M row tiles x every column tile, so the activation rows and
+# the weight columns they read are both still in L2 when the next program needs them.
+GROUP_M = 8
+# The head's output channels are unrolled in the epilogue; more classes than this belong in a
+# separate 1x1 GEMM.
+MAX_HEAD_K = 64
+MAX_HEAD_C_OUT = 256
+HEAD_ACTIVATIONS = {"none": 0, "sigmoid": 1, "softmax": 2}
+# Split-K epilogue tile (elementwise over [M, C_out]; not tuned).
+_EPI_BLOCK_M, _EPI_BLOCK_N, _EPI_WARPS = 64, 64, 4
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _accumulate_source(
+    acc,
+    src_ptr,
+    w_ptr,
+    C,
+    c_base,
+    k_lo,
+    k_hi,
+    stride_n,
+    stride_c,
+    stride_h,
+    stride_w,
+    stride_wo,
+    stride_wi,
+    stride_wh,
+    stride_ww,
+    img,
+    oh,
+    ow,
+    m_mask,
+    offs_co,
+    co_mask,
+    H,
+    W,
+    SMALL_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Add one K source's contribution, iterations ``[k_lo, k_hi)`` of its flat K loop, to acc.
+
+    ``c_base`` is the source's first input channel in the weight (0 for x, C1 for x2).
+    General mode: iteration kk covers tap ``kk // cdiv(C, BLOCK_K)`` and one BLOCK_K channel
+    block, so each A row is a contiguous channel run (vector loads in NHWC).
+    SMALL_C mode: iteration kk covers flat k in [kk*BLOCK_K, (kk+1)*BLOCK_K) of the 9*C taps x
+    channels, decoded per k; a 3-channel input then fills a dot instead of wasting 13/16 of it.
+    """
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    # The pixel part of every A address in int64: a batch of feature maps can exceed 2^31
+    # elements even though each index fits in int32.
+    pix_off = img.to(tl.int64) * stride_n + oh.to(tl.int64) * stride_h + ow.to(tl.int64) * stride_w
+    w_co = offs_co * stride_wo  # [BLOCK_N]
+    n_cb = tl.cdiv(C, BLOCK_K)
+    for kk in range(k_lo, k_hi):
+        if SMALL_C:
+            k = kk * BLOCK_K + offs_k  # [BLOCK_K] flat (tap, ci)
+            k_ok = k < 9 * C
+            tap = k // C
+            ci = k - tap * C
+            kh = tap // 3
+            kw = tap - kh * 3
+            ih = oh[:, None] + (kh[None, :] - 1)  # [BLOCK_M, BLOCK_K]
+            iw = ow[:, None] + (kw[None, :] - 1)  # [BLOCK_M, BLOCK_K]
+            a_mask = m_mask[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            tap_off = (kh - 1) * stride_h + (kw - 1) * stride_w + ci.to(tl.int64) * stride_c
+            a_ptrs = src_ptr + pix_off[:, None] + tap_off[None, :]  # [BLOCK_M, BLOCK_K]
+            w_k = (c_base + ci) * stride_wi + kh * stride_wh + kw * stride_ww  # [BLOCK_K]
+            b_mask = k_ok[:, None] & co_mask[None, :]
+        else:
+            tap = kk // n_cb
+            c = (kk - tap * n_cb) * BLOCK_K + offs_k  # [BLOCK_K] input channels
+            c_ok = c < C
+            kh = tap // 3
+            kw = tap - kh * 3
+            ih = oh + (kh - 1)  # [BLOCK_M]
+            iw = ow + (kw - 1)  # [BLOCK_M]
+            # Out-of-image taps read as zero: this mask is the padding.
+            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_mask = row_ok[:, None] & c_ok[None, :]
+            row_off = pix_off + ((kh - 1) * stride_h + (kw - 1) * stride_w)  # [BLOCK_M]
+            a_ptrs = src_ptr + row_off[:, None] + (c.to(tl.int64) * stride_c)[None, :]
+            w_k = (c_base + c) * stride_wi + (kh * stride_wh + kw * stride_ww)  # [BLOCK_K]
+            b_mask = c_ok[:, None] & co_mask[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
+        b = tl.load(w_ptr + w_k[:, None] + w_co[None, :], mask=b_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _conv3x3_bn_act_kernel(
+    x_ptr,
+    x2_ptr,
+    w_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    hw_ptr,
+    hb_ptr,
+    N,
+    H,
+    W,
+    C1,
+    C2,
+    C_out,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_x2n,
+    stride_x2c,
+    stride_x2h,
+    stride_x2w,
+    stride_wo,
+    stride_wi,
+    stride_wh,
+    stride_ww,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    stride_os,
+    stride_hk,
+    HAS_X2: tl.constexpr,
+    SMALL_C: tl.constexpr,
+    RELU: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    HEAD_K: tl.constexpr,
+    HEAD_KP: tl.constexpr,
+    HEAD_ACT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Implicit-GEMM 3x3 conv (pad 1, stride 1) fused with scale/shift (+ReLU) in the epilogue.
+
+    Fuses: the convolution, the ``torch.cat([x, x2], 1)`` that feeds it (``HAS_X2``: the K loop
+    reads channels [0, C1) from x and [C1, C1+C2) from x2), eval BatchNorm + conv bias
+    (``scale``, ``shift``), ReLU, and optionally the 1x1 head with its activation.
+
+    Pointers (element strides passed for every tensor, so any layout works; NHWC is the fast
+    one because the channel, the GEMM's K, is then contiguous):
+        x_ptr     [N, C1, H, W]          x2_ptr [N, C2, H, W] (ignored unless HAS_X2)
+        w_ptr     [C_out, C1+C2, 3, 3]   fast when packed with C_out contiguous
+        scale_ptr, shift_ptr [C_out] fp32
+        out_ptr   [N, C_out, H, W] in the input dtype; with SPLIT_K > 1 an fp32 workspace
+                  [SPLIT_K, N, H, W, C_out] (slice stride ``stride_os``) of raw accumulators;
+                  with HEAD_K > 0, [N, HEAD_K, H, W] head outputs
+        hw_ptr    [HEAD_K, C_out] fp32 (row stride ``stride_hk``), hb_ptr [HEAD_K] fp32
+
+    GEMM: M = N*H*W (< 2^31), N = C_out, K = 9*(C1+C2) ordered (tap, channel), channel fastest.
+    FLOPs: 2*N*H*W*9*(C1+C2)*C_out. Minimum bytes moved: (N*H*W*(C1+C2) + 9*(C1+C2)*C_out +
+    N*H*W*C_out) * elem_size + 8*C_out (the head writes N*H*W*HEAD_K outputs instead).
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(C_out, BLOCK_N), SPLIT_K), grouped along M by GROUP_M.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    HW = H * W
+    M = N * HW
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_out, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output pixels
+    m_mask = offs_m < M
+    img = offs_m // HW
+    rem = offs_m - img * HW
+    oh = rem // W
+    ow = rem - oh * W
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    co_mask = offs_co < C_out
+
+    # One flat iteration space over both sources; a split takes a contiguous range of it.
+    if SMALL_C:
+        iters1 = tl.cdiv(9 * C1, BLOCK_K)
+        iters2 = tl.cdiv(9 * C2, BLOCK_K)
+    else:
+        iters1 = 9 * tl.cdiv(C1, BLOCK_K)
+        iters2 = 9 * tl.cdiv(C2, BLOCK_K)
+    if SPLIT_K > 1:
+        total = iters1 + iters2 if HAS_X2 else iters1
+        per_split = tl.cdiv(total, SPLIT_K)
+        lo = pid_k * per_split
+        hi = min(lo + per_split, total)
+    else:
+        lo = 0
+        hi = iters1 + iters2 if HAS_X2 else iters1
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+    acc = _accumulate_source(
+        acc, x_ptr, w_ptr, C1, 0, min(lo, iters1), min(hi, iters1),
+        stride_xn, stride_xc, stride_xh, stride_xw,
+        stride_wo, stride_wi, stride_wh, stride_ww,
+        img, oh, ow, m_mask, offs_co, co_mask, H, W,
+        SMALL_C, DOT_PRECISION, BLOCK_K,
+    )  # fmt: skip
+    if HAS_X2:
+        acc = _accumulate_source(
+            acc, x2_ptr, w_ptr, C2, C1, max(lo, iters1) - iters1, max(hi, iters1) - iters1,
+            stride_x2n, stride_x2c, stride_x2h, stride_x2w,
+            stride_wo, stride_wi, stride_wh, stride_ww,
+            img, oh, ow, m_mask, offs_co, co_mask, H, W,
+            SMALL_C, DOT_PRECISION, BLOCK_K,
+        )  # fmt: skip
+
+    out_row = img.to(tl.int64) * stride_on + oh.to(tl.int64) * stride_oh + ow.to(tl.int64) * stride_ow  # [BLOCK_M]
+    if SPLIT_K > 1:
+        # Raw partial sums; the epilogue kernel adds the slices in order and applies scale/shift.
+        ws_ptrs = out_ptr + pid_k.to(tl.int64) * stride_os + out_row[:, None] + offs_co[None, :]
+        tl.store(ws_ptrs, acc, mask=m_mask[:, None] & co_mask[None, :])
+    else:
+        # Padded columns load scale = shift = 0, so they stay exactly 0 (the head relies on it).
+        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
+        shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
+        y = acc * scale[None, :] + shift[None, :]  # [BLOCK_M, BLOCK_N]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        if HEAD_K > 0:
+            offs_hk = tl.arange(0, HEAD_KP)  # [HEAD_KP]
+            logits = tl.zeros([BLOCK_M, HEAD_KP], dtype=tl.float32)  # [BLOCK_M, HEAD_KP]
+            for k in tl.static_range(HEAD_K):
+                hw_row = tl.load(hw_ptr + k * stride_hk + offs_co, mask=co_mask, other=0.0)
+                s = tl.sum(y * hw_row[None, :], axis=1) + tl.load(hb_ptr + k)  # [BLOCK_M]
+                logits = tl.where(offs_hk[None, :] == k, s[:, None], logits)
+            if HEAD_ACT == 1:
+                logits = tl.sigmoid(logits)
+            elif HEAD_ACT == 2:
+                logits = tl.where(offs_hk[None, :] < HEAD_K, logits, float("-inf"))
+                e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+                logits = e / tl.sum(e, axis=1)[:, None]
+            o_ptrs = out_ptr + out_row[:, None] + (offs_hk.to(tl.int64) * stride_oc)[None, :]
+            o_mask = m_mask[:, None] & (offs_hk < HEAD_K)[None, :]
+            tl.store(o_ptrs, logits.to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            o_ptrs = out_ptr + out_row[:, None] + (offs_co.to(tl.int64) * stride_oc)[None, :]
+            o_mask = m_mask[:, None] & co_mask[None, :]
+            tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _conv3x3_splitk_epilogue_kernel(
+    ws_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    M,
+    H,
+    W,
+    C_out,
+    stride_ws,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    SPLIT_K: tl.constexpr,
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out = act(scale * sum_s ws[s] + shift) for the split-K path.
+
+    ws_ptr [SPLIT_K, M, C_out] fp32 contiguous (slice stride ``stride_ws``), summed in split
+    order so the result does not depend on scheduling; out_ptr [N, C_out, H, W] any strides.
+    Moves SPLIT_K*M*C_out*4 + M*C_out*elem_size bytes; no FLOPs worth counting.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    m_mask = offs_m < M
+    co_mask = offs_co < C_out
+    mask = m_mask[:, None] & co_mask[None, :]
+    ws_ptrs = ws_ptr + (offs_m.to(tl.int64) * C_out)[:, None] + offs_co[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+    for _ in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
+        ws_ptrs += stride_ws  # pointer steps: no int32 product s * stride_ws to overflow
+    scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
+    shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
+    y = acc * scale[None, :] + shift[None, :]
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    HW = H * W
+    img = offs_m // HW
+    rem = offs_m - img * HW
+    oh = rem // W
+    ow = rem - oh * W
+    out_row = img.to(tl.int64) * stride_on + oh.to(tl.int64) * stride_oh + ow.to(tl.int64) * stride_ow
+    o_ptrs = out_ptr + out_row[:, None] + (offs_co.to(tl.int64) * stride_oc)[None, :]
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+class _Cfg(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"M{self.BLOCK_M}_N{self.BLOCK_N}_K{self.BLOCK_K}_w{self.num_warps}_s{self.num_stages}"
+
+
+# Hopper (132 SMs, 227 KiB smem): BLOCK_M >= 64 and 4/8 warps so 16-bit dots lower to wgmma.
+# 128x256 for the wide full-resolution layers, 64x64 for the deep ones (1024 channels at H/16
+# have few output pixels; smaller tiles mean more programs).
+_CONFIGS_SM90 = (
+    _Cfg(128, 256, 64, 8, 3),
+    _Cfg(128, 128, 64, 8, 3),
+    _Cfg(128, 128, 32, 4, 4),
+    _Cfg(128, 64, 64, 4, 4),
+    _Cfg(64, 128, 64, 4, 4),
+    _Cfg(64, 64, 64, 4, 4),
+    _Cfg(64, 64, 32, 4, 5),
+)
+# Ampere (108 SMs, 163 KiB smem): mma.sync tiles, smaller K steps and more stages.
+_CONFIGS_SM80 = (
+    _Cfg(128, 256, 32, 8, 3),
+    _Cfg(128, 128, 32, 8, 4),
+    _Cfg(128, 128, 64, 8, 3),
+    _Cfg(128, 64, 32, 4, 4),
+    _Cfg(64, 128, 32, 4, 4),
+    _Cfg(64, 64, 64, 4, 3),
+    _Cfg(64, 64, 32, 4, 4),
+)
+# Small-C mode (fewer than 16 input channels, e.g. the RGB input): K = 9*C fits in one or a few
+# BLOCK_K steps and every A element is a separate gather (the per-k tap decode defeats vector
+# loads), so the A tile, not the accumulator, sets the register budget: short K steps, few stages.
+# The same tiles serve both architectures: the gather, not the MMA, bounds them.
+_SMALLC_CONFIGS = (
+    _Cfg(128, 64, 32, 4, 2),
+    _Cfg(128, 64, 16, 4, 2),
+    _Cfg(128, 128, 32, 8, 2),
+    _Cfg(64, 64, 32, 4, 3),
+    _Cfg(64, 128, 32, 4, 2),
+)
+# Split-K partial kernel: only chosen when even 64x64 tiles leave most SMs idle.
+_SPLIT_CONFIGS_SM90 = (
+    _Cfg(64, 64, 64, 4, 4),
+    _Cfg(64, 128, 64, 4, 4),
+    _Cfg(128, 64, 64, 4, 4),
+)
+_SPLIT_CONFIGS_SM80 = (
+    _Cfg(64, 64, 64, 4, 3),
+    _Cfg(64, 128, 32, 4, 4),
+    _Cfg(128, 64, 32, 4, 4),
+)
+# Head variant: one N tile holds every C_out, so BLOCK_N is the smallest of these >= C_out.
+_HEAD_CONFIGS_SM90 = (
+    _Cfg(128, 64, 64, 8, 3),
+    _Cfg(64, 64, 64, 4, 4),
+    _Cfg(128, 64, 32, 4, 3),
+    _Cfg(128, 128, 64, 8, 3),
+    _Cfg(64, 128, 64, 4, 4),
+    _Cfg(128, 128, 32, 8, 3),
+    _Cfg(128, 256, 64, 8, 3),
+    _Cfg(64, 256, 32, 8, 3),
+)
+_HEAD_CONFIGS_SM80 = (
+    _Cfg(128, 64, 32, 8, 3),
+    _Cfg(64, 64, 64, 4, 3),
+    _Cfg(128, 128, 32, 8, 3),
+    _Cfg(64, 128, 32, 8, 3),
+    _Cfg(64, 256, 32, 8, 3),
+)
+_CONFIGS = {
+    ("main", 90): _CONFIGS_SM90,
+    ("main", 80): _CONFIGS_SM80,
+    ("smallc", 90): _SMALLC_CONFIGS,
+    ("smallc", 80): _SMALLC_CONFIGS,
+    ("split", 90): _SPLIT_CONFIGS_SM90,
+    ("split", 80): _SPLIT_CONFIGS_SM80,
+    ("head", 90): _HEAD_CONFIGS_SM90,
+    ("head", 80): _HEAD_CONFIGS_SM80,
+}
+# The interpreter runs one small fixed tile: autotuning there would only cost time.
+_INTERPRETER_CFG = _Cfg(32, 32, 16, 4, 1)
+_HEAD_BLOCK_N = (64, 128, 256)
+# Small-C mode never takes wider K steps than this (every head BLOCK_N has such a config).
+_SMALL_C_MAX_BLOCK_K = 32
+
+
+def _smem_bytes(cfg: _Cfg, elem_size: int) -> int:
+    """Upper bound on the pipelined A/B buffers (what the shared-memory pruning compares)."""
+    return cfg.num_stages * (cfg.BLOCK_M * cfg.BLOCK_K + cfg.BLOCK_K * cfg.BLOCK_N) * elem_size
+
+
+def _fits(cfg: _Cfg, arch: int, elem_size: int) -> bool:
+    return _smem_bytes(cfg, elem_size) <= smem_limit(arch)
+
+
+def _head_block_n(c_out: int) -> int:
+    return next(b for b in _HEAD_BLOCK_N if b >= c_out)
+
+
+def _prune(configs, variant: str, arch: int, args: dict) -> list:
+    """Drop configs that cannot fit in shared memory or cannot pay off on this shape."""
+    elem = args["x_ptr"].element_size()
+    c_out, m = args["C_out"], args["N"] * args["H"] * args["W"]
+    c_max = max(args["C1"], args["C2"])
+
+    def cfg_of(c):
+        return _Cfg(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    fitting = [c for c in configs if _fits(cfg_of(c), arch, elem)]
+    # A tile much taller than M or wider than C_out only multiplies masked zeros.
+    m_cap = max(64, triton.next_power_of_2(m))
+    keep = [c for c in fitting if c.kwargs["BLOCK_M"] <= m_cap]
+    if variant == "head":
+        keep = [c for c in keep if c.kwargs["BLOCK_N"] == _head_block_n(c_out)]
+    else:
+        n_cap = max(64, triton.next_power_of_2(c_out))
+        keep = [c for c in keep if c.kwargs["BLOCK_N"] <= n_cap]
+    if args["SMALL_C"]:
+        # Every A element is its own gather here, so wide K steps cost registers (they spill) and
+        # multiply padding: K = 9*C is at most 135.
+        k_cap = min(_SMALL_C_MAX_BLOCK_K, max(16, triton.next_power_of_2(9 * c_max)))
+        keep = [c for c in keep if c.kwargs["BLOCK_K"] <= k_cap] or [
+            c for c in keep if c.kwargs["BLOCK_K"] <= _SMALL_C_MAX_BLOCK_K
+        ]
+    if not keep:  # never empty: the smallest tile that fits (the head's BLOCK_N is not optional)
+        keep = fitting or list(configs)
+        if variant == "head":
+            keep = [c for c in keep if c.kwargs["BLOCK_N"] >= c_out] or keep
+        if args["SMALL_C"]:
+            keep = [c for c in keep if c.kwargs["BLOCK_K"] <= _SMALL_C_MAX_BLOCK_K] or keep
+        keep = [min(keep, key=lambda c: _smem_bytes(cfg_of(c), elem))]
+    return keep
+
+
+_AUTOTUNED: dict[tuple[str, int], object] = {}
+_KEY = ["N", "H", "W", "C1", "C2", "C_out", "SMALL_C", "SPLIT_K", "HEAD_K"]
+
+
+def _triton_configs(variant: str, arch: int) -> list:
+    return [
+        triton.Config(
+            {"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N, "BLOCK_K": c.BLOCK_K},
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in _CONFIGS[(variant, arch)]
+    ]
+
+
+def _autotuned(variant: str, arch: int):
+    """The autotuned kernel for (variant, tuned arch), built on first use."""
+    fn = _AUTOTUNED.get((variant, arch))
+    if fn is None:
+
+        def early_prune(configs, named_args, **kwargs):
+            return _prune(configs, variant, arch, {**named_args, **kwargs})
+
+        fn = triton.autotune(
+            configs=_triton_configs(variant, arch),
+            key=_KEY,
+            prune_configs_by={"early_config_prune": early_prune},
+        )(_conv3x3_bn_act_kernel)
+        _AUTOTUNED[(variant, arch)] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def pack_conv3x3_weight(weight: Tensor) -> Tensor:
+    """Repack an ``nn.Conv2d`` weight for the kernel's B operand.
+
+    weight [C_out, C_in, 3, 3] -> a tensor of the same logical shape whose storage is
+    ``[3, 3, C_in, C_out]`` contiguous, so the GEMM's B = [K = (tap, ci), N = co] has co
+    contiguous. Plain torch ops, so gradients flow back to ``weight``. Do it once per weight.
+    """
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"expected a [C_out, C_in, 3, 3] weight, got {tuple(weight.shape)}")
+    c_out, c_in = weight.shape[:2]
+    packed = weight.new_empty((3, 3, c_in, c_out))
+    packed.copy_(weight.permute(2, 3, 1, 0))
+    return packed.permute(3, 2, 0, 1)
+
+
+def _check_conv_inputs(x, weight, scale, shift, x2):
+    """Validate the conv operands; returns (N, C1, C2, H, W, C_out). Raises ValueError/TypeError."""
+    for name, t in (("x", x), ("weight", weight), ("scale", scale), ("shift", shift)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x2 is not None and not isinstance(x2, Tensor):
+        raise TypeError(f"x2 must be a torch.Tensor or None, got {type(x2).__name__}")
+    triton_dtype(x.dtype)  # raises TypeError for unsupported dtypes
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    n, c1, h, w = x.shape
+    c2 = 0
+    if x2 is not None:
+        if x2.dtype != x.dtype:
+            raise TypeError(f"x2 dtype {x2.dtype} differs from x dtype {x.dtype}")
+        if x2.dim() != 4 or (x2.shape[0], x2.shape[2], x2.shape[3]) != (n, h, w):
+            raise ValueError(f"x2 must be [N, C2, H, W] = [{n}, C2, {h}, {w}], got {tuple(x2.shape)}")
+        c2 = x2.shape[1]
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (c1 + c2, 3, 3):
+        raise ValueError(f"weight must be [C_out, C1+C2, 3, 3] = [C_out, {c1 + c2}, 3, 3], got {tuple(weight.shape)}")
+    c_out = weight.shape[0]
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if tuple(t.shape) != (c_out,):
+            raise ValueError(f"{name} must be [C_out] = [{c_out}], got {tuple(t.shape)}")
+    if min(c1, c_out) < 1 or (x2 is not None and c2 < 1):
+        raise ValueError("every channel count must be >= 1")
+    # Pixel indices of a whole tile (up to BLOCK_M past M) and weight offsets are int32.
+    if n * h * w > _INT32_MAX - 256 or weight.numel() > _INT32_MAX:
+        raise ValueError("N*H*W and the weight's element count must stay below 2^31 (int32 GEMM indices)")
+    tensors = [("x", x), ("weight", weight), ("scale", scale), ("shift", shift)]
+    if x2 is not None:
+        tensors.append(("x2", x2))
+    _check_devices(tensors)
+    return n, c1, c2, h, w, c_out
+
+
+def _check_devices(tensors):
+    dev = tensors[0][1].device
+    for name, t in tensors:
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device}, expected {dev} like {tensors[0][0]}")
+    if dev.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"conv3x3 kernels need CUDA tensors (got {dev}); set TRITON_INTERPRET=1 to run "
+            "them on CPU through Triton's interpreter"
+        )
+
+
+def _check_out(out, shape, dtype, device):
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"out dtype {out.dtype} differs from the input dtype {dtype}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}, expected {device}")
+
+
+def _use_small_c(c1: int, c2: int) -> bool:
+    """Flatten K = 9*C when a source has fewer channels than the smallest useful dot K (16):
+    per-tap blocks would then be mostly padding."""
+    return max(c1, c2) < 16
+
+
+def _pick_split_k(device: torch.device, m: int, c_out: int, k_iters: int) -> int:
+    """How many K slices: > 1 only if even 64x64 tiles would fill under half of the SMs and every
+    slice keeps at least 16 iterations of K (so the workspace round trip stays a small cost)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(m, 64) * triton.cdiv(c_out, 64)
+    if 2 * tiles > sms:
+        return 1
+    return max(1, min(sms // tiles, k_iters // 16, 8))
+
+
+def _device_ctx(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=None):
+    """Launch the conv kernel (autotuned on GPU, fixed tile in the interpreter)."""
+    n, c1, c2, h, w, c_out = dims
+    m = n * h * w
+    if m == 0:
+        return out
+    small_c = _use_small_c(c1, c2 if x2 is not None else 0)
+    x2_t = x2 if x2 is not None else x
+    x2_strides = x2.stride() if x2 is not None else (0, 0, 0, 0)
+    if head is not None:
+        hw, hb, head_k, head_act = head
+        split_k = 1
+    else:
+        hw, hb, head_k, head_act = scale, shift, 0, 0
+    if split_k is None:
+        k_iters = 9 * triton.cdiv(c1 + c2, 64)
+        split_k = _pick_split_k(x.device, m, c_out, k_iters)
+    ws = None
+    if split_k > 1:
+        ws = torch.empty((split_k, m, c_out), device=x.device, dtype=torch.float32)
+        dst, dst_strides, stride_os = ws, (h * w * c_out, 1, w * c_out, c_out), m * c_out
+    else:
+        dst, dst_strides, stride_os = out, out.stride(), 0
+    args = (
+        x, x2_t, weight, scale, shift, dst, hw, hb, n, h, w, c1, c2, c_out,
+        *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0),
+    )  # fmt: skip
+    flags = dict(
+        HAS_X2=x2 is not None, SMALL_C=small_c, RELU=relu, SPLIT_K=split_k, HEAD_K=head_k,
+        HEAD_KP=triton.next_power_of_2(max(head_k, 1)), HEAD_ACT=head_act,
+        DOT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M,
+    )  # fmt: skip
+
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"])
+        return (tiles, split_k)
+
+    with _device_ctx(x.device):
+        if interpreting():
+            cfg = _INTERPRETER_CFG
+            block_n = max(16, triton.next_power_of_2(c_out)) if head is not None else cfg.BLOCK_N
+            _conv3x3_bn_act_kernel[grid](
+                *args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=block_n, BLOCK_K=cfg.BLOCK_K,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+        else:
+            if head is not None:
+                variant = "head"
+            else:
+                variant = "split" if split_k > 1 else ("smallc" if small_c else "main")
+            _autotuned(variant, tuned_arch(device_arch(x.device)))[grid](*args, **flags)
+        if ws is not None:
+            epi_grid = (triton.cdiv(m, _EPI_BLOCK_M), triton.cdiv(c_out, _EPI_BLOCK_N))
+            _conv3x3_splitk_epilogue_kernel[epi_grid](
+                ws, scale, shift, out, m, h, w, c_out, stride_os, *out.stride(),
+                SPLIT_K=split_k, RELU=relu, BLOCK_M=_EPI_BLOCK_M, BLOCK_N=_EPI_BLOCK_N,
+                num_warps=_EPI_WARPS,
+            )  # fmt: skip
+    return out
+
+
+def conv3x3_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    *,
+    x2: Tensor | None = None,
+    relu: bool = True,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``act(scale * conv3x3(cat([x, x2], 1), weight) + shift)`` in one pass (pad 1, stride 1).
+
+    x      [N, C1, H, W], any strides; NHWC (channels_last) is the fast layout, and a channel
+           slice of a larger NHWC buffer is fine.
+    x2     optional [N, C2, H, W], same dtype: a second K source read in place of a concat.
+    weight [C_out, C1+C2, 3, 3], any strides; ``pack_conv3x3_weight`` gives the fast one.
+    scale, shift [C_out] float32 (eval BatchNorm with the conv bias folded in).
+    out    optional [N, C_out, H, W] destination with any strides (e.g. a channel slice);
+           allocated channels_last in x.dtype when omitted. Returned.
+
+    float32/float16/bfloat16 inputs, fp32 accumulation; fp32 dots use TF32 iff
+    ``torch.backends.cudnn.allow_tf32``.
+    """
+    dims = _check_conv_inputs(x, weight, scale, shift, x2)
+    n, _, _, h, w, c_out = dims
+    if out is None:
+        out = torch.empty((n, c_out, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    else:
+        _check_out(out, (n, c_out, h, w), x.dtype, x.device)
+    return _launch(x, x2, weight, scale, shift, out, dims, relu=relu)
+
+
+def conv3x3_bn_act_head(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    head_weight: Tensor,
+    head_bias: Tensor,
+    *,
+    activation: str,
+    x2: Tensor | None = None,
+    relu: bool = True,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The conv of ``conv3x3_bn_act`` with the U-Net's 1x1 head fused into its epilogue.
+
+    z = act(scale * conv + shift) [N, C_out, H, W] stays in registers;
+    out[n, k, h, w] = head_act(sum_c z[n, c, h, w] * head_weight[k, c] + head_bias[k]).
+
+    head_weight [K, C_out] or [K, C_out, 1, 1] and head_bias [K], any float dtype (used in
+    fp32); activation is "none", "sigmoid" or "softmax" (over the K channels). One N tile must
+    hold all of C_out, so C_out <= 256. Returns ``out`` [N, K, H, W] (channels_last, x.dtype when
+    allocated here).
+    """
+    dims = _check_conv_inputs(x, weight, scale, shift, x2)
+    n, _, _, h, w, c_out = dims
+    if activation not in HEAD_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(HEAD_ACTIVATIONS)}, got {activation!r}")
+    if c_out > MAX_HEAD_C_OUT:
+        raise ValueError(f"the fused head needs C_out <= {MAX_HEAD_C_OUT} (one tile per pixel), got {c_out}")
+    for name, t in (("head_weight", head_weight), ("head_bias", head_bias)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if head_weight.dim() == 4 and tuple(head_weight.shape[2:]) == (1, 1):
+        head_weight = head_weight.reshape(head_weight.shape[0], head_weight.shape[1])
+    if head_weight.dim() != 2 or head_weight.shape[1] != c_out:
+        raise ValueError(
+            f"head_weight must be [K, C_out] or [K, C_out, 1, 1] with C_out = {c_out}, got {tuple(head_weight.shape)}"
+        )
+    k = head_weight.shape[0]
+    if not 1 <= k <= MAX_HEAD_K:
+        raise ValueError(f"the fused head supports 1..{MAX_HEAD_K} output channels, got {k}")
+    if tuple(head_bias.shape) != (k,):
+        raise ValueError(f"head_bias must be [K] = [{k}], got {tuple(head_bias.shape)}")
+    _check_devices([("x", x), ("head_weight", head_weight), ("head_bias", head_bias)])
+    # A few hundred floats: normalizing here keeps one kernel signature (fp32, rows contiguous).
+    head_weight = head_weight.detach().to(torch.float32).contiguous()
+    head_bias = head_bias.detach().to(torch.float32).contiguous()
+    if out is None:
+        out = torch.empty((n, k, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    else:
+        _check_out(out, (n, k, h, w), x.dtype, x.device)
+    head = (head_weight, head_bias, k, HEAD_ACTIVATIONS[activation])
+    return _launch(x, x2, weight, scale, shift, out, dims, relu=relu, head=head)
+
+
+# --------------------------------------------------------------------------------------------
+# Offline compile specs
+# --------------------------------------------------------------------------------------------
+
+_ARG_NAMES = tuple(_conv3x3_bn_act_kernel.arg_names)
+# In the fast layout (NHWC activations, packed weight) these strides are 1, and Triton's launcher
+# specializes an int equal to 1 into a constexpr; the specs do the same so they compile what runs.
+_UNIT_STRIDES = ("stride_xc", "stride_x2c", "stride_wo", "stride_oc")
+
+
+def _spec_signature(fn, dtype: str, out_dtype: str, constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            if name in ("x_ptr", "x2_ptr", "w_ptr"):
+                sig[name] = f"*{dtype}"
+            elif name == "out_ptr":
+                sig[name] = f"*{out_dtype}"
+            else:
+                sig[name] = "*fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _divisibility_attrs(fn, signature: dict[str, str], not_divisible=()) -> dict:
+    """``tt.divisibility=16`` on every pointer and int except ``not_divisible``: what the launcher
+    derives for 16-byte aligned NHWC tensors whose channel counts are multiples of 16 (the U-Net's
+    inner layers). The batch size is left out: it is small and rarely a multiple of 16."""
+    skip = {"N", *not_divisible}
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name] != "constexpr" and name not in skip
+    }
+
+
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """Every (kernel, config, dtype) the autotuner can pick on ``arch`` (80 or 90).
+
+    Shared-memory pruning applied; dtypes fp32 (TF32 dots), fp16, bf16; the main kernel with and
+    without x2 and in both K modes, the split-K partial kernel and its epilogue, and the head
+    variant (K=1, sigmoid). Signatures assume the fast layout: unit channel/C_out strides are
+    constexpr 1 (as the runtime specializes them), every other int is ``i32``.
+    ``extra["attrs"]`` holds the divisibility attributes of 16-byte aligned operands, to pass as
+    ``ASTSource(..., attrs=spec.extra["attrs"])`` for the exact runtime specialization.
+    """
+    arch = tuned_arch(arch)
+    specs: list[KernelSpec] = []
+    fn = _conv3x3_bn_act_kernel
+    for dtype in ("fp32", "fp16", "bf16"):
+        elem = 4 if dtype == "fp32" else 2
+        precision = "tf32" if dtype == "fp32" else "ieee"
+        for variant in ("main", "smallc", "split", "head"):
+            for cfg in _CONFIGS[(variant, arch)]:
+                if not _fits(cfg, arch, elem):
+                    continue
+                for has_x2 in (False, True):
+                    small_modes = {"smallc": (True,), "head": (False, True)}.get(variant, (False,))
+                    for small_c in small_modes:
+                        if small_c and cfg.BLOCK_K > _SMALL_C_MAX_BLOCK_K:
+                            continue  # pruned at run time
+                        split_k = 4 if variant == "split" else 1
+                        head_k = 1 if variant == "head" else 0
+                        constexprs = {name: 1 for name in _UNIT_STRIDES}
+                        constexprs.update(
+                            HAS_X2=has_x2, SMALL_C=small_c, RELU=True, SPLIT_K=split_k,
+                            HEAD_K=head_k, HEAD_KP=1, HEAD_ACT=1 if head_k else 0,
+                            DOT_PRECISION=precision, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                            BLOCK_K=cfg.BLOCK_K, GROUP_M=GROUP_M,
+                        )  # fmt: skip
+                        out_dtype = "fp32" if split_k > 1 else dtype
+                        # Small-C mode runs on few-channel inputs (the RGB image): their channel
+                        # counts and pixel strides are not multiples of 16.
+                        ragged = ("C1", "stride_xw", "C2", "stride_x2w") if small_c else ()
+                        sig = _spec_signature(fn, dtype, out_dtype, constexprs)
+                        tags = [variant, "x2" if has_x2 else "x", "smallc" if small_c else "blockc"]
+                        specs.append(
+                            KernelSpec(
+                                kernel=fn.__name__,
+                                fn=fn,
+                                signature=sig,
+                                constexprs=constexprs,
+                                num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages,
+                                dtype=dtype,
+                                config=f"{cfg.name}_{'_'.join(tags)}",
+                                extra={
+                                    "attrs": _divisibility_attrs(fn, sig, ragged),
+                                    "variant": variant,
+                                    # Every tile here is wgmma-shaped (BLOCK_M >= 64, 4/8 warps).
+                                    "expect_hgmma": arch >= 90 and dtype != "fp32",
+                                },
+                            )
+                        )
+        epi = _conv3x3_splitk_epilogue_kernel
+        constexprs = {
+            "stride_oc": 1, "SPLIT_K": 4, "RELU": True, "BLOCK_M": _EPI_BLOCK_M,
+            "BLOCK_N": _EPI_BLOCK_N,
+        }  # fmt: skip
+        sig = {
+            name: (
+                "constexpr" if name in constexprs
+                else "*fp32" if name in ("ws_ptr", "scale_ptr", "shift_ptr")
+                else f"*{dtype}" if name == "out_ptr"
+                else "i32"
+            )
+            for name in epi.arg_names
+        }  # fmt: skip
+        specs.append(
+            KernelSpec(
+                kernel=epi.__name__,
+                fn=epi,
+                signature=sig,
+                constexprs=constexprs,
+                num_warps=_EPI_WARPS,
+                num_stages=1,
+                dtype=dtype,
+                config=f"M{_EPI_BLOCK_M}_N{_EPI_BLOCK_N}_w{_EPI_WARPS}_splitk4",
+                extra={
+                    "attrs": _divisibility_attrs(epi, sig),
+                    "variant": "split_epilogue",
+                    "expect_hgmma": False,  # elementwise: no dot
+                },
+            )
+        )
+    return specs

@@ -1,0 +1,230 @@
+"""2x2, stride-2 max-pool over NHWC (or any strided) activations.
+
+Memory-bound: each program owns a ``[BLOCK_P output pixels, BLOCK_C channels]`` tile, reads
+its four input taps (channels contiguous in channels_last, so every load is a run of
+``BLOCK_C`` consecutive elements) and writes the maximum. NaN handling matches
+``torch.max_pool2d``: a window holding a NaN yields NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KernelSpec, device_arch, interpreting, triton_dtype, tuned_arch
+
+__all__ = ["maxpool2x2", "compile_specs"]
+
+# Pixel indices are int32 in the kernel; headroom keeps the last tile's lanes from wrapping.
+_MAX_PIXELS = 2**31 - 2**16
+
+
+@triton.jit
+def _max_nan(m, v):
+    # torch's rule: take v when it is larger *or NaN*; once m is NaN nothing replaces it
+    # (v > NaN is false and a later v is NaN only if it too propagates NaN).
+    return tl.where((v > m) | (v != v), v, m)
+
+
+@triton.jit
+def _maxpool2x2_kernel(
+    x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
+    out_ptr,  # [N, C, H//2, W//2], any strides, same dtype as x
+    N,
+    C,
+    H_out,
+    W_out,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``out[n, c, p, q] = max(x[n, c, 2p:2p+2, 2q:2q+2])`` for one [BLOCK_P, BLOCK_C] tile.
+
+    FLOPs: ``3 * N*C*H_out*W_out`` comparisons. Minimum bytes moved:
+    ``5 * N*C*H_out*W_out * elem`` (every input element read once, every output written once).
+    """
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    hw_out = H_out * W_out
+    P = N * hw_out  # < 2**31, checked by the launcher
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixel index
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask = (offs_p < P)[:, None] & (offs_c < C)[None, :]  # [BLOCK_P, BLOCK_C]
+
+    # int64 before the stride products: activations can exceed 2**31 elements.
+    n_idx = (offs_p // hw_out).to(tl.int64)
+    rem = offs_p % hw_out
+    p_idx = (rem // W_out).to(tl.int64)
+    q_idx = (rem % W_out).to(tl.int64)
+
+    x_row = n_idx * stride_xn + (2 * p_idx) * stride_xh + (2 * q_idx) * stride_xw  # [BLOCK_P]
+    x_ptrs = x_ptr + (x_row[:, None] + offs_c[None, :] * stride_xc)  # [BLOCK_P, BLOCK_C]
+    # Masked lanes are never stored; any fill value works.
+    v00 = tl.load(x_ptrs, mask=mask, other=0.0)
+    v01 = tl.load(x_ptrs + stride_xw, mask=mask, other=0.0)
+    v10 = tl.load(x_ptrs + stride_xh, mask=mask, other=0.0)
+    v11 = tl.load(x_ptrs + stride_xh + stride_xw, mask=mask, other=0.0)
+    # Same scan order as torch (row-major over the window) so ties, including -0.0 vs +0.0,
+    # resolve to the same element.
+    m = _max_nan(_max_nan(_max_nan(v00, v01), v10), v11)  # [BLOCK_P, BLOCK_C]
+
+    out_row = n_idx * stride_on + p_idx * stride_oh + q_idx * stride_ow  # [BLOCK_P]
+    out_ptrs = out_ptr + (out_row[:, None] + offs_c[None, :] * stride_oc)
+    tl.store(out_ptrs, m, mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Configs: a couple per architecture. No loop, so num_stages is irrelevant (1). Tiles of
+# 4096 elements keep enough bytes in flight per SM without register pressure.
+# --------------------------------------------------------------------------------------
+
+
+def _cfg(bp: int, bc: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=warps, num_stages=1)
+
+
+_CONFIGS = {
+    90: [_cfg(64, 64, 4), _cfg(32, 128, 4), _cfg(128, 64, 8)],
+    80: [_cfg(64, 64, 4), _cfg(32, 128, 4)],
+}
+
+_INTERPRETER_CONFIG = {"BLOCK_P": 16, "BLOCK_C": 16}
+
+# The autotuner appends every tensor argument's dtype to this key.
+_AUTOTUNE_KEY = ["N", "C", "H_out", "W_out"]
+
+
+def _config_name(cfg: triton.Config) -> str:
+    k = cfg.kwargs
+    return f"BP{k['BLOCK_P']}_BC{k['BLOCK_C']}_w{cfg.num_warps}_s{cfg.num_stages}"
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # A channel block wider than C only loads masked lanes: prefer one that fits.
+    c = {**named_args, **kwargs}["C"]
+    narrow = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= max(c, 64)]
+    return narrow or configs
+
+
+@functools.cache
+def _autotuned_kernel(arch: int):
+    """The autotuned wrapper for ``arch`` (80 or 90), built on first use."""
+    return triton.autotune(
+        configs=_CONFIGS[arch],
+        key=_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_maxpool2x2_kernel)
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------
+
+
+def _check_inputs(x, out) -> tuple[int, int, int, int]:
+    """Validate the launcher's arguments; returns ``(N, C, H, W)``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    triton_dtype(x.dtype)  # TypeError for anything but fp32/fp16/bf16
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    N, C, H, W = x.shape
+    if H % 2 or W % 2:
+        raise ValueError(f"maxpool2x2 needs even H and W, got H={H}, W={W}")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+        raise ValueError(f"maxpool2x2 runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if tuple(out.shape) != (N, C, H // 2, W // 2):
+            raise ValueError(f"out must be [{N}, {C}, {H // 2}, {W // 2}], got shape {tuple(out.shape)}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out dtype {out.dtype} must match x dtype {x.dtype}")
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device}, x on {x.device}")
+    if N * (H // 2) * (W // 2) > _MAX_PIXELS:
+        raise ValueError("N*(H/2)*(W/2) output pixels exceed the int32 pixel index")
+    return N, C, H, W
+
+
+def maxpool2x2(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` for even H and W, NaN-propagating like torch.
+
+    Args:
+        x: ``[N, C, H, W]`` float32/float16/bfloat16, any strides (channels_last is fast; a
+            channel slice of a larger NHWC buffer is fine). H and W must be even.
+        out: optional ``[N, C, H//2, W//2]`` destination in ``x.dtype``, any strides.
+            Default: a new channels_last tensor.
+
+    Returns ``out``.
+    """
+    N, C, H, W = _check_inputs(x, out)
+    H_out, W_out = H // 2, W // 2
+    if out is None:
+        out = torch.empty((N, C, H_out, W_out), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    if out.numel() == 0:
+        return out
+    P = N * H_out * W_out
+    args = (x, out, N, C, H_out, W_out, *x.stride(), *out.stride())
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+
+    if interpreting():
+        _maxpool2x2_kernel[grid](*args, **_INTERPRETER_CONFIG, num_warps=4)
+    else:
+        _autotuned_kernel(tuned_arch(device_arch(x.device)))[grid](*args)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Offline compile specs (benchmarks/kernel_report.py)
+# --------------------------------------------------------------------------------------
+
+
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """Every (config, dtype) the launcher can run on ``arch``.
+
+    The signature describes the fast path: channels_last tensors, whose channel strides Triton
+    specializes to the constant 1; every other size and stride is an ``i32``.
+    ``extra["attrs"]`` holds the divisibility-by-16 hints the JIT would add at U-Net sizes
+    (pass it as ``ASTSource``'s fourth argument).
+    """
+    arch = tuned_arch(arch)
+    ints = ("N", "C", "H_out", "W_out", "stride_xn", "stride_xh", "stride_xw")
+    ints += ("stride_on", "stride_oh", "stride_ow")
+    aligned = ("x_ptr", "out_ptr", "C", "stride_xn", "stride_xh", "stride_xw")
+    aligned += ("stride_on", "stride_oh", "stride_ow")
+    attrs = {(_maxpool2x2_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tt = triton_dtype(dtype)
+        for cfg in _CONFIGS[arch]:
+            signature = {"x_ptr": f"*{tt}", "out_ptr": f"*{tt}"}
+            signature.update({n: "i32" for n in ints})
+            constexprs = {"stride_xc": 1, "stride_oc": 1, **cfg.kwargs}
+            signature.update({n: "constexpr" for n in constexprs})
+            specs.append(
+                KernelSpec(
+                    kernel="_maxpool2x2_kernel",
+                    fn=_maxpool2x2_kernel,
+                    signature=signature,
+                    constexprs=constexprs,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    dtype=tt,
+                    config=_config_name(cfg),
+                    extra={"label": tt, "attrs": attrs, "expect_hgmma": False},
+                )
+            )
+    return specs

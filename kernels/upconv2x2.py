@@ -1,0 +1,453 @@
+"""ConvTranspose2d(kernel_size=2, stride=2) as one GEMM with a scattering epilogue.
+
+With stride equal to the kernel size every output pixel receives exactly one tap, so
+
+    out[n, co, 2i+di, 2j+dj] = bias[co] + sum_ci x[n, ci, i, j] * weight[ci, co, di, dj]
+
+is a GEMM ``A [M = N*h*w, K = C_in] @ B [K = C_in, 4*C_out]`` whose column index is the
+phase ``(di, dj)`` followed by ``co``; the epilogue adds the bias and writes each phase to
+its own ``(2i+di, 2j+dj)`` pixel. Nothing is concatenated here: the decoder conv reads the
+upsampled tensor and the skip tensor as two K sources, so this kernel is a pure upsample.
+
+Each program owns one ``(BLOCK_M pixels) x (one phase, BLOCK_N output channels)`` tile, so
+its B tile is ``weight[:, co:co+BLOCK_N, di, dj]`` -- contiguous along ``co`` once the weight
+is packed ``[C_in, 2, 2, C_out]`` (``pack_upconv2x2_weight``) -- and its stores are
+contiguous along ``co`` in a channels_last output.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    KernelSpec,
+    device_arch,
+    dot_precision,
+    interpreting,
+    smem_limit,
+    triton_dtype,
+    tuned_arch,
+)
+
+__all__ = ["pack_upconv2x2_weight", "upconv2x2", "compile_specs"]
+
+# Pixel indices are int32 in the kernel; headroom keeps the last tile's lanes from wrapping.
+_MAX_PIXELS = 2**31 - 2**16
+
+
+@triton.jit
+def _upconv2x2_kernel(
+    x_ptr,  # [N, C_in, h, w], any strides (channels_last is the fast layout)
+    w_ptr,  # [C_in, C_out, 2, 2], any strides (packed [C_in, 2, 2, C_out] is the fast one)
+    b_ptr,  # [C_out], any float dtype, read as fp32 (unused unless HAS_BIAS)
+    out_ptr,  # [N, C_out, 2h, 2w], any strides, same dtype as x
+    N,
+    h,
+    w,
+    C_in,
+    C_out,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wi,
+    stride_wo,
+    stride_wh,
+    stride_ww,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; only read for fp32 inputs
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``out = x @ W + bias`` scattered to stride-2 pixels.
+
+    FLOPs: ``2 * N*h*w * C_in * 4*C_out``. Minimum bytes moved:
+    ``(N*h*w*C_in + C_in*4*C_out + N*4*h*w*C_out) * elem`` (x read, weight read, out written
+    once); A tiles are re-read once per (phase, channel block), mostly from L2 because the
+    column tiles of one pixel tile run on neighbouring program ids.
+    """
+    pid = tl.program_id(0)
+    num_co_blocks = tl.cdiv(C_out, BLOCK_N)
+    num_pid_n = 4 * num_co_blocks
+    # Column tiles vary fastest so the programs that share an A tile run together (L2 reuse).
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    phase = pid_n // num_co_blocks  # di * 2 + dj
+    di = phase // 2
+    dj = phase % 2
+
+    hw = h * w
+    M = N * hw  # < 2**31, checked by the launcher
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] input pixel index
+    mask_m = offs_m < M
+    # int64 before the stride products: activations can exceed 2**31 elements.
+    n_idx = (offs_m // hw).to(tl.int64)
+    rem = offs_m % hw
+    i_idx = (rem // w).to(tl.int64)
+    j_idx = (rem % w).to(tl.int64)
+    x_row = n_idx * stride_xn + i_idx * stride_xh + j_idx * stride_xw  # [BLOCK_M]
+
+    offs_co = (pid_n % num_co_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    mask_co = offs_co < C_out
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+
+    x_ptrs = x_ptr + (x_row[:, None] + offs_k[None, :] * stride_xc)  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + (
+        offs_k[:, None] * stride_wi + (di * stride_wh + dj * stride_ww + offs_co * stride_wo)[None, :]
+    )  # [BLOCK_K, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+    for k0 in range(0, C_in, BLOCK_K):
+        mask_k = offs_k < C_in - k0
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_co[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xc
+        w_ptrs += BLOCK_K * stride_wi
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_co, mask=mask_co, other=0.0).to(tl.float32)  # [BLOCK_N]
+        acc += bias[None, :]
+
+    # Scatter: input pixel (i, j) of phase (di, dj) lands on output pixel (2i+di, 2j+dj).
+    out_row = n_idx * stride_on + (2 * i_idx + di) * stride_oh + (2 * j_idx + dj) * stride_ow
+    out_ptrs = out_ptr + (out_row[:, None] + offs_co[None, :] * stride_oc)  # [BLOCK_M, BLOCK_N]
+    tl.store(
+        out_ptrs,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_co[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Configs: short explicit lists per architecture. BLOCK_M >= 64 with 4/8 warps keeps 16-bit
+# (and TF32) dots on wgmma on sm_90. Pruned per call by shared memory (dtype), by register
+# footprint for 4-byte operands, and by BLOCK_N > C_out (a wider tile only multiplies zeros).
+# --------------------------------------------------------------------------------------
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Tensor-core dots: fp16/bf16, and fp32 as TF32.
+_CONFIGS = {
+    90: [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 128, 64, 4, 4),
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(64, 64, 64, 4, 3),
+    ],
+    80: [
+        _cfg(128, 128, 32, 4, 4),
+        _cfg(128, 128, 32, 8, 3),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 64, 32, 4, 4),
+        _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 64, 4, 3),
+    ],
+}
+
+# fp32 with allow_tf32=False runs tl.dot on FMA units, where every thread holds its slice of
+# both operand tiles in registers: BLOCK_K 32/64 spills there, so IEEE gets its own list.
+_IEEE_CONFIGS = {
+    90: [
+        _cfg(128, 128, 16, 8, 3),
+        _cfg(128, 64, 16, 4, 3),
+        _cfg(64, 128, 16, 4, 3),
+        _cfg(64, 64, 32, 4, 3),
+    ],
+    80: [
+        _cfg(128, 128, 16, 8, 3),
+        _cfg(128, 64, 16, 4, 3),
+        _cfg(64, 128, 16, 4, 3),
+        _cfg(64, 64, 32, 4, 3),
+    ],
+}
+
+# TF32 operands take twice the registers of 16-bit ones; past this many accumulator plus
+# A-fragment words per thread ptxas spills (measured with the sm_80/sm_90 compile report).
+_MAX_WORDS_PER_THREAD_FP32 = 96
+
+# The interpreter does not autotune: one small config keeps CPU runs quick.
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+
+# The autotuner appends every tensor argument's dtype to this key.
+_AUTOTUNE_KEY = ["N", "h", "w", "C_in", "C_out", "INPUT_PRECISION"]
+
+
+def _config_name(cfg: triton.Config) -> str:
+    k = cfg.kwargs
+    return f"BM{k['BLOCK_M']}_BN{k['BLOCK_N']}_BK{k['BLOCK_K']}_w{cfg.num_warps}_s{cfg.num_stages}"
+
+
+def _smem_bytes(cfg: triton.Config, elem_bytes: int) -> int:
+    k = cfg.kwargs
+    return cfg.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem_bytes
+
+
+def _usable_configs(arch: int, elem_bytes: int, precision: str) -> list[triton.Config]:
+    """The configs a device of compute capability ``arch`` may run for this dtype (element
+    size) and dot precision: its tuned list, minus what overflows its shared memory or (for
+    4-byte operands) the register budget. Never empty: the smallest tile is kept as a last
+    resort."""
+    ieee32 = elem_bytes == 4 and precision == "ieee"
+    candidates = (_IEEE_CONFIGS if ieee32 else _CONFIGS)[tuned_arch(arch)]
+    usable = []
+    for c in candidates:
+        k = c.kwargs
+        if _smem_bytes(c, elem_bytes) > smem_limit(arch):
+            continue
+        words = (k["BLOCK_M"] * k["BLOCK_N"] + k["BLOCK_M"] * k["BLOCK_K"]) // (32 * c.num_warps)
+        if elem_bytes == 4 and words > _MAX_WORDS_PER_THREAD_FP32:
+            continue
+        usable.append(c)
+    return usable or [min(candidates, key=lambda c: _smem_bytes(c, elem_bytes))]
+
+
+def _prune_configs(configs, named_args, *, arch: int, **kwargs):
+    args = {**named_args, **kwargs}
+    usable = _usable_configs(arch, args["x_ptr"].element_size(), args["INPUT_PRECISION"])
+    usable = [c for c in configs if c in usable]
+    narrow = [c for c in usable if c.kwargs["BLOCK_N"] <= max(args["C_out"], 64)]
+    return narrow or usable
+
+
+@functools.cache
+def _autotuned_kernel(arch: int):
+    """The autotuned wrapper for compute capability ``arch``, built on first use."""
+    return triton.autotune(
+        configs=_CONFIGS[tuned_arch(arch)] + _IEEE_CONFIGS[tuned_arch(arch)],
+        key=_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": functools.partial(_prune_configs, arch=arch)},
+    )(_upconv2x2_kernel)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def pack_upconv2x2_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Repack a ConvTranspose2d weight for the fast path.
+
+    ``weight`` is ``[C_in, C_out, 2, 2]`` (``nn.ConvTranspose2d`` layout). Returns a tensor of
+    the same logical shape and values whose storage is ``[C_in, 2, 2, C_out]`` contiguous, so
+    the GEMM B operand ``[C_in, (di, dj, co)]`` is read along contiguous ``co``.
+    Differentiable (a permute and a copy).
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (2, 2):
+        raise ValueError(f"weight must be [C_in, C_out, 2, 2], got {tuple(weight.shape)}")
+    return weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def _check_inputs(x, weight, bias, out) -> tuple[int, int, int, int, int]:
+    """Validate the launcher's arguments; returns ``(N, C_in, h, w, C_out)``."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    triton_dtype(x.dtype)  # TypeError for anything but fp32/fp16/bf16
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C_in, h, w], got shape {tuple(x.shape)}")
+    N, C_in, h, w = x.shape
+    if weight.dim() != 4 or weight.shape[0] != C_in or tuple(weight.shape[2:]) != (2, 2):
+        raise ValueError(f"weight must be [C_in={C_in}, C_out, 2, 2], got shape {tuple(weight.shape)}")
+    C_out = weight.shape[1]
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+        raise ValueError(f"upconv2x2 runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (C_out,):
+            raise ValueError(f"bias must be [C_out={C_out}], got shape {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device}, x on {x.device}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if tuple(out.shape) != (N, C_out, 2 * h, 2 * w):
+            raise ValueError(f"out must be [{N}, {C_out}, {2 * h}, {2 * w}], got shape {tuple(out.shape)}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out dtype {out.dtype} must match x dtype {x.dtype}")
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device}, x on {x.device}")
+    if N * h * w > _MAX_PIXELS:
+        raise ValueError(f"N*h*w = {N * h * w} pixels exceeds the int32 pixel index")
+    return N, C_in, h, w, C_out
+
+
+def upconv2x2(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.conv_transpose2d(x, weight, bias, stride=2)`` for a 2x2 kernel, as one GEMM.
+
+    Args:
+        x: ``[N, C_in, h, w]`` float32/float16/bfloat16, any strides (channels_last is fast;
+            a channel slice of a larger NHWC buffer is fine).
+        weight: ``[C_in, C_out, 2, 2]`` in ``x.dtype``, any strides; packed by
+            ``pack_upconv2x2_weight`` (storage ``[C_in, 2, 2, C_out]``) is the fast layout.
+        bias: ``[C_out]`` of any float dtype (read as fp32), or None.
+        out: optional ``[N, C_out, 2h, 2w]`` destination in ``x.dtype``, any strides (e.g. a
+            channel slice of a larger NHWC buffer). Default: a new channels_last tensor.
+
+    Accumulates in fp32; fp32 inputs use TF32 dots iff ``torch.backends.cudnn.allow_tf32``.
+    Returns ``out``.
+    """
+    N, C_in, h, w, C_out = _check_inputs(x, weight, bias, out)
+    if out is None:
+        out = torch.empty(
+            (N, C_out, 2 * h, 2 * w),
+            device=x.device,
+            dtype=x.dtype,
+            memory_format=torch.channels_last,
+        )
+    if out.numel() == 0:
+        return out
+    M = N * h * w
+    args = (
+        x,
+        weight,
+        bias if bias is not None else x,  # never read without HAS_BIAS
+        out,
+        N,
+        h,
+        w,
+        C_in,
+        C_out,
+        *x.stride(),
+        *weight.stride(),
+        *out.stride(),
+    )
+    flags = {"HAS_BIAS": bias is not None, "INPUT_PRECISION": dot_precision(x.dtype)}
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * 4 * triton.cdiv(C_out, meta["BLOCK_N"]),)
+
+    if interpreting():
+        _upconv2x2_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG, num_warps=4)
+    else:
+        _autotuned_kernel(device_arch(x.device))[grid](*args, **flags)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Offline compile specs (benchmarks/kernel_report.py)
+# --------------------------------------------------------------------------------------
+
+
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """Every (config, dtype, precision) the launcher can run on ``arch`` after pruning.
+
+    The signature describes the fast path: channels_last activations and a packed weight,
+    whose unit strides (``stride_xc``, ``stride_wo``, ``stride_oc``) Triton specializes to
+    the constant 1; every other stride and size is an ``i32``; bias is fp32.
+    ``extra["attrs"]`` holds the divisibility-by-16 hints the JIT would add at U-Net sizes
+    (pass it as ``ASTSource``'s fourth argument; without it 16-bit loads are not pipelined).
+    """
+    # What the JIT sees at U-Net sizes: 16-byte aligned pointers, channel counts and every
+    # non-unit stride divisible by 16 (that is what lets 16-bit tiles load with cp.async).
+    aligned = (
+        "x_ptr",
+        "w_ptr",
+        "b_ptr",
+        "out_ptr",
+        "C_in",
+        "C_out",
+        "stride_xn",
+        "stride_xh",
+        "stride_xw",
+        "stride_wi",
+        "stride_wh",
+        "stride_ww",
+        "stride_on",
+        "stride_oh",
+        "stride_ow",
+    )
+    attrs = {(_upconv2x2_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tt = triton_dtype(dtype)
+        elem = torch.empty((), dtype=dtype).element_size()
+        precisions = ("tf32", "ieee") if dtype == torch.float32 else ("ieee",)
+        for precision in precisions:
+            for cfg in _usable_configs(arch, elem, precision):
+                signature = {
+                    "x_ptr": f"*{tt}",
+                    "w_ptr": f"*{tt}",
+                    "b_ptr": "*fp32",
+                    "out_ptr": f"*{tt}",
+                    **{n: "i32" for n in ("N", "h", "w", "C_in", "C_out")},
+                    **{
+                        n: "i32"
+                        for n in (
+                            "stride_xn",
+                            "stride_xh",
+                            "stride_xw",
+                            "stride_wi",
+                            "stride_wh",
+                            "stride_ww",
+                            "stride_on",
+                            "stride_oh",
+                            "stride_ow",
+                        )
+                    },
+                    **{
+                        n: "constexpr"
+                        for n in ("stride_xc", "stride_wo", "stride_oc")
+                        + ("HAS_BIAS", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+                    },
+                }
+                constexprs = {
+                    "stride_xc": 1,
+                    "stride_wo": 1,
+                    "stride_oc": 1,
+                    "HAS_BIAS": True,
+                    "INPUT_PRECISION": precision,
+                    **cfg.kwargs,
+                }
+                fp32 = dtype == torch.float32
+                label = f"fp32-{precision}" if fp32 else tt
+                specs.append(
+                    KernelSpec(
+                        kernel="_upconv2x2_kernel",
+                        fn=_upconv2x2_kernel,
+                        signature=signature,
+                        constexprs=constexprs,
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                        dtype=tt,
+                        config=_config_name(cfg) + (f"_{precision}" if fp32 else ""),
+                        extra={
+                            "precision": precision if fp32 else None,
+                            "label": label,
+                            "smem_estimate": _smem_bytes(cfg, elem),
+                            # 16-bit and TF32 dots run on wgmma on Hopper; IEEE fp32 on FMA.
+                            "expect_hgmma": tuned_arch(arch) == 90 and label != "fp32-ieee",
+                            "attrs": attrs,  # ASTSource(fn, signature, constexprs, attrs)
+                        },
+                    )
+                )
+    return specs

@@ -1,0 +1,190 @@
+"""2x2 max-pool kernel vs ``F.max_pool2d`` in float64.
+
+A max is exact, so besides the tolerance comparison on NaN-poisoned outputs the special-value
+cases (NaN, -inf, ties, signed zeros) demand bit-for-bit agreement with torch.
+"""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, poisoned_like, tolerance_name
+
+try:  # the installed package (pip install -e .)
+    kernel_module = importlib.import_module("fastunet.kernels.maxpool2x2")
+except ModuleNotFoundError:  # a plain checkout: the kernels package sits at the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    kernel_module = importlib.import_module("kernels.maxpool2x2")
+compile_specs = kernel_module.compile_specs
+maxpool2x2 = kernel_module.maxpool2x2
+
+pytestmark = pytest.mark.maxpool
+
+ON_GPU = torch.cuda.is_available()
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(not ON_GPU, reason="the Triton interpreter compares bf16 as raw integers; CUDA only"),
+    ),
+]
+
+
+def make_input(shape, dtype, device, layout):
+    """``shape`` (NCHW) in ``layout``: "nhwc", "nchw", or "slice" (channels 2.. of a wider
+    channels_last buffer, so channel stride 1 but pixel strides larger than C)."""
+    n, c, h, w = shape
+    if layout == "slice":
+        buf = torch.randn(n, c + 5, h, w, device=device).to(dtype, memory_format=torch.channels_last)
+        return buf[:, 2 : 2 + c]
+    x = torch.randn(shape, device=device).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x.contiguous()
+
+
+def make_output(shape, dtype, device, layout):
+    """A NaN-filled destination and the buffer that holds it (wider for "slice")."""
+    n, c, h, w = shape
+    if layout == "slice":
+        buf = torch.full((n, c + 4, h, w), float("nan"), device=device, dtype=dtype)
+        buf = buf.contiguous(memory_format=torch.channels_last)
+        return buf[:, 1 : 1 + c], buf
+    out = poisoned_like(torch.empty(shape, device=device, dtype=dtype))
+    return out, out
+
+
+def assert_bitwise_equal(got, x):
+    """``got`` equals torch's max-pool of ``x`` exactly: values, NaN positions, zero signs."""
+    expected = F.max_pool2d(x.double(), 2)
+    g = got.double()
+    both_nan = torch.isnan(g) & torch.isnan(expected)
+    assert torch.equal(torch.isnan(g), torch.isnan(expected)), "NaN positions differ"
+    assert bool(((g == expected) | both_nan).all()), "values differ"
+    assert torch.equal(torch.signbit(g[~both_nan]), torch.signbit(expected[~both_nan])), "signs of zero differ"
+
+
+def run_case(shape, dtype, device, *, in_layout="nhwc", out_layout="nhwc"):
+    n, c, h, w = shape
+    x = make_input(shape, dtype, device, in_layout)
+    out, buf = make_output((n, c, h // 2, w // 2), dtype, device, out_layout)
+    got = maxpool2x2(x, out=out)
+    assert got is out
+    what = f"maxpool2x2 {tuple(shape)} {dtype} in={in_layout} out={out_layout}"
+    assert_close(got, F.max_pool2d(x.double(), 2), tolerance_name(dtype), what)
+    assert_bitwise_equal(got, x)
+    if out_layout == "slice":
+        assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + c :]).all(), "wrote outside its channel slice"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3, 6, 10), (3, 37, 18, 18), (3, 3, 2, 2), (1, 64, 8, 4)],
+    ids=["b1-c3-6x10", "b3-c37-18x18", "b3-c3-2x2", "b1-c64-8x4"],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_torch(shape, dtype, device):
+    run_case(shape, dtype, device)
+
+
+@pytest.mark.parametrize("out_layout", ["nhwc", "slice"])
+@pytest.mark.parametrize("in_layout", ["nhwc", "nchw", "slice"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layouts(in_layout, out_layout, dtype, device):
+    run_case((3, 37, 6, 10), dtype, device, in_layout=in_layout, out_layout=out_layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_propagates(dtype, device):
+    x = torch.randn(2, 37, 6, 10, device=device).to(dtype, memory_format=torch.channels_last)
+    # One NaN in each of the four window positions, plus a random sprinkle.
+    x[0, 0, 0, 0] = x[0, 1, 0, 3] = x[0, 2, 3, 0] = x[0, 3, 3, 3] = float("nan")
+    x[torch.rand(x.shape, device=device) < 0.05] = float("nan")
+    got = maxpool2x2(x)
+    assert torch.isnan(got[0, 0, 0, 0]) and torch.isnan(got[0, 1, 0, 1])
+    assert torch.isnan(got[0, 2, 1, 0]) and torch.isnan(got[0, 3, 1, 1])
+    assert_bitwise_equal(got, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinities(dtype, device):
+    x = torch.randn(1, 5, 6, 6, device=device).to(dtype, memory_format=torch.channels_last)
+    x[:, :, :2, :2] = float("-inf")  # a window of nothing but -inf stays -inf
+    x[:, :, 2, 2] = float("-inf")  # -inf beside finite values loses
+    x[:, 1, 4, 5] = float("inf")
+    x[:, 2, 4:, 4:] = float("-inf")
+    x[:, 2, 5, 5] = float("nan")  # NaN beats -inf
+    got = maxpool2x2(x)
+    assert torch.isneginf(got[:, :, 0, 0]).all()
+    assert_bitwise_equal(got, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_and_signed_zeros(dtype, device):
+    # Small integers tie often; zeros of both signs must resolve as torch does (first wins).
+    x = torch.randint(-2, 3, (2, 37, 6, 10), device=device).to(dtype)
+    x = torch.where(torch.rand(x.shape, device=device) < 0.5, x, -x)  # 0 becomes -0.0 here
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert_bitwise_equal(maxpool2x2(x), x)
+
+
+@pytest.mark.parametrize("hw", [(5, 6), (6, 7), (1, 1)], ids=str)
+def test_rejects_odd_sizes(hw, device):
+    x = torch.randn(1, 3, *hw, device=device)
+    with pytest.raises(ValueError, match="even"):
+        maxpool2x2(x)
+
+
+@pytest.mark.parametrize(
+    "x, out, error",
+    [
+        (torch.randn(3, 4, 4), None, ValueError),
+        (torch.randn(1, 3, 4, 4, dtype=torch.float64), None, TypeError),
+        (torch.randn(1, 3, 4, 4), torch.empty(1, 3, 4, 4), ValueError),
+        (torch.randn(1, 3, 4, 4), torch.empty(1, 3, 2, 2, dtype=torch.float16), TypeError),
+    ],
+    ids=["x-3d", "x-fp64", "out-shape", "out-dtype"],
+)
+def test_rejects_bad_arguments(x, out, error, device):
+    with pytest.raises(error):
+        maxpool2x2(x.to(device), out=None if out is None else out.to(device))
+
+
+def _all_gpu_tiles():
+    tiles = {tuple(sorted(c.kwargs.items())) for cs in kernel_module._CONFIGS.values() for c in cs}
+    return [dict(t) for t in sorted(tiles)]
+
+
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the autotuner already runs every config")
+@pytest.mark.parametrize("tile", _all_gpu_tiles(), ids=lambda t: "-".join(map(str, t.values())))
+def test_every_gpu_tile_in_interpreter(tile, device, monkeypatch):
+    # The interpreter normally runs one small tile; run each GPU tile size once as well.
+    monkeypatch.setattr(kernel_module, "_INTERPRETER_CONFIG", tile)
+    run_case((3, 70, 18, 22), torch.float16, device, in_layout="slice", out_layout="slice")
+
+
+def test_default_output_is_channels_last(device):
+    out = maxpool2x2(torch.randn(1, 3, 6, 10, device=device))
+    assert out.shape == (1, 3, 3, 5) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_specs_cover_every_dtype():
+    for arch in (80, 90):
+        specs = compile_specs(arch)
+        assert {s.dtype for s in specs} == {"fp32", "fp16", "bf16"}
+        for s in specs:
+            assert set(s.signature) == set(s.fn.arg_names)
+            assert all(s.signature[k] == "constexpr" for k in s.constexprs)
+
+
+# The U-Net's four pooling steps (C at H x W) at batch 4, real sizes.
+UNET_POOLS = [(64, 256, 256), (128, 128, 128), (256, 64, 64), (512, 32, 32)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("c, h, w", UNET_POOLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_unet_sizes_cuda(c, h, w, dtype):
+    run_case((4, c, h, w), dtype, torch.device("cuda"))
