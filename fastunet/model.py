@@ -6,18 +6,23 @@ the same parameters and the same state_dict keys, and a reference checkpoint loa
 the reference math (eager path, the CPU fallback) or the fused path through
 ``torch.ops.fastunet.*`` (see ``fastunet.backend`` for which).
 
-Fused path, per DoubleConv: a BatchNorm that uses running statistics (eval mode) folds with the
-conv bias into a per-channel ``scale``/``shift`` applied in the conv's epilogue together with the
-ReLU. A BatchNorm that uses batch statistics (train mode) cannot be folded before the batch is
-seen, so the conv op runs with ``scale=1, shift=bias`` and the ``nn.BatchNorm2d`` module itself
-normalizes (exact running-stat updates, momentum, ``num_batches_tracked``); fusing those
-statistics into the kernel is the training issue's work.
+Fused path, two forms:
+
+* **Inference** (every BatchNorm uses running statistics): each BatchNorm folds with its conv
+  bias into a per-channel ``scale``/``shift`` applied in the conv's epilogue with the ReLU, and
+  the 1x1 head rides in the last conv's epilogue.
+* **Training** (some BatchNorm uses batch statistics): a BatchNorm cannot be applied before the
+  whole batch is seen, so each conv writes its raw output ``z`` and the batch statistics of it
+  (``conv3x3_bn_stats``); ``scale``/``shift`` are derived from those (differentiably, so autograd
+  gets BatchNorm's exact backward), the running statistics are updated the way
+  ``nn.BatchNorm2d`` does it, and ``relu(z * scale + shift)`` is applied where z is next read:
+  the next conv's loads, the pool, the upsample, the head. The normalized tensor never exists,
+  which is what keeps the memory saved for backward at about half the reference's.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import use_fused
@@ -25,6 +30,10 @@ from .reference import DoubleConv, UNetReference
 from .validation import validate_input
 
 _ops = torch.ops.fastunet
+
+# An activation on the training path: a tensor and the per-channel (scale, shift) of the
+# BatchNorm+ReLU its reader applies, or (tensor, None, None) for a finished tensor.
+_Act = tuple[Tensor, Tensor | None, Tensor | None]
 
 
 def _kernels():
@@ -35,6 +44,35 @@ def _kernels():
 
 def _bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """The running-statistics update of ``nn.BatchNorm2d.forward`` in train mode, from the batch
+    ``mean`` and biased ``var`` over ``count`` values per channel."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    if bn.running_mean is None:
+        return
+    with torch.no_grad():
+        unbiased = var.detach() * (count / (count - 1))
+        bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _bn_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` with ``bn(z) == z * scale + shift`` for the given statistics."""
+    scale = torch.rsqrt(var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -mean.to(acc) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    return scale, shift
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -77,6 +115,8 @@ class UNet(UNetReference):
         if dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype=dtype, memory_format=torch.channels_last)
+        if any(_bn_uses_batch_stats(m) for m in self.modules() if isinstance(m, nn.BatchNorm2d)):
+            return self._training_forward(x, dtype)
         d = self.depth
         skips = []
         for i in range(1, d + 1):
@@ -91,18 +131,55 @@ class UNet(UNetReference):
             )
             u = _ops.upconv2x2(x, weight, up.bias)
             dc = getattr(self, f"conv{k}")
-            fuse_head = k == 2 * d + 1 and self._head_fusable(dc)
+            fuse_head = k == 2 * d + 1
             x = self._double_conv(dc, u, skips.pop(), dtype, fuse_head)
         if fuse_head:
             return x
         head_w, head_b = self._head_params(dtype)
         return _ops.head1x1(x, head_w, head_b, self.out_activation)
 
-    # ------------------------------------------------------------------ pieces
-    def _head_fusable(self, dc: DoubleConv) -> bool:
-        # Batch statistics must be known before the last conv's output exists: no fusion then.
-        return not _bn_uses_batch_stats(dc.conv[4])
+    def _training_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The fused path when some BatchNorm uses batch statistics (see the module docstring)."""
+        d = self.depth
+        act: _Act = (x, None, None)
+        skips = []
+        for i in range(1, d + 1):
+            act = self._double_conv_train(getattr(self, f"conv{i}"), act, None, dtype)
+            skips.append(act)
+            act = (_ops.maxpool2x2(*act), None, None)
+        act = self._double_conv_train(getattr(self, f"conv{d + 1}"), act, None, dtype)
+        for k in range(d + 2, 2 * d + 2):
+            up = getattr(self, f"up{k}")
+            # Parameters go in as they are (the ops cast and pack inside): autograd then saves the
+            # parameter itself for backward instead of a packed copy per step.
+            u = _ops.upconv2x2(act[0], up.weight, up.bias, act[1], act[2])
+            act = self._double_conv_train(getattr(self, f"conv{k}"), (u, None, None), skips.pop(), dtype)
+        head_w, head_b = self._head_params(dtype)
+        return _ops.head1x1(act[0], head_w, head_b, self.out_activation, act[1], act[2])
 
+    def _double_conv_train(self, dc: DoubleConv, act: _Act, skip: _Act | None, dtype: torch.dtype) -> _Act:
+        h = self._conv_bn_train(dc, 0, act, skip, dtype)
+        return self._conv_bn_train(dc, 3, h, None, dtype)
+
+    def _conv_bn_train(self, dc: DoubleConv, idx: int, act: _Act, skip: _Act | None, dtype: torch.dtype) -> _Act:
+        """One conv on the training path: raw output z and the (scale, shift) its reader applies.
+
+        A BatchNorm in eval mode inside a training model (frozen) uses its running statistics
+        for that transform; the batch statistics the op also returns are then unused.
+        """
+        conv, bn = dc.conv[idx], dc.conv[idx + 1]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        bias = conv.bias if conv.bias is not None else act[0].new_zeros(conv.out_channels, dtype=acc)
+        x2, x2_scale, x2_shift = skip if skip is not None else (None, None, None)
+        z, mean, var = _ops.conv3x3_bn_stats(act[0], x2, conv.weight, bias, act[1], act[2], x2_scale, x2_shift)
+        if _bn_uses_batch_stats(bn):
+            _update_running_stats(bn, mean, var, z.numel() // z.shape[1])
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        scale, shift = _bn_affine(bn, mean, var, acc)
+        return z, scale, shift
+
+    # ------------------------------------------------------------------ pieces
     def _head_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         head = self.head
         weight = self._prepare("head.w", (head.weight,), dtype, lambda: head.weight.to(dtype))
@@ -123,12 +200,6 @@ class UNet(UNetReference):
         weight = self._prepare(
             name + ".w", (conv.weight,), dtype, lambda: _kernels().pack_conv3x3_weight(conv.weight.to(dtype))
         )
-        if _bn_uses_batch_stats(bn):
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            shift = conv.bias.to(acc) if conv.bias is not None else x.new_zeros(conv.out_channels, dtype=acc)
-            ones = torch.ones(conv.out_channels, dtype=acc, device=x.device)
-            z = _ops.conv3x3_bn_act(x, x2, weight, ones, shift, False)
-            return F.relu(bn(z))
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         bn_tensors = tuple(t for t in (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None)
         scale, shift = self._prepare(name + ".bn", bn_tensors, acc, lambda: _fold_bn(conv, bn, acc))

@@ -94,6 +94,17 @@ def _check_conv3x3(x: Tensor, x2: Tensor | None, weight: Tensor, scale: Tensor, 
         )
 
 
+def _check_norm(op: str, c: int, scale: Tensor | None, shift: Tensor | None, what: str = "in") -> None:
+    """An input transform is both ``{what}_scale`` and ``{what}_shift`` (``[c]``), or neither."""
+    if (scale is None) != (shift is None):
+        raise ValueError(f"fastunet::{op}: give both {what}_scale and {what}_shift, or neither")
+    if scale is not None and (scale.shape != (c,) or shift.shape != (c,)):
+        raise ValueError(
+            f"fastunet::{op}: {what}_scale and {what}_shift must be [{c}], "
+            f"got {tuple(scale.shape)} and {tuple(shift.shape)}"
+        )
+
+
 def _check_head(op: str, c: int, weight: Tensor, bias: Tensor, activation: str) -> int:
     if activation not in ACTIVATIONS:
         raise ValueError(f"fastunet::{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -106,6 +117,32 @@ def _check_head(op: str, c: int, weight: Tensor, bias: Tensor, activation: str) 
 
 
 # --------------------------------------------------------------------------- composites
+def _affine_relu(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Tensor:
+    """``relu(x * scale[c] + shift[c])`` rounded to x's dtype (what the kernels apply on load);
+    the identity when ``scale`` is None."""
+    if scale is None:
+        return x
+    acc = _acc_dtype(x.dtype)
+    return torch.relu(x.to(acc) * _channel_vec(scale, acc) + _channel_vec(shift, acc)).to(x.dtype)
+
+
+def _packed_conv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The conv kernel's B operand layout in ``dtype`` (a no-op for an already packed weight)."""
+    if weight.dtype == dtype and weight.stride(0) == 1:
+        return weight
+    return _kernels().pack_conv3x3_weight(weight.detach().to(dtype))
+
+
+def _packed_upconv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    if weight.dtype == dtype and weight.stride(1) == 1:
+        return weight
+    return _kernels().pack_upconv2x2_weight(weight.detach().to(dtype))
+
+
+def _norm_arg(scale: Tensor | None, shift: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    return None if scale is None else (scale.float(), shift.float())
+
+
 def _conv3x3_composite(x, x2, weight, scale, shift, relu) -> Tensor:
     """Eager ``act(scale * conv3x3(cat([x, x2]), weight) + shift)`` in the accumulation dtype."""
     acc = _acc_dtype(x.dtype)
@@ -121,6 +158,25 @@ def _head_composite(h, weight, bias, activation) -> Tensor:
 
 
 # --------------------------------------------------------------------------- backward helpers
+def _affine_relu_grads(g: Tensor, x: Tensor, scale: Tensor | None, shift: Tensor | None):
+    """Backward of ``_affine_relu``: ``(dx, dscale, dshift)`` from ``g`` = dL/dT(x).
+
+    The ReLU mask is recomputed from the raw ``x`` (never saved). Without a transform:
+    ``(g, None, None)``.
+    """
+    if scale is None:
+        return g.to(x.dtype), None, None
+    if _use_kernels(x):
+        dx, ds, dt = _kernels().affine_relu_backward(g.to(x.dtype), x, scale.float(), shift.float())
+        return dx, ds.to(scale.dtype), dt.to(shift.dtype)
+    acc = _acc_dtype(x.dtype)
+    xf = x.to(acc)
+    live = xf * _channel_vec(scale, acc) + _channel_vec(shift, acc) > 0
+    gm = torch.where(live, g.to(acc), torch.zeros((), dtype=acc, device=g.device))
+    dx = (gm * _channel_vec(scale, acc)).to(x.dtype)
+    return dx, (gm * xf).sum((0, 2, 3)).to(scale.dtype), gm.sum((0, 2, 3)).to(shift.dtype)
+
+
 def _conv3x3_grads(grad, x, x2, weight, scale, y, relu, needs):
     """Gradients of ``y = act(scale * conv(cat([x, x2])) + shift)``; ``needs`` = needs_input_grad."""
     need_x, need_x2, need_w, need_scale, need_shift = needs[:5]
@@ -276,59 +332,217 @@ def _conv3x3_head_backward(ctx, grad):
 conv3x3_bn_act_head.register_autograd(_conv3x3_head_backward, setup_context=_conv3x3_head_setup)
 
 
-# =========================================================================== upconv2x2
-@torch.library.custom_op("fastunet::upconv2x2", mutates_args=())
-def upconv2x2(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``ConvTranspose2d(kernel_size=2, stride=2)``: ``[N, C_in, h, w] -> [N, C_out, 2h, 2w]``.
+# =========================================================================== conv3x3_bn_stats
+@torch.library.custom_op("fastunet::conv3x3_bn_stats", mutates_args=())
+def conv3x3_bn_stats(
+    x: Tensor,
+    x2: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    x_scale: Tensor | None,
+    x_shift: Tensor | None,
+    x2_scale: Tensor | None,
+    x2_shift: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training-mode conv: ``z = conv3x3(cat([T(x), T2(x2)], 1), weight, pad=1) + bias`` and
+    the BatchNorm batch statistics of z.
 
-    weight ``[C_in, C_out, 2, 2]`` (any strides; ``kernels.pack_upconv2x2_weight`` gives the fast
-    one), bias ``[C_out]``. Returns channels_last in x's dtype.
+    x ``[N, C1, H, W]``, x2 ``[N, C2, H, W]`` or None, weight ``[C_out, C1+C2, 3, 3]``, bias
+    ``[C_out]``; the weight may have any float dtype and layout (it is cast to x's dtype and
+    packed inside, so autograd saves the parameter itself, not a copy; its gradient comes back
+    in its own dtype). ``x_scale``/``x_shift`` ``[C1]`` (and ``x2_*`` ``[C2]``), both or neither: the
+    source is a previous layer's raw output and ``T(s) = relu(s * scale + shift)`` (its
+    BatchNorm and ReLU, applied as the conv loads it) is what gets convolved; without them T is
+    the identity. Returns ``(z, mean, var)``: z ``[N, C_out, H, W]`` channels_last in x's dtype,
+    not normalized; mean and biased var ``[C_out]`` (float32; float64 for float64 x) of z as
+    stored, over N*H*W values. Gradients flow into all three outputs, so BatchNorm's backward is
+    exact when the caller normalizes with mean and var.
     """
     raise AssertionError("unreachable: every device has its own implementation")
 
 
-def _check_upconv(x, weight, bias):
+def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
+    if not weight.is_floating_point():
+        raise TypeError(f"fastunet::conv3x3_bn_stats: weight must be floating point, got {weight.dtype}")
+    _check_conv3x3(x, x2, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bias, bias)
+    _check_norm("conv3x3_bn_stats", x.shape[1], x_scale, x_shift, "x")
+    if x2 is None and x2_scale is not None:
+        raise ValueError("fastunet::conv3x3_bn_stats: x2_scale given without x2")
+    if x2 is not None:
+        _check_norm("conv3x3_bn_stats", x2.shape[1], x2_scale, x2_shift, "x2")
+    if x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        # nn.BatchNorm2d's own rule: one value per channel has no variance to normalize by.
+        raise ValueError(
+            "fastunet::conv3x3_bn_stats: expected more than 1 value per channel when training, "
+            f"got input size {tuple(x.shape)}"
+        )
+
+
+@conv3x3_bn_stats.register_fake
+def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
+    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift)
+    c_out = weight.shape[0]
+    acc = _acc_dtype(x.dtype)
+    z = _empty_nhwc((x.shape[0], c_out, x.shape[2], x.shape[3]), x)
+    return z, x.new_empty(c_out, dtype=acc), x.new_empty(c_out, dtype=acc)
+
+
+@conv3x3_bn_stats.register_kernel(("cpu", "cuda"))
+def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
+    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift)
+    if _use_kernels(x):
+        return _kernels().conv3x3_bn_stats(
+            x, _packed_conv_weight(weight, x.dtype), bias.float(), x2=x2,
+            x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift),
+        )  # fmt: skip
+    acc = _acc_dtype(x.dtype)
+    xin = _affine_relu(x, x_scale, x_shift)
+    if x2 is not None:
+        xin = torch.cat([xin, _affine_relu(x2, x2_scale, x2_shift)], 1)
+    z = _as_nhwc(F.conv2d(xin, weight.to(x.dtype), padding=1).to(acc) + _channel_vec(bias, acc), x.dtype)
+    zf = z.to(acc)
+    return z, zf.mean((0, 2, 3)), zf.var((0, 2, 3), unbiased=False)
+
+
+def _conv3x3_stats_setup(ctx, inputs, output):
+    x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift = inputs
+    z, mean, _ = output
+    ctx.bias_dtype = bias.dtype
+    ctx.save_for_backward(x, x2, weight, x_scale, x_shift, x2_scale, x2_shift, z, mean)
+
+
+def _conv3x3_input_grad(g: Tensor, weight: Tensor, xin: Tensor | None) -> Tensor:
+    """dL/d(conv input) ``[N, C_in, H, W]`` of a pad-1 3x3 conv, from g = dL/dz ``[N, C_out, H, W]``.
+
+    Kernels: the forward conv kernel itself, on the flipped and transposed weight (a 3x3 pad-1
+    conv's input gradient is such a conv). ``xin`` (composite path only) is the conv input.
+    """
+    if _use_kernels(g):
+        k = _kernels()
+        flipped = k.pack_conv3x3_weight(weight.detach().to(g.dtype).transpose(0, 1).flip(2, 3))
+        ones = torch.ones(flipped.shape[0], device=g.device, dtype=torch.float32)
+        return k.conv3x3_bn_act(g, flipped, ones, torch.zeros_like(ones), relu=False)
+    gxin, _, _ = torch.ops.aten.convolution_backward(
+        g, xin, weight.to(g.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
+    )
+    return gxin
+
+
+def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
+    x, x2, weight, x_scale, x_shift, x2_scale, x2_shift, z, mean = ctx.saved_tensors
+    need_x, need_x2, need_w, need_b, need_xs, need_xt, need_x2s, need_x2t = ctx.needs_input_grad
+    acc = _acc_dtype(x.dtype)
+    n = z.numel() // z.shape[1]
+    # The statistics' gradients reach z directly: d mean/dz = 1/n, d var/dz = 2(z - mean)/n.
+    g = gz.to(acc) if gz is not None else torch.zeros(z.shape, dtype=acc, device=z.device)
+    if gmean is not None:
+        g = g + _channel_vec(gmean.to(acc) / n, acc)
+    if gvar is not None:
+        g = g + _channel_vec(gvar.to(acc) * (2.0 / n), acc) * (z.to(acc) - _channel_vec(mean, acc))
+    gb = g.sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
+    g = g.to(x.dtype)
+    c1 = x.shape[1]
+    xin = _affine_relu(x, x_scale, x_shift)
+    x2in = _affine_relu(x2, x2_scale, x2_shift) if x2 is not None else None
+    gw = None
+    if need_w:
+        if _use_kernels(x):
+            gw = (
+                _kernels()
+                .conv3x3_weight_grad(
+                    g, x, x2, x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift)
+                )
+                .to(weight.dtype)
+            )
+        else:
+            full = xin if x2in is None else torch.cat([xin, x2in], 1)
+            _, gw, _ = torch.ops.aten.convolution_backward(
+                g, full, weight.to(x.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+            )
+            gw = gw.to(weight.dtype)
+    gx = gxs = gxt = gx2 = gx2s = gx2t = None
+    if need_x or need_x2 or need_xs or need_xt or need_x2s or need_x2t:
+        full = None if _use_kernels(x) else (xin if x2in is None else torch.cat([xin, x2in], 1))
+        gin = _conv3x3_input_grad(g, weight, full)
+        gx, gxs, gxt = _affine_relu_grads(gin[:, :c1], x, x_scale, x_shift)
+        if x2 is not None:
+            gx2, gx2s, gx2t = _affine_relu_grads(gin[:, c1:], x2, x2_scale, x2_shift)
+    return gx, gx2, gw, gb, gxs, gxt, gx2s, gx2t
+
+
+conv3x3_bn_stats.register_autograd(_conv3x3_stats_backward, setup_context=_conv3x3_stats_setup)
+
+
+# =========================================================================== upconv2x2
+@torch.library.custom_op("fastunet::upconv2x2", mutates_args=())
+def upconv2x2(
+    x: Tensor, weight: Tensor, bias: Tensor, in_scale: Tensor | None = None, in_shift: Tensor | None = None
+) -> Tensor:
+    """``ConvTranspose2d(kernel_size=2, stride=2)``: ``[N, C_in, h, w] -> [N, C_out, 2h, 2w]``.
+
+    weight ``[C_in, C_out, 2, 2]`` (any strides; ``kernels.pack_upconv2x2_weight`` gives the fast
+    one; another float dtype is cast to x's, its gradient returned in its own dtype), bias
+    ``[C_out]``. ``in_scale``/``in_shift`` ``[C_in]`` (both or neither): x is a raw
+    pre-BatchNorm tensor and ``relu(x * in_scale + in_shift)`` is what gets upsampled. Returns
+    channels_last in x's dtype.
+    """
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+def _check_upconv(x, weight, bias, in_scale=None, in_shift=None):
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[2:]) != (2, 2):
         raise ValueError("fastunet::upconv2x2: x must be 4-D and weight [C_in, C_out, 2, 2]")
-    _check_same_dtype("upconv2x2", x=x, weight=weight)
+    if not weight.is_floating_point():
+        raise TypeError(f"fastunet::upconv2x2: weight must be floating point, got {weight.dtype}")
     if weight.shape[0] != x.shape[1] or bias.shape != (weight.shape[1],):
         raise ValueError(
             f"fastunet::upconv2x2: weight {tuple(weight.shape)} / bias {tuple(bias.shape)} "
             f"do not fit an input with {x.shape[1]} channels"
         )
+    _check_norm("upconv2x2", x.shape[1], in_scale, in_shift)
 
 
 @upconv2x2.register_fake
-def _(x, weight, bias):
-    _check_upconv(x, weight, bias)
+def _(x, weight, bias, in_scale=None, in_shift=None):
+    _check_upconv(x, weight, bias, in_scale, in_shift)
     return _empty_nhwc((x.shape[0], weight.shape[1], 2 * x.shape[2], 2 * x.shape[3]), x)
 
 
 @upconv2x2.register_kernel(("cpu", "cuda"))
-def _(x, weight, bias):
-    _check_upconv(x, weight, bias)
+def _(x, weight, bias, in_scale=None, in_shift=None):
+    _check_upconv(x, weight, bias, in_scale, in_shift)
     if _use_kernels(x):
-        return _kernels().upconv2x2(x, weight, bias.float())
+        w = _packed_upconv_weight(weight, x.dtype)
+        if in_scale is None:
+            return _kernels().upconv2x2(x, w, bias.float())
+        return _kernels().upconv2x2(x, w, bias.float(), in_scale=in_scale.float(), in_shift=in_shift.float())
     acc = _acc_dtype(x.dtype)
-    y = F.conv_transpose2d(x, weight, stride=2).to(acc) + _channel_vec(bias, acc)
+    y = F.conv_transpose2d(_affine_relu(x, in_scale, in_shift), weight.to(x.dtype), stride=2)
+    y = y.to(acc) + _channel_vec(bias, acc)
     return _as_nhwc(y, x.dtype)
 
 
 def _upconv_setup(ctx, inputs, output):
-    x, weight, bias = inputs
+    x, weight, bias, in_scale, in_shift = inputs
     ctx.bias_dtype = bias.dtype
-    ctx.save_for_backward(x, weight)
+    ctx.save_for_backward(x, weight, in_scale, in_shift)
 
 
 def _upconv_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad.to(x.dtype), x, weight, None, [2, 2], [0, 0], [1, 1], True, [0, 0], 1,
-        [need_x, need_w, False],
+    x, weight, in_scale, in_shift = ctx.saved_tensors
+    need_x, need_w, need_b, need_s, need_t = ctx.needs_input_grad
+    xin = _affine_relu(x, in_scale, in_shift)  # recomputed, not saved
+    need_in = need_x or need_s or need_t
+    gin, gw, _ = torch.ops.aten.convolution_backward(
+        grad.to(x.dtype), xin, weight.to(x.dtype), None, [2, 2], [0, 0], [1, 1], True, [0, 0], 1,
+        [need_in, need_w, False],
     )  # fmt: skip
+    gw = gw.to(weight.dtype) if gw is not None else None
     gb = grad.to(_acc_dtype(x.dtype)).sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
-    return gx, gw, gb
+    gx = gs = gt = None
+    if need_in:
+        gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
+    return gx, gw, gb, gs, gt
 
 
 upconv2x2.register_autograd(_upconv_backward, setup_context=_upconv_setup)
@@ -336,42 +550,55 @@ upconv2x2.register_autograd(_upconv_backward, setup_context=_upconv_setup)
 
 # =========================================================================== maxpool2x2
 @torch.library.custom_op("fastunet::maxpool2x2", mutates_args=())
-def maxpool2x2(x: Tensor) -> Tensor:
+def maxpool2x2(x: Tensor, in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> Tensor:
     """2x2 max-pool, stride 2, NaN-propagating like ``torch.max_pool2d``:
-    ``[N, C, H, W] -> [N, C, H//2, W//2]`` (H and W even). Returns channels_last."""
+    ``[N, C, H, W] -> [N, C, H//2, W//2]`` (H and W even). ``in_scale``/``in_shift`` ``[C]``
+    (both or neither): pool ``relu(x * in_scale + in_shift)`` instead of x (x is a raw
+    pre-BatchNorm tensor). Returns channels_last."""
     raise AssertionError("unreachable: every device has its own implementation")
 
 
-def _check_pool(x):
+def _check_pool(x, in_scale=None, in_shift=None):
     if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
         raise ValueError(f"fastunet::maxpool2x2: needs a 4-D input with even H and W, got {tuple(x.shape)}")
+    _check_norm("maxpool2x2", x.shape[1], in_scale, in_shift)
 
 
 @maxpool2x2.register_fake
-def _(x):
-    _check_pool(x)
+def _(x, in_scale=None, in_shift=None):
+    _check_pool(x, in_scale, in_shift)
     return _empty_nhwc((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2), x)
 
 
 @maxpool2x2.register_kernel(("cpu", "cuda"))
-def _(x):
-    _check_pool(x)
+def _(x, in_scale=None, in_shift=None):
+    _check_pool(x, in_scale, in_shift)
     if _use_kernels(x):
-        return _kernels().maxpool2x2(x)
-    return _as_nhwc(F.max_pool2d(x, 2), x.dtype)
+        if in_scale is None:
+            return _kernels().maxpool2x2(x)
+        return _kernels().maxpool2x2(x, in_scale=in_scale.float(), in_shift=in_shift.float())
+    return _as_nhwc(F.max_pool2d(_affine_relu(x, in_scale, in_shift), 2), x.dtype)
 
 
 def _pool_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(*inputs)
 
 
 def _pool_backward(ctx, grad):
-    (x,) = ctx.saved_tensors
+    x, in_scale, in_shift = ctx.saved_tensors
+    if _use_kernels(x):
+        s, t = _norm_arg(in_scale, in_shift) or (None, None)
+        gx, gs, gt = _kernels().maxpool2x2_backward(grad.to(x.dtype), x, s, t)
+        if in_scale is not None:
+            gs, gt = gs.to(in_scale.dtype), gt.to(in_shift.dtype)
+        return gx, gs, gt
+    xin = _affine_relu(x, in_scale, in_shift)
     # Recompute torch's own argmax so ties and NaNs route gradients exactly as the reference does.
-    _, idx = F.max_pool2d(x, 2, return_indices=True)
-    return torch.ops.aten.max_pool2d_with_indices_backward(
-        grad.to(x.dtype), x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
+    _, idx = F.max_pool2d(xin, 2, return_indices=True)
+    gin = torch.ops.aten.max_pool2d_with_indices_backward(
+        grad.to(x.dtype), xin, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
     )
+    return _affine_relu_grads(gin, x, in_scale, in_shift)
 
 
 maxpool2x2.register_autograd(_pool_backward, setup_context=_pool_setup)
@@ -379,40 +606,61 @@ maxpool2x2.register_autograd(_pool_backward, setup_context=_pool_setup)
 
 # =========================================================================== head1x1
 @torch.library.custom_op("fastunet::head1x1", mutates_args=())
-def head1x1(x: Tensor, weight: Tensor, bias: Tensor, activation: str) -> Tensor:
+def head1x1(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    activation: str,
+    in_scale: Tensor | None = None,
+    in_shift: Tensor | None = None,
+) -> Tensor:
     """1x1 conv + output activation: ``[N, C, H, W] -> [N, K, H, W]`` with weight ``[K, C, 1, 1]``,
-    bias ``[K]``, activation ``"sigmoid" | "none" | "softmax"`` (over K). Returns channels_last."""
+    bias ``[K]``, activation ``"sigmoid" | "none" | "softmax"`` (over K). ``in_scale``/``in_shift``
+    ``[C]`` (both or neither): the head reads ``relu(x * in_scale + in_shift)`` (x raw,
+    pre-BatchNorm). Returns channels_last."""
     raise AssertionError("unreachable: every device has its own implementation")
 
 
 @head1x1.register_fake
-def _(x, weight, bias, activation):
+def _(x, weight, bias, activation, in_scale=None, in_shift=None):
     k = _check_head("head1x1", x.shape[1], weight, bias, activation)
     _check_same_dtype("head1x1", x=x, weight=weight)
+    _check_norm("head1x1", x.shape[1], in_scale, in_shift)
     return _empty_nhwc((x.shape[0], k, x.shape[2], x.shape[3]), x)
 
 
 @head1x1.register_kernel(("cpu", "cuda"))
-def _(x, weight, bias, activation):
+def _(x, weight, bias, activation, in_scale=None, in_shift=None):
     _check_head("head1x1", x.shape[1], weight, bias, activation)
     _check_same_dtype("head1x1", x=x, weight=weight)
+    _check_norm("head1x1", x.shape[1], in_scale, in_shift)
     if _use_kernels(x):
-        return _kernels().head1x1(x, weight, bias.float(), activation=activation)
-    return _as_nhwc(_head_composite(x, weight, bias, activation), x.dtype)
+        if in_scale is None:
+            return _kernels().head1x1(x, weight, bias.float(), activation=activation)
+        return _kernels().head1x1(
+            x, weight, bias.float(), activation=activation, in_scale=in_scale.float(), in_shift=in_shift.float()
+        )
+    return _as_nhwc(_head_composite(_affine_relu(x, in_scale, in_shift), weight, bias, activation), x.dtype)
 
 
 def _head_setup(ctx, inputs, output):
-    x, weight, bias, activation = inputs
+    x, weight, bias, activation, in_scale, in_shift = inputs
     ctx.activation = activation
-    ctx.save_for_backward(x, weight, bias, output)
+    ctx.save_for_backward(x, weight, bias, in_scale, in_shift, output)
 
 
 def _head_backward(ctx, grad):
-    x, weight, bias, y = ctx.saved_tensors
-    gx, gw, gb = _head_grads(grad, x, weight, bias, y, ctx.activation, ctx.needs_input_grad[:3])
-    return gx, gw, gb, None
+    x, weight, bias, in_scale, in_shift, y = ctx.saved_tensors
+    need_x, need_w, need_b, _, need_s, need_t = ctx.needs_input_grad
+    need_in = need_x or need_s or need_t
+    xin = _affine_relu(x, in_scale, in_shift)  # recomputed, not saved
+    gin, gw, gb = _head_grads(grad, xin, weight, bias, y, ctx.activation, (need_in, need_w, need_b))
+    gx = gs = gt = None
+    if need_in:
+        gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
+    return gx, gw, gb, None, gs, gt
 
 
 head1x1.register_autograd(_head_backward, setup_context=_head_setup)
 
-__all__ = ["conv3x3_bn_act", "conv3x3_bn_act_head", "upconv2x2", "maxpool2x2", "head1x1"]
+__all__ = ["conv3x3_bn_act", "conv3x3_bn_act_head", "conv3x3_bn_stats", "upconv2x2", "maxpool2x2", "head1x1"]

@@ -8,6 +8,8 @@ is the fast layout), check their inputs, pick a config and launch. No ``nn.Modul
 |---|---|
 | ``conv3x3_bn_act`` | 3x3 conv (optionally of ``cat([x, x2])``) + folded BN/bias + ReLU |
 | ``conv3x3_bn_act_head`` | the same + 1x1 head + sigmoid/softmax in the epilogue |
+| ``conv3x3_bn_stats`` | training conv: previous BN+ReLU on the loads, this BN's batch statistics in the epilogue |
+| ``bn_stats_finalize`` | merges the per-tile statistics into mean and variance (deterministic) |
 | ``upconv2x2`` | ConvTranspose2d(k=2, s=2) + bias, phase-scatter epilogue |
 | ``maxpool2x2`` | 2x2 max-pool, NaN-propagating |
 | ``head1x1`` | 1x1 conv + activation |
@@ -15,11 +17,13 @@ is the fast layout), check their inputs, pick a config and launch. No ``nn.Modul
 
 from importlib import import_module
 
+from .bn_stats import bn_stats_finalize
 from .conv3x3 import (
     MAX_HEAD_C_OUT,
     MAX_HEAD_K,
     conv3x3_bn_act,
     conv3x3_bn_act_head,
+    conv3x3_bn_stats,
     pack_conv3x3_weight,
 )
 from .head1x1 import head1x1
@@ -27,7 +31,7 @@ from .maxpool2x2 import maxpool2x2
 from .upconv2x2 import pack_upconv2x2_weight, upconv2x2
 
 #: Kernel modules that expose ``compile_specs(arch)`` for the offline compile report (ring 2).
-KERNEL_MODULES = ("conv3x3", "upconv2x2", "maxpool2x2", "head1x1")
+KERNEL_MODULES = ("conv3x3", "bn_stats", "upconv2x2", "maxpool2x2", "head1x1")
 
 
 def all_compile_specs(arch: int) -> list:
@@ -43,8 +47,10 @@ __all__ = [
     "MAX_HEAD_K",
     "KERNEL_MODULES",
     "all_compile_specs",
+    "bn_stats_finalize",
     "conv3x3_bn_act",
     "conv3x3_bn_act_head",
+    "conv3x3_bn_stats",
     "head1x1",
     "maxpool2x2",
     "pack_conv3x3_weight",

@@ -51,11 +51,13 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
+from .bn_stats import bn_stats_finalize
 
 __all__ = [
     "compile_specs",
     "conv3x3_bn_act",
     "conv3x3_bn_act_head",
+    "conv3x3_bn_stats",
     "pack_conv3x3_weight",
 ]
 
@@ -82,6 +84,8 @@ def _accumulate_source(
     acc,
     src_ptr,
     w_ptr,
+    s_ptr,
+    t_ptr,
     C,
     c_base,
     k_lo,
@@ -103,6 +107,7 @@ def _accumulate_source(
     H,
     W,
     SMALL_C: tl.constexpr,
+    NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -135,6 +140,7 @@ def _accumulate_source(
             a_ptrs = src_ptr + pix_off[:, None] + tap_off[None, :]  # [BLOCK_M, BLOCK_K]
             w_k = (c_base + ci) * stride_wi + kh * stride_wh + kw * stride_ww  # [BLOCK_K]
             b_mask = k_ok[:, None] & co_mask[None, :]
+            ch, ch_ok = ci, k_ok
         else:
             tap = kk // n_cb
             c = (kk - tap * n_cb) * BLOCK_K + offs_k  # [BLOCK_K] input channels
@@ -150,7 +156,13 @@ def _accumulate_source(
             a_ptrs = src_ptr + row_off[:, None] + (c.to(tl.int64) * stride_c)[None, :]
             w_k = (c_base + c) * stride_wi + (kh * stride_wh + kw * stride_ww)  # [BLOCK_K]
             b_mask = c_ok[:, None] & co_mask[None, :]
+            ch, ch_ok = c, c_ok
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
+        if NORM:
+            s = tl.load(s_ptr + ch, mask=ch_ok, other=0.0)  # [BLOCK_K]
+            t = tl.load(t_ptr + ch, mask=ch_ok, other=0.0)  # [BLOCK_K]
+            a_n = tl.maximum(a.to(tl.float32) * s[None, :] + t[None, :], 0.0)
+            a = tl.where(a_mask, a_n, 0.0).to(src_ptr.dtype.element_ty)
         b = tl.load(w_ptr + w_k[:, None] + w_co[None, :], mask=b_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
@@ -166,6 +178,11 @@ def _conv3x3_bn_act_kernel(
     out_ptr,
     hw_ptr,
     hb_ptr,
+    xs_ptr,
+    xt_ptr,
+    x2s_ptr,
+    x2t_ptr,
+    stat_ptr,
     N,
     H,
     W,
@@ -192,6 +209,9 @@ def _conv3x3_bn_act_kernel(
     stride_hk,
     HAS_X2: tl.constexpr,
     SMALL_C: tl.constexpr,
+    NORM1: tl.constexpr,
+    NORM2: tl.constexpr,
+    STATS: tl.constexpr,
     RELU: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HEAD_K: tl.constexpr,
@@ -207,7 +227,9 @@ def _conv3x3_bn_act_kernel(
 
     Fuses: the convolution, the ``torch.cat([x, x2], 1)`` that feeds it (``HAS_X2``: the K loop
     reads channels [0, C1) from x and [C1, C1+C2) from x2), eval BatchNorm + conv bias
-    (``scale``, ``shift``), ReLU, and optionally the 1x1 head with its activation.
+    (``scale``, ``shift``), ReLU, and optionally the 1x1 head with its activation. Training:
+    the previous layers' BatchNorm+ReLU on the sources' loads (``NORM1``/``NORM2``) and this
+    layer's BatchNorm partial statistics in the epilogue (``STATS``).
 
     Pointers (element strides passed for every tensor, so any layout works; NHWC is the fast
     one because the channel, the GEMM's K, is then contiguous):
@@ -218,6 +240,10 @@ def _conv3x3_bn_act_kernel(
                   [SPLIT_K, N, H, W, C_out] (slice stride ``stride_os``) of raw accumulators;
                   with HEAD_K > 0, [N, HEAD_K, H, W] head outputs
         hw_ptr    [HEAD_K, C_out] fp32 (row stride ``stride_hk``), hb_ptr [HEAD_K] fp32
+        xs_ptr, xt_ptr [C1] / x2s_ptr, x2t_ptr [C2] fp32: per-channel BatchNorm scale/shift
+                  applied with a ReLU to a raw source as it is loaded (NORM1 / NORM2)
+        stat_ptr  [2, cdiv(M, BLOCK_M), C_out] fp32 (STATS): per row tile, the sum of the stored
+                  outputs and the sum of their squared deviations from the tile mean
 
     GEMM: M = N*H*W (< 2^31), N = C_out, K = 9*(C1+C2) ordered (tap, channel), channel fastest.
     FLOPs: 2*N*H*W*9*(C1+C2)*C_out. Minimum bytes moved: (N*H*W*(C1+C2) + 9*(C1+C2)*C_out +
@@ -265,19 +291,19 @@ def _conv3x3_bn_act_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
     acc = _accumulate_source(
-        acc, x_ptr, w_ptr, C1, 0, min(lo, iters1), min(hi, iters1),
+        acc, x_ptr, w_ptr, xs_ptr, xt_ptr, C1, 0, min(lo, iters1), min(hi, iters1),
         stride_xn, stride_xc, stride_xh, stride_xw,
         stride_wo, stride_wi, stride_wh, stride_ww,
         img, oh, ow, m_mask, offs_co, co_mask, H, W,
-        SMALL_C, DOT_PRECISION, BLOCK_K,
+        SMALL_C, NORM1, DOT_PRECISION, BLOCK_K,
     )  # fmt: skip
     if HAS_X2:
         acc = _accumulate_source(
-            acc, x2_ptr, w_ptr, C2, C1, max(lo, iters1) - iters1, max(hi, iters1) - iters1,
+            acc, x2_ptr, w_ptr, x2s_ptr, x2t_ptr, C2, C1, max(lo, iters1) - iters1, max(hi, iters1) - iters1,
             stride_x2n, stride_x2c, stride_x2h, stride_x2w,
             stride_wo, stride_wi, stride_wh, stride_ww,
             img, oh, ow, m_mask, offs_co, co_mask, H, W,
-            SMALL_C, DOT_PRECISION, BLOCK_K,
+            SMALL_C, NORM2, DOT_PRECISION, BLOCK_K,
         )  # fmt: skip
 
     out_row = img.to(tl.int64) * stride_on + oh.to(tl.int64) * stride_oh + ow.to(tl.int64) * stride_ow  # [BLOCK_M]
@@ -311,7 +337,21 @@ def _conv3x3_bn_act_kernel(
         else:
             o_ptrs = out_ptr + out_row[:, None] + (offs_co.to(tl.int64) * stride_oc)[None, :]
             o_mask = m_mask[:, None] & co_mask[None, :]
-            tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+            y_out = y.to(out_ptr.dtype.element_ty)
+            tl.store(o_ptrs, y_out, mask=o_mask)
+            if STATS:
+                # BatchNorm batch statistics of exactly what was stored (rounded), as this tile's
+                # (sum, sum of squared deviations from the tile mean): centring inside the tile
+                # keeps large-mean activations from cancelling, and the finalize kernel merges
+                # tiles with Chan's formula in a fixed order (deterministic, no atomics).
+                y_st = tl.where(o_mask, y_out.to(tl.float32), 0.0)  # [BLOCK_M, BLOCK_N]
+                cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+                t_sum = tl.sum(y_st, axis=0)  # [BLOCK_N]
+                dev = tl.where(o_mask, y_st - (t_sum / cnt)[None, :], 0.0)
+                t_m2 = tl.sum(dev * dev, axis=0)  # [BLOCK_N]
+                st_ptrs = stat_ptr + pid_m.to(tl.int64) * C_out + offs_co
+                tl.store(st_ptrs, t_sum, mask=co_mask)
+                tl.store(st_ptrs + num_pid_m.to(tl.int64) * C_out, t_m2, mask=co_mask)
 
 
 @triton.jit
@@ -456,6 +496,7 @@ _CONFIGS = {
     ("head", 90): _HEAD_CONFIGS_SM90,
     ("head", 80): _HEAD_CONFIGS_SM80,
 }
+_MIN_BLOCK_M = min(c.BLOCK_M for configs in _CONFIGS.values() for c in configs)
 # The interpreter runs one small fixed tile: autotuning there would only cost time.
 _INTERPRETER_CFG = _Cfg(32, 32, 16, 4, 1)
 _HEAD_BLOCK_N = (64, 128, 256)
@@ -648,8 +689,13 @@ def _device_ctx(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=None):
-    """Launch the conv kernel (autotuned on GPU, fixed tile in the interpreter)."""
+def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=None, norms=(None, None), stats=None):
+    """Launch the conv kernel (autotuned on GPU, fixed tile in the interpreter).
+
+    ``norms``: (scale, shift) or None per source; ``stats``: a callable ``rows -> [2, rows, C_out]``
+    fp32 workspace when the epilogue must write BatchNorm partials. Returns ``(out, partials,
+    BLOCK_M)`` when ``stats`` is given, else ``out``.
+    """
     n, c1, c2, h, w, c_out = dims
     m = n * h * w
     if m == 0:
@@ -662,9 +708,17 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
         split_k = 1
     else:
         hw, hb, head_k, head_act = scale, shift, 0, 0
+    if stats is not None:
+        split_k = 1  # the partial statistics are taken in the main kernel's epilogue
     if split_k is None:
         k_iters = 9 * triton.cdiv(c1 + c2, 64)
         split_k = _pick_split_k(x.device, m, c_out, k_iters)
+    norm1, norm2 = norms
+    xs, xt = norm1 if norm1 is not None else (scale, shift)
+    x2s, x2t = norm2 if norm2 is not None else (scale, shift)
+    # Sized for the smallest BLOCK_M any config uses; the finalize reads only the tiles written.
+    min_block_m = _INTERPRETER_CFG.BLOCK_M if interpreting() else _MIN_BLOCK_M
+    partials = stats(triton.cdiv(m, min_block_m)) if stats is not None else scale
     ws = None
     if split_k > 1:
         ws = torch.empty((split_k, m, c_out), device=x.device, dtype=torch.float32)
@@ -672,11 +726,12 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
     else:
         dst, dst_strides, stride_os = out, out.stride(), 0
     args = (
-        x, x2_t, weight, scale, shift, dst, hw, hb, n, h, w, c1, c2, c_out,
+        x, x2_t, weight, scale, shift, dst, hw, hb, xs, xt, x2s, x2t, partials, n, h, w, c1, c2, c_out,
         *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0),
     )  # fmt: skip
     flags = dict(
-        HAS_X2=x2 is not None, SMALL_C=small_c, RELU=relu, SPLIT_K=split_k, HEAD_K=head_k,
+        HAS_X2=x2 is not None, SMALL_C=small_c, NORM1=norm1 is not None, NORM2=norm2 is not None,
+        STATS=stats is not None, RELU=relu, SPLIT_K=split_k, HEAD_K=head_k,
         HEAD_KP=triton.next_power_of_2(max(head_k, 1)), HEAD_ACT=head_act,
         DOT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M,
     )  # fmt: skip
@@ -688,6 +743,7 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
     with _device_ctx(x.device):
         if interpreting():
             cfg = _INTERPRETER_CFG
+            block_m = cfg.BLOCK_M
             block_n = max(16, triton.next_power_of_2(c_out)) if head is not None else cfg.BLOCK_N
             _conv3x3_bn_act_kernel[grid](
                 *args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=block_n, BLOCK_K=cfg.BLOCK_K,
@@ -698,7 +754,9 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
                 variant = "head"
             else:
                 variant = "split" if split_k > 1 else ("smallc" if small_c else "main")
-            _autotuned(variant, tuned_arch(device_arch(x.device)))[grid](*args, **flags)
+            tuner = _autotuned(variant, tuned_arch(device_arch(x.device)))
+            tuner[grid](*args, **flags)
+            block_m = tuner.best_config.kwargs["BLOCK_M"]
         if ws is not None:
             epi_grid = (triton.cdiv(m, _EPI_BLOCK_M), triton.cdiv(c_out, _EPI_BLOCK_N))
             _conv3x3_splitk_epilogue_kernel[epi_grid](
@@ -706,6 +764,8 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
                 SPLIT_K=split_k, RELU=relu, BLOCK_M=_EPI_BLOCK_M, BLOCK_N=_EPI_BLOCK_N,
                 num_warps=_EPI_WARPS,
             )  # fmt: skip
+    if stats is not None:
+        return out, partials, block_m
     return out
 
 
@@ -796,6 +856,72 @@ def conv3x3_bn_act_head(
         _check_out(out, (n, k, h, w), x.dtype, x.device)
     head = (head_weight, head_bias, k, HEAD_ACTIVATIONS[activation])
     return _launch(x, x2, weight, scale, shift, out, dims, relu=relu, head=head)
+
+
+def _check_norm(name: str, norm, channels: int, device: torch.device):
+    """``norm`` is None or (scale, shift), both fp32 [channels] on ``device``."""
+    if norm is None:
+        return None
+    if not isinstance(norm, (tuple, list)) or len(norm) != 2:
+        raise TypeError(f"{name} must be None or a (scale, shift) pair")
+    for part, t in zip(("scale", "shift"), norm, strict=True):
+        if not isinstance(t, Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} {part} must be a float32 tensor")
+        if tuple(t.shape) != (channels,):
+            raise ValueError(f"{name} {part} must be [{channels}], got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} {part} is on {t.device}, expected {device}")
+    return tuple(t.contiguous() for t in norm)
+
+
+def conv3x3_bn_stats(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    *,
+    x2: Tensor | None = None,
+    x_norm: tuple[Tensor, Tensor] | None = None,
+    x2_norm: tuple[Tensor, Tensor] | None = None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training conv: ``z = conv3x3(cat([T1(x), T2(x2)], 1), weight) + bias`` and the
+    BatchNorm batch statistics of z, in one conv pass plus a tiny finalize kernel.
+
+    x [N, C1, H, W], optional x2 [N, C2, H, W], weight [C_out, C1+C2, 3, 3]: as in
+    ``conv3x3_bn_act``. bias [C_out] float32 (zeros for a bias-free conv).
+    x_norm / x2_norm: None or (scale, shift) float32 [C1] / [C2]: the source is the previous
+    layer's raw output and ``T(s) = relu(s * scale + shift)`` (its BatchNorm and ReLU) is applied
+    as it is loaded, padding after the transform. Without a norm T is the identity.
+    out: optional [N, C_out, H, W] destination (any strides); channels_last x.dtype otherwise.
+
+    Returns ``(z, mean, var)``: z [N, C_out, H, W] in x.dtype, not normalized; mean and biased
+    var [C_out] float32 of z *as stored* (after rounding to x.dtype), over N*H*W values,
+    deterministic. N*H*W must be >= 1.
+    """
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
+    ones = torch.ones_like(bias) if bias.dtype == torch.float32 else bias
+    dims = _check_conv_inputs(x, weight, ones, bias, x2)
+    n, c1, c2, h, w, c_out = dims
+    if n * h * w == 0:
+        raise ValueError("batch statistics need at least one output pixel (N*H*W >= 1)")
+    norms = (
+        _check_norm("x_norm", x_norm, c1, x.device),
+        _check_norm("x2_norm", x2_norm, c2, x.device) if x2 is not None else None,
+    )
+    if x2 is None and x2_norm is not None:
+        raise ValueError("x2_norm given without x2")
+    if out is None:
+        out = torch.empty((n, c_out, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    else:
+        _check_out(out, (n, c_out, h, w), x.dtype, x.device)
+
+    def workspace(rows: int) -> Tensor:
+        return torch.empty((2, rows, c_out), device=x.device, dtype=torch.float32)
+
+    out, partials, block_m = _launch(x, x2, weight, ones, bias, out, dims, relu=False, norms=norms, stats=workspace)
+    mean, var = bn_stats_finalize(partials, n * h * w, block_m)
+    return out, mean, var
 
 
 # --------------------------------------------------------------------------------------------
