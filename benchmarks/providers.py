@@ -27,8 +27,10 @@ Providers (``PROVIDERS``, in table order):
 Inputs are fp32 (as a data loader delivers them); NCHW for ``eager_fp32_nchw`` and
 channels_last for everyone else, converted once outside the timed region. Casting to the
 16-bit dtype happens inside the timed step (autocast, or fastunet's own entrance cast), the
-same for all. A training step is ``zero_grad`` + forward + a linear loss + backward (no
-optimizer step).
+same for all. A training step is ``zero_grad`` + forward + a linear loss + backward + an
+optimizer step (SGD with momentum, ``lr=0``: the update does all its arithmetic, but every
+provider keeps the shared weights, so the correctness check after warm-up still compares like
+with like).
 """
 
 from __future__ import annotations
@@ -247,6 +249,7 @@ def _make_step(model, params, case: Case, *, amp: bool = True, before: Callable 
         return infer
 
     probe = case.grad_probe
+    optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9)
 
     def train(x):
         if before is not None:
@@ -256,6 +259,7 @@ def _make_step(model, params, case: Case, *, amp: bool = True, before: Callable 
         with _autocast(case, amp):
             y = model(x)
         (y.float() * probe).sum().backward()
+        optimizer.step()
         return y
 
     return train

@@ -522,15 +522,25 @@ def _(x, weight, bias, in_scale=None, in_shift=None):
     return _as_nhwc(y, x.dtype)
 
 
+def _with_norm_defaults(inputs: tuple, n: int) -> tuple:
+    """``inputs`` padded with None up to the schema's ``n`` arguments (a call may omit defaults)."""
+    return (*inputs, *([None] * (n - len(inputs))))
+
+
+def _grads_for(ctx, grads: tuple) -> tuple:
+    """One gradient per input the call actually passed."""
+    return grads[: len(ctx.needs_input_grad)]
+
+
 def _upconv_setup(ctx, inputs, output):
-    x, weight, bias, in_scale, in_shift = inputs
+    x, weight, bias, in_scale, in_shift = _with_norm_defaults(inputs, 5)
     ctx.bias_dtype = bias.dtype
     ctx.save_for_backward(x, weight, in_scale, in_shift)
 
 
 def _upconv_backward(ctx, grad):
     x, weight, in_scale, in_shift = ctx.saved_tensors
-    need_x, need_w, need_b, need_s, need_t = ctx.needs_input_grad
+    need_x, need_w, need_b, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 5)
     xin = _affine_relu(x, in_scale, in_shift)  # recomputed, not saved
     need_in = need_x or need_s or need_t
     gin, gw, _ = torch.ops.aten.convolution_backward(
@@ -542,7 +552,7 @@ def _upconv_backward(ctx, grad):
     gx = gs = gt = None
     if need_in:
         gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
-    return gx, gw, gb, gs, gt
+    return _grads_for(ctx, (gx, gw, gb, gs, gt))
 
 
 upconv2x2.register_autograd(_upconv_backward, setup_context=_upconv_setup)
@@ -581,7 +591,7 @@ def _(x, in_scale=None, in_shift=None):
 
 
 def _pool_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*_with_norm_defaults(inputs, 3))
 
 
 def _pool_backward(ctx, grad):
@@ -591,14 +601,14 @@ def _pool_backward(ctx, grad):
         gx, gs, gt = _kernels().maxpool2x2_backward(grad.to(x.dtype), x, s, t)
         if in_scale is not None:
             gs, gt = gs.to(in_scale.dtype), gt.to(in_shift.dtype)
-        return gx, gs, gt
+        return _grads_for(ctx, (gx, gs, gt))
     xin = _affine_relu(x, in_scale, in_shift)
     # Recompute torch's own argmax so ties and NaNs route gradients exactly as the reference does.
     _, idx = F.max_pool2d(xin, 2, return_indices=True)
     gin = torch.ops.aten.max_pool2d_with_indices_backward(
         grad.to(x.dtype), xin, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
     )
-    return _affine_relu_grads(gin, x, in_scale, in_shift)
+    return _grads_for(ctx, _affine_relu_grads(gin, x, in_scale, in_shift))
 
 
 maxpool2x2.register_autograd(_pool_backward, setup_context=_pool_setup)
@@ -644,21 +654,21 @@ def _(x, weight, bias, activation, in_scale=None, in_shift=None):
 
 
 def _head_setup(ctx, inputs, output):
-    x, weight, bias, activation, in_scale, in_shift = inputs
+    x, weight, bias, activation, in_scale, in_shift = _with_norm_defaults(inputs, 6)
     ctx.activation = activation
     ctx.save_for_backward(x, weight, bias, in_scale, in_shift, output)
 
 
 def _head_backward(ctx, grad):
     x, weight, bias, in_scale, in_shift, y = ctx.saved_tensors
-    need_x, need_w, need_b, _, need_s, need_t = ctx.needs_input_grad
+    need_x, need_w, need_b, _, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 6)
     need_in = need_x or need_s or need_t
     xin = _affine_relu(x, in_scale, in_shift)  # recomputed, not saved
     gin, gw, gb = _head_grads(grad, xin, weight, bias, y, ctx.activation, (need_in, need_w, need_b))
     gx = gs = gt = None
     if need_in:
         gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
-    return gx, gw, gb, None, gs, gt
+    return _grads_for(ctx, (gx, gw, gb, None, gs, gt))
 
 
 head1x1.register_autograd(_head_backward, setup_context=_head_setup)

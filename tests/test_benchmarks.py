@@ -153,6 +153,17 @@ def test_targets_pass_fail_and_not_measured():
     assert {t["result"] for t in report.evaluate_targets(other_gpu)} == {"not measured"}
 
 
+def test_training_run_is_judged_on_the_training_target():
+    result = _h100_result()
+    result["config"]["mode"] = "training"
+    for row in result["rows"]:
+        row["mode"] = "training"
+    targets = report.evaluate_targets(result)
+    assert [(t["metric"], t["result"]) for t in targets] == [("speedup_vs_eager_amp", "PASS")]  # 1.8x >= 1.3x
+    result["rows"][2]["speedup_vs_eager_amp"] = 1.2
+    assert [t["result"] for t in report.evaluate_targets(result)] == ["FAIL"]
+
+
 def test_readme_table_picks_latest_full_gpu_result(tmp_path, monkeypatch):
     def write(name, device, date, quick=False):
         result = {"device": {"type": device}, "date": date, "timestamp": date, "config": {"quick": quick}}

@@ -131,6 +131,10 @@ def test_gpu_profile_has_no_torch_compute_kernels():
             model(x)
             torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    bad = [n for n in names if any(f in n.lower() for f in ("cudnn", "conv", "batch_norm", "bn_fw", "max_pool", "catarray"))]
+    bad = [
+        n
+        for n in names
+        if any(f in n.lower() for f in ("cudnn", "conv", "batch_norm", "bn_fw", "max_pool", "catarray"))
+    ]
     assert not bad, f"non-fastunet GPU kernels: {sorted(set(bad))}"
     assert HAS_CUDA

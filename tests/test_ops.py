@@ -40,6 +40,28 @@ def op_cases(dtype):
         "upconv2x2": (ops.upconv2x2, (_t(n, 4, 3, 5, dtype=dtype), _t(4, 3, 2, 2, dtype=dtype), _t(3, dtype=vec))),
         "maxpool2x2": (ops.maxpool2x2, (_t(n, 3, 6, 4, dtype=dtype),)),
         "head1x1": (ops.head1x1, (_t(n, 4, h, w, dtype=dtype), _t(2, 4, 1, 1, dtype=dtype), _t(2, dtype=vec), "sigmoid")),
+        # Training path: raw inputs with the previous BatchNorm+ReLU as (scale, shift).
+        "conv3x3_bn_stats": (
+            ops.conv3x3_bn_stats,
+            (_t(n, 3, h, w, dtype=dtype), None, _t(4, 3, 3, 3, dtype=dtype), _t(4, dtype=vec),
+             _t(3, dtype=vec), _t(3, dtype=vec), None, None),
+        ),
+        "conv3x3_bn_stats_two_sources": (
+            ops.conv3x3_bn_stats,
+            (_t(n, 2, h, w, dtype=dtype), _t(n, 3, h, w, dtype=dtype, channels_last=False),
+             _t(4, 5, 3, 3, dtype=dtype), _t(4, dtype=vec), None, None, _t(3, dtype=vec), _t(3, dtype=vec)),
+        ),
+        "upconv2x2_norm": (
+            ops.upconv2x2,
+            (_t(n, 4, 3, 5, dtype=dtype), _t(4, 3, 2, 2, dtype=dtype), _t(3, dtype=vec),
+             _t(4, dtype=vec), _t(4, dtype=vec)),
+        ),
+        "maxpool2x2_norm": (ops.maxpool2x2, (_t(n, 3, 6, 4, dtype=dtype), _t(3, dtype=vec), _t(3, dtype=vec))),
+        "head1x1_norm": (
+            ops.head1x1,
+            (_t(n, 4, h, w, dtype=dtype), _t(2, 4, 1, 1, dtype=dtype), _t(2, dtype=vec), "softmax",
+             _t(4, dtype=vec), _t(4, dtype=vec)),
+        ),
     }  # fmt: skip
 
 
@@ -86,8 +108,29 @@ def test_pool_gradient_routes_ties_like_torch():
         (lambda: ops.upconv2x2(_t(1, 3, 4, 4), _t(2, 3, 2, 2), _t(3)), "do not fit"),
         (lambda: ops.maxpool2x2(_t(1, 3, 5, 4)), "even H and W"),
         (lambda: ops.head1x1(_t(1, 3, 4, 4), _t(2, 3, 1, 1), _t(2), "relu"), "activation must be one of"),
+        (lambda: ops.maxpool2x2(_t(1, 3, 4, 4), _t(3), None), "both in_scale and in_shift"),
+        (lambda: ops.upconv2x2(_t(1, 3, 4, 4), _t(3, 2, 2, 2), _t(2), _t(2), _t(2)), r"in_shift must be \[3\]"),
+        (
+            lambda: ops.conv3x3_bn_stats(_t(1, 3, 4, 4), None, _t(4, 3, 3, 3), _t(4), _t(2), _t(2), None, None),
+            r"x_shift must be \[3\]",
+        ),
+        (
+            lambda: ops.conv3x3_bn_stats(_t(1, 3, 1, 1), None, _t(4, 3, 3, 3), _t(4), None, None, None, None),
+            "more than 1 value per channel",
+        ),
     ],
-    ids=["conv-weight", "conv-x2", "conv-scale", "upconv", "pool", "head"],
+    ids=[
+        "conv-weight",
+        "conv-x2",
+        "conv-scale",
+        "upconv",
+        "pool",
+        "head",
+        "pool-norm",
+        "upconv-norm",
+        "stats-norm",
+        "stats-one-value",
+    ],  # fmt: skip
 )
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,238 @@
+"""The fused training path (``conv3x3_bn_stats`` + BatchNorm+ReLU applied by each reader)
+against the reference model: outputs, every gradient, BatchNorm running statistics, several
+optimizer steps, the memory saved for backward, ``torch.compile`` of a training step, AMP.
+
+float64 runs the ops' eager composites (the kernels cover fp32/fp16/bf16): it checks the
+decomposition itself (BatchNorm's backward emerging from the statistics' gradients) to ~1e-15.
+float32/float16 run the Triton kernels (CUDA, or the interpreter on CPU) and are held to the
+tolerance table.
+"""
+
+import copy
+
+import pytest
+import torch
+from helpers import HAS_CUDA, assert_close, model_pair, tolerance_name
+
+import fastunet
+from fastunet.memory import saved_tensor_bytes
+
+pytestmark = pytest.mark.model
+
+NARROW = {"base_channels": 4, "depth": 2}
+# The activation-memory promise of the training path (issue: at most 0.6x the reference's).
+MEMORY_RATIO_LIMIT = 0.6
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    before = fastunet.get_backend()
+    fastunet.set_backend("triton")
+    yield
+    fastunet.set_backend(before)
+
+
+def train_pair(dtype=torch.float64, device="cpu", **options):
+    """(float64 reference, UNet in ``dtype``) with identical (rounded) weights, both in train mode."""
+    _, model = model_pair(3, 2, dtype=torch.float64, device=device, **options)
+    model = model.to(dtype).train()
+    ref = fastunet.UNetReference(3, 2, **options).to(device)
+    ref.load_state_dict(copy.deepcopy(model.state_dict()))
+    return ref.double().train(), model
+
+
+def forward_backward(model, x, g):
+    """Output and input gradient of ``(model(x) * g).sum()``; parameter grads land in ``.grad``."""
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.backward(g.to(y.dtype))
+    return y, x.grad
+
+
+def assert_same_training_step(ref, model, x, tol, what):
+    """Output, input gradient, every parameter gradient and every buffer after one step.
+    Returns the worst parameter-gradient error as a fraction of the tolerance."""
+    g = torch.randn(x.shape[0], 2, *x.shape[2:], dtype=torch.float64, device=x.device)
+    y, gx = forward_backward(model, x.to(next(model.parameters()).dtype), g)
+    yr, gxr = forward_backward(ref, x.double(), g)
+    assert_close(y, yr, tol, f"{what}: output")
+    assert_close(gx, gxr, tol, f"{what}: input grad")
+    # Parameter gradients span orders of magnitude between layers: scale atol by the largest,
+    # so the conv biases' mathematically-zero gradients (BatchNorm follows) are held to that too.
+    scale = max(p.grad.pow(2).mean().sqrt().item() for p in ref.parameters())
+    worst = 0.0
+    for (name, pr), pm in zip(ref.named_parameters(), model.parameters(), strict=True):
+        worst = max(worst, assert_close(pm.grad, pr.grad, tol, f"{what}: grad of {name}", scale=scale))
+    for (name, br), bm in zip(ref.named_buffers(), model.buffers(), strict=True):
+        if br.is_floating_point():
+            assert_close(bm, br, tol, f"{what}: {name}")
+        else:
+            assert torch.equal(bm.cpu(), br.cpu()), name
+    return worst
+
+
+# ------------------------------------------------------------------ float64: the decomposition
+@pytest.mark.parametrize("options", [NARROW, {}], ids=["narrow", "full-width"])
+def test_float64_training_step_matches_reference(options):
+    ref, model = train_pair(**options)
+    size = 16 if options.get("depth", 4) == 4 else 8
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    assert_same_training_step(ref, model, x, "fp64", "float64")
+
+
+def test_running_stats_follow_several_steps():
+    """Running mean/var (unbiased), num_batches_tracked, default momentum and momentum=None."""
+    ref, model = train_pair(**NARROW)
+    for bns in (ref.modules(), model.modules()):
+        for i, bn in enumerate(m for m in bns if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.momentum = None if i % 2 else 0.3
+    for step in range(3):
+        x = torch.randn(3, 3, 8, 4, dtype=torch.float64) * (step + 1) + step
+        with torch.no_grad():
+            model(x), ref(x)
+    for (name, br), bm in zip(ref.named_buffers(), model.buffers(), strict=True):
+        if br.is_floating_point():
+            assert_close(bm, br, "fp64", name)
+        else:
+            assert torch.equal(bm, br), name
+
+
+def test_sgd_trajectory_follows_reference():
+    ref, model = train_pair(**NARROW)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt_m = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    target = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    for _ in range(4):
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        for net, opt in ((ref, opt_r), (model, opt_m)):
+            opt.zero_grad()
+            torch.nn.functional.binary_cross_entropy(net(x), target).backward()
+            opt.step()
+    for (name, pr), pm in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert_close(pm, pr, "fp64", f"after 4 SGD steps: {name}")
+
+
+def test_frozen_and_statless_batchnorms_mix():
+    """A BatchNorm in eval mode inside a training model uses its running statistics; one
+    without running statistics always normalizes by the batch."""
+    options = dict(NARROW)
+    ref, model = train_pair(**options)
+    ref.conv2.conv[1].eval()
+    model.conv2.conv[1].eval()
+    for net in (ref, model):
+        bn = net.conv3.conv[4]
+        bn.track_running_stats = False
+        bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert_same_training_step(ref, model, x, "fp64", "mixed BatchNorms")
+
+
+def test_single_value_per_channel_is_rejected_like_batchnorm():
+    """One image of 4x4 leaves the depth-2 bottleneck one value per channel: no variance."""
+    ref, model = train_pair(**NARROW)
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    for net in (ref, model):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            net(x)
+
+
+# ------------------------------------------------------------------ memory saved for backward
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_activation_memory_at_most_0_6x_reference(dtype):
+    """Bytes autograd keeps for backward (distinct storages, parameters and input excluded).
+    float32 on CPU runs the kernels in the interpreter: a small image keeps that quick."""
+    ref, model = model_pair(3, 1, dtype=dtype)
+    ref.train(), model.train()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    fastunet.set_backend("eager")
+    reference = saved_tensor_bytes(lambda: ref(x), [*ref.parameters(), x])
+    fastunet.set_backend("triton")
+    ours = saved_tensor_bytes(lambda: model(x), [*model.parameters(), x])
+    ratio = ours / reference
+    assert ratio <= MEMORY_RATIO_LIMIT, f"saved {ours} B vs reference {reference} B: ratio {ratio:.3f}"
+
+
+# ------------------------------------------------------------------ the kernels (fp32, fp16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_kernel_training_step_matches_reference(device, dtype):
+    ref, model = train_pair(dtype, device, **NARROW)
+    ref = ref.to(device)
+    x = torch.randn(2, 3, 8, 12, device=device)
+    assert_same_training_step(ref, model, x, tolerance_name(dtype), str(dtype))
+
+
+def test_large_mean_activations_keep_their_variance(device):
+    """A conv output of mean ~1000 and spread ~1: Σy² - n·mean² would cancel in fp32; the
+    centred tile statistics must not."""
+    ref, model = train_pair(torch.float32, device, **NARROW)
+    ref = ref.to(device)
+    with torch.no_grad():
+        for net in (ref, model):
+            net.conv1.conv[0].bias.fill_(1000.0)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    assert_same_training_step(ref, model, x, tolerance_name(torch.float32), "large mean")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_training_with_grad_scaler(device, dtype):
+    """AMP as users run it: fp32 parameters, autocast forward, GradScaler; finite, and close to
+    the float64 reference of the same step."""
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("Triton's interpreter computes bf16 dots wrongly; bf16 runs on a GPU")
+    ref, model = train_pair(torch.float32, device, **NARROW)
+    ref = ref.to(device)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step must only unscale
+    x = torch.randn(2, 3, 8, 8, device=device)
+    g = torch.randn(2, 2, 8, 8, device=device)
+    with torch.autocast(device.type, dtype=dtype):
+        y = model(x)
+    assert y.dtype == dtype
+    scaler.scale((y.float() * g).sum()).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**10, "GradScaler saw Inf/NaN gradients"
+    yr, gxr = forward_backward(ref, x.double(), g.double())
+    assert_close(y, yr, tolerance_name(dtype), "autocast output")
+    scale = max(p.grad.pow(2).mean().sqrt().item() for p in ref.parameters())
+    for (name, pr), pm in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert torch.isfinite(pm.grad).all(), name
+        assert pm.grad.dtype == torch.float32
+        assert_close(pm.grad, pr.grad, tolerance_name(dtype), f"autocast grad of {name}", scale=scale)
+
+
+# ------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
+def test_compiled_training_steps_fullgraph():
+    """Training steps through ``torch.compile(model, fullgraph=True)``: the forward (with the
+    running-stat updates) is one graph and AOTAutograd traces the ops' registered backward
+    into the backward graph; parameters and buffers follow the eager reference's steps."""
+    torch._dynamo.reset()
+    ref, model = train_pair(**NARROW)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for net, fn in ((ref, ref), (model, compiled)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen)
+            opt.zero_grad()
+            fn(x).square().mean().backward()
+            opt.step()
+    for (name, pr), pm in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert_close(pm, pr, "fp64", f"compiled steps: {name}")
+    for (name, br), bm in zip(ref.named_buffers(), model.buffers(), strict=True):
+        if br.is_floating_point():
+            assert_close(bm, br, "fp64", f"compiled steps: {name}")
+        else:
+            assert torch.equal(bm, br), name
+
+
+# ------------------------------------------------------------------ ring 3
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_classic_unet_training_step_on_gpu(dtype):
+    ref, model = train_pair(dtype, torch.device("cuda"))
+    ref = ref.cuda()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    assert_same_training_step(ref, model, x, tolerance_name(dtype), f"UNet(3,2) {dtype}")
