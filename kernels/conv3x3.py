@@ -242,8 +242,8 @@ def _conv3x3_bn_act_kernel(
         hw_ptr    [HEAD_K, C_out] fp32 (row stride ``stride_hk``), hb_ptr [HEAD_K] fp32
         xs_ptr, xt_ptr [C1] / x2s_ptr, x2t_ptr [C2] fp32: per-channel BatchNorm scale/shift
                   applied with a ReLU to a raw source as it is loaded (NORM1 / NORM2)
-        stat_ptr  [2, cdiv(M, BLOCK_M), C_out] fp32 (STATS): per row tile, the sum of the stored
-                  outputs and the sum of their squared deviations from the tile mean
+        stat_ptr  [3, cdiv(M, BLOCK_M), C_out] fp32 (STATS): per row tile, the mean of the
+                  stored outputs as mu0 + corr, and the sum of squared deviations from it
 
     GEMM: M = N*H*W (< 2^31), N = C_out, K = 9*(C1+C2) ordered (tap, channel), channel fastest.
     FLOPs: 2*N*H*W*9*(C1+C2)*C_out. Minimum bytes moved: (N*H*W*(C1+C2) + 9*(C1+C2)*C_out +
@@ -341,17 +341,23 @@ def _conv3x3_bn_act_kernel(
             tl.store(o_ptrs, y_out, mask=o_mask)
             if STATS:
                 # BatchNorm batch statistics of exactly what was stored (rounded), as this tile's
-                # (sum, sum of squared deviations from the tile mean): centring inside the tile
-                # keeps large-mean activations from cancelling, and the finalize kernel merges
-                # tiles with Chan's formula in a fixed order (deterministic, no atomics).
+                # mean and sum of squared deviations from it (M2), by the corrected two-pass
+                # formula: the first mean's rounding error (large when |mean| >> spread) is
+                # measured on the centred values and removed, so nothing cancels. The mean is
+                # kept as the pair (mu0, corr) because fp32 cannot hold mu0 + corr to the
+                # precision the tile-to-tile spread needs. The finalize kernel merges tiles in a
+                # fixed order (deterministic, no atomics).
                 y_st = tl.where(o_mask, y_out.to(tl.float32), 0.0)  # [BLOCK_M, BLOCK_N]
                 cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-                t_sum = tl.sum(y_st, axis=0)  # [BLOCK_N]
-                dev = tl.where(o_mask, y_st - (t_sum / cnt)[None, :], 0.0)
-                t_m2 = tl.sum(dev * dev, axis=0)  # [BLOCK_N]
+                mu0 = tl.sum(y_st, axis=0) / cnt  # [BLOCK_N]
+                dev = tl.where(o_mask, y_st - mu0[None, :], 0.0)  # [BLOCK_M, BLOCK_N]
+                corr = tl.sum(dev, axis=0) / cnt  # [BLOCK_N]
+                t_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - cnt * corr * corr, 0.0)
                 st_ptrs = stat_ptr + pid_m.to(tl.int64) * C_out + offs_co
-                tl.store(st_ptrs, t_sum, mask=co_mask)
-                tl.store(st_ptrs + num_pid_m.to(tl.int64) * C_out, t_m2, mask=co_mask)
+                st_plane = num_pid_m.to(tl.int64) * C_out
+                tl.store(st_ptrs, mu0, mask=co_mask)
+                tl.store(st_ptrs + st_plane, corr, mask=co_mask)
+                tl.store(st_ptrs + 2 * st_plane, t_m2, mask=co_mask)
 
 
 @triton.jit
@@ -513,6 +519,22 @@ def _fits(cfg: _Cfg, arch: int, elem_size: int) -> bool:
     return _smem_bytes(cfg, elem_size) <= smem_limit(arch)
 
 
+# The training forms transform the A tile in registers (NORM) and reduce the accumulator
+# (STATS), so the A tile and the accumulator are live together. 32-bit registers per thread
+# for both: above this budget ptxas spilled in the offline report (e.g. 128x128x32 fp32 at 4
+# warps: 160), at or below it none did.
+_TRAINING_REG_BUDGET = 96
+
+
+def _training_regs(cfg: _Cfg, elem_size: int) -> int:
+    threads = 32 * cfg.num_warps
+    return (cfg.BLOCK_M * cfg.BLOCK_N + cfg.BLOCK_M * cfg.BLOCK_K * elem_size // 4) // threads
+
+
+def _fits_training(cfg: _Cfg, elem_size: int) -> bool:
+    return _training_regs(cfg, elem_size) <= _TRAINING_REG_BUDGET
+
+
 def _head_block_n(c_out: int) -> int:
     return next(b for b in _HEAD_BLOCK_N if b >= c_out)
 
@@ -527,6 +549,8 @@ def _prune(configs, variant: str, arch: int, args: dict) -> list:
         return _Cfg(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
     fitting = [c for c in configs if _fits(cfg_of(c), arch, elem)]
+    if args["NORM1"] or args["NORM2"] or args["STATS"]:
+        fitting = [c for c in fitting if _fits_training(cfg_of(c), elem)] or fitting
     # A tile much taller than M or wider than C_out only multiplies masked zeros.
     m_cap = max(64, triton.next_power_of_2(m))
     keep = [c for c in fitting if c.kwargs["BLOCK_M"] <= m_cap]
@@ -692,7 +716,7 @@ def _device_ctx(device: torch.device):
 def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=None, norms=(None, None), stats=None):
     """Launch the conv kernel (autotuned on GPU, fixed tile in the interpreter).
 
-    ``norms``: (scale, shift) or None per source; ``stats``: a callable ``rows -> [2, rows, C_out]``
+    ``norms``: (scale, shift) or None per source; ``stats``: a callable ``rows -> [3, rows, C_out]``
     fp32 workspace when the epilogue must write BatchNorm partials. Returns ``(out, partials,
     BLOCK_M)`` when ``stats`` is given, else ``out``.
     """
@@ -917,7 +941,7 @@ def conv3x3_bn_stats(
         _check_out(out, (n, c_out, h, w), x.dtype, x.device)
 
     def workspace(rows: int) -> Tensor:
-        return torch.empty((2, rows, c_out), device=x.device, dtype=torch.float32)
+        return torch.empty((3, rows, c_out), device=x.device, dtype=torch.float32)
 
     out, partials, block_m = _launch(x, x2, weight, ones, bias, out, dims, relu=False, norms=norms, stats=workspace)
     mean, var = bn_stats_finalize(partials, n * h * w, block_m)
@@ -963,13 +987,34 @@ def _divisibility_attrs(fn, signature: dict[str, str], not_divisible=()) -> dict
     }
 
 
+# (HAS_X2, SMALL_C, NORM1, NORM2, STATS) per variant: what the launchers combine. Training
+# (STATS, RELU off) reads a raw previous layer through NORM1 (encoder) or the raw skip through
+# NORM2 (decoder; its x is the upsample's finished output); the first conv (small C) reads the
+# image as is. The input-gradient conv is the plain variant with RELU off.
+_SPEC_MODES = {
+    "main": (
+        (False, False, False, False, False),
+        (True, False, False, False, False),
+        (False, False, True, False, True),
+        (True, False, False, True, True),
+    ),
+    "smallc": (
+        (False, True, False, False, False),
+        (True, True, False, False, False),
+        (False, True, False, False, True),
+    ),
+    "split": ((False, False, False, False, False), (True, False, False, False, False)),
+    "head": tuple((x2, small, False, False, False) for x2 in (False, True) for small in (False, True)),
+}
+
+
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every (kernel, config, dtype) the autotuner can pick on ``arch`` (80 or 90).
 
     Shared-memory pruning applied; dtypes fp32 (TF32 dots), fp16, bf16; the main kernel with and
-    without x2 and in both K modes, the split-K partial kernel and its epilogue, and the head
-    variant (K=1, sigmoid). Signatures assume the fast layout: unit channel/C_out strides are
-    constexpr 1 (as the runtime specializes them), every other int is ``i32``.
+    without x2 and in both K modes, its training forms (``_SPEC_MODES``), the split-K partial
+    kernel and its epilogue, and the head variant (K=1, sigmoid). Signatures assume the fast
+    layout: unit channel/C_out strides are constexpr 1 (as the runtime specializes them), every other int is ``i32``.
     ``extra["attrs"]`` holds the divisibility attributes of 16-byte aligned operands, to pass as
     ``ASTSource(..., attrs=spec.extra["attrs"])`` for the exact runtime specialization.
     """
@@ -983,44 +1028,45 @@ def compile_specs(arch: int) -> list[KernelSpec]:
             for cfg in _CONFIGS[(variant, arch)]:
                 if not _fits(cfg, arch, elem):
                     continue
-                for has_x2 in (False, True):
-                    small_modes = {"smallc": (True,), "head": (False, True)}.get(variant, (False,))
-                    for small_c in small_modes:
-                        if small_c and cfg.BLOCK_K > _SMALL_C_MAX_BLOCK_K:
-                            continue  # pruned at run time
-                        split_k = 4 if variant == "split" else 1
-                        head_k = 1 if variant == "head" else 0
-                        constexprs = {name: 1 for name in _UNIT_STRIDES}
-                        constexprs.update(
-                            HAS_X2=has_x2, SMALL_C=small_c, RELU=True, SPLIT_K=split_k,
-                            HEAD_K=head_k, HEAD_KP=1, HEAD_ACT=1 if head_k else 0,
-                            DOT_PRECISION=precision, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                            BLOCK_K=cfg.BLOCK_K, GROUP_M=GROUP_M,
-                        )  # fmt: skip
-                        out_dtype = "fp32" if split_k > 1 else dtype
-                        # Small-C mode runs on few-channel inputs (the RGB image): their channel
-                        # counts and pixel strides are not multiples of 16.
-                        ragged = ("C1", "stride_xw", "C2", "stride_x2w") if small_c else ()
-                        sig = _spec_signature(fn, dtype, out_dtype, constexprs)
-                        tags = [variant, "x2" if has_x2 else "x", "smallc" if small_c else "blockc"]
-                        specs.append(
-                            KernelSpec(
-                                kernel=fn.__name__,
-                                fn=fn,
-                                signature=sig,
-                                constexprs=constexprs,
-                                num_warps=cfg.num_warps,
-                                num_stages=cfg.num_stages,
-                                dtype=dtype,
-                                config=f"{cfg.name}_{'_'.join(tags)}",
-                                extra={
-                                    "attrs": _divisibility_attrs(fn, sig, ragged),
-                                    "variant": variant,
-                                    # Every tile here is wgmma-shaped (BLOCK_M >= 64, 4/8 warps).
-                                    "expect_hgmma": arch >= 90 and dtype != "fp32",
-                                },
-                            )
+                for has_x2, small_c, norm1, norm2, stats in _SPEC_MODES[variant]:
+                    if small_c and cfg.BLOCK_K > _SMALL_C_MAX_BLOCK_K:
+                        continue  # pruned at run time
+                    if (norm1 or norm2 or stats) and not _fits_training(cfg, elem):
+                        continue  # pruned at run time
+                    split_k = 4 if variant == "split" else 1
+                    head_k = 1 if variant == "head" else 0
+                    constexprs = {name: 1 for name in _UNIT_STRIDES}
+                    constexprs.update(
+                        HAS_X2=has_x2, SMALL_C=small_c, NORM1=norm1, NORM2=norm2, STATS=stats,
+                        RELU=not stats, SPLIT_K=split_k, HEAD_K=head_k, HEAD_KP=1,
+                        HEAD_ACT=1 if head_k else 0, DOT_PRECISION=precision, BLOCK_M=cfg.BLOCK_M,
+                        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=GROUP_M,
+                    )  # fmt: skip
+                    out_dtype = "fp32" if split_k > 1 else dtype
+                    # Small-C mode runs on few-channel inputs (the RGB image): their channel
+                    # counts and pixel strides are not multiples of 16.
+                    ragged = ("C1", "stride_xw", "C2", "stride_x2w") if small_c else ()
+                    sig = _spec_signature(fn, dtype, out_dtype, constexprs)
+                    tags = [variant, "x2" if has_x2 else "x", "smallc" if small_c else "blockc"]
+                    tags += [t for t, on in (("norm1", norm1), ("norm2", norm2), ("stats", stats)) if on]
+                    specs.append(
+                        KernelSpec(
+                            kernel=fn.__name__,
+                            fn=fn,
+                            signature=sig,
+                            constexprs=constexprs,
+                            num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages,
+                            dtype=dtype,
+                            config=f"{cfg.name}_{'_'.join(tags)}",
+                            extra={
+                                "attrs": _divisibility_attrs(fn, sig, ragged),
+                                "variant": variant,
+                                # Every tile here is wgmma-shaped (BLOCK_M >= 64, 4/8 warps).
+                                "expect_hgmma": arch >= 90 and dtype != "fp32",
+                            },
                         )
+                    )
         epi = _conv3x3_splitk_epilogue_kernel
         constexprs = {
             "stride_oc": 1, "SPLIT_K": 4, "RELU": True, "BLOCK_M": _EPI_BLOCK_M,
