@@ -134,7 +134,16 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = ("conv3x3", "upconv2x2", "maxpool2x2", "head1x1")
+KERNEL_MODULES = (
+    "conv3x3",
+    "bn_stats",
+    "conv3x3_wgrad",
+    "norm_act_bwd",
+    "upconv2x2",
+    "maxpool2x2",
+    "head1x1",
+    "upconv_head_bwd",
+)
 PACKAGES = ("fastunet.kernels", "kernels")  # installed package first, then the checkout
 JSON_KEYS = ("kernel", "config", "dtype", "regs", "spills", "smem", "hgmma")
 SIXTEEN_BIT = ("fp16", "bf16")

@@ -12,8 +12,11 @@ Implementations:
 * **float64** on any device: the eager composite (the kernels cover fp32, fp16 and bf16), which
   keeps float64 gradient checks through the op layer possible.
 
-Backward formulas are eager composites (``aten.convolution_backward`` and friends); they
-recompute what is cheap instead of saving it.
+Backward formulas call the backward ops at the end of this module (``conv3x3_weight_grad``,
+``affine_relu_backward``, ...), which run Triton kernels where the forward does and eager
+composites elsewhere; they recompute what is cheap (BatchNorm+ReLU of a raw input, an
+unstored intermediate) instead of saving it. The eval path's ``conv3x3_bn_act`` backward stays
+an eager composite: training runs ``conv3x3_bn_stats``.
 
 Layout contract: every op returns a channels_last (NHWC) tensor; inputs may have any strides.
 Scale, shift and biases are read in float32 (float64 for float64 inputs).
@@ -159,20 +162,19 @@ def _head_composite(h, weight, bias, activation) -> Tensor:
 
 # --------------------------------------------------------------------------- backward helpers
 def _affine_relu_grads(g: Tensor, x: Tensor, scale: Tensor | None, shift: Tensor | None):
-    """Backward of ``_affine_relu``: ``(dx, dscale, dshift)`` from ``g`` = dL/dT(x).
-
-    The ReLU mask is recomputed from the raw ``x`` (never saved). Without a transform:
-    ``(g, None, None)``.
-    """
+    """Backward of ``_affine_relu``: ``(dx, dscale, dshift)`` from ``g`` = dL/dT(x), through the
+    ``affine_relu_backward`` op. Without a transform: ``(g, None, None)``."""
     if scale is None:
         return g.to(x.dtype), None, None
-    if _use_kernels(x):
-        dx, ds, dt = _kernels().affine_relu_backward(g.to(x.dtype), x, scale.float(), shift.float())
-        return dx, ds.to(scale.dtype), dt.to(shift.dtype)
+    return torch.ops.fastunet.affine_relu_backward(g, x, scale, shift)
+
+
+def _affine_relu_grads_composite(g: Tensor, x: Tensor, scale: Tensor, shift: Tensor):
     acc = _acc_dtype(x.dtype)
     xf = x.to(acc)
-    live = xf * _channel_vec(scale, acc) + _channel_vec(shift, acc) > 0
-    gm = torch.where(live, g.to(acc), torch.zeros((), dtype=acc, device=g.device))
+    # torch's ReLU backward rule (zero where the output is <= 0): NaN passes its gradient on.
+    dead = torch.relu(xf * _channel_vec(scale, acc) + _channel_vec(shift, acc)) <= 0
+    gm = torch.where(dead, torch.zeros((), dtype=acc, device=g.device), g.to(acc))
     dx = (gm * _channel_vec(scale, acc)).to(x.dtype)
     return dx, (gm * xf).sum((0, 2, 3)).to(scale.dtype), gm.sum((0, 2, 3)).to(shift.dtype)
 
@@ -203,10 +205,11 @@ def _conv3x3_grads(grad, x, x2, weight, scale, y, relu, needs):
     return gx, gx2, gw, gscale, gshift
 
 
-def _head_grads(grad, h, weight, bias, y, activation, needs):
-    """Gradients of ``y = act(conv1x1(h, weight) + bias)``; returns (gh, gweight, gbias)."""
-    need_h, need_w, need_b = needs
-    acc = _acc_dtype(h.dtype)
+def _head_grads(grad, x, in_scale, in_shift, weight, bias, y, activation, needs):
+    """Gradients of ``y = act(conv1x1(T(x), weight) + bias)`` (T = BN+ReLU on load, or the
+    identity when ``in_scale`` is None); returns (dL/dT(x), gweight, gbias)."""
+    need_in, need_w, need_b = needs
+    acc = _acc_dtype(x.dtype)
     g = grad.to(acc)
     ya = y.to(acc)
     if activation == "sigmoid":
@@ -215,12 +218,11 @@ def _head_grads(grad, h, weight, bias, y, activation, needs):
         gz = ya * (g - (g * ya).sum(1, keepdim=True))
     else:
         gz = g
-    gh, gw, _ = torch.ops.aten.convolution_backward(
-        gz.to(h.dtype), h, weight.to(h.dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-        [need_h, need_w, False],
-    )  # fmt: skip
     gb = gz.sum((0, 2, 3)).to(bias.dtype) if need_b else None
-    return gh, (gw.to(weight.dtype) if gw is not None else None), gb
+    gz = gz.to(x.dtype)
+    gin = torch.ops.fastunet.head1x1_input_grad(gz, weight) if need_in else None
+    gw = torch.ops.fastunet.head1x1_weight_grad(gz, x, in_scale, in_shift).to(weight.dtype) if need_w else None
+    return gin, gw, gb
 
 
 # =========================================================================== conv3x3_bn_act
@@ -324,7 +326,7 @@ def _conv3x3_head_backward(ctx, grad):
     needs = ctx.needs_input_grad
     # The intermediate was never stored: recompute it (one conv) rather than keep N*C*H*W alive.
     h = _conv3x3_composite(x, x2, weight, scale, shift, ctx.relu).to(x.dtype)
-    gh, ghw, ghb = _head_grads(grad, h, head_weight, head_bias, y, ctx.activation, (True, *needs[6:8]))
+    gh, ghw, ghb = _head_grads(grad, h, None, None, head_weight, head_bias, y, ctx.activation, (True, *needs[6:8]))
     conv_grads = _conv3x3_grads(gh, x, x2, weight, scale, h, ctx.relu, needs)
     return (*conv_grads, None, ghw, ghb, None)
 
@@ -411,21 +413,16 @@ def _conv3x3_stats_setup(ctx, inputs, output):
     ctx.save_for_backward(x, x2, weight, x_scale, x_shift, x2_scale, x2_shift, z, mean)
 
 
-def _conv3x3_input_grad(g: Tensor, weight: Tensor, xin: Tensor | None) -> Tensor:
-    """dL/d(conv input) ``[N, C_in, H, W]`` of a pad-1 3x3 conv, from g = dL/dz ``[N, C_out, H, W]``.
-
-    Kernels: the forward conv kernel itself, on the flipped and transposed weight (a 3x3 pad-1
-    conv's input gradient is such a conv). ``xin`` (composite path only) is the conv input.
-    """
+def _conv3x3_input_grad(g: Tensor, weight: Tensor) -> Tensor:
+    """dL/d(conv input) ``[N, C_in, H, W]`` of a pad-1 3x3 conv, from g = dL/dz ``[N, C_out, H, W]``:
+    the forward conv op itself on the transposed, flipped weight (a 3x3 pad-1 conv's input
+    gradient is such a conv), so the kernels compute it and ``torch.compile`` can trace it."""
+    flipped = weight.detach().to(g.dtype).transpose(0, 1).flip(2, 3)
     if _use_kernels(g):
-        k = _kernels()
-        flipped = k.pack_conv3x3_weight(weight.detach().to(g.dtype).transpose(0, 1).flip(2, 3))
-        ones = torch.ones(flipped.shape[0], device=g.device, dtype=torch.float32)
-        return k.conv3x3_bn_act(g, flipped, ones, torch.zeros_like(ones), relu=False)
-    gxin, _, _ = torch.ops.aten.convolution_backward(
-        g, xin, weight.to(g.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
-    )
-    return gxin
+        flipped = _kernels().pack_conv3x3_weight(flipped)
+    acc = _acc_dtype(g.dtype)
+    ones = torch.ones(flipped.shape[0], device=g.device, dtype=acc)
+    return torch.ops.fastunet.conv3x3_bn_act(g, None, flipped, ones, torch.zeros_like(ones), False)
 
 
 def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
@@ -442,28 +439,13 @@ def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
     gb = g.sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
     g = g.to(x.dtype)
     c1 = x.shape[1]
-    xin = _affine_relu(x, x_scale, x_shift)
-    x2in = _affine_relu(x2, x2_scale, x2_shift) if x2 is not None else None
     gw = None
     if need_w:
-        if _use_kernels(x):
-            gw = (
-                _kernels()
-                .conv3x3_weight_grad(
-                    g, x, x2, x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift)
-                )
-                .to(weight.dtype)
-            )
-        else:
-            full = xin if x2in is None else torch.cat([xin, x2in], 1)
-            _, gw, _ = torch.ops.aten.convolution_backward(
-                g, full, weight.to(x.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
-            )
-            gw = gw.to(weight.dtype)
+        gw = torch.ops.fastunet.conv3x3_weight_grad(g, x, x2, x_scale, x_shift, x2_scale, x2_shift)
+        gw = gw.to(weight.dtype)
     gx = gxs = gxt = gx2 = gx2s = gx2t = None
     if need_x or need_x2 or need_xs or need_xt or need_x2s or need_x2t:
-        full = None if _use_kernels(x) else (xin if x2in is None else torch.cat([xin, x2in], 1))
-        gin = _conv3x3_input_grad(g, weight, full)
+        gin = _conv3x3_input_grad(g, weight)
         gx, gxs, gxt = _affine_relu_grads(gin[:, :c1], x, x_scale, x_shift)
         if x2 is not None:
             gx2, gx2s, gx2t = _affine_relu_grads(gin[:, c1:], x2, x2_scale, x2_shift)
@@ -541,16 +523,12 @@ def _upconv_setup(ctx, inputs, output):
 def _upconv_backward(ctx, grad):
     x, weight, in_scale, in_shift = ctx.saved_tensors
     need_x, need_w, need_b, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 5)
-    xin = _affine_relu(x, in_scale, in_shift)  # recomputed, not saved
-    need_in = need_x or need_s or need_t
-    gin, gw, _ = torch.ops.aten.convolution_backward(
-        grad.to(x.dtype), xin, weight.to(x.dtype), None, [2, 2], [0, 0], [1, 1], True, [0, 0], 1,
-        [need_in, need_w, False],
-    )  # fmt: skip
-    gw = gw.to(weight.dtype) if gw is not None else None
+    grad = grad.to(x.dtype)
     gb = grad.to(_acc_dtype(x.dtype)).sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
+    gw = torch.ops.fastunet.upconv2x2_weight_grad(grad, x, in_scale, in_shift).to(weight.dtype) if need_w else None
     gx = gs = gt = None
-    if need_in:
+    if need_x or need_s or need_t:
+        gin = torch.ops.fastunet.upconv2x2_input_grad(grad, weight)
         gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
     return _grads_for(ctx, (gx, gw, gb, gs, gt))
 
@@ -596,19 +574,10 @@ def _pool_setup(ctx, inputs, output):
 
 def _pool_backward(ctx, grad):
     x, in_scale, in_shift = ctx.saved_tensors
-    if _use_kernels(x):
-        s, t = _norm_arg(in_scale, in_shift) or (None, None)
-        gx, gs, gt = _kernels().maxpool2x2_backward(grad.to(x.dtype), x, s, t)
-        if in_scale is not None:
-            gs, gt = gs.to(in_scale.dtype), gt.to(in_shift.dtype)
-        return _grads_for(ctx, (gx, gs, gt))
-    xin = _affine_relu(x, in_scale, in_shift)
-    # Recompute torch's own argmax so ties and NaNs route gradients exactly as the reference does.
-    _, idx = F.max_pool2d(xin, 2, return_indices=True)
-    gin = torch.ops.aten.max_pool2d_with_indices_backward(
-        grad.to(x.dtype), xin, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
-    )
-    return _grads_for(ctx, _affine_relu_grads(gin, x, in_scale, in_shift))
+    gx, gs, gt = torch.ops.fastunet.maxpool2x2_backward(grad, x, in_scale, in_shift)
+    if in_scale is None:
+        gs = gt = None
+    return _grads_for(ctx, (gx, gs, gt))
 
 
 maxpool2x2.register_autograd(_pool_backward, setup_context=_pool_setup)
@@ -663,8 +632,7 @@ def _head_backward(ctx, grad):
     x, weight, bias, in_scale, in_shift, y = ctx.saved_tensors
     need_x, need_w, need_b, _, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 6)
     need_in = need_x or need_s or need_t
-    xin = _affine_relu(x, in_scale, in_shift)  # recomputed, not saved
-    gin, gw, gb = _head_grads(grad, xin, weight, bias, y, ctx.activation, (need_in, need_w, need_b))
+    gin, gw, gb = _head_grads(grad, x, in_scale, in_shift, weight, bias, y, ctx.activation, (need_in, need_w, need_b))
     gx = gs = gt = None
     if need_in:
         gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
@@ -673,4 +641,215 @@ def _head_backward(ctx, grad):
 
 head1x1.register_autograd(_head_backward, setup_context=_head_setup)
 
-__all__ = ["conv3x3_bn_act", "conv3x3_bn_act_head", "conv3x3_bn_stats", "upconv2x2", "maxpool2x2", "head1x1"]
+# =========================================================================== backward ops
+# The autograd formulas above call these, not the Triton launchers: an op with a fake
+# implementation is what AOTAutograd (torch.compile, opcheck) can trace through a backward.
+# No autograd of their own (no double backward).
+
+
+@torch.library.custom_op("fastunet::affine_relu_backward", mutates_args=())
+def affine_relu_backward(g: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``T(x) = relu(x * scale + shift)`` (per channel): g = dL/dT(x) and the raw x
+    ``[N, C, H, W]``, scale/shift ``[C]``. Returns ``(dx, dscale, dshift)``: dx channels_last in
+    x's dtype, dscale/dshift in scale's dtype (sums over N, H, W, deterministic). The ReLU mask
+    follows torch's rule (zero where ``T(x) <= 0``)."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@affine_relu_backward.register_fake
+def _(g, x, scale, shift):
+    _check_norm("affine_relu_backward", x.shape[1], scale, shift, "")
+    return _empty_nhwc(x.shape, x), scale.new_empty(scale.shape), shift.new_empty(shift.shape)
+
+
+@affine_relu_backward.register_kernel(("cpu", "cuda"))
+def _(g, x, scale, shift):
+    _check_norm("affine_relu_backward", x.shape[1], scale, shift, "")
+    if _use_kernels(x):
+        dx, ds, dt = _kernels().affine_relu_backward(g.to(x.dtype), x, scale.float(), shift.float())
+        # The launcher returns both sums as views of one buffer; op outputs must not alias.
+        return dx, ds.to(scale.dtype, copy=True), dt.to(shift.dtype, copy=True)
+    dx, ds, dt = _affine_relu_grads_composite(g, x, scale, shift)
+    return _as_nhwc(dx, x.dtype), ds, dt
+
+
+@torch.library.custom_op("fastunet::maxpool2x2_backward", mutates_args=())
+def maxpool2x2_backward(
+    g: Tensor, x: Tensor, in_scale: Tensor | None, in_shift: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``maxpool2x2(x, in_scale, in_shift)``: g ``[N, C, H/2, W/2]``, raw x
+    ``[N, C, H, W]``. Returns ``(dx, dscale, dshift)``; each window's gradient goes to torch's
+    argmax (first of ties, NaN wins). Without a transform dscale/dshift are empty ``[0]``."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@maxpool2x2_backward.register_fake
+def _(g, x, in_scale, in_shift):
+    _check_pool(x, in_scale, in_shift)
+    c = 0 if in_scale is None else x.shape[1]
+    vec = in_scale if in_scale is not None else x
+    return _empty_nhwc(x.shape, x), vec.new_empty(c), vec.new_empty(c)
+
+
+@maxpool2x2_backward.register_kernel(("cpu", "cuda"))
+def _(g, x, in_scale, in_shift):
+    _check_pool(x, in_scale, in_shift)
+    vec = in_scale if in_scale is not None else x
+    if _use_kernels(x):
+        s, t = _norm_arg(in_scale, in_shift) or (None, None)
+        dx, ds, dt = _kernels().maxpool2x2_backward(g.to(x.dtype), x, s, t)
+        if in_scale is None:
+            return dx, vec.new_empty(0), vec.new_empty(0)
+        return dx, ds.to(in_scale.dtype, copy=True), dt.to(in_shift.dtype, copy=True)
+    xin = _affine_relu(x, in_scale, in_shift)
+    # torch's own argmax, so ties and NaNs route gradients exactly as the reference does.
+    _, idx = F.max_pool2d(xin, 2, return_indices=True)
+    gin = torch.ops.aten.max_pool2d_with_indices_backward(
+        g.to(x.dtype), xin, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
+    )
+    if in_scale is None:
+        return _as_nhwc(gin, x.dtype), vec.new_empty(0), vec.new_empty(0)
+    dx, ds, dt = _affine_relu_grads_composite(gin, x, in_scale, in_shift)
+    return _as_nhwc(dx, x.dtype), ds, dt
+
+
+@torch.library.custom_op("fastunet::conv3x3_weight_grad", mutates_args=())
+def conv3x3_weight_grad(
+    g: Tensor,
+    x: Tensor,
+    x2: Tensor | None,
+    x_scale: Tensor | None,
+    x_shift: Tensor | None,
+    x2_scale: Tensor | None,
+    x2_shift: Tensor | None,
+) -> Tensor:
+    """Weight gradient of ``conv3x3(cat([T(x), T2(x2)], 1))`` (pad 1) for g = dL/dz
+    ``[N, C_out, H, W]``: ``[C_out, C1+C2, 3, 3]`` in float32 (float64 for float64 g),
+    deterministic. T as in ``conv3x3_bn_stats``."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@conv3x3_weight_grad.register_fake
+def _(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
+    c_in = x.shape[1] + (0 if x2 is None else x2.shape[1])
+    return g.new_empty((g.shape[1], c_in, 3, 3), dtype=_acc_dtype(g.dtype))
+
+
+@conv3x3_weight_grad.register_kernel(("cpu", "cuda"))
+def _(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
+    if _use_kernels(x):
+        return _kernels().conv3x3_weight_grad(
+            g.to(x.dtype), x, x2, x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift)
+        )
+    xin = _affine_relu(x, x_scale, x_shift)
+    if x2 is not None:
+        xin = torch.cat([xin, _affine_relu(x2, x2_scale, x2_shift)], 1)
+    w_shape = [g.shape[1], xin.shape[1], 3, 3]
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        g.to(x.dtype), xin, xin.new_empty(w_shape), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        [False, True, False],
+    )  # fmt: skip
+    return gw.to(_acc_dtype(g.dtype)).contiguous()
+
+
+@torch.library.custom_op("fastunet::upconv2x2_input_grad", mutates_args=())
+def upconv2x2_input_grad(g: Tensor, weight: Tensor) -> Tensor:
+    """Input gradient of ``ConvTranspose2d(k=2, s=2)``: g ``[N, C_out, 2h, 2w]``, weight
+    ``[C_in, C_out, 2, 2]`` (any float dtype) -> ``[N, C_in, h, w]`` channels_last in g's dtype."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@upconv2x2_input_grad.register_fake
+def _(g, weight):
+    return _empty_nhwc((g.shape[0], weight.shape[0], g.shape[2] // 2, g.shape[3] // 2), g)
+
+
+@upconv2x2_input_grad.register_kernel(("cpu", "cuda"))
+def _(g, weight):
+    if _use_kernels(g):
+        return _kernels().upconv2x2_input_grad(g, _packed_upconv_weight(weight, g.dtype))
+    return _as_nhwc(F.conv2d(g, weight.to(g.dtype), stride=2), g.dtype)
+
+
+@torch.library.custom_op("fastunet::upconv2x2_weight_grad", mutates_args=())
+def upconv2x2_weight_grad(g: Tensor, x: Tensor, in_scale: Tensor | None, in_shift: Tensor | None) -> Tensor:
+    """Weight gradient of ``ConvTranspose2d(k=2, s=2)`` applied to ``T(x)``: g ``[N, C_out, 2h,
+    2w]``, raw x ``[N, C_in, h, w]`` -> ``[C_in, C_out, 2, 2]`` float32 (float64 for float64 g),
+    deterministic."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@upconv2x2_weight_grad.register_fake
+def _(g, x, in_scale, in_shift):
+    return g.new_empty((x.shape[1], g.shape[1], 2, 2), dtype=_acc_dtype(g.dtype))
+
+
+@upconv2x2_weight_grad.register_kernel(("cpu", "cuda"))
+def _(g, x, in_scale, in_shift):
+    if _use_kernels(x):
+        return _kernels().upconv2x2_weight_grad(g.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
+    xin = _affine_relu(x, in_scale, in_shift)
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        g.to(x.dtype), xin, xin.new_empty((x.shape[1], g.shape[1], 2, 2)), None, [2, 2], [0, 0], [1, 1], True,
+        [0, 0], 1, [False, True, False],
+    )  # fmt: skip
+    return gw.to(_acc_dtype(g.dtype)).contiguous()
+
+
+@torch.library.custom_op("fastunet::head1x1_input_grad", mutates_args=())
+def head1x1_input_grad(gz: Tensor, weight: Tensor) -> Tensor:
+    """Input gradient of a 1x1 conv: gz ``[N, K, H, W]`` (gradient of the logits), weight
+    ``[K, C, 1, 1]`` (any float dtype) -> ``[N, C, H, W]`` channels_last in gz's dtype."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@head1x1_input_grad.register_fake
+def _(gz, weight):
+    return _empty_nhwc((gz.shape[0], weight.shape[1], gz.shape[2], gz.shape[3]), gz)
+
+
+@head1x1_input_grad.register_kernel(("cpu", "cuda"))
+def _(gz, weight):
+    if _use_kernels(gz):
+        return _kernels().head1x1_input_grad(gz, weight)
+    return _as_nhwc(F.conv2d(gz, weight.to(gz.dtype).transpose(0, 1)), gz.dtype)
+
+
+@torch.library.custom_op("fastunet::head1x1_weight_grad", mutates_args=())
+def head1x1_weight_grad(gz: Tensor, x: Tensor, in_scale: Tensor | None, in_shift: Tensor | None) -> Tensor:
+    """Weight gradient of a 1x1 conv applied to ``T(x)``: gz ``[N, K, H, W]``, raw x
+    ``[N, C, H, W]`` -> ``[K, C, 1, 1]`` float32 (float64 for float64 gz), deterministic."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@head1x1_weight_grad.register_fake
+def _(gz, x, in_scale, in_shift):
+    return gz.new_empty((gz.shape[1], x.shape[1], 1, 1), dtype=_acc_dtype(gz.dtype))
+
+
+@head1x1_weight_grad.register_kernel(("cpu", "cuda"))
+def _(gz, x, in_scale, in_shift):
+    if _use_kernels(x):
+        gw = _kernels().head1x1_weight_grad(gz.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
+        return gw.reshape(gw.shape[0], gw.shape[1], 1, 1).contiguous()
+    acc = _acc_dtype(gz.dtype)
+    xin = _affine_relu(x, in_scale, in_shift)
+    gw = torch.einsum("nkhw,nchw->kc", gz.to(acc), xin.to(acc))
+    return gw.reshape(gw.shape[0], gw.shape[1], 1, 1).contiguous()
+
+
+__all__ = [
+    "affine_relu_backward",
+    "conv3x3_bn_act",
+    "conv3x3_bn_act_head",
+    "conv3x3_bn_stats",
+    "conv3x3_weight_grad",
+    "head1x1",
+    "head1x1_input_grad",
+    "head1x1_weight_grad",
+    "maxpool2x2",
+    "maxpool2x2_backward",
+    "upconv2x2",
+    "upconv2x2_input_grad",
+    "upconv2x2_weight_grad",
+]

@@ -10,6 +10,11 @@ is the fast layout), check their inputs, pick a config and launch. No ``nn.Modul
 | ``conv3x3_bn_act_head`` | the same + 1x1 head + sigmoid/softmax in the epilogue |
 | ``conv3x3_bn_stats`` | training conv: previous BN+ReLU on the loads, this BN's batch statistics in the epilogue |
 | ``bn_stats_finalize`` | merges the per-tile statistics into mean and variance (deterministic) |
+| ``affine_relu_backward`` | BN+ReLU-on-load backward: dx and per-channel dscale/dshift (deterministic) |
+| ``maxpool2x2_backward`` | pool backward (torch's argmax rule), with the BN+ReLU-on-load backward |
+| ``upconv2x2_input_grad``, ``upconv2x2_weight_grad`` | transposed-conv backward (deterministic, BN+ReLU on load) |
+| ``head1x1_input_grad``, ``head1x1_weight_grad`` | 1x1 head backward |
+| ``conv3x3_weight_grad`` | 3x3 conv weight gradient (split over pixels, deterministic), previous BN+ReLU on load |
 | ``upconv2x2`` | ConvTranspose2d(k=2, s=2) + bias, phase-scatter epilogue |
 | ``maxpool2x2`` | 2x2 max-pool, NaN-propagating |
 | ``head1x1`` | 1x1 conv + activation |
@@ -26,12 +31,24 @@ from .conv3x3 import (
     conv3x3_bn_stats,
     pack_conv3x3_weight,
 )
+from .conv3x3_wgrad import conv3x3_weight_grad
 from .head1x1 import head1x1
 from .maxpool2x2 import maxpool2x2
+from .norm_act_bwd import affine_relu_backward, maxpool2x2_backward
 from .upconv2x2 import pack_upconv2x2_weight, upconv2x2
+from .upconv_head_bwd import head1x1_input_grad, head1x1_weight_grad, upconv2x2_input_grad, upconv2x2_weight_grad
 
 #: Kernel modules that expose ``compile_specs(arch)`` for the offline compile report (ring 2).
-KERNEL_MODULES = ("conv3x3", "bn_stats", "upconv2x2", "maxpool2x2", "head1x1")
+KERNEL_MODULES = (
+    "conv3x3",
+    "bn_stats",
+    "conv3x3_wgrad",
+    "norm_act_bwd",
+    "upconv2x2",
+    "maxpool2x2",
+    "head1x1",
+    "upconv_head_bwd",
+)
 
 
 def all_compile_specs(arch: int) -> list:
@@ -43,6 +60,7 @@ def all_compile_specs(arch: int) -> list:
 
 
 __all__ = [
+    "affine_relu_backward",
     "MAX_HEAD_C_OUT",
     "MAX_HEAD_K",
     "KERNEL_MODULES",
@@ -51,9 +69,15 @@ __all__ = [
     "conv3x3_bn_act",
     "conv3x3_bn_act_head",
     "conv3x3_bn_stats",
+    "conv3x3_weight_grad",
     "head1x1",
+    "head1x1_input_grad",
+    "head1x1_weight_grad",
     "maxpool2x2",
+    "maxpool2x2_backward",
     "pack_conv3x3_weight",
     "pack_upconv2x2_weight",
     "upconv2x2",
+    "upconv2x2_input_grad",
+    "upconv2x2_weight_grad",
 ]

@@ -520,10 +520,11 @@ def _fits(cfg: _Cfg, arch: int, elem_size: int) -> bool:
 
 
 # The training forms transform the A tile in registers (NORM) and reduce the accumulator
-# (STATS), so the A tile and the accumulator are live together. 32-bit registers per thread
-# for both: above this budget ptxas spilled in the offline report (e.g. 128x128x32 fp32 at 4
-# warps: 160), at or below it none did.
-_TRAINING_REG_BUDGET = 96
+# (STATS), so the A tile and the accumulator are live together. Budget in 32-bit registers per
+# thread for both, per element size: above it ptxas spilled in the offline report (16-bit:
+# 128x256x64 at 8 warps, 144; fp32: 64x128x32 at 4 warps on sm_80, 80), at or below it none did.
+# fp32 loads its A tile at twice the registers and converts it for TF32, hence its lower budget.
+_TRAINING_REG_BUDGET = {2: 96, 4: 64}
 
 
 def _training_regs(cfg: _Cfg, elem_size: int) -> int:
@@ -532,7 +533,7 @@ def _training_regs(cfg: _Cfg, elem_size: int) -> int:
 
 
 def _fits_training(cfg: _Cfg, elem_size: int) -> bool:
-    return _training_regs(cfg, elem_size) <= _TRAINING_REG_BUDGET
+    return _training_regs(cfg, elem_size) <= _TRAINING_REG_BUDGET[elem_size]
 
 
 def _head_block_n(c_out: int) -> int:
@@ -549,7 +550,7 @@ def _prune(configs, variant: str, arch: int, args: dict) -> list:
         return _Cfg(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
     fitting = [c for c in configs if _fits(cfg_of(c), arch, elem)]
-    if args["NORM1"] or args["NORM2"] or args["STATS"]:
+    if any(args.get(flag, False) for flag in ("NORM1", "NORM2", "STATS")):
         fitting = [c for c in fitting if _fits_training(cfg_of(c), elem)] or fitting
     # A tile much taller than M or wider than C_out only multiplies masked zeros.
     m_cap = max(64, triton.next_power_of_2(m))

@@ -6,11 +6,16 @@ their ``C`` channels in ``BLOCK_C`` chunks (contiguous in channels_last), multip
 then applies the bias and the activation in fp32 -- softmax over the K channels needs all of
 a pixel's classes in one tile, which is why K is not tiled. The fused path also folds the head
 into the last conv's epilogue; this kernel is the general fallback.
+
+Training path (``IN_NORM``): x is the last conv's raw pre-BatchNorm output ``z`` and each x tile
+is replaced by ``T(z) = max(z*scale[c] + shift[c], 0)`` (fp32, rounded back to z's dtype for the
+dot) between its load and the dot, so the result equals the head of a materialized BN+ReLU output.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton
@@ -25,6 +30,7 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
+from .norm_act_bwd import _affine_relu, check_norm_affine
 
 __all__ = ["head1x1", "compile_specs", "ACTIVATIONS", "MAX_CLASSES"]
 
@@ -41,6 +47,8 @@ def _head1x1_kernel(
     w_ptr,  # [K, C] (a [K, C, 1, 1] conv weight viewed as 2-D), any strides, x's dtype
     b_ptr,  # [K], any float dtype, read as fp32 (unused unless HAS_BIAS)
     out_ptr,  # [N, K, H, W], any strides, x's dtype
+    scale_ptr,  # [C] fp32, contiguous (unused unless IN_NORM)
+    shift_ptr,  # [C] fp32, contiguous (unused unless IN_NORM)
     N,
     H,
     W,
@@ -58,12 +66,14 @@ def _head1x1_kernel(
     stride_ow,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "none", "sigmoid" or "softmax" (over the K classes)
+    IN_NORM: tl.constexpr,  # multiply T(x) = max(x*scale + shift, 0) instead of x
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; only read for fp32 inputs
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,  # next power of two >= max(K, 16)
 ):
-    """``out[n, :, y, x] = act(W @ x[n, :, y, x] + b)`` for ``BLOCK_M`` pixels.
+    """``out[n, :, y, x] = act(W @ x[n, :, y, x] + b)`` (``T(x)`` with IN_NORM) for ``BLOCK_M``
+    pixels.
 
     FLOPs: ``2 * N*H*W * C * K`` (plus the activation). Minimum bytes moved:
     ``(N*H*W*(C + K) + K*C) * elem`` (x read once, out written once, the weight once).
@@ -92,6 +102,11 @@ def _head1x1_kernel(
         mask_c = offs_c < C - c0
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+        if IN_NORM:
+            scale = tl.load(scale_ptr + c0 + offs_c, mask=mask_c, other=0.0)  # [BLOCK_C]
+            shift = tl.load(shift_ptr + c0 + offs_c, mask=mask_c, other=0.0)
+            # Padded C lanes become T(0) = 0 here (scale = shift = 0), and b is 0 there anyway.
+            a = _affine_relu(a, scale, shift).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_C * stride_xc
         w_ptrs += BLOCK_C * stride_wc
@@ -142,7 +157,7 @@ _MAX_ACC_WORDS_PER_THREAD = 16
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 16}
 
 # The autotuner appends every tensor argument's dtype to this key.
-_AUTOTUNE_KEY = ["N", "H", "W", "C", "K", "ACTIVATION", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = ["N", "H", "W", "C", "K", "ACTIVATION", "IN_NORM", "INPUT_PRECISION"]
 
 
 def _block_k(K: int) -> int:
@@ -192,8 +207,8 @@ def _autotuned_kernel(arch: int):
 # --------------------------------------------------------------------------------------
 
 
-def _check_inputs(x, weight, bias, activation, out) -> tuple[int, int, int, int, int]:
-    """Validate the launcher's arguments; returns ``(N, C, H, W, K)``."""
+def _check_inputs(x, weight, bias, activation, in_scale, in_shift, out):
+    """Validate the launcher's arguments; returns ``(N, C, H, W, K)`` and the norm pair (or None)."""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -240,7 +255,7 @@ def _check_inputs(x, weight, bias, activation, out) -> tuple[int, int, int, int,
             raise ValueError(f"out is on {out.device}, x on {x.device}")
     if N * H * W > _MAX_PIXELS:
         raise ValueError(f"N*H*W = {N * H * W} pixels exceeds the int32 pixel index")
-    return N, C, H, W, K
+    return (N, C, H, W, K), check_norm_affine(in_scale, in_shift, C, x)
 
 
 def head1x1(
@@ -249,6 +264,8 @@ def head1x1(
     bias: torch.Tensor | None,
     *,
     activation: str,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(F.conv2d(x, weight, bias))`` for a 1x1 conv with few output classes.
@@ -260,23 +277,29 @@ def head1x1(
         bias: ``[K]`` of any float dtype (read as fp32), or None.
         activation: ``"none"``, ``"sigmoid"`` or ``"softmax"`` (over the K classes),
             computed in fp32.
+        in_scale, in_shift: optional fp32 ``[C]`` (both or neither): apply the head to
+            ``T(x) = max(x*in_scale[c] + in_shift[c], 0)`` (fp32 math, rounded to ``x.dtype``)
+            instead of x -- a BatchNorm+ReLU applied as x is read.
         out: optional ``[N, K, H, W]`` destination in ``x.dtype``, any strides.
             Default: a new channels_last tensor.
 
     Accumulates in fp32; fp32 inputs use TF32 dots iff ``torch.backends.cudnn.allow_tf32``.
     Returns ``out``.
     """
-    N, C, H, W, K = _check_inputs(x, weight, bias, activation, out)
+    (N, C, H, W, K), norm = _check_inputs(x, weight, bias, activation, in_scale, in_shift, out)
     if out is None:
         out = torch.empty((N, K, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
         return out
     M = N * H * W
+    scale, shift = norm if norm is not None else (x, x)  # never read without IN_NORM
     args = (
         x,
         weight,
         bias if bias is not None else x,  # never read without HAS_BIAS
         out,
+        scale,
+        shift,
         N,
         H,
         W,
@@ -290,6 +313,7 @@ def head1x1(
     flags = {
         "HAS_BIAS": bias is not None,
         "ACTIVATION": activation,
+        "IN_NORM": norm is not None,
         "INPUT_PRECISION": dot_precision(x.dtype),
         "BLOCK_K": _block_k(K),
     }
@@ -310,7 +334,8 @@ def head1x1(
 
 
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Every (config, dtype, precision, activation, BLOCK_K) the launcher can run on ``arch``.
+    """Every (config, dtype, precision, activation, BLOCK_K, IN_NORM) the launcher can run on
+    ``arch``.
 
     The signature describes the fast path: channels_last activations and a contiguous
     ``[K, C]`` weight, whose unit strides (``stride_xc``, ``stride_wc``, ``stride_ok``) Triton
@@ -322,7 +347,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     ints += ("stride_on", "stride_oh", "stride_ow")
     # K (classes) and the output strides, multiples of K, are usually not multiples of 16.
     aligned = ("x_ptr", "w_ptr", "b_ptr", "out_ptr", "C", "stride_xn", "stride_xh", "stride_xw")
-    aligned += ("stride_wk",)
+    aligned += ("stride_wk", "scale_ptr", "shift_ptr")
     attrs = {(_head1x1_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -332,12 +357,14 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         for precision in precisions:
             for block_k in (16, 32, 64):
                 for cfg in _usable_configs(arch, elem, block_k):
-                    for activation in ACTIVATIONS:
+                    for activation, in_norm in itertools.product(ACTIVATIONS, (False, True)):
                         signature = {
                             "x_ptr": f"*{tt}",
                             "w_ptr": f"*{tt}",
                             "b_ptr": "*fp32",
                             "out_ptr": f"*{tt}",
+                            "scale_ptr": "*fp32",
+                            "shift_ptr": "*fp32",
                         }
                         signature.update({n: "i32" for n in ints})
                         constexprs = {
@@ -346,6 +373,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                             "stride_ok": 1,
                             "HAS_BIAS": True,
                             "ACTIVATION": activation,
+                            "IN_NORM": in_norm,
                             "INPUT_PRECISION": precision,
                             "BLOCK_K": block_k,
                             **cfg.kwargs,
@@ -363,7 +391,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                                 num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages,
                                 dtype=tt,
-                                config=name + (f"_{precision}" if fp32 else ""),
+                                config=name + (f"_{precision}" if fp32 else "") + ("_norm" if in_norm else ""),
                                 extra={
                                     "label": label,
                                     "precision": precision if fp32 else None,

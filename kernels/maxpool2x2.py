@@ -4,6 +4,10 @@ Memory-bound: each program owns a ``[BLOCK_P output pixels, BLOCK_C channels]`` 
 its four input taps (channels contiguous in channels_last, so every load is a run of
 ``BLOCK_C`` consecutive elements) and writes the maximum. NaN handling matches
 ``torch.max_pool2d``: a window holding a NaN yields NaN.
+
+Training path (``IN_NORM``): the input is a conv's raw pre-BatchNorm output ``z`` and the kernel
+pools ``T(z) = max(z*scale[c] + shift[c], 0)``, computed in fp32 per tap and rounded to z's
+dtype before the comparison, so the result equals pooling a materialized BN+ReLU output.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import KernelSpec, device_arch, interpreting, triton_dtype, tuned_arch
+from .norm_act_bwd import _affine_relu, check_norm_affine
 
 __all__ = ["maxpool2x2", "compile_specs"]
 
@@ -33,6 +38,8 @@ def _max_nan(m, v):
 def _maxpool2x2_kernel(
     x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
     out_ptr,  # [N, C, H//2, W//2], any strides, same dtype as x
+    scale_ptr,  # [C] fp32, contiguous (unused unless IN_NORM)
+    shift_ptr,  # [C] fp32, contiguous (unused unless IN_NORM)
     N,
     C,
     H_out,
@@ -45,10 +52,12 @@ def _maxpool2x2_kernel(
     stride_oc,
     stride_oh,
     stride_ow,
+    IN_NORM: tl.constexpr,  # pool T(x) = max(x*scale + shift, 0) instead of x
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``out[n, c, p, q] = max(x[n, c, 2p:2p+2, 2q:2q+2])`` for one [BLOCK_P, BLOCK_C] tile.
+    """``out[n, c, p, q] = max(x[n, c, 2p:2p+2, 2q:2q+2])`` for one [BLOCK_P, BLOCK_C] tile
+    (of ``T(x)`` with IN_NORM).
 
     FLOPs: ``3 * N*C*H_out*W_out`` comparisons. Minimum bytes moved:
     ``5 * N*C*H_out*W_out * elem`` (every input element read once, every output written once).
@@ -74,6 +83,16 @@ def _maxpool2x2_kernel(
     v01 = tl.load(x_ptrs + stride_xw, mask=mask, other=0.0)
     v10 = tl.load(x_ptrs + stride_xh, mask=mask, other=0.0)
     v11 = tl.load(x_ptrs + stride_xh + stride_xw, mask=mask, other=0.0)
+    if IN_NORM:
+        mask_c = offs_c < C
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)  # [BLOCK_C]
+        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+        # Rounded to x's dtype before comparing: ties must be those of the materialized T(x)
+        # (maxpool2x2_backward recomputes the argmax the same way).
+        v00 = _affine_relu(v00, scale, shift).to(x_ptr.dtype.element_ty)
+        v01 = _affine_relu(v01, scale, shift).to(x_ptr.dtype.element_ty)
+        v10 = _affine_relu(v10, scale, shift).to(x_ptr.dtype.element_ty)
+        v11 = _affine_relu(v11, scale, shift).to(x_ptr.dtype.element_ty)
     # Same scan order as torch (row-major over the window) so ties, including -0.0 vs +0.0,
     # resolve to the same element.
     m = _max_nan(_max_nan(_max_nan(v00, v01), v10), v11)  # [BLOCK_P, BLOCK_C]
@@ -101,7 +120,7 @@ _CONFIGS = {
 _INTERPRETER_CONFIG = {"BLOCK_P": 16, "BLOCK_C": 16}
 
 # The autotuner appends every tensor argument's dtype to this key.
-_AUTOTUNE_KEY = ["N", "C", "H_out", "W_out"]
+_AUTOTUNE_KEY = ["N", "C", "H_out", "W_out", "IN_NORM"]
 
 
 def _config_name(cfg: triton.Config) -> str:
@@ -131,8 +150,8 @@ def _autotuned_kernel(arch: int):
 # --------------------------------------------------------------------------------------
 
 
-def _check_inputs(x, out) -> tuple[int, int, int, int]:
-    """Validate the launcher's arguments; returns ``(N, C, H, W)``."""
+def _check_inputs(x, in_scale, in_shift, out):
+    """Validate the launcher's arguments; returns ``(N, C, H, W)`` and the norm pair (or None)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     triton_dtype(x.dtype)  # TypeError for anything but fp32/fp16/bf16
@@ -154,36 +173,47 @@ def _check_inputs(x, out) -> tuple[int, int, int, int]:
             raise ValueError(f"out is on {out.device}, x on {x.device}")
     if N * (H // 2) * (W // 2) > _MAX_PIXELS:
         raise ValueError("N*(H/2)*(W/2) output pixels exceed the int32 pixel index")
-    return N, C, H, W
+    return (N, C, H, W), check_norm_affine(in_scale, in_shift, C, x)
 
 
-def maxpool2x2(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def maxpool2x2(
+    x: torch.Tensor,
+    *,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``F.max_pool2d(x, 2)`` for even H and W, NaN-propagating like torch.
 
     Args:
         x: ``[N, C, H, W]`` float32/float16/bfloat16, any strides (channels_last is fast; a
             channel slice of a larger NHWC buffer is fine). H and W must be even.
+        in_scale, in_shift: optional fp32 ``[C]`` (both or neither): pool
+            ``T(x) = max(x*in_scale[c] + in_shift[c], 0)`` (fp32 math, rounded to ``x.dtype``)
+            instead of x -- a BatchNorm+ReLU applied as x is read. A NaN in x stays NaN.
         out: optional ``[N, C, H//2, W//2]`` destination in ``x.dtype``, any strides.
             Default: a new channels_last tensor.
 
     Returns ``out``.
     """
-    N, C, H, W = _check_inputs(x, out)
+    (N, C, H, W), norm = _check_inputs(x, in_scale, in_shift, out)
     H_out, W_out = H // 2, W // 2
     if out is None:
         out = torch.empty((N, C, H_out, W_out), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
         return out
     P = N * H_out * W_out
-    args = (x, out, N, C, H_out, W_out, *x.stride(), *out.stride())
+    scale, shift = norm if norm is not None else (x, x)  # never read without IN_NORM
+    args = (x, out, scale, shift, N, C, H_out, W_out, *x.stride(), *out.stride())
+    flags = {"IN_NORM": norm is not None}
 
     def grid(meta):
         return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
 
     if interpreting():
-        _maxpool2x2_kernel[grid](*args, **_INTERPRETER_CONFIG, num_warps=4)
+        _maxpool2x2_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG, num_warps=4)
     else:
-        _autotuned_kernel(tuned_arch(device_arch(x.device)))[grid](*args)
+        _autotuned_kernel(tuned_arch(device_arch(x.device)))[grid](*args, **flags)
     return out
 
 
@@ -193,7 +223,7 @@ def maxpool2x2(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Ten
 
 
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Every (config, dtype) the launcher can run on ``arch``.
+    """Every (config, dtype, IN_NORM) the launcher can run on ``arch``.
 
     The signature describes the fast path: channels_last tensors, whose channel strides Triton
     specializes to the constant 1; every other size and stride is an ``i32``.
@@ -203,28 +233,29 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     arch = tuned_arch(arch)
     ints = ("N", "C", "H_out", "W_out", "stride_xn", "stride_xh", "stride_xw")
     ints += ("stride_on", "stride_oh", "stride_ow")
-    aligned = ("x_ptr", "out_ptr", "C", "stride_xn", "stride_xh", "stride_xw")
+    aligned = ("x_ptr", "out_ptr", "scale_ptr", "shift_ptr", "C", "stride_xn", "stride_xh", "stride_xw")
     aligned += ("stride_on", "stride_oh", "stride_ow")
     attrs = {(_maxpool2x2_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         tt = triton_dtype(dtype)
-        for cfg in _CONFIGS[arch]:
-            signature = {"x_ptr": f"*{tt}", "out_ptr": f"*{tt}"}
-            signature.update({n: "i32" for n in ints})
-            constexprs = {"stride_xc": 1, "stride_oc": 1, **cfg.kwargs}
-            signature.update({n: "constexpr" for n in constexprs})
-            specs.append(
-                KernelSpec(
-                    kernel="_maxpool2x2_kernel",
-                    fn=_maxpool2x2_kernel,
-                    signature=signature,
-                    constexprs=constexprs,
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                    dtype=tt,
-                    config=_config_name(cfg),
-                    extra={"label": tt, "attrs": attrs, "expect_hgmma": False},
+        for in_norm in (False, True):
+            for cfg in _CONFIGS[arch]:
+                signature = {"x_ptr": f"*{tt}", "out_ptr": f"*{tt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
+                signature.update({n: "i32" for n in ints})
+                constexprs = {"stride_xc": 1, "stride_oc": 1, "IN_NORM": in_norm, **cfg.kwargs}
+                signature.update({n: "constexpr" for n in constexprs})
+                specs.append(
+                    KernelSpec(
+                        kernel="_maxpool2x2_kernel",
+                        fn=_maxpool2x2_kernel,
+                        signature=signature,
+                        constexprs=constexprs,
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                        dtype=tt,
+                        config=_config_name(cfg) + ("_norm" if in_norm else ""),
+                        extra={"label": tt, "attrs": attrs, "expect_hgmma": False},
+                    )
                 )
-            )
     return specs

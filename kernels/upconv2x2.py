@@ -13,6 +13,10 @@ Each program owns one ``(BLOCK_M pixels) x (one phase, BLOCK_N output channels)`
 its B tile is ``weight[:, co:co+BLOCK_N, di, dj]`` -- contiguous along ``co`` once the weight
 is packed ``[C_in, 2, 2, C_out]`` (``pack_upconv2x2_weight``) -- and its stores are
 contiguous along ``co`` in a channels_last output.
+
+Training path (``IN_NORM``): x is a conv's raw pre-BatchNorm output ``z`` and each A tile is
+replaced by ``T(z) = max(z*scale[ci] + shift[ci], 0)`` (fp32, rounded back to z's dtype for the
+dot) between its load and the dot, so the result equals upsampling a materialized BN+ReLU output.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
+from .norm_act_bwd import _affine_relu, check_norm_affine
 
 __all__ = ["pack_upconv2x2_weight", "upconv2x2", "compile_specs"]
 
@@ -45,6 +50,8 @@ def _upconv2x2_kernel(
     w_ptr,  # [C_in, C_out, 2, 2], any strides (packed [C_in, 2, 2, C_out] is the fast one)
     b_ptr,  # [C_out], any float dtype, read as fp32 (unused unless HAS_BIAS)
     out_ptr,  # [N, C_out, 2h, 2w], any strides, same dtype as x
+    scale_ptr,  # [C_in] fp32, contiguous (unused unless IN_NORM)
+    shift_ptr,  # [C_in] fp32, contiguous (unused unless IN_NORM)
     N,
     h,
     w,
@@ -63,12 +70,14 @@ def _upconv2x2_kernel(
     stride_oh,
     stride_ow,
     HAS_BIAS: tl.constexpr,
+    IN_NORM: tl.constexpr,  # multiply T(x) = max(x*scale + shift, 0) instead of x
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; only read for fp32 inputs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One ``[BLOCK_M, BLOCK_N]`` tile of ``out = x @ W + bias`` scattered to stride-2 pixels.
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``out = x @ W + bias`` (``T(x)`` with IN_NORM)
+    scattered to stride-2 pixels.
 
     FLOPs: ``2 * N*h*w * C_in * 4*C_out``. Minimum bytes moved:
     ``(N*h*w*C_in + C_in*4*C_out + N*4*h*w*C_out) * elem`` (x read, weight read, out written
@@ -110,6 +119,11 @@ def _upconv2x2_kernel(
         mask_k = offs_k < C_in - k0
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_co[None, :], other=0.0)
+        if IN_NORM:
+            scale = tl.load(scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)  # [BLOCK_K]
+            shift = tl.load(shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            # Padded K lanes become T(0) = 0 here (scale = shift = 0), and b is 0 there anyway.
+            a = _affine_relu(a, scale, shift).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xc
         w_ptrs += BLOCK_K * stride_wi
@@ -180,11 +194,15 @@ _IEEE_CONFIGS = {
 # A-fragment words per thread ptxas spills (measured with the sm_80/sm_90 compile report).
 _MAX_WORDS_PER_THREAD_FP32 = 96
 
+# IN_NORM holds the A tile in fp32 registers between its load and the dot: at 64 such words
+# per thread (BLOCK_M=128, BLOCK_K=64, 4 warps) ptxas spilled on sm_90 for 16-bit inputs.
+_MAX_NORM_A_WORDS_PER_THREAD = 32
+
 # The interpreter does not autotune: one small config keeps CPU runs quick.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
 
 # The autotuner appends every tensor argument's dtype to this key.
-_AUTOTUNE_KEY = ["N", "h", "w", "C_in", "C_out", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = ["N", "h", "w", "C_in", "C_out", "IN_NORM", "INPUT_PRECISION"]
 
 
 def _config_name(cfg: triton.Config) -> str:
@@ -197,11 +215,11 @@ def _smem_bytes(cfg: triton.Config, elem_bytes: int) -> int:
     return cfg.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem_bytes
 
 
-def _usable_configs(arch: int, elem_bytes: int, precision: str) -> list[triton.Config]:
+def _usable_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool = False) -> list[triton.Config]:
     """The configs a device of compute capability ``arch`` may run for this dtype (element
-    size) and dot precision: its tuned list, minus what overflows its shared memory or (for
-    4-byte operands) the register budget. Never empty: the smallest tile is kept as a last
-    resort."""
+    size), dot precision and input transform: its tuned list, minus what overflows its shared
+    memory or the register budget (4-byte operands; the fp32 A tile of IN_NORM). Never empty:
+    the smallest tile is kept as a last resort."""
     ieee32 = elem_bytes == 4 and precision == "ieee"
     candidates = (_IEEE_CONFIGS if ieee32 else _CONFIGS)[tuned_arch(arch)]
     usable = []
@@ -212,13 +230,15 @@ def _usable_configs(arch: int, elem_bytes: int, precision: str) -> list[triton.C
         words = (k["BLOCK_M"] * k["BLOCK_N"] + k["BLOCK_M"] * k["BLOCK_K"]) // (32 * c.num_warps)
         if elem_bytes == 4 and words > _MAX_WORDS_PER_THREAD_FP32:
             continue
+        if in_norm and k["BLOCK_M"] * k["BLOCK_K"] > _MAX_NORM_A_WORDS_PER_THREAD * 32 * c.num_warps:
+            continue
         usable.append(c)
     return usable or [min(candidates, key=lambda c: _smem_bytes(c, elem_bytes))]
 
 
 def _prune_configs(configs, named_args, *, arch: int, **kwargs):
     args = {**named_args, **kwargs}
-    usable = _usable_configs(arch, args["x_ptr"].element_size(), args["INPUT_PRECISION"])
+    usable = _usable_configs(arch, args["x_ptr"].element_size(), args["INPUT_PRECISION"], args["IN_NORM"])
     usable = [c for c in configs if c in usable]
     narrow = [c for c in usable if c.kwargs["BLOCK_N"] <= max(args["C_out"], 64)]
     return narrow or usable
@@ -254,8 +274,9 @@ def pack_upconv2x2_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
-def _check_inputs(x, weight, bias, out) -> tuple[int, int, int, int, int]:
-    """Validate the launcher's arguments; returns ``(N, C_in, h, w, C_out)``."""
+def _check_inputs(x, weight, bias, in_scale, in_shift, out):
+    """Validate the launcher's arguments; returns ``(N, C_in, h, w, C_out)`` and the norm pair
+    (or None)."""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -292,7 +313,7 @@ def _check_inputs(x, weight, bias, out) -> tuple[int, int, int, int, int]:
             raise ValueError(f"out is on {out.device}, x on {x.device}")
     if N * h * w > _MAX_PIXELS:
         raise ValueError(f"N*h*w = {N * h * w} pixels exceeds the int32 pixel index")
-    return N, C_in, h, w, C_out
+    return (N, C_in, h, w, C_out), check_norm_affine(in_scale, in_shift, C_in, x)
 
 
 def upconv2x2(
@@ -300,6 +321,8 @@ def upconv2x2(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     *,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.conv_transpose2d(x, weight, bias, stride=2)`` for a 2x2 kernel, as one GEMM.
@@ -310,13 +333,16 @@ def upconv2x2(
         weight: ``[C_in, C_out, 2, 2]`` in ``x.dtype``, any strides; packed by
             ``pack_upconv2x2_weight`` (storage ``[C_in, 2, 2, C_out]``) is the fast layout.
         bias: ``[C_out]`` of any float dtype (read as fp32), or None.
+        in_scale, in_shift: optional fp32 ``[C_in]`` (both or neither): upsample
+            ``T(x) = max(x*in_scale[ci] + in_shift[ci], 0)`` (fp32 math, rounded to ``x.dtype``)
+            instead of x -- a BatchNorm+ReLU applied as x is read.
         out: optional ``[N, C_out, 2h, 2w]`` destination in ``x.dtype``, any strides (e.g. a
             channel slice of a larger NHWC buffer). Default: a new channels_last tensor.
 
     Accumulates in fp32; fp32 inputs use TF32 dots iff ``torch.backends.cudnn.allow_tf32``.
     Returns ``out``.
     """
-    N, C_in, h, w, C_out = _check_inputs(x, weight, bias, out)
+    (N, C_in, h, w, C_out), norm = _check_inputs(x, weight, bias, in_scale, in_shift, out)
     if out is None:
         out = torch.empty(
             (N, C_out, 2 * h, 2 * w),
@@ -327,11 +353,14 @@ def upconv2x2(
     if out.numel() == 0:
         return out
     M = N * h * w
+    scale, shift = norm if norm is not None else (x, x)  # never read without IN_NORM
     args = (
         x,
         weight,
         bias if bias is not None else x,  # never read without HAS_BIAS
         out,
+        scale,
+        shift,
         N,
         h,
         w,
@@ -341,7 +370,7 @@ def upconv2x2(
         *weight.stride(),
         *out.stride(),
     )
-    flags = {"HAS_BIAS": bias is not None, "INPUT_PRECISION": dot_precision(x.dtype)}
+    flags = {"HAS_BIAS": bias is not None, "IN_NORM": norm is not None, "INPUT_PRECISION": dot_precision(x.dtype)}
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * 4 * triton.cdiv(C_out, meta["BLOCK_N"]),)
@@ -359,7 +388,7 @@ def upconv2x2(
 
 
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Every (config, dtype, precision) the launcher can run on ``arch`` after pruning.
+    """Every (config, dtype, precision, IN_NORM) the launcher can run on ``arch`` after pruning.
 
     The signature describes the fast path: channels_last activations and a packed weight,
     whose unit strides (``stride_xc``, ``stride_wo``, ``stride_oc``) Triton specializes to
@@ -374,6 +403,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         "w_ptr",
         "b_ptr",
         "out_ptr",
+        "scale_ptr",
+        "shift_ptr",
         "C_in",
         "C_out",
         "stride_xn",
@@ -393,61 +424,65 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         elem = torch.empty((), dtype=dtype).element_size()
         precisions = ("tf32", "ieee") if dtype == torch.float32 else ("ieee",)
         for precision in precisions:
-            for cfg in _usable_configs(arch, elem, precision):
-                signature = {
-                    "x_ptr": f"*{tt}",
-                    "w_ptr": f"*{tt}",
-                    "b_ptr": "*fp32",
-                    "out_ptr": f"*{tt}",
-                    **{n: "i32" for n in ("N", "h", "w", "C_in", "C_out")},
-                    **{
-                        n: "i32"
-                        for n in (
-                            "stride_xn",
-                            "stride_xh",
-                            "stride_xw",
-                            "stride_wi",
-                            "stride_wh",
-                            "stride_ww",
-                            "stride_on",
-                            "stride_oh",
-                            "stride_ow",
-                        )
-                    },
-                    **{
-                        n: "constexpr"
-                        for n in ("stride_xc", "stride_wo", "stride_oc")
-                        + ("HAS_BIAS", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
-                    },
-                }
-                constexprs = {
-                    "stride_xc": 1,
-                    "stride_wo": 1,
-                    "stride_oc": 1,
-                    "HAS_BIAS": True,
-                    "INPUT_PRECISION": precision,
-                    **cfg.kwargs,
-                }
-                fp32 = dtype == torch.float32
-                label = f"fp32-{precision}" if fp32 else tt
-                specs.append(
-                    KernelSpec(
-                        kernel="_upconv2x2_kernel",
-                        fn=_upconv2x2_kernel,
-                        signature=signature,
-                        constexprs=constexprs,
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                        dtype=tt,
-                        config=_config_name(cfg) + (f"_{precision}" if fp32 else ""),
-                        extra={
-                            "precision": precision if fp32 else None,
-                            "label": label,
-                            "smem_estimate": _smem_bytes(cfg, elem),
-                            # 16-bit and TF32 dots run on wgmma on Hopper; IEEE fp32 on FMA.
-                            "expect_hgmma": tuned_arch(arch) == 90 and label != "fp32-ieee",
-                            "attrs": attrs,  # ASTSource(fn, signature, constexprs, attrs)
+            for in_norm in (False, True):
+                for cfg in _usable_configs(arch, elem, precision, in_norm):
+                    signature = {
+                        "x_ptr": f"*{tt}",
+                        "w_ptr": f"*{tt}",
+                        "b_ptr": "*fp32",
+                        "out_ptr": f"*{tt}",
+                        "scale_ptr": "*fp32",
+                        "shift_ptr": "*fp32",
+                        **{n: "i32" for n in ("N", "h", "w", "C_in", "C_out")},
+                        **{
+                            n: "i32"
+                            for n in (
+                                "stride_xn",
+                                "stride_xh",
+                                "stride_xw",
+                                "stride_wi",
+                                "stride_wh",
+                                "stride_ww",
+                                "stride_on",
+                                "stride_oh",
+                                "stride_ow",
+                            )
                         },
+                        **{
+                            n: "constexpr"
+                            for n in ("stride_xc", "stride_wo", "stride_oc")
+                            + ("HAS_BIAS", "IN_NORM", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+                        },
+                    }
+                    constexprs = {
+                        "stride_xc": 1,
+                        "stride_wo": 1,
+                        "stride_oc": 1,
+                        "HAS_BIAS": True,
+                        "IN_NORM": in_norm,
+                        "INPUT_PRECISION": precision,
+                        **cfg.kwargs,
+                    }
+                    fp32 = dtype == torch.float32
+                    label = f"fp32-{precision}" if fp32 else tt
+                    specs.append(
+                        KernelSpec(
+                            kernel="_upconv2x2_kernel",
+                            fn=_upconv2x2_kernel,
+                            signature=signature,
+                            constexprs=constexprs,
+                            num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages,
+                            dtype=tt,
+                            config=_config_name(cfg) + (f"_{precision}" if fp32 else "") + ("_norm" if in_norm else ""),
+                            extra={
+                                "precision": precision if fp32 else None,
+                                "label": label,
+                                "smem_estimate": _smem_bytes(cfg, elem),
+                                # 16-bit and TF32 dots run on wgmma on Hopper; IEEE fp32 on FMA.
+                                "expect_hgmma": tuned_arch(arch) == 90 and label != "fp32-ieee",
+                                "attrs": attrs,  # ASTSource(fn, signature, constexprs, attrs)
+                            },
+                        )
                     )
-                )
     return specs

@@ -3,6 +3,7 @@ dispatch) on every op, and gradcheck of every autograd formula in float64."""
 
 import pytest
 import torch
+from helpers import assert_close
 
 import fastunet  # noqa: F401  (registers the ops)
 
@@ -66,6 +67,56 @@ def op_cases(dtype):
 
 
 CASES = list(op_cases(torch.float64))
+
+
+def backward_op_cases(dtype):
+    """The ops the autograd formulas call (no autograd of their own): plain tensors."""
+    vec = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def t(*shape, dt=dtype):
+        return _t(*shape, dtype=dt, grad=False)
+
+    n, h, w = 2, 4, 6
+    return {
+        "affine_relu_backward": (ops.affine_relu_backward, (t(n, 3, h, w), t(n, 3, h, w), t(3, dt=vec), t(3, dt=vec))),
+        "maxpool2x2_backward": (ops.maxpool2x2_backward, (t(n, 3, 2, 3), t(n, 3, h, w), None, None)),
+        "maxpool2x2_backward_norm": (
+            ops.maxpool2x2_backward, (t(n, 3, 2, 3), t(n, 3, h, w), t(3, dt=vec), t(3, dt=vec)),
+        ),
+        "conv3x3_weight_grad": (
+            ops.conv3x3_weight_grad, (t(n, 4, h, w), t(n, 3, h, w), t(n, 2, h, w), t(3, dt=vec), t(3, dt=vec), None, None),
+        ),
+        "upconv2x2_input_grad": (ops.upconv2x2_input_grad, (t(n, 3, h, w), t(5, 3, 2, 2))),
+        "upconv2x2_weight_grad": (
+            ops.upconv2x2_weight_grad, (t(n, 3, h, w), t(n, 5, 2, 3), t(5, dt=vec), t(5, dt=vec)),
+        ),
+        "head1x1_input_grad": (ops.head1x1_input_grad, (t(n, 2, h, w), t(2, 5, 1, 1))),
+        "head1x1_weight_grad": (ops.head1x1_weight_grad, (t(n, 2, h, w), t(n, 5, h, w), None, None)),
+    }  # fmt: skip
+
+
+BACKWARD_CASES = list(backward_op_cases(torch.float64))
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_opcheck_backward_ops(case, device):
+    """float64 (eager composites) and float32 (the kernels: CUDA, or the interpreter on CPU)."""
+    for dtype in (torch.float64, torch.float32):
+        op, args = backward_op_cases(dtype)[case]
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_backward_ops_kernels_match_composites(case, device):
+    """The kernel path of every backward op against its float64 composite on the same values."""
+    op, args = backward_op_cases(torch.float32)[case]
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    expected = op(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    got = op(*args)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,),
+                    strict=True):  # fmt: skip
+        assert_close(g, e, "fp32", case)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -312,10 +312,10 @@ def test_head_rejects_bad_inputs(case, device):
 def test_autotune_pruning(arch):
     """What the autotuner may try: fits in shared memory, no tiles far wider than the problem."""
 
-    def kept(variant, dtype, n, hw, c1, c2, c_out):
+    def kept(variant, dtype, n, hw, c1, c2, c_out, training=False):
         args = dict(
             x_ptr=torch.empty(0, dtype=dtype), N=n, H=hw, W=hw, C1=c1, C2=c2, C_out=c_out,
-            SMALL_C=K._use_small_c(c1, c2),
+            SMALL_C=K._use_small_c(c1, c2), NORM1=training, NORM2=False, STATS=training,
         )  # fmt: skip
         configs = K._prune(K._triton_configs(variant, arch), variant, arch, args)
         assert configs, (variant, dtype, n, hw, c1, c2, c_out)
@@ -327,6 +327,17 @@ def test_autotune_pruning(arch):
 
     for dtype in (torch.float32, torch.float16):
         assert all(c["BLOCK_N"] <= 64 for c in kept("main", dtype, 2, 256, 64, 0, 64))
+        # Training forms keep the A tile and the accumulator live together: smaller budget.
+        elem = torch.empty(0, dtype=dtype).element_size()
+        training = K._prune(
+            K._triton_configs("main", arch), "main", arch,
+            dict(x_ptr=torch.empty(0, dtype=dtype), N=16, H=128, W=128, C1=256, C2=0, C_out=512,
+                 SMALL_C=False, NORM1=True, NORM2=False, STATS=True),
+        )  # fmt: skip
+        assert training
+        for c in training:
+            cfg = K._Cfg(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            assert K._training_regs(cfg, elem) <= K._TRAINING_REG_BUDGET[elem]
         assert any(c["BLOCK_N"] == 256 for c in kept("main", torch.float16, 2, 128, 256, 0, 512))
         deep = kept("main", dtype, 2, 16, 1024, 0, 1024)
         assert {"BLOCK_M": 64, "BLOCK_N": 64} in [{k: c[k] for k in ("BLOCK_M", "BLOCK_N")} for c in deep]

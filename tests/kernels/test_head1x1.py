@@ -1,4 +1,8 @@
-"""1x1 head kernel vs ``F.conv2d`` + activation in float64, on NaN-poisoned outputs."""
+"""1x1 head kernel vs ``F.conv2d`` + activation in float64, on NaN-poisoned outputs.
+
+With ``in_scale``/``in_shift`` the kernel reads ``T(x) = relu(x*scale + shift)``; the reference
+applies the head to a materialized ``T(x)`` (fp32 math, rounded to x's dtype).
+"""
 
 import importlib
 import sys
@@ -65,8 +69,32 @@ def reference(x, weight, bias, activation):
     return y
 
 
+def make_norm(c, device):
+    """fp32 ``(scale, shift)`` with scales of both signs, so the ReLU zeroes different pixels
+    per channel, and shifts that keep a good share of each channel alive."""
+    sign = torch.where(torch.arange(c, device=device) % 2 == 0, 1.0, -1.0)
+    scale = (torch.rand(c, device=device) + 0.25) * sign
+    shift = torch.randn(c, device=device) * 0.5
+    return scale, shift
+
+
+def materialized_norm(x, scale, shift):
+    """``T(x)`` as a separate BatchNorm+ReLU in x's dtype would store it."""
+    return torch.relu(x.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
+
+
 def run_case(
-    shape, k, activation, dtype, device, *, in_layout="nhwc", out_layout="nhwc", weight_2d=False, has_bias=True
+    shape,
+    k,
+    activation,
+    dtype,
+    device,
+    *,
+    in_layout="nhwc",
+    out_layout="nhwc",
+    weight_2d=False,
+    has_bias=True,
+    norm=False,
 ):
     n, c, h, w = shape
     x = make_input(shape, dtype, device, in_layout)
@@ -75,10 +103,15 @@ def run_case(
         weight = weight.reshape(k, c)
     bias = torch.randn(k, device=device) if has_bias else None
     out, buf = make_output((n, k, h, w), dtype, device, out_layout)
-    got = head1x1(x, weight, bias, activation=activation, out=out)
+    kwargs = {}
+    xin = x  # what the head should see
+    if norm:
+        kwargs["in_scale"], kwargs["in_shift"] = make_norm(c, device)
+        xin = materialized_norm(x, kwargs["in_scale"], kwargs["in_shift"])
+    got = head1x1(x, weight, bias, activation=activation, **kwargs, out=out)
     assert got is out
-    what = f"head1x1 {tuple(shape)}->{k} {activation} {dtype} in={in_layout} out={out_layout}"
-    assert_close(got, reference(x, weight, bias, activation), tolerance_name(dtype), what)
+    what = f"head1x1 {tuple(shape)}->{k} {activation} {dtype} in={in_layout} out={out_layout} norm={norm}"
+    assert_close(got, reference(xin, weight, bias, activation), tolerance_name(dtype), what)
     if out_layout == "slice":
         assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + k :]).all(), "wrote outside its channel slice"
 
@@ -98,6 +131,18 @@ def test_matches_torch(shape, k, activation, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layouts(in_layout, out_layout, dtype, device):
     run_case((3, 37, 5, 7), 3, "softmax", dtype, device, in_layout=in_layout, out_layout=out_layout)
+
+
+@pytest.mark.parametrize("activation", ["none", "softmax"])
+@pytest.mark.parametrize(
+    "shape, k", [((1, 3, 5, 7), 2), ((2, 17, 2, 3), 5), ((1, 37, 4, 6), 3)], ids=["b1-c3", "b2-c17", "b1-c37"]
+)
+@pytest.mark.parametrize("in_layout", ["nhwc", "nchw", "slice"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_matches_torch(shape, k, activation, in_layout, dtype, device):
+    # C = 37 leaves a partial channel tile: its padded lanes must stay 0 through the transform.
+    out_layout = "slice" if in_layout == "slice" else "nhwc"
+    run_case(shape, k, activation, dtype, device, in_layout=in_layout, out_layout=out_layout, norm=True)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -161,12 +206,33 @@ def test_rejects_bad_arguments(change, error, device):
         head1x1(args["x"], args["weight"], args["bias"], activation=args["activation"], out=args["out"])
 
 
+@pytest.mark.parametrize(
+    "in_scale, in_shift, error",
+    [
+        (torch.ones(3), None, ValueError),
+        (None, torch.ones(3), ValueError),
+        (torch.ones(2), torch.ones(2), ValueError),  # K, not C
+        (torch.ones(3, dtype=torch.bfloat16), torch.ones(3), TypeError),
+        (torch.ones(3), torch.ones(3, dtype=torch.float64), TypeError),
+    ],
+    ids=["scale-only", "shift-only", "k", "scale-bf16", "shift-fp64"],
+)
+def test_rejects_bad_norm(in_scale, in_shift, error, device):
+    x, weight = torch.randn(1, 3, 4, 4, device=device), torch.randn(2, 3, device=device)
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
+    with pytest.raises(error):
+        head1x1(x, weight, None, activation="softmax", in_scale=move(in_scale), in_shift=move(in_shift))
+
+
 def test_compile_specs_cover_every_dtype():
     for arch in (80, 90):
         specs = compile_specs(arch)
         assert {s.dtype for s in specs} == {"fp32", "fp16", "bf16"}
         for block_k in (16, 32, 64):  # every K the launcher accepts has a usable config
             assert {s.dtype for s in specs if s.constexprs["BLOCK_K"] == block_k} == {"fp32", "fp16", "bf16"}
+        assert {(s.dtype, s.constexprs["IN_NORM"]) for s in specs} == {
+            (d, n) for d in ("fp32", "fp16", "bf16") for n in (False, True)
+        }
         for s in specs:
             assert set(s.signature) == set(s.fn.arg_names)
             assert all(s.signature[k] == "constexpr" for k in s.constexprs)
@@ -179,3 +245,10 @@ def test_compile_specs_cover_every_dtype():
 def test_unet_sizes_cuda(k, activation, dtype):
     # The U-Net head: 64 channels at full resolution, batch 4.
     run_case((4, 64, 256, 256), k, activation, dtype, torch.device("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_unet_sizes_norm_cuda(activation, dtype):
+    run_case((4, 64, 256, 256), 3, activation, dtype, torch.device("cuda"), norm=True)

@@ -2,6 +2,9 @@
 
 A max is exact, so besides the tolerance comparison on NaN-poisoned outputs the special-value
 cases (NaN, -inf, ties, signed zeros) demand bit-for-bit agreement with torch.
+
+With ``in_scale``/``in_shift`` the kernel pools ``T(x) = relu(x*scale + shift)``; the reference
+pools a materialized ``T(x)`` (fp32 math, rounded to x's dtype, as a separate BN+ReLU stores it).
 """
 
 import importlib
@@ -66,15 +69,35 @@ def assert_bitwise_equal(got, x):
     assert torch.equal(torch.signbit(g[~both_nan]), torch.signbit(expected[~both_nan])), "signs of zero differ"
 
 
-def run_case(shape, dtype, device, *, in_layout="nhwc", out_layout="nhwc"):
+def make_norm(c, device):
+    """fp32 ``(scale, shift)`` with scales of both signs, so the ReLU zeroes different taps per
+    channel, and shifts that keep a good share of each channel alive."""
+    sign = torch.where(torch.arange(c, device=device) % 2 == 0, 1.0, -1.0)
+    scale = (torch.rand(c, device=device) + 0.25) * sign
+    shift = torch.randn(c, device=device) * 0.5
+    return scale, shift
+
+
+def materialized_norm(x, scale, shift):
+    """``T(x)`` as a separate BatchNorm+ReLU in x's dtype would store it."""
+    return torch.relu(x.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
+
+
+def run_case(shape, dtype, device, *, in_layout="nhwc", out_layout="nhwc", norm=False):
     n, c, h, w = shape
     x = make_input(shape, dtype, device, in_layout)
     out, buf = make_output((n, c, h // 2, w // 2), dtype, device, out_layout)
-    got = maxpool2x2(x, out=out)
+    kwargs = {}
+    pooled = x  # what the kernel should pool
+    if norm:
+        kwargs["in_scale"], kwargs["in_shift"] = make_norm(c, device)
+        pooled = materialized_norm(x, kwargs["in_scale"], kwargs["in_shift"])
+    got = maxpool2x2(x, **kwargs, out=out)
     assert got is out
-    what = f"maxpool2x2 {tuple(shape)} {dtype} in={in_layout} out={out_layout}"
-    assert_close(got, F.max_pool2d(x.double(), 2), tolerance_name(dtype), what)
-    assert_bitwise_equal(got, x)
+    what = f"maxpool2x2 {tuple(shape)} {dtype} in={in_layout} out={out_layout} norm={norm}"
+    assert_close(got, F.max_pool2d(pooled.double(), 2), tolerance_name(dtype), what)
+    if not norm:
+        assert_bitwise_equal(got, x)
     if out_layout == "slice":
         assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + c :]).all(), "wrote outside its channel slice"
 
@@ -130,6 +153,43 @@ def test_ties_and_signed_zeros(dtype, device):
     assert_bitwise_equal(maxpool2x2(x), x)
 
 
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 6, 10), (2, 5, 2, 2), (3, 17, 4, 6)], ids=["b1-c3-6x10", "b2-c5-2x2", "b3-c17-4x6"]
+)
+@pytest.mark.parametrize("in_layout", ["nhwc", "nchw", "slice"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_matches_torch(shape, in_layout, dtype, device):
+    run_case(
+        shape, dtype, device, in_layout=in_layout, out_layout="slice" if in_layout == "slice" else "nhwc", norm=True
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_nan_propagates(dtype, device):
+    # T(NaN) = relu(NaN) = NaN in torch, so a NaN still wins its window through the transform,
+    # even in a channel whose other taps are all clamped to 0.
+    x = torch.randn(2, 37, 6, 10, device=device).to(dtype, memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = x[0, 1, 0, 3] = x[0, 2, 3, 0] = x[0, 3, 3, 3] = float("nan")
+    x[torch.rand(x.shape, device=device) < 0.05] = float("nan")
+    scale, shift = make_norm(37, device)
+    got = maxpool2x2(x, in_scale=scale, in_shift=shift)
+    expected = F.max_pool2d(materialized_norm(x, scale, shift).double(), 2)
+    assert torch.isnan(got[0, 0, 0, 0]) and torch.isnan(got[0, 3, 1, 1])
+    assert torch.equal(torch.isnan(got), torch.isnan(expected)), "NaN positions differ"
+    finite = ~torch.isnan(expected)  # the RMS that scales atol must not be NaN
+    assert_close(got[finite], expected[finite], tolerance_name(dtype), "maxpool2x2 norm with NaN")
+
+
+def test_norm_ties_match_materialized(device):
+    # Integer inputs with scale +-1 and shift 0.5 tie often, and whole windows clamp to 0: the
+    # pooled values are exact, so the transform must agree bit for bit with the materialized one.
+    x = torch.randint(-2, 3, (2, 17, 6, 10), device=device).to(torch.float16, memory_format=torch.channels_last)
+    scale = torch.where(torch.arange(17, device=device) % 2 == 0, 1.0, -1.0)
+    shift = torch.full((17,), 0.5, device=device)
+    got = maxpool2x2(x, in_scale=scale, in_shift=shift)
+    assert torch.equal(got, F.max_pool2d(materialized_norm(x, scale, shift), 2))
+
+
 @pytest.mark.parametrize("hw", [(5, 6), (6, 7), (1, 1)], ids=str)
 def test_rejects_odd_sizes(hw, device):
     x = torch.randn(1, 3, *hw, device=device)
@@ -152,17 +212,38 @@ def test_rejects_bad_arguments(x, out, error, device):
         maxpool2x2(x.to(device), out=None if out is None else out.to(device))
 
 
+@pytest.mark.parametrize(
+    "in_scale, in_shift, error",
+    [
+        (torch.ones(3), None, ValueError),
+        (None, torch.ones(3), ValueError),
+        (torch.ones(4), torch.ones(4), ValueError),
+        (torch.ones(3, 1), torch.ones(3), ValueError),
+        (torch.ones(3, dtype=torch.float16), torch.ones(3), TypeError),
+        (torch.ones(3), torch.ones(3, dtype=torch.float64), TypeError),
+        (torch.ones(3), [1.0, 1.0, 1.0], TypeError),
+    ],
+    ids=["scale-only", "shift-only", "wrong-c", "2d", "scale-fp16", "shift-fp64", "shift-list"],
+)
+def test_rejects_bad_norm(in_scale, in_shift, error, device):
+    x = torch.randn(1, 3, 4, 4, device=device)
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
+    with pytest.raises(error):
+        maxpool2x2(x, in_scale=move(in_scale), in_shift=move(in_shift))
+
+
 def _all_gpu_tiles():
     tiles = {tuple(sorted(c.kwargs.items())) for cs in kernel_module._CONFIGS.values() for c in cs}
     return [dict(t) for t in sorted(tiles)]
 
 
 @pytest.mark.skipif(ON_GPU, reason="on CUDA the autotuner already runs every config")
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
 @pytest.mark.parametrize("tile", _all_gpu_tiles(), ids=lambda t: "-".join(map(str, t.values())))
-def test_every_gpu_tile_in_interpreter(tile, device, monkeypatch):
+def test_every_gpu_tile_in_interpreter(tile, norm, device, monkeypatch):
     # The interpreter normally runs one small tile; run each GPU tile size once as well.
     monkeypatch.setattr(kernel_module, "_INTERPRETER_CONFIG", tile)
-    run_case((3, 70, 18, 22), torch.float16, device, in_layout="slice", out_layout="slice")
+    run_case((3, 70, 18, 22), torch.float16, device, in_layout="slice", out_layout="slice", norm=norm)
 
 
 def test_default_output_is_channels_last(device):
@@ -174,6 +255,9 @@ def test_compile_specs_cover_every_dtype():
     for arch in (80, 90):
         specs = compile_specs(arch)
         assert {s.dtype for s in specs} == {"fp32", "fp16", "bf16"}
+        assert {(s.dtype, s.constexprs["IN_NORM"]) for s in specs} == {
+            (d, n) for d in ("fp32", "fp16", "bf16") for n in (False, True)
+        }
         for s in specs:
             assert set(s.signature) == set(s.fn.arg_names)
             assert all(s.signature[k] == "constexpr" for k in s.constexprs)
@@ -184,7 +268,8 @@ UNET_POOLS = [(64, 256, 256), (128, 128, 128), (256, 64, 64), (512, 32, 32)]
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
 @pytest.mark.parametrize("c, h, w", UNET_POOLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_unet_sizes_cuda(c, h, w, dtype):
-    run_case((4, c, h, w), dtype, torch.device("cuda"))
+def test_unet_sizes_cuda(c, h, w, dtype, norm):
+    run_case((4, c, h, w), dtype, torch.device("cuda"), norm=norm)

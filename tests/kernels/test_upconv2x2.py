@@ -2,6 +2,9 @@
 
 Every case writes into a NaN-poisoned output, so an element the kernel skips fails the
 comparison; channel-slice outputs also check that the neighbouring channels stay NaN.
+
+With ``in_scale``/``in_shift`` the kernel upsamples ``T(x) = relu(x*scale + shift)``; the
+reference upsamples a materialized ``T(x)`` (fp32 math, rounded to x's dtype).
 """
 
 import importlib
@@ -62,18 +65,46 @@ def reference(x, weight, bias):
     return F.conv_transpose2d(x.double(), weight.double(), b, stride=2)
 
 
+def make_norm(c, device):
+    """fp32 ``(scale, shift)`` with scales of both signs, so the ReLU zeroes different pixels
+    per channel, and shifts that keep a good share of each channel alive."""
+    sign = torch.where(torch.arange(c, device=device) % 2 == 0, 1.0, -1.0)
+    scale = (torch.rand(c, device=device) + 0.25) * sign
+    shift = torch.randn(c, device=device) * 0.5
+    return scale, shift
+
+
+def materialized_norm(x, scale, shift):
+    """``T(x)`` as a separate BatchNorm+ReLU in x's dtype would store it."""
+    return torch.relu(x.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
+
+
 def run_case(
-    shape, c_out, dtype, device, *, in_layout="nhwc", out_layout="nhwc", packed=True, bias_dtype=torch.float32
+    shape,
+    c_out,
+    dtype,
+    device,
+    *,
+    in_layout="nhwc",
+    out_layout="nhwc",
+    packed=True,
+    bias_dtype=torch.float32,
+    norm=False,
 ):
     n, c_in, h, w = shape
     x = make_input(shape, dtype, device, in_layout)
     weight = torch.randn(c_in, c_out, 2, 2, device=device).mul_(c_in**-0.5).to(dtype)
     bias = None if bias_dtype is None else torch.randn(c_out, device=device).to(bias_dtype)
     out, buf = make_output((n, c_out, 2 * h, 2 * w), dtype, device, out_layout)
-    got = upconv2x2(x, pack_upconv2x2_weight(weight) if packed else weight, bias, out=out)
+    kwargs = {}
+    xin = x  # what the kernel should upsample
+    if norm:
+        kwargs["in_scale"], kwargs["in_shift"] = make_norm(c_in, device)
+        xin = materialized_norm(x, kwargs["in_scale"], kwargs["in_shift"])
+    got = upconv2x2(x, pack_upconv2x2_weight(weight) if packed else weight, bias, **kwargs, out=out)
     assert got is out
-    what = f"upconv2x2 {tuple(shape)}->{c_out} {dtype} in={in_layout} out={out_layout}"
-    assert_close(got, reference(x, weight, bias), tolerance_name(dtype), what)
+    what = f"upconv2x2 {tuple(shape)}->{c_out} {dtype} in={in_layout} out={out_layout} norm={norm}"
+    assert_close(got, reference(xin, weight, bias), tolerance_name(dtype), what)
     if out_layout == "slice":
         assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + c_out :]).all(), (
             "wrote outside its channel slice"
@@ -96,6 +127,26 @@ def test_matches_torch(shape, c_out, dtype, packed, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layouts(in_layout, out_layout, dtype, device):
     run_case((3, 37, 5, 7), 19, dtype, device, in_layout=in_layout, out_layout=out_layout)
+
+
+@pytest.mark.parametrize(
+    "shape, c_out",
+    [((1, 3, 5, 7), 5), ((2, 17, 2, 3), 3), ((1, 37, 4, 6), 17)],
+    ids=["b1-c3-5x7", "b2-c17-2x3", "b1-c37-4x6"],
+)
+@pytest.mark.parametrize("in_layout", ["nhwc", "nchw", "slice"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_matches_torch(shape, c_out, in_layout, dtype, device):
+    # C_in = 37 leaves a partial K tile: its padded lanes must stay 0 through the transform.
+    out_layout = "slice" if in_layout == "slice" else "nhwc"
+    run_case(shape, c_out, dtype, device, in_layout=in_layout, out_layout=out_layout, norm=True)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the autotuner already runs every config")
+def test_norm_block_k_wider_than_c_in(device, monkeypatch):
+    # One K tile, mostly padding: the padded lanes must add nothing once the transform ran.
+    monkeypatch.setattr(kernel_module, "_INTERPRETER_CONFIG", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
+    run_case((1, 5, 3, 5), 7, torch.float32, device, bias_dtype=None, norm=True)
 
 
 @pytest.mark.parametrize("bias_dtype", [None, torch.float16, torch.float32], ids=str)
@@ -157,10 +208,31 @@ def test_rejects_bad_arguments(change, error, device):
         upconv2x2(args["x"], args["weight"], args["bias"], out=args["out"])
 
 
+@pytest.mark.parametrize(
+    "in_scale, in_shift, error",
+    [
+        (torch.ones(3), None, ValueError),
+        (None, torch.ones(3), ValueError),
+        (torch.ones(5), torch.ones(5), ValueError),  # C_out, not C_in
+        (torch.ones(3, dtype=torch.float16), torch.ones(3), TypeError),
+        (torch.ones(3), torch.ones(3, dtype=torch.float64), TypeError),
+    ],
+    ids=["scale-only", "shift-only", "c-out", "scale-fp16", "shift-fp64"],
+)
+def test_rejects_bad_norm(in_scale, in_shift, error, device):
+    x, weight = torch.randn(1, 3, 4, 4, device=device), torch.randn(3, 5, 2, 2, device=device)
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
+    with pytest.raises(error):
+        upconv2x2(x, weight, None, in_scale=move(in_scale), in_shift=move(in_shift))
+
+
 def test_compile_specs_cover_every_dtype():
     for arch in (80, 90):
         specs = compile_specs(arch)
         assert {s.dtype for s in specs} == {"fp32", "fp16", "bf16"}
+        assert {(s.dtype, s.constexprs["IN_NORM"]) for s in specs} == {
+            (d, n) for d in ("fp32", "fp16", "bf16") for n in (False, True)
+        }
         for s in specs:
             assert set(s.signature) == set(s.fn.arg_names)
             assert all(s.signature[k] == "constexpr" for k in s.constexprs)
@@ -171,7 +243,8 @@ UNET_UPCONVS = [(1024, 512, 16, 16), (512, 256, 32, 32), (256, 128, 64, 64), (12
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
 @pytest.mark.parametrize("c_in, c_out, h, w", UNET_UPCONVS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_unet_sizes_cuda(c_in, c_out, h, w, dtype):
-    run_case((2, c_in, h, w), c_out, dtype, torch.device("cuda"))
+def test_unet_sizes_cuda(c_in, c_out, h, w, dtype, norm):
+    run_case((2, c_in, h, w), c_out, dtype, torch.device("cuda"), norm=norm)

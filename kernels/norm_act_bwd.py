@@ -1,0 +1,658 @@
+"""Backward of the training path's BatchNorm+ReLU-on-load, alone and behind a 2x2 max-pool.
+
+In training a conv writes its raw pre-BatchNorm output ``z``; whoever reads ``z`` next applies
+
+    T(z)[n, c, h, w] = max(z[n, c, h, w] * scale[c] + shift[c], 0)
+
+in fp32 as it loads ``z`` and rounds the result to ``z.dtype`` (``_affine_relu`` below; the
+``IN_NORM`` flag of ``maxpool2x2``, ``upconv2x2`` and ``head1x1``). Its backward, given the
+gradient ``g`` of ``T(z)`` and with ``mask = not (z*scale + shift <= 0)`` in fp32, is
+
+    dz         = g * mask * scale                 (fp32 math, stored in z's dtype)
+    dscale[c]  = sum_{n,h,w} g * mask * z          (fp32)
+    dshift[c]  = sum_{n,h,w} g * mask              (fp32)
+
+``affine_relu_backward`` computes exactly that; ``maxpool2x2_backward`` first routes the
+gradient of ``maxpool2x2(T(z))`` to each window's argmax (recomputed from ``z``, with torch's
+tie and NaN rule), so the pooled tensor is never materialized in either direction.
+
+The per-channel sums are deterministic without atomics: every program writes fp32 partial sums
+for its pixel tile into a ``[2, rows, C]`` workspace and ``_sum_partials_kernel`` adds the rows
+in a fixed order. A tile of ``BLOCK_P`` pixels owns ``BLOCK_P // P_GRAIN`` rows (its sums in the
+first, zeros in the rest), so the workspace is sized before the autotuner picks ``BLOCK_P``.
+Repeated calls with the same config give bitwise equal results; two configs may round
+differently.
+
+NaN: like torch's ReLU backward (``threshold_backward``: zero where the output is <= 0), the
+mask is ``not (relu(z*scale + shift) <= 0)``, so an element whose transform is NaN passes its
+gradient on, as it does in the reference model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KernelSpec, device_arch, interpreting, triton_dtype, tuned_arch
+
+__all__ = ["affine_relu_backward", "maxpool2x2_backward", "check_norm_affine", "compile_specs"]
+
+# Pixel indices are int32 in the kernels; headroom keeps the last tile's lanes from wrapping.
+_MAX_PIXELS = 2**31 - 2**16
+
+
+# --------------------------------------------------------------------------------------
+# Shared by the forward kernels (IN_NORM prologue) and the backward kernels below
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _affine_relu(x, scale, shift):
+    """``T`` on a ``[rows, channels]`` tile: fp32 ``max(x*scale + shift, 0)``.
+
+    ``scale``/``shift`` are fp32 ``[channels]``. ``v < 0`` rather than ``max``: NaN and -0.0 pass
+    through unchanged, as in ``torch.relu`` on CPU (a NaN-dropping max would hide a NaN).
+    """
+    v = x.to(tl.float32) * scale[None, :] + shift[None, :]
+    return tl.where(v < 0.0, 0.0, v)
+
+
+def check_norm_affine(
+    scale, shift, C: int, x: torch.Tensor, names: tuple[str, str] = ("in_scale", "in_shift")
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate an optional per-channel ``(scale, shift)`` pair for ``C`` channels of ``x``.
+
+    Both or neither: returns None for neither, else the pair as contiguous fp32 ``[C]`` tensors.
+    """
+    if scale is None and shift is None:
+        return None
+    if scale is None or shift is None:
+        raise ValueError(f"pass both {names[0]} and {names[1]}, or neither")
+    for name, t in zip(names, (scale, shift), strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"{name} must be [C={C}], got shape {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    return scale.contiguous(), shift.contiguous()
+
+
+@triton.jit
+def _store_partials(
+    dscale_part_ptr,  # [ROWS, C] fp32, contiguous
+    dshift_part_ptr,  # [ROWS, C] fp32, contiguous
+    dscale,  # [BLOCK_C] fp32: this tile's sum
+    dshift,  # [BLOCK_C] fp32
+    pid_p,
+    offs_c,  # [BLOCK_C]
+    ROWS,
+    C,
+    BLOCK_P: tl.constexpr,
+    P_GRAIN: tl.constexpr,
+):
+    """Write one pixel tile's sums to the first of its ``BLOCK_P // P_GRAIN`` rows, zeros to the
+    others: rows the tile owns but does not fill must not keep stale values from another call."""
+    R: tl.constexpr = BLOCK_P // P_GRAIN
+    offs_r = tl.arange(0, R)  # [R]
+    rows = pid_p.to(tl.int64) * R + offs_r  # [R]
+    offs = rows[:, None] * C + offs_c[None, :]  # [R, BLOCK_C]
+    mask = (rows < ROWS)[:, None] & (offs_c < C)[None, :]
+    first = (offs_r == 0)[:, None]
+    tl.store(dscale_part_ptr + offs, tl.where(first, dscale[None, :], 0.0), mask=mask)
+    tl.store(dshift_part_ptr + offs, tl.where(first, dshift[None, :], 0.0), mask=mask)
+
+
+@triton.jit
+def _argmax_step(m, idx, v, k: tl.constexpr):
+    # torch's max-pool rule, scanning the window row-major: v takes over when it is larger or
+    # NaN, so ties keep the first element and a NaN window routes to its last NaN.
+    take = (v > m) | (v != v)
+    return tl.where(take, v, m), tl.where(take, k, idx)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _affine_relu_bwd_kernel(
+    g_ptr,  # [N, C, H, W], any strides, x's dtype: gradient of T(x)
+    x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
+    scale_ptr,  # [C] fp32, contiguous
+    shift_ptr,  # [C] fp32, contiguous
+    dx_ptr,  # [N, C, H, W], any strides, x's dtype
+    dscale_part_ptr,  # [ROWS, C] fp32, contiguous: per-row partial sums of g*mask*x
+    dshift_part_ptr,  # [ROWS, C] fp32, contiguous: per-row partial sums of g*mask
+    N,
+    C,
+    H,
+    W,
+    ROWS,
+    stride_gn,
+    stride_gc,
+    stride_gh,
+    stride_gw,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_dn,
+    stride_dc,
+    stride_dh,
+    stride_dw,
+    P_GRAIN: tl.constexpr,  # pixels per workspace row; divides BLOCK_P
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``dx = g*mask*scale`` and the partial channel sums for one ``[BLOCK_P, BLOCK_C]`` tile.
+
+    FLOPs: about ``6 * N*C*H*W``. Minimum bytes moved: ``3 * N*C*H*W * elem`` (g and x read,
+    dx written) plus ``8 * ROWS*C`` for the workspace.
+    """
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    hw = H * W
+    P = N * hw  # < 2**31, checked by the launcher
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] pixel index
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask_c = offs_c < C
+    mask = (offs_p < P)[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+
+    # int64 before the stride products: activations can exceed 2**31 elements.
+    n_idx = (offs_p // hw).to(tl.int64)
+    rem = offs_p % hw
+    h_idx = (rem // W).to(tl.int64)
+    w_idx = (rem % W).to(tl.int64)
+
+    g_row = n_idx * stride_gn + h_idx * stride_gh + w_idx * stride_gw  # [BLOCK_P]
+    x_row = n_idx * stride_xn + h_idx * stride_xh + w_idx * stride_xw
+    d_row = n_idx * stride_dn + h_idx * stride_dh + w_idx * stride_dw
+    # Masked lanes load g = 0, so they add nothing to the sums below.
+    g = tl.load(g_ptr + (g_row[:, None] + offs_c[None, :] * stride_gc), mask=mask, other=0.0)
+    x = tl.load(x_ptr + (x_row[:, None] + offs_c[None, :] * stride_xc), mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)  # [BLOCK_C]
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+
+    gm = tl.where(_affine_relu(x, scale, shift) <= 0.0, 0.0, g.to(tl.float32))  # [BLOCK_P, BLOCK_C]
+    tl.store(
+        dx_ptr + (d_row[:, None] + offs_c[None, :] * stride_dc),
+        (gm * scale[None, :]).to(dx_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    _store_partials(
+        dscale_part_ptr,
+        dshift_part_ptr,
+        tl.sum(gm * x.to(tl.float32), axis=0),
+        tl.sum(gm, axis=0),
+        pid_p,
+        offs_c,
+        ROWS,
+        C,
+        BLOCK_P,
+        P_GRAIN,
+    )
+
+
+@triton.jit
+def _maxpool2x2_bwd_kernel(
+    g_ptr,  # [N, C, H//2, W//2], any strides, x's dtype: gradient of the pooled output
+    x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
+    scale_ptr,  # [C] fp32, contiguous (unused unless IN_NORM)
+    shift_ptr,  # [C] fp32, contiguous (unused unless IN_NORM)
+    dx_ptr,  # [N, C, H, W], any strides, x's dtype; every element is written
+    dscale_part_ptr,  # [ROWS, C] fp32, contiguous (unused unless IN_NORM)
+    dshift_part_ptr,  # [ROWS, C] fp32, contiguous (unused unless IN_NORM)
+    N,
+    C,
+    H_out,
+    W_out,
+    ROWS,
+    stride_gn,
+    stride_gc,
+    stride_gh,
+    stride_gw,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_dn,
+    stride_dc,
+    stride_dh,
+    stride_dw,
+    IN_NORM: tl.constexpr,  # the forward pooled T(x) rather than x
+    P_GRAIN: tl.constexpr,  # output pixels per workspace row; divides BLOCK_P
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Backward of ``maxpool2x2(T(x))`` (or of ``maxpool2x2(x)``) for ``BLOCK_P`` output pixels
+    (``4 * BLOCK_P`` input pixels) by ``BLOCK_C`` channels.
+
+    FLOPs: about ``(3 + 6*IN_NORM) * N*C*H*W``. Minimum bytes moved:
+    ``2.25 * N*C*H*W * elem`` (x read, g read, dx written) plus ``8 * ROWS*C`` with IN_NORM.
+    """
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    hw_out = H_out * W_out
+    P = N * hw_out  # < 2**31, checked by the launcher
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixel index
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask_c = offs_c < C
+    mask = (offs_p < P)[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+
+    # int64 before the stride products: activations can exceed 2**31 elements.
+    n_idx = (offs_p // hw_out).to(tl.int64)
+    rem = offs_p % hw_out
+    p_idx = (rem // W_out).to(tl.int64)
+    q_idx = (rem % W_out).to(tl.int64)
+
+    x_row = n_idx * stride_xn + (2 * p_idx) * stride_xh + (2 * q_idx) * stride_xw  # [BLOCK_P]
+    x_ptrs = x_ptr + (x_row[:, None] + offs_c[None, :] * stride_xc)  # [BLOCK_P, BLOCK_C]
+    x00 = tl.load(x_ptrs, mask=mask, other=0.0)
+    x01 = tl.load(x_ptrs + stride_xw, mask=mask, other=0.0)
+    x10 = tl.load(x_ptrs + stride_xh, mask=mask, other=0.0)
+    x11 = tl.load(x_ptrs + stride_xh + stride_xw, mask=mask, other=0.0)
+    if IN_NORM:
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)  # [BLOCK_C]
+        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+        r00 = _affine_relu(x00, scale, shift)  # [BLOCK_P, BLOCK_C] fp32
+        r01 = _affine_relu(x01, scale, shift)
+        r10 = _affine_relu(x10, scale, shift)
+        r11 = _affine_relu(x11, scale, shift)
+        # The forward pooled T rounded to x's dtype: compare those values so that values tied
+        # only after rounding pick the same winner.
+        v00 = r00.to(x_ptr.dtype.element_ty)
+        v01 = r01.to(x_ptr.dtype.element_ty)
+        v10 = r10.to(x_ptr.dtype.element_ty)
+        v11 = r11.to(x_ptr.dtype.element_ty)
+    else:
+        v00 = x00
+        v01 = x01
+        v10 = x10
+        v11 = x11
+    m = v00
+    idx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32)  # [BLOCK_P, BLOCK_C] tap 0..3
+    m, idx = _argmax_step(m, idx, v01, 1)
+    m, idx = _argmax_step(m, idx, v10, 2)
+    m, idx = _argmax_step(m, idx, v11, 3)
+
+    g_row = n_idx * stride_gn + p_idx * stride_gh + q_idx * stride_gw
+    g = tl.load(g_ptr + (g_row[:, None] + offs_c[None, :] * stride_gc), mask=mask, other=0.0).to(tl.float32)
+    d_row = n_idx * stride_dn + (2 * p_idx) * stride_dh + (2 * q_idx) * stride_dw
+    d_ptrs = dx_ptr + (d_row[:, None] + offs_c[None, :] * stride_dc)  # [BLOCK_P, BLOCK_C]
+    d_ty = dx_ptr.dtype.element_ty
+    g00 = tl.where(idx == 0, g, 0.0)  # [BLOCK_P, BLOCK_C] fp32, routed gradient per tap
+    g01 = tl.where(idx == 1, g, 0.0)
+    g10 = tl.where(idx == 2, g, 0.0)
+    g11 = tl.where(idx == 3, g, 0.0)
+    if IN_NORM:
+        g00 = tl.where(r00 <= 0.0, 0.0, g00)
+        g01 = tl.where(r01 <= 0.0, 0.0, g01)
+        g10 = tl.where(r10 <= 0.0, 0.0, g10)
+        g11 = tl.where(r11 <= 0.0, 0.0, g11)
+        tl.store(d_ptrs, (g00 * scale[None, :]).to(d_ty), mask=mask)
+        tl.store(d_ptrs + stride_dw, (g01 * scale[None, :]).to(d_ty), mask=mask)
+        tl.store(d_ptrs + stride_dh, (g10 * scale[None, :]).to(d_ty), mask=mask)
+        tl.store(d_ptrs + stride_dh + stride_dw, (g11 * scale[None, :]).to(d_ty), mask=mask)
+        # At most one tap per window carries gradient, so these sums lose nothing by being
+        # formed per tile before the reduction over pixels.
+        gx = g00 * x00.to(tl.float32) + g01 * x01.to(tl.float32) + g10 * x10.to(tl.float32)
+        gx += g11 * x11.to(tl.float32)
+        _store_partials(
+            dscale_part_ptr,
+            dshift_part_ptr,
+            tl.sum(gx, axis=0),
+            tl.sum(g00 + g01 + g10 + g11, axis=0),
+            pid_p,
+            offs_c,
+            ROWS,
+            C,
+            BLOCK_P,
+            P_GRAIN,
+        )
+    else:
+        tl.store(d_ptrs, g00.to(d_ty), mask=mask)
+        tl.store(d_ptrs + stride_dw, g01.to(d_ty), mask=mask)
+        tl.store(d_ptrs + stride_dh, g10.to(d_ty), mask=mask)
+        tl.store(d_ptrs + stride_dh + stride_dw, g11.to(d_ty), mask=mask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    part_ptr,  # [2, ROWS, C] fp32, contiguous: dscale partials, then dshift partials
+    out_ptr,  # [2, C] fp32, contiguous: dscale, dshift
+    ROWS,
+    C,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``out[j, c] = sum_r part[j, r, c]``, rows added in a fixed order (deterministic).
+
+    Bytes moved: ``8 * ROWS*C`` read, ``8 * C`` written.
+    """
+    pid_c = tl.program_id(0)
+    j = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask_c = offs_c < C
+    offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    plane = part_ptr + j.to(tl.int64) * ROWS * C
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)  # [BLOCK_R, BLOCK_C]
+    for r0 in range(0, ROWS, BLOCK_R):
+        rows = (r0 + offs_r).to(tl.int64)
+        ptrs = plane + (rows[:, None] * C + offs_c[None, :])
+        acc += tl.load(ptrs, mask=(rows < ROWS)[:, None] & mask_c[None, :], other=0.0)
+    tl.store(out_ptr + j * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
+
+
+# --------------------------------------------------------------------------------------
+# Configs: a few per architecture. No loops, so num_stages is irrelevant (1). Tiles of 16 or
+# 32 elements per thread: with 32, fp32 sits at about 128 registers (affine) and 160 (pool with
+# a norm, which holds four input tiles per output tile, hence its smaller BLOCK_P) without
+# spilling; 16 trades bytes in flight for occupancy and the autotuner picks. Every BLOCK_P of a
+# list is a multiple of the list's smallest, which is the workspace grain (pixels per row).
+# --------------------------------------------------------------------------------------
+
+
+def _cfg(bp: int, bc: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=warps, num_stages=1)
+
+
+_CONFIGS = {
+    "affine_relu": {
+        90: [_cfg(64, 64, 4), _cfg(64, 64, 8), _cfg(128, 64, 8), _cfg(64, 128, 8)],
+        80: [_cfg(64, 64, 4), _cfg(64, 64, 8), _cfg(128, 64, 8)],
+    },
+    "maxpool": {
+        90: [_cfg(32, 64, 4), _cfg(32, 64, 8), _cfg(64, 64, 8), _cfg(32, 128, 8)],
+        80: [_cfg(32, 64, 4), _cfg(32, 64, 8), _cfg(64, 64, 8)],
+    },
+}
+
+# The interpreter does not autotune; a grain below BLOCK_P exercises the multi-row tiles.
+_INTERPRETER_CONFIG = {"BLOCK_P": 16, "BLOCK_C": 16}
+_INTERPRETER_GRAIN = 8
+
+# One fixed config for the row sum, so its addition order never depends on tuning.
+_SUM_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 32}
+_SUM_WARPS = 4
+_INTERPRETER_SUM_CONFIG = {"BLOCK_R": 4, "BLOCK_C": 16}
+
+# The autotuner appends every tensor argument's dtype to these keys.
+_AUTOTUNE_KEYS = {
+    "affine_relu": ["N", "C", "H", "W"],
+    "maxpool": ["N", "C", "H_out", "W_out", "IN_NORM"],
+}
+_KERNELS = {"affine_relu": _affine_relu_bwd_kernel, "maxpool": _maxpool2x2_bwd_kernel}
+_KERNEL_NAMES = {"affine_relu": "_affine_relu_bwd_kernel", "maxpool": "_maxpool2x2_bwd_kernel"}
+
+
+def _config_name(cfg: triton.Config) -> str:
+    k = cfg.kwargs
+    return f"BP{k['BLOCK_P']}_BC{k['BLOCK_C']}_w{cfg.num_warps}_s{cfg.num_stages}"
+
+
+def _grain(kind: str, arch: int) -> int:
+    return min(c.kwargs["BLOCK_P"] for c in _CONFIGS[kind][tuned_arch(arch)])
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # A channel block wider than C only loads masked lanes: prefer one that fits.
+    c = {**named_args, **kwargs}["C"]
+    narrow = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= max(c, 64)]
+    return narrow or configs
+
+
+@functools.cache
+def _autotuned_kernel(kind: str, arch: int):
+    """The autotuned wrapper of kernel ``kind`` for ``arch`` (80 or 90), built on first use."""
+    return triton.autotune(
+        configs=_CONFIGS[kind][arch],
+        key=_AUTOTUNE_KEYS[kind],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_KERNELS[kind])
+
+
+def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The partial-sum buffer; uninitialized, since the kernels write every row of it."""
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
+def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: bool, **flags):
+    """Run kernel ``kind`` on ``tensors = (g, x, scale, shift, dx)`` with sizes ``dims`` (its
+    ``N, C`` and two pixel dims) and the g, x, dx ``strides``. Returns the ``[2, C]`` fp32
+    ``(dscale, dshift)`` if ``with_sums``, else None.
+
+    The workspace is allocated here: its row count follows the grain of the config list in use.
+    """
+    device = tensors[1].device
+    N, C, d2, d3 = dims
+    P = N * d2 * d3
+    arch = tuned_arch(device_arch(device))
+    grain = _INTERPRETER_GRAIN if interpreting() else _grain(kind, arch)
+    rows = triton.cdiv(P, grain) if with_sums else 0
+    part = _workspace((2, rows, C), device) if with_sums else None
+    dx = tensors[4]
+    parts = (part[0], part[1]) if with_sums else (dx, dx)  # never touched without the sums
+    args = (*tensors, *parts, *dims, rows, *strides)
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+
+    if interpreting():
+        _KERNELS[kind][grid](*args, **flags, P_GRAIN=grain, **_INTERPRETER_CONFIG, num_warps=4)
+    else:
+        _autotuned_kernel(kind, arch)[grid](*args, **flags, P_GRAIN=grain)
+    if not with_sums:
+        return None
+    sums = torch.empty((2, C), device=device, dtype=torch.float32)
+    cfg = _INTERPRETER_SUM_CONFIG if interpreting() else _SUM_CONFIG
+    _sum_partials_kernel[(triton.cdiv(C, cfg["BLOCK_C"]), 2)](part, sums, rows, C, **cfg, num_warps=_SUM_WARPS)
+    return sums
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_out(out, shape: tuple[int, ...], x: torch.Tensor, g: torch.Tensor) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must be {list(shape)}, got shape {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out dtype {out.dtype} must match x dtype {x.dtype}")
+    if out.device != x.device:
+        raise ValueError(f"out is on {out.device}, x on {x.device}")
+    # The autotuner runs the kernel several times on the same arguments: dx must not be an input.
+    if out.data_ptr() in (x.data_ptr(), g.data_ptr()):
+        raise ValueError("out must not share storage with g or x")
+
+
+def _check_common(g, x, op: str) -> tuple[int, int, int, int]:
+    _check_tensor("g", g)
+    _check_tensor("x", x)
+    triton_dtype(x.dtype)  # TypeError for anything but fp32/fp16/bf16
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if g.dtype != x.dtype:
+        raise TypeError(f"g dtype {g.dtype} must match x dtype {x.dtype}")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+        raise ValueError(f"{op} runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
+    if g.device != x.device:
+        raise ValueError(f"g is on {g.device}, x on {x.device}")
+    return tuple(x.shape)
+
+
+def affine_relu_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``y = max(x*scale[c] + shift[c], 0)`` (fp32 math) w.r.t. x, scale and shift.
+
+    Args:
+        g: ``[N, C, H, W]`` gradient of ``y``, ``x.dtype``, any strides.
+        x: ``[N, C, H, W]`` float32/float16/bfloat16, any strides (channels_last is fast).
+        scale, shift: fp32 ``[C]``.
+        out: optional ``[N, C, H, W]`` destination for dx in ``x.dtype``, any strides, not
+            sharing storage with g or x. Default: a new channels_last tensor.
+
+    With ``mask = x*scale + shift > 0`` in fp32: ``dx = g*mask*scale`` (fp32 math, stored in
+    ``x.dtype``), ``dscale[c] = sum g*mask*x`` and ``dshift[c] = sum g*mask`` over N, H, W (fp32,
+    deterministic). Returns ``(dx, dscale, dshift)``.
+    """
+    N, C, H, W = _check_common(g, x, "affine_relu_backward")
+    if tuple(g.shape) != (N, C, H, W):
+        raise ValueError(f"g must have x's shape {[N, C, H, W]}, got {tuple(g.shape)}")
+    if scale is None or shift is None:
+        raise ValueError("affine_relu_backward needs both scale and shift")
+    scale, shift = check_norm_affine(scale, shift, C, x, ("scale", "shift"))
+    _check_out(out, (N, C, H, W), x, g)
+    if N * H * W > _MAX_PIXELS:
+        raise ValueError(f"N*H*W = {N * H * W} pixels exceeds the int32 pixel index")
+    dx = out
+    if dx is None:
+        dx = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    P = N * H * W
+    if P == 0 or C == 0:
+        zeros = torch.zeros((2, C), device=x.device, dtype=torch.float32)
+        return dx, zeros[0], zeros[1]
+    strides = (*g.stride(), *x.stride(), *dx.stride())
+    sums = _launch("affine_relu", (g, x, scale, shift, dx), (N, C, H, W), strides, True)
+    return dx, sums[0], sums[1]
+
+
+def maxpool2x2_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Backward of ``y = maxpool2x2(T(x))``, ``T`` the affine-ReLU (identity without scale/shift).
+
+    Args:
+        g: ``[N, C, H//2, W//2]`` gradient of ``y``, ``x.dtype``, any strides.
+        x: ``[N, C, H, W]`` float32/float16/bfloat16, any strides (channels_last is fast); H and
+            W even.
+        scale, shift: fp32 ``[C]``, both or neither.
+        out: optional ``[N, C, H, W]`` destination for dx in ``x.dtype``, any strides, not
+            sharing storage with g or x. Default: a new channels_last tensor.
+
+    Each window's gradient goes to the element ``F.max_pool2d`` would pick on ``T(x)`` rounded to
+    ``x.dtype`` (the first of tied maxima; the last NaN of a window holding NaN); every other
+    element of dx is 0. With a norm that element then gets ``g*mask*scale`` and the routed
+    gradients are reduced into ``dscale``/``dshift`` as in ``affine_relu_backward``.
+
+    Returns ``(dx, dscale, dshift)``; ``dscale``/``dshift`` are None without a norm.
+    """
+    N, C, H, W = _check_common(g, x, "maxpool2x2_backward")
+    if H % 2 or W % 2:
+        raise ValueError(f"maxpool2x2_backward needs even H and W, got H={H}, W={W}")
+    H_out, W_out = H // 2, W // 2
+    if tuple(g.shape) != (N, C, H_out, W_out):
+        raise ValueError(f"g must be [{N}, {C}, {H_out}, {W_out}], got shape {tuple(g.shape)}")
+    norm = check_norm_affine(scale, shift, C, x, ("scale", "shift"))
+    _check_out(out, (N, C, H, W), x, g)
+    if N * H_out * W_out > _MAX_PIXELS:
+        raise ValueError("N*(H/2)*(W/2) output pixels exceed the int32 pixel index")
+    dx = out
+    if dx is None:
+        dx = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    P = N * H_out * W_out
+    if P == 0 or C == 0:
+        if norm is None:
+            return dx, None, None
+        zeros = torch.zeros((2, C), device=x.device, dtype=torch.float32)
+        return dx, zeros[0], zeros[1]
+    s, t = norm if norm is not None else (x, x)  # never read without IN_NORM
+    strides = (*g.stride(), *x.stride(), *dx.stride())
+    dims = (N, C, H_out, W_out)
+    sums = _launch("maxpool", (g, x, s, t, dx), dims, strides, norm is not None, IN_NORM=norm is not None)
+    if sums is None:
+        return dx, None, None
+    return dx, sums[0], sums[1]
+
+
+# --------------------------------------------------------------------------------------
+# Offline compile specs (benchmarks/kernel_report.py)
+# --------------------------------------------------------------------------------------
+
+
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """Every (kernel, config, dtype, IN_NORM) the launchers can run on ``arch``.
+
+    The signature describes the fast path: channels_last g, x and dx, whose channel strides
+    Triton specializes to the constant 1; every other size and stride is an ``i32``.
+    ``extra["attrs"]`` holds the divisibility-by-16 hints the JIT would add at U-Net sizes
+    (pass it as ``ASTSource``'s fourth argument).
+    """
+    arch = tuned_arch(arch)
+    specs = []
+    pixel_dims = {"affine_relu": ("N", "C", "H", "W"), "maxpool": ("N", "C", "H_out", "W_out")}
+    for kind, fn in _KERNELS.items():
+        strides = [f"stride_{t}{d}" for t in "gxd" for d in "nhw"]
+        ints = (*pixel_dims[kind], "ROWS", *strides)
+        aligned = ("g_ptr", "x_ptr", "scale_ptr", "shift_ptr", "dx_ptr", "dscale_part_ptr", "dshift_part_ptr")
+        aligned += ("C", *strides)
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            tt = triton_dtype(dtype)
+            for in_norm in (False, True) if kind == "maxpool" else (None,):
+                for cfg in _CONFIGS[kind][arch]:
+                    signature = {"g_ptr": f"*{tt}", "x_ptr": f"*{tt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
+                    signature.update({"dx_ptr": f"*{tt}", "dscale_part_ptr": "*fp32", "dshift_part_ptr": "*fp32"})
+                    signature.update({n: "i32" for n in ints})
+                    constexprs = {"stride_gc": 1, "stride_xc": 1, "stride_dc": 1}
+                    if in_norm is not None:
+                        constexprs["IN_NORM"] = in_norm
+                    constexprs.update({"P_GRAIN": _grain(kind, arch), **cfg.kwargs})
+                    signature.update({n: "constexpr" for n in constexprs})
+                    name = _config_name(cfg) + ("" if in_norm is None else ("_norm" if in_norm else "_plain"))
+                    specs.append(
+                        KernelSpec(
+                            kernel=_KERNEL_NAMES[kind],
+                            fn=fn,
+                            signature=signature,
+                            constexprs=constexprs,
+                            num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages,
+                            dtype=tt,
+                            config=name,
+                            extra={"label": tt, "attrs": attrs, "expect_hgmma": False},
+                        )
+                    )
+    sum_attrs = {(_sum_partials_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("part_ptr", "out_ptr")}
+    specs.append(
+        KernelSpec(
+            kernel="_sum_partials_kernel",
+            fn=_sum_partials_kernel,
+            signature={"part_ptr": "*fp32", "out_ptr": "*fp32", "ROWS": "i32", "C": "i32"}
+            | {n: "constexpr" for n in _SUM_CONFIG},
+            constexprs=dict(_SUM_CONFIG),
+            num_warps=_SUM_WARPS,
+            num_stages=1,
+            dtype="fp32",
+            config=f"BR{_SUM_CONFIG['BLOCK_R']}_BC{_SUM_CONFIG['BLOCK_C']}_w{_SUM_WARPS}",
+            extra={"label": "fp32", "attrs": sum_attrs, "expect_hgmma": False},
+        )
+    )
+    return specs
