@@ -6,9 +6,19 @@ GPUs its forward runs fused Triton kernels, elsewhere the exact eager math.
 
 from . import ops  # noqa: F401  (registers torch.ops.fastunet.*)
 from .backend import BACKENDS, get_backend, set_backend
+from .memory import saved_tensor_bytes
 from .model import UNet
 from .reference import DoubleConv, UNetReference
 
 __version__ = "0.1.0"
 
-__all__ = ["UNet", "UNetReference", "DoubleConv", "set_backend", "get_backend", "BACKENDS", "__version__"]
+__all__ = [
+    "UNet",
+    "UNetReference",
+    "DoubleConv",
+    "set_backend",
+    "get_backend",
+    "BACKENDS",
+    "saved_tensor_bytes",
+    "__version__",
+]
