@@ -76,14 +76,12 @@ def _bn_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, acc: torch.dtype) 
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Eval BatchNorm and conv bias as ``scale * conv_nobias + shift`` (differentiable)."""
-    inv_std = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    scale = inv_std if bn.weight is None else bn.weight.to(acc) * inv_std
-    bias = conv.bias.to(acc) if conv.bias is not None else torch.zeros_like(scale)
-    shift = (bias - bn.running_mean.to(acc)) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(acc)
-    return scale, shift
+    """Eval BatchNorm and conv bias as ``scale * conv_nobias + shift`` (differentiable): the bias
+    shifts the mean the BatchNorm subtracts."""
+    mean = bn.running_mean.to(acc)
+    if conv.bias is not None:
+        mean = mean - conv.bias.to(acc)
+    return _bn_affine(bn, mean, bn.running_var, acc)
 
 
 class UNet(UNetReference):
@@ -94,8 +92,8 @@ class UNet(UNetReference):
     multiples of ``2**depth``; on the fused path the output is channels_last.
 
     Prepared weights (packed layouts, folded BatchNorm) are cached per parameter version when
-    no gradient is needed, so inference packs them once; training re-derives them each step
-    (cheap, and differentiable).
+    no gradient is needed, so inference packs them once. In training the ops take the
+    parameters as they are and pack inside (so autograd saves no packed copies).
     """
 
     def __init__(self, in_ch: int, out_ch: int, **options):

@@ -269,3 +269,30 @@ def test_readme_table_renders_and_rewrites(quick_run, tmp_path):
     no_markers.write_text("# nothing to replace\n")
     assert readme_table.main([str(path), "--write-readme", str(no_markers)]) == 2
     assert no_markers.read_text() == "# nothing to replace\n"
+
+
+def test_training_step_includes_the_optimizer_and_keeps_the_weights():
+    """``--mode training`` times zero_grad + forward + backward + an optimizer step; lr=0 keeps
+    every provider on the shared weights, so the check after warm-up compares like with like."""
+    import providers
+
+    cfg = providers.ModelConfig(base_channels=4, depth=2)
+    sd = providers.make_state_dict(cfg, torch.device("cpu"), seed=0)
+    case = providers.make_case(
+        cfg, sd, mode="training", batch=2, size=16, dtype_name="fp32", device=torch.device("cpu"), n_inputs=2, seed=1
+    )
+    runner = providers.build_fastunet(case)
+    before = [p.detach().clone() for p in runner.params]
+    for x in case.inputs_cl:
+        runner.step(x)
+    assert all(p.grad is not None for p in runner.params)
+    assert all(torch.equal(p, b) for p, b in zip(runner.params, before, strict=True))
+    row = providers.bench_provider(_provider("fastunet"), case, warmup=1, reps=2, quick=True)
+    assert row["status"] == "ok", row["reason"]
+    assert row["grad_rel_l2_err"] is not None and row["grad_rel_l2_err"] < row["grad_tolerance"]
+
+
+def _provider(name):
+    import providers
+
+    return next(p for p in providers.PROVIDERS if p.name == name)

@@ -69,7 +69,8 @@ def test_eval_logits_and_one_input_channel(device):
 
 
 def test_train_mode_forward_backward_fp32(device):
-    """Train mode on the fused path: conv kernels + nn.BatchNorm2d; output, grads, BN stats."""
+    """Train mode on the fused path (batch statistics from the conv kernels, BatchNorm+ReLU on
+    the readers' loads): output, grads, BN running stats."""
     ref, model = low_precision_pair(torch.float32, device, **NARROW)
     ref.train()
     model.train()
