@@ -174,7 +174,10 @@ class UNet(UNetReference):
             _update_running_stats(bn, mean, var, z.numel() // z.shape[1])
         else:
             mean, var = bn.running_mean, bn.running_var
-        scale, shift = _bn_affine(bn, mean, var, acc)
+        # float64 vectors (C numbers): the ops then hand back the BatchNorm weight's gradient
+        # pieces in float64, where its chain rule's cancellation against mean * dshift is
+        # harmless (see ops._uncenter); the kernels read them as float32.
+        scale, shift = _bn_affine(bn, mean, var, torch.float64)
         return z, scale, shift
 
     # ------------------------------------------------------------------ pieces

@@ -169,6 +169,22 @@ def _affine_relu_grads(g: Tensor, x: Tensor, scale: Tensor | None, shift: Tensor
     return torch.ops.fastunet.affine_relu_backward(g, x, scale, shift)
 
 
+def _transform_center(scale: Tensor, shift: Tensor) -> Tensor:
+    """Where ``x * scale + shift`` crosses 0, per channel (0 where scale is 0), in float32: the
+    point the dscale sums are taken about. For a BatchNorm+ReLU it is ``mean - beta / scale``,
+    inside the data, so ``sum(g * (x - center))`` keeps the digits that ``sum(g * x)`` loses when
+    the mean dwarfs the spread (see ``kernels.affine_relu_backward``)."""
+    s, t = scale.float(), shift.float()
+    return torch.where(s != 0, -t / torch.where(s != 0, s, 1.0), 0.0)
+
+
+def _uncenter(dscale_c: Tensor, dshift: Tensor, center: Tensor, dtype: torch.dtype) -> Tensor:
+    """``dscale = dscale_c + center * dshift`` formed in float64, then cast to ``dtype``: in the
+    parameters' float64 (what the model passes) the BatchNorm weight's gradient survives the
+    cancellation its chain rule makes against ``mean * dshift``."""
+    return (dscale_c.double() + center.double() * dshift.double()).to(dtype)
+
+
 def _affine_relu_grads_composite(g: Tensor, x: Tensor, scale: Tensor, shift: Tensor):
     acc = _acc_dtype(x.dtype)
     xf = x.to(acc)
@@ -176,7 +192,10 @@ def _affine_relu_grads_composite(g: Tensor, x: Tensor, scale: Tensor, shift: Ten
     dead = torch.relu(xf * _channel_vec(scale, acc) + _channel_vec(shift, acc)) <= 0
     gm = torch.where(dead, torch.zeros((), dtype=acc, device=g.device), g.to(acc))
     dx = (gm * _channel_vec(scale, acc)).to(x.dtype)
-    return dx, (gm * xf).sum((0, 2, 3)).to(scale.dtype), gm.sum((0, 2, 3)).to(shift.dtype)
+    center = _transform_center(scale, shift)
+    dshift = gm.sum((0, 2, 3))
+    dscale = _uncenter((gm * (xf - _channel_vec(center, acc))).sum((0, 2, 3)), dshift, center, scale.dtype)
+    return dx, dscale, dshift.to(shift.dtype)
 
 
 def _conv3x3_grads(grad, x, x2, weight, scale, y, relu, needs):
@@ -666,9 +685,10 @@ def _(g, x, scale, shift):
 def _(g, x, scale, shift):
     _check_norm("affine_relu_backward", x.shape[1], scale, shift, "")
     if _use_kernels(x):
-        dx, ds, dt = _kernels().affine_relu_backward(g.to(x.dtype), x, scale.float(), shift.float())
+        center = _transform_center(scale, shift)
+        dx, ds, dt = _kernels().affine_relu_backward(g.to(x.dtype), x, scale.float(), shift.float(), center=center)
         # The launcher returns both sums as views of one buffer; op outputs must not alias.
-        return dx, ds.to(scale.dtype, copy=True), dt.to(shift.dtype, copy=True)
+        return dx, _uncenter(ds, dt, center, scale.dtype), dt.to(shift.dtype, copy=True)
     dx, ds, dt = _affine_relu_grads_composite(g, x, scale, shift)
     return _as_nhwc(dx, x.dtype), ds, dt
 
@@ -696,11 +716,11 @@ def _(g, x, in_scale, in_shift):
     _check_pool(x, in_scale, in_shift)
     vec = in_scale if in_scale is not None else x
     if _use_kernels(x):
-        s, t = _norm_arg(in_scale, in_shift) or (None, None)
-        dx, ds, dt = _kernels().maxpool2x2_backward(g.to(x.dtype), x, s, t)
         if in_scale is None:
-            return dx, vec.new_empty(0), vec.new_empty(0)
-        return dx, ds.to(in_scale.dtype, copy=True), dt.to(in_shift.dtype, copy=True)
+            return _kernels().maxpool2x2_backward(g.to(x.dtype), x)[0], vec.new_empty(0), vec.new_empty(0)
+        center = _transform_center(in_scale, in_shift)
+        dx, ds, dt = _kernels().maxpool2x2_backward(g.to(x.dtype), x, in_scale.float(), in_shift.float(), center=center)
+        return dx, _uncenter(ds, dt, center, in_scale.dtype), dt.to(in_shift.dtype, copy=True)
     xin = _affine_relu(x, in_scale, in_shift)
     # torch's own argmax, so ties and NaNs route gradients exactly as the reference does.
     _, idx = F.max_pool2d(xin, 2, return_indices=True)

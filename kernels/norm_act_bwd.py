@@ -127,8 +127,9 @@ def _affine_relu_bwd_kernel(
     x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
     scale_ptr,  # [C] fp32, contiguous
     shift_ptr,  # [C] fp32, contiguous
+    center_ptr,  # [C] fp32, contiguous: dscale is taken about it (see the launcher)
     dx_ptr,  # [N, C, H, W], any strides, x's dtype
-    dscale_part_ptr,  # [ROWS, C] fp32, contiguous: per-row partial sums of g*mask*x
+    dscale_part_ptr,  # [ROWS, C] fp32, contiguous: per-row partial sums of g*mask*(x - center)
     dshift_part_ptr,  # [ROWS, C] fp32, contiguous: per-row partial sums of g*mask
     N,
     C,
@@ -179,6 +180,7 @@ def _affine_relu_bwd_kernel(
     x = tl.load(x_ptr + (x_row[:, None] + offs_c[None, :] * stride_xc), mask=mask, other=0.0)
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)  # [BLOCK_C]
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+    center = tl.load(center_ptr + offs_c, mask=mask_c, other=0.0)
 
     gm = tl.where(_affine_relu(x, scale, shift) <= 0.0, 0.0, g.to(tl.float32))  # [BLOCK_P, BLOCK_C]
     tl.store(
@@ -189,7 +191,7 @@ def _affine_relu_bwd_kernel(
     _store_partials(
         dscale_part_ptr,
         dshift_part_ptr,
-        tl.sum(gm * x.to(tl.float32), axis=0),
+        tl.sum(gm * (x.to(tl.float32) - center[None, :]), axis=0),
         tl.sum(gm, axis=0),
         pid_p,
         offs_c,
@@ -206,6 +208,7 @@ def _maxpool2x2_bwd_kernel(
     x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
     scale_ptr,  # [C] fp32, contiguous (unused unless IN_NORM)
     shift_ptr,  # [C] fp32, contiguous (unused unless IN_NORM)
+    center_ptr,  # [C] fp32, contiguous (unused unless IN_NORM): dscale is taken about it
     dx_ptr,  # [N, C, H, W], any strides, x's dtype; every element is written
     dscale_part_ptr,  # [ROWS, C] fp32, contiguous (unused unless IN_NORM)
     dshift_part_ptr,  # [ROWS, C] fp32, contiguous (unused unless IN_NORM)
@@ -302,8 +305,9 @@ def _maxpool2x2_bwd_kernel(
         tl.store(d_ptrs + stride_dh + stride_dw, (g11 * scale[None, :]).to(d_ty), mask=mask)
         # At most one tap per window carries gradient, so these sums lose nothing by being
         # formed per tile before the reduction over pixels.
-        gx = g00 * x00.to(tl.float32) + g01 * x01.to(tl.float32) + g10 * x10.to(tl.float32)
-        gx += g11 * x11.to(tl.float32)
+        center = tl.load(center_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+        gx = g00 * (x00.to(tl.float32) - center) + g01 * (x01.to(tl.float32) - center)
+        gx += g10 * (x10.to(tl.float32) - center) + g11 * (x11.to(tl.float32) - center)
         _store_partials(
             dscale_part_ptr,
             dshift_part_ptr,
@@ -424,7 +428,7 @@ def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: bool, **flags):
-    """Run kernel ``kind`` on ``tensors = (g, x, scale, shift, dx)`` with sizes ``dims`` (its
+    """Run kernel ``kind`` on ``tensors = (g, x, scale, shift, center, dx)`` with sizes ``dims`` (its
     ``N, C`` and two pixel dims) and the g, x, dx ``strides``. Returns the ``[2, C]`` fp32
     ``(dscale, dshift)`` if ``with_sums``, else None.
 
@@ -437,7 +441,7 @@ def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: b
     grain = _INTERPRETER_GRAIN if interpreting() else _grain(kind, arch)
     rows = triton.cdiv(P, grain) if with_sums else 0
     part = _workspace((2, rows, C), device) if with_sums else None
-    dx = tensors[4]
+    dx = tensors[5]
     parts = (part[0], part[1]) if with_sums else (dx, dx)  # never touched without the sums
     args = (*tensors, *parts, *dims, rows, *strides)
 
@@ -459,6 +463,19 @@ def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: b
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
+
+
+def _check_center(center, C: int, x: torch.Tensor) -> torch.Tensor:
+    """The fp32 ``[C]`` centre of the dscale sums (zeros when None)."""
+    if center is None:
+        return torch.zeros(C, device=x.device, dtype=torch.float32)
+    if not isinstance(center, torch.Tensor) or center.dtype != torch.float32:
+        raise TypeError("center must be a float32 tensor")
+    if tuple(center.shape) != (C,):
+        raise ValueError(f"center must be [{C}], got {tuple(center.shape)}")
+    if center.device != x.device:
+        raise ValueError(f"center is on {center.device}, expected {x.device}")
+    return center.contiguous()
 
 
 def _check_tensor(name: str, t) -> None:
@@ -503,6 +520,7 @@ def affine_relu_backward(
     scale: torch.Tensor,
     shift: torch.Tensor,
     *,
+    center: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of ``y = max(x*scale[c] + shift[c], 0)`` (fp32 math) w.r.t. x, scale and shift.
@@ -511,12 +529,17 @@ def affine_relu_backward(
         g: ``[N, C, H, W]`` gradient of ``y``, ``x.dtype``, any strides.
         x: ``[N, C, H, W]`` float32/float16/bfloat16, any strides (channels_last is fast).
         scale, shift: fp32 ``[C]``.
+        center: optional fp32 ``[C]``: ``dscale`` is returned about it (below). When x's mean
+            dwarfs its spread (a raw pre-BatchNorm activation of mean 1000), ``sum g*mask*x`` in
+            fp32 holds the BatchNorm weight's gradient only to ~eps*|mean|/std; about a centre
+            inside the data the sum keeps its digits, and the caller adds ``center*dshift`` in
+            higher precision.
         out: optional ``[N, C, H, W]`` destination for dx in ``x.dtype``, any strides, not
             sharing storage with g or x. Default: a new channels_last tensor.
 
-    With ``mask = x*scale + shift > 0`` in fp32: ``dx = g*mask*scale`` (fp32 math, stored in
-    ``x.dtype``), ``dscale[c] = sum g*mask*x`` and ``dshift[c] = sum g*mask`` over N, H, W (fp32,
-    deterministic). Returns ``(dx, dscale, dshift)``.
+    With ``mask = not (relu(x*scale + shift) <= 0)`` in fp32: ``dx = g*mask*scale`` (fp32 math,
+    stored in ``x.dtype``), ``dscale[c] = sum g*mask*(x - center)`` (center 0 when omitted) and
+    ``dshift[c] = sum g*mask`` over N, H, W (fp32, deterministic). Returns ``(dx, dscale, dshift)``.
     """
     N, C, H, W = _check_common(g, x, "affine_relu_backward")
     if tuple(g.shape) != (N, C, H, W):
@@ -524,6 +547,7 @@ def affine_relu_backward(
     if scale is None or shift is None:
         raise ValueError("affine_relu_backward needs both scale and shift")
     scale, shift = check_norm_affine(scale, shift, C, x, ("scale", "shift"))
+    center = _check_center(center, C, x)
     _check_out(out, (N, C, H, W), x, g)
     if N * H * W > _MAX_PIXELS:
         raise ValueError(f"N*H*W = {N * H * W} pixels exceeds the int32 pixel index")
@@ -535,7 +559,7 @@ def affine_relu_backward(
         zeros = torch.zeros((2, C), device=x.device, dtype=torch.float32)
         return dx, zeros[0], zeros[1]
     strides = (*g.stride(), *x.stride(), *dx.stride())
-    sums = _launch("affine_relu", (g, x, scale, shift, dx), (N, C, H, W), strides, True)
+    sums = _launch("affine_relu", (g, x, scale, shift, center, dx), (N, C, H, W), strides, True)
     return dx, sums[0], sums[1]
 
 
@@ -545,6 +569,7 @@ def maxpool2x2_backward(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     *,
+    center: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward of ``y = maxpool2x2(T(x))``, ``T`` the affine-ReLU (identity without scale/shift).
@@ -554,6 +579,8 @@ def maxpool2x2_backward(
         x: ``[N, C, H, W]`` float32/float16/bfloat16, any strides (channels_last is fast); H and
             W even.
         scale, shift: fp32 ``[C]``, both or neither.
+        center: optional fp32 ``[C]`` (with a norm): ``dscale`` is taken about it, as in
+            ``affine_relu_backward``.
         out: optional ``[N, C, H, W]`` destination for dx in ``x.dtype``, any strides, not
             sharing storage with g or x. Default: a new channels_last tensor.
 
@@ -571,6 +598,9 @@ def maxpool2x2_backward(
     if tuple(g.shape) != (N, C, H_out, W_out):
         raise ValueError(f"g must be [{N}, {C}, {H_out}, {W_out}], got shape {tuple(g.shape)}")
     norm = check_norm_affine(scale, shift, C, x, ("scale", "shift"))
+    if norm is None and center is not None:
+        raise ValueError("maxpool2x2_backward: center needs scale and shift")
+    center = _check_center(center, C, x) if norm is not None else x  # never read without IN_NORM
     _check_out(out, (N, C, H, W), x, g)
     if N * H_out * W_out > _MAX_PIXELS:
         raise ValueError("N*(H/2)*(W/2) output pixels exceed the int32 pixel index")
@@ -586,7 +616,7 @@ def maxpool2x2_backward(
     s, t = norm if norm is not None else (x, x)  # never read without IN_NORM
     strides = (*g.stride(), *x.stride(), *dx.stride())
     dims = (N, C, H_out, W_out)
-    sums = _launch("maxpool", (g, x, s, t, dx), dims, strides, norm is not None, IN_NORM=norm is not None)
+    sums = _launch("maxpool", (g, x, s, t, center, dx), dims, strides, norm is not None, IN_NORM=norm is not None)
     if sums is None:
         return dx, None, None
     return dx, sums[0], sums[1]
@@ -611,7 +641,16 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     for kind, fn in _KERNELS.items():
         strides = [f"stride_{t}{d}" for t in "gxd" for d in "nhw"]
         ints = (*pixel_dims[kind], "ROWS", *strides)
-        aligned = ("g_ptr", "x_ptr", "scale_ptr", "shift_ptr", "dx_ptr", "dscale_part_ptr", "dshift_part_ptr")
+        aligned = (
+            "g_ptr",
+            "x_ptr",
+            "scale_ptr",
+            "shift_ptr",
+            "center_ptr",
+            "dx_ptr",
+            "dscale_part_ptr",
+            "dshift_part_ptr",
+        )
         aligned += ("C", *strides)
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -619,6 +658,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
             for in_norm in (False, True) if kind == "maxpool" else (None,):
                 for cfg in _CONFIGS[kind][arch]:
                     signature = {"g_ptr": f"*{tt}", "x_ptr": f"*{tt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
+                    signature["center_ptr"] = "*fp32"
                     signature.update({"dx_ptr": f"*{tt}", "dscale_part_ptr": "*fp32", "dshift_part_ptr": "*fp32"})
                     signature.update({n: "i32" for n in ints})
                     constexprs = {"stride_gc": 1, "stride_xc": 1, "stride_dc": 1}

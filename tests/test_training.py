@@ -170,10 +170,11 @@ def test_large_mean_activations_keep_their_variance(device):
     """A first conv output of mean ~1000 and spread ~0.5: Σy² - n·mean² in fp32 would put a
     ~1e-2 relative error on its variance. Any fp32 model also rounds z itself (~1e-4 of the
     spread here, which flips a few ReLU masks), so the bar is the float32 reference model's own
-    error. Factor 8, because one gradient is known to be worse: the large-mean layer's BatchNorm
-    weight, whose gradient is sum(g * (x - mean)) formed as sum(g*x) - mean*sum(g) from the raw
-    x, losing ~eps*|mean|/std (measured 1.3e-3 vs the reference's 2.1e-4, 6x; see the README's
-    known limits). A forward that took the variance as Σy² - n·mean² fails this by ~50x."""
+    error, with room for a different set of flips (factor 3; measured worst 2.6x, on a conv bias
+    whose true gradient is tiny). The large-mean layer's BatchNorm weight gradient is the one a
+    raw-activation backward gets wrong (sum(g*x) - mean*sum(g) loses ~eps*|mean|/std: 1.3e-3 before
+    the centred sums, 2.0e-4 now, the reference 2.1e-4). A forward that took the variance as
+    Σy² - n·mean² fails this by ~50x."""
     ref64, model = train_pair(torch.float32, device, **NARROW)
     ref64 = ref64.to(device)
     with torch.no_grad():
@@ -189,7 +190,7 @@ def test_large_mean_activations_keep_their_variance(device):
         _step_results(ref64, x.double(), g.double()),
         torch.float32,
         names,
-        factor=8.0,
+        factor=3.0,
     )
 
 

@@ -379,3 +379,42 @@ def test_unet_size_cuda(dtype):
     g = make_input((2, 64, 128, 128), dtype, dev, "nhwc")
     scale, shift = make_norm(64, dev)
     check(affine_relu_backward(g, x, scale, shift), reference_affine_relu(g, x, scale, shift), dtype, "affine cuda")
+
+
+@pytest.mark.parametrize("kind", ["affine", "pool"])
+def test_dscale_about_a_center_keeps_its_digits(kind, device):
+    """A raw activation of mean 1000 and spread 0.5: sum(g*mask*x) in fp32 cannot hold the
+    BatchNorm weight's gradient sum(g*mask*(x - mean)) (it is ~1000x smaller than either term);
+    taken about a centre inside the data, the kernel's sum matches float64 to fp32 precision."""
+    shape = (2, 4, 8, 8)
+    x = (1000.0 + 0.5 * torch.randn(shape, device=device)).contiguous(memory_format=torch.channels_last)
+    mean = x.double().mean((0, 2, 3))
+    scale = torch.full((4,), 2.0, device=device)
+    shift = (-mean * 2.0 + 0.3).float()  # the BatchNorm of x: relu((x - mean) * 2 + 0.3)
+    center = mean.float()
+    if kind == "affine":
+        g = torch.randn(shape, device=device)
+        _, dscale, dshift = affine_relu_backward(g, x, scale, shift, center=center)
+        gr = g.double()
+    else:
+        g = torch.randn(2, 4, 4, 4, device=device)
+        _, dscale, dshift = maxpool2x2_backward(g, x, scale, shift, center=center)
+        xr = x.double().requires_grad_()
+        F.max_pool2d(torch.relu(xr * 2.0 + bcast(shift.double())), 2).backward(g.double())
+        gr = xr.grad / 2.0  # dL/dT routed through the pool, before the ReLU mask and the scale
+    live = (x.double() * 2.0 + bcast(shift.double())) > 0
+    gm = torch.where(live, gr, torch.zeros_like(gr))
+    expected = (gm * (x.double() - bcast(center.double()))).sum((0, 2, 3))
+    assert_close(dscale, expected, "fp32", "dscale about the centre", scale=gm.abs().sum().item() * 0.5)
+    assert_close(dshift, gm.sum((0, 2, 3)), "fp32", "dshift")
+
+
+def test_center_validation(device):
+    x = torch.randn(1, 3, 2, 2, device=device)
+    s, t = make_norm(3, device)
+    with pytest.raises(ValueError, match=r"center must be \[3\]"):
+        affine_relu_backward(x, x, s, t, center=torch.zeros(2, device=device))
+    with pytest.raises(TypeError, match="float32"):
+        affine_relu_backward(x, x, s, t, center=torch.zeros(3, device=device, dtype=torch.float64))
+    with pytest.raises(ValueError, match="center needs scale and shift"):
+        maxpool2x2_backward(x[:, :, :1, :1], x, center=torch.zeros(3, device=device))
