@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -63,6 +63,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+class GemmConfig(NamedTuple):
+    """One tile config of a GEMM-shaped kernel: block sizes and launch options."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"M{self.BLOCK_M}_N{self.BLOCK_N}_K{self.BLOCK_K}_w{self.num_warps}_s{self.num_stages}"
+
+    def smem(self, elem: int) -> int:
+        """Upper bound on the pipelined A/B buffers (what the shared-memory pruning compares)."""
+        return self.num_stages * (self.BLOCK_M * self.BLOCK_K + self.BLOCK_K * self.BLOCK_N) * elem
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ compile report uses ``compile_specs``.
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 import torch
 import triton
@@ -43,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    GemmConfig,
     KernelSpec,
     device_arch,
     dot_precision,
@@ -418,16 +418,7 @@ def _conv3x3_splitk_epilogue_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-class _Cfg(NamedTuple):
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_K: int
-    num_warps: int
-    num_stages: int
-
-    @property
-    def name(self) -> str:
-        return f"M{self.BLOCK_M}_N{self.BLOCK_N}_K{self.BLOCK_K}_w{self.num_warps}_s{self.num_stages}"
+_Cfg = GemmConfig
 
 
 # Hopper (132 SMs, 227 KiB smem): BLOCK_M >= 64 and 4/8 warps so 16-bit dots lower to wgmma.
@@ -510,13 +501,8 @@ _HEAD_BLOCK_N = (64, 128, 256)
 _SMALL_C_MAX_BLOCK_K = 32
 
 
-def _smem_bytes(cfg: _Cfg, elem_size: int) -> int:
-    """Upper bound on the pipelined A/B buffers (what the shared-memory pruning compares)."""
-    return cfg.num_stages * (cfg.BLOCK_M * cfg.BLOCK_K + cfg.BLOCK_K * cfg.BLOCK_N) * elem_size
-
-
 def _fits(cfg: _Cfg, arch: int, elem_size: int) -> bool:
-    return _smem_bytes(cfg, elem_size) <= smem_limit(arch)
+    return cfg.smem(elem_size) <= smem_limit(arch)
 
 
 # The training forms transform the A tile in registers (NORM) and reduce the accumulator
@@ -573,7 +559,7 @@ def _prune(configs, variant: str, arch: int, args: dict) -> list:
             keep = [c for c in keep if c.kwargs["BLOCK_N"] >= c_out] or keep
         if args["SMALL_C"]:
             keep = [c for c in keep if c.kwargs["BLOCK_K"] <= _SMALL_C_MAX_BLOCK_K] or keep
-        keep = [min(keep, key=lambda c: _smem_bytes(cfg_of(c), elem))]
+        keep = [min(keep, key=lambda c: cfg_of(c).smem(elem))]
     return keep
 
 

@@ -27,7 +27,6 @@ Launcher: ``conv3x3_weight_grad``; the offline compile report uses ``compile_spe
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 import torch
 import triton
@@ -35,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    GemmConfig,
     KernelSpec,
     device_arch,
     dot_precision,
@@ -295,16 +295,7 @@ def _conv3x3_wgrad_reduce_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-class _Cfg(NamedTuple):
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_K: int
-    num_warps: int
-    num_stages: int
-
-    @property
-    def name(self) -> str:
-        return f"M{self.BLOCK_M}_N{self.BLOCK_N}_K{self.BLOCK_K}_w{self.num_warps}_s{self.num_stages}"
+_Cfg = GemmConfig
 
 
 # Hopper: BLOCK_M >= 64 and 4/8 warps so 16-bit (and TF32) dots lower to wgmma. With a norm the
@@ -365,13 +356,8 @@ _CONFIGS = {
 _INTERPRETER_CFG = _Cfg(16, 16, 16, 4, 1)
 
 
-def _smem_bytes(cfg: _Cfg, elem_size: int) -> int:
-    """Upper bound on the pipelined A/B buffers (what the shared-memory pruning compares)."""
-    return cfg.num_stages * (cfg.BLOCK_M * cfg.BLOCK_K + cfg.BLOCK_K * cfg.BLOCK_N) * elem_size
-
-
 def _fits(cfg: _Cfg, arch: int, elem_size: int) -> bool:
-    return _smem_bytes(cfg, elem_size) <= smem_limit(arch)
+    return cfg.smem(elem_size) <= smem_limit(arch)
 
 
 def _variant(small_c: bool, precision: str, elem_size: int) -> str:
@@ -394,7 +380,7 @@ def _prune(configs, arch: int, args: dict) -> list:
     m_cap = max(64, triton.next_power_of_2(c_out))
     n_cap = max(16 if args["SMALL_C"] else 64, triton.next_power_of_2(cols))
     keep = [c for c in fitting if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
-    return keep or [min(fitting or list(configs), key=lambda c: _smem_bytes(cfg_of(c), elem))]
+    return keep or [min(fitting or list(configs), key=lambda c: cfg_of(c).smem(elem))]
 
 
 _AUTOTUNED: dict[tuple[str, int], object] = {}

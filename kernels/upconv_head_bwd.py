@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -37,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    GemmConfig,
     KernelSpec,
     device_arch,
     dot_precision,
@@ -454,20 +454,7 @@ def _sum_splits_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-class _Cfg(NamedTuple):
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_K: int
-    num_warps: int
-    num_stages: int
-
-    @property
-    def name(self) -> str:
-        return f"M{self.BLOCK_M}_N{self.BLOCK_N}_K{self.BLOCK_K}_w{self.num_warps}_s{self.num_stages}"
-
-    def smem(self, elem: int) -> int:
-        """Upper bound on the pipelined A/B buffers (what the shared-memory pruning compares)."""
-        return self.num_stages * (self.BLOCK_M * self.BLOCK_K + self.BLOCK_K * self.BLOCK_N) * elem
+_Cfg = GemmConfig
 
 
 # Upconv input grad: the forward's GEMM shape (pixels x channels, K = 4*C_out), no transform.
