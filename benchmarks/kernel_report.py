@@ -9,8 +9,9 @@ constexprs. This script compiles each one for a GPU that need not be present::
                    target=GPUTarget("cuda", arch, 32),
                    options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
-and reads, per spec, registers per thread, spilled bytes, shared memory per block and whether
-the SASS holds ``HGMMA`` (Hopper's warpgroup MMA, ``wgmma`` in PTX). It fails (exit status 1) on
+and reads, per spec, registers per thread, spilled bytes, shared memory per block, whether
+the SASS holds ``HGMMA`` (Hopper's warpgroup MMA, ``wgmma`` in PTX) and how many float max/min
+instructions in the PTX drop NaN. It fails (exit status 1) on
 
 * a spec that does not compile (the spec and the error are printed),
 * any register spill (spill stores + spill loads > 0 bytes),
@@ -18,6 +19,8 @@ the SASS holds ``HGMMA`` (Hopper's warpgroup MMA, ``wgmma`` in PTX). It fails (e
 * on sm_90 and later: a 16-bit (fp16/bf16) spec of a ``conv3x3`` kernel that contains a
   ``tl.dot`` but whose SASS has no ``HGMMA`` (a spec can override the rule with
   ``extra["expect_hgmma"] = True/False``),
+* a NaN-dropping float max/min in the PTX (see below), unless the spec documents why it is
+  harmless with ``extra["nan_dropping_ok"] = "<reason>"`` (a non-empty string),
 * a kernel module that exists but fails to import, or whose ``compile_specs`` raises,
 * two specs with the same (kernel, config, dtype).
 
@@ -29,6 +32,28 @@ matters: the JIT marks every 16-byte-aligned pointer and every int divisible by 
 turns an int equal to 1 into a constexpr. On one tile config (fp16, 128x64x32, 4 warps) the
 same GEMM compiled to 254 registers and 32 KiB of shared memory without the hints and to 153
 registers and 16 KiB with them. A spec should spell out what the runtime will see.
+
+NaN-dropping max/min
+--------------------
+``tl.maximum``/``tl.minimum`` on floats default to ``propagate_nan=tl.PropagateNan.NONE``, which
+is LLVM's ``maxnum``: PTX ``max.f32`` (``max.f16x2``/``max.bf16x2`` on sm_90, ``max.f16``/
+``max.bf16`` on sm_80), which returns the other operand when one is NaN: ``max(NaN, 0) = 0``.
+``tl.max``/``tl.min`` reduce with the same function. torch propagates NaN (``relu(NaN)``,
+``clamp(NaN)``, the BatchNorm statistics of a NaN batch are all NaN), so such an instruction makes a
+kernel disagree with the reference model exactly when something has gone wrong, and hides it. The
+interpreter does not model the GPU here reliably: triton 3.9 runs ``maxnum`` as ``np.fmax``
+(NaN-dropping, like the GPU) but triton 3.6 as ``np.maximum`` (NaN-propagating), so ring 1 sees
+the problem only with a NaN test and a recent triton. The report therefore counts, in every
+spec's PTX, the ``max``/``min`` instructions of a float type (``f16``, ``f16x2``, ``bf16``,
+``bf16x2``, ``f32``, ``f64``) without the ``.NaN`` modifier; integer forms (``max.s32``, ...)
+are not counted. The torch-exact forms compile to none: ``tl.where(v < 0.0, 0.0, v)`` (a ReLU
+that also keeps -0.0, as ``torch.relu`` on CPU; ``setp`` + ``selp``) and
+``tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)`` (``max.NaN.f32``, one instruction, the
+same in triton 3.6). Each counted instruction is attributed to its source line through the
+PTX's ``.loc`` (a ``tl.max`` is blamed on its caller, not on ``triton/language/standard.py``)
+and the first few sites are shown, e.g. ``20x max.f32 at head1x1.py:123``. An exemption is for
+a reduction whose result provably still matches torch, e.g. a softmax's row max: a NaN logit
+makes ``exp(logit - max)`` NaN and so the whole row NaN whatever the max is.
 
 How the numbers are read offline (no GPU, no driver)
 ----------------------------------------------------
@@ -49,9 +74,12 @@ Instead:
 * HGMMA: ``cuobjdump -sass`` on the cubin (about 0.5 s). It only runs when the PTX has
   ``wgmma``: without ``wgmma`` in the PTX, ptxas cannot emit HGMMA, so such specs (everything
   on sm_80, fp32 IEEE dots, kernels without a dot) are not disassembled.
+* NaN-dropping max/min: a regular expression over ``compiled.asm["ptx"]`` (no tool needed).
 * each measurement is saved as ``<triton cache dir>/fastunet_kernel_report/<hash>.json``, where
   ``<hash>`` is the kernel's triton cache key. When triton's cache and that file both hit, a
-  spec costs milliseconds. ``--no-cache`` recompiles everything (``TRITON_ALWAYS_COMPILE=1``)
+  spec costs milliseconds. A saved record carries ``_MEASURE_FORMAT``; one of another format
+  (or missing a field) is measured again, so a record from before the NaN count cannot pass
+  for "no NaN-dropping instruction". ``--no-cache`` recompiles everything (``TRITON_ALWAYS_COMPILE=1``)
   and measures again.
 
 The same calls work on triton 3.6: ``ASTSource``/``GPUTarget``/``triton.compile`` take the same
@@ -137,15 +165,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 KERNEL_MODULES = (
     "conv3x3",
     "bn_stats",
+    "bn_train",
     "conv3x3_wgrad",
     "norm_act_bwd",
     "upconv2x2",
     "maxpool2x2",
     "head1x1",
     "upconv_head_bwd",
+    "entry",
 )
 PACKAGES = ("fastunet.kernels", "kernels")  # installed package first, then the checkout
-JSON_KEYS = ("kernel", "config", "dtype", "regs", "spills", "smem", "hgmma")
+JSON_KEYS = ("kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan_dropping")
 SIXTEEN_BIT = ("fp16", "bf16")
 HGMMA_KERNEL_PREFIX = "conv3x3"
 
@@ -154,7 +184,11 @@ EXIT_OK, EXIT_FAIL, EXIT_EMPTY = 0, 1, 3
 # Knobs read by triton at compile time (same names in 3.6 and 3.9).
 _DUMP_LOG_ENV = "TRITON_DUMP_PTXAS_LOG"
 _ALWAYS_COMPILE_ENV = "TRITON_ALWAYS_COMPILE"
-_MEASURE_FORMAT = 2  # bump when the cached measurement's meaning changes
+# Bump when the cached measurement's meaning changes: a record of another format is measured
+# again (3: NaN-dropping max/min counted from the PTX).
+_MEASURE_FORMAT = 3
+_MEASURE_KEYS = ("regs", "spills", "spill_source", "hgmma", "mma", "notes", "nan_dropping", "nan_dropping_sites")
+_NAN_SITES_KEPT = 4  # distinct (instruction, source line) pairs kept per spec
 _FP_FUSION_WARNING = r".*TRITON_DEFAULT_FP_FUSION.*"
 
 
@@ -182,6 +216,9 @@ class Row:
     mma: str = ""  # first MMA instruction: from the SASS (HGMMA.64x64x16.F32) or the PTX
     spill_source: str = ""  # "ptxas" or "sass"
     cached: bool = False  # measurement read back from the report's cache
+    nan_dropping: int = 0  # float max/min instructions in the PTX without .NaN (drop NaN)
+    nan_dropping_sites: list[str] = dataclasses.field(default_factory=list)  # "3x max.f32 at f.py:12"
+    nan_dropping_ok: str | None = None  # spec.extra["nan_dropping_ok"]: why they are harmless
     error: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     compile_s: float = 0.0
@@ -202,6 +239,7 @@ class Row:
             "spills": int(self.spills),
             "smem": int(self.smem),
             "hgmma": bool(self.hgmma),
+            "nan_dropping": int(self.nan_dropping),
         }
 
 
@@ -229,6 +267,11 @@ def hgmma_required(row: Row, arch: int) -> bool:
     return is_conv and row.dtype in SIXTEEN_BIT and row.has_dot
 
 
+def nan_dropping_failed(row: Row) -> bool:
+    """Whether ``row`` fails the NaN rule: NaN-dropping max/min in the PTX and no exemption."""
+    return row.nan_dropping > 0 and not row.nan_dropping_ok
+
+
 def check_rows(rows: Sequence[Row], arch: int) -> list[str]:
     """Every ring-2 failure among ``rows``, one message each (empty: all good)."""
     failures = []
@@ -253,6 +296,14 @@ def check_rows(rows: Sequence[Row], arch: int) -> list[str]:
             failures.append(
                 f"{r.label}: no HGMMA in the SASS on sm_{arch} (got {got}; num_warps="
                 f"{r.num_warps}); see the module docstring for what HGMMA needs"
+            )
+        if nan_dropping_failed(r):
+            where = "; ".join(r.nan_dropping_sites) or "no line info"
+            failures.append(
+                f"{r.label}: {r.nan_dropping} NaN-dropping float max/min in the PTX ({where}); "
+                "torch propagates NaN: write a ReLU as tl.where(v < 0.0, 0.0, v), a clamp with "
+                "propagate_nan=tl.PropagateNan.ALL, or, where the result provably still matches "
+                'torch, set the spec\'s extra["nan_dropping_ok"] = "<why>"'
             )
     return failures
 
@@ -340,6 +391,72 @@ def parse_ptxas_log(log: str) -> dict[str, Any]:
     }
 
 
+# A float max/min without ``.NaN`` returns the other operand when one is NaN (PTX ISA:
+# ``max{.ftz}{.NaN}{.xorsign.abs}.f32``, ``max{.ftz}{.NaN}.f16/.f16x2``, ``max{.NaN}.bf16/.bf16x2``;
+# ``max.f64`` has no ``.NaN`` form). One instruction per statement; an optional guard predicate.
+_PTX_MINMAX = re.compile(r"(?:^|[;{])[ \t]*(?:@!?%\w+[ \t]+)?((?:max|min)(?:\.\w+)+)[ \t]", re.MULTILINE)
+_PTX_FLOAT_TYPES = frozenset({"f16", "f16x2", "bf16", "bf16x2", "f32", "f64"})
+_PTX_FILE = re.compile(r'^[ \t]*\.file[ \t]+(\d+)[ \t]+"([^"]*)"', re.MULTILINE)
+_PTX_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+(\d+)(?:.*?inlined_at\s+(\d+)\s+(\d+)\s+(\d+))?")
+_TRITON_LIB = re.compile(r"[/\\]triton[/\\]language[/\\]")
+
+
+def nan_dropping_instruction(spelling: str) -> bool:
+    """Whether a PTX ``max``/``min`` spelling (``max.ftz.f32``, ``min.NaN.bf16x2``) drops NaN:
+    a float type without the ``.NaN`` modifier. Integer ``max.s32``/``min.u64``... never do."""
+    parts = spelling.split(".")
+    return parts[0] in ("max", "min") and parts[-1] in _PTX_FLOAT_TYPES and "NaN" not in parts[1:]
+
+
+def parse_ptx_nan_dropping(ptx: str, keep: int = _NAN_SITES_KEPT) -> dict[str, Any]:
+    """Count the float max/min instructions of ``ptx`` that drop NaN.
+
+    Returns ``{"count": n, "sites": [...]}``, sites being the first ``keep`` distinct
+    (instruction, source line) pairs as ``"20x max.f32 at head1x1.py:123"``. The source line is
+    the PTX's ``.loc`` before the instruction; a line inside ``triton/language`` (the combine
+    function of ``tl.max``, say) is followed to its caller: through the ``inlined_at`` chain
+    (triton 3.9) or the ``// standard.py:170:27 @[ k.py:21:23 ]`` comment (triton 3.6).
+    """
+    files = {int(i): name for i, name in _PTX_FILE.findall(ptx)}
+    lib_names = {os.path.basename(name) for name in files.values() if _TRITON_LIB.search(name)}
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+    where = ""
+    counts: Counter = Counter()
+    for line in ptx.splitlines():
+        loc = _PTX_LOC.match(line)
+        if loc:
+            f, ln, _, pf, pln, _ = loc.groups()
+            here = (int(f), int(ln))
+            if pf is not None:
+                parent[here] = (int(pf), int(pln))
+            where = _source_line(here, files, parent, lib_names, line.partition("//")[2])
+            continue
+        for spelling in _PTX_MINMAX.findall(line):
+            if nan_dropping_instruction(spelling):
+                counts[spelling, where] += 1
+    sites = [f"{n}x {spelling}" + (f" at {at}" if at else "") for (spelling, at), n in list(counts.items())[:keep]]
+    return {"count": sum(counts.values()), "sites": sites}
+
+
+_PTX_LOC_COMMENT = re.compile(r"([\w.-]+\.py):(\d+)")
+
+
+def _source_line(here, files: dict[int, str], parent: dict, lib_names: set[str], comment: str) -> str:
+    """``file.py:line`` of a ``.loc``, moved out of triton's own library to the caller."""
+    seen = set()
+    while _TRITON_LIB.search(files.get(here[0], "")) and here in parent and here not in seen:
+        seen.add(here)
+        here = parent[here]
+    if here[0] not in files:
+        return ""
+    if _TRITON_LIB.search(files[here[0]]):
+        # No inlined_at (triton 3.6): the comment spells the chain, innermost first.
+        callers = [f"{name}:{ln}" for name, ln in _PTX_LOC_COMMENT.findall(comment) if name not in lib_names]
+        if callers:
+            return callers[0]
+    return f"{os.path.basename(files[here[0]])}:{here[1]}"
+
+
 def parse_cuobjdump(text: str) -> dict[str, Any]:
     """Registers, HGMMA, the first MMA instruction and STL/LDL bytes from cuobjdump output."""
     regs = [int(r) for r in re.findall(r"\bREG:(\d+)", text)]
@@ -397,7 +514,10 @@ def _load_measurement(kernel_hash: str) -> dict[str, Any] | None:
         data = json.loads(path.read_text()) if path is not None else None
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("format") == _MEASURE_FORMAT else None
+    # A record of an older format (before the NaN count, say) lacks fields: measure again.
+    if not isinstance(data, dict) or data.get("format") != _MEASURE_FORMAT:
+        return None
+    return data if all(k in data for k in _MEASURE_KEYS) else None
 
 
 def _store_measurement(kernel_hash: str, data: dict[str, Any]) -> None:
@@ -414,7 +534,7 @@ def _store_measurement(kernel_hash: str, data: dict[str, Any]) -> None:
 
 
 def _measure(compiled, ptxas_log: str) -> dict[str, Any]:
-    """Registers, spills, HGMMA and notes of a compiled kernel.
+    """Registers, spills, HGMMA, NaN-dropping max/min and notes of a compiled kernel.
 
     The SASS is disassembled only when it can tell something: when the PTX has ``wgmma``
     (confirm HGMMA) or when there is no ptxas log (count spills). Without ``wgmma`` in the PTX
@@ -423,6 +543,7 @@ def _measure(compiled, ptxas_log: str) -> dict[str, Any]:
     """
     ptxas = parse_ptxas_log(ptxas_log)
     ptx = compiled.asm.get("ptx", "")
+    nan = parse_ptx_nan_dropping(ptx)
     disassemble = "wgmma" in ptx or ptxas["spills"] is None
     sass = parse_cuobjdump(_cuobjdump(compiled.asm["cubin"], sass=disassemble))
     if not disassemble:
@@ -440,6 +561,8 @@ def _measure(compiled, ptxas_log: str) -> dict[str, Any]:
         "hgmma": sass["hgmma"],
         "mma": sass["mma"],
         "notes": ptxas["notes"],
+        "nan_dropping": nan["count"],
+        "nan_dropping_sites": nan["sites"],
     }
 
 
@@ -454,6 +577,7 @@ def compile_spec(spec, arch: int, module: str = "", *, use_cache: bool = True) -
     """
     extra = getattr(spec, "extra", None) or {}
     expect = extra.get("expect_hgmma")
+    nan_ok = extra.get("nan_dropping_ok")
     row = Row(
         kernel=spec.kernel,
         config=spec.config,
@@ -462,9 +586,12 @@ def compile_spec(spec, arch: int, module: str = "", *, use_cache: bool = True) -
         num_stages=spec.num_stages,
         expect_hgmma=None if expect is None else bool(expect),
         module=module,
+        nan_dropping_ok=nan_ok if isinstance(nan_ok, str) else None,
     )
     t0 = time.perf_counter()
     try:
+        if nan_ok is not None and not (isinstance(nan_ok, str) and nan_ok.strip()):
+            raise ValueError(f'extra["nan_dropping_ok"] must be a non-empty reason string, got {nan_ok!r}')
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -504,6 +631,12 @@ def compile_spec(spec, arch: int, module: str = "", *, use_cache: bool = True) -
     row.hgmma = bool(measured["hgmma"])
     row.mma = measured["mma"]
     row.notes = list(measured["notes"])
+    row.nan_dropping = int(measured["nan_dropping"])
+    row.nan_dropping_sites = list(measured["nan_dropping_sites"])
+    if row.nan_dropping_ok and row.nan_dropping:
+        row.notes.append(f"{row.nan_dropping} NaN-dropping max/min exempted: {row.nan_dropping_ok}")
+    elif row.nan_dropping_ok:
+        row.notes.append('extra["nan_dropping_ok"] is set but the PTX has no NaN-dropping max/min')
     if row.regs < 0:
         row.error = "could not read the register count (no cuobjdump output, no ptxas log)"
     return row
@@ -689,11 +822,11 @@ def collect_rows(arch: int, specs: Iterable[Any], *, jobs: int = 1, use_cache: b
 
 def format_table(rows: Sequence[Row], arch: int) -> str:
     limit = _smem_limit(arch)
-    header = ("kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "status")
+    header = ("kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan", "status")
     lines = []
     for r in rows:
         if r.error is not None:
-            lines.append((r.kernel, r.config, r.dtype, "-", "-", "-", "-", "COMPILE ERROR"))
+            lines.append((r.kernel, r.config, r.dtype, "-", "-", "-", "-", "-", "COMPILE ERROR"))
             continue
         bad = []
         if r.spills > 0:
@@ -702,13 +835,16 @@ def format_table(rows: Sequence[Row], arch: int) -> str:
             bad.append("SMEM")
         if hgmma_required(r, arch) and not r.hgmma:
             bad.append("NO-HGMMA")
+        if nan_dropping_failed(r):
+            bad.append("NAN-DROP")
         status = ",".join(bad) or "ok"
+        nan = f"{r.nan_dropping}{'*' if r.nan_dropping_ok and r.nan_dropping else ''}"  # *: exempt
         lines.append(
             (r.kernel, r.config, r.dtype, str(r.regs), str(r.spills), str(r.smem),
-             "yes" if r.hgmma else "no", status)
+             "yes" if r.hgmma else "no", nan, status)
         )  # fmt: skip
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    right = {3, 4, 5}
+    right = {3, 4, 5, 7}
 
     def fmt(cells):
         return "  ".join(
@@ -726,7 +862,10 @@ def summary_line(rows: Sequence[Row], arch: int, n_failures: int, wall: float, j
         f"kernel_report sm_{arch}: {len(rows)} specs, "
         f"max regs {max((r.regs for r in ok), default=0)}, "
         f"max smem {max((r.smem for r in ok), default=0)} B (limit {_smem_limit(arch)}), "
-        f"HGMMA {sum(r.hgmma for r in ok)}/{len(rows)}, failures {n_failures}; "
+        f"HGMMA {sum(r.hgmma for r in ok)}/{len(rows)}, "
+        f"NaN-dropping max/min {sum(r.nan_dropping for r in ok)} in "
+        f"{sum(r.nan_dropping > 0 for r in ok)} specs ({sum(bool(r.nan_dropping and r.nan_dropping_ok) for r in ok)} "
+        f"exempt), failures {n_failures}; "
         f"wall {wall:.1f} s on {jobs} jobs, {len(fresh)} compiled at {mean:.2f} s/spec, "
         f"{len(rows) - len(fresh)} from cache"
     )
@@ -745,7 +884,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="kernel_report.py",
         description="Compile every kernel spec offline for sm_<arch> and check registers, "
-        "spills, shared memory and HGMMA (ring 2). Exit 0: all good; 1: failures; "
+        "spills, shared memory, HGMMA and NaN-dropping float max/min (ring 2). Exit 0: all good; 1: failures; "
         "3: nothing to check.",
     )
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")

@@ -20,8 +20,8 @@ Providers (``PROVIDERS``, in table order):
 ``fastunet``                    ``fastunet.UNet`` with the ``"auto"`` backend: the Triton
                                 kernels on CUDA, the eager CPU fallback on CPU
 ``fastunet_compile``            ``torch.compile(fastunet.UNet)``
-``fastunet_cudagraph``          fastunet captured once in a ``torch.cuda.CUDAGraph`` after
-                                warm-up, replayed with a static input buffer (inference, CUDA)
+``fastunet_cudagraph``          fastunet's CUDA-graph path, ``UNet.cuda_graph`` (captured
+                                after warm-up, replayed with a static input; inference, CUDA)
 =============================== ============================================================
 
 Inputs are fp32 (as a data loader delivers them); NCHW for ``eager_fp32_nchw`` and
@@ -349,33 +349,21 @@ def build_fastunet_compile(case: Case) -> Runner:
 
 
 def build_fastunet_cudagraph(case: Case) -> Runner:
-    """Capture one inference forward in a CUDA graph; a step copies the batch in and replays.
-
-    The recipe of the CUDA-graphs documentation: warm up on a side stream (Triton autotuning,
-    lazy init and weight preparation all happen there, outside the capture), capture under the
-    same no_grad/autocast state, then replay. The input copy is part of every timed step, as
-    it would be in use.
-    """
+    """fastunet's own CUDA-graph path (``UNet.cuda_graph``): captured once per input signature
+    after a warm-up on a side stream (tuning and weight preparation happen there), replayed
+    with the batch copied into its static input; the input copy is part of every timed step,
+    as it would be in use."""
     if case.training:
-        raise RuntimeError("CUDA-graph capture of a training step is not implemented")
+        raise RuntimeError("CUDA-graph replay is for inference (UNet.cuda_graph needs eval mode)")
     model = _fastunet(case)
-    static_x = case.inputs_cl[0].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad(), _autocast(case):
-        for _ in range(3):
-            model(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad(), _autocast(case):
-        static_y = model(static_x)
+    with torch.no_grad(), _autocast(case):
+        runner = model.cuda_graph(case.inputs_cl[0])
 
     def step(x):
-        static_x.copy_(x)
-        graph.replay()
-        return static_y
+        with torch.no_grad(), _autocast(case):
+            return runner(x)
 
-    return Runner(step, case.inputs_cl, list(model.parameters()), keepalive=(model, graph, static_x, static_y))
+    return Runner(step, case.inputs_cl, list(model.parameters()), keepalive=(model, runner))
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ GPUs its forward runs fused Triton kernels, elsewhere the exact eager math.
 
 from . import ops  # noqa: F401  (registers torch.ops.fastunet.*)
 from .backend import BACKENDS, get_backend, set_backend
+from .guard import FusedPathWarning, FusedSupport, check_fused_support
 from .memory import saved_tensor_bytes
 from .model import UNet
 from .reference import DoubleConv, UNetReference
+from .tuning import TuneReport, tune
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,11 @@ __all__ = [
     "set_backend",
     "get_backend",
     "BACKENDS",
+    "check_fused_support",
+    "FusedSupport",
+    "FusedPathWarning",
     "saved_tensor_bytes",
+    "tune",
+    "TuneReport",
     "__version__",
 ]

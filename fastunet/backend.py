@@ -10,6 +10,7 @@ The initial value comes from the ``FASTUNET_BACKEND`` environment variable.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,6 +26,9 @@ def _parse(name: object, source: str) -> str:
 
 
 _backend = _parse(os.environ.get(_ENV, "auto") or "auto", f"environment variable {_ENV}")
+# Triton decides between compiling and interpreting when ``@triton.jit`` runs, i.e. when the
+# kernels are imported: the environment at import time is what holds for the whole process.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def set_backend(name: str) -> None:
@@ -39,10 +43,11 @@ def get_backend() -> str:
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETING
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -65,7 +70,7 @@ def use_fused(x: torch.Tensor) -> bool:
         if not triton_available():
             raise RuntimeError("backend 'triton' needs the triton package: pip install triton")
         return True
-    if x.device.type == "cpu" and interpreting() and triton_available():
+    if x.device.type == "cpu" and _INTERPRETING and triton_available():
         return True
     raise RuntimeError(
         f"backend 'triton' cannot run on a {x.device.type} tensor: the Triton kernels need an "

@@ -18,18 +18,41 @@ Fused path, two forms:
   ``nn.BatchNorm2d`` does it, and ``relu(z * scale + shift)`` is applied where z is next read:
   the next conv's loads, the pool, the upsample, the head. The normalized tensor never exists,
   which is what keeps the memory saved for backward at about half the reference's.
+
+Both forms enter through ``pad_channels_nhwc``: the input cast to the compute dtype as dense
+NHWC, zero-padded to 16-byte pixels for a 3- to 7-channel image (the first conv's weight gets
+the matching zero input channels), so the first conv loads each tap of a pixel as one vector.
+
+Host time per inference forward is what decides small batches. The inference form therefore
+prepares everything that depends only on the weights once (``_EvalPlan``: packed weights, folded
+BatchNorm, the padded first weight, the head's weight) and reuses it while the parameters and
+buffers are the same tensors at the same version; the module tree is walked once per forward,
+by the guard (``fastunet.guard``), whose walk also hands over the layers; and under
+``torch.no_grad`` the ops are called without the dispatcher (``fastunet.ops.direct``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from operator import attrgetter, is_, itemgetter
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import use_fused
-from .reference import DoubleConv, UNetReference
+from .guard import FusedLayers, check_fused_support, fused_layers, warn_unsupported
+from .ops import direct as _direct
+from .ops import direct_ok, direct_ok_mutation
+from .reference import UNetReference
 from .validation import validate_input
 
 _ops = torch.ops.fastunet
+_get_weight, _get_bias = itemgetter("weight"), itemgetter("bias")
+_get_mean, _get_var = itemgetter("running_mean"), itemgetter("running_var")
+_get_params, _get_buffers = itemgetter("_parameters"), itemgetter("_buffers")
+_get_eps = itemgetter("eps")
+_version_of = attrgetter("_version")
 
 # An activation on the training path: a tensor and the per-channel (scale, shift) of the
 # BatchNorm+ReLU its reader applies, or (tensor, None, None) for a finished tensor.
@@ -44,24 +67,6 @@ def _kernels():
 
 def _bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
-
-
-def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """The running-statistics update of ``nn.BatchNorm2d.forward`` in train mode, from the batch
-    ``mean`` and biased ``var`` over ``count`` values per channel."""
-    if not (bn.training and bn.track_running_stats):
-        return
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(bn.num_batches_tracked)
-    if bn.running_mean is None:
-        return
-    with torch.no_grad():
-        unbiased = var.detach() * (count / (count - 1))
-        bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
 def _bn_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -84,6 +89,51 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Ten
     return _bn_affine(bn, mean, bn.running_var, acc)
 
 
+@dataclass(eq=False)
+class _EvalPlan:
+    """What the inference form computes from the weights alone, for one (dtype, device).
+
+    ``convs``: per 3x3 conv in call order, ``(packed weight, scale, shift)`` (eval BatchNorm and
+    conv bias folded); ``ups``: per transposed conv, ``(packed weight, fp32 bias)``; ``head``:
+    ``(weight in the compute dtype, fp32 bias)``; ``entry``: channels of the padded input.
+    ``sources``/``versions``/``ptrs``: the parameters and buffers it was built from, their
+    ``_version`` and storage then (the plan holds them, so none can be freed and its address
+    or identity reused while the plan lives).
+    """
+
+    key: tuple
+    sources: tuple
+    versions: tuple
+    ptrs: tuple
+    convs: list
+    ups: list
+    head: tuple
+    entry: int
+
+
+def _layer_sources(layers: FusedLayers) -> tuple:
+    """Every tensor the inference form reads, from the layers' ``__dict__``s, and the BatchNorm
+    epsilons last (absent tensors, e.g. a bias-free conv, are left out)."""
+    conv_p = tuple(map(_get_params, layers.conv_dicts))
+    bn_p = tuple(map(_get_params, layers.bn_dicts))
+    bn_b = tuple(map(_get_buffers, layers.bn_dicts))
+    up_p = tuple(map(_get_params, layers.up_dicts))
+    head_p = _get_params(layers.head_dict)
+    tensors = (
+        *map(_get_weight, conv_p), *map(_get_bias, conv_p), *map(_get_weight, bn_p), *map(_get_bias, bn_p),
+        *map(_get_mean, bn_b), *map(_get_var, bn_b), *map(_get_weight, up_p), *map(_get_bias, up_p),
+        _get_weight(head_p), _get_bias(head_p),
+    )  # fmt: skip
+    if type(None) in map(type, tensors):  # rare (affine=False, bias=False, ...): drop the holes
+        tensors = tuple(t for t in tensors if t is not None)
+    return tensors, tuple(map(_get_eps, layers.bn_dicts))
+
+
+def _tensors_state(tensors: tuple) -> tuple[tuple, tuple]:
+    """``(_version, data_ptr)`` of every tensor: what an in-place update or a ``.data`` swap changes."""
+    return tuple(map(_version_of, tensors)), tuple(map(Tensor.data_ptr, tensors))
+
+
 class UNet(UNetReference):
     """Drop-in U-Net: ``UNet(in_ch, out_ch)`` with the classic model's modules and weights.
 
@@ -91,14 +141,15 @@ class UNet(UNetReference):
     ``out_activation``). ``forward(x)``: ``[N, in_ch, H, W] -> [N, out_ch, H, W]``, H and W
     multiples of ``2**depth``; on the fused path the output is channels_last.
 
-    Prepared weights (packed layouts, folded BatchNorm) are cached per parameter version when
-    no gradient is needed, so inference packs them once. In training the ops take the
-    parameters as they are and pack inside (so autograd saves no packed copies).
+    Inference prepares the weights once (packed layouts, folded BatchNorm) and reuses them while
+    every parameter and buffer is unchanged; in training the ops take the parameters as they
+    are and pack inside (so autograd saves no packed copies). ``cuda_graph(example)`` gives a
+    CUDA-graph replay of the inference forward for small batches.
     """
 
     def __init__(self, in_ch: int, out_ch: int, **options):
         super().__init__(in_ch, out_ch, **options)
-        self._prepared: dict[str, tuple[tuple, object]] = {}
+        self._eval_plans: dict[tuple, _EvalPlan] = {}
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -106,123 +157,192 @@ class UNet(UNetReference):
         validate_input(x, in_ch=self.in_ch, depth=self.depth, param_dtype=first.dtype, param_device=first.device)
         if x.numel() == 0 or not use_fused(x):
             return super().forward(x)
-        return self._fused_forward(x)
+        # Anything the fused path would silently ignore (a hook, a swapped module, a changed
+        # conv attribute, ...) sends the call down the eager path instead (see fastunet.guard).
+        support = check_fused_support(self)
+        if not support.supported:
+            warn_unsupported(self, support)
+            return super().forward(x)
+        return self._fused_forward(x, support.mode == "train")
 
-    def _fused_forward(self, x: Tensor) -> Tensor:
+    def _fused_forward(self, x: Tensor, batch_stats: bool) -> Tensor:
+        """The fused path: the training form when some BatchNorm uses batch statistics."""
+        layers = fused_layers(self) or self._walk_layers()
         dtype = x.dtype
         if dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype=dtype, memory_format=torch.channels_last)
-        if any(_bn_uses_batch_stats(m) for m in self.modules() if isinstance(m, nn.BatchNorm2d)):
-            return self._training_forward(x, dtype)
-        d = self.depth
-        skips = []
-        for i in range(1, d + 1):
-            x = self._double_conv(getattr(self, f"conv{i}"), x, None, dtype)
-            skips.append(x)
-            x = _ops.maxpool2x2(x)
-        x = self._double_conv(getattr(self, f"conv{d + 1}"), x, None, dtype)
-        for k in range(d + 2, 2 * d + 2):
-            up = getattr(self, f"up{k}")
-            weight = self._prepare(
-                f"up{k}", (up.weight,), dtype, lambda w=up.weight: _kernels().pack_upconv2x2_weight(w.to(dtype))
-            )
-            u = _ops.upconv2x2(x, weight, up.bias)
-            dc = getattr(self, f"conv{k}")
-            fuse_head = k == 2 * d + 1
-            x = self._double_conv(dc, u, skips.pop(), dtype, fuse_head)
-        if fuse_head:
-            return x
-        head_w, head_b = self._head_params(dtype)
-        return _ops.head1x1(x, head_w, head_b, self.out_activation)
+        if batch_stats:
+            return self._training_forward(x, dtype, layers)
+        return self._eval_forward(x, dtype, layers)
 
-    def _training_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def cuda_graph(self, example: Tensor | None = None, *, warmup: int = 2):
+        """A ``fastunet.graphs.CudaGraphRunner`` replaying this model's inference forward from
+        CUDA graphs, one per input shape/dtype/autocast state (captured on first sight, or right
+        away for ``example``). ``runner(x)`` returns the output in a static buffer that the next
+        call of the same signature overwrites. Needs an NVIDIA GPU and the model in eval mode.
+        """
+        from .graphs import CudaGraphRunner
+
+        return CudaGraphRunner(self, example, warmup=warmup)
+
+    def _walk_layers(self) -> FusedLayers:
+        """The layers by attribute access: what ``torch.compile`` traces (the guard keeps no memo
+        there) and the fallback when it has none."""
+        d = self.depth
+        dcs = [getattr(self, f"conv{i}").conv for i in range(1, 2 * d + 2)]
+        convs = tuple(m for seq in dcs for m in (seq[0], seq[3]))
+        bns = tuple(m for seq in dcs for m in (seq[1], seq[4]))
+        ups = tuple(getattr(self, f"up{k}") for k in range(d + 2, 2 * d + 2))
+        head = self.head
+        return FusedLayers(
+            convs, bns, ups, head, tuple(m.__dict__ for m in convs), tuple(m.__dict__ for m in bns),
+            tuple(m.__dict__ for m in ups), head.__dict__,
+        )  # fmt: skip
+
+    def _entry(self, ops, x: Tensor, dtype: torch.dtype, channels: int) -> Tensor:
+        if channels != x.shape[1]:
+            return ops.pad_channels_nhwc(x, dtype, channels)
+        return x.to(dtype=dtype, memory_format=torch.channels_last)
+
+    # ------------------------------------------------------------------ inference
+    def _eval_forward(self, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
+        plan = self._eval_plan(layers, dtype, x.device)
+        ops = _direct if direct_ok(x) else _ops
+        x = self._entry(ops, x, dtype, plan.entry)
+        d = self.depth
+        convs = iter(plan.convs)
+        skips = []
+        for _ in range(d):
+            x = ops.conv3x3_bn_act(x, None, *next(convs), True)
+            x = ops.conv3x3_bn_act(x, None, *next(convs), True)
+            skips.append(x)
+            x = ops.maxpool2x2(x)
+        x = ops.conv3x3_bn_act(x, None, *next(convs), True)
+        x = ops.conv3x3_bn_act(x, None, *next(convs), True)
+        for j, (up_w, up_b) in enumerate(plan.ups):
+            u = ops.upconv2x2(x, up_w, up_b)
+            x = ops.conv3x3_bn_act(u, skips.pop(), *next(convs), True)
+            if j == d - 1:  # the last conv carries the 1x1 head in its epilogue
+                return ops.conv3x3_bn_act_head(x, None, *next(convs), True, *plan.head, self.out_activation)
+            x = ops.conv3x3_bn_act(x, None, *next(convs), True)
+        raise AssertionError("unreachable: depth >= 1")
+
+    def _eval_plan(self, layers: FusedLayers, dtype: torch.dtype, device: torch.device) -> _EvalPlan:
+        """The cached ``_EvalPlan`` when every source tensor is unchanged, else a new one.
+
+        Not cached when autograd must see the derivation (grad mode on and a source requires
+        grad) or under ``torch.compile`` (the compiler traces, and can constant-fold, it).
+        """
+        if torch.compiler.is_compiling():
+            return self._build_eval_plan(layers, dtype, device, (), (), (), ())
+        sources, eps = _layer_sources(layers)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return self._build_eval_plan(layers, dtype, device, (), (), (), ())
+        key = (dtype, device, torch.is_inference_mode_enabled(), eps)
+        plan = self._eval_plans.get(key)
+        versions, ptrs = _tensors_state(sources)
+        if (
+            plan is not None
+            and plan.versions == versions
+            and plan.ptrs == ptrs
+            and all(map(is_, plan.sources, sources))
+        ):
+            return plan
+        plan = self._build_eval_plan(layers, dtype, device, key, sources, versions, ptrs)
+        self._eval_plans[key] = plan  # one per (dtype, device, ...): a few at most
+        return plan
+
+    def _inference_plan(self, x: Tensor) -> _EvalPlan | None:
+        """The plan a fused inference forward on ``x`` reads now (None: that forward would take
+        the eager or the training path). What ``CudaGraphRunner`` compares with the plan a
+        graph captured: the same object means the same packed weights at the same addresses."""
+        if not use_fused(x) or self.training:
+            return None
+        support = check_fused_support(self)
+        if not support.supported or support.mode != "eval":
+            return None
+        dtype = x.dtype
+        if dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return self._eval_plan(fused_layers(self) or self._walk_layers(), dtype, x.device)
+
+    def _build_eval_plan(self, layers, dtype, device, key, sources, versions, ptrs) -> _EvalPlan:
+        k = _kernels()
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        entry = k.entry_channels(self.in_ch, dtype)
+        convs = []
+        for i, (conv, bn) in enumerate(zip(layers.convs, layers.bns, strict=True)):
+            weight = conv.weight.to(dtype)
+            if i == 0 and entry != self.in_ch:
+                weight = F.pad(weight, (0, 0, 0, 0, 0, entry - self.in_ch))
+            convs.append((k.pack_conv3x3_weight(weight), *_fold_bn(conv, bn, acc)))
+        ups = [(k.pack_upconv2x2_weight(up.weight.to(dtype)), up.bias.to(acc)) for up in layers.ups]
+        head = layers.head
+        bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
+        return _EvalPlan(key, sources, versions, ptrs, convs, ups, (head.weight.to(dtype), bias.to(acc)), entry)
+
+    # ------------------------------------------------------------------ training
+    def _training_forward(self, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
         """The fused path when some BatchNorm uses batch statistics (see the module docstring)."""
         d = self.depth
-        act: _Act = (x, None, None)
+        entry = _kernels().entry_channels(self.in_ch, dtype)
+        act: _Act = (self._entry(_ops, x, dtype, entry), None, None)
+        pairs = iter(zip(layers.convs, layers.bns, strict=True))
+        first = True
         skips = []
-        for i in range(1, d + 1):
-            act = self._double_conv_train(getattr(self, f"conv{i}"), act, None, dtype)
+        for _ in range(d):
+            act = self._double_conv_train(pairs, act, None, dtype, entry if first else 0)
+            first = False
             skips.append(act)
             act = (_ops.maxpool2x2(*act), None, None)
-        act = self._double_conv_train(getattr(self, f"conv{d + 1}"), act, None, dtype)
-        for k in range(d + 2, 2 * d + 2):
-            up = getattr(self, f"up{k}")
+        act = self._double_conv_train(pairs, act, None, dtype, 0)
+        for up in layers.ups:
             # Parameters go in as they are (the ops cast and pack inside): autograd then saves the
             # parameter itself for backward instead of a packed copy per step.
             u = _ops.upconv2x2(act[0], up.weight, up.bias, act[1], act[2])
-            act = self._double_conv_train(getattr(self, f"conv{k}"), (u, None, None), skips.pop(), dtype)
-        head_w, head_b = self._head_params(dtype)
+            act = self._double_conv_train(pairs, (u, None, None), skips.pop(), dtype, 0)
+        head = layers.head
+        head_w = head.weight.to(dtype)
+        head_b = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
         return _ops.head1x1(act[0], head_w, head_b, self.out_activation, act[1], act[2])
 
-    def _double_conv_train(self, dc: DoubleConv, act: _Act, skip: _Act | None, dtype: torch.dtype) -> _Act:
-        h = self._conv_bn_train(dc, 0, act, skip, dtype)
-        return self._conv_bn_train(dc, 3, h, None, dtype)
+    def _double_conv_train(self, pairs, act: _Act, skip: _Act | None, dtype: torch.dtype, entry: int) -> _Act:
+        h = self._conv_bn_train(*next(pairs), act, skip, dtype, entry)
+        return self._conv_bn_train(*next(pairs), h, None, dtype, 0)
 
-    def _conv_bn_train(self, dc: DoubleConv, idx: int, act: _Act, skip: _Act | None, dtype: torch.dtype) -> _Act:
+    def _conv_bn_train(
+        self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: _Act, skip: _Act | None, dtype: torch.dtype, entry: int
+    ) -> _Act:
         """One conv on the training path: raw output z and the (scale, shift) its reader applies.
 
         A BatchNorm in eval mode inside a training model (frozen) uses its running statistics
-        for that transform; the batch statistics the op also returns are then unused.
+        for that transform; the batch statistics the op also returns are then unused. ``entry``:
+        the padded input's channel count for the first conv (its weight gets zero channels to
+        match), 0 otherwise.
         """
-        conv, bn = dc.conv[idx], dc.conv[idx + 1]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         bias = conv.bias if conv.bias is not None else act[0].new_zeros(conv.out_channels, dtype=acc)
+        weight = conv.weight
+        if entry and entry != weight.shape[1]:
+            weight = F.pad(weight, (0, 0, 0, 0, 0, entry - weight.shape[1]))
         x2, x2_scale, x2_shift = skip if skip is not None else (None, None, None)
-        z, mean, var = _ops.conv3x3_bn_stats(act[0], x2, conv.weight, bias, act[1], act[2], x2_scale, x2_shift)
+        z, mean, var = _ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift)
         if _bn_uses_batch_stats(bn):
-            _update_running_stats(bn, mean, var, z.numel() // z.shape[1])
+            if bn.training and bn.track_running_stats:
+                update = _direct.bn_running_update_ if direct_ok_mutation(mean) else _ops.bn_running_update_
+                update(
+                    mean,
+                    var,
+                    bn.running_mean,
+                    bn.running_var,
+                    bn.num_batches_tracked,
+                    bn.momentum,
+                    z.numel() // z.shape[1],
+                )
         else:
             mean, var = bn.running_mean, bn.running_var
         # float64 vectors (C numbers): the ops then hand back the BatchNorm weight's gradient
         # pieces in float64, where its chain rule's cancellation against mean * dshift is
         # harmless (see ops._uncenter); the kernels read them as float32.
-        scale, shift = _bn_affine(bn, mean, var, torch.float64)
+        scale, shift = _ops.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
         return z, scale, shift
-
-    # ------------------------------------------------------------------ pieces
-    def _head_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        head = self.head
-        weight = self._prepare("head.w", (head.weight,), dtype, lambda: head.weight.to(dtype))
-        bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
-        return weight, bias
-
-    def _double_conv(
-        self, dc: DoubleConv, x: Tensor, x2: Tensor | None, dtype: torch.dtype, fuse_head: bool = False
-    ) -> Tensor:
-        h = self._conv_bn_relu(dc, 0, x, x2, dtype)
-        return self._conv_bn_relu(dc, 3, h, None, dtype, fuse_head)
-
-    def _conv_bn_relu(
-        self, dc: DoubleConv, idx: int, x: Tensor, x2: Tensor | None, dtype: torch.dtype, fuse_head=False
-    ) -> Tensor:
-        conv, bn = dc.conv[idx], dc.conv[idx + 1]
-        name = f"{id(dc)}.{idx}"
-        weight = self._prepare(
-            name + ".w", (conv.weight,), dtype, lambda: _kernels().pack_conv3x3_weight(conv.weight.to(dtype))
-        )
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        bn_tensors = tuple(t for t in (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None)
-        scale, shift = self._prepare(name + ".bn", bn_tensors, acc, lambda: _fold_bn(conv, bn, acc))
-        if fuse_head:
-            head_w, head_b = self._head_params(dtype)
-            return _ops.conv3x3_bn_act_head(x, x2, weight, scale, shift, True, head_w, head_b, self.out_activation)
-        return _ops.conv3x3_bn_act(x, x2, weight, scale, shift, True)
-
-    def _prepare(self, name: str, sources: tuple[Tensor, ...], dtype: torch.dtype, build):
-        """``build()`` — cached while ``sources`` are unchanged (same storage, same ``_version``).
-
-        Not cached when autograd must see the derivation (a source requires grad and grad mode is
-        on) or under ``torch.compile`` (the compiler traces, and can constant-fold, ``build``).
-        """
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
-            return build()
-        key = (dtype, torch.is_inference_mode_enabled()) + tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
-        )
-        hit = self._prepared.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = build()
-        self._prepared[name] = (key, value)
-        return value

@@ -29,6 +29,8 @@ choice.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,10 +64,41 @@ def _use_kernels(x: Tensor) -> bool:
     return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
 
 
-def _kernels():
-    from . import kernels  # deferred: CPU-only installs never need triton
+_KERNELS = None
 
-    return kernels
+
+def _kernels():
+    """``fastunet.kernels``, imported on first use: CPU-only installs never need triton."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import kernels
+
+        _KERNELS = kernels
+    return _KERNELS
+
+
+def _device_guard(device: torch.device):
+    """The context that makes ``device`` the current CUDA device, or None when it already is (or
+    is not a CUDA device). Triton launches on the current device and its current stream, so
+    this is what sends every kernel of an op to its tensors' GPU."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return None
+    return torch.cuda.device(device)
+
+
+def _on_input_device(impl):
+    """Run an op's device implementation with its first tensor's device current (the one device
+    guard of the package: every kernel launch happens inside some op's implementation)."""
+
+    @functools.wraps(impl)
+    def guarded(*args, **kwargs):
+        guard = _device_guard(args[0].device)
+        if guard is None:
+            return impl(*args, **kwargs)
+        with guard:
+            return impl(*args, **kwargs)
+
+    return guarded
 
 
 def _channel_vec(v: Tensor, dtype: torch.dtype) -> Tensor:
@@ -133,13 +166,32 @@ def _packed_conv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """The conv kernel's B operand layout in ``dtype`` (a no-op for an already packed weight)."""
     if weight.dtype == dtype and weight.stride(0) == 1:
         return weight
-    return _kernels().pack_conv3x3_weight(weight.detach().to(dtype))
+    return _kernels().pack_conv3x3_weight(weight.detach(), dtype)
 
 
 def _packed_upconv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     if weight.dtype == dtype and weight.stride(1) == 1:
         return weight
-    return _kernels().pack_upconv2x2_weight(weight.detach().to(dtype))
+    return _kernels().pack_upconv2x2_weight(weight.detach(), dtype)
+
+
+_UNIT_AFFINE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _unit_affine(c: int, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(ones, zeros)`` [c]: the identity scale/shift, made once per (c, device, dtype) and only
+    ever read (so sharing them across calls and streams is safe). Made fresh, not cached, when
+    ``like`` is not a plain tensor (a trace's fake tensor) or a CUDA graph is being captured
+    (the graph's memory pool would own them)."""
+    device = like.device
+    fresh = not direct_ok_mutation(like) or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    key = (c, device, dtype)
+    hit = None if fresh else _UNIT_AFFINE.get(key)
+    if hit is None:
+        hit = (torch.ones(c, device=device, dtype=dtype), torch.zeros(c, device=device, dtype=dtype))
+        if not fresh:
+            _UNIT_AFFINE[key] = hit
+    return hit
 
 
 def _norm_arg(scale: Tensor | None, shift: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -166,7 +218,7 @@ def _affine_relu_grads(g: Tensor, x: Tensor, scale: Tensor | None, shift: Tensor
     ``affine_relu_backward`` op. Without a transform: ``(g, None, None)``."""
     if scale is None:
         return g.to(x.dtype), None, None
-    return torch.ops.fastunet.affine_relu_backward(g, x, scale, shift)
+    return _bwd.affine_relu_backward(g, x, scale, shift)
 
 
 def _transform_center(scale: Tensor, shift: Tensor) -> Tensor:
@@ -239,8 +291,8 @@ def _head_grads(grad, x, in_scale, in_shift, weight, bias, y, activation, needs)
         gz = g
     gb = gz.sum((0, 2, 3)).to(bias.dtype) if need_b else None
     gz = gz.to(x.dtype)
-    gin = torch.ops.fastunet.head1x1_input_grad(gz, weight) if need_in else None
-    gw = torch.ops.fastunet.head1x1_weight_grad(gz, x, in_scale, in_shift).to(weight.dtype) if need_w else None
+    gin = _bwd.head1x1_input_grad(gz, weight) if need_in else None
+    gw = _bwd.head1x1_weight_grad(gz, x, in_scale, in_shift).to(weight.dtype) if need_w else None
     return gin, gw, gb
 
 
@@ -264,10 +316,12 @@ def _(x, x2, weight, scale, shift, relu):
 
 
 @conv3x3_bn_act.register_kernel(("cpu", "cuda"))
-def _(x, x2, weight, scale, shift, relu):
-    _check_conv3x3(x, x2, weight, scale, shift)
+@_on_input_device
+def _conv3x3_bn_act_impl(x, x2, weight, scale, shift, relu):
+    # On the kernel path the launcher validates (one check per call on the hot path).
     if _use_kernels(x):
         return _kernels().conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
+    _check_conv3x3(x, x2, weight, scale, shift)
     return _as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), x.dtype)
 
 
@@ -317,8 +371,8 @@ def _(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
 
 
 @conv3x3_bn_act_head.register_kernel(("cpu", "cuda"))
-def _(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
-    _check_conv3x3(x, x2, weight, scale, shift)
+@_on_input_device
+def _conv3x3_bn_act_head_impl(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
     _check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
     if _use_kernels(x):
         k = _kernels()
@@ -330,6 +384,7 @@ def _(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
         # Too wide for one epilogue tile: two kernels, the intermediate written once.
         h = k.conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
         return k.head1x1(h, head_weight, head_bias.float(), activation=activation)
+    _check_conv3x3(x, x2, weight, scale, shift)
     h = _conv3x3_composite(x, x2, weight, scale, shift, relu).to(x.dtype)
     return _as_nhwc(_head_composite(h, head_weight, head_bias, activation), x.dtype)
 
@@ -409,7 +464,8 @@ def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
 
 
 @conv3x3_bn_stats.register_kernel(("cpu", "cuda"))
-def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
+@_on_input_device
+def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
     _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift)
     if _use_kernels(x):
         return _kernels().conv3x3_bn_stats(
@@ -439,28 +495,20 @@ def _conv3x3_input_grad(g: Tensor, weight: Tensor) -> Tensor:
     flipped = weight.detach().to(g.dtype).transpose(0, 1).flip(2, 3)
     if _use_kernels(g):
         flipped = _kernels().pack_conv3x3_weight(flipped)
-    acc = _acc_dtype(g.dtype)
-    ones = torch.ones(flipped.shape[0], device=g.device, dtype=acc)
-    return torch.ops.fastunet.conv3x3_bn_act(g, None, flipped, ones, torch.zeros_like(ones), False)
+    ones, zeros = _unit_affine(flipped.shape[0], g, _acc_dtype(g.dtype))
+    return _bwd.conv3x3_bn_act(g, None, flipped, ones, zeros, False)
 
 
 def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
     x, x2, weight, x_scale, x_shift, x2_scale, x2_shift, z, mean = ctx.saved_tensors
     need_x, need_x2, need_w, need_b, need_xs, need_xt, need_x2s, need_x2t = ctx.needs_input_grad
-    acc = _acc_dtype(x.dtype)
-    n = z.numel() // z.shape[1]
     # The statistics' gradients reach z directly: d mean/dz = 1/n, d var/dz = 2(z - mean)/n.
-    g = gz.to(acc) if gz is not None else torch.zeros(z.shape, dtype=acc, device=z.device)
-    if gmean is not None:
-        g = g + _channel_vec(gmean.to(acc) / n, acc)
-    if gvar is not None:
-        g = g + _channel_vec(gvar.to(acc) * (2.0 / n), acc) * (z.to(acc) - _channel_vec(mean, acc))
-    gb = g.sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
-    g = g.to(x.dtype)
+    g, g_sum = _bwd.bn_stats_backward(gz.to(z.dtype) if gz is not None else None, z, mean, gmean, gvar)
+    gb = g_sum.to(ctx.bias_dtype) if need_b else None
     c1 = x.shape[1]
     gw = None
     if need_w:
-        gw = torch.ops.fastunet.conv3x3_weight_grad(g, x, x2, x_scale, x_shift, x2_scale, x2_shift)
+        gw = _bwd.conv3x3_weight_grad(g, x, x2, x_scale, x_shift, x2_scale, x2_shift)
         gw = gw.to(weight.dtype)
     gx = gxs = gxt = gx2 = gx2s = gx2t = None
     if need_x or need_x2 or need_xs or need_xt or need_x2s or need_x2t:
@@ -510,13 +558,14 @@ def _(x, weight, bias, in_scale=None, in_shift=None):
 
 
 @upconv2x2.register_kernel(("cpu", "cuda"))
-def _(x, weight, bias, in_scale=None, in_shift=None):
-    _check_upconv(x, weight, bias, in_scale, in_shift)
+@_on_input_device
+def _upconv2x2_impl(x, weight, bias, in_scale=None, in_shift=None):
     if _use_kernels(x):
         w = _packed_upconv_weight(weight, x.dtype)
         if in_scale is None:
             return _kernels().upconv2x2(x, w, bias.float())
         return _kernels().upconv2x2(x, w, bias.float(), in_scale=in_scale.float(), in_shift=in_shift.float())
+    _check_upconv(x, weight, bias, in_scale, in_shift)
     acc = _acc_dtype(x.dtype)
     y = F.conv_transpose2d(_affine_relu(x, in_scale, in_shift), weight.to(x.dtype), stride=2)
     y = y.to(acc) + _channel_vec(bias, acc)
@@ -544,10 +593,10 @@ def _upconv_backward(ctx, grad):
     need_x, need_w, need_b, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 5)
     grad = grad.to(x.dtype)
     gb = grad.to(_acc_dtype(x.dtype)).sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
-    gw = torch.ops.fastunet.upconv2x2_weight_grad(grad, x, in_scale, in_shift).to(weight.dtype) if need_w else None
+    gw = _bwd.upconv2x2_weight_grad(grad, x, in_scale, in_shift).to(weight.dtype) if need_w else None
     gx = gs = gt = None
     if need_x or need_s or need_t:
-        gin = torch.ops.fastunet.upconv2x2_input_grad(grad, weight)
+        gin = _bwd.upconv2x2_input_grad(grad, weight)
         gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
     return _grads_for(ctx, (gx, gw, gb, gs, gt))
 
@@ -578,12 +627,13 @@ def _(x, in_scale=None, in_shift=None):
 
 
 @maxpool2x2.register_kernel(("cpu", "cuda"))
-def _(x, in_scale=None, in_shift=None):
-    _check_pool(x, in_scale, in_shift)
+@_on_input_device
+def _maxpool2x2_impl(x, in_scale=None, in_shift=None):
     if _use_kernels(x):
         if in_scale is None:
             return _kernels().maxpool2x2(x)
         return _kernels().maxpool2x2(x, in_scale=in_scale.float(), in_shift=in_shift.float())
+    _check_pool(x, in_scale, in_shift)
     return _as_nhwc(F.max_pool2d(_affine_relu(x, in_scale, in_shift), 2), x.dtype)
 
 
@@ -593,7 +643,7 @@ def _pool_setup(ctx, inputs, output):
 
 def _pool_backward(ctx, grad):
     x, in_scale, in_shift = ctx.saved_tensors
-    gx, gs, gt = torch.ops.fastunet.maxpool2x2_backward(grad, x, in_scale, in_shift)
+    gx, gs, gt = _bwd.maxpool2x2_backward(grad, x, in_scale, in_shift)
     if in_scale is None:
         gs = gt = None
     return _grads_for(ctx, (gx, gs, gt))
@@ -628,7 +678,8 @@ def _(x, weight, bias, activation, in_scale=None, in_shift=None):
 
 
 @head1x1.register_kernel(("cpu", "cuda"))
-def _(x, weight, bias, activation, in_scale=None, in_shift=None):
+@_on_input_device
+def _head1x1_impl(x, weight, bias, activation, in_scale=None, in_shift=None):
     _check_head("head1x1", x.shape[1], weight, bias, activation)
     _check_same_dtype("head1x1", x=x, weight=weight)
     _check_norm("head1x1", x.shape[1], in_scale, in_shift)
@@ -660,6 +711,220 @@ def _head_backward(ctx, grad):
 
 head1x1.register_autograd(_head_backward, setup_context=_head_setup)
 
+
+# =========================================================================== BatchNorm (training)
+# What nn.BatchNorm2d does with the batch statistics of a training conv, as three ops whose
+# kernels each replace a dozen tiny torch ops per layer (see kernels/bn_train.py). The affine
+# and the statistics' backward are functional with autograd; the running-statistics update
+# mutates the module's buffers and has no gradient (torch.library allows autograd only on
+# functional ops, hence the split).
+
+
+@torch.library.custom_op("fastunet::bn_affine", mutates_args=())
+def bn_affine(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` ``[C]`` float64 with ``batchnorm(z) == z * scale + shift`` for a BatchNorm
+    of ``weight``/``bias`` ``[C]`` (None: 1 and 0) and ``eps`` normalizing with ``mean`` and biased
+    ``var`` ``[C]``. Differentiable in mean, var, weight and bias."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_affine.register_fake
+def _(mean, var, weight, bias, eps):
+    return mean.new_empty(mean.shape, dtype=torch.float64), mean.new_empty(mean.shape, dtype=torch.float64)
+
+
+@bn_affine.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_affine_impl(mean, var, weight, bias, eps):
+    if _use_kernels(mean):
+        return _kernels().bn_affine(mean, var, weight, bias, eps)
+    scale = torch.rsqrt(var.double() + eps)
+    if weight is not None:
+        scale = scale * weight.double()
+    shift = -mean.double() * scale
+    if bias is not None:
+        shift = shift + bias.double()
+    return scale, shift
+
+
+def _bn_affine_setup(ctx, inputs, output):
+    mean, var, weight, bias, eps = inputs
+    ctx.eps = eps
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    ctx.save_for_backward(mean, var, weight)
+
+
+def _bn_affine_backward(ctx, gscale, gshift):
+    mean, var, weight = ctx.saved_tensors
+    zeros = torch.zeros(mean.shape, dtype=torch.float64, device=mean.device)
+    gscale = zeros if gscale is None else gscale
+    gshift = zeros if gshift is None else gshift
+    gmean, gvar, gw, gb = _bwd.bn_affine_backward(gscale, gshift, mean, var, weight, ctx.eps)
+    w_dtype, b_dtype = ctx.dtypes
+    gw = gw.to(w_dtype) if w_dtype is not None else None
+    gb = gb.to(b_dtype) if b_dtype is not None else None
+    return gmean, gvar, gw, gb, None
+
+
+bn_affine.register_autograd(_bn_affine_backward, setup_context=_bn_affine_setup)
+
+
+@torch.library.custom_op("fastunet::bn_affine_backward", mutates_args=())
+def bn_affine_backward(
+    gscale: Tensor, gshift: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``bn_affine`` from ``gscale``/``gshift`` ``[C]`` float64: ``(gmean, gvar,
+    gweight, gbias)``, the first two in mean's/var's dtype, the last two float64."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_affine_backward.register_fake
+def _(gscale, gshift, mean, var, weight, eps):
+    f64 = torch.float64
+    return (
+        torch.empty_like(mean),
+        torch.empty_like(var),
+        mean.new_empty(mean.shape, dtype=f64),
+        mean.new_empty(mean.shape, dtype=f64),
+    )
+
+
+@bn_affine_backward.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_affine_backward_impl(gscale, gshift, mean, var, weight, eps):
+    if _use_kernels(mean):
+        return _kernels().bn_affine_backward(gscale, gshift, mean, var, weight, eps)
+    gs, gt = gscale.double(), gshift.double()
+    rstd = torch.rsqrt(var.double() + eps)
+    w = weight.double() if weight is not None else torch.ones_like(rstd)
+    centred = gs - gt * mean.double()
+    gvar = -0.5 * w * centred * rstd.pow(3)
+    return (-gt * w * rstd).to(mean.dtype), gvar.to(var.dtype), centred * rstd, gt.clone()
+
+
+@torch.library.custom_op(
+    "fastunet::bn_running_update_", mutates_args=("running_mean", "running_var", "num_batches_tracked")
+)
+def bn_running_update_(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    count: int,
+) -> None:
+    """``nn.BatchNorm2d``'s training-mode buffer update, in place: ``num_batches_tracked += 1``;
+    running mean and var (unbiased: ``var * count / (count - 1)``) averaged in with ``momentum``,
+    or cumulatively (``momentum=None``). ``mean``/biased ``var`` ``[C]``: the batch's, over
+    ``count`` values per channel. No gradient."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_running_update_.register_fake
+def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count):
+    return None
+
+
+@bn_running_update_.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, count):
+    mean, var = mean.detach(), var.detach()
+    if _use_kernels(mean):
+        return _kernels().bn_running_update_(mean, var, running_mean, running_var, num_batches_tracked, momentum, count)
+    factor = 0.0 if momentum is None else momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average
+            factor = 1.0 / float(num_batches_tracked)
+    if running_mean is None:
+        return None
+    unbiased = var * (count / (count - 1))
+    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return None
+
+
+@torch.library.custom_op("fastunet::bn_stats_backward", mutates_args=())
+def bn_stats_backward(
+    gz: Tensor | None, z: Tensor, mean: Tensor, gmean: Tensor | None, gvar: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The gradient reaching ``z`` ``[N, C, H, W]`` through its own batch statistics (``mean``,
+    biased var, over n = N*H*W values per channel) on top of ``gz``: ``g = gz + gmean/n +
+    gvar * 2 * (z - mean)/n`` in float32 (float64 for float64 z), returned channels_last in z's
+    dtype, and ``sum g`` per channel ``[C]`` (float32; float64 for float64 z), deterministic."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_stats_backward.register_fake
+def _(gz, z, mean, gmean, gvar):
+    return _empty_nhwc(z.shape, z), z.new_empty(z.shape[1], dtype=_acc_dtype(z.dtype))
+
+
+@bn_stats_backward.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_stats_backward_impl(gz, z, mean, gmean, gvar):
+    if _use_kernels(z):
+        return _kernels().bn_stats_backward(gz, z, mean, gmean, gvar)
+    acc = _acc_dtype(z.dtype)
+    n = z.numel() // z.shape[1]
+    g = gz.to(acc) if gz is not None else torch.zeros(z.shape, dtype=acc, device=z.device)
+    if gmean is not None:
+        g = g + _channel_vec(gmean.to(acc) / n, acc)
+    if gvar is not None:
+        g = g + _channel_vec(gvar.to(acc) * (2.0 / n), acc) * (z.to(acc) - _channel_vec(mean, acc))
+    return _as_nhwc(g, z.dtype), g.sum((0, 2, 3))
+
+
+# =========================================================================== pad_channels_nhwc
+@torch.library.custom_op("fastunet::pad_channels_nhwc", mutates_args=())
+def pad_channels_nhwc(x: Tensor, dtype: torch.dtype, channels: int) -> Tensor:
+    """The model's entrance: ``x`` ``[N, C, H, W]`` (any strides, any float dtype) cast to
+    ``dtype`` and zero-padded to ``channels`` >= C channels, as a dense channels_last tensor
+    ``[N, channels, H, W]``: 16-byte pixels the first conv loads as vectors (see
+    ``kernels/entry.py``). The gradient of the padding is dropped."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+def _check_pad(x, dtype, channels):
+    if x.dim() != 4 or channels < x.shape[1]:
+        raise ValueError(
+            f"fastunet::pad_channels_nhwc: needs a 4-D input with at most {channels} channels, got {tuple(x.shape)}"
+        )
+
+
+@pad_channels_nhwc.register_fake
+def _(x, dtype, channels):
+    _check_pad(x, dtype, channels)
+    return _empty_nhwc((x.shape[0], channels, x.shape[2], x.shape[3]), x, dtype)
+
+
+@pad_channels_nhwc.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _pad_channels_nhwc_impl(x, dtype, channels):
+    _check_pad(x, dtype, channels)
+    if dtype in _KERNEL_DTYPES and _use_kernels(x):
+        return _kernels().pad_cast_nhwc(x, dtype, channels)
+    out = _empty_nhwc((x.shape[0], channels, x.shape[2], x.shape[3]), x, dtype)
+    out[:, x.shape[1] :].zero_()
+    out[:, : x.shape[1]].copy_(x)
+    return out
+
+
+def _pad_setup(ctx, inputs, output):
+    x, _, _ = inputs
+    ctx.in_dtype, ctx.in_ch = x.dtype, x.shape[1]
+
+
+def _pad_backward(ctx, grad):
+    return grad[:, : ctx.in_ch].to(ctx.in_dtype), None, None
+
+
+pad_channels_nhwc.register_autograd(_pad_backward, setup_context=_pad_setup)
+
+
 # =========================================================================== backward ops
 # The autograd formulas above call these, not the Triton launchers: an op with a fake
 # implementation is what AOTAutograd (torch.compile, opcheck) can trace through a backward.
@@ -682,7 +947,8 @@ def _(g, x, scale, shift):
 
 
 @affine_relu_backward.register_kernel(("cpu", "cuda"))
-def _(g, x, scale, shift):
+@_on_input_device
+def _affine_relu_backward_impl(g, x, scale, shift):
     _check_norm("affine_relu_backward", x.shape[1], scale, shift, "")
     if _use_kernels(x):
         center = _transform_center(scale, shift)
@@ -712,7 +978,8 @@ def _(g, x, in_scale, in_shift):
 
 
 @maxpool2x2_backward.register_kernel(("cpu", "cuda"))
-def _(g, x, in_scale, in_shift):
+@_on_input_device
+def _maxpool2x2_backward_impl(g, x, in_scale, in_shift):
     _check_pool(x, in_scale, in_shift)
     vec = in_scale if in_scale is not None else x
     if _use_kernels(x):
@@ -756,7 +1023,8 @@ def _(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
 
 
 @conv3x3_weight_grad.register_kernel(("cpu", "cuda"))
-def _(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
+@_on_input_device
+def _conv3x3_weight_grad_impl(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
     if _use_kernels(x):
         return _kernels().conv3x3_weight_grad(
             g.to(x.dtype), x, x2, x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift)
@@ -785,7 +1053,8 @@ def _(g, weight):
 
 
 @upconv2x2_input_grad.register_kernel(("cpu", "cuda"))
-def _(g, weight):
+@_on_input_device
+def _upconv2x2_input_grad_impl(g, weight):
     if _use_kernels(g):
         return _kernels().upconv2x2_input_grad(g, _packed_upconv_weight(weight, g.dtype))
     return _as_nhwc(F.conv2d(g, weight.to(g.dtype), stride=2), g.dtype)
@@ -805,7 +1074,8 @@ def _(g, x, in_scale, in_shift):
 
 
 @upconv2x2_weight_grad.register_kernel(("cpu", "cuda"))
-def _(g, x, in_scale, in_shift):
+@_on_input_device
+def _upconv2x2_weight_grad_impl(g, x, in_scale, in_shift):
     if _use_kernels(x):
         return _kernels().upconv2x2_weight_grad(g.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
     xin = _affine_relu(x, in_scale, in_shift)
@@ -829,7 +1099,8 @@ def _(gz, weight):
 
 
 @head1x1_input_grad.register_kernel(("cpu", "cuda"))
-def _(gz, weight):
+@_on_input_device
+def _head1x1_input_grad_impl(gz, weight):
     if _use_kernels(gz):
         return _kernels().head1x1_input_grad(gz, weight)
     return _as_nhwc(F.conv2d(gz, weight.to(gz.dtype).transpose(0, 1)), gz.dtype)
@@ -848,7 +1119,8 @@ def _(gz, x, in_scale, in_shift):
 
 
 @head1x1_weight_grad.register_kernel(("cpu", "cuda"))
-def _(gz, x, in_scale, in_shift):
+@_on_input_device
+def _head1x1_weight_grad_impl(gz, x, in_scale, in_shift):
     if _use_kernels(x):
         gw = _kernels().head1x1_weight_grad(gz.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
         return gw.reshape(gw.shape[0], gw.shape[1], 1, 1).contiguous()
@@ -858,8 +1130,98 @@ def _(gz, x, in_scale, in_shift):
     return gw.reshape(gw.shape[0], gw.shape[1], 1, 1).contiguous()
 
 
+# =========================================================================== direct calls
+# The dispatcher costs about 10 us per custom-op call (autograd key, redispatch, the Python
+# custom-op machinery) while a launch's own host work is a few us: 26 ops per inference forward
+# would spend more in dispatch than in launching. When nothing needs the dispatcher the model
+# calls the implementations directly (``direct``); they are the same functions the dispatcher
+# would reach, so the numbers are identical.
+
+
+def direct_ok(x: Tensor) -> bool:
+    """Whether ``direct`` may bypass the dispatcher for a forward on ``x``: no autograd graph to
+    record (grad mode off), a plain tensor (no fake, functional or subclass tensor), and nobody
+    watching at the dispatcher: no ``torch.compile`` trace, no ``TorchDispatchMode``, no functorch
+    transform, no profiler (so a profile still names every ``fastunet::`` op)."""
+    return (
+        not torch.is_grad_enabled()
+        and type(x) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.autograd._profiler_enabled()
+    )
+
+
+def direct_ok_mutation(x: Tensor) -> bool:
+    """``direct_ok`` for an op without a gradient (a buffer update): grad mode does not matter."""
+    return (
+        type(x) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.autograd._profiler_enabled()
+    )
+
+
+class _OpOrImpl:
+    """Calls ``impl`` directly when ``direct_ok`` holds for the argument at ``ref``, else the
+    registered op (through the dispatcher, which a trace or a dispatch mode must see)."""
+
+    __slots__ = ("op", "impl", "ref")
+
+    def __init__(self, op, impl, ref: int = 0):
+        self.op, self.impl, self.ref = op, impl, ref
+
+    def __call__(self, *args):
+        if direct_ok(args[self.ref]):
+            return self.impl(*args)
+        return self.op(*args)
+
+
+class _Backward:
+    """The ops backward formulas call: during ``loss.backward()`` grad mode is off, so outside a
+    trace they skip the dispatcher as the inference forward does (see ``direct_ok``)."""
+
+    def __init__(self):
+        ops = torch.ops.fastunet
+        self.affine_relu_backward = _OpOrImpl(ops.affine_relu_backward, _affine_relu_backward_impl, 1)
+        self.maxpool2x2_backward = _OpOrImpl(ops.maxpool2x2_backward, _maxpool2x2_backward_impl, 1)
+        self.conv3x3_weight_grad = _OpOrImpl(ops.conv3x3_weight_grad, _conv3x3_weight_grad_impl, 1)
+        self.conv3x3_bn_act = _OpOrImpl(ops.conv3x3_bn_act, _conv3x3_bn_act_impl, 0)
+        self.upconv2x2_input_grad = _OpOrImpl(ops.upconv2x2_input_grad, _upconv2x2_input_grad_impl, 0)
+        self.upconv2x2_weight_grad = _OpOrImpl(ops.upconv2x2_weight_grad, _upconv2x2_weight_grad_impl, 1)
+        self.head1x1_input_grad = _OpOrImpl(ops.head1x1_input_grad, _head1x1_input_grad_impl, 0)
+        self.head1x1_weight_grad = _OpOrImpl(ops.head1x1_weight_grad, _head1x1_weight_grad_impl, 1)
+        self.bn_affine_backward = _OpOrImpl(ops.bn_affine_backward, _bn_affine_backward_impl, 2)
+        self.bn_stats_backward = _OpOrImpl(ops.bn_stats_backward, _bn_stats_backward_impl, 1)
+
+
+class _Direct:
+    """The inference ops' implementations, called without the dispatcher (see ``direct_ok``)."""
+
+    conv3x3_bn_act = staticmethod(_conv3x3_bn_act_impl)
+    conv3x3_bn_act_head = staticmethod(_conv3x3_bn_act_head_impl)
+    upconv2x2 = staticmethod(_upconv2x2_impl)
+    maxpool2x2 = staticmethod(_maxpool2x2_impl)
+    head1x1 = staticmethod(_head1x1_impl)
+    pad_channels_nhwc = staticmethod(_pad_channels_nhwc_impl)
+    bn_running_update_ = staticmethod(_bn_running_update_impl)
+
+
+direct = _Direct()
+_bwd = _Backward()
+
+
 __all__ = [
     "affine_relu_backward",
+    "bn_affine",
+    "bn_affine_backward",
+    "bn_running_update_",
+    "bn_stats_backward",
+    "direct",
+    "direct_ok",
+    "direct_ok_mutation",
     "conv3x3_bn_act",
     "conv3x3_bn_act_head",
     "conv3x3_bn_stats",
@@ -869,6 +1231,7 @@ __all__ = [
     "head1x1_weight_grad",
     "maxpool2x2",
     "maxpool2x2_backward",
+    "pad_channels_nhwc",
     "upconv2x2",
     "upconv2x2_input_grad",
     "upconv2x2_weight_grad",

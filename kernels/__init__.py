@@ -10,6 +10,9 @@ is the fast layout), check their inputs, pick a config and launch. No ``nn.Modul
 | ``conv3x3_bn_act_head`` | the same + 1x1 head + sigmoid/softmax in the epilogue |
 | ``conv3x3_bn_stats`` | training conv: previous BN+ReLU on the loads, this BN's batch statistics in the epilogue |
 | ``bn_stats_finalize`` | merges the per-tile statistics into mean and variance (deterministic) |
+| ``bn_affine``, ``bn_affine_backward`` | BatchNorm's (scale, shift) from the statistics, fp64, and its chain rule |
+| ``bn_running_update_`` | ``nn.BatchNorm2d``'s running-statistics update, in place |
+| ``bn_stats_backward`` | the batch statistics' gradient reaching z, and its per-channel sum |
 | ``affine_relu_backward`` | BN+ReLU-on-load backward: dx and per-channel dscale/dshift (deterministic) |
 | ``maxpool2x2_backward`` | pool backward (torch's argmax rule), with the BN+ReLU-on-load backward |
 | ``upconv2x2_input_grad``, ``upconv2x2_weight_grad`` | transposed-conv backward (deterministic, BN+ReLU on load) |
@@ -18,11 +21,17 @@ is the fast layout), check their inputs, pick a config and launch. No ``nn.Modul
 | ``upconv2x2`` | ConvTranspose2d(k=2, s=2) + bias, phase-scatter epilogue |
 | ``maxpool2x2`` | 2x2 max-pool, NaN-propagating |
 | ``head1x1`` | 1x1 conv + activation |
+| ``pad_cast_nhwc`` | the model's entry: cast + zero-pad to 16-byte NHWC pixels (vector loads in the first conv) |
+
+Launchers launch on the current CUDA device and stream; ``fastunet.ops`` makes the tensors'
+device current around every op (a launcher called directly with tensors on another GPU
+raises instead of launching there).
 """
 
 from importlib import import_module
 
 from .bn_stats import bn_stats_finalize
+from .bn_train import bn_affine, bn_affine_backward, bn_running_update_, bn_stats_backward
 from .conv3x3 import (
     MAX_HEAD_C_OUT,
     MAX_HEAD_K,
@@ -32,6 +41,7 @@ from .conv3x3 import (
     pack_conv3x3_weight,
 )
 from .conv3x3_wgrad import conv3x3_weight_grad
+from .entry import entry_channels, pad_cast_nhwc
 from .head1x1 import head1x1
 from .maxpool2x2 import maxpool2x2
 from .norm_act_bwd import affine_relu_backward, maxpool2x2_backward
@@ -42,12 +52,14 @@ from .upconv_head_bwd import head1x1_input_grad, head1x1_weight_grad, upconv2x2_
 KERNEL_MODULES = (
     "conv3x3",
     "bn_stats",
+    "bn_train",
     "conv3x3_wgrad",
     "norm_act_bwd",
     "upconv2x2",
     "maxpool2x2",
     "head1x1",
     "upconv_head_bwd",
+    "entry",
 )
 
 
@@ -61,6 +73,10 @@ def all_compile_specs(arch: int) -> list:
 
 __all__ = [
     "affine_relu_backward",
+    "bn_affine",
+    "bn_affine_backward",
+    "bn_running_update_",
+    "bn_stats_backward",
     "MAX_HEAD_C_OUT",
     "MAX_HEAD_K",
     "KERNEL_MODULES",
@@ -70,6 +86,7 @@ __all__ = [
     "conv3x3_bn_act_head",
     "conv3x3_bn_stats",
     "conv3x3_weight_grad",
+    "entry_channels",
     "head1x1",
     "head1x1_input_grad",
     "head1x1_weight_grad",
@@ -77,6 +94,7 @@ __all__ = [
     "maxpool2x2_backward",
     "pack_conv3x3_weight",
     "pack_upconv2x2_weight",
+    "pad_cast_nhwc",
     "upconv2x2",
     "upconv2x2_input_grad",
     "upconv2x2_weight_grad",

@@ -1,13 +1,16 @@
-"""Helpers shared by every kernel module: interpreter detection, dtype names,
-shared-memory limits per architecture, and the ``KernelSpec`` record that the
-offline compile report (``benchmarks/kernel_report.py``) consumes.
-
-Nothing here launches a kernel.
+"""Helpers shared by every kernel module: interpreter detection, the device facts a launcher
+needs (cached: they never change in a process), dtype names, shared-memory limits per
+architecture, the one place every kernel is launched from (``launch``), a simulated GPU for
+counting launches and tuning without one, and the ``KernelSpec`` record that the offline
+compile report (``benchmarks/kernel_report.py``) consumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -26,17 +29,156 @@ TORCH_TO_TRITON = {
 }
 
 
+# Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel (at import), so the
+# value at import is the one that holds for this process; read once, not per launch.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass
+class SimulatedGPU:
+    """A GPU that is not there, for counting without one (``simulate_gpu``).
+
+    While active, launchers behave as on this GPU (its config lists, SM count and name; no
+    interpreter shortcuts) but ``launch`` only records ``(kernel, grid, args, meta)`` in
+    ``launches`` (when ``record``) instead of running anything, and the tuner's timing runs return ``time(cfg)``
+    (default: every config 1 ms, so the first candidate wins) and are counted as usual. Tensors
+    stay on the CPU; ``TRITON_INTERPRET=1`` must be set (so that the op layer routes CPU tensors
+    to the kernels). What it measures: the host work of a launch sequence (Python, argument
+    checks, allocations, tuning lookups) and which keys and candidates a model's shapes create.
+    """
+
+    arch: int = 90
+    sms: int = 132
+    name: str = "NVIDIA H100 80GB HBM3 (simulated)"
+    record: bool = True
+    launches: list = field(default_factory=list)
+
+    def time(self, cfg) -> float:
+        return 1.0
+
+
+_SIMULATED: SimulatedGPU | None = None
+
+
+@contextlib.contextmanager
+def simulate_gpu(gpu: SimulatedGPU | None = None) -> Iterator[SimulatedGPU]:
+    """Run launchers against a ``SimulatedGPU`` (see there); yields it."""
+    global _SIMULATED
+    if not _INTERPRET:
+        raise RuntimeError("simulate_gpu needs TRITON_INTERPRET=1 (set before triton is imported)")
+    previous, _SIMULATED = _SIMULATED, gpu or SimulatedGPU()
+    try:
+        yield _SIMULATED
+    finally:
+        _SIMULATED = previous
+
+
+def simulated_gpu() -> SimulatedGPU | None:
+    return _SIMULATED
+
+
+# Launches recorded instead of run (``recording_launches``): the first pass of ``fastunet.tune``,
+# which collects every candidate config a model's shapes will time, to compile them all at
+# once in parallel before any timing.
+_RECORDING: list | None = None
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[list]:
+    """While active, ``launch`` appends ``(fn, grid, args, meta)`` to the yielded list and runs
+    nothing, and a tuner meeting a new key records a launch of every candidate (then answers by
+    rule, without remembering it). Outputs are garbage; only the list is the point."""
+    global _RECORDING
+    previous, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = previous
+
+
+def recording() -> list | None:
+    return _RECORDING
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of ints, for launch grids and workspace sizes. (``triton.cdiv`` is a
+    constexpr function since triton 3.9: called from Python it costs about ten times more.)"""
+    return -(a // -b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``) and no GPU is
+    being simulated: launchers then use one small fixed config per kernel."""
+    return _INTERPRET and _SIMULATED is None
+
+
+def can_launch(device: torch.device) -> bool:
+    """Whether kernels can run on tensors of ``device``: CUDA, or CPU in the interpreter (or a
+    simulation)."""
+    return device.type == "cuda" or (device.type == "cpu" and _INTERPRET)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _cuda_facts(index: int) -> tuple[int, int, str]:
+    props = torch.cuda.get_device_properties(index)
+    return 10 * props.major + props.minor, props.multi_processor_count, props.name
 
 
 def device_arch(device: torch.device) -> int:
     """Compute capability as an int (90 for sm_90); 80 in the interpreter or on CPU."""
+    if _SIMULATED is not None:
+        return _SIMULATED.arch
     if device.type != "cuda":
         return 80
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    return _cuda_facts(_cuda_index(device))[0]
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 on CPU)."""
+    if _SIMULATED is not None:
+        return _SIMULATED.sms
+    if device.type != "cuda":
+        return 1
+    return _cuda_facts(_cuda_index(device))[1]
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's marketing name (what the tuning cache is keyed by)."""
+    if _SIMULATED is not None:
+        return _SIMULATED.name
+    if device.type != "cuda":
+        return "cpu"
+    return _cuda_facts(_cuda_index(device))[2]
+
+
+def launch(fn, grid: tuple, args: tuple, meta: dict) -> None:
+    """``fn[grid](*args, **meta)``: every kernel of this package is launched here, on the current
+    CUDA device and its current stream (the op layer makes the tensors' device current). Under
+    ``simulate_gpu`` or ``recording_launches`` the launch is recorded instead."""
+    if _SIMULATED is not None:
+        if _SIMULATED.record:
+            _SIMULATED.launches.append((fn, grid, args, meta))
+        return
+    if _RECORDING is not None:
+        _RECORDING.append((fn, grid, args, meta))
+        return
+    first = args[0]
+    if first.is_cuda and first.get_device() != torch.cuda.current_device():
+        raise RuntimeError(
+            f"{getattr(fn, '__name__', fn)}: tensors on cuda:{first.get_device()} but cuda:"
+            f"{torch.cuda.current_device()} is current; launch inside `with torch.cuda.device(...)` "
+            "(the torch.ops.fastunet ops do this for you)"
+        )
+    fn[grid](*args, **meta)
 
 
 def tuned_arch(arch: int) -> int:
@@ -77,6 +219,11 @@ class GemmConfig(NamedTuple):
     @property
     def name(self) -> str:
         return f"M{self.BLOCK_M}_N{self.BLOCK_N}_K{self.BLOCK_K}_w{self.num_warps}_s{self.num_stages}"
+
+    @property
+    def kwargs(self) -> dict[str, int]:
+        """The meta-parameters, as ``triton.Config.kwargs`` spells them (what a launch passes)."""
+        return {"BLOCK_M": self.BLOCK_M, "BLOCK_N": self.BLOCK_N, "BLOCK_K": self.BLOCK_K}
 
     def smem(self, elem: int) -> int:
         """Upper bound on the pipelined A/B buffers (what the shared-memory pruning compares)."""

@@ -27,7 +27,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import KernelSpec, interpreting
+from ._common import (
+    KernelSpec,
+    cdiv,
+    interpreting,
+    launch,
+)
 
 __all__ = ["bn_stats_finalize", "compile_specs"]
 
@@ -35,7 +40,8 @@ _BLOCK_T, _BLOCK_C, _WARPS = 32, 64, 4
 _INTERPRETER_BLOCKS = (8, 16)
 
 
-@triton.jit
+# Everything that scales with the batch stays unspecialized: one compiled kernel for all batches.
+@triton.jit(do_not_specialize=("stride_plane", "T", "M"))
 def _bn_stats_finalize_kernel(
     part_ptr,
     mean_ptr,
@@ -102,26 +108,18 @@ def bn_stats_finalize(partials: Tensor, rows: int, tile_rows: int) -> tuple[Tens
         raise ValueError(f"partials must be a contiguous [3, T, C] tensor, got {tuple(partials.shape)}")
     if rows < 1 or tile_rows < 1:
         raise ValueError(f"rows and tile_rows must be >= 1, got {rows} and {tile_rows}")
-    tiles = triton.cdiv(rows, tile_rows)
+    tiles = cdiv(rows, tile_rows)
     if tiles > partials.shape[1]:
         raise ValueError(f"{rows} rows in tiles of {tile_rows} need {tiles} partial rows, got {partials.shape[1]}")
     c = partials.shape[2]
     mean = torch.empty(c, device=partials.device, dtype=torch.float32)
     var = torch.empty_like(mean)
     block_t, block_c = _INTERPRETER_BLOCKS if interpreting() else (_BLOCK_T, _BLOCK_C)
-    _bn_stats_finalize_kernel[(triton.cdiv(c, block_c),)](
-        partials,
-        mean,
-        var,
-        partials.stride(0),
-        tiles,
-        rows,
-        c,
-        tile_rows,
-        BLOCK_T=block_t,
-        BLOCK_C=block_c,
-        num_warps=_WARPS,
-    )
+    launch(
+        _bn_stats_finalize_kernel, (cdiv(c, block_c),),
+        (partials, mean, var, partials.stride(0), tiles, rows, c, tile_rows),
+        dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_WARPS),
+    )  # fmt: skip
     return mean, var
 
 

@@ -34,8 +34,6 @@ compile report uses ``compile_specs``.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -44,13 +42,18 @@ from torch import Tensor
 from ._common import (
     GemmConfig,
     KernelSpec,
-    device_arch,
+    can_launch,
+    cdiv,
     dot_precision,
     interpreting,
+    launch,
+    next_pow2,
+    sm_count,
     smem_limit,
     triton_dtype,
     tuned_arch,
 )
+from ._tuning import Tuner, bucket, launch_meta
 from .bn_stats import bn_stats_finalize
 
 __all__ = [
@@ -107,6 +110,7 @@ def _accumulate_source(
     H,
     W,
     SMALL_C: tl.constexpr,
+    DENSE_C: tl.constexpr,
     NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -118,25 +122,40 @@ def _accumulate_source(
     block, so each A row is a contiguous channel run (vector loads in NHWC).
     SMALL_C mode: iteration kk covers flat k in [kk*BLOCK_K, (kk+1)*BLOCK_K) of the 9*C taps x
     channels, decoded per k; a 3-channel input then fills a dot instead of wasting 13/16 of it.
+    DENSE_C > 0 (with SMALL_C): the source is a dense NHWC tensor of exactly DENSE_C channels
+    (the model's zero-padded entry, 16 bytes per pixel); its strides are then compile-time
+    multiples of DENSE_C and the channel index a constant-divisor remainder, so each pixel's
+    DENSE_C channels of a tap load as one 16-byte vector instead of DENSE_C scalar loads.
     """
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     # The pixel part of every A address in int64: a batch of feature maps can exceed 2^31
     # elements even though each index fits in int32.
-    pix_off = img.to(tl.int64) * stride_n + oh.to(tl.int64) * stride_h + ow.to(tl.int64) * stride_w
+    if DENSE_C > 0:
+        pix_off = ((img.to(tl.int64) * H + oh) * W + ow) * DENSE_C
+    else:
+        pix_off = img.to(tl.int64) * stride_n + oh.to(tl.int64) * stride_h + ow.to(tl.int64) * stride_w
     w_co = offs_co * stride_wo  # [BLOCK_N]
     n_cb = tl.cdiv(C, BLOCK_K)
     for kk in range(k_lo, k_hi):
         if SMALL_C:
             k = kk * BLOCK_K + offs_k  # [BLOCK_K] flat (tap, ci)
-            k_ok = k < 9 * C
-            tap = k // C
-            ci = k - tap * C
+            if DENSE_C > 0:
+                k_ok = k < 9 * DENSE_C
+                tap = k // DENSE_C
+                ci = k % DENSE_C
+            else:
+                k_ok = k < 9 * C
+                tap = k // C
+                ci = k - tap * C
             kh = tap // 3
             kw = tap - kh * 3
             ih = oh[:, None] + (kh[None, :] - 1)  # [BLOCK_M, BLOCK_K]
             iw = ow[:, None] + (kw[None, :] - 1)  # [BLOCK_M, BLOCK_K]
             a_mask = m_mask[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            tap_off = (kh - 1) * stride_h + (kw - 1) * stride_w + ci.to(tl.int64) * stride_c
+            if DENSE_C > 0:
+                tap_off = ((kh - 1) * W + (kw - 1)) * DENSE_C + ci
+            else:
+                tap_off = (kh - 1) * stride_h + (kw - 1) * stride_w + ci.to(tl.int64) * stride_c
             a_ptrs = src_ptr + pix_off[:, None] + tap_off[None, :]  # [BLOCK_M, BLOCK_K]
             w_k = (c_base + ci) * stride_wi + kh * stride_wh + kw * stride_ww  # [BLOCK_K]
             b_mask = k_ok[:, None] & co_mask[None, :]
@@ -161,14 +180,22 @@ def _accumulate_source(
         if NORM:
             s = tl.load(s_ptr + ch, mask=ch_ok, other=0.0)  # [BLOCK_K]
             t = tl.load(t_ptr + ch, mask=ch_ok, other=0.0)  # [BLOCK_K]
-            a_n = tl.maximum(a.to(tl.float32) * s[None, :] + t[None, :], 0.0)
+            a_n = a.to(tl.float32) * s[None, :] + t[None, :]
+            # ReLU as a select: NaN passes, as in torch.relu (a GPU's max.f32 would make it 0).
+            a_n = tl.where(a_n < 0.0, 0.0, a_n)
             a = tl.where(a_mask, a_n, 0.0).to(src_ptr.dtype.element_ty)
         b = tl.load(w_ptr + w_k[:, None] + w_co[None, :], mask=b_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
 
 
-@triton.jit
+# The batch size and the split-K slice stride (M * C_out) change with every batch size: left
+# unspecialized, one compiled kernel serves them all (Triton would otherwise compile again
+# whenever N becomes or stops being 1 or a multiple of 16).
+_BATCH_ARGS = ("N", "stride_os")
+
+
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _conv3x3_bn_act_kernel(
     x_ptr,
     x2_ptr,
@@ -209,6 +236,7 @@ def _conv3x3_bn_act_kernel(
     stride_hk,
     HAS_X2: tl.constexpr,
     SMALL_C: tl.constexpr,
+    DENSE_C: tl.constexpr,
     NORM1: tl.constexpr,
     NORM2: tl.constexpr,
     STATS: tl.constexpr,
@@ -295,7 +323,7 @@ def _conv3x3_bn_act_kernel(
         stride_xn, stride_xc, stride_xh, stride_xw,
         stride_wo, stride_wi, stride_wh, stride_ww,
         img, oh, ow, m_mask, offs_co, co_mask, H, W,
-        SMALL_C, NORM1, DOT_PRECISION, BLOCK_K,
+        SMALL_C, DENSE_C, NORM1, DOT_PRECISION, BLOCK_K,
     )  # fmt: skip
     if HAS_X2:
         acc = _accumulate_source(
@@ -303,7 +331,7 @@ def _conv3x3_bn_act_kernel(
             stride_x2n, stride_x2c, stride_x2h, stride_x2w,
             stride_wo, stride_wi, stride_wh, stride_ww,
             img, oh, ow, m_mask, offs_co, co_mask, H, W,
-            SMALL_C, NORM2, DOT_PRECISION, BLOCK_K,
+            SMALL_C, 0, NORM2, DOT_PRECISION, BLOCK_K,
         )  # fmt: skip
 
     out_row = img.to(tl.int64) * stride_on + oh.to(tl.int64) * stride_oh + ow.to(tl.int64) * stride_ow  # [BLOCK_M]
@@ -317,7 +345,10 @@ def _conv3x3_bn_act_kernel(
         shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
         y = acc * scale[None, :] + shift[None, :]  # [BLOCK_M, BLOCK_N]
         if RELU:
-            y = tl.maximum(y, 0.0)
+            # torch.relu keeps NaN; a plain tl.maximum (max.f32) would return 0 for it. max.NaN
+            # rather than a select: same registers as max.f32, where the select spilled 64 B
+            # (fp32 128x256 tile, sm_80).
+            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if HEAD_K > 0:
             offs_hk = tl.arange(0, HEAD_KP)  # [HEAD_KP]
             logits = tl.zeros([BLOCK_M, HEAD_KP], dtype=tl.float32)  # [BLOCK_M, HEAD_KP]
@@ -329,6 +360,8 @@ def _conv3x3_bn_act_kernel(
                 logits = tl.sigmoid(logits)
             elif HEAD_ACT == 2:
                 logits = tl.where(offs_hk[None, :] < HEAD_K, logits, float("-inf"))
+                # tl.max drops NaN on a GPU (max.f32), harmlessly: a NaN logit's exp is NaN, so
+                # the row's sum and every output of the row are NaN, as in torch.softmax.
                 e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
                 logits = e / tl.sum(e, axis=1)[:, None]
             o_ptrs = out_ptr + out_row[:, None] + (offs_hk.to(tl.int64) * stride_oc)[None, :]
@@ -352,7 +385,8 @@ def _conv3x3_bn_act_kernel(
                 mu0 = tl.sum(y_st, axis=0) / cnt  # [BLOCK_N]
                 dev = tl.where(o_mask, y_st - mu0[None, :], 0.0)  # [BLOCK_M, BLOCK_N]
                 corr = tl.sum(dev, axis=0) / cnt  # [BLOCK_N]
-                t_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - cnt * corr * corr, 0.0)
+                # The clamp keeps NaN: a NaN output must give NaN statistics, as in torch.
+                t_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - cnt * corr * corr, 0.0, propagate_nan=tl.PropagateNan.ALL)
                 st_ptrs = stat_ptr + pid_m.to(tl.int64) * C_out + offs_co
                 st_plane = num_pid_m.to(tl.int64) * C_out
                 tl.store(st_ptrs, mu0, mask=co_mask)
@@ -360,7 +394,7 @@ def _conv3x3_bn_act_kernel(
                 tl.store(st_ptrs + 2 * st_plane, t_m2, mask=co_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("M", "stride_ws"))
 def _conv3x3_splitk_epilogue_kernel(
     ws_ptr,
     scale_ptr,
@@ -402,7 +436,7 @@ def _conv3x3_splitk_epilogue_kernel(
     shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
     y = acc * scale[None, :] + shift[None, :]
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # torch.relu keeps NaN
     HW = H * W
     img = offs_m // HW
     rem = offs_m - img * HW
@@ -493,7 +527,6 @@ _CONFIGS = {
     ("head", 90): _HEAD_CONFIGS_SM90,
     ("head", 80): _HEAD_CONFIGS_SM80,
 }
-_MIN_BLOCK_M = min(c.BLOCK_M for configs in _CONFIGS.values() for c in configs)
 # The interpreter runs one small fixed tile: autotuning there would only cost time.
 _INTERPRETER_CFG = _Cfg(32, 32, 16, 4, 1)
 _HEAD_BLOCK_N = (64, 128, 256)
@@ -526,73 +559,58 @@ def _head_block_n(c_out: int) -> int:
     return next(b for b in _HEAD_BLOCK_N if b >= c_out)
 
 
-def _prune(configs, variant: str, arch: int, args: dict) -> list:
-    """Drop configs that cannot fit in shared memory or cannot pay off on this shape."""
-    elem = args["x_ptr"].element_size()
-    c_out, m = args["C_out"], args["N"] * args["H"] * args["W"]
-    c_max = max(args["C1"], args["C2"])
-
-    def cfg_of(c):
-        return _Cfg(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-
-    fitting = [c for c in configs if _fits(cfg_of(c), arch, elem)]
-    if any(args.get(flag, False) for flag in ("NORM1", "NORM2", "STATS")):
-        fitting = [c for c in fitting if _fits_training(cfg_of(c), elem)] or fitting
+def _prune(configs, shape: dict, arch: int) -> list:
+    """Drop configs that cannot fit in shared memory (or, for the training forms, the register
+    budget) or cannot pay off on this shape. ``shape``: ``variant``, ``elem`` (bytes), ``M``
+    (bucketed pixels), ``C1``, ``C2``, ``C_out``, ``SMALL_C``, ``training``."""
+    elem, c_out, m = shape["elem"], shape["C_out"], shape["M"]
+    c_max = max(shape["C1"], shape["C2"])
+    fitting = [c for c in configs if _fits(c, arch, elem)]
+    if shape["training"]:
+        fitting = [c for c in fitting if _fits_training(c, elem)] or fitting
     # A tile much taller than M or wider than C_out only multiplies masked zeros.
-    m_cap = max(64, triton.next_power_of_2(m))
-    keep = [c for c in fitting if c.kwargs["BLOCK_M"] <= m_cap]
-    if variant == "head":
-        keep = [c for c in keep if c.kwargs["BLOCK_N"] == _head_block_n(c_out)]
+    m_cap = max(64, next_pow2(m))
+    keep = [c for c in fitting if c.BLOCK_M <= m_cap]
+    if shape["variant"] == "head":
+        keep = [c for c in keep if c.BLOCK_N == _head_block_n(c_out)]
     else:
-        n_cap = max(64, triton.next_power_of_2(c_out))
-        keep = [c for c in keep if c.kwargs["BLOCK_N"] <= n_cap]
-    if args["SMALL_C"]:
+        n_cap = max(64, next_pow2(c_out))
+        keep = [c for c in keep if c.BLOCK_N <= n_cap]
+    if shape["SMALL_C"]:
         # Every A element is its own gather here, so wide K steps cost registers (they spill) and
         # multiply padding: K = 9*C is at most 135.
-        k_cap = min(_SMALL_C_MAX_BLOCK_K, max(16, triton.next_power_of_2(9 * c_max)))
-        keep = [c for c in keep if c.kwargs["BLOCK_K"] <= k_cap] or [
-            c for c in keep if c.kwargs["BLOCK_K"] <= _SMALL_C_MAX_BLOCK_K
-        ]
+        k_cap = min(_SMALL_C_MAX_BLOCK_K, max(16, next_pow2(9 * c_max)))
+        keep = [c for c in keep if c.BLOCK_K <= k_cap] or [c for c in keep if c.BLOCK_K <= _SMALL_C_MAX_BLOCK_K]
     if not keep:  # never empty: the smallest tile that fits (the head's BLOCK_N is not optional)
         keep = fitting or list(configs)
-        if variant == "head":
-            keep = [c for c in keep if c.kwargs["BLOCK_N"] >= c_out] or keep
-        if args["SMALL_C"]:
-            keep = [c for c in keep if c.kwargs["BLOCK_K"] <= _SMALL_C_MAX_BLOCK_K] or keep
-        keep = [min(keep, key=lambda c: cfg_of(c).smem(elem))]
+        if shape["variant"] == "head":
+            keep = [c for c in keep if c.BLOCK_N >= c_out] or keep
+        if shape["SMALL_C"]:
+            keep = [c for c in keep if c.BLOCK_K <= _SMALL_C_MAX_BLOCK_K] or keep
+        keep = [min(keep, key=lambda c: c.smem(elem))]
     return keep
 
 
-_AUTOTUNED: dict[tuple[str, int], object] = {}
-_KEY = ["N", "H", "W", "C1", "C2", "C_out", "SMALL_C", "SPLIT_K", "HEAD_K"]
+def _tiles(cfg: _Cfg, shape: dict) -> int:
+    return cdiv(shape["M"], cfg.BLOCK_M) * cdiv(shape["C_out"], cfg.BLOCK_N)
 
 
-def _triton_configs(variant: str, arch: int) -> list:
-    return [
-        triton.Config(
-            {"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N, "BLOCK_K": c.BLOCK_K},
-            num_warps=c.num_warps,
-            num_stages=c.num_stages,
-        )
-        for c in _CONFIGS[(variant, arch)]
-    ]
+def _interpreter_config(shape: dict) -> _Cfg:
+    if shape["variant"] == "head":  # one N tile holds every output channel
+        return _INTERPRETER_CFG._replace(BLOCK_N=max(16, next_pow2(shape["C_out"])))
+    return _INTERPRETER_CFG
 
 
-def _autotuned(variant: str, arch: int):
-    """The autotuned kernel for (variant, tuned arch), built on first use."""
-    fn = _AUTOTUNED.get((variant, arch))
-    if fn is None:
-
-        def early_prune(configs, named_args, **kwargs):
-            return _prune(configs, variant, arch, {**named_args, **kwargs})
-
-        fn = triton.autotune(
-            configs=_triton_configs(variant, arch),
-            key=_KEY,
-            prune_configs_by={"early_config_prune": early_prune},
-        )(_conv3x3_bn_act_kernel)
-        _AUTOTUNED[(variant, arch)] = fn
-    return fn
+_TUNERS = {
+    variant: Tuner(
+        f"conv3x3.{variant}",
+        {arch: _CONFIGS[(variant, arch)] for arch in (80, 90)},
+        _prune,
+        _tiles,
+        _interpreter_config,
+    )
+    for variant in ("main", "smallc", "split", "head")
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,17 +618,18 @@ def _autotuned(variant: str, arch: int):
 # --------------------------------------------------------------------------------------------
 
 
-def pack_conv3x3_weight(weight: Tensor) -> Tensor:
-    """Repack an ``nn.Conv2d`` weight for the kernel's B operand.
+def pack_conv3x3_weight(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Repack an ``nn.Conv2d`` weight for the kernel's B operand, cast to ``dtype`` (default: its own).
 
     weight [C_out, C_in, 3, 3] -> a tensor of the same logical shape whose storage is
     ``[3, 3, C_in, C_out]`` contiguous, so the GEMM's B = [K = (tap, ci), N = co] has co
-    contiguous. Plain torch ops, so gradients flow back to ``weight``. Do it once per weight.
+    contiguous. One copy (cast and permute together); plain torch ops, so gradients flow back
+    to ``weight``. Do it once per weight.
     """
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"expected a [C_out, C_in, 3, 3] weight, got {tuple(weight.shape)}")
     c_out, c_in = weight.shape[:2]
-    packed = weight.new_empty((3, 3, c_in, c_out))
+    packed = weight.new_empty((3, 3, c_in, c_out), dtype=dtype or weight.dtype)
     packed.copy_(weight.permute(2, 3, 1, 0))
     return packed.permute(3, 2, 0, 1)
 
@@ -660,7 +679,7 @@ def _check_devices(tensors):
     for name, t in tensors:
         if t.device != dev:
             raise ValueError(f"{name} is on {t.device}, expected {dev} like {tensors[0][0]}")
-    if dev.type != "cuda" and not interpreting():
+    if not can_launch(dev):
         raise ValueError(
             f"conv3x3 kernels need CUDA tensors (got {dev}); set TRITON_INTERPRET=1 to run "
             "them on CPU through Triton's interpreter"
@@ -684,33 +703,40 @@ def _use_small_c(c1: int, c2: int) -> bool:
     return max(c1, c2) < 16
 
 
+def _dense_channels(x: Tensor, c1: int, eligible: bool) -> int:
+    """C1 when x is a dense NHWC tensor whose pixels are 16 bytes (the model's zero-padded entry:
+    8 channels in 16-bit, 4 in fp32), else 0: the kernel's ``DENSE_C`` vector-load mode."""
+    if not eligible or c1 * x.element_size() != 16:
+        return 0
+    n, _, h, w = x.shape
+    return c1 if x.stride() == (h * w * c1, 1, w * c1, c1) else 0
+
+
 def _pick_split_k(device: torch.device, m: int, c_out: int, k_iters: int) -> int:
     """How many K slices: > 1 only if even 64x64 tiles would fill under half of the SMs and every
     slice keeps at least 16 iterations of K (so the workspace round trip stays a small cost)."""
-    if device.type != "cuda":
+    if interpreting():
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton.cdiv(m, 64) * triton.cdiv(c_out, 64)
+    sms = sm_count(device)
+    tiles = cdiv(m, 64) * cdiv(c_out, 64)
     if 2 * tiles > sms:
         return 1
     return max(1, min(sms // tiles, k_iters // 16, 8))
 
 
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=None, norms=(None, None), stats=None):
-    """Launch the conv kernel (autotuned on GPU, fixed tile in the interpreter).
+    """Launch the conv kernel with the tuner's config (a fixed small tile in the interpreter).
 
     ``norms``: (scale, shift) or None per source; ``stats``: a callable ``rows -> [3, rows, C_out]``
     fp32 workspace when the epilogue must write BatchNorm partials. Returns ``(out, partials,
-    BLOCK_M)`` when ``stats`` is given, else ``out``.
+    BLOCK_M)`` when ``stats`` is given (BLOCK_M of the config this launch used: the rows per
+    partial), else ``out``. Launches on the current CUDA device (the op layer's device guard).
     """
     n, c1, c2, h, w, c_out = dims
     m = n * h * w
     if m == 0:
         return out
+    device = x.device
     small_c = _use_small_c(c1, c2 if x2 is not None else 0)
     x2_t = x2 if x2 is not None else x
     x2_strides = x2.stride() if x2 is not None else (0, 0, 0, 0)
@@ -722,61 +748,59 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
     if stats is not None:
         split_k = 1  # the partial statistics are taken in the main kernel's epilogue
     if split_k is None:
-        k_iters = 9 * triton.cdiv(c1 + c2, 64)
-        split_k = _pick_split_k(x.device, m, c_out, k_iters)
+        k_iters = 9 * cdiv(c1 + c2, 64)
+        split_k = _pick_split_k(device, m, c_out, k_iters)
+    if head is not None:
+        variant = "head"
+    else:
+        variant = "split" if split_k > 1 else ("smallc" if small_c else "main")
     norm1, norm2 = norms
     xs, xt = norm1 if norm1 is not None else (scale, shift)
     x2s, x2t = norm2 if norm2 is not None else (scale, shift)
-    # Sized for the smallest BLOCK_M any config uses; the finalize reads only the tiles written.
-    min_block_m = _INTERPRETER_CFG.BLOCK_M if interpreting() else _MIN_BLOCK_M
-    partials = stats(triton.cdiv(m, min_block_m)) if stats is not None else scale
     ws = None
     if split_k > 1:
-        ws = torch.empty((split_k, m, c_out), device=x.device, dtype=torch.float32)
+        ws = torch.empty((split_k, m, c_out), device=device, dtype=torch.float32)
         dst, dst_strides, stride_os = ws, (h * w * c_out, 1, w * c_out, c_out), m * c_out
     else:
         dst, dst_strides, stride_os = out, out.stride(), 0
-    args = (
-        x, x2_t, weight, scale, shift, dst, hw, hb, xs, xt, x2s, x2t, partials, n, h, w, c1, c2, c_out,
-        *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0),
-    )  # fmt: skip
     flags = dict(
-        HAS_X2=x2 is not None, SMALL_C=small_c, NORM1=norm1 is not None, NORM2=norm2 is not None,
+        HAS_X2=x2 is not None, SMALL_C=small_c, DENSE_C=_dense_channels(x, c1, small_c and x2 is None),
+        NORM1=norm1 is not None, NORM2=norm2 is not None,
         STATS=stats is not None, RELU=relu, SPLIT_K=split_k, HEAD_K=head_k,
-        HEAD_KP=triton.next_power_of_2(max(head_k, 1)), HEAD_ACT=head_act,
+        HEAD_KP=next_pow2(max(head_k, 1)), HEAD_ACT=head_act,
         DOT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M,
     )  # fmt: skip
+    m_bucket = bucket(m)
 
-    def grid(meta):
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"])
-        return (tiles, split_k)
+    def shape():
+        return {
+            "variant": variant, "elem": x.element_size(), "M": m_bucket, "C1": c1, "C2": c2, "C_out": c_out,
+            "SMALL_C": small_c, "training": norm1 is not None or norm2 is not None or stats is not None,
+        }  # fmt: skip
 
-    with _device_ctx(x.device):
-        if interpreting():
-            cfg = _INTERPRETER_CFG
-            block_m = cfg.BLOCK_M
-            block_n = max(16, triton.next_power_of_2(c_out)) if head is not None else cfg.BLOCK_N
-            _conv3x3_bn_act_kernel[grid](
-                *args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=block_n, BLOCK_K=cfg.BLOCK_K,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )  # fmt: skip
-        else:
-            if head is not None:
-                variant = "head"
-            else:
-                variant = "split" if split_k > 1 else ("smallc" if small_c else "main")
-            tuner = _autotuned(variant, tuned_arch(device_arch(x.device)))
-            tuner[grid](*args, **flags)
-            block_m = tuner.best_config.kwargs["BLOCK_M"]
-        if ws is not None:
-            epi_grid = (triton.cdiv(m, _EPI_BLOCK_M), triton.cdiv(c_out, _EPI_BLOCK_N))
-            _conv3x3_splitk_epilogue_kernel[epi_grid](
-                ws, scale, shift, out, m, h, w, c_out, stride_os, *out.stride(),
-                SPLIT_K=split_k, RELU=relu, BLOCK_M=_EPI_BLOCK_M, BLOCK_N=_EPI_BLOCK_N,
-                num_warps=_EPI_WARPS,
-            )  # fmt: skip
+    def run(cfg, partials=None):
+        if partials is None:
+            partials = stats(cdiv(m, cfg.BLOCK_M)) if stats is not None else scale
+        args = (
+            x, x2_t, weight, scale, shift, dst, hw, hb, xs, xt, x2s, x2t, partials, n, h, w, c1, c2, c_out,
+            *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0),
+        )  # fmt: skip
+        grid = (cdiv(m, cfg.BLOCK_M) * cdiv(c_out, cfg.BLOCK_N), split_k)
+        launch(_conv3x3_bn_act_kernel, grid, args, {**flags, **launch_meta(cfg)})
+        return partials
+
+    key = (x.dtype, m_bucket, c1, c2, c_out, *flags.values())
+    cfg = _TUNERS[variant].pick(device, key, shape, run)
+    partials = run(cfg)
+    if ws is not None:
+        epi_grid = (cdiv(m, _EPI_BLOCK_M), cdiv(c_out, _EPI_BLOCK_N))
+        launch(
+            _conv3x3_splitk_epilogue_kernel, epi_grid,
+            (ws, scale, shift, out, m, h, w, c_out, stride_os, *out.stride()),
+            dict(SPLIT_K=split_k, RELU=relu, BLOCK_M=_EPI_BLOCK_M, BLOCK_N=_EPI_BLOCK_N, num_warps=_EPI_WARPS),
+        )  # fmt: skip
     if stats is not None:
-        return out, partials, block_m
+        return out, partials, cfg.BLOCK_M
     return out
 
 
@@ -965,8 +989,8 @@ def _spec_signature(fn, dtype: str, out_dtype: str, constexprs: dict) -> dict[st
 def _divisibility_attrs(fn, signature: dict[str, str], not_divisible=()) -> dict:
     """``tt.divisibility=16`` on every pointer and int except ``not_divisible``: what the launcher
     derives for 16-byte aligned NHWC tensors whose channel counts are multiples of 16 (the U-Net's
-    inner layers). The batch size is left out: it is small and rarely a multiple of 16."""
-    skip = {"N", *not_divisible}
+    inner layers). The batch-dependent ints are left out: the kernel does not specialize them."""
+    skip = {*_BATCH_ARGS, *not_divisible}
     return {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
@@ -974,24 +998,28 @@ def _divisibility_attrs(fn, signature: dict[str, str], not_divisible=()) -> dict
     }
 
 
-# (HAS_X2, SMALL_C, NORM1, NORM2, STATS) per variant: what the launchers combine. Training
-# (STATS, RELU off) reads a raw previous layer through NORM1 (encoder) or the raw skip through
-# NORM2 (decoder; its x is the upsample's finished output); the first conv (small C) reads the
-# image as is. The input-gradient conv is the plain variant with RELU off.
+# (HAS_X2, SMALL_C, DENSE, NORM1, NORM2, STATS) per variant: what the launchers combine.
+# Training (STATS, RELU off) reads a raw previous layer through NORM1 (encoder) or the raw skip
+# through NORM2 (decoder; its x is the upsample's finished output); the first conv (small C)
+# reads the model's entry: the image zero-padded to 16-byte pixels (DENSE: DENSE_C = 8 channels
+# in 16-bit, 4 in fp32), or a few-channel tensor as is when called directly. The
+# input-gradient conv is the plain variant with RELU off.
 _SPEC_MODES = {
     "main": (
-        (False, False, False, False, False),
-        (True, False, False, False, False),
-        (False, False, True, False, True),
-        (True, False, False, True, True),
+        (False, False, False, False, False, False),
+        (True, False, False, False, False, False),
+        (False, False, False, True, False, True),
+        (True, False, False, False, True, True),
     ),
     "smallc": (
-        (False, True, False, False, False),
-        (True, True, False, False, False),
-        (False, True, False, False, True),
+        (False, True, False, False, False, False),
+        (True, True, False, False, False, False),
+        (False, True, False, False, False, True),
+        (False, True, True, False, False, False),
+        (False, True, True, False, False, True),
     ),
-    "split": ((False, False, False, False, False), (True, False, False, False, False)),
-    "head": tuple((x2, small, False, False, False) for x2 in (False, True) for small in (False, True)),
+    "split": ((False, False, False, False, False, False), (True, False, False, False, False, False)),
+    "head": tuple((x2, small, False, False, False, False) for x2 in (False, True) for small in (False, True)),
 }
 
 
@@ -999,7 +1027,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     """Every (kernel, config, dtype) the autotuner can pick on ``arch`` (80 or 90).
 
     Shared-memory pruning applied; dtypes fp32 (TF32 dots), fp16, bf16; the main kernel with and
-    without x2 and in both K modes, its training forms (``_SPEC_MODES``), the split-K partial
+    without x2 and in both K modes (small-C also on the dense padded entry), its training forms
+    (``_SPEC_MODES``), the split-K partial
     kernel and its epilogue, and the head variant (K=1, sigmoid). Signatures assume the fast
     layout: unit channel/C_out strides are constexpr 1 (as the runtime specializes them), every other int is ``i32``.
     ``extra["attrs"]`` holds the divisibility attributes of 16-byte aligned operands, to pass as
@@ -1015,7 +1044,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
             for cfg in _CONFIGS[(variant, arch)]:
                 if not _fits(cfg, arch, elem):
                     continue
-                for has_x2, small_c, norm1, norm2, stats in _SPEC_MODES[variant]:
+                for has_x2, small_c, dense, norm1, norm2, stats in _SPEC_MODES[variant]:
                     if small_c and cfg.BLOCK_K > _SMALL_C_MAX_BLOCK_K:
                         continue  # pruned at run time
                     if (norm1 or norm2 or stats) and not _fits_training(cfg, elem):
@@ -1024,7 +1053,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                     head_k = 1 if variant == "head" else 0
                     constexprs = {name: 1 for name in _UNIT_STRIDES}
                     constexprs.update(
-                        HAS_X2=has_x2, SMALL_C=small_c, NORM1=norm1, NORM2=norm2, STATS=stats,
+                        HAS_X2=has_x2, SMALL_C=small_c, DENSE_C=16 // elem if dense else 0, NORM1=norm1,
+                        NORM2=norm2, STATS=stats,
                         RELU=not stats, SPLIT_K=split_k, HEAD_K=head_k, HEAD_KP=1,
                         HEAD_ACT=1 if head_k else 0, DOT_PRECISION=precision, BLOCK_M=cfg.BLOCK_M,
                         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=GROUP_M,
@@ -1035,6 +1065,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                     ragged = ("C1", "stride_xw", "C2", "stride_x2w") if small_c else ()
                     sig = _spec_signature(fn, dtype, out_dtype, constexprs)
                     tags = [variant, "x2" if has_x2 else "x", "smallc" if small_c else "blockc"]
+                    tags += ["dense"] if dense else []
                     tags += [t for t, on in (("norm1", norm1), ("norm2", norm2), ("stats", stats)) if on]
                     specs.append(
                         KernelSpec(
@@ -1079,7 +1110,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                 dtype=dtype,
                 config=f"M{_EPI_BLOCK_M}_N{_EPI_BLOCK_N}_w{_EPI_WARPS}_splitk4",
                 extra={
-                    "attrs": _divisibility_attrs(epi, sig),
+                    "attrs": _divisibility_attrs(epi, sig, ("M", "stride_ws")),
                     "variant": "split_epilogue",
                     "expect_hgmma": False,  # elementwise: no dot
                 },

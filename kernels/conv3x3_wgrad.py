@@ -26,8 +26,6 @@ Launcher: ``conv3x3_weight_grad``; the offline compile report uses ``compile_spe
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -36,13 +34,18 @@ from torch import Tensor
 from ._common import (
     GemmConfig,
     KernelSpec,
-    device_arch,
+    can_launch,
+    cdiv,
     dot_precision,
     interpreting,
+    launch,
+    next_pow2,
+    sm_count,
     smem_limit,
     triton_dtype,
     tuned_arch,
 )
+from ._tuning import Tuner, launch_meta
 
 __all__ = ["compile_specs", "conv3x3_weight_grad"]
 
@@ -66,7 +69,11 @@ _RED_BLOCK, _RED_WARPS = 1024, 4
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Batch-dependent ints stay unspecialized: one compiled kernel serves every batch size.
+_BATCH_ARGS = ("N", "SPLIT_K")
+
+
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _conv3x3_wgrad_kernel(
     dy_ptr,
     x_ptr,
@@ -252,7 +259,7 @@ def _conv3x3_wgrad_kernel(
     tl.store(o_ptrs, acc, mask=co_mask[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("SPLIT_K",))
 def _conv3x3_wgrad_reduce_kernel(
     ws_ptr,
     out_ptr,
@@ -366,56 +373,35 @@ def _variant(small_c: bool, precision: str, elem_size: int) -> str:
     return "smallc" if small_c else "main"
 
 
-def _prune(configs, arch: int, args: dict) -> list:
-    """Drop configs that cannot fit in shared memory or only multiply masked zeros here."""
-    elem = args["x_ptr"].element_size()
-    c_out = args["C_out"]
-    c_max = max(args["C1"], args["C2"])
-
-    def cfg_of(c):
-        return _Cfg(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-
-    fitting = [c for c in configs if _fits(cfg_of(c), arch, elem)]
-    cols = 9 * c_max if args["SMALL_C"] else c_max
-    m_cap = max(64, triton.next_power_of_2(c_out))
-    n_cap = max(16 if args["SMALL_C"] else 64, triton.next_power_of_2(cols))
-    keep = [c for c in fitting if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
-    return keep or [min(fitting or list(configs), key=lambda c: cfg_of(c).smem(elem))]
+def _prune(configs, shape: dict, arch: int) -> list:
+    """Drop configs that cannot fit in shared memory or only multiply masked zeros here.
+    ``shape``: ``elem`` (bytes), ``C1``, ``C2``, ``C_out``, ``SMALL_C``."""
+    elem = shape["elem"]
+    c_out = shape["C_out"]
+    c_max = max(shape["C1"], shape["C2"])
+    fitting = [c for c in configs if _fits(c, arch, elem)]
+    cols = 9 * c_max if shape["SMALL_C"] else c_max
+    m_cap = max(64, next_pow2(c_out))
+    n_cap = max(16 if shape["SMALL_C"] else 64, next_pow2(cols))
+    keep = [c for c in fitting if c.BLOCK_M <= m_cap and c.BLOCK_N <= n_cap]
+    return keep or [min(fitting or list(configs), key=lambda c: c.smem(elem))]
 
 
-_AUTOTUNED: dict[tuple[str, int], object] = {}
-# The autotuner appends every tensor argument's dtype to this key.
-_KEY = ["N", "H", "W", "C1", "C2", "C_out", "SPLIT_K", "HAS_X2", "X_NORM", "X2_NORM", "SMALL_C", "DOT_PRECISION"]
+def _tiles(cfg: _Cfg, shape: dict) -> int:
+    rows = cdiv(shape["C_out"], cfg.BLOCK_M)
+    return rows * _col_tiles(shape["C1"], shape["C2"], shape["SMALL_C"], cfg.BLOCK_N) * shape["SPLIT_K"]
 
 
-def _triton_configs(variant: str, arch: int) -> list:
-    return [
-        triton.Config(
-            {"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N, "BLOCK_K": c.BLOCK_K},
-            num_warps=c.num_warps,
-            num_stages=c.num_stages,
-        )
-        for c in _CONFIGS[(variant, arch)]
-    ]
-
-
-def _autotuned(variant: str, arch: int):
-    """The autotuned kernel for (variant, tuned arch), built on first use."""
-    fn = _AUTOTUNED.get((variant, arch))
-    if fn is None:
-
-        def early_prune(configs, named_args, **kwargs):
-            return _prune(configs, arch, {**named_args, **kwargs})
-
-        # Every config overwrites its whole destination (out, or every workspace slice), so
-        # benchmarking needs no reset between runs.
-        fn = triton.autotune(
-            configs=_triton_configs(variant, arch),
-            key=_KEY,
-            prune_configs_by={"early_config_prune": early_prune},
-        )(_conv3x3_wgrad_kernel)
-        _AUTOTUNED[(variant, arch)] = fn
-    return fn
+_TUNERS = {
+    variant: Tuner(
+        f"conv3x3_wgrad.{variant}",
+        {arch: _CONFIGS[(variant, arch)] for arch in (80, 90)},
+        _prune,
+        _tiles,
+        lambda shape: _INTERPRETER_CFG,
+    )
+    for variant in ("main", "smallc", "ieee")
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,7 +467,7 @@ def _check_inputs(dy, x, x2, x_norm, x2_norm):
     for name, t in tensors:
         if t.device != dy.device:
             raise ValueError(f"{name} is on {t.device}, expected {dy.device} like dy")
-    if dy.device.type != "cuda" and not interpreting():
+    if not can_launch(dy.device):
         raise ValueError(
             f"conv3x3 kernels need CUDA tensors (got {dy.device}); set TRITON_INTERPRET=1 to run "
             "them on CPU through Triton's interpreter"
@@ -497,8 +483,8 @@ def _use_small_c(c1: int, c2: int) -> bool:
 
 def _col_tiles(c1: int, c2: int, small_c: bool, block_n: int) -> int:
     if small_c:
-        return triton.cdiv(9 * c1, block_n) + triton.cdiv(9 * c2, block_n)
-    return 9 * (triton.cdiv(c1, block_n) + triton.cdiv(c2, block_n))
+        return cdiv(9 * c1, block_n) + cdiv(9 * c2, block_n)
+    return 9 * (cdiv(c1, block_n) + cdiv(c2, block_n))
 
 
 def _pick_split_k(device: torch.device, p: int, c_out: int, c1: int, c2: int, small_c: bool) -> int:
@@ -506,18 +492,12 @@ def _pick_split_k(device: torch.device, p: int, c_out: int, c1: int, c2: int, sm
     every split keeps at least _MIN_K_STEPS steps of 64 pixels and the workspace stays small."""
     if interpreting():
         return _INTERPRETER_SPLIT_K
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton.cdiv(c_out, 64) * _col_tiles(c1, c2, small_c, 64)
-    want = triton.cdiv(2 * sms, tiles)
-    by_k = triton.cdiv(p, 64) // _MIN_K_STEPS
+    sms = sm_count(device)
+    tiles = cdiv(c_out, 64) * _col_tiles(c1, c2, small_c, 64)
+    want = cdiv(2 * sms, tiles)
+    by_k = cdiv(p, 64) // _MIN_K_STEPS
     by_ws = _WS_BYTES // (4 * 9 * c_out * (c1 + c2))
     return max(1, min(want, by_k, by_ws, _MAX_SPLIT_K))
-
-
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def conv3x3_weight_grad(
@@ -585,26 +565,26 @@ def conv3x3_weight_grad(
         HAS_X2=x2 is not None, X_NORM=x_norm is not None, X2_NORM=x2_norm is not None,
         SMALL_C=small_c, DOT_PRECISION=precision,
     )  # fmt: skip
+    variant = _variant(small_c, precision, dy.element_size())
 
-    def grid(meta):
-        rows = triton.cdiv(c_out, meta["BLOCK_M"])
-        return (rows * _col_tiles(c1, c2, small_c, meta["BLOCK_N"]), split_k)
+    def shape():
+        return {"elem": dy.element_size(), "C1": c1, "C2": c2, "C_out": c_out, "SMALL_C": small_c, "SPLIT_K": split_k}
 
-    with _device_ctx(dy.device):
-        if interpreting():
-            cfg = _INTERPRETER_CFG
-            _conv3x3_wgrad_kernel[grid](
-                *args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )  # fmt: skip
-        else:
-            variant = _variant(small_c, precision, dy.element_size())
-            _autotuned(variant, tuned_arch(device_arch(dy.device)))[grid](*args, **flags)
-        if ws is not None:
-            _conv3x3_wgrad_reduce_kernel[(triton.cdiv(c_out * c_in * 9, _RED_BLOCK),)](
-                ws, out, c_out, c_in, split_k, ws.stride(0), *out.stride(),
-                BLOCK=_RED_BLOCK, num_warps=_RED_WARPS,
-            )  # fmt: skip
+    def run(cfg):
+        rows = cdiv(c_out, cfg.BLOCK_M)
+        grid = (rows * _col_tiles(c1, c2, small_c, cfg.BLOCK_N), split_k)
+        launch(_conv3x3_wgrad_kernel, grid, args, {**flags, **launch_meta(cfg)})
+
+    # The pixel count only sets the split count (part of the key): the tile is chosen by the
+    # GEMM's M and N, which are channel counts.
+    key = (dy.dtype, c1, c2, c_out, split_k, *flags.values())
+    run(_TUNERS[variant].pick(dy.device, key, shape, run))
+    if ws is not None:
+        launch(
+            _conv3x3_wgrad_reduce_kernel, (cdiv(c_out * c_in * 9, _RED_BLOCK),),
+            (ws, out, c_out, c_in, split_k, ws.stride(0), *out.stride()),
+            dict(BLOCK=_RED_BLOCK, num_warps=_RED_WARPS),
+        )  # fmt: skip
     return out
 
 

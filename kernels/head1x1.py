@@ -14,7 +14,6 @@ dot) between its load and the dot, so the result equals the head of a materializ
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import torch
@@ -23,13 +22,16 @@ import triton.language as tl
 
 from ._common import (
     KernelSpec,
-    device_arch,
+    can_launch,
+    cdiv,
     dot_precision,
-    interpreting,
+    launch,
+    next_pow2,
     smem_limit,
     triton_dtype,
     tuned_arch,
 )
+from ._tuning import Tuner, bucket, launch_meta
 from .norm_act_bwd import _affine_relu, check_norm_affine
 
 __all__ = ["head1x1", "compile_specs", "ACTIVATIONS", "MAX_CLASSES"]
@@ -41,7 +43,7 @@ MAX_CLASSES = 64  # one BLOCK_K tile holds every class of a pixel (softmax needs
 _MAX_PIXELS = 2**31 - 2**16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _head1x1_kernel(
     x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
     w_ptr,  # [K, C] (a [K, C, 1, 1] conv weight viewed as 2-D), any strides, x's dtype
@@ -120,6 +122,8 @@ def _head1x1_kernel(
     elif ACTIVATION == "softmax":
         # Padding classes get -inf so they add exp(-inf) = 0 to the denominator.
         acc = tl.where(mask_k[None, :], acc, float("-inf"))
+        # tl.max drops NaN on a GPU (max.f32), harmlessly: a NaN logit's exp is NaN, so the row's
+        # sum and every output of the row are NaN, as in torch.softmax (an all-NaN row too).
         row_max = tl.max(acc, axis=1)  # [BLOCK_M]
         e = tl.exp(acc - row_max[:, None])  # [BLOCK_M, BLOCK_K]
         acc = e / tl.sum(e, axis=1)[:, None]
@@ -156,12 +160,9 @@ _MAX_ACC_WORDS_PER_THREAD = 16
 
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_C": 16}
 
-# The autotuner appends every tensor argument's dtype to this key.
-_AUTOTUNE_KEY = ["N", "H", "W", "C", "K", "ACTIVATION", "IN_NORM", "INPUT_PRECISION"]
-
 
 def _block_k(K: int) -> int:
-    return max(16, triton.next_power_of_2(K))
+    return max(16, next_pow2(K))
 
 
 def _config_name(cfg: triton.Config) -> str:
@@ -186,20 +187,18 @@ def _usable_configs(arch: int, elem_bytes: int, block_k: int) -> list[triton.Con
     return usable or [min(candidates, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
 
 
-def _prune_configs(configs, named_args, *, arch: int, **kwargs):
-    args = {**named_args, **kwargs}
-    usable = _usable_configs(arch, args["x_ptr"].element_size(), args["BLOCK_K"])
+def _prune_configs(configs, shape: dict, arch: int) -> list:
+    usable = _usable_configs(arch, shape["elem"], shape["BLOCK_K"])
     return [c for c in configs if c in usable]
 
 
-@functools.cache
-def _autotuned_kernel(arch: int):
-    """The autotuned wrapper for compute capability ``arch``, built on first use."""
-    return triton.autotune(
-        configs=_CONFIGS[tuned_arch(arch)],
-        key=_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": functools.partial(_prune_configs, arch=arch)},
-    )(_head1x1_kernel)
+_TUNER = Tuner(
+    "head1x1",
+    _CONFIGS,
+    _prune_configs,
+    lambda cfg, shape: cdiv(shape["M"], cfg.kwargs["BLOCK_M"]),
+    lambda shape: triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1),
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -231,7 +230,7 @@ def _check_inputs(x, weight, bias, activation, in_scale, in_shift, out):
         raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+    if not can_launch(x.device):
         raise ValueError(f"head1x1 runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
@@ -318,13 +317,13 @@ def head1x1(
         "BLOCK_K": _block_k(K),
     }
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]),)
+    m_bucket = bucket(M)
 
-    if interpreting():
-        _head1x1_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG, num_warps=4)
-    else:
-        _autotuned_kernel(device_arch(x.device))[grid](*args, **flags)
+    def run(cfg):
+        launch(_head1x1_kernel, (cdiv(M, cfg.kwargs["BLOCK_M"]),), args, {**flags, **launch_meta(cfg)})
+
+    key = (x.dtype, m_bucket, C, *flags.values())
+    run(_TUNER.pick(x.device, key, lambda: {"M": m_bucket, "elem": x.element_size(), "BLOCK_K": flags["BLOCK_K"]}, run))
     return out
 
 
@@ -398,6 +397,13 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                                     "attrs": attrs,
                                     # 16-bit and TF32 dots run on wgmma on Hopper.
                                     "expect_hgmma": tuned_arch(arch) == 90 and label != "fp32-ieee",
+                                    # The softmax's row max is NaN-dropping max.f32; the result is
+                                    # still torch's (see the kernel's comment at tl.max).
+                                    **(
+                                        {"nan_dropping_ok": "softmax row max: a NaN logit still makes the row NaN"}
+                                        if activation == "softmax"
+                                        else {}
+                                    ),
                                 },
                             )
                         )

@@ -12,13 +12,19 @@ dtype before the comparison, so the result equals pooling a materialized BN+ReLU
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, device_arch, interpreting, triton_dtype, tuned_arch
+from ._common import (
+    KernelSpec,
+    can_launch,
+    cdiv,
+    launch,
+    triton_dtype,
+    tuned_arch,
+)
+from ._tuning import Tuner, bucket, launch_meta
 from .norm_act_bwd import _affine_relu, check_norm_affine
 
 __all__ = ["maxpool2x2", "compile_specs"]
@@ -34,7 +40,7 @@ def _max_nan(m, v):
     return tl.where((v > m) | (v != v), v, m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _maxpool2x2_kernel(
     x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
     out_ptr,  # [N, C, H//2, W//2], any strides, same dtype as x
@@ -119,30 +125,29 @@ _CONFIGS = {
 
 _INTERPRETER_CONFIG = {"BLOCK_P": 16, "BLOCK_C": 16}
 
-# The autotuner appends every tensor argument's dtype to this key.
-_AUTOTUNE_KEY = ["N", "C", "H_out", "W_out", "IN_NORM"]
-
 
 def _config_name(cfg: triton.Config) -> str:
     k = cfg.kwargs
     return f"BP{k['BLOCK_P']}_BC{k['BLOCK_C']}_w{cfg.num_warps}_s{cfg.num_stages}"
 
 
-def _prune_configs(configs, named_args, **kwargs):
+def _prune_configs(configs, shape: dict, arch: int) -> list:
     # A channel block wider than C only loads masked lanes: prefer one that fits.
-    c = {**named_args, **kwargs}["C"]
-    narrow = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= max(c, 64)]
-    return narrow or configs
+    narrow = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= max(shape["C"], 64)]
+    return narrow or list(configs)
 
 
-@functools.cache
-def _autotuned_kernel(arch: int):
-    """The autotuned wrapper for ``arch`` (80 or 90), built on first use."""
-    return triton.autotune(
-        configs=_CONFIGS[arch],
-        key=_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_maxpool2x2_kernel)
+def _tiles(cfg, shape: dict) -> int:
+    return cdiv(shape["P"], cfg.kwargs["BLOCK_P"]) * cdiv(shape["C"], cfg.kwargs["BLOCK_C"])
+
+
+_TUNER = Tuner(
+    "maxpool2x2",
+    _CONFIGS,
+    _prune_configs,
+    _tiles,
+    lambda shape: triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1),
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ def _check_inputs(x, in_scale, in_shift, out):
     N, C, H, W = x.shape
     if H % 2 or W % 2:
         raise ValueError(f"maxpool2x2 needs even H and W, got H={H}, W={W}")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+    if not can_launch(x.device):
         raise ValueError(f"maxpool2x2 runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
     if out is not None:
         if not isinstance(out, torch.Tensor):
@@ -207,13 +212,14 @@ def maxpool2x2(
     args = (x, out, scale, shift, N, C, H_out, W_out, *x.stride(), *out.stride())
     flags = {"IN_NORM": norm is not None}
 
-    def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+    p_bucket = bucket(P)
 
-    if interpreting():
-        _maxpool2x2_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG, num_warps=4)
-    else:
-        _autotuned_kernel(tuned_arch(device_arch(x.device)))[grid](*args, **flags)
+    def run(cfg):
+        grid = (cdiv(P, cfg.kwargs["BLOCK_P"]), cdiv(C, cfg.kwargs["BLOCK_C"]))
+        launch(_maxpool2x2_kernel, grid, args, {**flags, **launch_meta(cfg)})
+
+    key = (x.dtype, p_bucket, C, *flags.values())
+    run(_TUNER.pick(x.device, key, lambda: {"P": p_bucket, "C": C}, run))
     return out
 
 

@@ -30,13 +30,21 @@ gradient on, as it does in the reference model.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, device_arch, interpreting, triton_dtype, tuned_arch
+from ._common import (
+    KernelSpec,
+    can_launch,
+    cdiv,
+    device_arch,
+    interpreting,
+    launch,
+    triton_dtype,
+    tuned_arch,
+)
+from ._tuning import Tuner, bucket, launch_meta
 
 __all__ = ["affine_relu_backward", "maxpool2x2_backward", "check_norm_affine", "compile_specs"]
 
@@ -121,7 +129,7 @@ def _argmax_step(m, idx, v, k: tl.constexpr):
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N", "ROWS"))
 def _affine_relu_bwd_kernel(
     g_ptr,  # [N, C, H, W], any strides, x's dtype: gradient of T(x)
     x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
@@ -202,7 +210,7 @@ def _affine_relu_bwd_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N", "ROWS"))
 def _maxpool2x2_bwd_kernel(
     g_ptr,  # [N, C, H//2, W//2], any strides, x's dtype: gradient of the pooled output
     x_ptr,  # [N, C, H, W], any strides (channels_last is the fast layout)
@@ -327,7 +335,7 @@ def _maxpool2x2_bwd_kernel(
         tl.store(d_ptrs + stride_dh + stride_dw, g11.to(d_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("ROWS",))
 def _sum_partials_kernel(
     part_ptr,  # [2, ROWS, C] fp32, contiguous: dscale partials, then dshift partials
     out_ptr,  # [2, C] fp32, contiguous: dscale, dshift
@@ -387,11 +395,6 @@ _SUM_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 32}
 _SUM_WARPS = 4
 _INTERPRETER_SUM_CONFIG = {"BLOCK_R": 4, "BLOCK_C": 16}
 
-# The autotuner appends every tensor argument's dtype to these keys.
-_AUTOTUNE_KEYS = {
-    "affine_relu": ["N", "C", "H", "W"],
-    "maxpool": ["N", "C", "H_out", "W_out", "IN_NORM"],
-}
 _KERNELS = {"affine_relu": _affine_relu_bwd_kernel, "maxpool": _maxpool2x2_bwd_kernel}
 _KERNEL_NAMES = {"affine_relu": "_affine_relu_bwd_kernel", "maxpool": "_maxpool2x2_bwd_kernel"}
 
@@ -405,21 +408,26 @@ def _grain(kind: str, arch: int) -> int:
     return min(c.kwargs["BLOCK_P"] for c in _CONFIGS[kind][tuned_arch(arch)])
 
 
-def _prune_configs(configs, named_args, **kwargs):
+def _prune_configs(configs, shape: dict, arch: int) -> list:
     # A channel block wider than C only loads masked lanes: prefer one that fits.
-    c = {**named_args, **kwargs}["C"]
-    narrow = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= max(c, 64)]
-    return narrow or configs
+    narrow = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= max(shape["C"], 64)]
+    return narrow or list(configs)
 
 
-@functools.cache
-def _autotuned_kernel(kind: str, arch: int):
-    """The autotuned wrapper of kernel ``kind`` for ``arch`` (80 or 90), built on first use."""
-    return triton.autotune(
-        configs=_CONFIGS[kind][arch],
-        key=_AUTOTUNE_KEYS[kind],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_KERNELS[kind])
+def _tiles(cfg, shape: dict) -> int:
+    return cdiv(shape["P"], cfg.kwargs["BLOCK_P"]) * cdiv(shape["C"], cfg.kwargs["BLOCK_C"])
+
+
+_TUNERS = {
+    kind: Tuner(
+        f"norm_act_bwd.{kind}",
+        _CONFIGS[kind],
+        _prune_configs,
+        _tiles,
+        lambda shape: triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1),
+    )
+    for kind in ("affine_relu", "maxpool")
+}
 
 
 def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -439,24 +447,25 @@ def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: b
     P = N * d2 * d3
     arch = tuned_arch(device_arch(device))
     grain = _INTERPRETER_GRAIN if interpreting() else _grain(kind, arch)
-    rows = triton.cdiv(P, grain) if with_sums else 0
+    rows = cdiv(P, grain) if with_sums else 0
     part = _workspace((2, rows, C), device) if with_sums else None
     dx = tensors[5]
     parts = (part[0], part[1]) if with_sums else (dx, dx)  # never touched without the sums
     args = (*tensors, *parts, *dims, rows, *strides)
+    p_bucket = bucket(P)
 
-    def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+    def run(cfg):
+        grid = (cdiv(P, cfg.kwargs["BLOCK_P"]), cdiv(C, cfg.kwargs["BLOCK_C"]))
+        launch(_KERNELS[kind], grid, args, {**flags, "P_GRAIN": grain, **launch_meta(cfg)})
 
-    if interpreting():
-        _KERNELS[kind][grid](*args, **flags, P_GRAIN=grain, **_INTERPRETER_CONFIG, num_warps=4)
-    else:
-        _autotuned_kernel(kind, arch)[grid](*args, **flags, P_GRAIN=grain)
+    key = (tensors[1].dtype, p_bucket, C, with_sums, *flags.values())
+    run(_TUNERS[kind].pick(device, key, lambda: {"P": p_bucket, "C": C}, run))
     if not with_sums:
         return None
     sums = torch.empty((2, C), device=device, dtype=torch.float32)
     cfg = _INTERPRETER_SUM_CONFIG if interpreting() else _SUM_CONFIG
-    _sum_partials_kernel[(triton.cdiv(C, cfg["BLOCK_C"]), 2)](part, sums, rows, C, **cfg, num_warps=_SUM_WARPS)
+    grid = (cdiv(C, cfg["BLOCK_C"]), 2)
+    launch(_sum_partials_kernel, grid, (part, sums, rows, C), {**cfg, "num_warps": _SUM_WARPS})
     return sums
 
 
@@ -507,7 +516,7 @@ def _check_common(g, x, op: str) -> tuple[int, int, int, int]:
         raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
     if g.dtype != x.dtype:
         raise TypeError(f"g dtype {g.dtype} must match x dtype {x.dtype}")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+    if not can_launch(x.device):
         raise ValueError(f"{op} runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
     if g.device != x.device:
         raise ValueError(f"g is on {g.device}, x on {x.device}")

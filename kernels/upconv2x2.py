@@ -21,21 +21,21 @@ dot) between its load and the dot, so the result equals upsampling a materialize
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
     KernelSpec,
-    device_arch,
+    can_launch,
+    cdiv,
     dot_precision,
-    interpreting,
+    launch,
     smem_limit,
     triton_dtype,
     tuned_arch,
 )
+from ._tuning import Tuner, bucket, launch_meta
 from .norm_act_bwd import _affine_relu, check_norm_affine
 
 __all__ = ["pack_upconv2x2_weight", "upconv2x2", "compile_specs"]
@@ -44,7 +44,7 @@ __all__ = ["pack_upconv2x2_weight", "upconv2x2", "compile_specs"]
 _MAX_PIXELS = 2**31 - 2**16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _upconv2x2_kernel(
     x_ptr,  # [N, C_in, h, w], any strides (channels_last is the fast layout)
     w_ptr,  # [C_in, C_out, 2, 2], any strides (packed [C_in, 2, 2, C_out] is the fast one)
@@ -201,9 +201,6 @@ _MAX_NORM_A_WORDS_PER_THREAD = 32
 # The interpreter does not autotune: one small config keeps CPU runs quick.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
 
-# The autotuner appends every tensor argument's dtype to this key.
-_AUTOTUNE_KEY = ["N", "h", "w", "C_in", "C_out", "IN_NORM", "INPUT_PRECISION"]
-
 
 def _config_name(cfg: triton.Config) -> str:
     k = cfg.kwargs
@@ -236,22 +233,26 @@ def _usable_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool = 
     return usable or [min(candidates, key=lambda c: _smem_bytes(c, elem_bytes))]
 
 
-def _prune_configs(configs, named_args, *, arch: int, **kwargs):
-    args = {**named_args, **kwargs}
-    usable = _usable_configs(arch, args["x_ptr"].element_size(), args["INPUT_PRECISION"], args["IN_NORM"])
+def _prune_configs(configs, shape: dict, arch: int) -> list:
+    usable = _usable_configs(arch, shape["elem"], shape["INPUT_PRECISION"], shape["IN_NORM"])
     usable = [c for c in configs if c in usable]
-    narrow = [c for c in usable if c.kwargs["BLOCK_N"] <= max(args["C_out"], 64)]
+    narrow = [c for c in usable if c.kwargs["BLOCK_N"] <= max(shape["C_out"], 64)]
     return narrow or usable
 
 
-@functools.cache
-def _autotuned_kernel(arch: int):
-    """The autotuned wrapper for compute capability ``arch``, built on first use."""
-    return triton.autotune(
-        configs=_CONFIGS[tuned_arch(arch)] + _IEEE_CONFIGS[tuned_arch(arch)],
-        key=_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": functools.partial(_prune_configs, arch=arch)},
-    )(_upconv2x2_kernel)
+def _tiles(cfg, shape: dict) -> int:
+    return cdiv(shape["M"], cfg.kwargs["BLOCK_M"]) * 4 * cdiv(shape["C_out"], cfg.kwargs["BLOCK_N"])
+
+
+def _interpreter_config(shape: dict) -> triton.Config:
+    return triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1)
+
+
+# fp32 IEEE dots have their own list (see _IEEE_CONFIGS), so they get their own tuner.
+_TUNERS = {
+    "tc": Tuner("upconv2x2", _CONFIGS, _prune_configs, _tiles, _interpreter_config),
+    "ieee": Tuner("upconv2x2.ieee", _IEEE_CONFIGS, _prune_configs, _tiles, _interpreter_config),
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -259,19 +260,22 @@ def _autotuned_kernel(arch: int):
 # --------------------------------------------------------------------------------------
 
 
-def pack_upconv2x2_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Repack a ConvTranspose2d weight for the fast path.
+def pack_upconv2x2_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Repack a ConvTranspose2d weight for the fast path, cast to ``dtype`` (default: its own).
 
     ``weight`` is ``[C_in, C_out, 2, 2]`` (``nn.ConvTranspose2d`` layout). Returns a tensor of
     the same logical shape and values whose storage is ``[C_in, 2, 2, C_out]`` contiguous, so
     the GEMM B operand ``[C_in, (di, dj, co)]`` is read along contiguous ``co``.
-    Differentiable (a permute and a copy).
+    Differentiable (one copy: cast and permute together).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (2, 2):
         raise ValueError(f"weight must be [C_in, C_out, 2, 2], got {tuple(weight.shape)}")
-    return weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    c_in, c_out = weight.shape[:2]
+    packed = weight.new_empty((c_in, 2, 2, c_out), dtype=dtype or weight.dtype)
+    packed.copy_(weight.permute(0, 2, 3, 1))
+    return packed.permute(0, 3, 1, 2)
 
 
 def _check_inputs(x, weight, bias, in_scale, in_shift, out):
@@ -289,7 +293,7 @@ def _check_inputs(x, weight, bias, in_scale, in_shift, out):
     C_out = weight.shape[1]
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+    if not can_launch(x.device):
         raise ValueError(f"upconv2x2 runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
@@ -372,13 +376,21 @@ def upconv2x2(
     )
     flags = {"HAS_BIAS": bias is not None, "IN_NORM": norm is not None, "INPUT_PRECISION": dot_precision(x.dtype)}
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * 4 * triton.cdiv(C_out, meta["BLOCK_N"]),)
+    m_bucket = bucket(M)
 
-    if interpreting():
-        _upconv2x2_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG, num_warps=4)
-    else:
-        _autotuned_kernel(device_arch(x.device))[grid](*args, **flags)
+    def run(cfg):
+        grid = (cdiv(M, cfg.kwargs["BLOCK_M"]) * 4 * cdiv(C_out, cfg.kwargs["BLOCK_N"]),)
+        launch(_upconv2x2_kernel, grid, args, {**flags, **launch_meta(cfg)})
+
+    def shape():
+        return {
+            "M": m_bucket, "C_out": C_out, "elem": x.element_size(),
+            "INPUT_PRECISION": flags["INPUT_PRECISION"], "IN_NORM": flags["IN_NORM"],
+        }  # fmt: skip
+
+    tuner = _TUNERS["ieee" if x.element_size() == 4 and flags["INPUT_PRECISION"] == "ieee" else "tc"]
+    key = (x.dtype, m_bucket, C_in, C_out, *flags.values())
+    run(tuner.pick(x.device, key, shape, run))
     return out
 
 

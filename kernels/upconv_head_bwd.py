@@ -27,8 +27,7 @@ Offline compile report: ``compile_specs(arch)``.
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import math
 
 import torch
 import triton
@@ -38,13 +37,18 @@ from torch import Tensor
 from ._common import (
     GemmConfig,
     KernelSpec,
-    device_arch,
+    can_launch,
+    cdiv,
     dot_precision,
     interpreting,
+    launch,
+    next_pow2,
+    sm_count,
     smem_limit,
     triton_dtype,
     tuned_arch,
 )
+from ._tuning import Tuner, bucket, launch_meta
 from .head1x1 import MAX_CLASSES
 from .norm_act_bwd import _affine_relu, check_norm_affine
 
@@ -77,7 +81,7 @@ _RED_BLOCK, _RED_WARPS = 1024, 4
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _upconv2x2_dgrad_kernel(
     g_ptr,  # [N, C_out, 2h, 2w], any strides (channels_last is the fast layout)
     w_ptr,  # [C_in, C_out, 2, 2], any strides, g's dtype (packed [C_in, 2, 2, C_out] is fast)
@@ -159,7 +163,7 @@ def _upconv2x2_dgrad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N", "SPLIT_K"))
 def _upconv2x2_wgrad_kernel(
     g_ptr,  # [N, C_out, 2h, 2w], any strides (channels_last is the fast layout)
     x_ptr,  # [N, C_in, h, w], any strides, g's dtype
@@ -262,7 +266,7 @@ def _upconv2x2_wgrad_kernel(
     tl.store(o_ptrs, acc, mask=co_mask[:, None] & ci_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N", "SPLIT_K"))
 def _head1x1_wgrad_kernel(
     gz_ptr,  # [N, K, H, W], any strides (channels_last is the fast layout)
     x_ptr,  # [N, C, H, W], any strides, gz's dtype
@@ -348,7 +352,7 @@ def _head1x1_wgrad_kernel(
     tl.store(o_ptrs, acc, mask=cls_mask[:, None] & c_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _head1x1_dgrad_kernel(
     gz_ptr,  # [N, K, H, W], any strides (channels_last is the fast layout)
     w_ptr,  # [K, C] (a [K, C, 1, 1] conv weight viewed as 2-D), any strides, any float dtype
@@ -408,7 +412,7 @@ def _head1x1_dgrad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("SPLIT_K",))
 def _sum_splits_kernel(
     ws_ptr,  # fp32 [SPLIT_K, D0, D1, D2, D3], each slice contiguous, slices stride_ws apart
     out_ptr,  # fp32 [D0, D1, D2, D3], any strides
@@ -587,77 +591,72 @@ def _triton_config(kind: str, c: _Cfg) -> triton.Config:
     return triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-def _launch_meta(kind: str, c: _Cfg) -> dict:
-    """Keyword arguments of a direct (non-autotuned) launch with config ``c``."""
-    cfg = _triton_config(kind, c)
-    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-
-
 _KERNELS = {
     "dgrad": _upconv2x2_dgrad_kernel,
     "wgrad": _upconv2x2_wgrad_kernel,
     "head_wgrad": _head1x1_wgrad_kernel,
     "head_dgrad": _head1x1_dgrad_kernel,
 }
-# The autotuner appends every tensor argument's dtype to these keys.
-_KEYS = {
-    "dgrad": ["N", "h", "w", "C_in", "C_out", "INPUT_PRECISION"],
-    "wgrad": ["N", "h", "w", "C_in", "C_out", "SPLIT_K", "X_NORM", "INPUT_PRECISION"],
-    "head_wgrad": ["N", "H", "W", "C", "K", "SPLIT_K", "X_NORM", "INPUT_PRECISION", "BLOCK_K"],
-    "head_dgrad": ["N", "H", "W", "C", "K"],
-}
 
 
-def _prune(configs, named_args, *, kind: str, arch: int, **kwargs):
-    """Keep what fits ``_usable_configs``, minus tiles far wider than the problem."""
-    args = {**named_args, **kwargs}
+def _prune(configs, shape: dict, arch: int, *, kind: str) -> list:
+    """Keep what fits ``_usable_configs``, minus tiles far wider than the problem. ``shape``:
+    ``elem``, ``INPUT_PRECISION``, the channel counts and (head_wgrad) ``BLOCK_K``."""
     if kind == "head_dgrad":
-        elem, precision, caps = 2, "ieee", {"BLOCK_C": args["C"]}
+        elem, precision, caps = 2, "ieee", {"BLOCK_C": shape["C"]}
         usable = [_triton_config(kind, c) for c in _usable_configs(kind, arch, elem, precision)]
     else:
-        elem = args["x_ptr" if "x_ptr" in args else "g_ptr"].element_size()
-        precision = args["INPUT_PRECISION"]
-        block_cls = args.get("BLOCK_K", 16) if kind == "head_wgrad" else 16
+        elem, precision = shape["elem"], shape["INPUT_PRECISION"]
+        block_cls = shape.get("BLOCK_K", 16) if kind == "head_wgrad" else 16
         usable = [_triton_config(kind, c) for c in _usable_configs(kind, arch, elem, precision, block_cls)]
         if kind == "dgrad":
-            caps = {"BLOCK_N": args["C_in"]}
+            caps = {"BLOCK_N": shape["C_in"]}
         elif kind == "wgrad":
-            caps = {"BLOCK_M": args["C_out"], "BLOCK_N": args["C_in"]}
+            caps = {"BLOCK_M": shape["C_out"], "BLOCK_N": shape["C_in"]}
         else:
-            caps = {"BLOCK_C": args["C"]}
+            caps = {"BLOCK_C": shape["C"]}
     usable = [c for c in configs if any(c.kwargs == u.kwargs and c.num_warps == u.num_warps for u in usable)]
-    narrow = [c for c in usable if all(c.kwargs[k] <= max(64, triton.next_power_of_2(v)) for k, v in caps.items())]
+    narrow = [c for c in usable if all(c.kwargs[k] <= max(64, next_pow2(v)) for k, v in caps.items())]
     return narrow or usable or list(configs)[:1]
 
 
-@functools.cache
-def _autotuned(kind: str, arch: int):
-    """The autotuned kernel ``kind`` for tuned arch ``arch``, built on first use. Every config
-    overwrites its whole destination (out, or every workspace slice), so benchmarking needs no
-    reset between runs."""
+def _all_configs(kind: str, arch: int) -> list:
+    """Every tile of ``kind`` on ``arch`` over the element sizes and precisions, each once."""
     configs = []
     for elem, precision in ((2, "ieee"), (4, "tf32"), (4, "ieee")):
         for c in _config_list(kind, arch, elem, precision):
             tc = _triton_config(kind, c)
             if not any(tc.kwargs == o.kwargs and tc.num_warps == o.num_warps for o in configs):
                 configs.append(tc)
-    return triton.autotune(
-        configs=configs,
-        key=_KEYS[kind],
-        prune_configs_by={"early_config_prune": functools.partial(_prune, kind=kind, arch=arch)},
-    )(_KERNELS[kind])
+    return configs
 
 
-def _run(kind: str, device: torch.device, grid, args: tuple, flags: dict) -> None:
-    with _device_ctx(device):
-        if interpreting():
-            _KERNELS[kind][grid](*args, **flags, **_launch_meta(kind, _INTERPRETER_CFG))
-        else:
-            _autotuned(kind, tuned_arch(device_arch(device)))[grid](*args, **flags)
+def _make_tuner(kind: str) -> Tuner:
+    def prune(configs, shape, arch):
+        return _prune(configs, shape, arch, kind=kind)
+
+    return Tuner(
+        f"upconv_head_bwd.{kind}",
+        {arch: _all_configs(kind, arch) for arch in (80, 90)},
+        prune,
+        lambda cfg, shape: math.prod(shape["tiles"](cfg.kwargs)),
+        lambda shape: _triton_config(kind, _INTERPRETER_CFG),
+    )
 
 
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+_TUNERS = {kind: _make_tuner(kind) for kind in _KERNELS}
+
+
+def _run(kind: str, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict) -> None:
+    """Launch kernel ``kind`` with its tuner's config for ``key`` (see ``_tuning``); ``grid(meta)``
+    gives the launch grid; ``shape`` the pruning inputs (channel counts) and ``tiles(meta)``, the
+    grid at the bucketed pixel count (for the rule)."""
+    shape = {**shape, "elem": ref.element_size(), **flags}
+
+    def run(cfg):
+        launch(_KERNELS[kind], grid(cfg.kwargs), args, {**flags, **launch_meta(cfg)})
+
+    run(_TUNERS[kind].pick(ref.device, (ref.dtype, *key, *flags.values()), lambda: shape, run))
 
 
 def _pick_split_k(device: torch.device, p: int, tiles: int, slice_bytes: int, cap: int) -> int:
@@ -665,11 +664,9 @@ def _pick_split_k(device: torch.device, p: int, tiles: int, slice_bytes: int, ca
     split keeps at least _MIN_K_STEPS steps of 64 pixels and the workspace stays under _WS_BYTES."""
     if interpreting():
         return _INTERPRETER_SPLIT_K
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(tiles, 1))
-    by_k = triton.cdiv(p, 64) // _MIN_K_STEPS
+    sms = sm_count(device)
+    want = cdiv(2 * sms, max(tiles, 1))
+    by_k = cdiv(p, 64) // _MIN_K_STEPS
     by_ws = _WS_BYTES // max(slice_bytes, 1)
     return max(1, min(want, by_k, by_ws, cap))
 
@@ -677,10 +674,10 @@ def _pick_split_k(device: torch.device, p: int, tiles: int, slice_bytes: int, ca
 def _reduce_splits(ws: Tensor, out: Tensor, dims: tuple[int, int, int, int], out_strides: tuple) -> None:
     """``out`` (viewed as ``dims`` with ``out_strides``) = sum of ws's slices, in order."""
     total = dims[0] * dims[1] * dims[2] * dims[3]
-    with _device_ctx(out.device):
-        _sum_splits_kernel[(triton.cdiv(total, _RED_BLOCK),)](
-            ws, out, *dims, ws.shape[0], ws.stride(0), *out_strides, BLOCK=_RED_BLOCK, num_warps=_RED_WARPS
-        )
+    launch(
+        _sum_splits_kernel, (cdiv(total, _RED_BLOCK),),
+        (ws, out, *dims, ws.shape[0], ws.stride(0), *out_strides), dict(BLOCK=_RED_BLOCK, num_warps=_RED_WARPS),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,7 +691,7 @@ def _check_tensor(name: str, t) -> None:
 
 
 def _check_device(ref: Tensor, op: str) -> None:
-    if ref.device.type != "cuda" and not (ref.device.type == "cpu" and interpreting()):
+    if not can_launch(ref.device):
         raise ValueError(f"{op} runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {ref.device}")
 
 
@@ -776,7 +773,7 @@ def _check_classes(K: int) -> None:
 
 
 def _block_cls(K: int) -> int:
-    return max(16, triton.next_power_of_2(K))
+    return max(16, next_pow2(K))
 
 
 # --------------------------------------------------------------------------------------------
@@ -820,10 +817,13 @@ def upconv2x2_input_grad(g: Tensor, weight: Tensor, *, out: Tensor | None = None
     M = N * h * w
     args = (g, weight, out, N, h, w, C_in, C_out, *g.stride(), *weight.stride(), *out.stride())
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),)
+    def grid(meta, m=M):
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(C_in, meta["BLOCK_N"]),)
 
-    _run("dgrad", g.device, grid, args, {"INPUT_PRECISION": dot_precision(g.dtype)})
+    flags = {"INPUT_PRECISION": dot_precision(g.dtype)}
+    m = bucket(M)
+    shape = {"C_in": C_in, "C_out": C_out, "tiles": lambda meta: grid(meta, m)}
+    _run("dgrad", g, (m, C_in, C_out), grid, args, flags, shape)
     return out
 
 
@@ -869,7 +869,7 @@ def upconv2x2_weight_grad(
     if P == 0:
         return out.zero_()
 
-    tiles = 4 * triton.cdiv(C_out, 64) * triton.cdiv(C_in, 64)
+    tiles = 4 * cdiv(C_out, 64) * cdiv(C_in, 64)
     split_k = _pick_split_k(g.device, P, tiles, 16 * C_in * C_out, _MAX_SPLIT_K)
     ws = None
     if split_k > 1:
@@ -882,9 +882,10 @@ def upconv2x2_weight_grad(
     flags = {"X_NORM": norm is not None, "INPUT_PRECISION": dot_precision(g.dtype)}
 
     def grid(meta):
-        return (4 * triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]), split_k)
+        return (4 * cdiv(C_out, meta["BLOCK_M"]) * cdiv(C_in, meta["BLOCK_N"]), split_k)
 
-    _run("wgrad", g.device, grid, args, flags)
+    shape = {"C_in": C_in, "C_out": C_out, "tiles": grid}
+    _run("wgrad", g, (C_in, C_out, split_k), grid, args, flags, shape)
     if ws is not None:
         _reduce_splits(ws, out, (C_in, C_out, 2, 2), out.stride())
     return out
@@ -930,7 +931,7 @@ def head1x1_weight_grad(
     if P == 0:
         return out.zero_()
 
-    split_k = _pick_split_k(gz.device, P, triton.cdiv(C, 64), 4 * K * C, _MAX_SPLIT_K_HEAD)
+    split_k = _pick_split_k(gz.device, P, cdiv(C, 64), 4 * K * C, _MAX_SPLIT_K_HEAD)
     ws = None
     if split_k > 1:
         ws = torch.empty((split_k, K, C), device=gz.device, dtype=torch.float32)
@@ -942,9 +943,9 @@ def head1x1_weight_grad(
     flags = {"X_NORM": norm is not None, "INPUT_PRECISION": dot_precision(gz.dtype), "BLOCK_K": _block_cls(K)}
 
     def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_C"]), split_k)
+        return (cdiv(C, meta["BLOCK_C"]), split_k)
 
-    _run("head_wgrad", gz.device, grid, args, flags)
+    _run("head_wgrad", gz, (C, K, split_k), grid, args, flags, {"C": C, "tiles": grid})
     if ws is not None:
         _reduce_splits(ws, out, (1, 1, K, C), (0, 0, *out.stride()))
     return out
@@ -982,10 +983,12 @@ def head1x1_input_grad(gz: Tensor, weight: Tensor, *, out: Tensor | None = None)
     P = N * H * W
     args = (gz, w2, out, N, H, W, C, K, *gz.stride(), *w2.stride(), *out.stride())
 
-    def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+    def grid(meta, p=P):
+        return (cdiv(p, meta["BLOCK_P"]), cdiv(C, meta["BLOCK_C"]))
 
-    _run("head_dgrad", gz.device, grid, args, {})
+    p_bucket = bucket(P)
+    shape = {"C": C, "tiles": lambda meta: grid(meta, p_bucket)}
+    _run("head_dgrad", gz, (p_bucket, C, K), grid, args, {}, shape)
     return out
 
 

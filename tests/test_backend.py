@@ -58,9 +58,16 @@ def test_eager_never_fused():
 
 
 def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    # The interpreter is chosen when triton is imported, so the flag is read once at import.
     fastunet.set_backend("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "_INTERPRETING", True)
     assert backend.use_fused(torch.zeros(1))
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(backend, "_INTERPRETING", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         backend.use_fused(torch.zeros(1))
+
+
+def test_interpreter_flag_is_read_once_at_import(monkeypatch):
+    before = backend.interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if before else "1")
+    assert backend.interpreting() == before

@@ -46,3 +46,18 @@ def test_compile_inductor_inference():
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         assert_close(compiled(x), ref(x), "fp64", "inductor output")
+
+
+def test_compile_reduce_overhead_inference():
+    """``torch.compile(model, mode="reduce-overhead")`` (CUDA graphs through inductor on a GPU)
+    takes the fused ops as opaque calls: same numbers, no recompile on the second call."""
+    fastunet.set_backend("triton")
+    torch._dynamo.reset()
+    ref, model = model_pair(3, 2, base_channels=4, depth=2)
+    ref.eval()
+    model.eval()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+            assert_close(compiled(x), ref(x), "fp64", "reduce-overhead output")

@@ -96,6 +96,56 @@ def tiny_specs(arch: int) -> list[KernelSpec]:
     ]
 
 
+# ----------------------------------------------------------------------------------------------
+# A tiny elementwise kernel for the NaN rule: a GPU's max.f32 (no .NaN) returns the other operand
+# when one is NaN, where torch.relu / clamp / BatchNorm statistics give NaN.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tiny_nan(x_ptr, y_ptr, n, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if MODE == "maximum":
+        y = tl.maximum(x, 0.0)  # NaN-dropping ReLU
+    elif MODE == "where":
+        y = tl.where(x < 0.0, 0.0, x)  # torch.relu: NaN and -0.0 pass through
+    elif MODE == "propagate":
+        y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    elif MODE == "row_max":
+        y = x - tl.max(tl.where(mask, x, float("-inf")), axis=0)  # NaN-dropping reduction
+    else:  # "int": integer max, never a NaN question
+        y = tl.maximum(x.to(tl.int32), 3).to(x.dtype)
+    tl.store(y_ptr + offs, y, mask=mask)
+
+
+def _nan_spec(mode: str, dtype: str = "fp32", exempt: str | None = None) -> KernelSpec:
+    return KernelSpec(
+        kernel="tiny_nan",
+        fn=_tiny_nan,
+        signature={"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "n": "i32", "MODE": "constexpr", "BLOCK": "constexpr"},
+        constexprs={"MODE": mode, "BLOCK": 1024},
+        num_warps=4,
+        num_stages=1,
+        dtype=dtype,
+        config=mode + ("_exempt" if exempt else ""),
+        extra={"attrs": ["x_ptr", "y_ptr", "n"], **({"nan_dropping_ok": exempt} if exempt else {})},
+    )
+
+
+def nan_specs(arch: int) -> list[KernelSpec]:
+    """Provider for the NaN rule: which forms of max the check flags, in each float dtype."""
+    return [
+        *(_nan_spec("maximum", dt) for dt in ("fp32", "fp16", "bf16")),
+        *(_nan_spec("where", dt) for dt in ("fp32", "fp16", "bf16")),
+        *(_nan_spec("propagate", dt) for dt in ("fp32", "fp16", "bf16")),
+        _nan_spec("int"),
+        _nan_spec("row_max"),
+        _nan_spec("row_max", exempt="a NaN element makes x - max NaN whatever the max is"),
+    ]
+
+
 def bad_specs(arch: int) -> list[KernelSpec]:
     """Provider with one good spec and one of each failure the CLI must catch (on sm_90)."""
     return [
@@ -104,6 +154,7 @@ def bad_specs(arch: int) -> list[KernelSpec]:
         _tiny_spec("fp16", 64, 256, 64, 4, 3),  # 128 accumulator regs/thread and more: spills
         _tiny_spec("fp16", 128, 128, 128, 8, 7),  # 7 stages of 128x128x128: 256 KiB smem
         _tiny_spec("fp16", 64, 64, 32, 2, 3, kernel="conv3x3_tiny"),  # conv3x3, 16-bit, no HGMMA
+        _nan_spec("maximum"),  # a NaN-dropping ReLU
     ]
 
 
@@ -143,6 +194,12 @@ def _compile_in_child(provider: str, arch: int) -> list[dict]:
     return json.loads(line[len("ROWS=") :])
 
 
+def _line_of(text: str) -> int:
+    """Line number of the first line of this file that contains ``text``."""
+    lines = Path(__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line)
+
+
 def _row(**kw) -> kr.Row:
     base = dict(kernel="k", config="c", dtype="fp16", regs=128, spills=0, smem=1024, hgmma=True)
     base.update(kw)
@@ -156,6 +213,7 @@ def _validate_schema(payload) -> None:
         assert all(isinstance(obj[k], str) for k in ("kernel", "config", "dtype"))
         assert all(type(obj[k]) is int for k in ("regs", "spills", "smem"))
         assert type(obj["hgmma"]) is bool
+        assert type(obj["nan_dropping"]) is int and obj["nan_dropping"] >= 0
         assert 0 < obj["regs"] <= 255 and obj["spills"] >= 0 and obj["smem"] >= 0
     keys = [(o["kernel"], o["config"], o["dtype"]) for o in payload]
     assert keys == sorted(keys), "rows are not sorted"
@@ -184,9 +242,15 @@ def test_check_rows_accepts_clean_rows(arch):
         (_row(kernel="conv3x3_dual", dtype="bf16", hgmma=False), 90, "no HGMMA"),
         (_row(kernel="any", module="conv3x3", hgmma=False), 90, "no HGMMA"),
         (_row(kernel="upconv", hgmma=False, expect_hgmma=True), 90, "no HGMMA"),
+        (_row(nan_dropping=2, nan_dropping_sites=["2x max.f32 at k.py:3"]), 90, "NaN-dropping"),
+        (_row(nan_dropping=1), 80, "NaN-dropping"),
+        (_row(nan_dropping=1, nan_dropping_ok=""), 90, "NaN-dropping"),  # an empty reason is none
     ],
-    ids=["spill", "smem90", "smem80", "compile-error", "conv-no-hgmma", "conv-bf16", "conv-module", "forced"],
-)
+    ids=[
+        "spill", "smem90", "smem80", "compile-error", "conv-no-hgmma", "conv-bf16", "conv-module", "forced",
+        "nan-drop90", "nan-drop80", "nan-empty-reason",
+    ],
+)  # fmt: skip
 def test_check_rows_flags(row, arch, expected):
     failures = kr.check_rows([_row(kernel="fine"), row], arch)
     assert len(failures) == 1 and expected in failures[0], failures
@@ -202,8 +266,9 @@ def test_check_rows_flags(row, arch, expected):
         (_row(kernel="upconv2x2", hgmma=False), 90),  # the rule is for conv3x3 only
         (_row(kernel="conv3x3_x", hgmma=False, expect_hgmma=False), 90),  # spec opted out
         (_row(smem=smem_limit(90)), 90),  # the limit itself is allowed
+        (_row(nan_dropping=20, nan_dropping_ok="softmax row max: a NaN logit still gives a NaN row"), 90),
     ],
-    ids=["sm80", "fp32", "no-dot", "not-conv", "opt-out", "at-limit"],
+    ids=["sm80", "fp32", "no-dot", "not-conv", "opt-out", "at-limit", "nan-exempt"],
 )
 def test_check_rows_leaves_alone(row, arch):
     assert kr.check_rows([row], arch) == []
@@ -246,6 +311,93 @@ def test_parse_cuobjdump():
     got = kr.parse_cuobjdump(text)
     assert got == {"regs": 168, "hgmma": True, "mma": "HGMMA.64x64x16.F32", "local_bytes": 8 + 4 + 16 + 4}
     assert kr.parse_cuobjdump("HMMA.16816.F32 R0")["hgmma"] is False
+
+
+@pytest.mark.parametrize(
+    "spelling, drops",
+    [
+        ("max.f32", True),
+        ("max.ftz.f32", True),
+        ("min.f32", True),
+        ("max.xorsign.abs.f32", True),
+        ("max.f16", True),
+        ("max.f16x2", True),
+        ("max.bf16", True),
+        ("max.bf16x2", True),
+        ("max.f64", True),  # PTX has no max.NaN.f64
+        ("max.NaN.f32", False),
+        ("min.ftz.NaN.f32", False),
+        ("max.NaN.f16x2", False),
+        ("max.NaN.bf16x2", False),
+        ("max.s32", False),
+        ("max.u32", False),
+        ("min.s64", False),
+        ("max.relu.s32", False),
+        ("max.u16x2", False),
+    ],
+)
+def test_nan_dropping_instruction(spelling, drops):
+    assert kr.nan_dropping_instruction(spelling) is drops
+
+
+def test_parse_ptx_nan_dropping():
+    ptx = (
+        ".maxnreg 128\n"
+        ".visible .entry _maxpool_kernel(\n"
+        "\t.loc\t1 12 5                          // k.py:12:5\n"
+        "\tmax.f32 \t%r1, %r2, %r3;\n"
+        "\tmax.NaN.f32 \t%r4, %r2, %r3;\n"
+        "\tmax.s32 \t%r5, %r6, 0;\n"
+        "\t@%p1 min.ftz.f32 \t%r7, %r8, %r9;\n"
+        "\tmax.bf16x2 \t%r10, %r11, %r12;\n"
+        "\tmax.NaN.bf16x2 \t%r13, %r11, %r12;\n"
+        "\tredux.sync.max.s32 \t%r14, %r15, -1;\n"
+        "\t.loc\t1 20 7                          // k.py:20:7\n"
+        "\t.loc\t2 216 16, function_name $L__info_string0, inlined_at 1 20 7 // standard.py:216:16\n"
+        "\t.loc\t2 196 12, function_name $L__info_string0, inlined_at 2 216 16 // standard.py:196:12\n"
+        "\tmax.f32 \t%r16, %r17, %r18;\n"
+        "\tmax.f32 \t%r19, %r16, %r20;\n"
+        "\t{ .reg .f32 t; max.ftz.f32 t, %r1, %r2; mov.b32 %r21, t; }\n"
+        '\t.file\t1 "/work/main/kernels/k.py"\n'
+        '\t.file\t2 "/venv/lib/python3.11/site-packages/triton/language/standard.py"\n'
+    )
+    got = kr.parse_ptx_nan_dropping(ptx)
+    assert got["count"] == 6, got
+    # the reduction's max.f32 sit in triton's standard.py, inlined at k.py:20: blamed on k.py:20
+    assert got["sites"] == [
+        "1x max.f32 at k.py:12",
+        "1x min.ftz.f32 at k.py:12",
+        "1x max.bf16x2 at k.py:12",
+        "2x max.f32 at k.py:20",
+    ]
+    assert kr.parse_ptx_nan_dropping(ptx, keep=1)["sites"] == ["1x max.f32 at k.py:12"]
+    assert kr.parse_ptx_nan_dropping("\tmax.f32 %r1, %r2, %r3;\n") == {"count": 1, "sites": ["1x max.f32"]}
+    clean = "\tmax.NaN.f32 %r1, %r2, %r3;\n\tmax.s32 %r4, %r5, %r6;\n\tmin.u64 %rd1, %rd2, %rd3;\n"
+    assert kr.parse_ptx_nan_dropping(clean) == {"count": 0, "sites": []}
+    # triton 3.6 writes no inlined_at; the caller chain is only in the comment
+    ptx36 = (
+        "\t.loc\t2 170 27                        // standard.py:170:27 @[ standard.py:191:40 @[ k.py:21:23 ] ]\n"
+        "\tmax.f32 \t%r46, %r38, %r39;\n"
+        '\t.file\t1 "/work/main/kernels/k.py"\n'
+        '\t.file\t2 "/venv/lib/python3.11/site-packages/triton/language/standard.py"\n'
+    )
+    assert kr.parse_ptx_nan_dropping(ptx36) == {"count": 1, "sites": ["1x max.f32 at k.py:21"]}
+
+
+def test_stale_measurements_are_measured_again(tmp_path, monkeypatch):
+    """A cached measurement from before the NaN count (or any other format) must not be reused:
+    it would read as 0 NaN-dropping instructions without anyone looking."""
+    monkeypatch.setattr(kr, "_measurement_path", lambda h: tmp_path / f"{h}.json")
+    full = {"format": kr._MEASURE_FORMAT, "regs": 40, "spills": 0, "spill_source": "ptxas", "hgmma": False}
+    full.update(mma="", notes=[], nan_dropping=3, nan_dropping_sites=["3x max.f32 at k.py:1"])
+    kr._store_measurement("new", full)
+    assert kr._load_measurement("new") == full
+    old = {k: v for k, v in full.items() if not k.startswith("nan_dropping")}
+    (tmp_path / "old.json").write_text(json.dumps({**old, "format": 2}))
+    assert kr._load_measurement("old") is None
+    (tmp_path / "partial.json").write_text(json.dumps(old))  # right format, missing fields
+    assert kr._load_measurement("partial") is None
+    assert kr._load_measurement("missing") is None
 
 
 def test_interpret_detection():
@@ -293,6 +445,52 @@ def test_collect_rows_tiny_kernel_sm80():
     assert kr.check_rows([kr.Row(**r) for r in rows], 80) == []
 
 
+@pytest.mark.parametrize("arch", [90, 80])
+def test_nan_rule_tiny_kernel(arch):
+    rows = {(r["config"], r["dtype"]): r for r in _compile_in_child("nan_specs", arch)}
+    assert len(rows) == len(nan_specs(arch))
+    for r in rows.values():
+        assert r["error"] is None, r["error"]
+    relu_line = _line_of("y = tl.maximum(x, 0.0)  # NaN-dropping ReLU")
+    # tl.maximum's default (PropagateNan.NONE) is llvm.maxnum: max.f32 / max.f16(x2) / max.bf16(x2)
+    for dtype in ("fp32", "fp16", "bf16"):
+        r = rows["maximum", dtype]
+        assert r["nan_dropping"] > 0, r
+        assert all(f"at test_kernel_report.py:{relu_line}" in site for site in r["nan_dropping_sites"]), r
+    assert any(" max.f32 " in site for site in rows["maximum", "fp32"]["nan_dropping_sites"])
+    assert any(".bf16" in site for site in rows["maximum", "bf16"]["nan_dropping_sites"])
+    # the torch-exact forms: a select, or llvm.maximum (max.NaN.*); integer max is no concern
+    for mode in ("where", "propagate"):
+        for dtype in ("fp32", "fp16", "bf16"):
+            assert rows[mode, dtype]["nan_dropping"] == 0, rows[mode, dtype]
+    assert rows["int", "fp32"]["nan_dropping"] == 0
+    # tl.max's combine function is tl.maximum too: blamed on the line that calls tl.max
+    row_max_line = _line_of("NaN-dropping reduction")
+    assert rows["row_max", "fp32"]["nan_dropping"] > 0
+    assert f"at test_kernel_report.py:{row_max_line}" in rows["row_max", "fp32"]["nan_dropping_sites"][0]
+    assert rows["row_max_exempt", "fp32"]["nan_dropping"] == rows["row_max", "fp32"]["nan_dropping"]
+    assert rows["row_max_exempt", "fp32"]["nan_dropping_ok"]
+    failures = kr.check_rows([kr.Row(**r) for r in rows.values()], arch)
+    flagged = sorted(f.split("]")[0] + "]" for f in failures)
+    expected = ["tiny_nan[maximum, bf16]", "tiny_nan[maximum, fp16]", "tiny_nan[maximum, fp32]"]
+    assert flagged == sorted([*expected, "tiny_nan[row_max, fp32]"]), failures
+    assert all("NaN-dropping" in f for f in failures)
+    _validate_schema(kr.rows_to_json([kr.Row(**r) for r in rows.values()]))
+
+
+def test_nan_exemption_needs_a_reason():
+    code = (
+        "import kernel_report, test_kernel_report as t\n"
+        "spec = t._nan_spec('where')\n"
+        "spec.extra['nan_dropping_ok'] = True\n"
+        "(row,) = kernel_report.collect_rows(90, [spec])\n"
+        "print('ERROR=' + str(row.error))\n"
+    )
+    proc = _run(["-c", code], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "non-empty reason string" in proc.stdout, proc.stdout
+
+
 def test_cli_flags_each_failure(tmp_path):
     out = tmp_path / "bad.json"
     env = _child_env()
@@ -307,11 +505,14 @@ def test_cli_flags_each_failure(tmp_path):
     assert any("M64_N256_K64_w4_s3_ieee" in f and "register spills" in f for f in fails), err
     assert any("M128_N128_K128_w8_s7_ieee" in f and "shared memory" in f for f in fails), err
     assert any(f.startswith("FAIL: conv3x3_tiny[") and "no HGMMA" in f for f in fails), err
-    assert len(fails) == 4, fails
-    assert "kernel_report sm_90: 5 specs" in proc.stdout and "failures 4" in proc.stdout
+    assert any(f.startswith("FAIL: tiny_nan[maximum, fp32]") and "NaN-dropping" in f for f in fails), err
+    assert len(fails) == 5, fails
+    assert "kernel_report sm_90: 6 specs" in proc.stdout and "failures 5" in proc.stdout
+    assert "NAN-DROP" in proc.stdout  # the table's status column
     payload = json.loads(out.read_text())
     _validate_schema(payload)
-    assert len(payload) == 4  # the spec that does not compile has no row
+    assert len(payload) == 5  # the spec that does not compile has no row
+    assert [o["nan_dropping"] > 0 for o in payload if o["kernel"] == "tiny_nan"] == [True]
 
 
 def test_cli_table_and_kernel_filter(tmp_path):
@@ -319,7 +520,7 @@ def test_cli_table_and_kernel_filter(tmp_path):
     proc = _run([*args, "--kernels", "tiny_gemm", "--jobs", "1"], timeout=600)
     assert proc.returncode == kr.EXIT_OK, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:7] == ["kernel", "config", "dtype", "regs", "spills", "smem", "hgmma"]
+    assert lines[0].split()[:8] == ["kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan"]
     assert sum(ln.startswith("tiny_gemm ") for ln in lines) == len(tiny_specs(80))
     proc = _run([*args, "--kernels", "nothing_matches"], timeout=600)
     assert proc.returncode == kr.EXIT_EMPTY, proc.stdout + proc.stderr

@@ -80,6 +80,26 @@ def test_large_mean_keeps_variance(device):
     assert_close(mean, zs.mean((0, 2, 3)), "fp32", "large-mean mean")  # fp32 rounding of 1e4
 
 
+@pytest.mark.parametrize("norm1", [False, True], ids=["raw", "norm-on-load"])
+def test_nan_propagates_like_torch(device, norm1):
+    """A NaN input pixel: torch's relu keeps it (relu(NaN) is NaN), so its 3x3 neighbourhood of z
+    is NaN in every channel, and BatchNorm's batch statistics of those channels are NaN. A GPU's
+    plain max.f32 would make the on-load ReLU of NaN 0 and the tile M2 clamp drop the NaN;
+    Triton 3.9's interpreter runs a plain tl.maximum as np.fmax, so this sees it on CPU too."""
+    n, c1, c_out, h, w = 2, 6, 5, 5, 6
+    x = torch.randn(n, c1, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    x[1, 2, 3, 4] = float("nan")
+    weight = torch.randn(c_out, c1, 3, 3, device=device) * 0.3
+    bias = torch.randn(c_out, device=device)
+    x_norm = random_norm(c1, device) if norm1 else None
+    out = poisoned_like(torch.empty(n, c_out, h, w, device=device))
+    z, mean, var = kernels.conv3x3_bn_stats(x, kernels.pack_conv3x3_weight(weight), bias, x_norm=x_norm, out=out)
+    ref = expected(x, None, weight, bias, x_norm, None, torch.float32)
+    assert ref[1, :, 2:5, 3:6].isnan().all() and ref.isnan().sum() == c_out * 9
+    assert_close(z, ref, "fp32", "z with a NaN input")  # NaN exactly where torch has it
+    assert mean.isnan().all() and var.isnan().all()
+
+
 def test_deterministic(device):
     x = torch.randn(3, 8, 6, 6, device=device)
     weight = kernels.pack_conv3x3_weight(torch.randn(5, 8, 3, 3, device=device))

@@ -183,6 +183,24 @@ def test_split_k(split_k, c1, c2, dtype, monkeypatch, device):
     assert torch.equal(again, got)
 
 
+@pytest.mark.parametrize("split_k", [1, 3], ids=["fused", "split-k"])
+def test_relu_keeps_nan(split_k, monkeypatch, device):
+    """torch.relu(NaN) is NaN, so a NaN input pixel makes its 3x3 neighbourhood NaN in every
+    output channel. A GPU's plain max.f32 would return 0 there (the ReLU is a select instead);
+    Triton 3.9's interpreter runs a plain tl.maximum as np.fmax, so this catches it on CPU too
+    (benchmarks/kernel_report.py checks the PTX of every spec for such instructions)."""
+    monkeypatch.setattr(K, "_pick_split_k", lambda *args: split_k)
+    n, c_in, c_out, h, w = 2, 5, 6, 5, 6
+    x, _, weight, scale, shift = make_conv(n, c_in, c_out, h, w, torch.float32, device)
+    x[1, 2, 3, 4] = float("nan")
+    shift[0] = -100.0  # channel 0 is ReLU-clamped everywhere except at the NaN
+    out = poisoned_out(n, c_out, h, w, torch.float32, device)
+    got = K.conv3x3_bn_act(x, K.pack_conv3x3_weight(weight), scale, shift, out=out)
+    expected = reference(x, weight, scale, shift)
+    assert expected[1, :, 2:5, 3:6].isnan().all() and expected.isnan().sum() == c_out * 9
+    assert_close(got, expected, tolerance_name(torch.float32), f"NaN through the ReLU, split_k={split_k}")
+
+
 # -------------------------------------------------------------------------------- head tests
 
 
@@ -310,14 +328,19 @@ def test_head_rejects_bad_inputs(case, device):
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_autotune_pruning(arch):
-    """What the autotuner may try: fits in shared memory, no tiles far wider than the problem."""
+    """What the tuner may try: fits in shared memory, no tiles far wider than the problem."""
+    from fastunet.kernels._tuning import bucket
+
+
+    def candidates(variant, dtype, n, hw, c1, c2, c_out, training=False):
+        shape = dict(
+            variant=variant, elem=torch.empty(0, dtype=dtype).element_size(), M=bucket(n * hw * hw),
+            C1=c1, C2=c2, C_out=c_out, SMALL_C=K._use_small_c(c1, c2), training=training,
+        )  # fmt: skip
+        return K._TUNERS[variant].candidates(arch, shape)
 
     def kept(variant, dtype, n, hw, c1, c2, c_out, training=False):
-        args = dict(
-            x_ptr=torch.empty(0, dtype=dtype), N=n, H=hw, W=hw, C1=c1, C2=c2, C_out=c_out,
-            SMALL_C=K._use_small_c(c1, c2), NORM1=training, NORM2=False, STATS=training,
-        )  # fmt: skip
-        configs = K._prune(K._triton_configs(variant, arch), variant, arch, args)
+        configs = candidates(variant, dtype, n, hw, c1, c2, c_out, training)
         assert configs, (variant, dtype, n, hw, c1, c2, c_out)
         elem = torch.empty(0, dtype=dtype).element_size()
         for c in configs:
@@ -329,14 +352,9 @@ def test_autotune_pruning(arch):
         assert all(c["BLOCK_N"] <= 64 for c in kept("main", dtype, 2, 256, 64, 0, 64))
         # Training forms keep the A tile and the accumulator live together: smaller budget.
         elem = torch.empty(0, dtype=dtype).element_size()
-        training = K._prune(
-            K._triton_configs("main", arch), "main", arch,
-            dict(x_ptr=torch.empty(0, dtype=dtype), N=16, H=128, W=128, C1=256, C2=0, C_out=512,
-                 SMALL_C=False, NORM1=True, NORM2=False, STATS=True),
-        )  # fmt: skip
+        training = candidates("main", dtype, 16, 128, 256, 0, 512, training=True)
         assert training
-        for c in training:
-            cfg = K._Cfg(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        for cfg in training:
             assert K._training_regs(cfg, elem) <= K._TRAINING_REG_BUDGET[elem]
         assert any(c["BLOCK_N"] == 256 for c in kept("main", torch.float16, 2, 128, 256, 0, 512))
         deep = kept("main", dtype, 2, 16, 1024, 0, 1024)

@@ -287,8 +287,8 @@ def test_autotune_pruning(arch):
         elem = torch.empty(0, dtype=dtype).element_size()
         small_c = K._use_small_c(c1, c2)
         variant = K._variant(small_c, precision, elem)
-        args = dict(x_ptr=torch.empty(0, dtype=dtype), C1=c1, C2=c2, C_out=c_out, SMALL_C=small_c)
-        configs = K._prune(K._triton_configs(variant, arch), arch, args)
+        shape = dict(elem=elem, C1=c1, C2=c2, C_out=c_out, SMALL_C=small_c, SPLIT_K=1)
+        configs = K._TUNERS[variant].candidates(arch, shape)
         assert configs, (dtype, c1, c2, c_out)
         for c in configs:
             smem = c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elem
@@ -303,21 +303,19 @@ def test_autotune_pruning(arch):
     assert all(c["BLOCK_K"] <= 32 for c in kept(torch.float32, 256, 0, 256, precision="ieee"))
 
 
-def test_split_choice_on_cuda_shapes(monkeypatch):
-    """The split count the GPU path would pick: many splits for few tiles, bounded by the pixel
-    count and the workspace; none once the tiles alone fill the SMs."""
+def test_split_choice_on_cuda_shapes():
+    """The split count the GPU path would pick (a simulated 132-SM GPU): many splits for few
+    tiles, bounded by the pixel count and the workspace; none once the tiles alone fill the SMs.
+    The interpreter always takes its fixed split, so the reduction path stays under test."""
+    from fastunet.kernels._common import SimulatedGPU, simulate_gpu
 
-    class Props:
-        multi_processor_count = 132
-
-    monkeypatch.setattr(K, "interpreting", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    cuda = torch.device("cuda")
-    assert K._pick_split_k(cuda, 2 * 256 * 256, 64, 3, 0, True) == K._MAX_SPLIT_K
-    assert K._pick_split_k(cuda, 2 * 256 * 256, 64, 64, 0, False) == 30  # 9 tiles -> 2*132/9
-    assert K._pick_split_k(cuda, 2 * 16 * 16, 64, 64, 0, False) == 1  # 8 steps of 64 pixels
-    assert K._pick_split_k(cuda, 2 * 32 * 32, 512, 512, 512, False) == 1  # 1152 tiles
-    assert K._pick_split_k(torch.device("cpu"), 2 * 256 * 256, 64, 3, 0, True) == 1
+    dev = torch.device("cpu")
+    assert K._pick_split_k(dev, 2 * 256 * 256, 64, 3, 0, True) == K._INTERPRETER_SPLIT_K
+    with simulate_gpu(SimulatedGPU(sms=132)):
+        assert K._pick_split_k(dev, 2 * 256 * 256, 64, 3, 0, True) == K._MAX_SPLIT_K
+        assert K._pick_split_k(dev, 2 * 256 * 256, 64, 64, 0, False) == 30  # 9 tiles -> 2*132/9
+        assert K._pick_split_k(dev, 2 * 16 * 16, 64, 64, 0, False) == 1  # 8 steps of 64 pixels
+        assert K._pick_split_k(dev, 2 * 32 * 32, 512, 512, 512, False) == 1  # 1152 tiles
 
 
 def test_compile_specs_cover_the_autotune_lists():

@@ -400,13 +400,11 @@ def test_compile_specs_cover_every_kernel():
 
 def test_autotune_pruning_keeps_narrow_tiles():
     for arch in (80, 90):
-        fn = K._autotuned("wgrad", arch)
-        args = dict(g_ptr=torch.empty(0, dtype=torch.float16), C_in=8, C_out=8, INPUT_PRECISION="ieee")
-        kept = K._prune(fn.configs, args, kind="wgrad", arch=arch)
+        shape = dict(elem=2, C_in=8, C_out=8, INPUT_PRECISION="ieee")
+        kept = K._TUNERS["wgrad"].candidates(arch, shape)
         assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
-        fn = K._autotuned("head_wgrad", arch)
-        args = dict(x_ptr=torch.empty(0), C=16, INPUT_PRECISION="ieee", BLOCK_K=64)
-        kept = K._prune(fn.configs, args, kind="head_wgrad", arch=arch)
+        shape = dict(elem=4, C=16, INPUT_PRECISION="ieee", BLOCK_K=64)
+        kept = K._TUNERS["head_wgrad"].candidates(arch, shape)
         assert kept and all(c.kwargs["BLOCK_C"] <= 64 for c in kept)
 
 

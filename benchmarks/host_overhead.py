@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Host (Python) time per forward and per training step of the fused path, with the kernel
+launches stubbed out, on a machine without a GPU.
+
+At small batches a U-Net's GPU work is a few milliseconds, so the host work of launching it
+(Python, argument checks, tensor allocations, op dispatch, tuning lookups) decides the speed.
+This script measures exactly that work: the fused path runs against a simulated H100
+(``fastunet.kernels._common.simulate_gpu``: the launchers pick configs and build every argument
+as on that GPU, but ``launch`` records instead of running, so no kernel time is included) on
+CPU tensors.
+
+What is timed (``time.perf_counter``, median of ``--reps`` after warm-up and tuning):
+
+* inference: ``model(x)`` under ``torch.no_grad()`` and bf16 autocast, the model in eval mode;
+* training step: ``zero_grad`` + forward + ``y.float().sum()`` + ``backward()`` (no optimizer:
+  its cost is torch's, the same for any model), the model in train mode.
+
+The model has the classic U-Net's structure (depth 4: 18 3x3 convs, 4 pools, 4 upconvs, the
+head; the same ops and launches as ``UNet(3, 1)``) at ``--base-channels 16`` (every layer then
+takes the same kernel variants as the classic widths, and the torch ops on weights and
+statistics that run on the CPU here, as separate small GPU kernels there, cost microseconds as
+they would to launch) on one 32x32 image. Counted per step: kernel launches, ``os.environ``
+reads, ``torch.cuda.get_device_properties`` calls and walks over the module tree.
+
+Targets (the fast-path issue): inference <= 0.5 ms, training step <= 1.5 ms.
+
+    python benchmarks/host_overhead.py [--reps 200] [--json out.json]
+"""
+
+# ruff: noqa: E402  (TRITON_INTERPRET must be set before triton is imported)
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors reach the launchers; nothing is interpreted
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from fastunet.kernels import _common
+from torch import nn
+
+import fastunet
+
+TARGET_MS = {"inference": 0.5, "training": 1.5}
+
+
+class _CountingEnviron(os._Environ):  # type: ignore[misc,name-defined]
+    """``os.environ`` that counts reads (``[]``, ``get``, ``in``)."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        type(self).reads += 1
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        type(self).reads += 1
+        return super().__contains__(key)
+
+
+@contextmanager
+def _counters() -> Counter:
+    """Count environment reads, device-property queries and module-tree walks while active."""
+    counts: Counter = Counter()
+    env = os.environ
+    counting = _CountingEnviron(env._data, env.encodekey, env.decodekey, env.encodevalue, env.decodevalue)
+    _CountingEnviron.reads = 0
+    props = torch.cuda.get_device_properties
+    named_modules = nn.Module.named_modules
+
+    def counted_props(*args, **kwargs):
+        counts["get_device_properties"] += 1
+        return props(*args, **kwargs)
+
+    def counted_named_modules(self, memo=None, *args, **kwargs):
+        if memo is None:  # a walk starts here; its recursion passes the memo set down
+            counts["module_walks"] += 1
+        return named_modules(self, memo, *args, **kwargs)
+
+    # Code reads os.environ through the module attribute, so swapping it counts every read.
+    os.environ = counting  # noqa: B003
+    torch.cuda.get_device_properties = counted_props
+    nn.Module.named_modules = counted_named_modules
+    try:
+        yield counts
+    finally:
+        os.environ = env  # noqa: B003
+        torch.cuda.get_device_properties = props
+        nn.Module.named_modules = named_modules
+        counts["environ_reads"] = _CountingEnviron.reads
+
+
+def measure(mode: str, *, reps: int = 200, base_channels: int = 16, size: int = 32, batch: int = 1) -> dict:
+    """Host ms per step of ``mode`` ("inference" | "training") and the counts per step."""
+    if mode not in TARGET_MS:
+        raise ValueError(f"mode must be one of {sorted(TARGET_MS)}, got {mode!r}")
+    torch.manual_seed(0)
+    model = fastunet.UNet(3, 1, base_channels=base_channels).train(mode == "training")
+    x = torch.randn(batch, 3, size, size)
+    training = mode == "training"
+
+    def step():
+        if training:
+            model.zero_grad(set_to_none=True)
+            model(x).float().sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+
+    before = fastunet.get_backend()
+    fastunet.set_backend("triton")
+    try:
+        with _common.simulate_gpu() as gpu, torch.autocast("cpu", dtype=torch.bfloat16):
+            step()  # tuning (simulated timings) and weight preparation happen here
+            step()
+            gpu.launches.clear()
+            with _counters() as counts:
+                step()
+            launches = len(gpu.launches)
+            gpu.record = False
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+    finally:
+        fastunet.set_backend(before)
+    ms = sorted(t * 1e3 for t in times)
+    return {
+        "mode": mode,
+        "ms_median": statistics.median(ms),
+        "ms_p20": ms[len(ms) // 5],
+        "ms_p80": ms[(4 * len(ms)) // 5],
+        "target_ms": TARGET_MS[mode],
+        "launches": launches,
+        "environ_reads": counts["environ_reads"],
+        "get_device_properties": counts["get_device_properties"],
+        "module_walks": counts["module_walks"],
+        "reps": reps,
+        "model": f"UNet(3, 1, base_channels={base_channels}), depth 4",
+        "input": [batch, 3, size, size],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/host_overhead.py",
+        description="Host (Python) ms per inference forward and training step, kernel launches stubbed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--reps", type=int, default=200, help="timed steps per mode")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # Tuning results go to a throw-away cache: simulated timings must not reach the real one.
+    os.environ["FASTUNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastunet-host-overhead-")
+    rows = [measure(mode, reps=args.reps) for mode in ("inference", "training")]
+    print(f"host time per step, kernel launches stubbed ({rows[0]['model']}, input {rows[0]['input']}, bf16):")
+    print(
+        f"{'mode':<10} {'median ms':>9} {'p20-p80 ms':>13} {'target':>7} {'launches':>8} {'env reads':>9} "
+        f"{'dev props':>9} {'walks':>5}"
+    )
+    for r in rows:
+        print(
+            f"{r['mode']:<10} {r['ms_median']:>9.3f} {r['ms_p20']:>6.3f}-{r['ms_p80']:<6.3f} "
+            f"{'<=' + str(r['target_ms']):>7} {r['launches']:>8} {r['environ_reads']:>9} "
+            f"{r['get_device_properties']:>9} {r['module_walks']:>5}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,595 @@
+"""Does the fused path implement this model instance *exactly*?
+
+The fused path never calls a submodule: it reads the classic tree's parameters and buffers and
+runs ``torch.ops.fastunet`` kernels. Anything a user did to a submodule that only takes effect
+when that submodule is *called* (a hook, a swapped or subclassed module, a changed conv
+attribute, an instance ``forward`` override, a parametrization) would be silently ignored, so
+``UNet.forward`` asks ``check_fused_support`` first and runs the eager path (which calls every
+submodule) when the answer is no, with one ``FusedPathWarning`` per model and reason.
+
+What the fused path implements, walked in the order the classic forward calls it:
+
+* every called submodule is of the exact type it was built with (``type(m) is nn.Conv2d``, not
+  ``isinstance``: ``SyncBatchNorm``, ``BatchNorm2d`` subclasses, parametrized modules
+  (``weight_norm``, ``spectral_norm``, ...), lazy modules, quantization stubs are refused);
+* ``conv{i}`` is a ``DoubleConv`` whose ``conv`` is an ``nn.Sequential`` of exactly six modules
+  ``Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, ReLU``; the 3x3 convs have kernel (3, 3),
+  stride 1, padding 1 (or ``"same"``), dilation 1, groups 1, ``padding_mode="zeros"`` and the
+  model's widths (bias optional); BatchNorm2d has ``num_features`` = that width (any eps,
+  momentum, affine, track_running_stats); ReLU (inplace or not);
+* ``pool{i}``: ``MaxPool2d`` kernel 2, stride 2, padding 0, dilation 1, no ceil_mode, no indices;
+* ``up{k}``: ``ConvTranspose2d`` kernel 2, stride 2, padding 0, output_padding 0, dilation 1,
+  groups 1, zero padding, with a bias (the op's schema requires one), the model's widths;
+* the head: ``Conv2d`` kernel 1, stride 1, padding 0, dilation 1, groups 1 (bias optional);
+* no forward, forward-pre, backward or backward-pre hook on any of those submodules (the
+  model's own hooks are fine: they fire around ``forward`` on either path), and no global module
+  hook (``nn.modules.module.register_module_forward_hook`` and friends fire for every
+  submodule call);
+* no instance attribute shadowing a method the submodule's call runs (``forward``,
+  ``_call_impl``, ``Conv2d._conv_forward``, ``ConvTranspose2d._output_padding``,
+  ``BatchNorm2d._check_input_dim``), and none of those methods monkey-patched on its class
+  (compared with the functions seen when fastunet was imported);
+* ``out_activation`` is one the head kernels implement.
+
+A submodule compiled on its own (``m.compile()``) is accepted: it computes the same thing.
+
+Cost: this runs on every fused forward, so the common case (supported) is a fast check written
+for the interpreter (``_fast``): a direct walk over the known structure with ``map`` and
+``operator.itemgetter`` over each module's ``__dict__``, and a per-model memo that makes an
+unchanged model cheap (about 20 us for the classic ``UNet(3, 1)`` on a slow server CPU; the
+``self.modules()`` walk it replaces took longer in eval mode). Only when the fast check fails does
+the readable check (``_explain``, which also accepts equivalent spellings such as ``stride=1``
+for ``(1, 1)``) run and say why; ``benchmarks/guard_cost.py`` prints both figures.
+
+Under ``torch.compile`` the readable check is what gets traced: plain attribute reads, on which
+dynamo installs its guards, so a swapped module or a changed attribute recompiles and the
+compiled graph pays nothing per call. Hooks are the exception dynamo makes for every module:
+with ``torch._dynamo.config.skip_nnmodule_hook_guards`` (True by default) a hook registered after
+compiling is not seen, exactly as for any compiled ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+import weakref
+from dataclasses import dataclass
+from functools import partial
+from itertools import chain, repeat
+from operator import attrgetter, contains, is_, itemgetter
+from typing import NamedTuple
+
+import torch
+import torch.utils.hooks
+from torch import nn
+from torch.nn.modules import module as _module_globals
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .reference import ACTIVATIONS, DoubleConv
+
+__all__ = ["FusedLayers", "FusedSupport", "FusedPathWarning", "check_fused_support", "fused_layers", "warn_unsupported"]
+
+#: Output activations the fused head kernels implement.
+FUSED_ACTIVATIONS = ACTIVATIONS
+
+
+class FusedPathWarning(UserWarning):
+    """``fastunet.UNet`` ran the eager path because the fused path does not implement this model
+    exactly (a hook, a swapped module, a changed attribute, ...). Shown once per model and reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class FusedSupport:
+    """The verdict of ``check_fused_support``.
+
+    ``supported``: the fused path computes exactly what the eager forward would.
+    ``mode``: ``"eval"`` (every BatchNorm uses running statistics) or ``"train"`` (some
+    BatchNorm uses batch statistics: ``bn.training or bn.running_mean is None``).
+    ``module``: when not supported, the dotted name (as in ``model.named_modules()``) of the
+    first module in call order the fused path does not implement; ``""`` for the model itself
+    or for something global (a global module hook). ``reason``: one line saying why.
+    """
+
+    supported: bool
+    mode: str
+    module: str | None = None
+    reason: str | None = None
+
+
+_EVAL = FusedSupport(True, "eval")
+_TRAIN = FusedSupport(True, "train")
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_NAMES = {
+    "_forward_hooks": "a forward hook",
+    "_forward_pre_hooks": "a forward pre-hook",
+    "_backward_hooks": "a backward hook",
+    "_backward_pre_hooks": "a backward pre-hook",
+}
+_GLOBAL_HOOKS = (
+    ("_global_forward_hooks", "register_module_forward_hook"),
+    ("_global_forward_pre_hooks", "register_module_forward_pre_hook"),
+    ("_global_backward_hooks", "register_module_full_backward_hook"),
+    ("_global_backward_pre_hooks", "register_module_full_backward_pre_hook"),
+)
+
+# Methods a submodule's call runs, per type: an instance attribute of that name shadows the
+# method (and is ignored by the fused path); a class attribute replaced after import is a patch.
+_CALLED = {
+    DoubleConv: ("forward",),
+    nn.Sequential: ("forward",),
+    nn.Conv2d: ("forward", "_conv_forward"),
+    nn.BatchNorm2d: ("forward", "_check_input_dim"),
+    nn.ReLU: ("forward",),
+    nn.MaxPool2d: ("forward",),
+    nn.ConvTranspose2d: ("forward", "_output_padding"),
+}
+_MODULE_CALL = ("__call__", "_wrapped_call_impl", "_call_impl")
+_PATCHABLE = tuple((cls, name) for cls, names in _CALLED.items() for name in names) + tuple(
+    (nn.Module, name) for name in _MODULE_CALL
+)
+_ORIGINAL = tuple(getattr(cls, name) for cls, name in _PATCHABLE)
+
+
+def _class_methods() -> tuple:
+    return tuple(getattr(cls, name) for cls, name in _PATCHABLE)
+
+
+# ------------------------------------------------------------------ the readable check
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _type_name(t: type) -> str:
+    return t.__qualname__ if t.__module__.startswith("torch.nn") else f"{t.__module__}.{t.__qualname__}"
+
+
+def _call_problem(m, expected: type) -> str | None:
+    """Why calling ``m`` might not be what the fused path computes for a module of type
+    ``expected``: wrong type, a hook, an instance override. ``None`` if none of those."""
+    if m is None:
+        return "is missing (None)"
+    if type(m) is not expected:
+        what = "a subclass of" if isinstance(m, expected) else "not"
+        return (
+            f"is a {_type_name(type(m))}, {what} exactly nn.{expected.__name__}; "
+            "the fused path implements only the plain module"
+        )
+    for attr in _HOOKS:
+        if getattr(m, attr):
+            return f"has {_HOOK_NAMES[attr]} (the fused path never calls submodules)"
+    for name in _CALLED[expected] + ("_call_impl",):
+        if name in m.__dict__:
+            return f"overrides {name} on the instance"
+    return None
+
+
+def _attr_problem(m, checks) -> str | None:
+    """``checks``: (attribute, normalize, expected value, expected text) rows."""
+    for attr, norm, want, text in checks:
+        value = getattr(m, attr)
+        if norm(value) != want:
+            return f"has {attr}={value!r}; the fused path implements {attr}={text}"
+    return None
+
+
+def _same(v):
+    return v
+
+
+def _conv3x3_checks(cin: int, cout: int):
+    return (
+        ("in_channels", _same, cin, str(cin)),
+        ("out_channels", _same, cout, str(cout)),
+        ("kernel_size", _pair, (3, 3), "(3, 3)"),
+        ("stride", _pair, (1, 1), "1"),
+        ("dilation", _pair, (1, 1), "1"),
+        ("padding", lambda v: (1, 1) if v == "same" else _pair(v), (1, 1), "1 (or 'same')"),
+        ("groups", _same, 1, "1"),
+        ("padding_mode", _same, "zeros", "'zeros'"),
+    )
+
+
+def _head_checks(cin: int, cout: int):
+    return (
+        ("in_channels", _same, cin, str(cin)),
+        ("out_channels", _same, cout, str(cout)),
+        ("kernel_size", _pair, (1, 1), "(1, 1)"),
+        ("stride", _pair, (1, 1), "1"),
+        ("dilation", _pair, (1, 1), "1"),
+        ("padding", lambda v: (0, 0) if v in ("same", "valid") else _pair(v), (0, 0), "0"),
+        ("groups", _same, 1, "1"),
+    )
+
+
+def _up_checks(cin: int, cout: int):
+    return (
+        ("in_channels", _same, cin, str(cin)),
+        ("out_channels", _same, cout, str(cout)),
+        ("kernel_size", _pair, (2, 2), "(2, 2)"),
+        ("stride", _pair, (2, 2), "2"),
+        ("dilation", _pair, (1, 1), "1"),
+        ("padding", _pair, (0, 0), "0"),
+        ("output_padding", _pair, (0, 0), "0"),
+        ("groups", _same, 1, "1"),
+        ("padding_mode", _same, "zeros", "'zeros'"),
+    )
+
+
+_POOL_CHECKS = (
+    ("kernel_size", _pair, (2, 2), "2"),
+    ("stride", lambda v: (2, 2) if v is None else _pair(v), (2, 2), "2"),
+    ("padding", _pair, (0, 0), "0"),
+    ("dilation", _pair, (1, 1), "1"),
+    ("ceil_mode", bool, False, "False"),
+    ("return_indices", bool, False, "False"),
+)
+
+
+def _bn_checks(c: int):
+    return (("num_features", _same, c, str(c)),)
+
+
+def _bn_batch_stats(bn) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _double_conv_problem(dc, name: str, cin: int, cout: int, batch: list) -> tuple[str, str] | None:
+    problem = _call_problem(dc, DoubleConv)
+    if problem:
+        return name, problem
+    seq = dc._modules.get("conv")
+    seq_name = f"{name}.conv"
+    problem = _call_problem(seq, nn.Sequential)
+    if problem:
+        return seq_name, problem
+    if len(seq._modules) != 6:
+        return seq_name, f"holds {len(seq._modules)} modules; the fused path implements the classic 6"
+    layers = (
+        (nn.Conv2d, _conv3x3_checks(cin, cout)),
+        (nn.BatchNorm2d, _bn_checks(cout)),
+        (nn.ReLU, ()),
+        (nn.Conv2d, _conv3x3_checks(cout, cout)),
+        (nn.BatchNorm2d, _bn_checks(cout)),
+        (nn.ReLU, ()),
+    )
+    for (key, m), (expected, checks) in zip(seq._modules.items(), layers, strict=True):
+        problem = _call_problem(m, expected) or _attr_problem(m, checks)
+        if problem:
+            return f"{seq_name}.{key}", problem
+        if expected is nn.BatchNorm2d and _bn_batch_stats(m):
+            batch[0] = True
+    return None
+
+
+def _model_problem(model, batch: list) -> tuple[str, str] | None:
+    """``(module name, reason)`` for the first thing the fused path does not implement, else None;
+    sets ``batch[0]`` when some BatchNorm uses batch statistics."""
+    for attr, register in _GLOBAL_HOOKS:
+        if getattr(_module_globals, attr):
+            return "", (
+                f"a global module hook is registered (torch.nn.modules.module.{register}) "
+                "and fires for every submodule call"
+            )
+    if _class_methods() != _ORIGINAL:
+        for (cls, name), now, orig in zip(_PATCHABLE, _class_methods(), _ORIGINAL, strict=True):
+            if now is not orig:
+                return "", f"{_type_name(cls)}.{name} has been replaced on the class (monkey-patched)"
+    activation = model.out_activation
+    if activation not in FUSED_ACTIVATIONS:
+        return "", f"has out_activation={activation!r}; the fused head implements {FUSED_ACTIVATIONS}"
+    d, base = model.depth, model.base_channels
+    if type(d) is not int or d < 1 or type(base) is not int or base < 1:
+        return "", f"has depth={d!r}, base_channels={base!r}; the fused path needs positive ints"
+    mods = model._modules
+    prev = model.in_ch
+    for i in range(1, d + 2):
+        width = base << (i - 1)
+        problem = _double_conv_problem(mods.get(f"conv{i}"), f"conv{i}", prev, width, batch)
+        if problem:
+            return problem
+        prev = width
+        if i <= d:
+            name = f"pool{i}"
+            m = mods.get(name)
+            problem = _call_problem(m, nn.MaxPool2d) or _attr_problem(m, _POOL_CHECKS)
+            if problem:
+                return name, problem
+    for k in range(d + 2, 2 * d + 2):
+        width = base << (2 * d + 1 - k)
+        name = f"up{k}"
+        m = mods.get(name)
+        problem = _call_problem(m, nn.ConvTranspose2d) or _attr_problem(m, _up_checks(2 * width, width))
+        if problem:
+            return name, problem
+        if m.bias is None:
+            return name, "has no bias; the fused upsample takes one (build it with bias=True)"
+        problem = _double_conv_problem(mods.get(f"conv{k}"), f"conv{k}", 2 * width, width, batch)
+        if problem:
+            return problem
+    name = f"conv{2 * d + 2}"
+    m = mods.get(name)
+    problem = _call_problem(m, nn.Conv2d) or _attr_problem(m, _head_checks(base, model.out_ch))
+    if problem:
+        return name, problem
+    return None
+
+
+def _explain(model) -> FusedSupport:
+    """The readable (and dynamo-traceable) check: the verdict with its module and reason."""
+    batch = [False]
+    problem = _model_problem(model, batch)
+    if problem is None:
+        return _TRAIN if batch[0] else _EVAL
+    name, reason = problem
+    if not batch[0]:  # the walk stopped early: the mode of every BatchNorm-like module there is
+        batch[0] = any(
+            m.training or getattr(m, "running_mean", None) is None for m in model.modules() if isinstance(m, _BatchNorm)
+        )
+    return FusedSupport(False, "train" if batch[0] else "eval", name, reason)
+
+
+# ------------------------------------------------------------------ the fast check
+# The same rules as ``_model_problem`` for the common, supported case, written to spend as little
+# interpreter time as possible (it runs on every forward): the known structure is gathered level
+# by level with ``map`` over ``itemgetter``s (C loops, no per-module bytecode), and the attributes
+# the kernels depend on are read from each module's ``__dict__`` by one ``itemgetter`` per module
+# type. A mismatch (or a missing key) only means "ask ``_explain``", which has the final word.
+#
+# A per-model memo of the last verdict (weakly keyed) holds the submodule objects seen, their
+# ``__dict__``s, the attribute values read and a hook stamp. Reused only for the *same* module
+# objects, it saves re-reading ``__dict__`` (a module's dict object is stable) and makes the
+# attribute comparison an identity check (the values are immutable: ints, strs, tuples of ints).
+# The hook stamp is ``torch.utils.hooks.RemovableHandle.next_id``, a counter every hook
+# registration through the public API increments (module hooks, tensor hooks, state-dict hooks):
+# unchanged counter + same module objects = no new hook on them, so the 4 hook dicts of every
+# submodule are only read again after some hook was registered somewhere. (Writing into a
+# module's private ``_forward_hooks`` dict by hand bypasses the counter, and replacing a module's
+# whole ``__dict__`` bypasses the memo; neither is supported.) The memo holds the submodules it
+# saw until the next check (a failed one drops it).
+_get_hooks = itemgetter(*_HOOKS)
+_get_conv = itemgetter("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                       "padding_mode")  # fmt: skip
+_get_up = itemgetter("in_channels", "out_channels", "kernel_size", "stride", "padding", "output_padding", "dilation",
+                     "groups", "padding_mode")  # fmt: skip
+_get_head = itemgetter("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+_get_bn = itemgetter("num_features")
+_get_pool = itemgetter("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_dict_of = attrgetter("__dict__")
+_modules_of = itemgetter("_modules")
+_conv_child = itemgetter("conv")
+_training_of = itemgetter("training")
+_running_mean_of = itemgetter("running_mean")
+_buffers_of = itemgetter("_buffers")
+_params_of = itemgetter("_parameters")
+_bias_of = itemgetter("bias")
+_is_none = partial(is_, None)  # not ``None in``: that compares tensors with ``==``
+_patch_classes = tuple(cls for cls, _ in _PATCHABLE)
+_patch_names = tuple(name for _, name in _PATCHABLE)
+_FORWARD, _CALL_IMPL = repeat("forward"), repeat("_call_impl")  # endless: safe to share
+_CONV_FORWARD, _CHECK_DIM = repeat("_conv_forward"), repeat("_check_input_dim")
+_OUTPUT_PADDING = repeat("_output_padding")
+
+_Handle = getattr(torch.utils.hooks, "RemovableHandle", None)
+if type(getattr(_Handle, "next_id", None)) is not int:  # another torch: no stamp, hooks always read
+    _Handle = None
+
+
+class _Plan:
+    """The expected structure of one model shape (in_ch, out_ch, base_channels, depth).
+
+    ``mods`` in the fast check is ``top + seqs + leaves``: the top-level submodules in call order
+    (``conv1, pool1, ..., conv{d+1}, up{d+2}, conv{d+2}, ..., head``), the ``DoubleConv.conv``
+    Sequentials (encoder then decoder), and their six layers each.
+    """
+
+    __slots__ = ("top", "enc", "dec", "pools", "ups", "head", "convs", "bns", "types", "sixes", "cfg")
+
+    def __init__(self, in_ch: int, out_ch: int, base: int, d: int):
+        def conv3(cin, cout):
+            return (cin, cout, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")
+
+        names, types, convs, bns, ups = [], [], [], [], []
+
+        def double(name, cin, cout):
+            names.append(name)
+            types.append(DoubleConv)
+            convs.extend((conv3(cin, cout), conv3(cout, cout)))
+            bns.extend((cout, cout))  # _get_bn has one key: it returns the value itself
+
+        prev = in_ch
+        for i in range(1, d + 2):  # conv1, pool1, ..., conv{d+1}
+            width = base << (i - 1)
+            double(f"conv{i}", prev, width)
+            if i <= d:
+                names.append(f"pool{i}")
+                types.append(nn.MaxPool2d)
+            prev = width
+        for k in range(d + 2, 2 * d + 2):  # up{k}, conv{k}, ...
+            width = base << (2 * d + 1 - k)
+            names.append(f"up{k}")
+            types.append(nn.ConvTranspose2d)
+            ups.append((2 * width, width, (2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 1, "zeros"))
+            double(f"conv{k}", 2 * width, width)
+        names.append(f"conv{2 * d + 2}")
+        types.append(nn.Conv2d)
+        n_top, n_double = len(names), 2 * d + 1
+        first_leaf = n_top + n_double
+        self.top = itemgetter(*names)
+        self.enc, self.pools = slice(0, 2 * d + 1, 2), slice(1, 2 * d, 2)
+        self.ups, self.dec = slice(2 * d + 1, 4 * d + 1, 2), slice(2 * d + 2, 4 * d + 2, 2)
+        self.head = n_top - 1
+        self.convs, self.bns = slice(first_leaf, None, 3), slice(first_leaf + 1, None, 3)
+        self.types = tuple(types) + (nn.Sequential,) * n_double + (nn.Conv2d, nn.BatchNorm2d, nn.ReLU) * (2 * n_double)
+        self.sixes = (6,) * n_double
+        head = (base, out_ch, (1, 1), (1, 1), (0, 0), (1, 1), 1)  # padding_mode: no padding, no effect
+        self.cfg = (tuple(convs), tuple(bns), ((2, 2, 0, 1, False, False),) * d, tuple(ups), head)
+
+
+# (in_ch, out_ch, base_channels, depth) -> _Plan
+_PLANS: dict[tuple, _Plan] = {}
+# model -> (mods, their __dict__s, hook stamp, cfg) of its last supported verdict
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fast(model) -> FusedSupport | None:
+    """The verdict when the model is supported, else None (then ``_explain`` decides and says why)."""
+    g = _module_globals
+    if (
+        g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+        or tuple(map(getattr, _patch_classes, _patch_names)) != _ORIGINAL
+    ):
+        return None
+    md = model.__dict__
+    try:
+        key = (md["in_ch"], md["out_ch"], md["base_channels"], md["depth"])
+        plan = _PLANS.get(key)
+        if plan is None:
+            if not all(type(v) is int and v > 0 for v in key):
+                return None
+            plan = _PLANS[key] = _Plan(*key)
+        if md["out_activation"] not in FUSED_ACTIVATIONS:
+            return None
+        # The structure, as the classic forward would reach it.
+        top = plan.top(md["_modules"])
+        seqs = tuple(map(_conv_child, map(_modules_of, map(_dict_of, top[plan.enc] + top[plan.dec]))))
+        layers = tuple(map(_modules_of, map(_dict_of, seqs)))
+        if tuple(map(len, layers)) != plan.sixes:
+            return None
+        mods = top + seqs + tuple(chain.from_iterable(map(dict.values, layers)))
+        if tuple(map(type, mods)) != plan.types:
+            return None
+        stamp = _Handle.next_id if _Handle is not None else None  # read before the hooks are
+        memo = _MEMO.get(model)
+        if memo is not None and memo[0] == mods:  # the same module objects (exact types: identity)
+            dicts, hooks_seen = memo[1], memo[2] is not None and memo[2] == stamp
+        else:
+            memo, dicts, hooks_seen = None, tuple(map(_dict_of, mods)), False
+        if not hooks_seen and any(chain.from_iterable(map(_get_hooks, dicts))):
+            return None
+        conv_d, bn_d, up_d = dicts[plan.convs], dicts[plan.bns], dicts[plan.ups]
+        head_d = dicts[plan.head]
+        cfg = (
+            tuple(map(_get_conv, conv_d)),
+            tuple(map(_get_bn, bn_d)),
+            tuple(map(_get_pool, dicts[plan.pools])),
+            tuple(map(_get_up, up_d)),
+            _get_head(head_d),
+        )
+        same_cfg = memo is not None and cfg == memo[3]  # identity hits: values unchanged since then
+        if not same_cfg and cfg != plan.cfg:
+            return None
+        if (
+            any(map(contains, dicts, _FORWARD))
+            or any(map(contains, dicts, _CALL_IMPL))
+            or any(map(contains, conv_d, _CONV_FORWARD))
+            or "_conv_forward" in head_d
+            or any(map(contains, bn_d, _CHECK_DIM))
+            or any(map(contains, up_d, _OUTPUT_PADDING))
+            or any(map(_is_none, map(_bias_of, map(_params_of, up_d))))
+        ):
+            return None
+        batch = any(map(_training_of, bn_d)) or any(map(_is_none, map(_running_mean_of, map(_buffers_of, bn_d))))
+    except (KeyError, TypeError):  # a missing module, attribute or buffer: let _explain say which
+        return None
+    if not (same_cfg and hooks_seen):
+        _MEMO[model] = (mods, dicts, stamp, cfg)
+    return _TRAIN if batch else _EVAL
+
+
+class FusedLayers(NamedTuple):
+    """The modules the fused path reads, in call order, and their ``__dict__``s (parameters and
+    buffers are read from ``_parameters``/``_buffers`` there without ``nn.Module.__getattr__``).
+
+    ``convs``/``bns``: the 3x3 convs and their BatchNorms (two per level, encoder then decoder);
+    ``ups``: the transposed convs; ``head``: the 1x1 conv.
+    """
+
+    convs: tuple
+    bns: tuple
+    ups: tuple
+    head: nn.Module
+    conv_dicts: tuple
+    bn_dicts: tuple
+    up_dicts: tuple
+    head_dict: dict
+
+
+# model -> (the memo's module tuple, its FusedLayers)
+_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fused_layers(model) -> FusedLayers | None:
+    """The layers of ``model`` as the last supported ``check_fused_support`` saw them, or None
+    (not checked yet, refused, or under ``torch.compile``, where the check keeps no memo). Call it
+    right after a supported verdict: it reuses that check's walk instead of walking again."""
+    memo = _MEMO.get(model)
+    if memo is None:
+        return None
+    mods, dicts = memo[0], memo[1]
+    cached = _LAYERS.get(model)
+    if cached is not None and cached[0] is mods:
+        return cached[1]
+    md = model.__dict__
+    plan = _PLANS[(md["in_ch"], md["out_ch"], md["base_channels"], md["depth"])]
+    layers = FusedLayers(
+        mods[plan.convs], mods[plan.bns], mods[plan.ups], mods[plan.head],
+        dicts[plan.convs], dicts[plan.bns], dicts[plan.ups], dicts[plan.head],
+    )  # fmt: skip
+    _LAYERS[model] = (mods, layers)
+    return layers
+
+
+def check_fused_support(model) -> FusedSupport:
+    """Whether the fused path implements ``model`` (a ``UNet``) exactly, and in which mode.
+
+    Returns a ``FusedSupport``; see the module docstring for the rules. Cheap enough to run on
+    every forward (about 20 us for an unchanged classic ``UNet(3, 1)``).
+    """
+    if not torch.compiler.is_compiling():
+        verdict = _fast(model)
+        if verdict is not None:
+            return verdict
+        _MEMO.pop(model, None)  # let go of modules this model may no longer hold
+    return _explain(model)
+
+
+def warn_unsupported(model, support: FusedSupport) -> None:
+    """Emit one ``FusedPathWarning`` per model instance and (module, reason).
+
+    Not under ``torch.compile``: dynamo cannot trace ``warnings.warn`` (with ``fullgraph=True``
+    it would be an error), so a compiled model takes the eager path without a word.
+    """
+    if torch.compiler.is_compiling():
+        return
+    key = (support.module, support.reason)
+    seen = model.__dict__.setdefault("_fused_path_warned", set())
+    if key in seen:
+        return
+    seen.add(key)
+    where = f"module '{support.module}' {support.reason}" if support.module else support.reason
+    warnings.warn(
+        f"fastunet.UNet: the fused path does not implement this model exactly: {where}. "
+        "Running the eager path (the reference math, calling every submodule) instead.",
+        FusedPathWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(f) + os.sep for f in (__file__, _module_globals.__file__) if f is not None
+)  # fastunet/ and torch/nn/modules/
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised in ``warn_unsupported`` at the user's
+    ``model(x)`` line: past fastunet's frames and ``nn.Module.__call__``'s."""
+    level, frame = 1, sys._getframe(1)  # stacklevel 1 is warn_unsupported itself
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        level += 1
+        frame = frame.f_back
+    return level

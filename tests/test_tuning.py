@@ -1,0 +1,270 @@
+"""The tuner (``fastunet.kernels._tuning``): keys, the on-disk cache, the settings, determinism,
+forcing, CUDA-graph capture, thread safety, and how many timing runs the classic model's shapes
+cost. Without a GPU the launchers run against a simulated H100 (``_common.simulate_gpu``): they
+prune, key and pick exactly as on that GPU, launches are recorded and timings are fake."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastunet
+
+pytest.importorskip("triton")
+from fastunet.kernels import _common, _tuning  # noqa: E402
+from fastunet.kernels import conv3x3 as C  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_interpreter = pytest.mark.skipif(
+    torch.cuda.is_available() or not _common._INTERPRET, reason="the simulated GPU runs on CPU tensors only"
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tuning(tmp_path, monkeypatch):
+    """Each test: its own cache directory, no picks in memory, zeroed counters, fused backend."""
+    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTUNET_AUTOTUNE", raising=False)
+    _tuning.clear_memory()
+    _tuning.reset_stats()
+    before = fastunet.get_backend()
+    fastunet.set_backend("triton")
+    yield
+    fastunet.set_backend(before)
+    _tuning.clear_memory()
+
+
+def _conv(n=2, c_in=32, c_out=64, hw=16, dtype=torch.float16, stats=False):
+    x = torch.randn(n, c_in, hw, hw).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = C.pack_conv3x3_weight(torch.randn(c_out, c_in, 3, 3).to(dtype))
+    if stats:
+        return C.conv3x3_bn_stats(x, w, torch.zeros(c_out))
+    return C.conv3x3_bn_act(x, w, torch.ones(c_out), torch.zeros(c_out))
+
+
+def test_bucket_rounds_to_the_nearest_power_of_two_in_log_scale():
+    assert [_tuning.bucket(n) for n in (0, 1, 2, 3, 5, 6, 1000)] == [1, 1, 2, 4, 4, 8, 1024]
+    assert _tuning.bucket(16 * 256 * 256) == _tuning.bucket(17 * 256 * 256) == 2**20
+    assert _tuning.bucket(22 * 256 * 256) == 2**20 and _tuning.bucket(23 * 256 * 256) == 2**21  # sqrt(2) * 16
+
+
+def test_config_names_are_stable_and_unique_per_tuner():
+    for name, tuner in _tuning.TUNERS.items():
+        for arch in (80, 90):
+            names = [_tuning.config_name(c) for c in tuner.config_list(arch)]
+            assert len(names) == len(set(names)), f"{name} sm_{arch}: duplicate config names"
+    assert _tuning.config_name(C._CONFIGS_SM90[0]) == "M128_N256_K64_w8_s3"
+
+
+def test_cache_dir_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path / "x"))
+    assert _tuning.cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("FASTUNET_CACHE_DIR")
+    assert _tuning.cache_dir() == Path.home() / ".cache" / "fastunet"
+    path = _tuning.cache_file("NVIDIA H100 80GB HBM3")
+    assert path.parent.name == "NVIDIA-H100-80GB-HBM3" and "triton-" in path.name and "torch-" in path.name
+
+
+@needs_interpreter
+def test_training_and_eval_forms_are_tuned_apart():
+    """The conv key holds every constexpr flag: eval (RELU) and training (STATS) never share a
+    pick, so the training form's register budget always prunes its own candidates."""
+    with _common.simulate_gpu():
+        _conv()
+        _conv(stats=True)
+        _conv()  # same key as the first: nothing new
+    assert _tuning.stats()["tuned_keys"] == 2
+
+
+@needs_interpreter
+def test_picks_persist_across_processes(tmp_path):
+    """A second process with the same shapes does no timing at all: it reads the cache file."""
+    script = textwrap.dedent(
+        """
+        import json, os
+        import torch, fastunet
+        from fastunet.kernels import _common, _tuning
+        fastunet.set_backend("triton")
+        model = fastunet.UNet(3, 1, base_channels=16).eval()
+        with _common.simulate_gpu(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(2, 3, 32, 32))
+        print(json.dumps(_tuning.stats()))
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTUNET_CACHE_DIR=str(tmp_path / "cache"))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["timing_runs"] > 0 and first["tuned_keys"] > 0
+    assert second.get("timing_runs", 0) == 0 and second["disk_hits"] == first["tuned_keys"]
+    files = list((tmp_path / "cache" / "tuning").glob("*/*.json"))
+    assert len(files) == 1 and "simulated" in files[0].parent.name
+    entries = json.loads(files[0].read_text())["entries"]
+    assert len(entries) == first["tuned_keys"]
+    assert all(set(e) >= {"config", "ms"} for e in entries.values())
+
+
+@needs_interpreter
+def test_autotune_off_picks_by_rule_without_timing(monkeypatch):
+    monkeypatch.setenv("FASTUNET_AUTOTUNE", "0")
+    with _common.simulate_gpu():
+        _conv()
+        _conv(stats=True)
+    stats = _tuning.stats()
+    assert stats.get("timing_runs", 0) == 0 and stats["rule_picks"] == 2
+    assert not list(_tuning.cache_dir().rglob("*.json")), "rule picks are not written to the cache"
+
+
+@needs_interpreter
+def test_deterministic_mode_never_times_and_prefers_recorded_picks():
+    """Under torch.use_deterministic_algorithms(True) a reduction order must not hang on a
+    timing race: recorded picks or the rule, never a measurement."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        with _common.simulate_gpu():
+            _conv(hw=8)  # timed and recorded while determinism is off
+            torch.use_deterministic_algorithms(True)
+            _tuning.clear_memory()
+            _tuning.reset_stats()
+            _conv(hw=8)  # the recorded pick, from disk
+            _conv(hw=32)  # a new key: the rule
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    stats = _tuning.stats()
+    assert stats.get("timing_runs", 0) == 0 and stats["disk_hits"] == 1 and stats["rule_picks"] == 1
+
+
+@needs_interpreter
+def test_rule_pick_fills_the_sms_with_the_largest_tile():
+    tuner = C._TUNERS["main"]
+    big = dict(variant="main", elem=2, M=2**20, C1=64, C2=0, C_out=256, SMALL_C=False, training=False)
+    pick = _tuning.rule_pick(tuner.candidates(90, big), lambda c: C._tiles(c, big), 132)
+    assert (pick.BLOCK_M, pick.BLOCK_N) == (128, 256)
+    small = dict(big, M=1024, C_out=64)
+    pick = _tuning.rule_pick(tuner.candidates(90, small), lambda c: C._tiles(c, small), 132)
+    assert (pick.BLOCK_M, pick.BLOCK_N) == (64, 64)  # no tile fills the SMs: the most tiles
+
+
+@needs_interpreter
+def test_capture_uses_the_rule_and_warns_once(monkeypatch):
+    monkeypatch.setattr(_tuning, "_capturing", lambda device: True)
+    monkeypatch.setattr(_tuning, "_WARNED_CAPTURE", set())
+    with _common.simulate_gpu(), pytest.warns(RuntimeWarning, match="inside a CUDA-graph capture"):
+        _conv()
+    assert _tuning.stats()["rule_picks"] == 1 and _tuning.stats().get("timing_runs", 0) == 0
+
+
+@needs_interpreter
+def test_forced_config_wins_and_is_not_remembered():
+    name = _tuning.config_name(C._CONFIGS_SM90[-1])
+    with _common.simulate_gpu() as gpu:
+        with _tuning.forced({"conv3x3.main": name}):
+            _conv()
+        assert gpu.launches[-1][3]["BLOCK_K"] == C._CONFIGS_SM90[-1].BLOCK_K
+        assert _tuning.stats()["forced_picks"] == 1 and _tuning.stats().get("tuned_keys", 0) == 0
+
+
+@needs_interpreter
+def test_bn_statistics_use_the_tile_of_their_own_launch(monkeypatch):
+    """The finalize reads the partials with the BLOCK_M of the conv launch that wrote them, not
+    a tuner's shared ``best_config`` another thread may have changed in between."""
+    tuner = C._TUNERS["main"]
+    real_pick = tuner.pick
+    other = next(c for c in C._CONFIGS_SM90 if c.BLOCK_M == 64)
+
+    def pick_then_retune(*args, **kwargs):
+        cfg = real_pick(*args, **kwargs)
+        _tuning._MEMORY.clear()  # what a concurrent launch of another shape could leave behind
+        _tuning._MEMORY[("stale",)] = other
+        return cfg
+
+    monkeypatch.setattr(tuner, "pick", pick_then_retune)
+    with _common.simulate_gpu() as gpu:
+        _conv(n=16, hw=64, c_in=64, stats=True)
+    (conv, _, _, meta), (fin, _, fin_args, _) = gpu.launches[-2], gpu.launches[-1]
+    assert conv.__name__ == "_conv3x3_bn_act_kernel" and fin.__name__ == "_bn_stats_finalize_kernel"
+    assert fin_args[-1] == meta["BLOCK_M"] == 128
+
+
+@needs_interpreter
+def test_threads_tune_each_key_once():
+    with _common.simulate_gpu():
+        errors = []
+
+        def work(hw):
+            try:
+                for _ in range(3):
+                    _conv(hw=hw)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(hw,)) for hw in (8, 16, 8, 16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert _tuning.stats()["tuned_keys"] == 2
+
+
+@needs_interpreter
+def test_tune_api_reports_and_leaves_the_model_untouched():
+    model = fastunet.UNet(3, 1, base_channels=16).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with _common.simulate_gpu():
+        report = fastunet.tune(model, torch.randn(2, 3, 32, 32), modes=("eval", "train"), dtype=torch.bfloat16)
+        again = fastunet.tune(model, torch.randn(2, 3, 32, 32), modes=("eval", "train"), dtype=torch.bfloat16)
+    assert report.timing_runs > 0 and report.tuned_keys > 0 and report.modes == ("eval", "train")
+    assert again.timing_runs == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "tune changed the model"
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert "kernel shape(s)" in str(report)
+
+
+def test_tune_rejects_what_it_cannot_tune():
+    with pytest.raises(TypeError, match="fastunet.UNet"):
+        fastunet.tune(torch.nn.Conv2d(1, 1, 1), torch.randn(1, 1, 4, 4))
+    fastunet.set_backend("eager")
+    with pytest.raises(RuntimeError, match="nothing to tune"):
+        fastunet.tune(fastunet.UNet(3, 1, base_channels=4, depth=2), torch.randn(1, 3, 8, 8))
+
+
+# What one batch of the classic model costs to tune on an H100 (the simulated GPU's config
+# lists, 132 SMs): timing runs (candidates timed) and kernel shapes tuned. The numbers the
+# README and the fast-path issue's closing note quote; a change to a config list or a pruning
+# rule moves them, and then this test and those texts change together.
+CLASSIC_TIMING_RUNS = {"eval": (117, 23), "train": (298, 66)}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_classic_model_timing_runs(mode):
+    """UNet(3, 1), bf16, 256x256: batch 16 times every candidate once per kernel shape; batch 17
+    (the same power-of-two pixel bucket, e.g. an epoch's last batch) then times nothing."""
+    model = fastunet.UNet(3, 1).train(mode == "train")
+    counts = []
+    with _common.simulate_gpu() as gpu, torch.autocast("cpu", dtype=torch.bfloat16):
+        gpu.record = False
+        for batch in (16, 17):
+            before = _tuning.stats()
+            x = torch.randn(batch, 3, 256, 256)
+            if mode == "eval":
+                with torch.no_grad():
+                    model(x)
+            else:
+                model(x).float().sum().backward()
+            after = _tuning.stats()
+            counts.append(tuple(after.get(k, 0) - before.get(k, 0) for k in ("timing_runs", "tuned_keys")))
+    assert counts[0] == CLASSIC_TIMING_RUNS[mode]
+    assert counts[1] == (0, 0)
