@@ -36,8 +36,9 @@ registers and 16 KiB with them. A spec should spell out what the runtime will se
 NaN-dropping max/min
 --------------------
 ``tl.maximum``/``tl.minimum`` on floats default to ``propagate_nan=tl.PropagateNan.NONE``, which
-is LLVM's ``maxnum``: PTX ``max.f32`` (``max.f16x2``/``max.bf16x2`` on sm_90, ``max.f16``/
-``max.bf16`` on sm_80), which returns the other operand when one is NaN: ``max(NaN, 0) = 0``.
+is LLVM's ``maxnum``: PTX ``max.f32`` (on 16-bit operands triton 3.9 emits ``max.f16x2``/
+``max.bf16x2`` for sm_90 and ``max.f16``/``max.bf16`` for sm_80, where 3.6 computed in fp32),
+which returns the other operand when one is NaN: ``max(NaN, 0) = 0``.
 ``tl.max``/``tl.min`` reduce with the same function. torch propagates NaN (``relu(NaN)``,
 ``clamp(NaN)``, the BatchNorm statistics of a NaN batch are all NaN), so such an instruction makes a
 kernel disagree with the reference model exactly when something has gone wrong, and hides it. The
@@ -49,7 +50,11 @@ spec's PTX, the ``max``/``min`` instructions of a float type (``f16``, ``f16x2``
 are not counted. The torch-exact forms compile to none: ``tl.where(v < 0.0, 0.0, v)`` (a ReLU
 that also keeps -0.0, as ``torch.relu`` on CPU; ``setp`` + ``selp``) and
 ``tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)`` (``max.NaN.f32``, one instruction, the
-same in triton 3.6). Each counted instruction is attributed to its source line through the
+same in triton 3.6). Which one is a register question, measured on ``_conv3x3_bn_act_kernel``
+(triton 3.9): for the epilogue ReLU, ``max.NaN`` compiled like ``max.f32`` (within 2 registers on
+every sm_90 spec) while the select cost up to 33 more and spilled 64 B on one sm_80 fp32 tile;
+for the BatchNorm+ReLU on the A tile in the K loop the select was the cheaper one (``max.NaN``
+up to 32 more). Each counted instruction is attributed to its source line through the
 PTX's ``.loc`` (a ``tl.max`` is blamed on its caller, not on ``triton/language/standard.py``)
 and the first few sites are shown, e.g. ``20x max.f32 at head1x1.py:123``. An exemption is for
 a reduction whose result provably still matches torch, e.g. a softmax's row max: a NaN logit

@@ -42,12 +42,13 @@ from torch import Tensor, nn
 
 from .backend import use_fused
 from .guard import FusedLayers, check_fused_support, fused_layers, warn_unsupported
+from .ops import OpsNamespace, direct_ok, direct_ok_mutation, run_taped
 from .ops import direct as _direct
-from .ops import direct_ok, direct_ok_mutation
 from .reference import UNetReference
 from .validation import validate_input
 
 _ops = torch.ops.fastunet
+_ops_per_op = OpsNamespace()
 _get_weight, _get_bias = itemgetter("weight"), itemgetter("bias")
 _get_mean, _get_var = itemgetter("running_mean"), itemgetter("running_var")
 _get_params, _get_buffers = itemgetter("_parameters"), itemgetter("_buffers")
@@ -132,6 +133,14 @@ def _layer_sources(layers: FusedLayers) -> tuple:
 def _tensors_state(tensors: tuple) -> tuple[tuple, tuple]:
     """``(_version, data_ptr)`` of every tensor: what an in-place update or a ``.data`` swap changes."""
     return tuple(map(_version_of, tensors)), tuple(map(Tensor.data_ptr, tensors))
+
+
+def _training_leaves(layers: FusedLayers) -> list:
+    """Every parameter the training forward reads (what its gradients flow to)."""
+    leaves = []
+    for m in (*layers.convs, *layers.bns, *layers.ups, layers.head):
+        leaves.extend(p for p in m._parameters.values() if p is not None)
+    return leaves
 
 
 class UNet(UNetReference):
@@ -283,35 +292,44 @@ class UNet(UNetReference):
 
     # ------------------------------------------------------------------ training
     def _training_forward(self, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
-        """The fused path when some BatchNorm uses batch statistics (see the module docstring)."""
+        """The fused path when some BatchNorm uses batch statistics (see the module docstring).
+
+        In plain eager mode the whole forward is one autograd node (``fastunet.ops.run_taped``:
+        each op runs its implementation directly, and the backward replays the ops' formulas);
+        under a trace or a dispatch mode each op is its own node, as ``torch.compile`` needs.
+        """
+        if not direct_ok_mutation(x):
+            return self._training_graph(_ops_per_op, x, dtype, layers)
+        leaves = (x, *_training_leaves(layers))
+        return run_taped(lambda ops: self._training_graph(ops, x, dtype, layers), leaves)
+
+    def _training_graph(self, ops, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
+        """The training forward against an ops namespace (the registered ops, or a tape)."""
         d = self.depth
         entry = _kernels().entry_channels(self.in_ch, dtype)
-        act: _Act = (self._entry(_ops, x, dtype, entry), None, None)
+        act: _Act = (ops.pad_channels_nhwc(x, dtype, entry), None, None)
         pairs = iter(zip(layers.convs, layers.bns, strict=True))
-        first = True
         skips = []
-        for _ in range(d):
-            act = self._double_conv_train(pairs, act, None, dtype, entry if first else 0)
-            first = False
+        for level in range(d):
+            act = self._double_conv_train(ops, pairs, act, None, dtype, entry if level == 0 else 0)
             skips.append(act)
-            act = (_ops.maxpool2x2(*act), None, None)
-        act = self._double_conv_train(pairs, act, None, dtype, 0)
+            act = (ops.maxpool2x2(*act), None, None)
+        act = self._double_conv_train(ops, pairs, act, None, dtype, 0)
         for up in layers.ups:
             # Parameters go in as they are (the ops cast and pack inside): autograd then saves the
             # parameter itself for backward instead of a packed copy per step.
-            u = _ops.upconv2x2(act[0], up.weight, up.bias, act[1], act[2])
-            act = self._double_conv_train(pairs, (u, None, None), skips.pop(), dtype, 0)
+            u = ops.upconv2x2(act[0], up.weight, up.bias, act[1], act[2])
+            act = self._double_conv_train(ops, pairs, (u, None, None), skips.pop(), dtype, 0)
         head = layers.head
-        head_w = head.weight.to(dtype)
         head_b = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
-        return _ops.head1x1(act[0], head_w, head_b, self.out_activation, act[1], act[2])
+        return ops.head1x1(act[0], head.weight, head_b, self.out_activation, act[1], act[2])
 
-    def _double_conv_train(self, pairs, act: _Act, skip: _Act | None, dtype: torch.dtype, entry: int) -> _Act:
-        h = self._conv_bn_train(*next(pairs), act, skip, dtype, entry)
-        return self._conv_bn_train(*next(pairs), h, None, dtype, 0)
+    def _double_conv_train(self, ops, pairs, act: _Act, skip: _Act | None, dtype: torch.dtype, entry: int) -> _Act:
+        h = self._conv_bn_train(ops, *next(pairs), act, skip, dtype, entry)
+        return self._conv_bn_train(ops, *next(pairs), h, None, dtype, 0)
 
     def _conv_bn_train(
-        self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: _Act, skip: _Act | None, dtype: torch.dtype, entry: int
+        self, ops, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: _Act, skip: _Act | None, dtype: torch.dtype, entry: int
     ) -> _Act:
         """One conv on the training path: raw output z and the (scale, shift) its reader applies.
 
@@ -324,25 +342,19 @@ class UNet(UNetReference):
         bias = conv.bias if conv.bias is not None else act[0].new_zeros(conv.out_channels, dtype=acc)
         weight = conv.weight
         if entry and entry != weight.shape[1]:
-            weight = F.pad(weight, (0, 0, 0, 0, 0, entry - weight.shape[1]))
+            weight = ops.pad_weight_in(weight, entry)
         x2, x2_scale, x2_shift = skip if skip is not None else (None, None, None)
-        z, mean, var = _ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift)
+        z, mean, var = ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift)
         if _bn_uses_batch_stats(bn):
             if bn.training and bn.track_running_stats:
-                update = _direct.bn_running_update_ if direct_ok_mutation(mean) else _ops.bn_running_update_
-                update(
-                    mean,
-                    var,
-                    bn.running_mean,
-                    bn.running_var,
-                    bn.num_batches_tracked,
-                    bn.momentum,
-                    z.numel() // z.shape[1],
+                count = z.numel() // z.shape[1]
+                ops.bn_running_update_(
+                    mean, var, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, count
                 )
         else:
             mean, var = bn.running_mean, bn.running_var
         # float64 vectors (C numbers): the ops then hand back the BatchNorm weight's gradient
         # pieces in float64, where its chain rule's cancellation against mean * dshift is
         # harmless (see ops._uncenter); the kernels read them as float32.
-        scale, shift = _ops.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
+        scale, shift = ops.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
         return z, scale, shift
