@@ -14,7 +14,9 @@ the SASS holds ``HGMMA`` (Hopper's warpgroup MMA, ``wgmma`` in PTX) and how many
 instructions in the PTX drop NaN. It fails (exit status 1) on
 
 * a spec that does not compile (the spec and the error are printed),
-* any register spill (spill stores + spill loads > 0 bytes),
+* any register spill (spill stores + spill loads > 0 bytes), except the ones ``known_spill``
+  lists for an older triton (reported, not failed: triton 3.6's codegen spills on some small-C
+  weight-gradient tiles that 3.9 compiles without; the GPU image runs 3.6),
 * shared memory over the target's per-block limit (``_common.smem_limit(arch)``),
 * on sm_90 and later: a 16-bit (fp16/bf16) spec of a ``conv3x3`` kernel that contains a
   ``tl.dot`` but whose SASS has no ``HGMMA`` (a spec can override the rule with
@@ -180,7 +182,7 @@ KERNEL_MODULES = (
     "entry",
 )
 PACKAGES = ("fastunet.kernels", "kernels")  # installed package first, then the checkout
-JSON_KEYS = ("kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan_dropping")
+JSON_KEYS = ("kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan_dropping", "global_loads")
 SIXTEEN_BIT = ("fp16", "bf16")
 HGMMA_KERNEL_PREFIX = "conv3x3"
 
@@ -191,8 +193,10 @@ _DUMP_LOG_ENV = "TRITON_DUMP_PTXAS_LOG"
 _ALWAYS_COMPILE_ENV = "TRITON_ALWAYS_COMPILE"
 # Bump when the cached measurement's meaning changes: a record of another format is measured
 # again (3: NaN-dropping max/min counted from the PTX).
-_MEASURE_FORMAT = 3
-_MEASURE_KEYS = ("regs", "spills", "spill_source", "hgmma", "mma", "notes", "nan_dropping", "nan_dropping_sites")
+_MEASURE_FORMAT = 4
+_MEASURE_KEYS = (
+    "regs", "spills", "spill_source", "hgmma", "mma", "notes", "nan_dropping", "nan_dropping_sites", "global_loads",
+)  # fmt: skip
 _NAN_SITES_KEPT = 4  # distinct (instruction, source line) pairs kept per spec
 _FP_FUSION_WARNING = r".*TRITON_DEFAULT_FP_FUSION.*"
 
@@ -224,6 +228,9 @@ class Row:
     nan_dropping: int = 0  # float max/min instructions in the PTX without .NaN (drop NaN)
     nan_dropping_sites: list[str] = dataclasses.field(default_factory=list)  # "3x max.f32 at f.py:12"
     nan_dropping_ok: str | None = None  # spec.extra["nan_dropping_ok"]: why they are harmless
+    # Global-load instructions in the SASS by mnemonic ({"LDG.E.U16": 32, ...}; empty when the
+    # SASS was not disassembled): how wide a kernel's loads are (the dense entry's 16-byte cp.async).
+    global_loads: dict[str, int] = dataclasses.field(default_factory=dict)
     error: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     compile_s: float = 0.0
@@ -245,6 +252,7 @@ class Row:
             "smem": int(self.smem),
             "hgmma": bool(self.hgmma),
             "nan_dropping": int(self.nan_dropping),
+            "global_loads": dict(sorted(self.global_loads.items())),
         }
 
 
@@ -277,6 +285,22 @@ def nan_dropping_failed(row: Row) -> bool:
     return row.nan_dropping > 0 and not row.nan_dropping_ok
 
 
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+
+
+def known_spill(row: Row) -> str | None:
+    """Why ``row``'s spills are a known limit of the installed triton, or None (then they fail)."""
+    import triton
+
+    if _version_tuple(triton.__version__) < (3, 7) and row.kernel == "_conv3x3_wgrad_kernel" and "smallc" in row.config:
+        return (
+            f"triton {triton.__version__} spills on small-C weight-gradient tiles (3.9 compiles them without); "
+            "the tuner times them like any other candidate"
+        )
+    return None
+
+
 def check_rows(rows: Sequence[Row], arch: int) -> list[str]:
     """Every ring-2 failure among ``rows``, one message each (empty: all good)."""
     failures = []
@@ -289,7 +313,7 @@ def check_rows(rows: Sequence[Row], arch: int) -> list[str]:
         if r.error is not None:
             failures.append(f"{r.label}: compile failed: {r.error}")
             continue
-        if r.spills > 0:
+        if r.spills > 0 and known_spill(r) is None:
             failures.append(
                 f"{r.label}: {r.spills} bytes of register spills (spill stores + loads) at "
                 f"{r.regs} registers, num_warps={r.num_warps}"
@@ -377,6 +401,7 @@ _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _SASS_LOCAL = re.compile(r"\b(STL|LDL)((?:\.[A-Z0-9]+)*)")
 _SASS_MMA = re.compile(r"\b(HGMMA\.\S+|HMMA\.\S+|IMMA\.\S+)")
+_SASS_GLOBAL_LOAD = re.compile(r"\b(LDGSTS(?:\.[A-Z0-9_]+)*|LDG(?:\.[A-Z0-9_]+)*)\b")
 _LOCAL_WIDTH = {"64": 8, "128": 16, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
 
 
@@ -463,7 +488,9 @@ def _source_line(here, files: dict[int, str], parent: dict, lib_names: set[str],
 
 
 def parse_cuobjdump(text: str) -> dict[str, Any]:
-    """Registers, HGMMA, the first MMA instruction and STL/LDL bytes from cuobjdump output."""
+    """Registers, HGMMA, the first MMA instruction, STL/LDL bytes and the global loads by mnemonic
+    (``LDG.E.U16``: one 2-byte element; ``LDGSTS.E.BYPASS.128``: a 16-byte cp.async) from
+    cuobjdump output."""
     regs = [int(r) for r in re.findall(r"\bREG:(\d+)", text)]
     local = 0
     for _, suffix in _SASS_LOCAL.findall(text):
@@ -477,6 +504,7 @@ def parse_cuobjdump(text: str) -> dict[str, Any]:
         "hgmma": "HGMMA" in text,
         "mma": mma.group(1) if mma else "",
         "local_bytes": local,
+        "global_loads": dict(Counter(_SASS_GLOBAL_LOAD.findall(text))),
     }
 
 
@@ -568,6 +596,7 @@ def _measure(compiled, ptxas_log: str) -> dict[str, Any]:
         "notes": ptxas["notes"],
         "nan_dropping": nan["count"],
         "nan_dropping_sites": nan["sites"],
+        "global_loads": sass["global_loads"] if disassemble else {},
     }
 
 
@@ -638,6 +667,7 @@ def compile_spec(spec, arch: int, module: str = "", *, use_cache: bool = True) -
     row.notes = list(measured["notes"])
     row.nan_dropping = int(measured["nan_dropping"])
     row.nan_dropping_sites = list(measured["nan_dropping_sites"])
+    row.global_loads = dict(measured["global_loads"])
     if row.nan_dropping_ok and row.nan_dropping:
         row.notes.append(f"{row.nan_dropping} NaN-dropping max/min exempted: {row.nan_dropping_ok}")
     elif row.nan_dropping_ok:
@@ -870,7 +900,8 @@ def summary_line(rows: Sequence[Row], arch: int, n_failures: int, wall: float, j
         f"HGMMA {sum(r.hgmma for r in ok)}/{len(rows)}, "
         f"NaN-dropping max/min {sum(r.nan_dropping for r in ok)} in "
         f"{sum(r.nan_dropping > 0 for r in ok)} specs ({sum(bool(r.nan_dropping and r.nan_dropping_ok) for r in ok)} "
-        f"exempt), failures {n_failures}; "
+        f"exempt), known spills {sum(r.spills > 0 and known_spill(r) is not None for r in ok)}, "
+        f"failures {n_failures}; "
         f"wall {wall:.1f} s on {jobs} jobs, {len(fresh)} compiled at {mean:.2f} s/spec, "
         f"{len(rows) - len(fresh)} from cache"
     )

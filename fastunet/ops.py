@@ -195,7 +195,8 @@ def _unit_affine(c: int, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tens
 
 
 def _norm_arg(scale: Tensor | None, shift: Tensor | None) -> tuple[Tensor, Tensor] | None:
-    return None if scale is None else (scale.float(), shift.float())
+    """A launcher's ``x_norm``: the kernels read fp32 or fp64 vectors (as fp32), so no copy."""
+    return None if scale is None else (scale, shift)
 
 
 def _conv3x3_composite(x, x2, weight, scale, shift, relu) -> Tensor:
@@ -564,7 +565,7 @@ def _upconv2x2_impl(x, weight, bias, in_scale=None, in_shift=None):
         w = _packed_upconv_weight(weight, x.dtype)
         if in_scale is None:
             return _kernels().upconv2x2(x, w, bias.float())
-        return _kernels().upconv2x2(x, w, bias.float(), in_scale=in_scale.float(), in_shift=in_shift.float())
+        return _kernels().upconv2x2(x, w, bias.float(), in_scale=in_scale, in_shift=in_shift)
     _check_upconv(x, weight, bias, in_scale, in_shift)
     acc = _acc_dtype(x.dtype)
     y = F.conv_transpose2d(_affine_relu(x, in_scale, in_shift), weight.to(x.dtype), stride=2)
@@ -632,7 +633,7 @@ def _maxpool2x2_impl(x, in_scale=None, in_shift=None):
     if _use_kernels(x):
         if in_scale is None:
             return _kernels().maxpool2x2(x)
-        return _kernels().maxpool2x2(x, in_scale=in_scale.float(), in_shift=in_shift.float())
+        return _kernels().maxpool2x2(x, in_scale=in_scale, in_shift=in_shift)
     _check_pool(x, in_scale, in_shift)
     return _as_nhwc(F.max_pool2d(_affine_relu(x, in_scale, in_shift), 2), x.dtype)
 
@@ -687,7 +688,7 @@ def _head1x1_impl(x, weight, bias, activation, in_scale=None, in_shift=None):
         if in_scale is None:
             return _kernels().head1x1(x, weight, bias.float(), activation=activation)
         return _kernels().head1x1(
-            x, weight, bias.float(), activation=activation, in_scale=in_scale.float(), in_shift=in_shift.float()
+            x, weight, bias.float(), activation=activation, in_scale=in_scale, in_shift=in_shift
         )
     return _as_nhwc(_head_composite(_affine_relu(x, in_scale, in_shift), weight, bias, activation), x.dtype)
 
@@ -951,10 +952,10 @@ def _(g, x, scale, shift):
 def _affine_relu_backward_impl(g, x, scale, shift):
     _check_norm("affine_relu_backward", x.shape[1], scale, shift, "")
     if _use_kernels(x):
-        center = _transform_center(scale, shift)
-        dx, ds, dt = _kernels().affine_relu_backward(g.to(x.dtype), x, scale.float(), shift.float(), center=center)
-        # The launcher returns both sums as views of one buffer; op outputs must not alias.
-        return dx, _uncenter(ds, dt, center, scale.dtype), dt.to(shift.dtype, copy=True)
+        # The kernels take dscale about the transform's zero crossing and add it back in fp64
+        # (see _transform_center): two separate fp64 [C] sums, no aliasing between the outputs.
+        dx, ds, dt = _kernels().affine_relu_backward(g.to(x.dtype), x, scale, shift, center="transform")
+        return dx, ds.to(scale.dtype), dt.to(shift.dtype)
     dx, ds, dt = _affine_relu_grads_composite(g, x, scale, shift)
     return _as_nhwc(dx, x.dtype), ds, dt
 
@@ -985,9 +986,8 @@ def _maxpool2x2_backward_impl(g, x, in_scale, in_shift):
     if _use_kernels(x):
         if in_scale is None:
             return _kernels().maxpool2x2_backward(g.to(x.dtype), x)[0], vec.new_empty(0), vec.new_empty(0)
-        center = _transform_center(in_scale, in_shift)
-        dx, ds, dt = _kernels().maxpool2x2_backward(g.to(x.dtype), x, in_scale.float(), in_shift.float(), center=center)
-        return dx, _uncenter(ds, dt, center, in_scale.dtype), dt.to(in_shift.dtype, copy=True)
+        dx, ds, dt = _kernels().maxpool2x2_backward(g.to(x.dtype), x, in_scale, in_shift, center="transform")
+        return dx, ds.to(in_scale.dtype), dt.to(in_shift.dtype)
     xin = _affine_relu(x, in_scale, in_shift)
     # torch's own argmax, so ties and NaNs route gradients exactly as the reference does.
     _, idx = F.max_pool2d(xin, 2, return_indices=True)

@@ -178,8 +178,8 @@ def _accumulate_source(
             ch, ch_ok = c, c_ok
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
         if NORM:
-            s = tl.load(s_ptr + ch, mask=ch_ok, other=0.0)  # [BLOCK_K]
-            t = tl.load(t_ptr + ch, mask=ch_ok, other=0.0)  # [BLOCK_K]
+            s = tl.load(s_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            t = tl.load(t_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
             a_n = a.to(tl.float32) * s[None, :] + t[None, :]
             # ReLU as a select: NaN passes, as in torch.relu (a GPU's max.f32 would make it 0).
             a_n = tl.where(a_n < 0.0, 0.0, a_n)
@@ -189,10 +189,11 @@ def _accumulate_source(
     return acc
 
 
-# The batch size and the split-K slice stride (M * C_out) change with every batch size: left
-# unspecialized, one compiled kernel serves them all (Triton would otherwise compile again
-# whenever N becomes or stops being 1 or a multiple of 16).
-_BATCH_ARGS = ("N", "stride_os")
+# The batch size changes with every batch: left unspecialized, one compiled kernel serves them
+# all (Triton would otherwise compile again whenever N becomes or stops being 1 or a multiple of
+# 16). What scales with it (M, the split-K slice stride M * C_out) stays a multiple of 16 at U-Net
+# sizes whatever N is, so its specialization holds across batches and is kept.
+_BATCH_ARGS = ("N",)
 
 
 @triton.jit(do_not_specialize=_BATCH_ARGS)
@@ -341,8 +342,8 @@ def _conv3x3_bn_act_kernel(
         tl.store(ws_ptrs, acc, mask=m_mask[:, None] & co_mask[None, :])
     else:
         # Padded columns load scale = shift = 0, so they stay exactly 0 (the head relies on it).
-        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
-        shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
+        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
         y = acc * scale[None, :] + shift[None, :]  # [BLOCK_M, BLOCK_N]
         if RELU:
             # torch.relu keeps NaN; a plain tl.maximum (max.f32) would return 0 for it. max.NaN
@@ -394,7 +395,7 @@ def _conv3x3_bn_act_kernel(
                 tl.store(st_ptrs + 2 * st_plane, t_m2, mask=co_mask)
 
 
-@triton.jit(do_not_specialize=("M", "stride_ws"))
+@triton.jit
 def _conv3x3_splitk_epilogue_kernel(
     ws_ptr,
     scale_ptr,
@@ -432,8 +433,8 @@ def _conv3x3_splitk_epilogue_kernel(
     for _ in tl.static_range(SPLIT_K):
         acc += tl.load(ws_ptrs, mask=mask, other=0.0)
         ws_ptrs += stride_ws  # pointer steps: no int32 product s * stride_ws to overflow
-    scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
-    shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0)  # [BLOCK_N]
+    scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+    shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
     y = acc * scale[None, :] + shift[None, :]
     if RELU:
         y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # torch.relu keeps NaN
@@ -555,6 +556,12 @@ def _fits_training(cfg: _Cfg, elem_size: int) -> bool:
     return _training_regs(cfg, elem_size) <= _TRAINING_REG_BUDGET[elem_size]
 
 
+def _fits_dense(cfg: _Cfg, elem_size: int) -> bool:
+    """The dense entry's vector loads hold a whole fp32 A tile in registers: at 64x128 on 4 warps
+    ptxas spilled (8 bytes, sm_80, offline report); every other small-C tile fits."""
+    return not (elem_size == 4 and cfg.num_warps == 4 and cfg.BLOCK_M * cfg.BLOCK_N > 64 * 64 and cfg.BLOCK_M < 128)
+
+
 def _head_block_n(c_out: int) -> int:
     return next(b for b in _HEAD_BLOCK_N if b >= c_out)
 
@@ -568,6 +575,8 @@ def _prune(configs, shape: dict, arch: int) -> list:
     fitting = [c for c in configs if _fits(c, arch, elem)]
     if shape["training"]:
         fitting = [c for c in fitting if _fits_training(c, elem)] or fitting
+    if shape.get("dense"):
+        fitting = [c for c in fitting if _fits_dense(c, elem)] or fitting
     # A tile much taller than M or wider than C_out only multiplies masked zeros.
     m_cap = max(64, next_pow2(m))
     keep = [c for c in fitting if c.BLOCK_M <= m_cap]
@@ -776,6 +785,7 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
         return {
             "variant": variant, "elem": x.element_size(), "M": m_bucket, "C1": c1, "C2": c2, "C_out": c_out,
             "SMALL_C": small_c, "training": norm1 is not None or norm2 is not None or stats is not None,
+            "dense": flags["DENSE_C"] > 0,
         }  # fmt: skip
 
     def run(cfg, partials=None):
@@ -894,14 +904,15 @@ def conv3x3_bn_act_head(
 
 
 def _check_norm(name: str, norm, channels: int, device: torch.device):
-    """``norm`` is None or (scale, shift), both fp32 [channels] on ``device``."""
+    """``norm`` is None or (scale, shift), both fp32 or fp64 [channels] on ``device`` (read as fp32;
+    the training path's BatchNorm vectors are fp64)."""
     if norm is None:
         return None
     if not isinstance(norm, (tuple, list)) or len(norm) != 2:
         raise TypeError(f"{name} must be None or a (scale, shift) pair")
     for part, t in zip(("scale", "shift"), norm, strict=True):
-        if not isinstance(t, Tensor) or t.dtype != torch.float32:
-            raise TypeError(f"{name} {part} must be a float32 tensor")
+        if not isinstance(t, Tensor) or t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} {part} must be a float32 or float64 tensor")
         if tuple(t.shape) != (channels,):
             raise ValueError(f"{name} {part} must be [{channels}], got {tuple(t.shape)}")
         if t.device != device:
@@ -924,7 +935,7 @@ def conv3x3_bn_stats(
 
     x [N, C1, H, W], optional x2 [N, C2, H, W], weight [C_out, C1+C2, 3, 3]: as in
     ``conv3x3_bn_act``. bias [C_out] float32 (zeros for a bias-free conv).
-    x_norm / x2_norm: None or (scale, shift) float32 [C1] / [C2]: the source is the previous
+    x_norm / x2_norm: None or (scale, shift) fp32/fp64 [C1] / [C2]: the source is the previous
     layer's raw output and ``T(s) = relu(s * scale + shift)`` (its BatchNorm and ReLU) is applied
     as it is loaded, padding after the transform. Without a norm T is the identity.
     out: optional [N, C_out, H, W] destination (any strides); channels_last x.dtype otherwise.
@@ -1049,6 +1060,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                         continue  # pruned at run time
                     if (norm1 or norm2 or stats) and not _fits_training(cfg, elem):
                         continue  # pruned at run time
+                    if dense and not _fits_dense(cfg, elem):
+                        continue  # pruned at run time
                     split_k = 4 if variant == "split" else 1
                     head_k = 1 if variant == "head" else 0
                     constexprs = {name: 1 for name in _UNIT_STRIDES}
@@ -1064,6 +1077,10 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                     # counts and pixel strides are not multiples of 16.
                     ragged = ("C1", "stride_xw", "C2", "stride_x2w") if small_c else ()
                     sig = _spec_signature(fn, dtype, out_dtype, constexprs)
+                    # The training path's BatchNorm vectors are fp64 (read as fp32).
+                    for on, names in ((norm1, ("xs_ptr", "xt_ptr")), (norm2, ("x2s_ptr", "x2t_ptr"))):
+                        if on:
+                            sig.update(dict.fromkeys(names, "*fp64"))
                     tags = [variant, "x2" if has_x2 else "x", "smallc" if small_c else "blockc"]
                     tags += ["dense"] if dense else []
                     tags += [t for t, on in (("norm1", norm1), ("norm2", norm2), ("stats", stats)) if on]
@@ -1110,7 +1127,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                 dtype=dtype,
                 config=f"M{_EPI_BLOCK_M}_N{_EPI_BLOCK_N}_w{_EPI_WARPS}_splitk4",
                 extra={
-                    "attrs": _divisibility_attrs(epi, sig, ("M", "stride_ws")),
+                    "attrs": _divisibility_attrs(epi, sig),
                     "variant": "split_epilogue",
                     "expect_hgmma": False,  # elementwise: no dot
                 },

@@ -212,8 +212,8 @@ def _conv3x3_wgrad_kernel(
     if X_NORM or X2_NORM:
         # A source without a norm gets scale 1, shift 0 and a -inf floor: x*1 + 0 is exact, so
         # both sources share one transform in the loop.
-        scale = tl.load(scale_ptr + ci, mask=n_ok & norm_on, other=1.0)  # [BLOCK_N]
-        shift = tl.load(shift_ptr + ci, mask=n_ok & norm_on, other=0.0)  # [BLOCK_N]
+        scale = tl.load(scale_ptr + ci, mask=n_ok & norm_on, other=1.0).to(tl.float32)  # [BLOCK_N]
+        shift = tl.load(shift_ptr + ci, mask=n_ok & norm_on, other=0.0).to(tl.float32)  # [BLOCK_N]
         floor = tl.where(norm_on, 0.0, float("-inf"))
     dy_co = offs_co.to(tl.int64) * stride_dyc  # [BLOCK_M]
 
@@ -427,8 +427,8 @@ def _check_norm(name, norm, c):
     for part, t in zip(("scale", "shift"), norm, strict=True):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} {part} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} {part} must be float32, got {t.dtype}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} {part} must be float32 or float64 (read as fp32), got {t.dtype}")
         if tuple(t.shape) != (c,):
             raise ValueError(f"{name} {part} must be [{c}] (one per channel), got {tuple(t.shape)}")
     return norm[0], norm[1]
@@ -554,7 +554,11 @@ def conv3x3_weight_grad(
     # Absent operands alias present ones (never read): the signature, strides included, then
     # matches the fast-path specialization whatever is missing.
     x2_t = x2 if x2 is not None else x
-    scale1, shift1 = x_norm if x_norm is not None else (dst, dst)
+    # The kernel picks a source's vectors with a select, so both pairs share one dtype.
+    if x_norm is not None and x2_norm is not None and len({t.dtype for t in (*x_norm, *x2_norm)}) > 1:
+        x_norm = tuple(t.float() for t in x_norm)
+        x2_norm = tuple(t.float() for t in x2_norm)
+    scale1, shift1 = x_norm if x_norm is not None else (x2_norm if x2_norm is not None else (dst, dst))
     scale2, shift2 = x2_norm if x2_norm is not None else (scale1, shift1)
     args = (
         dy, x, x2_t, scale1, shift1, scale2, shift2, dst, n, h, w, c1, c2, c_out, split_k,
@@ -655,6 +659,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                             BLOCK_K=cfg.BLOCK_K,
                         )  # fmt: skip
                         sig = _signature(fn, dtype, constexprs)
+                        if x_norm or x2_norm:  # the training path's fp64 BatchNorm vectors
+                            sig.update(dict.fromkeys(("scale1_ptr", "shift1_ptr", "scale2_ptr", "shift2_ptr"), "*fp64"))
                         tags = (
                             precision if dtype == "fp32" else "",
                             "smallc" if small_c else "blockc",

@@ -105,8 +105,8 @@ def _head1x1_kernel(
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
         if IN_NORM:
-            scale = tl.load(scale_ptr + c0 + offs_c, mask=mask_c, other=0.0)  # [BLOCK_C]
-            shift = tl.load(shift_ptr + c0 + offs_c, mask=mask_c, other=0.0)
+            scale = tl.load(scale_ptr + c0 + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # [BLOCK_C]
+            shift = tl.load(shift_ptr + c0 + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             # Padded C lanes become T(0) = 0 here (scale = shift = 0), and b is 0 there anyway.
             a = _affine_relu(a, scale, shift).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -362,8 +362,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                             "w_ptr": f"*{tt}",
                             "b_ptr": "*fp32",
                             "out_ptr": f"*{tt}",
-                            "scale_ptr": "*fp32",
-                            "shift_ptr": "*fp32",
+                            "scale_ptr": "*fp64" if in_norm else "*fp32",
+                            "shift_ptr": "*fp64" if in_norm else "*fp32",
                         }
                         signature.update({n: "i32" for n in ints})
                         constexprs = {

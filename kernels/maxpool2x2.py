@@ -91,8 +91,8 @@ def _maxpool2x2_kernel(
     v11 = tl.load(x_ptrs + stride_xh + stride_xw, mask=mask, other=0.0)
     if IN_NORM:
         mask_c = offs_c < C
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)  # [BLOCK_C]
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # [BLOCK_C]
+        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         # Rounded to x's dtype before comparing: ties must be those of the materialized T(x)
         # (maxpool2x2_backward recomputes the argmax the same way).
         v00 = _affine_relu(v00, scale, shift).to(x_ptr.dtype.element_ty)
@@ -247,7 +247,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         tt = triton_dtype(dtype)
         for in_norm in (False, True):
             for cfg in _CONFIGS[arch]:
-                signature = {"x_ptr": f"*{tt}", "out_ptr": f"*{tt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
+                vec = "*fp64" if in_norm else "*fp32"  # the training path's BatchNorm vectors are fp64
+                signature = {"x_ptr": f"*{tt}", "out_ptr": f"*{tt}", "scale_ptr": vec, "shift_ptr": vec}
                 signature.update({n: "i32" for n in ints})
                 constexprs = {"stride_xc": 1, "stride_oc": 1, "IN_NORM": in_norm, **cfg.kwargs}
                 signature.update({n: "constexpr" for n in constexprs})

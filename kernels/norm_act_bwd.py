@@ -73,7 +73,8 @@ def check_norm_affine(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Validate an optional per-channel ``(scale, shift)`` pair for ``C`` channels of ``x``.
 
-    Both or neither: returns None for neither, else the pair as contiguous fp32 ``[C]`` tensors.
+    Both or neither: returns None for neither, else the pair as contiguous ``[C]`` tensors, fp32
+    or fp64 (the kernels compute in fp32 either way; the training path's BatchNorm vectors are fp64).
     """
     if scale is None and shift is None:
         return None
@@ -82,8 +83,8 @@ def check_norm_affine(
     for name, t in zip(names, (scale, shift), strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
         if tuple(t.shape) != (C,):
             raise ValueError(f"{name} must be [C={C}], got shape {tuple(t.shape)}")
         if t.device != x.device:
@@ -114,6 +115,23 @@ def _store_partials(
     first = (offs_r == 0)[:, None]
     tl.store(dscale_part_ptr + offs, tl.where(first, dscale[None, :], 0.0), mask=mask)
     tl.store(dshift_part_ptr + offs, tl.where(first, dshift[None, :], 0.0), mask=mask)
+
+
+@triton.jit
+def _transform_center(scale, shift):
+    """Where ``x*scale + shift`` crosses 0, per channel (0 where scale is 0), fp32. For a
+    BatchNorm+ReLU it is ``mean - beta/scale``, inside the data: ``sum g*(x - center)`` there
+    keeps the digits ``sum g*x`` loses when the mean dwarfs the spread."""
+    return tl.where(scale != 0.0, -shift / tl.where(scale != 0.0, scale, 1.0), 0.0)
+
+
+@triton.jit
+def _center(center_ptr, scale, shift, offs_c, mask_c, TRANSFORM_CENTER: tl.constexpr):
+    if TRANSFORM_CENTER:
+        center = _transform_center(scale, shift)
+    else:
+        center = tl.load(center_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    return center
 
 
 @triton.jit
@@ -156,6 +174,7 @@ def _affine_relu_bwd_kernel(
     stride_dc,
     stride_dh,
     stride_dw,
+    TRANSFORM_CENTER: tl.constexpr,  # dscale about where x*scale + shift crosses 0 (center_ptr unused)
     P_GRAIN: tl.constexpr,  # pixels per workspace row; divides BLOCK_P
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -186,9 +205,9 @@ def _affine_relu_bwd_kernel(
     # Masked lanes load g = 0, so they add nothing to the sums below.
     g = tl.load(g_ptr + (g_row[:, None] + offs_c[None, :] * stride_gc), mask=mask, other=0.0)
     x = tl.load(x_ptr + (x_row[:, None] + offs_c[None, :] * stride_xc), mask=mask, other=0.0)
-    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)  # [BLOCK_C]
-    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-    center = tl.load(center_ptr + offs_c, mask=mask_c, other=0.0)
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # [BLOCK_C]
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    center = _center(center_ptr, scale, shift, offs_c, mask_c, TRANSFORM_CENTER)
 
     gm = tl.where(_affine_relu(x, scale, shift) <= 0.0, 0.0, g.to(tl.float32))  # [BLOCK_P, BLOCK_C]
     tl.store(
@@ -238,6 +257,7 @@ def _maxpool2x2_bwd_kernel(
     stride_dh,
     stride_dw,
     IN_NORM: tl.constexpr,  # the forward pooled T(x) rather than x
+    TRANSFORM_CENTER: tl.constexpr,  # with IN_NORM: as in _affine_relu_bwd_kernel
     P_GRAIN: tl.constexpr,  # output pixels per workspace row; divides BLOCK_P
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -270,8 +290,8 @@ def _maxpool2x2_bwd_kernel(
     x10 = tl.load(x_ptrs + stride_xh, mask=mask, other=0.0)
     x11 = tl.load(x_ptrs + stride_xh + stride_xw, mask=mask, other=0.0)
     if IN_NORM:
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)  # [BLOCK_C]
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # [BLOCK_C]
+        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         r00 = _affine_relu(x00, scale, shift)  # [BLOCK_P, BLOCK_C] fp32
         r01 = _affine_relu(x01, scale, shift)
         r10 = _affine_relu(x10, scale, shift)
@@ -313,7 +333,7 @@ def _maxpool2x2_bwd_kernel(
         tl.store(d_ptrs + stride_dh + stride_dw, (g11 * scale[None, :]).to(d_ty), mask=mask)
         # At most one tap per window carries gradient, so these sums lose nothing by being
         # formed per tile before the reduction over pixels.
-        center = tl.load(center_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+        center = _center(center_ptr, scale, shift, offs_c, mask_c, TRANSFORM_CENTER)[None, :]
         gx = g00 * (x00.to(tl.float32) - center) + g01 * (x01.to(tl.float32) - center)
         gx += g10 * (x10.to(tl.float32) - center) + g11 * (x11.to(tl.float32) - center)
         _store_partials(
@@ -360,6 +380,44 @@ def _sum_partials_kernel(
         ptrs = plane + (rows[:, None] * C + offs_c[None, :])
         acc += tl.load(ptrs, mask=(rows < ROWS)[:, None] & mask_c[None, :], other=0.0)
     tl.store(out_ptr + j * C + offs_c, tl.sum(acc, axis=0), mask=mask_c)
+
+
+@triton.jit(do_not_specialize=("ROWS",))
+def _sum_uncenter_kernel(
+    part_ptr,  # [2, ROWS, C] fp32, contiguous: dscale partials about the centre, dshift partials
+    scale_ptr,  # [C] fp32 or fp64: the transform the centre is derived from
+    shift_ptr,  # [C] fp32 or fp64
+    dscale_ptr,  # [C] fp64 out: sum g*mask*x, formed as sum g*mask*(x - center) + center*sum g*mask
+    dshift_ptr,  # [C] fp64 out: sum g*mask
+    ROWS,
+    C,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Both partial planes summed in a fixed order (fp32, as ``_sum_partials_kernel``), then the
+    centre added back in fp64, where the BatchNorm weight's chain rule can cancel against it.
+    Bytes moved: ``8 * ROWS*C`` read, ``16 * C`` written."""
+    pid_c = tl.program_id(0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask_c = offs_c < C
+    offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    plane = ROWS.to(tl.int64) * C
+    for r0 in range(0, ROWS, BLOCK_R):
+        rows = (r0 + offs_r).to(tl.int64)
+        offs = rows[:, None] * C + offs_c[None, :]
+        m = (rows < ROWS)[:, None] & mask_c[None, :]
+        acc_s += tl.load(part_ptr + offs, mask=m, other=0.0)
+        acc_t += tl.load(part_ptr + plane + offs, mask=m, other=0.0)
+    dscale_c = tl.sum(acc_s, axis=0)
+    dshift = tl.sum(acc_t, axis=0)
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    center = _transform_center(scale, shift)
+    dscale = dscale_c.to(tl.float64) + center.to(tl.float64) * dshift.to(tl.float64)
+    tl.store(dscale_ptr + offs_c, dscale, mask=mask_c)
+    tl.store(dshift_ptr + offs_c, dshift.to(tl.float64), mask=mask_c)
 
 
 # --------------------------------------------------------------------------------------
@@ -435,10 +493,11 @@ def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=torch.float32)
 
 
-def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: bool, **flags):
+def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: bool, transform: bool, **flags):
     """Run kernel ``kind`` on ``tensors = (g, x, scale, shift, center, dx)`` with sizes ``dims`` (its
-    ``N, C`` and two pixel dims) and the g, x, dx ``strides``. Returns the ``[2, C]`` fp32
-    ``(dscale, dshift)`` if ``with_sums``, else None.
+    ``N, C`` and two pixel dims) and the g, x, dx ``strides``. Returns ``(dscale, dshift)`` [C] if
+    ``with_sums`` (fp32; fp64 with ``transform``: the centre is the transform's own and is added
+    back in fp64, see ``_sum_uncenter_kernel``), else None.
 
     The workspace is allocated here: its row count follows the grain of the config list in use.
     """
@@ -453,6 +512,7 @@ def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: b
     parts = (part[0], part[1]) if with_sums else (dx, dx)  # never touched without the sums
     args = (*tensors, *parts, *dims, rows, *strides)
     p_bucket = bucket(P)
+    flags["TRANSFORM_CENTER"] = transform
 
     def run(cfg):
         grid = (cdiv(P, cfg.kwargs["BLOCK_P"]), cdiv(C, cfg.kwargs["BLOCK_C"]))
@@ -462,11 +522,17 @@ def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: b
     run(_TUNERS[kind].pick(device, key, lambda: {"P": p_bucket, "C": C}, run))
     if not with_sums:
         return None
-    sums = torch.empty((2, C), device=device, dtype=torch.float32)
     cfg = _INTERPRETER_SUM_CONFIG if interpreting() else _SUM_CONFIG
-    grid = (cdiv(C, cfg["BLOCK_C"]), 2)
-    launch(_sum_partials_kernel, grid, (part, sums, rows, C), {**cfg, "num_warps": _SUM_WARPS})
-    return sums
+    meta = {**cfg, "num_warps": _SUM_WARPS}
+    if transform:
+        dscale = torch.empty(C, device=device, dtype=torch.float64)
+        dshift = torch.empty_like(dscale)
+        uncenter_args = (part, tensors[2], tensors[3], dscale, dshift, rows, C)
+        launch(_sum_uncenter_kernel, (cdiv(C, cfg["BLOCK_C"]),), uncenter_args, meta)
+        return dscale, dshift
+    sums = torch.empty((2, C), device=device, dtype=torch.float32)
+    launch(_sum_partials_kernel, (cdiv(C, cfg["BLOCK_C"]), 2), (part, sums, rows, C), meta)
+    return sums[0], sums[1]
 
 
 # --------------------------------------------------------------------------------------
@@ -475,7 +541,12 @@ def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: b
 
 
 def _check_center(center, C: int, x: torch.Tensor) -> torch.Tensor:
-    """The fp32 ``[C]`` centre of the dscale sums (zeros when None)."""
+    """The fp32 ``[C]`` centre of the dscale sums (zeros when None; x when "transform": the
+    kernels derive it then)."""
+    if isinstance(center, str):
+        if center != "transform":
+            raise ValueError(f'center must be a tensor, None or "transform", got {center!r}')
+        return x  # never read with TRANSFORM_CENTER
     if center is None:
         return torch.zeros(C, device=x.device, dtype=torch.float32)
     if not isinstance(center, torch.Tensor) or center.dtype != torch.float32:
@@ -529,7 +600,7 @@ def affine_relu_backward(
     scale: torch.Tensor,
     shift: torch.Tensor,
     *,
-    center: torch.Tensor | None = None,
+    center: torch.Tensor | str | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of ``y = max(x*scale[c] + shift[c], 0)`` (fp32 math) w.r.t. x, scale and shift.
@@ -537,18 +608,21 @@ def affine_relu_backward(
     Args:
         g: ``[N, C, H, W]`` gradient of ``y``, ``x.dtype``, any strides.
         x: ``[N, C, H, W]`` float32/float16/bfloat16, any strides (channels_last is fast).
-        scale, shift: fp32 ``[C]``.
+        scale, shift: ``[C]`` fp32 or fp64 (read as fp32).
         center: optional fp32 ``[C]``: ``dscale`` is returned about it (below). When x's mean
             dwarfs its spread (a raw pre-BatchNorm activation of mean 1000), ``sum g*mask*x`` in
             fp32 holds the BatchNorm weight's gradient only to ~eps*|mean|/std; about a centre
             inside the data the sum keeps its digits, and the caller adds ``center*dshift`` in
-            higher precision.
+            higher precision. ``"transform"``: the kernels take the sums about where
+            ``x*scale + shift`` crosses 0 and add ``center*dshift`` back in fp64 themselves:
+            dscale is then the plain ``sum g*mask*x`` and both sums come back fp64.
         out: optional ``[N, C, H, W]`` destination for dx in ``x.dtype``, any strides, not
             sharing storage with g or x. Default: a new channels_last tensor.
 
     With ``mask = not (relu(x*scale + shift) <= 0)`` in fp32: ``dx = g*mask*scale`` (fp32 math,
-    stored in ``x.dtype``), ``dscale[c] = sum g*mask*(x - center)`` (center 0 when omitted) and
-    ``dshift[c] = sum g*mask`` over N, H, W (fp32, deterministic). Returns ``(dx, dscale, dshift)``.
+    stored in ``x.dtype``), ``dscale[c] = sum g*mask*(x - center)`` (center 0 when omitted; with
+    "transform", ``sum g*mask*x``) and ``dshift[c] = sum g*mask`` over N, H, W (fp32, or fp64
+    with "transform"; deterministic). Returns ``(dx, dscale, dshift)``.
     """
     N, C, H, W = _check_common(g, x, "affine_relu_backward")
     if tuple(g.shape) != (N, C, H, W):
@@ -556,7 +630,10 @@ def affine_relu_backward(
     if scale is None or shift is None:
         raise ValueError("affine_relu_backward needs both scale and shift")
     scale, shift = check_norm_affine(scale, shift, C, x, ("scale", "shift"))
-    center = _check_center(center, C, x)
+    if isinstance(center, str):
+        _check_center(center, C, x)
+    else:
+        center = _check_center(center, C, x)
     _check_out(out, (N, C, H, W), x, g)
     if N * H * W > _MAX_PIXELS:
         raise ValueError(f"N*H*W = {N * H * W} pixels exceeds the int32 pixel index")
@@ -565,11 +642,13 @@ def affine_relu_backward(
         dx = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     P = N * H * W
     if P == 0 or C == 0:
-        zeros = torch.zeros((2, C), device=x.device, dtype=torch.float32)
-        return dx, zeros[0], zeros[1]
+        dtype = torch.float64 if isinstance(center, str) else torch.float32
+        return dx, torch.zeros(C, device=x.device, dtype=dtype), torch.zeros(C, device=x.device, dtype=dtype)
     strides = (*g.stride(), *x.stride(), *dx.stride())
-    sums = _launch("affine_relu", (g, x, scale, shift, center, dx), (N, C, H, W), strides, True)
-    return dx, sums[0], sums[1]
+    transform = isinstance(center, str)
+    dscale, dshift = _launch("affine_relu", (g, x, scale, shift, _check_center(center, C, x), dx), (N, C, H, W),
+                             strides, True, transform)  # fmt: skip
+    return dx, dscale, dshift
 
 
 def maxpool2x2_backward(
@@ -578,7 +657,7 @@ def maxpool2x2_backward(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     *,
-    center: torch.Tensor | None = None,
+    center: torch.Tensor | str | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward of ``y = maxpool2x2(T(x))``, ``T`` the affine-ReLU (identity without scale/shift).
@@ -609,6 +688,7 @@ def maxpool2x2_backward(
     norm = check_norm_affine(scale, shift, C, x, ("scale", "shift"))
     if norm is None and center is not None:
         raise ValueError("maxpool2x2_backward: center needs scale and shift")
+    transform = isinstance(center, str)
     center = _check_center(center, C, x) if norm is not None else x  # never read without IN_NORM
     _check_out(out, (N, C, H, W), x, g)
     if N * H_out * W_out > _MAX_PIXELS:
@@ -620,12 +700,14 @@ def maxpool2x2_backward(
     if P == 0 or C == 0:
         if norm is None:
             return dx, None, None
-        zeros = torch.zeros((2, C), device=x.device, dtype=torch.float32)
-        return dx, zeros[0], zeros[1]
+        dtype = torch.float64 if transform else torch.float32
+        return dx, torch.zeros(C, device=x.device, dtype=dtype), torch.zeros(C, device=x.device, dtype=dtype)
     s, t = norm if norm is not None else (x, x)  # never read without IN_NORM
     strides = (*g.stride(), *x.stride(), *dx.stride())
     dims = (N, C, H_out, W_out)
-    sums = _launch("maxpool", (g, x, s, t, center, dx), dims, strides, norm is not None, IN_NORM=norm is not None)
+    sums = _launch(
+        "maxpool", (g, x, s, t, center, dx), dims, strides, norm is not None, transform, IN_NORM=norm is not None
+    )
     if sums is None:
         return dx, None, None
     return dx, sums[0], sums[1]
@@ -665,16 +747,20 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             tt = triton_dtype(dtype)
             for in_norm in (False, True) if kind == "maxpool" else (None,):
+                # The training path: fp64 BatchNorm vectors, the transform's own centre.
+                transform = in_norm is not False
                 for cfg in _CONFIGS[kind][arch]:
-                    signature = {"g_ptr": f"*{tt}", "x_ptr": f"*{tt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
-                    signature["center_ptr"] = "*fp32"
+                    vec = "*fp64" if transform else "*fp32"
+                    signature = {"g_ptr": f"*{tt}", "x_ptr": f"*{tt}", "scale_ptr": vec, "shift_ptr": vec}
+                    signature["center_ptr"] = f"*{tt}" if transform else "*fp32"
                     signature.update({"dx_ptr": f"*{tt}", "dscale_part_ptr": "*fp32", "dshift_part_ptr": "*fp32"})
                     signature.update({n: "i32" for n in ints})
                     constexprs = {"stride_gc": 1, "stride_xc": 1, "stride_dc": 1}
                     if in_norm is not None:
                         constexprs["IN_NORM"] = in_norm
-                    constexprs.update({"P_GRAIN": _grain(kind, arch), **cfg.kwargs})
+                    constexprs.update({"TRANSFORM_CENTER": transform, "P_GRAIN": _grain(kind, arch), **cfg.kwargs})
                     signature.update({n: "constexpr" for n in constexprs})
+                    signature = {n: signature[n] for n in fn.arg_names}
                     name = _config_name(cfg) + ("" if in_norm is None else ("_norm" if in_norm else "_plain"))
                     specs.append(
                         KernelSpec(
@@ -702,6 +788,22 @@ def compile_specs(arch: int) -> list[KernelSpec]:
             dtype="fp32",
             config=f"BR{_SUM_CONFIG['BLOCK_R']}_BC{_SUM_CONFIG['BLOCK_C']}_w{_SUM_WARPS}",
             extra={"label": "fp32", "attrs": sum_attrs, "expect_hgmma": False},
+        )
+    )
+    unc = _sum_uncenter_kernel
+    specs.append(
+        KernelSpec(
+            kernel="_sum_uncenter_kernel",
+            fn=unc,
+            signature={"part_ptr": "*fp32", "scale_ptr": "*fp64", "shift_ptr": "*fp64", "dscale_ptr": "*fp64"}
+            | {"dshift_ptr": "*fp64", "ROWS": "i32", "C": "i32"}
+            | {n: "constexpr" for n in _SUM_CONFIG},
+            constexprs=dict(_SUM_CONFIG),
+            num_warps=_SUM_WARPS,
+            num_stages=1,
+            dtype="fp32",
+            config=f"BR{_SUM_CONFIG['BLOCK_R']}_BC{_SUM_CONFIG['BLOCK_C']}_w{_SUM_WARPS}_uncenter",
+            extra={"label": "fp32", "attrs": {}, "expect_hgmma": False},
         )
     )
     return specs

@@ -120,8 +120,8 @@ def _upconv2x2_kernel(
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_co[None, :], other=0.0)
         if IN_NORM:
-            scale = tl.load(scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)  # [BLOCK_K]
-            shift = tl.load(shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            scale = tl.load(scale_ptr + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BLOCK_K]
+            shift = tl.load(shift_ptr + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             # Padded K lanes become T(0) = 0 here (scale = shift = 0), and b is 0 there anyway.
             a = _affine_relu(a, scale, shift).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -443,8 +443,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                         "w_ptr": f"*{tt}",
                         "b_ptr": "*fp32",
                         "out_ptr": f"*{tt}",
-                        "scale_ptr": "*fp32",
-                        "shift_ptr": "*fp32",
+                        "scale_ptr": "*fp64" if in_norm else "*fp32",
+                        "shift_ptr": "*fp64" if in_norm else "*fp32",
                         **{n: "i32" for n in ("N", "h", "w", "C_in", "C_out")},
                         **{
                             n: "i32"

@@ -234,8 +234,8 @@ def _upconv2x2_wgrad_kernel(
     p_hi = min(p_lo + per_split, P)
 
     if X_NORM:
-        scale = tl.load(scale_ptr + offs_ci, mask=ci_mask, other=0.0)  # [BLOCK_N]
-        shift = tl.load(shift_ptr + offs_ci, mask=ci_mask, other=0.0)  # [BLOCK_N]
+        scale = tl.load(scale_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        shift = tl.load(shift_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
     g_col = offs_co.to(tl.int64) * stride_gc + (di * stride_gh + dj * stride_gw)  # [BLOCK_M]
     x_col = offs_ci.to(tl.int64) * stride_xc  # [BLOCK_N]
 
@@ -321,8 +321,8 @@ def _head1x1_wgrad_kernel(
     p_hi = min(p_lo + per_split, P)
 
     if X_NORM:
-        scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)  # [BLOCK_C]
-        shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)  # [BLOCK_C]
+        scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)  # [BLOCK_C]
+        shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)  # [BLOCK_C]
     g_col = offs_cls.to(tl.int64) * stride_gk  # [BLOCK_K]
     x_col = offs_c.to(tl.int64) * stride_xc  # [BLOCK_C]
 
@@ -1045,6 +1045,8 @@ def _divisibility_attrs(fn, signature: dict[str, str], not_divisible=()) -> dict
 
 def _spec(kind, fn, act, w_dtype, constexprs, cfg, config, *, hgmma, variant) -> KernelSpec:
     sig = _signature(fn, act, w_dtype, constexprs)
+    if constexprs.get("X_NORM"):  # the training path's BatchNorm vectors are fp64
+        sig.update(scale_ptr="*fp64", shift_ptr="*fp64")
     return KernelSpec(
         kernel=fn.__name__,
         fn=fn,
