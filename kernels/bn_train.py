@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import KernelSpec, can_launch, cdiv, interpreting, launch, triton_dtype
+from ._common import KernelSpec, can_launch, cdiv, interpreting, launch, next_pow2, triton_dtype
 from .norm_act_bwd import _sum_partials_kernel
 
 __all__ = ["bn_affine", "bn_affine_backward", "bn_running_update_", "bn_stats_backward", "compile_specs"]
@@ -189,18 +189,28 @@ def _bn_stats_backward_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _vec(name: str, t, c: int, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+def _vec(name: str, t, c: int, device: torch.device) -> Tensor:
+    """``t`` checked as a floating-point [c] vector on ``device`` (the first vector of a call is
+    checked against ``can_launch`` by ``_first``); contiguous."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != (c,):
+    if t.shape != (c,):
         raise ValueError(f"{name} must be [{c}], got {tuple(t.shape)}")
-    if not t.is_floating_point() or (dtype is not None and t.dtype != dtype):
-        raise TypeError(f"{name} must be {dtype or 'floating point'}, got {t.dtype}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _first(name: str, t) -> tuple[Tensor, int]:
+    """The call's first vector: a 1-D floating tensor on a device the kernels run on; returns it
+    contiguous and its length."""
+    if not isinstance(t, Tensor) or t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor [C]")
     if not can_launch(t.device):
         raise ValueError(f"{name}: BatchNorm kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1)")
-    return t if t.is_contiguous() else t.contiguous()
+    return _vec(name, t, t.shape[0], t.device), t.shape[0]
 
 
 def bn_affine(
@@ -208,16 +218,13 @@ def bn_affine(
 ) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` [C] fp64 with ``bn(z) = z * scale + shift`` for a BatchNorm of ``weight``,
     ``bias`` (None: 1 and 0) and ``eps`` normalizing with ``mean``, biased ``var`` [C]."""
-    if not isinstance(mean, Tensor) or mean.dim() != 1:
-        raise ValueError("mean must be a 1-D tensor [C]")
-    c = mean.shape[0]
-    mean = _vec("mean", mean, c, mean.device)
+    mean, c = _first("mean", mean)
     var = _vec("var", var, c, mean.device)
     w = _vec("weight", weight, c, mean.device) if weight is not None else mean
     b = _vec("bias", bias, c, mean.device) if bias is not None else mean
     scale = torch.empty(c, device=mean.device, dtype=torch.float64)
     shift = torch.empty_like(scale)
-    block = min(_BLOCK_C, triton.next_power_of_2(max(c, 16)))
+    block = min(_BLOCK_C, next_pow2(max(c, 16)))
     args = (mean, var, w, b, scale, shift, c, float(eps))
     launch(_bn_affine_kernel, (1,), args, dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block))
     return scale, shift
@@ -228,16 +235,15 @@ def bn_affine_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients of ``bn_affine``'s inputs from ``gscale``, ``gshift`` [C] fp64: returns
     ``(gmean, gvar, gweight, gbias)``: gmean/gvar in mean's/var's dtype, gweight/gbias fp64."""
-    c = mean.shape[0]
+    mean, c = _first("mean", mean)
     gs = _vec("gscale", gscale, c, mean.device)
     gt = _vec("gshift", gshift, c, mean.device)
-    mean = _vec("mean", mean, c, mean.device)
     var = _vec("var", var, c, mean.device)
     w = _vec("weight", weight, c, mean.device) if weight is not None else mean
     gmean, gvar = torch.empty_like(mean), torch.empty_like(var)
     gw = torch.empty(c, device=mean.device, dtype=torch.float64)
     gb = torch.empty_like(gw)
-    block = min(_BLOCK_C, triton.next_power_of_2(max(c, 16)))
+    block = min(_BLOCK_C, next_pow2(max(c, 16)))
     args = (gs, gt, mean, var, w, gmean, gvar, gw, gb, c, float(eps))
     launch(_bn_affine_backward_kernel, (1,), args, dict(HAS_W=weight is not None, BLOCK_C=block))
     return gmean, gvar, gw, gb
@@ -255,8 +261,7 @@ def bn_running_update_(
     """``nn.BatchNorm2d``'s running-statistics update from a batch ``mean`` and biased ``var``
     over ``count`` values per channel, in place (see ``_bn_running_update_kernel``). ``momentum``
     None: the cumulative average over ``num_batches_tracked`` (then required)."""
-    c = mean.shape[0]
-    mean = _vec("mean", mean, c, mean.device)
+    mean, c = _first("mean", mean)
     var = _vec("var", var, c, mean.device)
     has_running = running_mean is not None
     if has_running != (running_var is not None):
@@ -278,7 +283,7 @@ def bn_running_update_(
     rm = running_mean if has_running else mean
     rv = running_var if has_running else var
     nbt = num_batches_tracked if num_batches_tracked is not None else mean
-    block = min(_BLOCK_C, triton.next_power_of_2(max(c, 16)))
+    block = min(_BLOCK_C, next_pow2(max(c, 16)))
     flags = dict(
         HAS_RUNNING=has_running, HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None, BLOCK_C=block
     )
