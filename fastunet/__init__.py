@@ -4,8 +4,9 @@
 GPUs its forward runs fused Triton kernels, elsewhere the exact eager math.
 """
 
-from . import ops  # noqa: F401  (registers torch.ops.fastunet.*)
+from . import graphs, ops  # noqa: F401  (ops registers torch.ops.fastunet.*)
 from .backend import BACKENDS, get_backend, set_backend
+from .graphs import CudaGraphRunner
 from .guard import FusedPathWarning, FusedSupport, check_fused_support
 from .memory import saved_tensor_bytes
 from .model import UNet
@@ -25,6 +26,7 @@ __all__ = [
     "FusedSupport",
     "FusedPathWarning",
     "saved_tensor_bytes",
+    "CudaGraphRunner",
     "tune",
     "TuneReport",
     "__version__",

@@ -109,9 +109,19 @@ def config_name(cfg) -> str:
     return f"{meta}_w{cfg.num_warps}_s{cfg.num_stages}"
 
 
+_META: dict[int, tuple[Any, dict]] = {}
+
+
 def launch_meta(cfg) -> dict:
-    """The keyword arguments of a launch with ``cfg``."""
-    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    """The keyword arguments of a launch with ``cfg`` (made once per config: this is on every
+    launch's path). Do not modify the returned dict."""
+    hit = _META.get(id(cfg))
+    if hit is None or hit[0] is not cfg:
+        meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if _common.interpreting():  # interpreter configs are made per launch: nothing to keep
+            return meta
+        hit = _META[id(cfg)] = (cfg, meta)
+    return hit[1]
 
 
 def _key_text(tuner: str, key: tuple) -> str:
@@ -347,8 +357,9 @@ class Tuner:
         with _LOCK:
             cfg = _MEMORY.get(memo)
             if cfg is None:
-                cfg = self._resolve(device, key, shape(), run)
-                _MEMORY[memo] = cfg
+                cfg, keep = self._resolve(device, key, shape(), run)
+                if keep:
+                    _MEMORY[memo] = cfg
         return cfg
 
     def _record_candidates(self, device: torch.device, key: tuple, shape: dict, run):
@@ -372,6 +383,8 @@ class Tuner:
             ) from None
 
     def _resolve(self, device: torch.device, key: tuple, shape: dict, run: Callable[[Any], object]):
+        """``(config, remember)``: remember is False for a rule pick made only because a CUDA
+        graph was being captured (the next launch outside a capture tunes)."""
         arch = _common.device_arch(device)
         candidates = self.candidates(arch, shape)
         sms = _common.sm_count(device)
@@ -381,7 +394,7 @@ class Tuner:
             return rule_pick(candidates, lambda c: self.tiles(c, shape), sms)
 
         if not autotune_enabled():
-            return by_rule()
+            return by_rule(), True
         device_name = _common.device_name(device)
         text_key = _key_text(self.name, key)
         record = _read_disk(device_name).get(text_key)
@@ -389,12 +402,12 @@ class Tuner:
             cfg = self._by_name[_common.tuned_arch(arch)].get(record.get("config", ""))
             if cfg is not None:  # a config this version no longer has is re-tuned
                 _STATS["disk_hits"] += 1
-                return cfg
+                return cfg, True
         if len(candidates) == 1:
             _STATS["single_candidate"] += 1
-            return candidates[0]
+            return candidates[0], True
         if torch.are_deterministic_algorithms_enabled():
-            return by_rule()
+            return by_rule(), True
         if _capturing(device):
             if self.name not in _WARNED_CAPTURE:
                 _WARNED_CAPTURE.add(self.name)
@@ -407,7 +420,7 @@ class Tuner:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-            return by_rule()
+            return by_rule(), False
         t0 = time.perf_counter()
         times, error = {}, None
         for c in candidates:
@@ -423,4 +436,4 @@ class Tuner:
             "tuning_s": round(time.perf_counter() - t0, 3),
         }
         _write_disk(device_name, text_key, record)
-        return best
+        return best, True

@@ -644,10 +644,15 @@ def pack_conv3x3_weight(weight: Tensor, dtype: torch.dtype | None = None) -> Ten
 
 
 def _check_conv_inputs(x, weight, scale, shift, x2):
-    """Validate the conv operands; returns (N, C1, C2, H, W, C_out). Raises ValueError/TypeError."""
-    for name, t in (("x", x), ("weight", weight), ("scale", scale), ("shift", shift)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    """Validate the conv operands; returns (N, C1, C2, H, W, C_out). Raises ValueError/TypeError.
+
+    On every launch's path: comparisons first, messages only when something is wrong."""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(scale, Tensor)):
+        for name, t in (("x", x), ("weight", weight), ("scale", scale)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(shift, Tensor):
+        raise TypeError(f"shift must be a torch.Tensor, got {type(shift).__name__}")
     if x2 is not None and not isinstance(x2, Tensor):
         raise TypeError(f"x2 must be a torch.Tensor or None, got {type(x2).__name__}")
     triton_dtype(x.dtype)  # raises TypeError for unsupported dtypes
@@ -655,31 +660,34 @@ def _check_conv_inputs(x, weight, scale, shift, x2):
         raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
     n, c1, h, w = x.shape
     c2 = 0
+    dev = x.device
     if x2 is not None:
         if x2.dtype != x.dtype:
             raise TypeError(f"x2 dtype {x2.dtype} differs from x dtype {x.dtype}")
         if x2.dim() != 4 or (x2.shape[0], x2.shape[2], x2.shape[3]) != (n, h, w):
             raise ValueError(f"x2 must be [N, C2, H, W] = [{n}, C2, {h}, {w}], got {tuple(x2.shape)}")
         c2 = x2.shape[1]
+        if x2.device != dev:
+            raise ValueError(f"x2 is on {x2.device}, expected {dev} like x")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if weight.dim() != 4 or tuple(weight.shape[1:]) != (c1 + c2, 3, 3):
+    if weight.dim() != 4 or weight.shape[1:] != (c1 + c2, 3, 3):
         raise ValueError(f"weight must be [C_out, C1+C2, 3, 3] = [C_out, {c1 + c2}, 3, 3], got {tuple(weight.shape)}")
     c_out = weight.shape[0]
     for name, t in (("scale", scale), ("shift", shift)):
         if t.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {t.dtype}")
-        if tuple(t.shape) != (c_out,):
+        if t.shape != (c_out,):
             raise ValueError(f"{name} must be [C_out] = [{c_out}], got {tuple(t.shape)}")
     if min(c1, c_out) < 1 or (x2 is not None and c2 < 1):
         raise ValueError("every channel count must be >= 1")
     # Pixel indices of a whole tile (up to BLOCK_M past M) and weight offsets are int32.
     if n * h * w > _INT32_MAX - 256 or weight.numel() > _INT32_MAX:
         raise ValueError("N*H*W and the weight's element count must stay below 2^31 (int32 GEMM indices)")
-    tensors = [("x", x), ("weight", weight), ("scale", scale), ("shift", shift)]
-    if x2 is not None:
-        tensors.append(("x2", x2))
-    _check_devices(tensors)
+    if weight.device != dev or scale.device != dev or shift.device != dev:
+        _check_devices([("x", x), ("weight", weight), ("scale", scale), ("shift", shift)])
+    if not can_launch(dev):
+        _check_devices([("x", x)])
     return n, c1, c2, h, w, c_out
 
 

@@ -163,6 +163,10 @@ def test_capture_uses_the_rule_and_warns_once(monkeypatch):
     with _common.simulate_gpu(), pytest.warns(RuntimeWarning, match="inside a CUDA-graph capture"):
         _conv()
     assert _tuning.stats()["rule_picks"] == 1 and _tuning.stats().get("timing_runs", 0) == 0
+    monkeypatch.setattr(_tuning, "_capturing", lambda device: False)
+    with _common.simulate_gpu():
+        _conv()  # outside the capture the same key is tuned: the capture's pick was not kept
+    assert _tuning.stats()["timing_runs"] > 0 and _tuning.stats()["tuned_keys"] == 1
 
 
 @needs_interpreter
