@@ -1251,6 +1251,7 @@ class Tape:
     def __init__(self):
         self.records: list = []
         self.saved: list = []
+        self.pinned: list = []
         self.unpacked: list | tuple = ()
         self._grad_ids: set[int] = set()
 
@@ -1264,12 +1265,17 @@ class Tape:
         if any(needs):
             ctx = _TapeCtx(self, needs)
             setup(ctx, args, out)
-            out_ids = tuple(id(o) for o in (out if isinstance(out, tuple) else (out,)))
-            self._grad_ids.update(out_ids)
-            # Inputs are held (so no id is reused while the tape lives); outputs by id only: one
-            # is the Function's own output, and holding it here would make a reference cycle.
-            self.records.append((backward, ctx, args, out_ids))
+            outs = out if isinstance(out, tuple) else (out,)
+            self._grad_ids.update(id(o) for o in outs)
+            self.records.append((backward, ctx, args, outs))
         return out
+
+    def finish(self, output: Tensor) -> None:
+        """After the forward: outputs are kept by id, and every one but ``output`` stays pinned
+        (with the inputs) so that no id is reused while the tape lives; ``output`` is not held,
+        since it holds the autograd node that holds this tape (a reference cycle)."""
+        self.pinned = [o for *_, outs in self.records for o in outs if o is not output]
+        self.records = [(b, ctx, args, tuple(map(id, outs))) for b, ctx, args, outs in self.records]
 
     def conv3x3_bn_stats(self, *args):
         return self._run(_conv3x3_bn_stats_impl, _conv3x3_stats_setup, _conv3x3_stats_backward, *args)
@@ -1302,8 +1308,8 @@ class Tape:
             gouts = [grads.pop(i, None) for i in out_ids]
             if all(g is None for g in gouts):
                 continue
-            for g_in, a in zip(backward(ctx, *gouts), args, strict=False):
-                if g_in is None or not isinstance(a, Tensor):
+            for g_in, a, need in zip(backward(ctx, *gouts), args, ctx.needs_input_grad, strict=False):
+                if g_in is None or not need:  # only tensors on the tape (or leaves) get gradients
                     continue
                 key = id(a)
                 grads[key] = g_in if key not in grads else grads[key] + g_in
@@ -1351,6 +1357,7 @@ class _TapeFunction(torch.autograd.Function):
         tape = Tape()
         tape.mark(leaves)
         out = fn(tape)
+        tape.finish(out)
         ctx.save_for_backward(*tape.saved)
         tape.saved = []  # autograd holds them now (through any saved-tensor hooks)
         ctx.tape, ctx.out_id = tape, id(out)
