@@ -1329,17 +1329,13 @@ def _pad_weight_backward(ctx, grad):
     return grad[:, : ctx.in_ch], None
 
 
-class _Untaped:
-    """The tape's interface without recording: nothing needs a gradient."""
+class _Untaped(_Direct):
+    """The tape's interface without recording (nothing needs a gradient): the direct calls plus
+    the training-only ops."""
 
     conv3x3_bn_stats = staticmethod(_conv3x3_bn_stats_impl)
     bn_affine = staticmethod(_bn_affine_impl)
-    maxpool2x2 = staticmethod(_maxpool2x2_impl)
-    upconv2x2 = staticmethod(_upconv2x2_impl)
-    head1x1 = staticmethod(_head1x1_impl)
-    pad_channels_nhwc = staticmethod(_pad_channels_nhwc_impl)
     pad_weight_in = staticmethod(_pad_weight_in)
-    bn_running_update_ = staticmethod(_bn_running_update_impl)
 
 
 class OpsNamespace:

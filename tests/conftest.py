@@ -48,6 +48,17 @@ def _seed():
 
 
 @pytest.fixture
+def triton_backend():
+    """The fused ops forced for the test (on CPU the interpreter runs their kernels)."""
+    import fastunet
+
+    before = fastunet.get_backend()
+    fastunet.set_backend("triton")
+    yield
+    fastunet.set_backend(before)
+
+
+@pytest.fixture
 def device():
     """Where kernel tests run: the GPU when there is one, else CPU through the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -11,18 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastunet
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
 
 NARROW = {"base_channels": 4, "depth": 2}
 FORBIDDEN = ("convolution", "conv2d", "conv_transpose", "cat", "batch_norm", "max_pool", "cudnn")
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend():
-    before = fastunet.get_backend()
-    fastunet.set_backend("triton")
-    yield
-    fastunet.set_backend(before)
 
 
 def low_precision_pair(dtype, device, in_ch=3, out_ch=2, **options):

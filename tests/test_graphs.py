@@ -20,14 +20,7 @@ import fastunet
 from fastunet import FusedPathWarning, graphs
 
 NARROW = {"base_channels": 4, "depth": 2}
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend():
-    before = fastunet.get_backend()
-    fastunet.set_backend("triton")
-    yield
-    fastunet.set_backend(before)
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 class _Graph:

@@ -27,19 +27,11 @@ import fastunet
 from fastunet import FusedPathWarning, UNet, check_fused_support
 from fastunet.guard import _explain, _fast
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
 
 # depth 2: conv1, pool1, conv2, pool2, conv3 (bottleneck), up4, conv4, up5, conv5, head conv6
 NARROW = {"base_channels": 4, "depth": 2}
 MODES = pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend():
-    before = fastunet.get_backend()
-    fastunet.set_backend("triton")
-    yield
-    fastunet.set_backend(before)
 
 
 @pytest.fixture

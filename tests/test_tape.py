@@ -14,19 +14,10 @@ import torch
 from helpers import assert_close, model_pair
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastunet
 from fastunet import ops
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
 NARROW = {"base_channels": 4, "depth": 2}
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend():
-    before = fastunet.get_backend()
-    fastunet.set_backend("triton")
-    yield
-    fastunet.set_backend(before)
 
 
 def _step(model, x, g):

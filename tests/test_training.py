@@ -18,19 +18,11 @@ from helpers import TOLERANCES, assert_close, model_pair, tolerance_name
 import fastunet
 from fastunet.memory import saved_tensor_bytes
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
 
 NARROW = {"base_channels": 4, "depth": 2}
 # The activation-memory promise of the training path (issue: at most 0.6x the reference's).
 MEMORY_RATIO_LIMIT = 0.6
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend():
-    before = fastunet.get_backend()
-    fastunet.set_backend("triton")
-    yield
-    fastunet.set_backend(before)
 
 
 def train_pair(dtype=torch.float64, device="cpu", **options):
