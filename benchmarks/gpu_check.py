@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     bench_common = ["--batch", str(TARGET["batch"]), "--size", str(TARGET["size"]), "--dtype", TARGET["dtype"]]
     bench_common += ["--warmup", "5", "--reps", "20"]
-    providers = ["eager_fp32_nchw", "eager_cl_amp", "compile_default", "fastunet", "fastunet_compile"]
+    providers = ["eager_fp32_nchw", "eager_cl", "compile_default", "fastunet", "fastunet_compile"]
     if args.full:
         providers += ["compile_max_autotune", "compile_max_autotune_freezing"]
     plans = {
@@ -235,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {result['status']} in {result['seconds']} s", flush=True)
     # run.py names its files by device and date: give them the fixed names promised above.
     for mode in ("inference", "training"):
-        made = sorted(args.out.glob(f"*_{mode}.json"), key=lambda f: f.stat().st_mtime)
+        # run.py appends -2, -3, ... rather than overwrite a same-day file: take the newest.
+        made = [*args.out.glob(f"*_{mode}.json"), *args.out.glob(f"*_{mode}-[0-9]*.json")]
+        made = sorted(made, key=lambda f: f.stat().st_mtime)
         if made:
             made[-1].rename(args.out / f"bench_{mode}.json")
             png = made[-1].with_suffix(".png")

@@ -5,32 +5,42 @@ own model from the same ``state_dict`` and runs on the same pre-generated input 
 output on the first batch is compared with a float64 forward of the reference model on the
 same device and input before anything is timed (``bench_provider``).
 
-Providers (``PROVIDERS``, in table order):
+Providers (``PROVIDERS``, in table order). Each row's ``layout`` field records the memory
+format of the weights and of the input its step actually received (read off the tensors, not
+claimed), so a mismatch cannot hide:
 
 =============================== ============================================================
-``eager_fp32_nchw``             reference eager model, fp32, NCHW (TF32 convs on CUDA when
-                                ``torch.backends.cudnn.allow_tf32``, PyTorch's default)
-``eager_cl_amp``                reference eager model, channels_last, under ``torch.autocast``
-                                in the case's dtype (plain fp32 for fp32 cases): the baseline
-                                every speedup is quoted against
-``compile_default``             ``torch.compile(reference)``, same layout and autocast
+``eager_fp32_nchw``             reference eager model, fp32, NCHW weights and NCHW input
+                                (TF32 convs on CUDA when ``torch.backends.cudnn.allow_tf32``,
+                                PyTorch's default): what the classic model does out of the
+                                box, and the baseline of the CPU target
+``eager_cl``                    reference eager model, channels_last weights *and* input,
+                                fp32 in fp32 cases, under ``torch.autocast`` in 16-bit cases:
+                                the baseline of the GPU targets ("eager channels_last AMP")
+``compile_default``             ``torch.compile(reference)``, channels_last weights and input,
+                                autocast in 16-bit cases
 ``compile_max_autotune``        ``torch.compile(reference, mode="max-autotune")``
 ``compile_max_autotune_freezing`` the same with ``torch._inductor.config.freezing = True``
                                 around the compile (inference only)
-``fastunet``                    ``fastunet.UNet`` with the ``"auto"`` backend: the Triton
-                                kernels on CUDA, the eager CPU fallback on CPU
+``fastunet``                    ``fastunet.UNet`` loaded with the shared weights and put in
+                                ``eval()``/``train()``, nothing else: the model picks its own
+                                internal layout. The ``"auto"`` backend runs the Triton kernels
+                                on CUDA and the eager CPU fallback on CPU
 ``fastunet_compile``            ``torch.compile(fastunet.UNet)``
 ``fastunet_cudagraph``          fastunet's CUDA-graph path, ``UNet.cuda_graph`` (captured
                                 after warm-up, replayed with a static input; inference, CUDA)
 =============================== ============================================================
 
-Inputs are fp32 (as a data loader delivers them); NCHW for ``eager_fp32_nchw`` and
-channels_last for everyone else, converted once outside the timed region. Casting to the
-16-bit dtype happens inside the timed step (autocast, or fastunet's own entrance cast), the
-same for all. A training step is ``zero_grad`` + forward + a linear loss + backward + an
-optimizer step (SGD with momentum, ``lr=0``: the update does all its arithmetic, but every
-provider keeps the shared weights, so the correctness check after warm-up still compares like
-with like).
+Inputs are fp32 (as a data loader delivers them), converted to the provider's layout once,
+outside the timed region. ``eager_fp32_nchw`` takes NCHW, the reference-model rows that
+convert their weights to channels_last take channels_last. The fastunet rows take the same
+input as the baseline they are judged against: NCHW on CPU (``eager_fp32_nchw``, the CPU
+target's baseline: a user's tensor, as it comes), channels_last on CUDA (``eager_cl``, the GPU
+targets' baseline). Casting to the 16-bit dtype happens inside the timed step (autocast, or
+fastunet's own entrance cast), the same for all. A training step is ``zero_grad`` + forward +
+a linear loss + backward + an optimizer step (SGD with momentum, ``lr=0``: the update does
+all its arithmetic, but every provider keeps the shared weights, so the correctness check
+after warm-up still compares like with like).
 """
 
 from __future__ import annotations
@@ -218,15 +228,48 @@ class Runner:
     """A built provider: ``step(x)`` runs one timed step and returns the network output.
 
     ``inputs`` are the case's batches in the layout this provider takes; ``params`` the
-    parameters whose ``.grad`` a training step fills; ``warmup_context`` wraps the first calls
-    (where ``torch.compile`` compiles); ``keepalive`` holds whatever the step closes over.
+    parameters whose ``.grad`` a training step fills; ``model`` the module as prepared (before
+    any ``torch.compile``), whose weights ``layout`` inspects; ``warmup_context`` wraps the
+    first calls (where ``torch.compile`` compiles); ``keepalive`` holds whatever the step
+    closes over.
     """
 
     step: Callable[[torch.Tensor], torch.Tensor]
     inputs: list[torch.Tensor]
     params: list[torch.Tensor]
+    model: torch.nn.Module
     warmup_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     keepalive: tuple = field(default_factory=tuple)
+
+    @property
+    def layout(self) -> str:
+        """``"weights <fmt>, input <fmt>"`` as the tensors really are (see ``memory_format``)."""
+        return f"weights {weights_format(self.model)}, input {memory_format(self.inputs[0])}"
+
+
+def memory_format(t: torch.Tensor) -> str:
+    """``"NCHW"``, ``"channels_last"`` or ``"other"`` for a 4-D tensor.
+
+    A tensor that satisfies both (one channel, or 1x1 spatial) counts as NCHW; callers judge
+    layouts on tensors where the two differ (3x3 conv weights, multi-channel inputs).
+    """
+    if t.is_contiguous():
+        return "NCHW"
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "other"
+
+
+def weights_format(model: torch.nn.Module) -> str:
+    """The memory format shared by every 3x3 conv weight of ``model`` ("mixed" if they differ).
+
+    Only 3x3 kernels are looked at: a 1x1 head's or a 2x2 transposed conv's weight can be both
+    NCHW- and channels_last-contiguous, which would make the answer depend on tie-breaking.
+    """
+    formats = {
+        memory_format(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+    }
+    return formats.pop() if len(formats) == 1 else "mixed"
 
 
 def _autocast(case: Case, enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -272,7 +315,7 @@ def _reference(case: Case, channels_last: bool) -> torch.nn.Module:
 
 def _fastunet(case: Case) -> torch.nn.Module:
     model = _load(fastunet.UNet, case.model, case.state_dict, case.device, case.mode)
-    fused = use_fused(case.inputs_cl[0])
+    fused = use_fused(_fastunet_inputs(case)[0])
     # Never time something other than what the label says: on CUDA this must be the Triton
     # path, on CPU the eager fallback (the "auto" backend; the interpreter is never benchmarked).
     if case.device.type == "cuda" and not fused:
@@ -304,48 +347,67 @@ def _inductor_freezing() -> Iterator[None]:
         inductor_config.freezing = previous
 
 
+def _fastunet_inputs(case: Case) -> list[torch.Tensor]:
+    # The input of the baseline fastunet is judged against (see the module docstring): on CPU
+    # a user's NCHW tensor as it comes, on CUDA channels_last like the eager_cl baseline.
+    return case.inputs_cl if case.device.type == "cuda" else case.inputs_nchw
+
+
 def build_eager_fp32_nchw(case: Case) -> Runner:
+    """Reference model, NCHW weights and input, fp32 (no autocast whatever the case's dtype)."""
     model = _reference(case, channels_last=False)
     params = list(model.parameters())
     step = _make_step(model, params, case, amp=False)
-    return Runner(step, case.inputs_nchw, params, keepalive=(model,))
+    return Runner(step, case.inputs_nchw, params, model, keepalive=(model,))
 
 
-def build_eager_cl_amp(case: Case) -> Runner:
+def build_eager_cl(case: Case) -> Runner:
+    """Reference model, channels_last weights and input, autocast in 16-bit cases."""
     model = _reference(case, channels_last=True)
     params = list(model.parameters())
-    return Runner(_make_step(model, params, case), case.inputs_cl, params, keepalive=(model,))
+    return Runner(_make_step(model, params, case), case.inputs_cl, params, model, keepalive=(model,))
 
 
-def _build_compiled(case: Case, model: torch.nn.Module, freezing: bool = False, **compile_kwargs) -> Runner:
+def _build_compiled(
+    case: Case,
+    model: torch.nn.Module,
+    inputs: list[torch.Tensor],
+    freezing: bool = False,
+    **compile_kwargs,
+) -> Runner:
     params = list(model.parameters())
     compiled = torch.compile(model, **compile_kwargs)
     step = _make_step(compiled, params, case, before=_mark_step(case))
     context = _inductor_freezing if freezing else contextlib.nullcontext
-    return Runner(step, case.inputs_cl, params, warmup_context=context, keepalive=(model, compiled))
+    return Runner(step, inputs, params, model, warmup_context=context, keepalive=(model, compiled))
 
 
 def build_compile_default(case: Case) -> Runner:
-    return _build_compiled(case, _reference(case, channels_last=True))
+    """``torch.compile`` of the channels_last reference model."""
+    return _build_compiled(case, _reference(case, channels_last=True), case.inputs_cl)
 
 
 def build_compile_max_autotune(case: Case) -> Runner:
-    return _build_compiled(case, _reference(case, channels_last=True), mode="max-autotune")
+    """``torch.compile(mode="max-autotune")`` of the channels_last reference model."""
+    return _build_compiled(case, _reference(case, channels_last=True), case.inputs_cl, mode="max-autotune")
 
 
 def build_compile_max_autotune_freezing(case: Case) -> Runner:
+    """The max-autotune compile with inductor's weight freezing on."""
     model = _reference(case, channels_last=True)
-    return _build_compiled(case, model, freezing=True, mode="max-autotune")
+    return _build_compiled(case, model, case.inputs_cl, freezing=True, mode="max-autotune")
 
 
 def build_fastunet(case: Case) -> Runner:
+    """``fastunet.UNet`` as a user runs it: weights loaded, eval/train mode, nothing converted."""
     model = _fastunet(case)
     params = list(model.parameters())
-    return Runner(_make_step(model, params, case), case.inputs_cl, params, keepalive=(model,))
+    return Runner(_make_step(model, params, case), _fastunet_inputs(case), params, model, keepalive=(model,))
 
 
 def build_fastunet_compile(case: Case) -> Runner:
-    return _build_compiled(case, _fastunet(case))
+    """``torch.compile(fastunet.UNet)``, given the same input as the plain fastunet row."""
+    return _build_compiled(case, _fastunet(case), _fastunet_inputs(case))
 
 
 def build_fastunet_cudagraph(case: Case) -> Runner:
@@ -363,7 +425,7 @@ def build_fastunet_cudagraph(case: Case) -> Runner:
         with torch.no_grad(), _autocast(case):
             return runner(x)
 
-    return Runner(step, case.inputs_cl, list(model.parameters()), keepalive=(model, runner))
+    return Runner(step, case.inputs_cl, list(model.parameters()), model, keepalive=(model, runner))
 
 
 @dataclass(frozen=True)
@@ -381,23 +443,25 @@ class Provider:
         return compute_precision(self.fixed_dtype or case.dtype_name, case.device)
 
     def label(self, case: Case) -> str:
-        amp = "" if case.dtype_name == "fp32" else f", autocast {case.dtype_name}"
+        """What the row times, in words: model, layout and the arithmetic's dtype."""
+        amp = ", fp32" if case.dtype_name == "fp32" else f", autocast {case.dtype_name}"
         cpu = case.device.type != "cuda"
+        fast_in = "NCHW input" if cpu else "channels_last input"
         return {
-            "eager_fp32_nchw": "eager reference, fp32 NCHW",
-            "eager_cl_amp": f"eager reference, channels_last{amp or ', fp32'}",
-            "compile_default": f"torch.compile(reference){amp}",
-            "compile_max_autotune": f"torch.compile(reference, max-autotune){amp}",
-            "compile_max_autotune_freezing": f"torch.compile(reference, max-autotune) + freezing{amp}",
-            "fastunet": f"fastunet CPU fallback (eager math){amp}" if cpu else f"fastunet (Triton){amp}",
-            "fastunet_compile": f"torch.compile(fastunet){' CPU fallback' if cpu else ''}{amp}",
-            "fastunet_cudagraph": f"fastunet, CUDA-graph replay{amp}",
+            "eager_fp32_nchw": "eager reference, fp32, NCHW weights and input",
+            "eager_cl": f"eager reference, channels_last weights and input{amp}",
+            "compile_default": f"torch.compile(reference), channels_last{amp}",
+            "compile_max_autotune": f"torch.compile(reference, max-autotune), channels_last{amp}",
+            "compile_max_autotune_freezing": f"torch.compile(reference, max-autotune) + freezing, channels_last{amp}",
+            "fastunet": f"fastunet.UNet CPU fallback, {fast_in}{amp}" if cpu else f"fastunet (Triton), {fast_in}{amp}",
+            "fastunet_compile": f"torch.compile(fastunet.UNet){' CPU fallback' if cpu else ''}, {fast_in}{amp}",
+            "fastunet_cudagraph": f"fastunet, CUDA-graph replay, channels_last input{amp}",
         }[self.name]
 
 
 PROVIDERS = [
     Provider("eager_fp32_nchw", build_eager_fp32_nchw, "eager", fixed_dtype="fp32"),
-    Provider("eager_cl_amp", build_eager_cl_amp, "eager"),
+    Provider("eager_cl", build_eager_cl, "eager"),
     Provider("compile_default", build_compile_default, "compile", uses_compile=True),
     Provider("compile_max_autotune", build_compile_max_autotune, "compile", uses_compile=True, slow_compile=True),
     Provider(
@@ -486,6 +550,7 @@ def blank_row(provider: Provider, case: Case) -> dict:
     return {
         "provider": provider.name,
         "label": provider.label(case),
+        "layout": None,
         "family": provider.family,
         "mode": case.mode,
         "batch": case.batch,
@@ -512,7 +577,8 @@ def blank_row(provider: Provider, case: Case) -> dict:
         "tolerance": OUTPUT_TOL[provider.precision(case)],
         "grad_rel_l2_err": None,
         "grad_tolerance": GRAD_TOL[provider.precision(case)] if case.training else None,
-        "speedup_vs_eager_amp": None,
+        "speedup_vs_eager_nchw": None,
+        "speedup_vs_eager_cl": None,
         "speedup_vs_best_compile": None,
     }
 
@@ -542,6 +608,7 @@ def bench_provider(
         baseline = _memory(device)
         t0 = time.perf_counter()
         runner = provider.build(case)
+        row["layout"] = runner.layout
         inputs = runner.inputs
         with runner.warmup_context():
             runner.step(inputs[0])

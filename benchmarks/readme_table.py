@@ -78,21 +78,31 @@ def _status(row: dict) -> str:
     return f"{label}: {_md(row['reason'])}" if row.get("reason") else label
 
 
-def provider_markdown(rows: list[dict]) -> str:
+def provider_markdown(rows: list[dict], *, cuda: bool = True) -> str:
+    """One case's rows as a Markdown table; "% of peak" and "peak MiB" only for CUDA results
+    (a CPU result has neither a measured peak nor memory counters)."""
+    dtype = rows[0]["dtype"] if rows else "fp32"
+    cl = "eager CL fp32" if dtype == "fp32" else f"eager CL {dtype} AMP"
+    cols = ["provider", "ms (p20–p80)", "img/s", "TFLOP/s"]
+    cols += ["% of peak", "peak MiB"] if cuda else []
+    cols += ["max rel err", "× eager fp32 NCHW", f"× {cl}", "× best compile", "status"]
     lines = [
-        "| provider | ms (p20–p80) | img/s | TFLOP/s | % of peak | peak MiB | max rel err "
-        "| × eager AMP | × best compile | status |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| " + " | ".join(cols) + " |",
+        "|---|" + "--:|" * (len(cols) - 2) + "---|",
     ]
     for r in rows:
         ms = "–" if r["ms_median"] is None else f"{r['ms_median']:.2f} ({r['ms_p20']:.2f}–{r['ms_p80']:.2f})"
-        frac = None if r["peak_fraction"] is None else 100 * r["peak_fraction"]
-        lines.append(
-            f"| {_md(r['label'])} (`{r['provider']}`) | {ms} | {_num(r['images_per_s'], '.1f')} | "
-            f"{_num(r['tflops'], '.3g')} | {_num(frac, '.1f')} | {_num(r['peak_mem_mb'], '.0f')} | "
-            f"{_num(r['max_rel_err'], '.1e')} | {_num(r['speedup_vs_eager_amp'], '.2f')} | "
-            f"{_num(r['speedup_vs_best_compile'], '.2f')} | {_status(r)} |"
-        )
+        frac = None if r.get("peak_fraction") is None else 100 * r["peak_fraction"]
+        cells = [
+            f"{_md(r['label'])} (`{r['provider']}`)", ms, _num(r["images_per_s"], ".1f"), _num(r["tflops"], ".3g"),
+        ]  # fmt: skip
+        if cuda:
+            cells += [_num(frac, ".1f"), _num(r["peak_mem_mb"], ".0f")]
+        cells += [
+            _num(r["max_rel_err"], ".1e"), _num(r.get("speedup_vs_eager_nchw"), ".2f"),
+            _num(r.get("speedup_vs_eager_cl"), ".2f"), _num(r["speedup_vs_best_compile"], ".2f"), _status(r),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -138,7 +148,7 @@ def render(result: dict, source: str | None = None, layers: bool = False) -> str
             f"\n#### batch {case['batch']}, {case['size']}×{case['size']}, {case['dtype']} "
             f"({case['gflop_per_step']:.1f} GFLOP/step)\n"
         )
-        out.append(provider_markdown(rows))
+        out.append(provider_markdown(rows, cuda=dev["type"] == "cuda"))
         if layers:
             lrows = [
                 r
@@ -150,7 +160,10 @@ def render(result: dict, source: str | None = None, layers: bool = False) -> str
                 out.append(layer_markdown(lrows))
     if result.get("targets"):
         out.append("\nTargets:\n")
-        out.extend(f"- **{t['result']}**: {_md(t['target'])}: {_md(t['detail'])}" for t in result["targets"])
+        if dev["type"] == "cuda":
+            out.extend(f"- **{t['result']}**: {_md(t['target'])}: {_md(t['detail'])}" for t in result["targets"])
+        else:
+            out.extend(f"- {_md(line)}" for line in report.target_lines(result["targets"], cuda=False))
     return "\n".join(out) + "\n"
 
 

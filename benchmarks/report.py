@@ -1,5 +1,5 @@
-"""Everything derived from the measured rows: throughput, fractions of peak, speedups, the
-issue's targets, the printed tables, the JSON file and the plot."""
+"""Everything derived from the measured rows: throughput, fractions of peak (CUDA only),
+speedups, the targets, the printed tables, the JSON file and the plot."""
 
 from __future__ import annotations
 
@@ -9,18 +9,24 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-BASELINE = "eager_cl_amp"
+# The two eager baselines every row's speedups are quoted against: {row field: provider}.
+BASELINES = {"speedup_vs_eager_nchw": "eager_fp32_nchw", "speedup_vs_eager_cl": "eager_cl"}
 # The issues' acceptance targets, judged only on the case they were set for; a run is judged
 # on the targets of its own --mode.
 TARGET_CASE = {"device": "H100", "batch": 16, "size": 256, "dtype": "bf16"}
 TARGET_MODEL = {"base_channels": 64, "depth": 4}
 TARGETS = (
-    ("inference", "speedup_vs_eager_amp", ">=", 1.6, "fastunet >= 1.6x eager channels_last AMP"),
+    ("inference", "speedup_vs_eager_cl", ">=", 1.6, "fastunet >= 1.6x eager channels_last AMP"),
     ("inference", "speedup_vs_best_compile", ">=", 1.2, "fastunet >= 1.2x the best torch.compile"),
     ("inference", "peak_fraction", ">=", 0.55, "fastunet >= 55 % of the measured bf16 matmul peak"),
     ("inference", "memory_ratio", "<=", 0.6, "fastunet peak memory <= 0.6x eager AMP"),
-    ("training", "speedup_vs_eager_amp", ">=", 1.3, "fastunet training step >= 1.3x eager channels_last AMP"),
+    ("training", "speedup_vs_eager_cl", ">=", 1.3, "fastunet training step >= 1.3x eager channels_last AMP"),
 )
+# The CPU target: the fallback against what the classic model does out of the box on a small
+# CPU (one thread, so a busy 2-core machine cannot turn OpenMP barriers into the result).
+CPU_TARGET_CASE = {"mode": "inference", "threads": 1, "batch": 1, "size": 256, "dtype": "fp32"}
+CPU_TARGET = ("speedup_vs_eager_nchw", ">=", 1.15, "fastunet CPU fallback >= 1.15x eager fp32 NCHW")
+GPU_TARGETS_LINE = "GPU targets (see README 'Targets'): not measured here, need an NVIDIA GPU"
 
 
 def slug(text: str) -> str:
@@ -29,12 +35,14 @@ def slug(text: str) -> str:
 
 
 def case_key(row: dict) -> tuple:
+    """``(mode, batch, size, dtype)``: the case a row belongs to."""
     return (row["mode"], row["batch"], row["size"], row["dtype"])
 
 
 # --------------------------------------------------------------------------- derived numbers
 def add_throughput(row: dict, flops_per_step: int, peaks: dict | None) -> None:
-    """Fill images/s, GFLOP, TFLOP/s and the fraction of the measured peak of a timed row."""
+    """Fill images/s, GFLOP, TFLOP/s and the fraction of the measured peak of a timed row
+    (``peaks`` is None on CPU: there is no peak worth the name, see ``run.py``)."""
     row["gflop_per_step"] = flops_per_step / 1e9
     if row["ms_median"] is None:
         return
@@ -64,23 +72,27 @@ def add_layer_peak(row: dict, peaks: dict | None) -> None:
 
 
 def add_speedups(rows: Sequence[dict]) -> dict[tuple, dict]:
-    """Speedups of every ``ok`` row vs eager AMP and vs the fastest correct torch.compile of the
-    reference, per case. Rows that are wrong, failed or skipped get none (a wrong result is never
-    a speedup). Returns ``{case_key: {"baseline_ms", "best_compile", "best_compile_ms"}}``."""
+    """Speedups of every ``ok`` row vs each eager baseline (``BASELINES``: fp32 NCHW and
+    channels_last) and vs the fastest correct torch.compile of the reference, per case. Rows
+    that are wrong, failed or skipped get none (a wrong result is never a speedup). Returns
+    ``{case_key: {"eager_nchw_ms", "eager_cl_ms", "best_compile", "best_compile_ms"}}``."""
     summary: dict[tuple, dict] = {}
     for key in dict.fromkeys(case_key(r) for r in rows):
         case_rows = [r for r in rows if case_key(r) == key]
         ok = [r for r in case_rows if r["status"] == "ok"]
-        base = next((r for r in ok if r["provider"] == BASELINE), None)
+        bases = {field: next((r for r in ok if r["provider"] == name), None) for field, name in BASELINES.items()}
         compiled = [r for r in ok if r["family"] == "compile"]
         best = min(compiled, key=lambda r: r["ms_median"]) if compiled else None
         for r in ok:
-            if base is not None:
-                r["speedup_vs_eager_amp"] = base["ms_median"] / r["ms_median"]
+            for field, base in bases.items():
+                if base is not None:
+                    r[field] = base["ms_median"] / r["ms_median"]
             if best is not None:
                 r["speedup_vs_best_compile"] = best["ms_median"] / r["ms_median"]
+        nchw, cl = bases["speedup_vs_eager_nchw"], bases["speedup_vs_eager_cl"]
         summary[key] = {
-            "baseline_ms": base["ms_median"] if base else None,
+            "eager_nchw_ms": nchw["ms_median"] if nchw else None,
+            "eager_cl_ms": cl["ms_median"] if cl else None,
             "best_compile": best["provider"] if best else None,
             "best_compile_ms": best["ms_median"] if best else None,
         }
@@ -109,13 +121,13 @@ def evaluate_targets(result: dict) -> list[dict]:
     if not rows:
         missing.append(f"batch {want['batch']}, {want['size']}x{want['size']}, {want['dtype']}")
     fast = next((r for r in rows if r["provider"] == "fastunet"), None)
-    base = next((r for r in rows if r["provider"] == BASELINE), None)
+    base = next((r for r in rows if r["provider"] == BASELINES["speedup_vs_eager_cl"]), None)
     where = f"{want['device']}, batch {want['batch']}, {want['size']}x{want['size']}, {want['dtype']} {want['mode']}"
     out = []
     for mode, metric, op, threshold, text in TARGETS:
         if mode != cfg["mode"]:
             continue
-        record = {"target": f"{text} ({where})", "metric": metric, "op": op, "threshold": threshold}
+        record = {"kind": "gpu", "target": f"{text} ({where})", "metric": metric, "op": op, "threshold": threshold}
         value = None
         if fast is not None and fast["status"] == "ok":
             if metric == "memory_ratio":
@@ -134,7 +146,7 @@ def evaluate_targets(result: dict) -> list[dict]:
         elif value is None:
             record["result"] = "not measured"
             record["detail"] = {
-                "speedup_vs_eager_amp": "eager AMP baseline did not run correctly",
+                "speedup_vs_eager_cl": "eager channels_last baseline did not run correctly",
                 "speedup_vs_best_compile": "no torch.compile provider ran correctly",
                 "peak_fraction": "no measured bf16 peak",
                 "memory_ratio": "no peak memory for fastunet or eager AMP",
@@ -147,7 +159,74 @@ def evaluate_targets(result: dict) -> list[dict]:
                 compiled = [r["provider"] for r in rows if r["family"] == "compile" and r["status"] == "ok"]
                 record["detail"] += f" (compile providers measured: {', '.join(compiled)})"
         out.append(record)
+    if result["device"]["type"] == "cpu":
+        out.append(evaluate_cpu_target(result))
     return out
+
+
+def _cpu_target_where() -> str:
+    c = CPU_TARGET_CASE
+    return (
+        f"{c['threads']} thread, batch {c['batch']}, {c['size']}x{c['size']}, {c['dtype']} {c['mode']}, "
+        f"base_channels {TARGET_MODEL['base_channels']}"
+    )
+
+
+def evaluate_cpu_target(result: dict) -> dict:
+    """The CPU target as a record like ``evaluate_targets``' (``kind`` "cpu").
+
+    PASS/FAIL only when the run measured the target case itself (threads, batch, size, dtype,
+    mode, classic width); any other run gets "not judged", with the ratio it did measure in the
+    detail, so a fast toy configuration can never report a target as met.
+    """
+    metric, op, threshold, text = CPU_TARGET
+    cfg = result["config"]
+    want = CPU_TARGET_CASE
+    record = {
+        "kind": "cpu",
+        "target": f"{text} ({_cpu_target_where()})",
+        "metric": metric,
+        "op": op,
+        "threshold": threshold,
+        "value": None,
+    }
+    differs = []
+    if cfg.get("threads") != want["threads"]:
+        differs.append(f"{cfg.get('threads')} threads")
+    if cfg["mode"] != want["mode"]:
+        differs.append(f"mode {cfg['mode']}")
+    if cfg["base_channels"] != TARGET_MODEL["base_channels"] or cfg["depth"] != TARGET_MODEL["depth"]:
+        differs.append(f"base_channels {cfg['base_channels']}, depth {cfg['depth']}")
+    target_key = (want["mode"], want["batch"], want["size"], want["dtype"])
+    rows = [r for r in result["rows"] if case_key(r) == target_key]
+    if not rows:
+        # Judge the first case measured, for the "measured here" number.
+        first = case_key(result["rows"][0]) if result["rows"] else None
+        rows = [r for r in result["rows"] if case_key(r) == first]
+        if first is not None:
+            differs.append(f"batch {first[1]}, {first[2]}x{first[2]}, {first[3]}")
+    fast = next((r for r in rows if r["provider"] == "fastunet"), None)
+    value = fast.get(metric) if fast is not None and fast["status"] == "ok" else None
+    record["value"] = value
+    need = f"needs {op} {threshold:g}x ({_cpu_target_where()})"
+    if fast is None or fast["status"] == "skipped":
+        record["result"], record["detail"] = "not measured", f"the fastunet provider did not run; {need}"
+    elif fast["status"] in ("wrong", "failed"):
+        record["result"], record["detail"] = "FAIL", f"fastunet {fast['status']}: {fast['reason']}"
+    elif value is None:
+        record["result"] = "not measured"
+        record["detail"] = f"the eager fp32 NCHW baseline did not run correctly; {need}"
+    elif differs:
+        record["result"] = "not judged"
+        record["detail"] = (
+            f"fastunet CPU fallback = {value:.2f}x eager fp32 NCHW in this run, which is not the target case "
+            f"({'; '.join(differs)}); the target {need}"
+        )
+    else:
+        passed = value >= threshold if op == ">=" else value <= threshold
+        record["result"] = "PASS" if passed else "FAIL"
+        record["detail"] = f"fastunet CPU fallback = {value:.2f}x eager fp32 NCHW, {need}"
+    return record
 
 
 # --------------------------------------------------------------------------- text tables
@@ -173,11 +252,20 @@ def _status(row: dict) -> str:
     return f"{status}: {row['reason']}" if row["reason"] else status
 
 
-def provider_table(rows: Sequence[dict]) -> str:
+def eager_cl_name(dtype: str) -> str:
+    """How the channels_last eager baseline is called in a ``dtype`` case: by what it computes."""
+    return "eager CL fp32" if dtype == "fp32" else f"eager CL {dtype}-AMP"
+
+
+def provider_table(rows: Sequence[dict], *, cuda: bool) -> str:
+    """The per-case table. The %peak and peak-memory columns exist on CUDA only: a CPU has
+    no measured peak worth the name and no allocator counters."""
+    dtype = rows[0]["dtype"] if rows else "fp32"
     headers = [
         "provider", "ms median [p20-p80]", "img/s", "TFLOP/s", "%peak", "peak MiB",
-        "max abs / rel err (tol)", "x eager-AMP", "x best-compile", "status",
+        "max abs / rel err (tol)", "x eager fp32 NCHW", f"x {eager_cl_name(dtype)}", "x best-compile", "status",
     ]  # fmt: skip
+    right = [False, True, True, True, True, True, True, True, True, True, False]
     body = []
     for r in rows:
         timed = r["ms_median"] is not None
@@ -188,12 +276,18 @@ def provider_table(rows: Sequence[dict]) -> str:
         if r["grad_rel_l2_err"] is not None:
             err += f" grad {r['grad_rel_l2_err']:.1e} ({r['grad_tolerance']:.0e})"
         body.append([
-            r["provider"], ms, _f(r["images_per_s"], ".1f"), _f(r["tflops"], ".2f"),
+            r["provider"], ms, _f(r["images_per_s"], ".2f"), _f(r["tflops"], ".3g"),
             _f(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f"),
             _f(r["peak_mem_mb"], ".0f"), err,
-            _f(r["speedup_vs_eager_amp"], ".2f"), _f(r["speedup_vs_best_compile"], ".2f"), _status(r),
+            _f(r["speedup_vs_eager_nchw"], ".2f"), _f(r["speedup_vs_eager_cl"], ".2f"),
+            _f(r["speedup_vs_best_compile"], ".2f"), _status(r),
         ])  # fmt: skip
-    return format_table(headers, body, [False, True, True, True, True, True, True, True, True, False])
+    if not cuda:
+        keep = [i for i, h in enumerate(headers) if h not in ("%peak", "peak MiB")]
+        headers = [headers[i] for i in keep]
+        body = [[row[i] for i in keep] for row in body]
+        right = [right[i] for i in keep]
+    return format_table(headers, body, right)
 
 
 def layer_table(rows: Sequence[dict]) -> str:
@@ -223,8 +317,15 @@ def layer_table(rows: Sequence[dict]) -> str:
     return format_table(headers, body, [False, False, True, True, True, True, True, True, True, False])
 
 
-def target_lines(targets: Sequence[dict]) -> list[str]:
-    return [f"TARGET {t['result']:>12}  {t['target']}: {t['detail']}" for t in targets]
+def target_lines(targets: Sequence[dict], *, cuda: bool) -> list[str]:
+    """The printed target verdicts. On CUDA one line per GPU target. On CPU one line for the
+    CPU target and one for all GPU targets together (none can be measured without a GPU)."""
+    if cuda:
+        return [f"TARGET {t['result']:>12}  {t['target']}: {t['detail']}" for t in targets if t.get("kind") != "cpu"]
+    lines = [f"CPU target: {t['result']}: {t['detail']}" for t in targets if t.get("kind") == "cpu"]
+    if any(t.get("kind", "gpu") == "gpu" for t in targets):
+        lines.append(GPU_TARGETS_LINE)
+    return lines
 
 
 # --------------------------------------------------------------------------- files
@@ -245,52 +346,83 @@ def result_stem(result: dict) -> str:
     return f"{result['device']['slug']}_{result['date']}_{result['config']['mode']}{quick}"
 
 
+def free_stem(out_dir: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ...: the first with neither a .json nor a .png in
+    ``out_dir``, so a second run on the same day never overwrites the first one's files."""
+    candidate, n = stem, 1
+    while (out_dir / f"{candidate}.json").exists() or (out_dir / f"{candidate}.png").exists():
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
 def write_json(result: dict, out_dir: Path) -> Path:
+    """Write ``result`` as ``<out_dir>/<result_stem>[-N].json`` (never over an existing file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{result_stem(result)}.json"
-    path.write_text(json.dumps(_finite(result), indent=1, allow_nan=False) + "\n")
+    path = out_dir / f"{free_stem(out_dir, result_stem(result))}.json"
+    with open(path, "x") as f:  # "x": a file that appeared since free_stem looked is not replaced
+        f.write(json.dumps(_finite(result), indent=1, allow_nan=False) + "\n")
     return path
 
 
 _COLORS = {"eager": "#8c8c8c", "compile": "#4c72b0", "fastunet": "#dd8452"}
 
 
+def plot_title(result: dict) -> str:
+    """The figure's title: on CPU it says that fastunet's CPU fallback is what was timed."""
+    cfg = result["config"]
+    model = f"UNet({cfg['in_ch']}, {cfg['out_ch']}, base_channels={cfg['base_channels']})"
+    if result["device"]["type"] == "cpu":
+        threads = cfg.get("threads")
+        head = f"fastunet CPU fallback vs eager PyTorch: {result['device']['name']}, {threads} thread(s)"
+    else:
+        head = f"fastunet benchmark: {result['device']['name']}"
+    return f"{head}\n{model}, {cfg['mode']}, {result['date']}" + (" --quick" if cfg["quick"] else "")
+
+
 def plot(result: dict, path: Path) -> Path:
-    """Horizontal bars of images/s per provider, one panel per case; wrong rows hatched red,
-    failed and skipped rows named with their status instead of a bar."""
+    """Horizontal bars of images/s per provider (median; error bars from the p20/p80 step
+    times), one panel per case. Wrong rows are hatched red, failed ones named with their
+    status instead of a bar; skipped rows are left out (the table says why)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(dict.fromkeys(case_key(r) for r in result["rows"]))
-    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 0.45 * len(result["rows"]) + 1.2 * len(keys)), squeeze=False)
+    shown = [r for r in result["rows"] if r["status"] != "skipped"]
+    keys = list(dict.fromkeys(case_key(r) for r in shown)) or [None]
+    height = 1.6 * len(keys) + 0.4 * max(len(shown), 1) + 1.0
+    fig, axes = plt.subplots(len(keys), 1, figsize=(10, height), squeeze=False)
     for ax, key in zip(axes[:, 0], keys, strict=True):
-        rows = [r for r in result["rows"] if case_key(r) == key]
+        rows = [r for r in shown if case_key(r) == key]
         y = list(range(len(rows)))[::-1]
+        top = max((r["batch"] / (r["ms_p20"] * 1e-3) for r in rows if r["ms_p20"]), default=1.0)
         for yi, r in zip(y, rows, strict=True):
             value = r["images_per_s"] or 0.0
             wrong = r["status"] == "wrong"
+            xerr = None
+            if r["ms_p20"] and r["ms_p80"]:
+                # images/s falls as time rises: the p80 time gives the low end, p20 the high end.
+                low, high = r["batch"] / (r["ms_p80"] * 1e-3), r["batch"] / (r["ms_p20"] * 1e-3)
+                xerr = [[max(value - low, 0.0)], [max(high - value, 0.0)]]
             ax.barh(
                 yi,
                 value,
+                xerr=xerr,
+                capsize=3,
                 color="#d62728" if wrong else _COLORS.get(r["family"], "#555555"),
                 hatch="//" if wrong else None,
             )
-            text = f" {value:.1f}" if r["status"] == "ok" else f" {r['status'].upper()}"
-            ax.text(value, yi, text, va="center", fontsize=8)
-        ax.set_yticks(y, [r["provider"] for r in rows], fontsize=8)
-        mode, batch, size, dtype = key
-        ax.set_title(f"{mode}, batch {batch}, {size}x{size}, {dtype}", fontsize=9)
-        ax.set_xlabel("images / s (higher is better)", fontsize=8)
-        ax.margins(x=0.2)
-    cfg = result["config"]
-    fig.suptitle(
-        f"fastunet benchmark: {result['device']['name']}, {result['date']}\n"
-        f"UNet({cfg['in_ch']}, {cfg['out_ch']}, base_channels={cfg['base_channels']})"
-        + (" --quick" if cfg["quick"] else ""),
-        fontsize=10,
-    )
+            text = f"{value:.3g}" if r["status"] == "ok" else r["status"].upper()
+            ax.text(value + 0.02 * top if xerr is None else value + xerr[1][0] + 0.02 * top, yi, text,
+                    va="center", fontsize=8)  # fmt: skip
+        ax.set_yticks(y, [r["provider"] for r in rows], fontsize=9)
+        if key is not None:
+            mode, batch, size, dtype = key
+            ax.set_title(f"{mode}, batch {batch}, {size}x{size}, {dtype}", fontsize=9)
+        ax.set_xlabel("images / s (median, bars p20-p80; higher is better)", fontsize=8)
+        ax.set_xlim(0, top * 1.25)
+    fig.suptitle(plot_title(result), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -2,9 +2,15 @@
 """fastunet's main command: the U-Net benchmark, every provider side by side in one process.
 
     python benchmarks/run.py                          # GPU: batch 1 and 16, 256^2 and 512^2, bf16
+                                                      # no GPU: 1 thread, batch 1, 256^2, fp32
     python benchmarks/run.py --quick                  # GPU: the target case only, fewer reps
     python benchmarks/run.py --device cpu --quick     # no GPU: a < 1 minute smoke run
     python benchmarks/run.py --mode training --dtype bf16 fp16 --batch 8 --size 256
+    python benchmarks/run.py --save                   # results under benchmarks/results/, to commit
+
+Results go to ``--out DIR`` (default: ``<tempdir>/fastunet-bench``, outside the repository),
+or with ``--save`` to ``benchmarks/results/``. A file of the same name is never overwritten:
+a second run on the same day gets ``-2``, ``-3``, ... appended to its name.
 
 Method
 ------
@@ -13,6 +19,11 @@ Method
   loaded by every provider's model. Each case pre-generates ``n_inputs`` fp32 batches and every
   provider cycles through the same ones; enough of them that together they exceed twice the
   GPU's L2 cache, so a small case is not timed out of a warm cache.
+* **Like for like.** Each provider gets exactly the layout and dtype treatment its name and
+  label claim (``providers.py``): ``eager_fp32_nchw`` NCHW weights and input in fp32,
+  ``eager_cl`` channels_last weights and input (autocast in 16-bit cases), fastunet as a user
+  builds it, given the same input as the baseline it is judged against. Each row records the
+  memory format its weights and input really had (``layout``).
 * **Checked before timed.** Each provider's output on the first batch is compared with a
   float64 forward of the reference model (``.double()``, same device, same input): max abs
   error and max abs error / max|ref| are reported; above the precision's tolerance
@@ -22,26 +33,32 @@ Method
   ``first_call_s``). CUDA: a CUDA-event pair around every step, read after one synchronize;
   CPU: ``time.perf_counter`` per step. Median and 20th/80th percentiles, never the mean.
   Single layers are timed with ``triton.testing.do_bench`` (L2 flushed before every call) on
-  CUDA. Peaks are measured in the same run (``timing.measure_peaks``): a large matmul per
-  precision through ``do_bench`` and a large device-to-device copy.
+  CUDA. Peaks (CUDA only) are measured in the same run (``timing.measure_peaks``): a large
+  matmul per precision through ``do_bench`` and a large device-to-device copy.
 * **FLOPs** are counted from the model configuration (``flops.py``): 2 x MACs of every conv,
   transposed conv and the 1x1 head, ~96.3 GFLOP per 256x256 image for ``UNet(3, 1)``; a
   training step counts as 3 forwards (the usual convention).
 * **Memory** (CUDA): ``torch.cuda.max_memory_allocated`` over the timed steps after
   ``reset_peak_memory_stats``, minus what the harness itself holds (shared inputs, float64
   reference), i.e. the provider's own weights, caches, graphs and activations. null on CPU.
-* **CPU.** ``--device cpu`` compares the reference eager path with fastunet's CPU fallback
-  (the ``"auto"`` backend on CPU runs the eager reference math). The Triton providers need an
-  NVIDIA GPU and are skipped; the Triton interpreter is never benchmarked (this script unsets
-  ``TRITON_INTERPRET`` and always selects the ``"auto"`` backend).
+* **CPU.** ``--device cpu`` compares the classic eager model with fastunet's CPU fallback
+  (``fastunet.UNet(...).eval()`` under the ``"auto"`` backend), by default at one intra-op
+  thread (``--threads``), batch 1, 256x256, fp32: the case of the CPU target (fastunet >=
+  1.15x ``eager_fp32_nchw``), judged PASS/FAIL on one line, and only in that case. The
+  Triton providers need an NVIDIA GPU and are skipped; the Triton interpreter is never
+  benchmarked (this script unsets ``TRITON_INTERPRET`` and always selects ``"auto"``). There
+  is no %peak column (a CPU has no measured peak comparable to a GPU's) and no per-layer table
+  (it times fused ops the CPU fallback never calls); the GPU targets are one "not measured"
+  line.
 
 Exit status: 0, or 1 when any row (model or layer) is WRONG. The JSON and the plot are
 written either way.
 
-JSON (``<out>/<device-slug>_<YYYY-MM-DD>_<mode>[_quick].json``)
------------------------------------------------------------------
-``schema``: format version (1). ``date`` (YYYY-MM-DD, local), ``timestamp`` (UTC, ISO 8601),
-``wall_s`` (whole run, seconds), ``command`` (argv as run).
+JSON (``<out>/<device-slug>_<YYYY-MM-DD>_<mode>[_quick][-N].json``)
+---------------------------------------------------------------------
+``schema``: format version (2: per-row ``layout``, two eager speedups, ``kind`` on targets).
+``date`` (YYYY-MM-DD, local), ``timestamp`` (UTC, ISO 8601), ``wall_s`` (whole run, seconds),
+``command`` (argv as run).
 
 ``device``: ``type`` ("cuda" | "cpu"), ``name``, ``slug`` (file-name form of the name); CUDA:
 ``capability``, ``sm_count``, ``memory_gib``, ``l2_mib``; CPU: ``cores``, ``threads``.
@@ -52,34 +69,36 @@ JSON (``<out>/<device-slug>_<YYYY-MM-DD>_<mode>[_quick].json``)
 ``config``: ``mode``, ``device``, ``batches``, ``sizes``, ``dtypes``, ``in_ch``, ``out_ch``,
 ``base_channels``, ``depth``, ``out_activation``, ``providers``, ``warmup``, ``reps``,
 ``n_inputs`` (as requested; null = chosen per case from the L2 size, see ``cases``), ``quick``,
-``seed``, ``threads`` (torch intra-op threads), ``layers`` (per-layer table on),
+``seed``, ``threads`` (torch intra-op threads), ``layers`` (per-layer table on), ``save``,
 ``backend`` (fastunet backend, always "auto"), ``cudnn_benchmark``, ``cudnn_allow_tf32``,
 ``matmul_precision``.
 
-``peaks``: ``matmul_tflops`` ({precision: TFLOP/s} for "bf16", "fp16", "tf32", "fp32" as
+``peaks`` (null on CPU): ``matmul_tflops`` ({precision: TFLOP/s} for "bf16", "fp16", "tf32", "fp32" as
 needed), ``copy_gbps`` (device-to-device copy, read + write bytes), ``matmul_n``,
 ``copy_bytes``, ``method``.
 
 ``flop_convention``: the counting rule in words.
 
-``rows`` (one per provider and case): ``provider``, ``label``, ``family`` ("eager" |
+``rows`` (one per provider and case): ``provider``, ``label``, ``layout`` (memory format of
+the 3x3 conv weights and of the input the step received, e.g. "weights NCHW, input NCHW";
+null unless built), ``family`` ("eager" |
 "compile" = torch.compile of the reference | "fastunet"), ``mode``, ``batch``, ``size``,
 ``dtype`` (the case's), ``precision`` (what this provider computes in: "fp32", "tf32", "bf16",
 "fp16"), ``status`` ("ok" | "wrong" | "failed" | "skipped"), ``reason`` (why, for anything but
 ok), ``ms_median``/``ms_p20``/``ms_p80`` (per step), ``n_reps``, ``timer`` ("cuda-events" |
 "perf_counter"), ``first_call_s`` (build + first step: compile time), ``images_per_s``,
 ``gflop_per_step``, ``tflops`` (achieved), ``peak_kind`` and ``peak_fraction`` (tflops over the
-measured matmul peak of that precision), ``peak_mem_mb`` and ``static_mem_mb`` (MiB; CUDA
+measured matmul peak of that precision; null on CPU), ``peak_mem_mb`` and ``static_mem_mb`` (MiB; CUDA
 only), ``max_abs_err``, ``max_rel_err`` and ``tolerance`` (output vs float64),
-``grad_rel_l2_err`` and ``grad_tolerance`` (training only), ``speedup_vs_eager_amp`` (vs
-``eager_cl_amp``: channels_last + autocast, or channels_last fp32 in fp32 cases) and
-``speedup_vs_best_compile`` (vs the fastest correct torch.compile of the reference); both null
-unless the row is ok.
+``grad_rel_l2_err`` and ``grad_tolerance`` (training only), ``speedup_vs_eager_nchw`` (vs
+``eager_fp32_nchw``), ``speedup_vs_eager_cl`` (vs ``eager_cl``: channels_last, autocast in
+16-bit cases) and ``speedup_vs_best_compile`` (vs the fastest correct torch.compile of the
+reference); all null unless the row is ok.
 
 ``cases`` (one per case): ``mode``, ``batch``, ``size``, ``dtype``, ``gflop_per_step``,
-``n_inputs``, ``baseline_ms``, ``best_compile``, ``best_compile_ms``.
+``n_inputs``, ``eager_nchw_ms``, ``eager_cl_ms``, ``best_compile``, ``best_compile_ms``.
 
-``layers`` (one per distinct layer shape and case; forward, eval-mode ops): ``layer`` (module
+``layers`` (CUDA only; one per distinct layer shape and case; forward, eval-mode ops): ``layer`` (module
 names sharing the shape, "="-joined), ``kind``, ``shape``, ``count``, ``batch``, ``size``,
 ``dtype``, ``precision``, ``gflop``, ``min_mb`` (bytes the fused op must move, MB),
 ``fastunet_ms``/``_p20``/``_p80``, ``torch_ms``/``_p20``/``_p80``, ``fastunet_tflops``,
@@ -88,9 +107,11 @@ names sharing the shape, "="-joined), ``kind``, ``shape``, ``count``, ``batch``,
 the max-pool), ``fastunet_err``, ``torch_err`` (max rel error vs float64), ``tolerance``,
 ``status``, ``reason``.
 
-``targets``: the issue's goals (H100, batch 16, 256x256, bf16 inference): ``target``,
-``metric``, ``op``, ``threshold``, ``value``, ``result`` ("PASS" | "FAIL" | "not measured"),
-``detail``.
+``targets``: ``kind`` ("gpu": the issue's goals, H100, batch 16, 256x256, bf16; "cpu", CPU
+runs only: fastunet >= 1.15x ``eager_fp32_nchw`` at 1 thread, batch 1, 256x256, fp32
+inference, classic width), ``target``, ``metric``, ``op``, ``threshold``, ``value``,
+``result`` ("PASS" | "FAIL" | "not measured" | "not judged": measured, but not in the
+target's case), ``detail``.
 
 ``notes``: plain-language remarks printed with the tables (quick mode, skipped providers).
 Non-finite numbers are written as null.
@@ -117,6 +138,7 @@ import gc
 import math
 import platform
 import subprocess
+import tempfile
 import time
 
 import numpy as np
@@ -142,15 +164,18 @@ from tqdm import tqdm
 import fastunet
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where results go unless --save or --out says otherwise: outside the repository, so a plain
+# run never leaves files for git to pick up.
+DEFAULT_OUT = Path(tempfile.gettempdir()) / "fastunet-bench"
 
-# Defaults per (device type, quick); explicit options always win. --quick on CPU uses one
-# intra-op thread: on a busy machine OpenMP's barriers wait on descheduled threads, and a 10 ms
-# forward became 100+ ms (seen on a loaded 2-core runner).
+# Defaults per (device type, quick); explicit options always win. CPU runs use one intra-op
+# thread: on a busy machine OpenMP's barriers wait on descheduled threads, and a 10 ms forward
+# became 100+ ms (seen on a loaded 2-core runner); one thread is also the CPU target's case.
 _DEFAULT_KEYS = ("batch", "size", "dtype", "base_channels", "warmup", "reps", "threads")
 DEFAULTS = {
     ("cuda", False): dict(zip(_DEFAULT_KEYS, ([1, 16], [256, 512], ["bf16"], 64, 10, 50, None), strict=True)),
     ("cuda", True): dict(zip(_DEFAULT_KEYS, ([16], [256], ["bf16"], 64, 5, 20, None), strict=True)),
-    ("cpu", False): dict(zip(_DEFAULT_KEYS, ([1], [128], ["fp32"], 64, 2, 10, None), strict=True)),
+    ("cpu", False): dict(zip(_DEFAULT_KEYS, ([1], [256], ["fp32"], 64, 3, 15, 1), strict=True)),
     ("cpu", True): dict(zip(_DEFAULT_KEYS, ([2], [64], ["fp32", "bf16"], 8, 2, 10, 1), strict=True)),
 }
 
@@ -160,33 +185,115 @@ FLOP_CONVENTION = (
     f"counted); a training step = {TRAINING_FLOP_FACTOR} x forward (the usual convention)."
 )
 
+CPU_LAYERS_NOTE = (
+    "per-layer table left out on CPU: it times the fused ops (conv+BN+ReLU, upconv+concat, ...) "
+    "that the CPU fallback never calls, so it would say nothing about this model's CPU speed."
+)
+CPU_PEAK_NOTE = (
+    "no %peak on CPU: a CPU has no measured peak comparable to the GPU's (a 1024^3 matmul is not "
+    "one), so only absolute TFLOP/s are shown."
+)
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+EXAMPLES = """\
+examples:
+  python benchmarks/run.py                                  # no GPU: 1 thread, batch 1, 256x256, fp32 (CPU target)
+  python benchmarks/run.py --device cpu --quick             # CPU smoke run, under a minute
+  python benchmarks/run.py --threads 2 --providers eager_fp32_nchw eager_cl fastunet
+  python benchmarks/run.py --device cuda --batch 16 --size 256 --dtype bf16 --save
+  python benchmarks/run.py --mode training --dtype bf16 fp16 --batch 8 --size 256 --out /tmp/bench
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults appended to the help of options with a fixed default; description and epilog
+    kept as written (the examples are laid out by hand)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # Options whose default depends on the device state it themselves; argparse would add
+        # a misleading "(default: None)" to them.
+        if action.help and "(default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _device_defaults(key: str) -> str:
+    """``"cpu 1; cuda 1 16; --quick: cpu 2, cuda 16"``: an option's default per device, for --help."""
+
+    def fmt(value) -> str:
+        if value is None:
+            return "torch's"
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    full = f"cpu {fmt(DEFAULTS[('cpu', False)][key])}; cuda {fmt(DEFAULTS[('cuda', False)][key])}"
+    quick = f"cpu {fmt(DEFAULTS[('cpu', True)][key])}, cuda {fmt(DEFAULTS[('cuda', True)][key])}"
+    return f"(default: {full}; with --quick: {quick})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every option's help states its default."""
     p = argparse.ArgumentParser(
         prog="python benchmarks/run.py",
-        description="Benchmark fastunet against eager PyTorch and torch.compile, side by side.",
-        epilog="Defaults depend on --device and --quick; see DEFAULTS in this file.",
+        description=(
+            "Benchmark fastunet against eager PyTorch and torch.compile, side by side, same weights and inputs.\n"
+            "Without an NVIDIA GPU it times fastunet's CPU fallback against the classic eager model."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")
-    p.add_argument("--quick", action="store_true", help="small, fast run (a smoke test on CPU)")
-    p.add_argument("--batch", type=int, nargs="+", help="batch sizes")
-    p.add_argument("--size", type=int, nargs="+", help="square image sizes (multiples of 2**depth)")
-    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], help="compute dtypes")
-    p.add_argument("--mode", choices=["inference", "training"], default="inference")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (JSON and PNG)")
-    p.add_argument("--providers", nargs="+", choices=PROVIDER_NAMES, help="subset of providers")
-    p.add_argument("--warmup", type=int, help="warm-up steps per provider (after the first call)")
-    p.add_argument("--reps", type=int, help="timed steps per provider")
-    p.add_argument("--base-channels", type=int, help="width of the first level (64 classic)")
+    # Options whose default depends on --device/--quick have default=None and say so in their
+    # help text (ArgumentDefaultsHelpFormatter only appends "%(default)s" where one is missing).
+    p.add_argument("--device", choices=["cuda", "cpu"], help="(default: cuda if available, else cpu)")
+    p.add_argument("--quick", action="store_true", help="small, fast run (on CPU: a tiny model, a smoke test)")
+    p.add_argument("--batch", type=int, nargs="+", help=f"batch sizes {_device_defaults('batch')}")
+    p.add_argument(
+        "--size", type=int, nargs="+", help=f"square image sizes, multiples of 2**depth {_device_defaults('size')}"
+    )
+    p.add_argument(
+        "--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], help=f"compute dtypes {_device_defaults('dtype')}"
+    )
+    p.add_argument("--mode", choices=["inference", "training"], default="inference", help="what one timed step is")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out",
+        type=Path,
+        help=f"directory for the JSON and PNG (default: {DEFAULT_OUT}, outside the repository)",
+    )
+    where.add_argument(
+        "--save",
+        action="store_true",
+        help=f"write the JSON and PNG under {RESULTS_DIR.relative_to(RESULTS_DIR.parents[1])}/ instead, to commit them",
+    )
+    p.add_argument(
+        "--providers", nargs="+", choices=PROVIDER_NAMES, metavar="NAME",
+        help=f"subset of providers, of: {', '.join(PROVIDER_NAMES)} (default: all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--warmup", type=int, help=f"warm-up steps per provider, after the first call {_device_defaults('warmup')}"
+    )
+    p.add_argument("--reps", type=int, help=f"timed steps per provider {_device_defaults('reps')}")
+    p.add_argument(
+        "--base-channels", type=int, help=f"width of the first level, 64 classic {_device_defaults('base_channels')}"
+    )
     p.add_argument("--depth", type=int, default=4, help="number of poolings (4 classic)")
-    p.add_argument("--in-ch", type=int, default=3)
-    p.add_argument("--out-ch", type=int, default=1)
-    p.add_argument("--n-inputs", type=int, help="input batches to rotate through (default: from L2 size)")
-    p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
-    p.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off")
-    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; 1 for --device cpu --quick)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-ch", type=int, default=3, help="input channels")
+    p.add_argument("--out-ch", type=int, default=1, help="output channels")
+    p.add_argument(
+        "--n-inputs", type=int,
+        help="input batches to rotate through (default: 3 on CPU; on CUDA enough to exceed twice the L2 cache)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-layers", action="store_true", help="skip the per-layer table (CUDA only; it is never run on CPU)"
+    )
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off (CUDA)")
+    p.add_argument("--threads", type=int, help=f"CPU intra-op threads {_device_defaults('threads')}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing providers")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and complete the options: device, then the per-device defaults, then checks."""
+    p = build_parser()
     args = p.parse_args(argv)
 
     if args.device is None:
@@ -207,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     args.providers = args.providers or PROVIDER_NAMES
+    if args.out is None:
+        args.out = RESULTS_DIR if args.save else DEFAULT_OUT
     return args
 
 
@@ -295,22 +404,29 @@ def _release(device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark as ``python benchmarks/run.py [argv]`` would; returns the exit status."""
     args = parse_args(argv)
     previous_backend = fastunet.get_backend()
+    previous_threads = torch.get_num_threads()
     fastunet.set_backend("auto")  # Triton on CUDA tensors, the eager fallback on CPU
     try:
         return run(args, argv)
     finally:
+        # An in-process caller (the tests) keeps its own settings.
         fastunet.set_backend(previous_backend)
+        torch.set_num_threads(previous_threads)
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Measure, print the tables and the targets, write the JSON and the plot."""
     t_start = time.perf_counter()
     device = torch.device(args.device)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    layers_on = cuda and not args.no_layers
     cfg = ModelConfig(args.in_ch, args.out_ch, args.base_channels, args.depth)
     providers = [p for p in PROVIDERS if p.name in args.providers]
     info = device_info(device)
@@ -328,33 +444,40 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "of the harness"
             + (", not a measurement of the classic 31M-parameter model." if cfg.base_channels != 64 else ".")
         )
-    if device.type != "cuda":
+    if not cuda:
         notes.append(
             "No NVIDIA GPU: the Triton providers (fastunet's fused kernels, torch.compile(fastunet) on Triton, "
             "CUDA-graph replay) need an NVIDIA GPU and were skipped. The 'fastunet' rows time fastunet's CPU "
-            "fallback (the 'auto' backend on CPU runs the eager reference math), so ~1x eager is expected."
+            "fallback: fastunet.UNet(...).eval() given the same NCHW fp32 input as eager_fp32_nchw."
         )
-    print(f"fastunet benchmark on {info['name']} ({device.type}), torch {torch.__version__}, mode {args.mode}")
+    print(
+        f"fastunet benchmark on {info['name']} ({device.type}"
+        + ("" if cuda else f", {torch.get_num_threads()} thread(s)")
+        + f"), torch {torch.__version__}, mode {args.mode}"
+    )
     for note in notes:
         print("note:", note)
     sys.stdout.flush()
+    if not cuda:
+        notes += [CPU_PEAK_NOTE, CPU_LAYERS_NOTE]  # printed with the tables, where the columns would be
 
     cases = [(b, s, d) for d in args.dtype for b in args.batch for s in args.size]
-    n_layer_rows = 0 if args.no_layers else len(layer_specs(cfg, 1, args.size[0]))
+    n_layer_rows = len(layer_specs(cfg, 1, args.size[0])) if layers_on else 0
     total = 1 + len(cases) * (1 + len(providers) + n_layer_rows)
     rows: list[dict] = []
     layer_rows: list[dict] = []
     case_summaries: list[dict] = []
     with tqdm(total=total, desc="benchmark", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
-        bar.set_postfix_str("measuring peaks")
-        kinds = {compute_precision(d, device) for d in args.dtype}
-        if "eager_fp32_nchw" in args.providers:
-            kinds.add(compute_precision("fp32", device))
         peaks = None
-        try:
-            peaks = measure_peaks(device, sorted(kinds))
-        except Exception as exc:  # the run is still useful without peaks
-            notes.append(f"peak measurement failed: {failure_reason(exc)}")
+        if cuda:
+            bar.set_postfix_str("measuring peaks")
+            kinds = {compute_precision(d, device) for d in args.dtype}
+            if "eager_fp32_nchw" in args.providers:
+                kinds.add(compute_precision("fp32", device))
+            try:
+                peaks = measure_peaks(device, sorted(kinds))
+            except Exception as exc:  # the run is still useful without peaks
+                notes.append(f"peak measurement failed: {failure_reason(exc)}")
         bar.update(1)
         state_dict = make_state_dict(cfg, device, args.seed)
         for batch, size, dtype_name in cases:
@@ -393,7 +516,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             rows.extend(case_rows)
             del case
             gc.collect()
-            if not args.no_layers:
+            if layers_on:
                 for spec, names in layer_specs(cfg, batch, size):
                     bar.set_postfix_str(f"{label}: layer {names[0]}")
                     layer_row = bench_layer(
@@ -403,11 +526,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                     report.add_layer_peak(layer_row, peaks)
                     layer_rows.append(layer_row)
                     bar.update(1)
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.empty_cache()
 
     result = {
-        "schema": 1,
+        "schema": 2,
         "date": dt.date.today().isoformat(),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": None,
@@ -432,7 +555,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "quick": args.quick,
             "seed": args.seed,
             "threads": torch.get_num_threads(),
-            "layers": not args.no_layers,
+            "layers": layers_on,
+            "save": args.save,
             "backend": fastunet.get_backend(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
@@ -452,7 +576,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     json_path = report.write_json(result, args.out)
     png_path = report.plot(result, json_path.with_suffix(".png"))
-    print(f"\nwrote {json_path}\nwrote {png_path}\n({result['wall_s']:.1f} s)")
+    print(f"\nwrote {json_path}\nwrote {png_path}")
+    if not args.save and args.out == DEFAULT_OUT:
+        print("(outside the repository; --save writes to benchmarks/results/ for committing)")
+    print(f"({result['wall_s']:.1f} s)")
     wrong = [r for r in rows + layer_rows if r["status"] == "wrong"]
     if wrong:
         print(f"\n{len(wrong)} row(s) WRONG: their outputs differ from the float64 reference beyond tolerance.")
@@ -460,6 +587,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def print_report(result: dict) -> None:
+    """The human-readable report: providers, one table per case, per-layer tables (CUDA), targets."""
+    cuda = result["device"]["type"] == "cuda"
     peaks = result["peaks"]
     if peaks:
         mm = ", ".join(f"{k} {v:.3g}" for k, v in peaks["matmul_tflops"].items())
@@ -469,7 +598,8 @@ def print_report(result: dict) -> None:
         print("\nproviders:")
         for r in result["rows"]:
             if report.case_key(r) == first:
-                print(f"  {r['provider']:<30} {r['label']}")
+                layout = f"  [{r['layout']}]" if r["layout"] else ""
+                print(f"  {r['provider']:<30} {r['label']}{layout}")
     cfg = result["config"]
     for case in result["cases"]:
         key = (case["mode"], case["batch"], case["size"], case["dtype"])
@@ -479,7 +609,7 @@ def print_report(result: dict) -> None:
             f"UNet({cfg['in_ch']}, {cfg['out_ch']}, base_channels={cfg['base_channels']}), "
             f"{case['gflop_per_step']:.2f} GFLOP/step, {case['n_inputs']} rotating inputs =="
         )
-        print(report.provider_table(rows))
+        print(report.provider_table(rows, cuda=cuda))
         layers = [
             r
             for r in result["layers"]
@@ -491,8 +621,10 @@ def print_report(result: dict) -> None:
                 f"{case['size']}x{case['size']}, {case['dtype']} --"
             )
             print(report.layer_table(layers))
+    if not cuda:
+        print(f"\n{CPU_PEAK_NOTE}\n{CPU_LAYERS_NOTE}")
     print()
-    for line in report.target_lines(result["targets"]):
+    for line in report.target_lines(result["targets"], cuda=cuda):
         print(line)
 
 

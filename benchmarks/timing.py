@@ -7,10 +7,11 @@
 * Single ops (``time_op``, the per-layer table): ``triton.testing.do_bench`` on CUDA, which
   flushes the L2 cache before every call so a small layer is not timed out of a warm cache;
   ``perf_counter`` medians on CPU.
-* Peaks (``measure_peaks``): what this device actually reaches, measured in the same run: a
-  large matmul per precision (bf16, fp16, TF32, IEEE fp32) through ``do_bench``, and a large
-  device-to-device copy for memory bandwidth. Achieved TFLOP/s are reported as a fraction of
-  these, not of a datasheet number.
+* Peaks (``measure_peaks``; ``run.py`` calls it on CUDA only, since a CPU's 1024^3 matmul is
+  no peak a U-Net's convolutions could be judged against): what this device actually reaches,
+  measured in the same run: a large matmul per precision (bf16, fp16, TF32, IEEE fp32) through
+  ``do_bench``, and a large device-to-device copy for memory bandwidth. Achieved TFLOP/s are
+  reported as a fraction of these, not of a datasheet number.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
-"""The benchmark harness (benchmarks/): FLOP count, the CPU quick run end to end, the README table.
+"""The benchmark harness (benchmarks/): FLOP count, like-for-like providers, the CPU report
+(no %peak, no per-layer table, one CPU-target line, one GPU-targets line), where results are
+written, the command line's help, the README table.
 
 The quick run goes through a subprocess exactly as a user types it, without TRITON_INTERPRET
 (the harness never times the interpreter), and is shared by the tests that read its output.
+The other end-to-end runs call ``run.main`` in-process on a tiny model (a few tenths of a
+second each).
 """
 
 from __future__ import annotations
@@ -21,17 +25,23 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import flops  # noqa: E402
+import providers  # noqa: E402
 import readme_table  # noqa: E402
 import report  # noqa: E402
+import run  # noqa: E402
 
 import fastunet  # noqa: E402
 
 ROW_KEYS = {
-    "provider", "label", "family", "mode", "batch", "size", "dtype", "precision", "status", "reason",
+    "provider", "label", "layout", "family", "mode", "batch", "size", "dtype", "precision", "status", "reason",
     "ms_median", "ms_p20", "ms_p80", "n_reps", "timer", "first_call_s", "images_per_s", "gflop_per_step",
     "tflops", "peak_kind", "peak_fraction", "peak_mem_mb", "static_mem_mb", "max_abs_err", "max_rel_err",
-    "tolerance", "grad_rel_l2_err", "grad_tolerance", "speedup_vs_eager_amp", "speedup_vs_best_compile",
+    "tolerance", "grad_rel_l2_err", "grad_tolerance", "speedup_vs_eager_nchw", "speedup_vs_eager_cl",
+    "speedup_vs_best_compile",
 }  # fmt: skip
+# A tiny model and case for the in-process runs: a few tenths of a second each.
+TINY = ["--device", "cpu", "--batch", "1", "--size", "32", "--dtype", "fp32", "--base-channels", "4",
+        "--depth", "2", "--warmup", "1", "--reps", "3", "--providers", "eager_fp32_nchw", "eager_cl", "fastunet"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -74,25 +84,28 @@ def test_layer_list_follows_the_module_tree():
 def _row(provider, family, ms, status="ok"):
     return {
         "provider": provider, "family": family, "mode": "inference", "batch": 4, "size": 64,
-        "dtype": "bf16", "status": status, "ms_median": ms,
-        "speedup_vs_eager_amp": None, "speedup_vs_best_compile": None,
+        "dtype": "bf16", "status": status, "ms_median": ms, "speedup_vs_eager_nchw": None,
+        "speedup_vs_eager_cl": None, "speedup_vs_best_compile": None,
     }  # fmt: skip
 
 
 def test_speedups_skip_wrong_rows_and_use_fastest_correct_compile():
     rows = [
-        _row("eager_cl_amp", "eager", 10.0),
+        _row("eager_fp32_nchw", "eager", 20.0),
+        _row("eager_cl", "eager", 10.0),
         _row("compile_default", "compile", 8.0),
         _row("compile_max_autotune", "compile", 2.0, status="wrong"),  # fast but wrong: no baseline
         _row("fastunet", "fastunet", 5.0),
         _row("fastunet_cudagraph", "fastunet", 1.0, status="wrong"),
     ]
-    summary = report.add_speedups(rows)
-    assert summary[("inference", 4, 64, "bf16")]["best_compile"] == "compile_default"
-    fast = rows[3]
-    assert fast["speedup_vs_eager_amp"] == pytest.approx(2.0)
+    summary = report.add_speedups(rows)[("inference", 4, 64, "bf16")]
+    assert summary["best_compile"] == "compile_default"
+    assert (summary["eager_nchw_ms"], summary["eager_cl_ms"]) == (20.0, 10.0)
+    fast = rows[4]
+    assert fast["speedup_vs_eager_nchw"] == pytest.approx(4.0)
+    assert fast["speedup_vs_eager_cl"] == pytest.approx(2.0)
     assert fast["speedup_vs_best_compile"] == pytest.approx(1.6)
-    assert rows[2]["speedup_vs_eager_amp"] is None and rows[4]["speedup_vs_best_compile"] is None
+    assert rows[3]["speedup_vs_eager_cl"] is None and rows[5]["speedup_vs_best_compile"] is None
 
 
 def test_a_wrong_output_is_marked_wrong():
@@ -106,7 +119,7 @@ def test_a_wrong_output_is_marked_wrong():
     )
 
     def broken(c):
-        runner = providers.build_eager_cl_amp(c)
+        runner = providers.build_eager_cl(c)
         step = runner.step
         runner.step = lambda x: step(x) * 1.01  # a 1 % error: far above the fp32 tolerance
         return runner
@@ -114,7 +127,7 @@ def test_a_wrong_output_is_marked_wrong():
     def crashing(c):
         raise RuntimeError("compile error\nwith details")
 
-    wrong = providers.Provider("eager_cl_amp", broken, "eager")
+    wrong = providers.Provider("eager_cl", broken, "eager")
     row = providers.bench_provider(wrong, case, warmup=1, reps=2, quick=True)
     assert row["status"] == "wrong" and row["max_rel_err"] > row["tolerance"]
     assert row["ms_median"] is not None and "tolerance" in row["reason"]
@@ -129,10 +142,10 @@ def test_a_wrong_output_is_marked_wrong():
 def _h100_result(fast_speedup_compile=1.1, fast_status="ok"):
     base = {"mode": "inference", "batch": 16, "size": 256, "dtype": "bf16", "reason": None}
     rows = [
-        {**base, "provider": "eager_cl_amp", "family": "eager", "status": "ok", "peak_mem_mb": 200.0},
+        {**base, "provider": "eager_cl", "family": "eager", "status": "ok", "peak_mem_mb": 200.0},
         {**base, "provider": "compile_default", "family": "compile", "status": "ok", "peak_mem_mb": 150.0},
         {**base, "provider": "fastunet", "family": "fastunet", "status": fast_status, "peak_mem_mb": 100.0,
-         "speedup_vs_eager_amp": 1.8, "speedup_vs_best_compile": fast_speedup_compile, "peak_fraction": 0.6},
+         "speedup_vs_eager_cl": 1.8, "speedup_vs_best_compile": fast_speedup_compile, "peak_fraction": 0.6},
     ]  # fmt: skip
     if fast_status != "ok":
         rows[2]["reason"] = "error above tolerance"
@@ -144,8 +157,11 @@ def _h100_result(fast_speedup_compile=1.1, fast_status="ok"):
 
 
 def test_targets_pass_fail_and_not_measured():
-    results = [t["result"] for t in report.evaluate_targets(_h100_result())]
-    assert results == ["PASS", "FAIL", "PASS", "PASS"]  # 1.8x, 1.1x < 1.2x, 60 %, 0.5x memory
+    targets = report.evaluate_targets(_h100_result())
+    assert [t["result"] for t in targets] == ["PASS", "FAIL", "PASS", "PASS"]  # 1.8x, 1.1x < 1.2x, 60 %, 0.5x memory
+    assert {t["kind"] for t in targets} == {"gpu"}  # no CPU target on a GPU run
+    lines = report.target_lines(targets, cuda=True)  # a GPU run keeps one line per target
+    assert len(lines) == 4 and all(line.startswith("TARGET") for line in lines)
     wrong = report.evaluate_targets(_h100_result(fast_status="wrong"))
     assert {t["result"] for t in wrong} == {"FAIL"}  # a wrong output never passes a target
     other_gpu = _h100_result()
@@ -159,9 +175,91 @@ def test_training_run_is_judged_on_the_training_target():
     for row in result["rows"]:
         row["mode"] = "training"
     targets = report.evaluate_targets(result)
-    assert [(t["metric"], t["result"]) for t in targets] == [("speedup_vs_eager_amp", "PASS")]  # 1.8x >= 1.3x
-    result["rows"][2]["speedup_vs_eager_amp"] = 1.2
+    assert [(t["metric"], t["result"]) for t in targets] == [("speedup_vs_eager_cl", "PASS")]  # 1.8x >= 1.3x
+    result["rows"][2]["speedup_vs_eager_cl"] = 1.2
     assert [t["result"] for t in report.evaluate_targets(result)] == ["FAIL"]
+
+
+def _cpu_result(ratio=1.2, *, threads=1, size=256, base=64, fast_status="ok"):
+    rows = [
+        {"provider": "eager_fp32_nchw", "status": "ok", "speedup_vs_eager_nchw": 1.0},
+        {"provider": "fastunet", "status": fast_status, "speedup_vs_eager_nchw": ratio if fast_status == "ok" else None,
+         "reason": None if fast_status == "ok" else "error above tolerance"},
+    ]  # fmt: skip
+    for r in rows:
+        r.update(mode="inference", batch=1, size=size, dtype="fp32", family="eager")
+    return {
+        "device": {"type": "cpu", "name": "Some CPU"},
+        "config": {"mode": "inference", "base_channels": base, "depth": 4, "threads": threads},
+        "rows": rows,
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"ratio": 1.2}, "PASS"),
+        ({"ratio": 1.1}, "FAIL"),
+        ({"fast_status": "wrong"}, "FAIL"),  # a wrong output never passes
+        ({"ratio": 1.5, "threads": 2}, "not judged"),  # a toy or other case never passes either
+        ({"ratio": 1.5, "size": 128}, "not judged"),
+        ({"ratio": 1.5, "base": 8}, "not judged"),
+    ],
+)
+def test_cpu_target_is_judged_only_in_its_own_case(kwargs, expected):
+    targets = report.evaluate_targets(_cpu_result(**kwargs))
+    cpu = [t for t in targets if t["kind"] == "cpu"]
+    assert len(cpu) == 1 and cpu[0]["result"] == expected, cpu
+    assert {t["result"] for t in targets if t["kind"] == "gpu"} == {"not measured"}
+    lines = report.target_lines(targets, cuda=False)
+    assert lines == [f"CPU target: {expected}: {cpu[0]['detail']}", report.GPU_TARGETS_LINE]
+    if "ratio" in kwargs:
+        assert f"{kwargs['ratio']:.2f}x eager fp32 NCHW" in lines[0]
+
+
+def test_provider_table_has_peak_columns_on_cuda_only():
+    row = {
+        "provider": "fastunet", "status": "ok", "reason": None, "dtype": "bf16", "ms_median": 2.0, "ms_p20": 1.9,
+        "ms_p80": 2.1, "images_per_s": 500.0, "tflops": 48.0, "peak_fraction": 0.5, "peak_mem_mb": 100.0,
+        "max_abs_err": 1e-3, "max_rel_err": 1e-3, "tolerance": 5e-2, "grad_rel_l2_err": None,
+        "speedup_vs_eager_nchw": 3.0, "speedup_vs_eager_cl": 1.7, "speedup_vs_best_compile": 1.2,
+    }  # fmt: skip
+    gpu = report.provider_table([row], cuda=True).splitlines()[0]
+    assert "%peak" in gpu and "peak MiB" in gpu and "x eager CL bf16-AMP" in gpu
+    cpu = report.provider_table([{**row, "dtype": "fp32"}], cuda=False).splitlines()[0]
+    assert "%peak" not in cpu and "peak MiB" not in cpu
+    assert "x eager fp32 NCHW" in cpu and "x eager CL fp32" in cpu and "AMP" not in cpu
+
+
+def test_gpu_result_plot_and_readme_keep_the_peak(tmp_path):
+    """The CUDA side of the report (it cannot run here): title, %peak in the README table,
+    failed rows without a bar, one TARGET line per target."""
+    blank = dict.fromkeys(ROW_KEYS)
+    base = {**blank, "mode": "inference", "batch": 16, "size": 256, "dtype": "bf16", "tolerance": 5e-2}
+    ok = {"status": "ok", "ms_median": 10.0, "ms_p20": 9.5, "ms_p80": 10.5, "images_per_s": 1600.0,
+          "tflops": 154.0, "peak_fraction": 0.2, "peak_mem_mb": 900.0, "max_rel_err": 1e-2}  # fmt: skip
+    rows = [
+        {**base, **ok, "provider": "eager_cl", "label": "eager", "family": "eager", "speedup_vs_eager_cl": 1.0},
+        {**base, "provider": "fastunet", "label": "fastunet (Triton)", "family": "fastunet", "status": "failed",
+         "reason": "RuntimeError: x"},
+    ]  # fmt: skip
+    result = {
+        "device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"},
+        "versions": {"torch": "2.13", "triton": "3.9", "cuda": "12.8"},
+        "date": "2026-01-01",
+        "config": {"mode": "inference", "in_ch": 3, "out_ch": 1, "base_channels": 64, "depth": 4, "quick": False,
+                   "threads": None},
+        "peaks": {"matmul_tflops": {"bf16": 770.0}, "copy_gbps": 3000.0},
+        "cases": [{"mode": "inference", "batch": 16, "size": 256, "dtype": "bf16", "gflop_per_step": 1541.4}],
+        "rows": rows,
+    }  # fmt: skip
+    result["targets"] = report.evaluate_targets(result)
+    assert "CPU fallback" not in report.plot_title(result)
+    png = report.plot(result, tmp_path / "gpu.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = readme_table.render(result)
+    assert "% of peak" in md and "× eager CL bf16 AMP" in md and "**FAIL**" in md
+    assert len(report.target_lines(result["targets"], cuda=True)) == 4
 
 
 def test_readme_table_picks_latest_full_gpu_result(tmp_path, monkeypatch):
@@ -208,9 +306,38 @@ def test_quick_run_writes_json_and_png(quick_run):
     assert path.name == f"{result['device']['slug']}_{result['date']}_inference_quick.json"
     png = path.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {path}" in proc.stdout
     assert "need an NVIDIA GPU and were skipped" in proc.stdout
     assert "--quick" in proc.stdout and "base_channels=8" in proc.stdout
-    assert "TARGET" in proc.stdout
+    assert "CPU fallback" in report.plot_title(result)
+
+
+def test_cpu_report_has_no_peak_column_and_no_layer_table(quick_run):
+    proc, _, result = quick_run
+    headers = [line for line in proc.stdout.splitlines() if line.startswith("provider ")]
+    assert len(headers) == len(result["cases"]) == 2
+    for header in headers:
+        assert "%peak" not in header and "peak MiB" not in header
+        assert "x eager fp32 NCHW" in header
+    assert "x eager CL fp32" in headers[0] and "x eager CL bf16-AMP" in headers[1]  # named by dtype
+    assert "amp" not in headers[0].lower()  # an fp32 case says nothing about AMP
+    assert "per layer" not in proc.stdout and "measured peaks" not in proc.stdout
+    why = [line for line in proc.stdout.splitlines() if line.startswith("per-layer table left out on CPU")]
+    assert len(why) == 1
+    assert result["layers"] == [] and result["config"]["layers"] is False
+    assert result["peaks"] is None
+    assert all(r["peak_fraction"] is None for r in result["rows"])
+
+
+def test_cpu_report_has_one_cpu_target_line_and_one_gpu_targets_line(quick_run):
+    proc, _, result = quick_run
+    lines = proc.stdout.splitlines()
+    cpu = [line for line in lines if line.startswith("CPU target")]
+    assert len(cpu) == 1 and "eager fp32 NCHW" in cpu[0]
+    assert "not judged" in cpu[0]  # --quick is a toy model: never PASS or FAIL
+    assert lines.count(report.GPU_TARGETS_LINE) == 1
+    assert not any(line.startswith("TARGET") for line in lines)
+    assert [t["result"] for t in result["targets"]] == ["not measured"] * 4 + ["not judged"]
 
 
 def test_quick_run_json_schema(quick_run):
@@ -218,16 +345,16 @@ def test_quick_run_json_schema(quick_run):
     for key in ("schema", "date", "timestamp", "wall_s", "command", "device", "versions", "config", "peaks",
                 "flop_convention", "cases", "rows", "layers", "targets", "notes"):  # fmt: skip
         assert key in result, key
+    assert result["schema"] == 2
     assert result["device"]["type"] == "cpu"
     assert result["versions"]["torch"] == torch.__version__
     assert {"python", "triton", "cuda", "fastunet"} <= result["versions"].keys()
     cfg = result["config"]
     assert cfg["quick"] is True and cfg["mode"] == "inference" and cfg["backend"] == "auto"
-    assert result["peaks"]["matmul_tflops"]["fp32"] > 0
+    assert cfg["threads"] == 1
     assert len(result["cases"]) == len(cfg["batches"]) * len(cfg["sizes"]) * len(cfg["dtypes"])
     for row in result["rows"]:
         assert set(row) == ROW_KEYS, set(row) ^ ROW_KEYS
-    assert [t["result"] for t in result["targets"]] == ["not measured"] * 4
 
 
 def test_quick_run_rows(quick_run):
@@ -235,33 +362,36 @@ def test_quick_run_rows(quick_run):
     rows = result["rows"]
     by = {(r["dtype"], r["provider"]): r for r in rows}
     for dtype in result["config"]["dtypes"]:
-        for name in ("eager_fp32_nchw", "eager_cl_amp", "fastunet"):
+        for name in ("eager_fp32_nchw", "eager_cl", "fastunet"):
             r = by[(dtype, name)]
             assert r["status"] == "ok", r
             assert r["max_rel_err"] <= r["tolerance"]
             assert r["ms_p20"] <= r["ms_median"] <= r["ms_p80"]
             assert r["images_per_s"] == pytest.approx(r["batch"] / (r["ms_median"] / 1e3))
             assert r["peak_mem_mb"] is None  # no CUDA memory counters on CPU
-            assert math.isfinite(r["speedup_vs_eager_amp"])
+            assert math.isfinite(r["speedup_vs_eager_nchw"]) and math.isfinite(r["speedup_vs_eager_cl"])
             assert r["speedup_vs_best_compile"] is None  # compile providers skipped in --quick
-        assert by[(dtype, "eager_cl_amp")]["speedup_vs_eager_amp"] == pytest.approx(1.0)
+        assert by[(dtype, "eager_fp32_nchw")]["speedup_vs_eager_nchw"] == pytest.approx(1.0)
+        assert by[(dtype, "eager_cl")]["speedup_vs_eager_cl"] == pytest.approx(1.0)
+        assert by[(dtype, "eager_fp32_nchw")]["layout"] == "weights NCHW, input NCHW"
+        assert by[(dtype, "eager_cl")]["layout"] == "weights channels_last, input channels_last"
+        assert by[(dtype, "fastunet")]["layout"].endswith("input NCHW")  # the baseline's input, as a user has it
         assert "fallback" in by[(dtype, "fastunet")]["label"]
         for name in ("fastunet_cudagraph", "compile_default", "fastunet_compile"):
             assert by[(dtype, name)]["status"] == "skipped" and by[(dtype, name)]["reason"]
-    layers = result["layers"]
-    assert layers and all(r["status"] == "ok" for r in layers), [r for r in layers if r["status"] != "ok"]
-    assert {"conv3x3", "conv3x3_head", "upconv", "maxpool", "head"} == {r["kind"] for r in layers}
+    assert "amp" not in " ".join(r["provider"] + r["label"] for r in rows if r["dtype"] == "fp32").lower()
 
 
 def test_readme_table_renders_and_rewrites(quick_run, tmp_path):
     _, path, result = quick_run
     md = readme_table.render(result, source="benchmarks/results/x.json")
-    assert "| provider |" in md and "`fastunet`" in md and "not measured" in md
+    assert "| provider |" in md and "`fastunet`" in md and "not judged" in md
+    assert "% of peak" not in md and report.GPU_TARGETS_LINE in md
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nintro\n{readme_table.MARK_START}\nold table\n{readme_table.MARK_END}\n\n## after\n")
     assert readme_table.main([str(path), "--write-readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "old table" not in text and "`eager_cl_amp`" in text
+    assert "old table" not in text and "`eager_cl`" in text
     assert text.startswith("# title\n\nintro\n") and text.endswith(f"{readme_table.MARK_END}\n\n## after\n")
     assert readme_table.main([str(path), "--write-readme", str(readme)]) == 0
     assert readme.read_text() == text  # idempotent
@@ -269,6 +399,151 @@ def test_readme_table_renders_and_rewrites(quick_run, tmp_path):
     no_markers.write_text("# nothing to replace\n")
     assert readme_table.main([str(path), "--write-readme", str(no_markers)]) == 2
     assert no_markers.read_text() == "# nothing to replace\n"
+
+
+# --------------------------------------------------------------------------- in-process runs
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()} if directory.exists() else {}
+
+
+def test_target_case_run_prints_one_pass_or_fail_line(monkeypatch, tmp_path, capsys):
+    """A run in the CPU target's case (shrunk here to the tiny model, so it takes a second)
+    prints exactly one CPU-target line with the measured ratio and PASS or FAIL, and by
+    default writes outside the repository, never under benchmarks/results/."""
+    monkeypatch.setitem(report.CPU_TARGET_CASE, "size", 32)
+    monkeypatch.setattr(report, "TARGET_MODEL", {"base_channels": 4, "depth": 2})
+    monkeypatch.setattr(run, "DEFAULT_OUT", tmp_path / "default-out")
+    results_before = _files(run.RESULTS_DIR)
+    threads_before = torch.get_num_threads()
+    assert run.main(TINY) == 0
+    out = capsys.readouterr().out
+    assert torch.get_num_threads() == threads_before  # restored for the caller
+    assert _files(run.RESULTS_DIR) == results_before  # nothing written into the repository
+    written = sorted((tmp_path / "default-out").glob("*.json"))
+    assert len(written) == 1 and f"wrote {written[0]}" in out
+    result = json.loads(written[0].read_text())
+    assert result["config"]["threads"] == 1  # the CPU default
+    cpu_lines = [line for line in out.splitlines() if line.startswith("CPU target")]
+    assert len(cpu_lines) == 1, out
+    target = next(t for t in result["targets"] if t["kind"] == "cpu")
+    assert target["result"] in ("PASS", "FAIL")
+    assert cpu_lines[0].startswith(f"CPU target: {target['result']}: ")
+    fast = next(r for r in result["rows"] if r["provider"] == "fastunet")
+    assert target["value"] == pytest.approx(fast["speedup_vs_eager_nchw"])
+    assert f"{fast['speedup_vs_eager_nchw']:.2f}x eager fp32 NCHW" in cpu_lines[0]
+    assert out.splitlines().count(report.GPU_TARGETS_LINE) == 1
+
+
+def test_save_never_overwrites_a_same_day_result(monkeypatch, tmp_path, capsys):
+    """--save writes under benchmarks/results/ (redirected here); a second run the same day
+    gets a -2 name and leaves the first run's files byte for byte as they were."""
+    assert run.parse_args(["--device", "cpu", "--save"]).out == BENCH / "results"
+    monkeypatch.setattr(run, "RESULTS_DIR", tmp_path / "results")
+    assert run.main([*TINY, "--save"]) == 0
+    first = _files(tmp_path / "results")
+    assert sorted(Path(n).suffix for n in first) == [".json", ".png"]
+    assert run.main([*TINY, "--save"]) == 0
+    second = _files(tmp_path / "results")
+    assert len(second) == 4
+    assert {n: second[n] for n in first} == first  # the first files are untouched
+    stem = Path(next(n for n in first if n.endswith(".json"))).stem
+    assert {f"{stem}-2.json", f"{stem}-2.png"} == set(second) - set(first)
+    capsys.readouterr()
+
+
+def test_default_out_is_outside_the_repository():
+    args = run.parse_args(["--device", "cpu"])
+    assert args.out == run.DEFAULT_OUT
+    assert REPO not in args.out.resolve().parents
+    assert args.batch == [1] and args.size == [256] and args.dtype == ["fp32"] and args.threads == 1
+    assert run.parse_args(["--device", "cpu", "--threads", "2"]).threads == 2
+    with pytest.raises(SystemExit):
+        run.parse_args(["--device", "cpu", "--save", "--out", "/tmp/x"])
+
+
+def test_help_states_every_default_and_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = text.split("options:", 1)[1].split("examples:", 1)[0]
+    blocks = [b for b in ("\n" + options).split("\n  -") if b.strip()]  # one block per option
+    parser = run.build_parser()
+    flags = {a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"}
+    documented = set()
+    for block in blocks:
+        flag = "-" + block.split()[0]
+        if flag in ("-h,", "-h"):
+            continue
+        documented.add(flag)
+        assert "default" in " ".join(block.split()), f"{flag}: no default in its help:\n{block}"
+        assert "(default: None)" not in " ".join(block.split()), flag
+    assert documented == flags
+    examples = [line for line in text.split("examples:", 1)[1].splitlines() if line.strip()]
+    assert 3 <= len(examples) <= 5 and all(line.strip().startswith("python benchmarks/run.py") for line in examples)
+
+
+# --------------------------------------------------------------------------- like for like
+@pytest.fixture(scope="module")
+def tiny_cases():
+    cfg = providers.ModelConfig(base_channels=4, depth=2)
+    sd = providers.make_state_dict(cfg, torch.device("cpu"), seed=0)
+    return {
+        dtype: providers.make_case(
+            cfg,
+            sd,
+            mode="inference",
+            batch=1,
+            size=16,
+            dtype_name=dtype,
+            device=torch.device("cpu"),
+            n_inputs=2,
+            seed=1,
+        )  # fmt: skip
+        for dtype in ("fp32", "bf16")
+    }
+
+
+@pytest.mark.parametrize(
+    "name, weights, inputs",
+    [
+        ("eager_fp32_nchw", "NCHW", "NCHW"),
+        ("eager_cl", "channels_last", "channels_last"),
+        ("compile_default", "channels_last", "channels_last"),
+        ("compile_max_autotune", "channels_last", "channels_last"),
+        ("compile_max_autotune_freezing", "channels_last", "channels_last"),
+        ("fastunet", "as a user has them", "NCHW"),  # fed the CPU baseline's input
+        ("fastunet_compile", "as a user has them", "NCHW"),
+    ],
+)
+def test_providers_prepare_the_layout_they_claim(tiny_cases, name, weights, inputs):
+    """Read off the tensors each provider really prepares (building a compile provider does not
+    compile: that happens on its first call). fastunet's weights are whatever
+    ``fastunet.UNet(...)`` + ``load_state_dict`` + ``eval()`` gives a user: the benchmark adds
+    no conversion of its own (the model may choose its internal layout itself)."""
+    case = tiny_cases["fp32"]
+    runner = _provider(name).build(case)
+    if name.startswith("fastunet"):
+        user = fastunet.UNet(case.model.in_ch, case.model.out_ch, **case.model.options())
+        user.load_state_dict(case.state_dict)
+        weights = providers.weights_format(user.eval())
+        assert runner.inputs is case.inputs_nchw  # the very tensors the baseline gets
+    assert providers.weights_format(runner.model) == weights
+    assert {providers.memory_format(x) for x in runner.inputs} == {inputs}
+    assert runner.layout == f"weights {weights}, input {inputs}"
+    assert inputs in _provider(name).label(case)
+
+
+@pytest.mark.parametrize("dtype, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_providers_compute_in_the_dtype_they_claim(tiny_cases, dtype, expected):
+    """eager_fp32_nchw is fp32 whatever the case; eager_cl and fastunet follow the case's dtype
+    (autocast in 16-bit cases), so they are compared in the same arithmetic."""
+    case = tiny_cases[dtype]
+    assert _provider("eager_fp32_nchw").build(case).step(case.inputs_nchw[0]).dtype == torch.float32
+    for name in ("eager_cl", "fastunet"):
+        runner = _provider(name).build(case)
+        assert runner.step(runner.inputs[0]).dtype == expected, name
+        assert ("autocast" in _provider(name).label(case)) == (dtype != "fp32")
 
 
 def test_training_step_includes_the_optimizer_and_keeps_the_weights():
