@@ -553,10 +553,20 @@ def test_cli_reports_a_module_that_does_not_import(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", [90, pytest.param(80, marks=pytest.mark.slow)])
-def test_cli_real_kernels(arch, tmp_path):
+# Every spec: about 10 CPU-minutes for sm_90 and 6 for sm_80 from a cold triton cache (seconds
+# when warm), so quick mode runs the sample: each kernel in each dtype once.
+@pytest.mark.parametrize(
+    "arch, sample",
+    [
+        pytest.param(90, 0, marks=pytest.mark.slow),
+        pytest.param(80, 0, marks=pytest.mark.slow),
+        (90, 1),
+    ],
+)
+def test_cli_real_kernels(arch, sample, tmp_path):
     out = tmp_path / f"sm{arch}.json"
-    proc = _run([str(REPORT), "--arch", str(arch), "--json", str(out), "--quiet"], timeout=1800)
+    args = [str(REPORT), "--arch", str(arch), "--json", str(out), "--quiet", "--sample", str(sample)]
+    proc = _run(args, timeout=1800)
     if proc.returncode == kr.EXIT_EMPTY:
         pytest.skip("no kernel module exposes compile_specs() yet: " + proc.stderr.strip()[-300:])
     assert proc.returncode == kr.EXIT_OK, f"ring 2 failures on sm_{arch}:\n{proc.stderr[-6000:]}\n{proc.stdout[-1000:]}"
@@ -565,6 +575,21 @@ def test_cli_real_kernels(arch, tmp_path):
     assert payload, "no rows"
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith(f"kernel_report sm_{arch}: {len(payload)} specs"), summary
+    if sample:
+        kernels = {(r["kernel"], r["dtype"]) for r in payload}
+        assert len(payload) == len(kernels), "one spec per kernel and dtype"
+        assert {"_conv3x3_bn_act_kernel", "_conv3x3_wgrad_kernel", "_upconv2x2_kernel"} <= {k for k, _ in kernels}
+
+
+def test_sample_keeps_the_first_specs_of_each_kernel_and_dtype():
+    refs = [
+        kr.SpecRef("p:f", i, kernel, f"c{i}", dtype, "m")
+        for i, (kernel, dtype) in enumerate(
+            [("a", "bf16"), ("a", "bf16"), ("a", "fp32"), ("b", "bf16"), ("a", "bf16"), ("b", "bf16")]
+        )
+    ]
+    assert [r.index for r in kr.sample_refs(refs, 1)] == [0, 2, 3]
+    assert [r.index for r in kr.sample_refs(refs, 2)] == [0, 1, 2, 3, 5]
 
 
 def test_known_spills_of_an_older_triton_are_reported_not_failed(monkeypatch):
