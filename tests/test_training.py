@@ -226,6 +226,7 @@ def assert_no_worse_than_reference(ours, ref_lowp, ref64, dtype, names, factor=L
         assert err <= bound, f"{name}: error {err:.3g} vs the reference's {ref_err:.3g} (bound {bound:.3g})"
 
 
+@pytest.mark.slow  # 4 full training steps at 16-bit, each against two references: ~30 s on 2 cores
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("amp", [False, True], ids=["weights", "autocast"])
 def test_16bit_training_step_no_worse_than_reference(device, dtype, amp):
@@ -250,6 +251,7 @@ def test_16bit_training_step_no_worse_than_reference(device, dtype, amp):
     assert_no_worse_than_reference(ours, _step_results(ref_lowp, xin, g, cast), expected, dtype, names)
 
 
+@pytest.mark.slow  # several scaled fp16 steps through the interpreter: ~10 s on 2 cores
 def test_autocast_training_with_grad_scaler(device):
     """fp16 AMP with ``torch.amp.GradScaler``: a large loss scale must not produce Inf/NaN in
     our kernels (the scaler would then skip the step and back off), and the unscaled
