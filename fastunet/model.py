@@ -6,6 +6,11 @@ the same parameters and the same state_dict keys, and a reference checkpoint loa
 the reference math (eager path, the CPU fallback) or the fused path through
 ``torch.ops.fastunet.*`` (see ``fastunet.backend`` for which).
 
+The CPU fallback (the ``"auto"`` backend on CPU tensors) runs the module tree, except for an
+eval-mode forward that needs no parameter gradient on a model the guard accepts: that one folds
+each BatchNorm into its conv and runs channels_last (``fastunet.cpu_fold``). The ``"eager"``
+backend always runs the module tree.
+
 Fused path, two forms:
 
 * **Inference** (every BatchNorm uses running statistics): each BatchNorm folds with its conv
@@ -40,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backend import use_fused
+from . import cpu_fold
+from .backend import get_backend, use_fused
 from .guard import FusedLayers, check_fused_support, fused_layers, warn_unsupported
 from .ops import OpsNamespace, direct_ok, direct_ok_mutation, run_taped
 from .ops import direct as _direct
@@ -150,10 +156,11 @@ class UNet(UNetReference):
     ``out_activation``). ``forward(x)``: ``[N, in_ch, H, W] -> [N, out_ch, H, W]``, H and W
     multiples of ``2**depth``; on the fused path the output is channels_last.
 
-    Inference prepares the weights once (packed layouts, folded BatchNorm) and reuses them while
-    every parameter and buffer is unchanged; in training the ops take the parameters as they
-    are and pack inside (so autograd saves no packed copies). ``cuda_graph(example)`` gives a
-    CUDA-graph replay of the inference forward for small batches.
+    Inference prepares the weights once (packed layouts, folded BatchNorm; on CPU the folded
+    channels_last weights of ``fastunet.cpu_fold``) and reuses them while every parameter and
+    buffer is unchanged; in training the ops take the parameters as they are and pack inside (so
+    autograd saves no packed copies). ``cuda_graph(example)`` gives a CUDA-graph replay of the
+    inference forward for small batches.
     """
 
     def __init__(self, in_ch: int, out_ch: int, **options):
@@ -165,14 +172,56 @@ class UNet(UNetReference):
         first = self.conv1.conv[0].weight
         validate_input(x, in_ch=self.in_ch, depth=self.depth, param_dtype=first.dtype, param_device=first.device)
         if x.numel() == 0 or not use_fused(x):
-            return super().forward(x)
+            # The CPU fallback's inference form; the cheap exclusions come first so that training
+            # (and eval with gradients for the parameters) never pays for the guard.
+            if (
+                not self.training
+                and x.device.type == "cpu"
+                and not (first.requires_grad and torch.is_grad_enabled())
+                and x.numel()
+                and get_backend() == "auto"
+            ):
+                y = self._cpu_folded_forward(x)
+                if y is not None:
+                    return y
+            return self._reference_forward(x)
         # Anything the fused path would silently ignore (a hook, a swapped module, a changed
         # conv attribute, ...) sends the call down the eager path instead (see fastunet.guard).
         support = check_fused_support(self)
         if not support.supported:
             warn_unsupported(self, support)
-            return super().forward(x)
+            return self._reference_forward(x)
         return self._fused_forward(x, support.mode == "train")
+
+    def _cpu_folded_forward(self, x: Tensor) -> Tensor | None:
+        """The CPU fallback with BatchNorm folded (``fastunet.cpu_fold``), or None when the module
+        tree must run: the guard refuses it (a hook, a swapped module, ...: those take effect only
+        when the submodules are called), some BatchNorm uses batch statistics, a gradient has to
+        reach a parameter (the folded weights are detached), or ``torch.compile`` is tracing
+        (the compiler does its own folding). No warning: the module tree is the reference math.
+        """
+        if torch.compiler.is_compiling():
+            return None
+        support = check_fused_support(self)
+        if not support.supported or support.mode != "eval":
+            return None
+        layers = fused_layers(self) or self._walk_layers()
+        sources, eps = _layer_sources(layers)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return None
+        dtype = x.dtype
+        if dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        plan = cpu_fold.cpu_plan(self, layers, sources, eps, dtype)
+        if plan is None:
+            return None
+        return cpu_fold.run(plan, x, self.depth, self.out_activation)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .double(), ... replace the parameters: the folded copies of the old
+        # ones would only hold memory until the next CPU forward noticed.
+        cpu_fold.forget(self)
+        return super()._apply(fn, *args, **kwargs)
 
     def _fused_forward(self, x: Tensor, batch_stats: bool) -> Tensor:
         """The fused path: the training form when some BatchNorm uses batch statistics."""

@@ -1,5 +1,6 @@
 """The eager reference U-Net: plain ``torch.nn`` modules, the truth every test
-compares against and the math the CPU fallback runs.
+compares against and the math the CPU fallback runs (in eval mode with each BatchNorm folded
+into its conv, see ``fastunet.cpu_fold``).
 
 The classic model (``UNetReference(in_ch, out_ch)``): four encoder levels of
 ``DoubleConv`` with 2x2 max-pool between them, a 1024-channel bottleneck, four
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .validation import validate_input
 
 ACTIVATIONS = ("sigmoid", "none", "softmax")
 
@@ -107,6 +110,14 @@ class UNetReference(nn.Module):
         return getattr(self, f"conv{i}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C_in, H, W] -> [N, K, H, W]``, after the checks ``fastunet.UNet`` makes (the same
+        errors for the same mistakes, before a shape mismatch surfaces inside ``torch.cat``)."""
+        first = self.conv1.conv[0].weight
+        validate_input(x, in_ch=self.in_ch, depth=self.depth, param_dtype=first.dtype, param_device=first.device)
+        return self._reference_forward(x)
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The classic forward on a validated input, calling every submodule."""
         d = self.depth
         skips = []
         for i in range(1, d + 1):

@@ -1,6 +1,6 @@
-"""Input checks for ``UNet.forward``: every mistake a user can make with the input tensor gets
-an error that names the problem and the expected value, before any kernel or ``torch.cat``
-sees it."""
+"""Input checks for ``UNet.forward`` and ``UNetReference.forward``: every mistake a user can
+make with the input tensor gets an error that names the problem and the expected value, before
+any kernel or ``torch.cat`` sees it."""
 
 from __future__ import annotations
 
@@ -49,9 +49,36 @@ def validate_input(
         )
     if x.device != param_device:
         raise ValueError(f"input is on {x.device} but the model's parameters are on {param_device}; move one of them")
-    autocast = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+    autocast = x.dtype != torch.float64 and _autocast_enabled(x.device.type)
     if x.dtype != param_dtype and not autocast:
-        raise TypeError(
-            f"input dtype {x.dtype} does not match the model's parameters ({param_dtype}); convert the "
-            f"model (model.to({x.dtype})) or the input, or run under torch.autocast"
+        raise TypeError(dtype_mismatch_message(x.dtype, param_dtype, x.device))
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    # Autocast exists for a few device types only; asking about another one (the meta device,
+    # used for shape and FLOP counting) raises instead of answering no.
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+def dtype_mismatch_message(x_dtype: torch.dtype, param_dtype: torch.dtype, device: torch.device) -> str:
+    """The advice for an input whose dtype differs from the model's parameters.
+
+    On CPU it never suggests converting the model to float16 (float16 convolutions run far
+    slower than float32 on most CPUs): it suggests converting the input, and for reduced
+    precision bfloat16 autocast, which keeps the float32 weights and runs the convolutions in
+    bfloat16 (autocast leaves float64 inputs alone, so not for those).
+    """
+    head = f"input dtype {x_dtype} does not match the model's parameters ({param_dtype}); "
+    if device.type != "cpu":
+        return head + f"convert the model (model.to({x_dtype})) or the input, or run under torch.autocast"
+    advice = f"convert the input to the model's dtype (x.to({param_dtype}))"
+    if x_dtype != torch.float64:
+        advice += (
+            ', or for reduced precision on CPU run a float32 model under torch.autocast("cpu", '
+            "dtype=torch.bfloat16) rather than converting the model to float16 (float16 convolutions are much "
+            "slower than float32 on most CPUs)"
         )
+    return head + advice

@@ -5,8 +5,9 @@ exactly what the eager reference model with the same modification gives. The unm
 takes the fused path without a word.
 
 Every case runs in float64 (the eager path is exact; the fused path's ops run their composites)
-with the fused path forced, in eval and in train mode. No timing here: the guard's cost per
-forward is printed by ``benchmarks/guard_cost.py``.
+with the fused path forced, in eval and in train mode. At the end, the CPU fallback's use of the
+guard (whether an eval forward may fold BatchNorm, ``fastunet.cpu_fold``). No timing here: the
+guard's cost per forward is printed by ``benchmarks/guard_cost.py``.
 """
 
 from __future__ import annotations
@@ -428,13 +429,32 @@ def test_swapped_back_module_is_fused_again():
     assert check_fused_support(model).supported
 
 
-# ------------------------------------------------------------------ paths without the guard
-def test_cpu_fallback_never_runs_the_guard(monkeypatch, fused_calls):
-    """The "auto" backend on CPU tensors runs the eager path directly: no guard, no warning."""
+# ------------------------------------------------------------------ the CPU fallback
+# On CPU ("auto" backend) the guard decides whether an eval forward may fold BatchNorm into the
+# convs (fastunet.cpu_fold); training, and eval with gradients for the parameters, run the module
+# tree without asking it. Either way no FusedPathWarning: the module tree is the reference math.
+@pytest.fixture
+def cpu_fallback(monkeypatch):
+    """The "auto" backend (restored by ``triton_backend``); returns the folded forwards run."""
     fastunet.set_backend("auto")
+    runs = []
+    original = fastunet.cpu_fold.run
+
+    def spy(*args, **kwargs):
+        runs.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastunet.cpu_fold, "run", spy)
+    return runs
+
+
+@pytest.mark.parametrize("no_grad", [False, True], ids=["grad", "no_grad"])
+def test_cpu_fallback_training_never_runs_the_guard(monkeypatch, fused_calls, cpu_fallback, no_grad):
+    """Training on CPU runs the module tree directly: no guard, no fold, no warning; the hook fires
+    and the BatchNorms update their running statistics."""
 
     def guard_called(model):
-        raise AssertionError("the guard ran on the CPU fallback")
+        raise AssertionError("the guard ran on the CPU fallback in training")
 
     monkeypatch.setattr(fastunet.model, "check_fused_support", guard_called)
     ref, model = pair(True)
@@ -442,12 +462,53 @@ def test_cpu_fallback_never_runs_the_guard(monkeypatch, fused_calls):
     forward_hook(ref, ref_log)
     forward_hook(model, log)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.set_grad_enabled(not no_grad):
         warnings.simplefilter("error")
         y = model(x)
-    assert_close(y, ref(x), "fp64", "CPU fallback")
+        assert_close(y, ref(x), "fp64", "CPU fallback, training")
     assert log == ref_log == ["forward"]
-    assert fused_calls == []
+    for (name, br), bm in zip(ref.named_buffers(), model.buffers(), strict=True):
+        assert torch.equal(bm, br), name
+    assert fused_calls == [] and cpu_fallback == []
+
+
+def test_cpu_fallback_eval_with_parameter_grads_never_runs_the_guard(monkeypatch, fused_calls, cpu_fallback):
+    """Eval with autograd on and trainable parameters: the fold would detach them, so the module
+    tree runs, and the guard is not asked."""
+
+    def guard_called(model):
+        raise AssertionError("the guard ran although the fold cannot be used")
+
+    monkeypatch.setattr(fastunet.model, "check_fused_support", guard_called)
+    ref, model = pair(False)
+    assert_same_step(model, ref, torch.randn(2, 3, 8, 8, dtype=torch.float64), False, "eval, parameter grads")
+    assert fused_calls == [] and cpu_fallback == []
+
+
+def test_cpu_fallback_eval_folds_the_supported_model(fused_calls, cpu_fallback):
+    ref, model = pair(False)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        y = model(x)
+    assert_close(y, ref(x), "fp64", "folded CPU fallback")
+    assert cpu_fallback == [1] and fused_calls == []
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cpu_fallback_eval_unsupported_runs_the_module_tree(case, fused_calls, cpu_fallback):
+    """Whatever the guard refuses runs the module tree on CPU in eval, exactly the reference's
+    with the same modification, silently (the eager path here is the plain CPU fallback)."""
+    ref, model = pair(False)
+    ref_log, log = [], []
+    ref, model = case.modify(ref, ref_log), case.modify(model, log)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        y = model(x)
+        assert torch.equal(y, ref(x))
+    assert log == ref_log
+    assert fused_calls == [] and cpu_fallback == []
 
 
 @pytest.mark.slow

@@ -97,7 +97,8 @@ def test_fused_output_is_channels_last():
 
 
 def test_auto_on_cpu_runs_the_eager_math(monkeypatch):
-    """The CPU fallback never touches the fused ops: replace them with a trap."""
+    """The CPU fallback never touches the fused ops (replaced by a trap here): the module tree with
+    autograd on, the BatchNorm fold (``fastunet.cpu_fold``) under no_grad."""
     fastunet.set_backend("auto")
     ref, model = model_pair(3, 2, **SMALL)
 
@@ -106,8 +107,11 @@ def test_auto_on_cpu_runs_the_eager_math(monkeypatch):
             raise AssertionError(f"fused op {name} called on the CPU fallback")
 
     monkeypatch.setattr("fastunet.model._ops", Trap())
+    monkeypatch.setattr("fastunet.model._direct", Trap())
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     assert torch.equal(model.eval()(x), ref.eval()(x))
+    with torch.no_grad():
+        assert_close(model(x), ref(x), "fp64", "folded")
 
 
 def test_prepared_weights_follow_new_parameters():
@@ -148,6 +152,35 @@ def test_bad_input(backend, make, error, match):
     _, model = model_pair(3, 2, **SMALL)
     with pytest.raises(error, match=match):
         model(make())
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16])
+def test_dtype_mismatch_on_cpu_suggests_autocast_not_float16(x_dtype):
+    """A half-precision input for a float32 model on CPU: the advice is bfloat16 autocast or
+    converting the input, never converting the model to float16 (slow on most CPUs)."""
+    model = UNet(3, 1, **SMALL)
+    with pytest.raises(TypeError) as info:
+        model(torch.randn(1, 3, 16, 16, dtype=x_dtype))
+    message = str(info.value)
+    assert f"input dtype {x_dtype} does not match the model's parameters (torch.float32)" in message
+    assert 'torch.autocast("cpu", dtype=torch.bfloat16)' in message
+    assert "x.to(torch.float32)" in message
+    assert "model.to(" not in message
+
+
+def test_float64_input_on_cpu_is_not_sent_to_autocast():
+    """Autocast leaves float64 inputs alone: the advice is converting the input only."""
+    model = UNet(3, 1, **SMALL)
+    with pytest.raises(TypeError, match=r"float64 does not match.*float32") as info:
+        model(torch.randn(1, 3, 16, 16, dtype=torch.float64))
+    assert "x.to(torch.float32)" in str(info.value) and "autocast" not in str(info.value)
+
+
+def test_dtype_mismatch_on_cuda_keeps_the_model_conversion_advice():
+    from fastunet.validation import dtype_mismatch_message
+
+    message = dtype_mismatch_message(torch.float16, torch.float32, torch.device("cuda", 0))
+    assert "model.to(torch.float16)" in message and "torch.autocast" in message
 
 
 def test_nearest_valid_size_never_zero():

@@ -92,3 +92,52 @@ def test_bad_channel_counts():
         UNetReference(0, 1)
     with pytest.raises(ValueError, match="out_ch"):
         UNet(3, 1.5)
+
+
+# ------------------------------------------------------------------ input checks, shared with UNet
+def _bad_inputs():
+    return [
+        ("3d", torch.randn(3, 16, 16)),
+        ("5d", torch.randn(1, 1, 3, 16, 16)),
+        ("channels", torch.randn(1, 4, 16, 16)),
+        ("not-divisible-by-16", torch.randn(1, 3, 250, 250)),
+        ("width", torch.randn(1, 3, 16, 24)),
+        ("dtype", torch.randn(1, 3, 16, 16, dtype=torch.float16)),
+        ("float64", torch.randn(1, 3, 16, 16, dtype=torch.float64)),
+        ("integer", torch.zeros(1, 3, 16, 16, dtype=torch.uint8)),
+        ("device", torch.empty(1, 3, 16, 16, device="meta")),
+        ("not-a-tensor", [[1.0]]),
+    ]
+
+
+@pytest.mark.parametrize("name, x", _bad_inputs(), ids=[name for name, _ in _bad_inputs()])
+def test_reference_rejects_bad_input_like_unet(name, x):
+    """UNetReference raises what UNet raises (type and message), before anything reaches
+    ``torch.cat`` (a 250x250 input used to fail there with a size mismatch)."""
+    errors = []
+    for cls in (UNetReference, UNet):
+        model = cls(3, 1, base_channels=4).eval()  # depth 4: H and W multiples of 16
+        with pytest.raises((TypeError, ValueError)) as info:
+            model(x)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+    if name == "not-divisible-by-16":
+        assert "divisible by 16" in errors[0][1] and "H=256, W=256" in errors[0][1]
+
+
+def test_empty_batch_same_on_both():
+    """UNet does not reject an empty batch; neither does the reference: both return one."""
+    x = torch.randn(0, 3, 16, 16)
+    ref = UNetReference(3, 1, base_channels=4).eval()
+    model = UNet(3, 1, base_channels=4).eval()
+    with torch.no_grad():
+        assert ref(x).shape == model(x).shape == (0, 1, 16, 16)
+
+
+@pytest.mark.parametrize("cls", [UNetReference, UNet])
+def test_meta_device_forward(cls):
+    """Shape and FLOP counting run the model on the meta device, where autocast does not exist:
+    the input checks must not ask it."""
+    with torch.device("meta"):
+        model = cls(3, 2, base_channels=4, depth=2)
+        assert model(torch.empty(2, 3, 16, 16)).shape == (2, 2, 16, 16)
