@@ -29,6 +29,7 @@ def test_help_lists_every_option_with_defaults_and_examples():
     assert top.returncode == 0 and "tune" in top.stdout
 
 
+@pytest.mark.slow  # one CLI subprocess per bad argument (~4 s)
 def test_bad_arguments_are_refused_with_a_reason():
     out = run("tune", "--batch", "0")
     assert out.returncode == 2 and "must be >= 1" in out.stderr

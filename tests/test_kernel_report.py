@@ -437,6 +437,7 @@ def test_collect_rows_tiny_kernel_sm90():
     _validate_schema(rows_json)
 
 
+@pytest.mark.slow  # sm_90 covers the same path in quick mode
 def test_collect_rows_tiny_kernel_sm80():
     rows = _compile_in_child("tiny_specs", 80)
     assert len(rows) == len(tiny_specs(80))
@@ -447,7 +448,7 @@ def test_collect_rows_tiny_kernel_sm80():
     assert kr.check_rows([kr.Row(**r) for r in rows], 80) == []
 
 
-@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("arch", [90, pytest.param(80, marks=pytest.mark.slow)])
 def test_nan_rule_tiny_kernel(arch):
     rows = {(r["config"], r["dtype"]): r for r in _compile_in_child("nan_specs", arch)}
     assert len(rows) == len(nan_specs(arch))
@@ -493,6 +494,7 @@ def test_nan_exemption_needs_a_reason():
     assert "non-empty reason string" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow  # a kernel_report subprocess compiling deliberately broken specs (~5 s)
 def test_cli_flags_each_failure(tmp_path):
     out = tmp_path / "bad.json"
     env = _child_env()

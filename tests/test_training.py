@@ -65,7 +65,9 @@ def assert_same_training_step(ref, model, x, tol, what):
 
 
 # ------------------------------------------------------------------ float64: the decomposition
-@pytest.mark.parametrize("options", [NARROW, {}], ids=["narrow", "full-width"])
+@pytest.mark.parametrize(
+    "options", [NARROW, pytest.param({}, marks=pytest.mark.slow)], ids=["narrow", "full-width"]
+)
 def test_float64_training_step_matches_reference(options):
     ref, model = train_pair(**options)
     size = 16 if options.get("depth", 4) == 4 else 8
@@ -132,7 +134,7 @@ def test_single_value_per_channel_is_rejected_like_batchnorm():
 # ------------------------------------------------------------------ memory saved for backward
 @pytest.mark.parametrize(
     "dtype, options, size",
-    [(torch.float64, {}, 32), (torch.float32, NARROW, 16)],
+    [(torch.float64, {}, 32), pytest.param(torch.float32, NARROW, 16, marks=pytest.mark.slow)],
     ids=["fp64-full-width", "fp32-kernels-narrow"],
 )
 def test_activation_memory_at_most_0_6x_reference(dtype, options, size):
@@ -158,6 +160,7 @@ def test_kernel_training_step_matches_reference_fp32(device):
     assert_same_training_step(ref, model, x, tolerance_name(torch.float32), "float32")
 
 
+@pytest.mark.slow  # a full fp32 training step through the interpreter (~4 s)
 def test_large_mean_activations_keep_their_variance(device):
     """A first conv output of mean ~1000 and spread ~0.5: Σy² - n·mean² in fp32 would put a
     ~1e-2 relative error on its variance. Any fp32 model also rounds z itself (~1e-4 of the
