@@ -167,6 +167,9 @@ def test_targets_pass_fail_and_not_measured():
     other_gpu = _h100_result()
     other_gpu["device"]["name"] = "NVIDIA A100-SXM4-80GB"
     assert {t["result"] for t in report.evaluate_targets(other_gpu)} == {"not measured"}
+    h200 = _h100_result()
+    h200["device"]["name"] = "NVIDIA H200"  # the same GH100 chip: judged like an H100
+    assert [t["result"] for t in report.evaluate_targets(h200)] == ["PASS", "FAIL", "PASS", "PASS"]
 
 
 def test_training_run_is_judged_on_the_training_target():
