@@ -407,3 +407,19 @@ class UNet(UNetReference):
         # harmless (see ops._uncenter); the kernels read them as float32.
         scale, shift = ops.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
         return z, scale, shift
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed);
+        see ``fastunet.checkpoint.save_pretrained``."""
+        from .checkpoint import save_pretrained  # deferred: checkpoint imports this module
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, map_location="cpu"):
+        """A model of this class built from ``directory``'s ``config.json`` with the weights of its
+        ``model.safetensors`` on ``map_location``; see ``fastunet.checkpoint.load_pretrained``."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(directory, cls=cls, map_location=map_location)
