@@ -10,6 +10,7 @@ from .graphs import CudaGraphRunner
 from .guard import FusedPathWarning, FusedSupport, check_fused_support
 from .memory import saved_tensor_bytes
 from .model import UNet
+from .predict import predict
 from .reference import DoubleConv, UNetReference
 from .tuning import TuneReport, tune
 
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "UNet",
     "UNetReference",
+    "predict",
     "DoubleConv",
     "set_backend",
     "get_backend",
