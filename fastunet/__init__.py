@@ -6,6 +6,8 @@ GPUs its forward runs fused Triton kernels, elsewhere the exact eager math.
 
 from . import graphs, ops  # noqa: F401  (ops registers torch.ops.fastunet.*)
 from .backend import BACKENDS, get_backend, set_backend
+from .checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .export import export, export_dynamic_shapes, export_onnx
 from .graphs import CudaGraphRunner
 from .guard import FusedPathWarning, FusedSupport, check_fused_support
 from .memory import saved_tensor_bytes
@@ -31,5 +33,11 @@ __all__ = [
     "CudaGraphRunner",
     "tune",
     "TuneReport",
+    "export",
+    "export_onnx",
+    "export_dynamic_shapes",
+    "save_pretrained",
+    "load_pretrained",
+    "CheckpointError",
     "__version__",
 ]

@@ -1,0 +1,197 @@
+"""Checkpoints as a directory: ``config.json`` (the architecture) + ``model.safetensors`` (the weights).
+
+``save_pretrained(model, dir)`` / ``load_pretrained(dir, cls=...)`` work for ``fastunet.UNet``
+and ``fastunet.UNetReference`` alike (they share the module tree and the state_dict), and
+``UNet.save_pretrained`` / ``UNet.from_pretrained`` delegate here. A directory written from
+either class loads into either.
+
+Why safetensors and not ``torch.save``: loading a pickle runs code from the file; a
+safetensors file is tensors and a JSON header, nothing else. The weights are the full
+``state_dict``: parameters and every BatchNorm buffer (``running_mean``, ``running_var``,
+``num_batches_tracked``), each in the dtype it had, so a round trip is bitwise.
+
+``config.json``::
+
+    {"format": "fastunet", "format_version": 1, "fastunet_version": "0.1.0",
+     "class": "UNet", "in_ch": 3, "out_ch": 1, "base_channels": 64, "depth": 4,
+     "out_activation": "sigmoid", "dtype": "float32"}
+
+``format_version`` is what a reader checks: a directory written by a newer format is refused
+with an error that says so, rather than half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .reference import UNetReference
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "CheckpointError", "save_pretrained", "load_pretrained"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+#: The newest checkpoint format this fastunet writes and reads.
+FORMAT_VERSION = 1
+_ARCH_KEYS = ("in_ch", "out_ch", "base_channels", "depth", "out_activation")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is: its config and weights disagree,
+    the config is malformed, or it was written in a newer format than this fastunet reads."""
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as e:  # a dependency of the package; only a broken install lacks it
+        raise ImportError("fastunet checkpoints need the safetensors package: pip install safetensors") from e
+    return safetensors.torch
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def model_config(model: UNetReference) -> dict:
+    """The ``config.json`` contents for ``model`` (architecture options, dtype, format versions)."""
+    if not isinstance(model, UNetReference):
+        raise TypeError(f"expected a fastunet.UNet or fastunet.UNetReference, got {type(model).__name__}")
+    first = model.conv1.conv[0].weight
+    return {
+        "format": "fastunet",
+        "format_version": FORMAT_VERSION,
+        "fastunet_version": _version(),
+        "class": type(model).__name__,
+        **{key: getattr(model, key) for key in _ARCH_KEYS},
+        "dtype": str(first.dtype).removeprefix("torch."),
+    }
+
+
+def save_pretrained(model: UNetReference, directory: str | os.PathLike) -> Path:
+    """Write ``model``'s ``config.json`` and ``model.safetensors`` into ``directory``.
+
+    ``model``: a ``UNet`` or ``UNetReference`` on any device, in any dtype; the weights are
+    written as they are (device copied to host, layout made contiguous, values untouched).
+    ``directory`` is created if needed; existing files of those two names are replaced.
+    Returns the directory as a ``Path``.
+    """
+    config = model_config(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Detached host copies: safetensors stores dense row-major data only (a channels_last
+    # parameter is written in the standard layout; the values are the same).
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", "fastunet_version": config["fastunet_version"]}
+    _safetensors().save_file(state, str(directory / WEIGHTS_NAME), metadata=metadata)
+    # The config last: a directory with a config always has its weights.
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """``directory``'s ``config.json``, checked: a fastunet config of a format this version reads,
+    with every architecture key. Raises ``FileNotFoundError`` / ``CheckpointError``."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        what = "a directory" if Path(directory).is_dir() else "no such directory"
+        raise FileNotFoundError(
+            f"{path}: no {CONFIG_NAME} ({directory!s} is {what}); a fastunet checkpoint directory holds "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}, written by model.save_pretrained(directory)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict) or config.get("format") != "fastunet":
+        raise CheckpointError(f'{path} is not a fastunet config (no "format": "fastunet")')
+    version = config.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: format_version must be a positive int, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {version}, written by fastunet {config.get('fastunet_version', '?')}; "
+            f"this fastunet ({_version()}) reads format_version <= {FORMAT_VERSION}: upgrade fastunet to load it"
+        )
+    missing = [key for key in _ARCH_KEYS if key not in config]
+    if missing:
+        raise CheckpointError(f"{path} lacks the architecture option(s) {', '.join(missing)}")
+    return config
+
+
+def _first_mismatch(expected: dict, got: dict) -> str | None:
+    """What differs between two ``{name: tensor}`` maps, first missing, then unexpected, then
+    mis-shaped tensor (in the model's order), with how many more of each kind; None if nothing."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shaped = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
+    problems = []
+    for kind, names in (("missing", missing), ("unexpected", unexpected)):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            problems.append(f"{kind} tensor '{names[0]}'{more}")
+    if shaped:
+        k = shaped[0]
+        more = f" (and {len(shaped) - 1} more)" if len(shaped) > 1 else ""
+        problems.append(
+            f"tensor '{k}' has shape {list(got[k].shape)}, the config's model needs {list(expected[k].shape)}{more}"
+        )
+    return "; ".join(problems) or None
+
+
+def load_pretrained(
+    directory: str | os.PathLike,
+    cls: type[UNetReference] | None = None,
+    *,
+    map_location: str | torch.device = "cpu",
+) -> UNetReference:
+    """The model saved in ``directory`` (see ``save_pretrained``), in eval mode.
+
+    ``cls``: the class to build, ``fastunet.UNet`` (default) or ``fastunet.UNetReference`` (or a
+    subclass); either loads a directory written from either. ``map_location``: the device the
+    weights land on (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``). Tensors keep the
+    dtype they were saved in (bitwise); parameters require grad, as in a new model. Call
+    ``.train()`` on the result to fine-tune it.
+
+    Raises ``FileNotFoundError`` for a missing ``config.json`` / ``model.safetensors``, and
+    ``CheckpointError`` (a ``ValueError``) for a malformed config, an unknown future
+    ``format_version`` or weights that do not fit the config (naming the first missing,
+    unexpected or mis-shaped tensor).
+    """
+    if cls is None:
+        from .model import UNet  # deferred: model.py imports this module lazily too
+
+        cls = UNet
+    if not (isinstance(cls, type) and issubclass(cls, UNetReference)):
+        raise TypeError(f"cls must be fastunet.UNet, fastunet.UNetReference or a subclass, got {cls!r}")
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no {WEIGHTS_NAME} next to {CONFIG_NAME} (an interrupted save?)")
+    options = {key: config[key] for key in _ARCH_KEYS}
+    # Built on the meta device (no random init of weights that are overwritten anyway), then
+    # the loaded tensors are assigned as they are: same device, dtype and bits as in the file.
+    try:
+        with torch.device("meta"):
+            model = cls(options.pop("in_ch"), options.pop("out_ch"), **options)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
+    device = torch.device(map_location)
+    try:
+        state = _safetensors().load_file(str(weights), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for a corrupt or truncated file
+        raise CheckpointError(f"{weights} cannot be read as safetensors: {e}") from e
+    expected = model.state_dict()
+    problem = _first_mismatch(expected, state)
+    described = f"{cls.__name__}({config['in_ch']}, {config['out_ch']}, base_channels={config['base_channels']}, "
+    described += f"depth={config['depth']})"
+    if problem:
+        raise CheckpointError(f"{weights} does not fit {CONFIG_NAME}'s {described}: {problem}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
