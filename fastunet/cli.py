@@ -1,6 +1,8 @@
-"""The ``fastunet`` command (also ``python -m fastunet``): argument parsing only; the work is done
-by the package's functions.
+"""The ``fastunet`` command (also ``python -m fastunet``): argument parsing, file reading and
+writing; the work is done by the package's functions.
 
+    fastunet predict --weights unet.pt scans/*.png --out masks/ --tile 512 --tta flips
+    fastunet bench --device cpu --quick                  # benchmarks/run.py, from a repository checkout
     fastunet tune --batch 16 --size 256 --dtype bf16     # tune the classic model's kernels
     fastunet tune --mode both --base-channels 32 --depth 4 --in-ch 1 --out-ch 2
 """
@@ -8,7 +10,10 @@ by the package's functions.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -21,6 +26,36 @@ _EXAMPLES = """examples:
   FASTUNET_CACHE_DIR=/data/cache fastunet tune --size 1024 --batch 2
       keep the results somewhere else (default ~/.cache/fastunet)
 """
+_PREDICT_EXAMPLES = """examples:
+  fastunet predict --weights unet.pt slide.tif photo.png --out results/
+      whole images (tiles only when one does not fit in memory); writes results/slide_mask.png
+      and results/photo_mask.png
+  fastunet predict --weights unet.pt scans/*.png --out masks/ --tile 512 --overlap 0.25 --tta flips \\
+      --dtype bf16 --device cuda --save-probs npy
+      512x512 tiles, Gaussian blending, 4 flips averaged, bf16 on the GPU; also masks/<name>_probs.npy
+  fastunet predict --weights unet.pt --out-ch 4 --out-activation softmax cells.tiff --out out/ \\
+      --save-probs tiff --no-mask
+      a 4-class model: out/cells_probs.tif, float32 [H, W, 4]
+
+files written, per input NAME.EXT:
+  DIR/NAME_mask.png     1 output channel: 255 where the probability >= --threshold, else 0;
+                        K channels: the argmax class index 0..K-1 (uint8; uint16 above 256 classes)
+  DIR/NAME_probs.npy    with --save-probs npy: float32 [H, W] (1 channel) or [H, W, K]
+  DIR/NAME_probs.tif    with --save-probs tiff: the same as a float32 TIFF
+  For --out-activation none (logits) the probabilities are sigmoid (1 channel) or softmax (K) of them.
+"""
+_BENCH_HELP = """fastunet bench [OPTIONS]: run the benchmark suite, benchmarks/run.py, with OPTIONS.
+
+The suite lives in the repository's benchmarks/ folder (it is not part of the installed package),
+so this command needs a checkout: an editable install (pip install -e .) or the current directory
+at the repository root. Every option, with its default, is in: fastunet bench --help
+
+examples:
+  fastunet bench                                 # GPU: the full inference suite; CPU: the CPU target case
+  fastunet bench --device cpu --quick            # a smoke run, under a minute
+  fastunet bench --mode predict                  # whole-image predict vs raw tile forwards (and MONAI)
+  fastunet bench --mode training --dtype bf16 --batch 8 --size 256
+"""
 
 
 def _positive(text: str) -> int:
@@ -30,12 +65,22 @@ def _positive(text: str) -> int:
     return value
 
 
+_TOP_EXAMPLES = """examples:
+  fastunet predict --weights unet.pt scans/*.png --out masks/ --tile 512 --tta flips
+      masks for images of any size (see fastunet predict --help)
+  fastunet bench --device cpu --quick
+      the benchmark suite from a repository checkout (see fastunet bench --help)
+  fastunet tune --batch 16 --size 256 --dtype bf16
+      tune UNet(3, 1)'s kernels for batch 16 at 256x256 under bf16 autocast (see fastunet tune --help)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastunet",
         description="fastunet: a U-Net whose hot paths are fused Triton kernels.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_EXAMPLES,
+        epilog=_TOP_EXAMPLES,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     tune = sub.add_parser(
@@ -60,7 +105,89 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--base-channels", type=_positive, default=64, help="width of the first level")
     tune.add_argument("--depth", type=_positive, default=4, help="number of poolings")
     tune.add_argument("--device", default="cuda", help="the GPU to tune on, e.g. cuda:1")
+    _add_predict(sub)
+    # Listed here for the top-level help only: main() hands `bench ...` to benchmarks/run.py
+    # before argparse sees it, so `fastunet bench --help` shows the suite's own options.
+    sub.add_parser("bench", help="run the benchmark suite (benchmarks/run.py; needs a repository checkout)",
+                   add_help=False)  # fmt: skip
     return parser
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _add_predict(sub) -> None:
+    from .predict import BLENDS, PAD_MODES
+
+    p = sub.add_parser(
+        "predict",
+        help="segment image files of any size with a trained checkpoint (masks and probabilities)",
+        description=(
+            "Run a trained U-Net over PNG/JPEG/BMP (Pillow) and TIFF (tifffile; 16-bit and large, "
+            "memory-mapped when uncompressed) images of any size with fastunet.predict, and write a mask "
+            "and/or the probabilities per image. The architecture (in/out channels, width, depth) is read "
+            "from the checkpoint's shapes unless given. Needs Pillow and tifffile: "
+            'pip install "fastunet[predict]".'
+        ),
+        formatter_class=_HelpFormatter,
+        epilog=_PREDICT_EXAMPLES,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (.png .jpg .jpeg .bmp .tif .tiff)")
+    p.add_argument("--weights", required=True, type=Path, metavar="CKPT",
+                   help="state_dict saved with torch.save (.pt/.pth; a {'state_dict': ...} or {'model': ...} "
+                        "wrapper works) or a .safetensors file (required)")  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output directory, created if missing (required)")  # fmt: skip
+    p.add_argument("--in-ch", type=_positive, default=None, help="input channels (default: from the checkpoint)")
+    p.add_argument("--out-ch", type=_positive, default=None, help="output channels (default: from the checkpoint)")
+    p.add_argument("--base-channels", type=_positive, default=None,
+                   help="width of the first level (default: from the checkpoint)")  # fmt: skip
+    p.add_argument("--depth", type=_positive, default=None, help="number of poolings (default: from the checkpoint)")
+    p.add_argument("--out-activation", choices=["sigmoid", "softmax", "none"], default="sigmoid",
+                   help="the head the checkpoint was trained with")  # fmt: skip
+    p.add_argument("--tile", type=_positive, nargs="+", metavar="N", default=None,
+                   help="tile size (N, or H W), multiples of 2**depth (default: none, whole images; tiles "
+                        "of up to 1024 only when an image does not fit in memory)")  # fmt: skip
+    p.add_argument("--overlap", type=_fraction, default=0.25, help="fraction of a tile its neighbours share")
+    p.add_argument("--blend", choices=BLENDS, default="gaussian",
+                   help="how overlapping tiles combine: MONAI's Gaussian weights, a plain mean, or each pixel "
+                        "from the tile where it is most central")  # fmt: skip
+    p.add_argument("--batch-size", type=_positive, default=8, help="tiles per forward")
+    p.add_argument("--tta", choices=["none", "flips", "flips8"], default="none",
+                   help="test-time augmentation: 4 flips or all 8 flips/transposes, averaged")  # fmt: skip
+    p.add_argument("--pad-mode", choices=PAD_MODES, default="reflect", help="padding at the image border")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="autocast dtype (fp32: none)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available, else cpu)")
+    p.add_argument("--threshold", type=_probability, default=0.5,
+                   help="mask threshold on the probability, for a 1-channel output")  # fmt: skip
+    p.add_argument("--save-probs", choices=["npy", "tiff"], default=None,
+                   help="also write the probabilities as .npy or float32 TIFF (default: not written)")  # fmt: skip
+    p.add_argument("--no-mask", action="store_true", help="do not write the mask PNG (then --save-probs is needed)")
+    p.add_argument("--max-device-mb", type=_positive, default=None,
+                   help="memory predict may use on the device, MiB; larger images run a row of tiles at a "
+                        "time with the output on the host (default: 80%% of free GPU memory, or half the "
+                        "free RAM)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults appended to each option's help unless it states its own; epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and ("(default" in action.help or "(required)" in action.help):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -91,11 +218,243 @@ def _tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- predict
+def _load_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise SystemExit(f"fastunet predict: {path} is a .safetensors file: pip install safetensors") from exc
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SystemExit(f"fastunet predict: {path} does not hold a state_dict (a dict of tensors)")
+    # Saved from nn.DataParallel / DistributedDataParallel: the same keys under "module.".
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def _architecture(sd: dict, args: argparse.Namespace, path: Path) -> dict:
+    """UNet options: the checkpoint's shapes, overridden by what the command line gives."""
+    first = sd.get("conv1.conv.0.weight")
+    levels = [int(k.split(".")[0][4:]) for k in sd if k.startswith("conv") and k.endswith(".conv.0.weight")]
+    inferred = {}
+    if first is not None and first.dim() == 4 and levels:
+        depth = (max(levels) - 1) // 2
+        head = sd.get(f"conv{2 * depth + 2}.weight")
+        inferred = {"in_ch": first.shape[1], "base_channels": first.shape[0], "depth": depth}
+        if head is not None:
+            inferred["out_ch"] = head.shape[0]
+    arch = {}
+    for key in ("in_ch", "out_ch", "base_channels", "depth"):
+        value = getattr(args, key) if getattr(args, key) is not None else inferred.get(key)
+        if value is None:
+            raise SystemExit(
+                f"fastunet predict: cannot read {key} from {path} (its keys are not the classic U-Net's "
+                f"conv1.conv.0.weight, ...): give --{key.replace('_', '-')}"
+            )
+        arch[key] = int(value)
+    return arch
+
+
+def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import imageio
+    from .model import UNet
+
+    inputs = [Path(p) for p in args.inputs]
+    readable = imageio.PILLOW_SUFFIXES + imageio.TIFF_SUFFIXES
+    for path in inputs:
+        if path.suffix.lower() not in readable:
+            parser.error(f"{path}: unsupported file type {path.suffix!r} (reads {' '.join(readable)})")
+        if not path.is_file():
+            parser.error(f"{path}: no such file")
+    stems = {}
+    for path in inputs:
+        if path.stem in stems:
+            parser.error(f"{stems[path.stem]} and {path} would write the same output names ({path.stem}_*)")
+        stems[path.stem] = path
+    if args.no_mask and args.save_probs is None:
+        parser.error("--no-mask without --save-probs writes nothing")
+    if args.tile is not None and len(args.tile) > 2:
+        parser.error(f"--tile takes N or H W, got {len(args.tile)} numbers")
+    try:
+        imageio.required_modules(inputs, mask=not args.no_mask, probs=args.save_probs)
+    except imageio.MissingDependency as exc:
+        parser.error(str(exc))
+    if not args.weights.is_file():
+        parser.error(f"--weights {args.weights}: no such file")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
+    if device is None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: no CUDA device is available (use --device cpu)")
+
+    sd = _load_state_dict(args.weights)
+    arch = _architecture(sd, args, args.weights)
+    model = UNet(arch.pop("in_ch"), arch.pop("out_ch"), **arch, out_activation=args.out_activation)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise SystemExit(
+            f"fastunet predict: {args.weights} does not fit UNet({model.in_ch}, {model.out_ch}, "
+            f"base_channels={model.base_channels}, depth={model.depth}): {first_line}"
+        ) from exc
+    model = model.to(device).eval()
+    tile = None if args.tile is None else (args.tile[0], args.tile[-1])
+    m = 2**model.depth
+    if tile is not None and any(t % m for t in tile):
+        parser.error(f"--tile must be a multiple of 2**depth = {m}, got {' '.join(map(str, args.tile))}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    options = dict(
+        tile_size=tile, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size,
+        tta=None if args.tta == "none" else args.tta, pad_mode=args.pad_mode, dtype=_DTYPES[args.dtype],
+        max_device_bytes=None if args.max_device_mb is None else args.max_device_mb << 20,
+    )  # fmt: skip
+    progress = not args.no_progress
+    bar = _image_bar(len(inputs), progress)
+    for path in inputs:
+        t0 = time.perf_counter()
+        try:
+            image = imageio.read_image(path, model.in_ch)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"fastunet predict: cannot read {path}: {exc}") from exc
+        written = _predict_one(model, image, path, args, options, progress and bar is not None)
+        message = f"{path}: {'x'.join(map(str, image.shape[:2]))} -> {', '.join(map(str, written))}"
+        message += f" ({time.perf_counter() - t0:.1f} s)"
+        if bar is not None:
+            bar.write(message)
+            bar.update(1)
+        else:
+            print(message)
+    if bar is not None:
+        bar.close()
+    return 0
+
+
+def _image_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the bars are a nicety: plain lines instead
+        return None
+    return tqdm(total=total, desc="images", unit="image", dynamic_ncols=True)
+
+
+def _predict_one(model, image, path: Path, args, options: dict, progress: bool) -> list[Path]:
+    from . import imageio
+    from .predict import predict
+
+    k = model.out_ch
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == model.in_ch):
+        h, w = image.shape[:2]
+    elif image.ndim == 3 and image.shape[0] == model.in_ch:  # a planar (CHW) TIFF
+        h, w = image.shape[-2:]
+    else:
+        raise SystemExit(
+            f"fastunet predict: {path}: the model takes {model.in_ch} channel(s), the image has shape {image.shape}"
+        )
+    shape = (h, w) if k == 1 else (h, w, k)
+    written = []
+    out = None
+    if args.save_probs:
+        suffix = ".npy" if args.save_probs == "npy" else ".tif"
+        probs_path = args.out / f"{path.stem}_probs{suffix}"
+        out = imageio.open_probs(probs_path, shape, args.save_probs)
+        written.append(probs_path)
+    hwk = _hwk_view(out, image, model.in_ch, k) if out is not None else None
+    try:
+        result = predict(model, image, out=hwk, progress=progress, **options)
+    except ValueError as exc:
+        raise SystemExit(f"fastunet predict: {path}: {exc}") from exc
+    probs = out if out is not None else _as_hw(result, image, model.in_ch, k)
+    if args.out_activation == "none":
+        _activate_in_place(probs, k)
+    if out is not None:
+        out.flush()
+    if not args.no_mask:
+        mask_path = args.out / f"{path.stem}_mask.png"
+        imageio.write_mask(mask_path, imageio.mask_from_probs(probs, args.threshold))
+        written.insert(0, mask_path)
+    return written
+
+
+def _layout_is_chw(image, in_ch: int) -> bool:
+    return image.ndim == 3 and image.shape[-1] != in_ch
+
+
+def _hwk_view(out, image, in_ch: int, k: int):
+    """The probabilities file ([H, W] or [H, W, K]) seen in the layout predict returns for
+    ``image`` (a view: predict writes straight into the file)."""
+    if image.ndim == 2:
+        return out
+    if _layout_is_chw(image, in_ch):
+        return out[None] if k == 1 else out.transpose(2, 0, 1)
+    return out[..., None] if k == 1 else out
+
+
+def _as_hw(result, image, in_ch: int, k: int):
+    """predict's result as [H, W] (one channel) or [H, W, K]."""
+    if _layout_is_chw(image, in_ch):
+        result = result.transpose(1, 2, 0)
+    if k == 1 and result.ndim == 3:
+        result = result[..., 0]
+    return result
+
+
+def _activate_in_place(probs, k: int) -> None:
+    """Logits to probabilities, a band of rows at a time (``probs`` may be memory-mapped)."""
+    for y in range(0, probs.shape[0], 1024):
+        band = torch.from_numpy(probs[y : y + 1024])
+        if k == 1:
+            band.sigmoid_()
+        else:
+            band.copy_(torch.softmax(band, dim=-1))
+
+
+# --------------------------------------------------------------------------- bench
+def _bench_script() -> Path | None:
+    """benchmarks/run.py of the checkout this package runs from (an editable install), or of
+    the current directory; None when neither has one (a wheel install ships no benchmarks)."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        script = root / "benchmarks" / "run.py"
+        if script.is_file():
+            return script
+    return None
+
+
+def _bench(argv: list[str]) -> int:
+    script = _bench_script()
+    if script is None:
+        print(
+            "fastunet bench: benchmarks/run.py not found. The benchmark suite is not part of the installed "
+            "package: run it from a repository checkout (git clone the fastunet repository, then pip install -e "
+            "'.[bench]' there, or cd into the checkout), or run python benchmarks/run.py directly.\n\n" + _BENCH_HELP,
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call([sys.executable, str(script), *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "tune":
         return _tune(args, parser)
+    if args.command == "predict":
+        return _predict(args, parser)
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices
     return 2
 
