@@ -6,6 +6,7 @@
     python benchmarks/run.py --quick                  # GPU: the target case only, fewer reps
     python benchmarks/run.py --device cpu --quick     # no GPU: a < 1 minute smoke run
     python benchmarks/run.py --mode training --dtype bf16 fp16 --batch 8 --size 256
+    python benchmarks/run.py --mode predict           # fastunet.predict vs raw tile forwards (and MONAI)
     python benchmarks/run.py --save                   # results under benchmarks/results/, to commit
 
 Results go to ``--out DIR`` (default: ``<tempdir>/fastunet-bench``, outside the repository),
@@ -142,6 +143,7 @@ import tempfile
 import time
 
 import numpy as np
+import predict_case
 import report
 import torch
 from flops import TRAINING_FLOP_FACTOR, step_flops
@@ -198,7 +200,7 @@ EXAMPLES = """\
 examples:
   python benchmarks/run.py                                  # no GPU: 1 thread, batch 1, 256x256, fp32 (CPU target)
   python benchmarks/run.py --device cpu --quick             # CPU smoke run, under a minute
-  python benchmarks/run.py --threads 2 --providers eager_fp32_nchw eager_cl fastunet
+  python benchmarks/run.py --mode predict                   # predict vs raw tile forwards: GPU 2048^2 / CPU 512^2
   python benchmarks/run.py --device cuda --batch 16 --size 256 --dtype bf16 --save
   python benchmarks/run.py --mode training --dtype bf16 fp16 --batch 8 --size 256 --out /tmp/bench
 """
@@ -251,7 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], help=f"compute dtypes {_device_defaults('dtype')}"
     )
-    p.add_argument("--mode", choices=["inference", "training"], default="inference", help="what one timed step is")
+    p.add_argument(
+        "--mode", choices=["inference", "training", "predict"], default="inference",
+        help="what one timed step is; predict: fastunet.predict on one --size image in --tile tiles vs raw forwards "
+        "of the same tiles (and MONAI's sliding_window_inference if installed; defaults: cuda 2048 image, tile 512, "
+        "bf16; cpu 512, tile 128, fp32, base_channels 16, 1 thread; --batch = tiles per forward, 8)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tile", type=int, help="predict mode: tile size, a multiple of 2**depth (default: cuda 512; cpu 128)"
+    )
+    p.add_argument("--overlap", type=float, default=0.25, help="predict mode: tile overlap, in [0, 1)")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--out",
@@ -300,6 +311,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available (use --device cpu)")
+    if args.mode == "predict":
+        return _predict_args(p, args)
+    if args.tile is not None:
+        p.error("--tile is for --mode predict")
     defaults = DEFAULTS[(args.device, args.quick)]
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -314,6 +329,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     args.providers = args.providers or PROVIDER_NAMES
+    if args.out is None:
+        args.out = RESULTS_DIR if args.save else DEFAULT_OUT
+    return args
+
+
+def _predict_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """--mode predict: its own defaults (predict_case.DEFAULTS) and checks; any image size."""
+    given = {k for k in ("size", "base_channels", "warmup", "reps", "threads", "batch", "dtype")
+             if getattr(args, k) is not None}  # fmt: skip
+    predict_case.apply_defaults(args, given)
+    m = 2**args.depth
+    if args.tile < m or args.tile % m:
+        p.error(f"--tile must be a positive multiple of 2**depth = {m}, got {args.tile}")
+    if not 0 <= args.overlap < 1:
+        p.error(f"--overlap must be in [0, 1), got {args.overlap}")
+    if min(args.size) < 1 or min(args.batch) < 1 or args.reps < 1 or args.warmup < 0 or args.base_channels < 1:
+        p.error("--size, --batch, --reps and --base-channels must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     if args.out is None:
         args.out = RESULTS_DIR if args.save else DEFAULT_OUT
     return args
@@ -419,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Measure, print the tables and the targets, write the JSON and the plot."""
+    if args.mode == "predict":
+        return predict_case.run(args, argv, device_info=device_info, versions=versions, default_out=DEFAULT_OUT)
     t_start = time.perf_counter()
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -451,3 +451,25 @@ def test_bad_input_is_refused_before_any_work(unet, image, kwargs, message):
 def test_a_model_without_the_contract_is_refused():
     with pytest.raises(TypeError, match="depth"):
         fastunet.predict(nn.Conv2d(3, 1, 1), torch.rand(3, 8, 8))
+
+
+# --------------------------------------------------------------------------- benchmark case
+def test_benchmark_predict_mode_runs_and_reports_the_overhead(tmp_path, capsys):
+    """``python benchmarks/run.py --mode predict`` (in-process, its CPU smoke size)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import run
+
+    assert run.main(["--mode", "predict", "--device", "cpu", "--quick", "--reps", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "predict overhead:" in out and "raw_tiles" in out and "fastunet_predict" in out
+    (path,) = tmp_path.glob("*_predict_quick.json")
+    result = json.loads(path.read_text())
+    rows = {r["provider"]: r for r in result["rows"]}
+    assert rows["fastunet_predict"]["status"] == "ok" and rows["fastunet_predict"]["vs_raw"] > 0
+    assert result["config"]["tiles"] == 9 and result["overhead"]["threshold"] == 1.15
+    monai = rows["monai_swi"]
+    assert monai["status"] == "skipped" or monai["max_abs_diff_vs_predict"] < 1e-5
