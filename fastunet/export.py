@@ -34,6 +34,7 @@ from torch.export import Dim, ExportedProgram
 from . import guard as _guard
 from .backend import get_backend, set_backend, use_fused
 from .reference import UNetReference
+from .validation import validate_input
 
 __all__ = ["export", "export_onnx", "export_dynamic_shapes", "fastunet_ops"]
 
@@ -127,8 +128,10 @@ def export(
     """
     if not isinstance(model, UNetReference):
         raise TypeError(f"expected a fastunet.UNet or fastunet.UNetReference, got {type(model).__name__}")
-    if not isinstance(example, Tensor):
-        raise TypeError(f"example must be a tensor [N, C, H, W], got {type(example).__name__}")
+    # The model's own input check first: its errors name the nearest valid size, where a
+    # dynamic-shape trace would only say the size is not of the form 16*h_blocks.
+    first = model.conv1.conv[0].weight
+    validate_input(example, in_ch=model.in_ch, depth=model.depth, param_dtype=first.dtype, param_device=first.device)
     shapes = export_dynamic_shapes(model) if dynamic else None
     # A dynamic dimension traced at size 1 is specialized to 1 by torch.export: trace a batch
     # of 2 instead (the values never matter, only dtype, device and shape).
