@@ -10,13 +10,16 @@ submodule) when the answer is no, with one ``FusedPathWarning`` per model and re
 What the fused path implements, walked in the order the classic forward calls it:
 
 * every called submodule is of the exact type it was built with (``type(m) is nn.Conv2d``, not
-  ``isinstance``: ``SyncBatchNorm``, ``BatchNorm2d`` subclasses, parametrized modules
-  (``weight_norm``, ``spectral_norm``, ...), lazy modules, quantization stubs are refused);
+  ``isinstance``: ``BatchNorm2d`` and ``SyncBatchNorm`` subclasses, parametrized modules
+  (``weight_norm``, ``spectral_norm``, ...), lazy modules, quantization stubs are refused), or,
+  in a BatchNorm's place, exactly ``nn.SyncBatchNorm`` (``convert_sync_batchnorm``: the fused
+  path merges its statistics across its process group, ``fastunet.distributed``);
 * ``conv{i}`` is a ``DoubleConv`` whose ``conv`` is an ``nn.Sequential`` of exactly six modules
   ``Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, ReLU``; the 3x3 convs have kernel (3, 3),
   stride 1, padding 1 (or ``"same"``), dilation 1, groups 1, ``padding_mode="zeros"`` and the
   model's widths (bias optional); BatchNorm2d has ``num_features`` = that width (any eps,
-  momentum, affine, track_running_stats); ReLU (inplace or not);
+  momentum, affine, track_running_stats), and so has a SyncBatchNorm, whose ``process_group``
+  is None (the default group) or a ``torch.distributed.ProcessGroup``; ReLU (inplace or not);
 * ``pool{i}``: ``MaxPool2d`` kernel 2, stride 2, padding 0, dilation 1, no ceil_mode, no indices;
 * ``up{k}``: ``ConvTranspose2d`` kernel 2, stride 2, padding 0, output_padding 0, dilation 1,
   groups 1, zero padding, with a bias (the op's schema requires one), the model's widths;
@@ -27,7 +30,8 @@ What the fused path implements, walked in the order the classic forward calls it
   submodule call);
 * no instance attribute shadowing a method the submodule's call runs (``forward``,
   ``_call_impl``, ``Conv2d._conv_forward``, ``ConvTranspose2d._output_padding``,
-  ``BatchNorm2d._check_input_dim``), and none of those methods monkey-patched on its class
+  ``BatchNorm2d._check_input_dim``, ``SyncBatchNorm._check_non_zero_input_channels``), and none
+  of those methods monkey-patched on its class
   (compared with the functions seen when fastunet was imported);
 * ``out_activation`` is one the head kernels implement.
 
@@ -66,6 +70,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .distributed import ProcessGroup
 from .reference import ACTIVATIONS, DoubleConv
 
 __all__ = ["FusedLayers", "FusedSupport", "FusedPathWarning", "check_fused_support", "fused_layers", "warn_unsupported"]
@@ -121,6 +126,7 @@ _CALLED = {
     nn.Sequential: ("forward",),
     nn.Conv2d: ("forward", "_conv_forward"),
     nn.BatchNorm2d: ("forward", "_check_input_dim"),
+    nn.SyncBatchNorm: ("forward", "_check_input_dim", "_check_non_zero_input_channels"),
     nn.ReLU: ("forward",),
     nn.MaxPool2d: ("forward",),
     nn.ConvTranspose2d: ("forward", "_output_padding"),
@@ -145,21 +151,27 @@ def _type_name(t: type) -> str:
     return t.__qualname__ if t.__module__.startswith("torch.nn") else f"{t.__module__}.{t.__qualname__}"
 
 
+# The exact types the fused path implements in a module's place (its own type, and for a
+# BatchNorm also SyncBatchNorm), the most specific first.
+_ACCEPTED = {nn.BatchNorm2d: (nn.SyncBatchNorm, nn.BatchNorm2d)}
+
+
 def _call_problem(m, expected: type) -> str | None:
     """Why calling ``m`` might not be what the fused path computes for a module of type
     ``expected``: wrong type, a hook, an instance override. ``None`` if none of those."""
     if m is None:
         return "is missing (None)"
-    if type(m) is not expected:
-        what = "a subclass of" if isinstance(m, expected) else "not"
-        return (
-            f"is a {_type_name(type(m))}, {what} exactly nn.{expected.__name__}; "
-            "the fused path implements only the plain module"
-        )
+    accepted = _ACCEPTED.get(expected, (expected,))
+    if type(m) not in accepted:
+        base = next((t for t in accepted if isinstance(m, t)), None)
+        what = f"a subclass of exactly nn.{base.__name__}" if base else f"not exactly nn.{expected.__name__}"
+        if base is None and len(accepted) > 1:
+            what += " (or " + ", ".join(f"nn.{t.__name__}" for t in accepted if t is not expected) + ")"
+        return f"is a {_type_name(type(m))}, {what}; the fused path implements only the plain module"
     for attr in _HOOKS:
         if getattr(m, attr):
             return f"has {_HOOK_NAMES[attr]} (the fused path never calls submodules)"
-    for name in _CALLED[expected] + ("_call_impl",):
+    for name in _CALLED[type(m)] + ("_call_impl",):
         if name in m.__dict__:
             return f"overrides {name} on the instance"
     return None
@@ -231,6 +243,17 @@ def _bn_checks(c: int):
     return (("num_features", _same, c, str(c)),)
 
 
+def _sync_bn_problem(m) -> str | None:
+    """What a SyncBatchNorm may hold that the fused path's synchronisation cannot use."""
+    group = m.process_group
+    if group is not None and not isinstance(group, ProcessGroup):
+        return (
+            f"has process_group={group!r}; the fused path synchronises over a torch.distributed.ProcessGroup "
+            "(or None: the default group)"
+        )
+    return None
+
+
 def _bn_batch_stats(bn) -> bool:
     return bn.training or bn.running_mean is None
 
@@ -256,6 +279,8 @@ def _double_conv_problem(dc, name: str, cin: int, cout: int, batch: list) -> tup
     )
     for (key, m), (expected, checks) in zip(seq._modules.items(), layers, strict=True):
         problem = _call_problem(m, expected) or _attr_problem(m, checks)
+        if not problem and type(m) is nn.SyncBatchNorm:
+            problem = _sync_bn_problem(m)
         if problem:
             return f"{seq_name}.{key}", problem
         if expected is nn.BatchNorm2d and _bn_batch_stats(m):
@@ -369,7 +394,9 @@ _patch_classes = tuple(cls for cls, _ in _PATCHABLE)
 _patch_names = tuple(name for _, name in _PATCHABLE)
 _FORWARD, _CALL_IMPL = repeat("forward"), repeat("_call_impl")  # endless: safe to share
 _CONV_FORWARD, _CHECK_DIM = repeat("_conv_forward"), repeat("_check_input_dim")
-_OUTPUT_PADDING = repeat("_output_padding")
+_OUTPUT_PADDING, _CHECK_CHANNELS = repeat("_output_padding"), repeat("_check_non_zero_input_channels")
+_process_group_of = itemgetter("process_group")
+_AS_PLAIN = {nn.SyncBatchNorm: nn.BatchNorm2d}  # what a SyncBatchNorm stands in for
 
 _Handle = getattr(torch.utils.hooks, "RemovableHandle", None)
 if type(getattr(_Handle, "next_id", None)) is not int:  # another torch: no stamp, hooks always read
@@ -461,7 +488,9 @@ def _fast(model) -> FusedSupport | None:
         if tuple(map(len, layers)) != plan.sixes:
             return None
         mods = top + seqs + tuple(chain.from_iterable(map(dict.values, layers)))
-        if tuple(map(type, mods)) != plan.types:
+        types = tuple(map(type, mods))
+        synced = types != plan.types  # then only if some BatchNorm is a SyncBatchNorm
+        if synced and tuple(map(_AS_PLAIN.get, types, types)) != plan.types:
             return None
         stamp = _Handle.next_id if _Handle is not None else None  # read before the hooks are
         memo = _MEMO.get(model)
@@ -493,6 +522,13 @@ def _fast(model) -> FusedSupport | None:
             or any(map(_is_none, map(_bias_of, map(_params_of, up_d))))
         ):
             return None
+        if synced:
+            sync_d = [d for m, d in zip(mods[plan.bns], bn_d, strict=True) if type(m) is nn.SyncBatchNorm]
+            groups = map(_process_group_of, sync_d)
+            if any(map(contains, sync_d, _CHECK_CHANNELS)) or not all(
+                g is None or isinstance(g, ProcessGroup) for g in groups
+            ):
+                return None
         batch = any(map(_training_of, bn_d)) or any(map(_is_none, map(_running_mean_of, map(_buffers_of, bn_d))))
     except (KeyError, TypeError):  # a missing module, attribute or buffer: let _explain say which
         return None

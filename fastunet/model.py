@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from . import cpu_fold
 from .backend import get_backend, use_fused
+from .distributed import group_name, sync_group
 from .guard import FusedLayers, check_fused_support, fused_layers, warn_unsupported
 from .ops import OpsNamespace, direct_ok, direct_ok_mutation, run_taped
 from .ops import direct as _direct
@@ -171,7 +172,8 @@ class UNet(UNetReference):
     def forward(self, x: Tensor) -> Tensor:
         first = self.conv1.conv[0].weight
         validate_input(x, in_ch=self.in_ch, depth=self.depth, param_dtype=first.dtype, param_device=first.device)
-        if x.numel() == 0 or not use_fused(x):
+        eager = not self._empty_batch_syncs(x) if x.numel() == 0 else not use_fused(x)
+        if eager:
             # The CPU fallback's inference form; the cheap exclusions come first so that training
             # (and eval with gradients for the parameters) never pays for the guard.
             if (
@@ -192,6 +194,12 @@ class UNet(UNetReference):
             warn_unsupported(self, support)
             return self._reference_forward(x)
         return self._fused_forward(x, support.mode == "train")
+
+    def _empty_batch_syncs(self, x: Tensor) -> bool:
+        """Whether an empty batch must run the fused path anyway: some ``nn.SyncBatchNorm``
+        merges its statistics across ranks now, and the other ranks' fused forwards wait in
+        those collectives for this one's (an empty rank takes part with a zero count)."""
+        return any(sync_group(m) is not None for m in self.modules()) and use_fused(x)
 
     def _cpu_folded_forward(self, x: Tensor) -> Tensor | None:
         """The CPU fallback with BatchNorm folded (``fastunet.cpu_fold``), or None when the module
@@ -383,9 +391,11 @@ class UNet(UNetReference):
         """One conv on the training path: raw output z and the (scale, shift) its reader applies.
 
         A BatchNorm in eval mode inside a training model (frozen) uses its running statistics
-        for that transform; the batch statistics the op also returns are then unused. ``entry``:
-        the padded input's channel count for the first conv (its weight gets zero channels to
-        match), 0 otherwise.
+        for that transform; the batch statistics the op also returns are then unused. An
+        ``nn.SyncBatchNorm`` that synchronises (``fastunet.distributed.sync_group``) normalizes
+        with the statistics of the whole group's batch (``bn_stats_sync``), and updates its
+        running statistics with those and the global count. ``entry``: the padded input's
+        channel count for the first conv (its weight gets zero channels to match), 0 otherwise.
         """
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         bias = conv.bias if conv.bias is not None else act[0].new_zeros(conv.out_channels, dtype=acc)
@@ -393,12 +403,20 @@ class UNet(UNetReference):
         if entry and entry != weight.shape[1]:
             weight = ops.pad_weight_in(weight, entry)
         x2, x2_scale, x2_shift = skip if skip is not None else (None, None, None)
-        z, mean, var = ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift)
-        if _bn_uses_batch_stats(bn):
+        batch_stats = _bn_uses_batch_stats(bn)
+        group = sync_group(bn)
+        # BatchNorm's "more than 1 value per channel" applies to the batch it normalizes by: the
+        # group's (checked by bn_stats_sync), this one's, or none (running statistics).
+        min_count = 2 if batch_stats and group is None else 0
+        z, mean, var = ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift, min_count)
+        if batch_stats:
+            count = z.numel() // z.shape[1]
+            count_all = None
+            if group is not None:
+                mean, var, count_all = ops.bn_stats_sync(mean, var, count, group_name(group))
             if bn.training and bn.track_running_stats:
-                count = z.numel() // z.shape[1]
                 ops.bn_running_update_(
-                    mean, var, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, count
+                    mean, var, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, count, count_all
                 )
         else:
             mean, var = bn.running_mean, bn.running_var

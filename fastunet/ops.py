@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from .backend import interpreting
 from .reference import ACTIVATIONS, apply_out_activation
 
@@ -58,8 +59,10 @@ def _as_nhwc(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _use_kernels(x: Tensor) -> bool:
-    """Whether this call runs the Triton kernels (see the module docstring)."""
-    if x.dtype not in _KERNEL_DTYPES:
+    """Whether this call runs the Triton kernels (see the module docstring). An empty tensor
+    (a rank's empty batch in synchronised BatchNorm training) has nothing to launch for: the
+    composites return the empty results and zero sums."""
+    if x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
         return False
     return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
 
@@ -420,6 +423,7 @@ def conv3x3_bn_stats(
     x_shift: Tensor | None,
     x2_scale: Tensor | None,
     x2_shift: Tensor | None,
+    min_count: int = 2,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The training-mode conv: ``z = conv3x3(cat([T(x), T2(x2)], 1), weight, pad=1) + bias`` and
     the BatchNorm batch statistics of z.
@@ -432,13 +436,18 @@ def conv3x3_bn_stats(
     BatchNorm and ReLU, applied as the conv loads it) is what gets convolved; without them T is
     the identity. Returns ``(z, mean, var)``: z ``[N, C_out, H, W]`` channels_last in x's dtype,
     not normalized; mean and biased var ``[C_out]`` (float32; float64 for float64 x) of z as
-    stored, over N*H*W values. Gradients flow into all three outputs, so BatchNorm's backward is
-    exact when the caller normalizes with mean and var.
+    stored, over N*H*W values (NaN for none). Gradients flow into all three outputs, so
+    BatchNorm's backward is exact when the caller normalizes with mean and var.
+
+    ``min_count``: BatchNorm's rule, a ``ValueError`` ("more than 1 value per channel") when
+    N*H*W is below it. The model passes 0 where the rule does not apply to this batch alone:
+    statistics merged across ranks (``bn_stats_sync`` applies it to the global count; a rank's
+    batch may be empty) or not used (a BatchNorm in eval mode).
     """
     raise AssertionError("unreachable: every device has its own implementation")
 
 
-def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
+def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
     if not weight.is_floating_point():
         raise TypeError(f"fastunet::conv3x3_bn_stats: weight must be floating point, got {weight.dtype}")
     _check_conv3x3(x, x2, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bias, bias)
@@ -447,7 +456,7 @@ def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shi
         raise ValueError("fastunet::conv3x3_bn_stats: x2_scale given without x2")
     if x2 is not None:
         _check_norm("conv3x3_bn_stats", x2.shape[1], x2_scale, x2_shift, "x2")
-    if x.shape[0] * x.shape[2] * x.shape[3] < 2:
+    if x.shape[0] * x.shape[2] * x.shape[3] < min_count:
         # nn.BatchNorm2d's own rule: one value per channel has no variance to normalize by.
         raise ValueError(
             "fastunet::conv3x3_bn_stats: expected more than 1 value per channel when training, "
@@ -456,8 +465,8 @@ def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shi
 
 
 @conv3x3_bn_stats.register_fake
-def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
-    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift)
+def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
+    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count)
     c_out = weight.shape[0]
     acc = _acc_dtype(x.dtype)
     z = _empty_nhwc((x.shape[0], c_out, x.shape[2], x.shape[3]), x)
@@ -466,8 +475,8 @@ def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
 
 @conv3x3_bn_stats.register_kernel(("cpu", "cuda"))
 @_on_input_device
-def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift):
-    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift)
+def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
+    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count)
     if _use_kernels(x):
         return _kernels().conv3x3_bn_stats(
             x, _packed_conv_weight(weight, x.dtype), bias.float(), x2=x2,
@@ -479,11 +488,14 @@ def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_s
         xin = torch.cat([xin, _affine_relu(x2, x2_scale, x2_shift)], 1)
     z = _as_nhwc(F.conv2d(xin, weight.to(x.dtype), padding=1).to(acc) + _channel_vec(bias, acc), x.dtype)
     zf = z.to(acc)
+    if zf.numel() == 0:  # an empty batch: no statistics (what torch.mean of nothing gives)
+        nan = zf.new_full((zf.shape[1],), float("nan"))
+        return z, nan, nan.clone()
     return z, zf.mean((0, 2, 3)), zf.var((0, 2, 3), unbiased=False)
 
 
 def _conv3x3_stats_setup(ctx, inputs, output):
-    x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift = inputs
+    x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift = inputs[:8]
     z, mean, _ = output
     ctx.bias_dtype = bias.dtype
     ctx.save_for_backward(x, x2, weight, x_scale, x_shift, x2_scale, x2_shift, z, mean)
@@ -502,7 +514,7 @@ def _conv3x3_input_grad(g: Tensor, weight: Tensor) -> Tensor:
 
 def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
     x, x2, weight, x_scale, x_shift, x2_scale, x2_shift, z, mean = ctx.saved_tensors
-    need_x, need_x2, need_w, need_b, need_xs, need_xt, need_x2s, need_x2t = ctx.needs_input_grad
+    need_x, need_x2, need_w, need_b, need_xs, need_xt, need_x2s, need_x2t = ctx.needs_input_grad[:8]
     # The statistics' gradients reach z directly: d mean/dz = 1/n, d var/dz = 2(z - mean)/n.
     g, g_sum = _bwd.bn_stats_backward(gz.to(z.dtype) if gz is not None else None, z, mean, gmean, gvar)
     gb = g_sum.to(ctx.bias_dtype) if need_b else None
@@ -517,7 +529,7 @@ def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
         gx, gxs, gxt = _affine_relu_grads(gin[:, :c1], x, x_scale, x_shift)
         if x2 is not None:
             gx2, gx2s, gx2t = _affine_relu_grads(gin[:, c1:], x2, x2_scale, x2_shift)
-    return gx, gx2, gw, gb, gxs, gxt, gx2s, gx2t
+    return _grads_for(ctx, (gx, gx2, gw, gb, gxs, gxt, gx2s, gx2t, None))
 
 
 conv3x3_bn_stats.register_autograd(_conv3x3_stats_backward, setup_context=_conv3x3_stats_setup)
@@ -816,25 +828,30 @@ def bn_running_update_(
     num_batches_tracked: Tensor | None,
     momentum: float | None,
     count: int,
+    count_all: Tensor | None = None,
 ) -> None:
     """``nn.BatchNorm2d``'s training-mode buffer update, in place: ``num_batches_tracked += 1``;
     running mean and var (unbiased: ``var * count / (count - 1)``) averaged in with ``momentum``,
     or cumulatively (``momentum=None``). ``mean``/biased ``var`` ``[C]``: the batch's, over
-    ``count`` values per channel. No gradient."""
+    ``count`` values per channel. ``count_all``: a one-element float64 tensor that replaces
+    ``count``, read on the device (a synchronised BatchNorm's global count, ``bn_stats_sync``,
+    which is not known on the host). No gradient."""
     raise AssertionError("unreachable: every device has its own implementation")
 
 
 @bn_running_update_.register_fake
-def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count):
+def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=None):
     return None
 
 
 @bn_running_update_.register_kernel(("cpu", "cuda"))
 @_on_input_device
-def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, count):
+def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=None):
     mean, var = mean.detach(), var.detach()
     if _use_kernels(mean):
-        return _kernels().bn_running_update_(mean, var, running_mean, running_var, num_batches_tracked, momentum, count)
+        return _kernels().bn_running_update_(
+            mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=count_all
+        )
     factor = 0.0 if momentum is None else momentum
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
@@ -842,7 +859,11 @@ def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tr
             factor = 1.0 / float(num_batches_tracked)
     if running_mean is None:
         return None
-    unbiased = var * (count / (count - 1))
+    if count_all is None:
+        unbiased = var * (count / (count - 1))
+    else:
+        n = count_all.to(torch.float64)
+        unbiased = (var.to(torch.float64) * (n / (n - 1))).to(var.dtype)
     running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
     running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
     return None
@@ -871,12 +892,90 @@ def _bn_stats_backward_impl(gz, z, mean, gmean, gvar):
         return _kernels().bn_stats_backward(gz, z, mean, gmean, gvar)
     acc = _acc_dtype(z.dtype)
     n = z.numel() // z.shape[1]
+    if n == 0:  # an empty batch (a rank's, in synchronised BatchNorm): nothing reaches z
+        return _empty_nhwc(z.shape, z), z.new_zeros(z.shape[1], dtype=acc)
     g = gz.to(acc) if gz is not None else torch.zeros(z.shape, dtype=acc, device=z.device)
     if gmean is not None:
         g = g + _channel_vec(gmean.to(acc) / n, acc)
     if gvar is not None:
         g = g + _channel_vec(gvar.to(acc) * (2.0 / n), acc) * (z.to(acc) - _channel_vec(mean, acc))
     return _as_nhwc(g, z.dtype), g.sum((0, 2, 3))
+
+
+# =========================================================================== synchronised BatchNorm
+# nn.SyncBatchNorm on the fused path: the local statistics of conv3x3_bn_stats merged across a
+# process group in the forward, and the gradients of the merged statistics all-reduced in the
+# backward, one collective each (see fastunet/distributed.py for the flow and the numerics).
+# The collectives run inside these ops' implementations, so a torch.compile graph holds the ops
+# as opaque calls (fake implementations give the shapes) and the collective runs when they do.
+
+
+@torch.library.custom_op("fastunet::bn_stats_sync", mutates_args=())
+def bn_stats_sync(mean: Tensor, var: Tensor, count: int, group: str) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's BatchNorm batch statistics ``mean``, biased ``var`` ``[C]`` over ``count``
+    values per channel (0: an empty batch, whose statistics are ignored) merged with those of
+    every rank of the process group named ``group`` (``ProcessGroup.group_name``): one
+    all_gather, merged in float64. Returns the global ``(mean, var)`` ``[C]`` in the inputs'
+    dtypes and the global count ``[1]`` float64 (the running update's ``count_all``).
+    Differentiable in mean and var; its backward all-reduces once (``bn_stats_sync_backward``).
+    Every rank of the group must call it, in the same order."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_stats_sync.register_fake
+def _(mean, var, count, group):
+    return torch.empty_like(mean), torch.empty_like(var), mean.new_empty(1, dtype=torch.float64)
+
+
+@bn_stats_sync.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_stats_sync_impl(mean, var, count, group):
+    return distributed.sync_stats(mean.detach(), var.detach(), count, group)
+
+
+def _bn_stats_sync_setup(ctx, inputs, output):
+    mean, var, count, group = inputs
+    mean_all, _, count_all = output
+    ctx.count, ctx.group, ctx.var_dtype = count, group, var.dtype
+    ctx.save_for_backward(mean, mean_all, count_all)
+
+
+def _bn_stats_sync_backward(ctx, gmean, gvar, gcount):
+    mean, mean_all, count_all = ctx.saved_tensors
+    gm, gv = _bwd.bn_stats_sync_backward(gmean, gvar, mean, mean_all, count_all, ctx.count, ctx.group)
+    return gm, gv.to(ctx.var_dtype), None, None
+
+
+bn_stats_sync.register_autograd(_bn_stats_sync_backward, setup_context=_bn_stats_sync_setup)
+
+
+@torch.library.custom_op("fastunet::bn_stats_sync_backward", mutates_args=())
+def bn_stats_sync_backward(
+    gmean: Tensor | None,
+    gvar: Tensor | None,
+    mean: Tensor,
+    mean_all: Tensor,
+    count_all: Tensor,
+    count: int,
+    group: str,
+) -> tuple[Tensor, Tensor]:
+    """Backward of ``bn_stats_sync``: ``gmean``/``gvar`` ``[C]`` (this rank's gradients of the
+    global statistics; None: zero) summed over the group (one all_reduce, float64), then the
+    gradient of this rank's ``mean`` and ``var`` over ``count`` of the global ``count_all``
+    values around the global ``mean_all``: ``(count/N·(GM + 2(mean - M)·GV), count/N·GV)``,
+    both ``[C]`` in mean's dtype. Every rank of the group must call it, in the same order."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_stats_sync_backward.register_fake
+def _(gmean, gvar, mean, mean_all, count_all, count, group):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+@bn_stats_sync_backward.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_stats_sync_backward_impl(gmean, gvar, mean, mean_all, count_all, count, group):
+    return distributed.sync_stats_backward(gmean, gvar, mean, mean_all, count_all, count, group)
 
 
 # =========================================================================== pad_channels_nhwc
@@ -1195,6 +1294,7 @@ class _Backward:
         self.head1x1_weight_grad = _OpOrImpl(ops.head1x1_weight_grad, _head1x1_weight_grad_impl, 1)
         self.bn_affine_backward = _OpOrImpl(ops.bn_affine_backward, _bn_affine_backward_impl, 2)
         self.bn_stats_backward = _OpOrImpl(ops.bn_stats_backward, _bn_stats_backward_impl, 1)
+        self.bn_stats_sync_backward = _OpOrImpl(ops.bn_stats_sync_backward, _bn_stats_sync_backward_impl, 2)
 
 
 class _Direct:
@@ -1283,6 +1383,9 @@ class Tape:
     def bn_affine(self, *args):
         return self._run(_bn_affine_impl, _bn_affine_setup, _bn_affine_backward, *args)
 
+    def bn_stats_sync(self, *args):
+        return self._run(_bn_stats_sync_impl, _bn_stats_sync_setup, _bn_stats_sync_backward, *args)
+
     def maxpool2x2(self, *args):
         return self._run(_maxpool2x2_impl, _pool_setup, _pool_backward, *args)
 
@@ -1335,6 +1438,7 @@ class _Untaped(_Direct):
 
     conv3x3_bn_stats = staticmethod(_conv3x3_bn_stats_impl)
     bn_affine = staticmethod(_bn_affine_impl)
+    bn_stats_sync = staticmethod(_bn_stats_sync_impl)
     pad_weight_in = staticmethod(_pad_weight_in)
 
 
@@ -1385,6 +1489,8 @@ __all__ = [
     "bn_affine_backward",
     "bn_running_update_",
     "bn_stats_backward",
+    "bn_stats_sync",
+    "bn_stats_sync_backward",
     "direct",
     "direct_ok",
     "direct_ok_mutation",

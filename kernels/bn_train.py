@@ -100,8 +100,9 @@ def _bn_affine_backward_kernel(
 
 @triton.jit
 def _bn_running_update_kernel(
-    mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, C, momentum, unbias,
-    HAS_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+    mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, count_ptr, C, momentum, unbias,
+    HAS_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT_PTR: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``nn.BatchNorm2d``'s training-mode update of its buffers, in place:
 
@@ -109,6 +110,8 @@ def _bn_running_update_kernel(
         running_mean = (1 - f) * running_mean + f * mean
         running_var  = (1 - f) * running_var + f * var * unbias       (unbias = n / (n - 1))
 
+    n is the host's (``unbias`` given) or, with COUNT_PTR, the fp64 count at count_ptr [1] (a
+    synchronised BatchNorm's global count, known only on the device).
     One program (grid (1,)): it reads num_batches_tracked before any write, so every channel
     uses the same factor. Running buffers keep their dtype (math in fp32).
     """
@@ -120,6 +123,9 @@ def _bn_running_update_kernel(
             f = 1.0 / nbt.to(tl.float32)
         else:
             f = momentum
+        if COUNT_PTR:
+            n = tl.load(count_ptr).to(tl.float64)
+            unbias = (n / (n - 1.0)).to(tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offs = c0 + tl.arange(0, BLOCK_C)
             mask = offs < C
@@ -257,10 +263,14 @@ def bn_running_update_(
     num_batches_tracked: Tensor | None,
     momentum: float | None,
     count: int,
+    *,
+    count_all: Tensor | None = None,
 ) -> None:
     """``nn.BatchNorm2d``'s running-statistics update from a batch ``mean`` and biased ``var``
     over ``count`` values per channel, in place (see ``_bn_running_update_kernel``). ``momentum``
-    None: the cumulative average over ``num_batches_tracked`` (then required)."""
+    None: the cumulative average over ``num_batches_tracked`` (then required). ``count_all``: a
+    one-element float64 tensor on mean's device that replaces ``count`` (read by the kernel; the
+    caller guarantees it is at least 2)."""
     mean, c = _first("mean", mean)
     var = _vec("var", var, c, mean.device)
     has_running = running_mean is not None
@@ -275,7 +285,12 @@ def bn_running_update_(
         raise ValueError("num_batches_tracked must be a one-element integer tensor")
     if momentum is None and has_running and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    if count < 2 and has_running:
+    if count_all is not None:
+        if not isinstance(count_all, Tensor) or count_all.numel() != 1 or count_all.dtype != torch.float64:
+            raise ValueError("count_all must be a one-element float64 tensor")
+        if count_all.device != mean.device:
+            raise ValueError(f"count_all is on {count_all.device}, expected {mean.device}")
+    elif count < 2 and has_running:
         raise ValueError(f"the unbiased running variance needs more than 1 value per channel, got {count}")
     if not has_running and num_batches_tracked is None:
         return
@@ -283,11 +298,14 @@ def bn_running_update_(
     rm = running_mean if has_running else mean
     rv = running_var if has_running else var
     nbt = num_batches_tracked if num_batches_tracked is not None else mean
+    n_ptr = count_all if count_all is not None else mean
     block = min(_BLOCK_C, next_pow2(max(c, 16)))
     flags = dict(
-        HAS_RUNNING=has_running, HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None, BLOCK_C=block
-    )
-    launch(_bn_running_update_kernel, (1,), (mean, var, rm, rv, nbt, c, float(momentum or 0.0), unbias), flags)
+        HAS_RUNNING=has_running, HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None,
+        COUNT_PTR=count_all is not None, BLOCK_C=block,
+    )  # fmt: skip
+    args = (mean, var, rm, rv, nbt, n_ptr, c, float(momentum or 0.0), unbias)
+    launch(_bn_running_update_kernel, (1,), args, flags)
 
 
 def bn_stats_backward(
@@ -368,9 +386,12 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     )
     sig = {n: "*fp32" for n in ("mean_ptr", "var_ptr", "rm_ptr", "rv_ptr")} | {"nbt_ptr": "*i64"}
     sig |= {"C": "i32", "momentum": "fp32", "unbias": "fp32"}
-    for cumulative in (False, True):
-        constexprs = dict(HAS_RUNNING=True, HAS_NBT=True, CUMULATIVE=cumulative, BLOCK_C=_BLOCK_C)
-        specs.append(spec(_bn_running_update_kernel, sig, constexprs, "fp32", f"running_cum{int(cumulative)}", _WARPS))
+    for cumulative, synced in ((False, False), (True, False), (False, True)):
+        # synced: a SyncBatchNorm's update, the global count read from an fp64 pointer
+        sig_n = sig | {"count_ptr": "*fp64" if synced else "*fp32"}
+        constexprs = dict(HAS_RUNNING=True, HAS_NBT=True, CUMULATIVE=cumulative, COUNT_PTR=synced, BLOCK_C=_BLOCK_C)
+        config = f"running_cum{int(cumulative)}" + ("_synced" if synced else "")
+        specs.append(spec(_bn_running_update_kernel, sig_n, constexprs, "fp32", config, _WARPS))
     ints = ("N", "C", "H", "W", "ROWS") + tuple(
         f"stride_{t}{d}" for t in ("gz", "z", "g") for d in ("n", "c", "h", "w")
     )

@@ -71,8 +71,22 @@ class FrozenBatchNorm(nn.BatchNorm2d):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
-def sync_batchnorm(m, log):
-    return nn.SyncBatchNorm.convert_sync_batchnorm(m)
+class LoggingSyncBatchNorm(nn.SyncBatchNorm):
+    """A SyncBatchNorm subclass (whatever it adds, the fused path would not call it)."""
+
+
+def sync_batchnorm_subclass(m, log):
+    old = m.conv1.conv[1]
+    new = LoggingSyncBatchNorm(old.num_features).to(old.weight.dtype).train(old.training)
+    new.load_state_dict(old.state_dict())
+    m.conv1.conv[1] = new
+    return m
+
+
+def sync_batchnorm_bad_group(m, log):
+    m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+    m.conv3.conv[4].process_group = "default"  # not a ProcessGroup: the fused path cannot resolve it
+    return m
 
 
 def forward_hook(m, log):
@@ -167,7 +181,8 @@ class Case:
 
 
 CASES = [
-    Case(sync_batchnorm, "conv1.conv.1", "SyncBatchNorm, not exactly nn.BatchNorm2d"),
+    Case(sync_batchnorm_subclass, "conv1.conv.1", "LoggingSyncBatchNorm, a subclass of exactly nn.SyncBatchNorm"),
+    Case(sync_batchnorm_bad_group, "conv3.conv.4", "process_group='default'"),
     Case(forward_hook, "conv2.conv.2", "forward hook", ("forward",)),
     Case(forward_pre_hook, "conv1.conv.3", "forward pre-hook", ("pre",)),
     Case(full_backward_hook, "up4", "backward hook", ("backward",)),
@@ -227,7 +242,7 @@ def test_unsupported_model_runs_eager_path_with_one_warning(case, train, fused_c
     assert [w.filename for w in record if w.category is FusedPathWarning] == [__file__]  # points at model(x)
     assert fused_calls == []
     assert log == ref_log == list(case.fires)
-    if train:  # the eager path's BatchNorms (SyncBatchNorm included) updated their running statistics
+    if train:  # the eager path's BatchNorms (SyncBatchNorms included) updated their running statistics
         assert any(not torch.equal(a, b) for a, b in zip(buffers_before, model.buffers(), strict=True))
 
 
@@ -322,6 +337,17 @@ def _submodule_compiled(m):
     m.conv1.conv[0].compile()  # the same computation; never called on the fused path
 
 
+def _sync_batchnorm(m):
+    # Without torch.distributed initialised a SyncBatchNorm is a BatchNorm2d: the fused path runs
+    # it (tests/test_syncbn.py covers the synchronised case across ranks).
+    return nn.SyncBatchNorm.convert_sync_batchnorm(m)
+
+
+def _some_sync_batchnorms(m):
+    m.conv2.conv[4] = nn.SyncBatchNorm.convert_sync_batchnorm(m.conv2.conv[4])  # a mix of both kinds
+    return m
+
+
 @MODES
 @pytest.mark.parametrize(
     "modify",
@@ -334,14 +360,16 @@ def _submodule_compiled(m):
         _bn_settings,
         _conv_without_bias,
         _submodule_compiled,
+        _sync_batchnorm,
+        _some_sync_batchnorms,
     ],
 )
 def test_equivalent_spellings_stay_fused(modify, train, fused_calls):
     """What the kernels implement however it is written: no warning, the fused path, the same
     numbers as the reference modified alike."""
     ref, model = pair(train)
-    modify(ref)
-    modify(model)
+    ref = modify(ref) or ref
+    model = modify(model) or model
     verdict = check_fused_support(model)
     assert verdict.supported and verdict.mode == ("train" if train else "eval")
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
