@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -335,9 +336,12 @@ def _check_model(model: nn.Module) -> tuple[int, int, int | None]:
 def _check_tile(tile_size: object, multiple: int) -> tuple[int, int] | None:
     if tile_size is None:
         return None
-    sizes = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(tile_size)  # type: ignore[arg-type]
-    if len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+    if isinstance(tile_size, numbers.Integral):
+        tile_size = (tile_size, tile_size)
+    sizes = tuple(tile_size) if isinstance(tile_size, (tuple, list)) else ()
+    if len(sizes) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sizes):
         raise ValueError(f"tile_size must be an int or a pair of ints (height, width), got {tile_size!r}")
+    sizes = tuple(int(s) for s in sizes)
     for s in sizes:
         if s < multiple or s % multiple:
             nearest = max(multiple, round(s / multiple) * multiple)
@@ -349,7 +353,7 @@ def _check_tile(tile_size: object, multiple: int) -> tuple[int, int] | None:
 
 
 def _check_options(overlap, blend, batch_size, tta, pad_mode, dtype, max_device_bytes, progress) -> None:
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+    if isinstance(overlap, bool) or not isinstance(overlap, numbers.Real) or not 0 <= overlap < 1:
         raise ValueError(f"overlap must be a number in [0, 1) (0.25 by default), got {overlap!r}")
     if blend not in BLENDS:
         raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
@@ -357,7 +361,7 @@ def _check_options(overlap, blend, batch_size, tta, pad_mode, dtype, max_device_
         raise ValueError(f"tta must be one of {TTAS}, got {tta!r}")
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"dtype must be one of {AUTOCAST_DTYPES} (the autocast dtype; None: none), got {dtype!r}")
@@ -570,6 +574,7 @@ def predict(
     """
     depth, in_ch, out_ch = _check_model(model)
     _check_options(overlap, blend, batch_size, tta, pad_mode, dtype, max_device_bytes, progress)
+    overlap, batch_size = float(overlap), int(batch_size)  # numpy scalars welcome
     multiple = 2**depth
     tile = _check_tile(tile_size, multiple)
     img = _as_image(image, in_ch)

@@ -492,3 +492,9 @@ def test_the_readme_predict_example_runs_as_written(tmp_path):
         os.chdir(before)
     assert namespace["probs"].shape == (600, 800, 1) and namespace["probs"].dtype == np.float32
     assert namespace["mask"].shape == (600, 800)
+
+
+def test_numpy_scalars_are_accepted_for_sizes_and_fractions(unet):
+    x = torch.rand(3, 40, 40)
+    y = fastunet.predict(unet, x, tile_size=np.int64(16), overlap=np.float32(0.5), batch_size=np.int32(3))
+    torch.testing.assert_close(y, fastunet.predict(unet, x, tile_size=16, overlap=0.5, batch_size=3))
