@@ -10,7 +10,8 @@ per rank, gloo on CPU through Triton's interpreter).
 * ``state``: the initial state_dict, ``dtype``, ``options`` (UNet options), ``xs``/``gs``: per
   step the whole batch and the output weights (the loss is ``(model(x_r) * g_r).sum()``),
   ``bounds``: where each rank's slice of the batch starts and ends, ``lr``, ``compile``,
-  ``static_graph``.
+  ``static_graph``, ``groups``: None (SyncBatchNorm's default group) or a partition of the ranks
+  into process groups, each SyncBatchNorm's ``process_group`` set to this rank's.
 
 Writes ``SPEC.rank{RANK}.pt``: per step the output, input gradient and (averaged) parameter
 gradients, then the parameters and buffers after the last step, and what the hooks counted.
@@ -63,7 +64,10 @@ def run(spec: dict, rank: int, world: int) -> dict:
 
     warnings.simplefilter("error", fastunet.FusedPathWarning)  # the fused path, or fail
     if spec["mode"] == "sync":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        group = None
+        if spec["groups"] is not None:
+            group, _ = dist.new_subgroups_by_enumeration(spec["groups"])
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
         net = model
     else:
         from torch.nn.parallel import DistributedDataParallel

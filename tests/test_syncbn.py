@@ -68,7 +68,9 @@ def run_ranks(tmp_path: Path, spec: dict, world: int = 2) -> list[dict]:
     return [torch.load(f"{path}.rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def make_spec(dtype, batches, *, steps=2, size=16, mode="sync", compile=False, static_graph=False, seed=0):
+def make_spec(
+    dtype, batches, *, steps=2, size=16, mode="sync", compile=False, static_graph=False, groups=None, seed=0
+):
     """A run of ``steps`` SGD steps; rank r gets ``batches[r]`` images of each step's batch.
     Weights, inputs and output weights are float32 values, so every dtype sees the same ones."""
     gen = torch.Generator().manual_seed(seed)
@@ -89,6 +91,7 @@ def make_spec(dtype, batches, *, steps=2, size=16, mode="sync", compile=False, s
         "lr": 0.1,
         "compile": compile,
         "static_graph": static_graph,
+        "groups": groups,
     }
 
 
@@ -193,6 +196,7 @@ def test_two_ranks_one_empty_float64(tmp_path):
     assert results[1]["steps"][0]["y"].shape[0] == 0
 
 
+@pytest.mark.slow  # quick mode keeps the uneven and empty batches; this is one more pair of ranks (~12 s)
 def test_two_ranks_one_value_each_at_the_bottleneck(tmp_path):
     """4x4 images, depth 2: one value per channel per rank at the bottleneck, which a single
     rank's BatchNorm would refuse; the group holds two, as BatchNorm2d on both images does."""
@@ -205,6 +209,24 @@ def test_too_few_values_across_the_group_raise_on_every_rank(tmp_path):
     spec = make_spec(torch.float64, [1, 0], size=4, steps=1, mode="error")
     for res in run_ranks(tmp_path, spec):
         assert "more than 1 value per channel" in res.get("error", ""), res
+
+
+@pytest.mark.slow  # three processes on a 2-core machine: ~17 s
+def test_process_group_attribute_is_honoured(tmp_path):
+    """Three ranks, SyncBatchNorms on the process groups {0, 1} and {2}: ranks 0 and 1 normalize
+    by their two batches together, rank 2 by its own (its group has one rank: BatchNorm2d);
+    the gradients are averaged over all three."""
+    batches, groups = [2, 1, 2], [[0, 1], [2]]
+    spec = make_spec(torch.float64, batches, groups=groups)
+    results = run_ranks(tmp_path, spec, world=3)
+    b = spec["bounds"]
+    wants = reference_run(spec, 3, parts=[(b[0], b[2]), (b[2], b[3])])
+    compare(results[0], wants[0], "fp64", slice(b[0], b[1]), "rank 0 of {0, 1}")
+    compare(results[1], wants[0], "fp64", slice(b[1], b[2]), "rank 1 of {0, 1}")
+    compare(results[2], wants[1], "fp64", slice(None), "rank 2 of {2}")
+    assert_ranks_agree(results[:2])
+    for a, c in zip(results[0]["params"], results[2]["params"], strict=True):
+        assert torch.equal(a, c)
 
 
 @pytest.mark.slow  # two ranks of float32 training steps through the interpreter
