@@ -563,6 +563,11 @@ def fused_layers(model) -> FusedLayers | None:
     """The layers of ``model`` as the last supported ``check_fused_support`` saw them, or None
     (not checked yet, refused, or under ``torch.compile``, where the check keeps no memo). Call it
     right after a supported verdict: it reuses that check's walk instead of walking again."""
+    if torch.compiler.is_compiling():
+        # A memo left by an eager forward would be traced as well: dynamo would guard on the
+        # weak keys of _MEMO (any model's, which the collector may take before the guards are
+        # built) and on module tuples it cannot compare with ``is``.
+        return None
     memo = _MEMO.get(model)
     if memo is None:
         return None

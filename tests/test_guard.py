@@ -557,3 +557,17 @@ def test_compiled_model_with_hook_and_later_swap():
     relu_to_gelu(ref, [])
     relu_to_gelu(model, [])
     assert_close(compiled(x), ref(x), "fp64", "compiled, then swapped")
+
+
+@MODES
+def test_compile_after_an_eager_forward(train):
+    """The memo an eager forward leaves is not traced: ``torch.compile(fullgraph=True)`` of a
+    model that already ran eagerly compiles (it used to fail on the memo's ``is`` comparisons)
+    and walks the layers by attribute access."""
+    torch._dynamo.reset()
+    ref, model = pair(train)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model(x), ref(x)  # eager: fills the guard's memo (and, in train mode, steps the buffers alike)
+    assert fastunet.guard.fused_layers(model) is not None
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), ref(x), "fp64", "compiled after an eager forward")
