@@ -146,14 +146,6 @@ def export(
                 raise AssertionError(f"portable export holds fastunet ops: {leaked}")
             return program
         _check_fused(model, example)
-        # The guard's memo (per model, filled by eager forwards and by the check just made) is
-        # read by the forward even while dynamo traces it: dynamo cannot compare its module
-        # tuples with ``is``, and it guards on the memo's weak keys (which failed in the full test
-        # suite: ``IndexError`` building a guard on another model's entry, likely collected
-        # during the trace). Traced with the memo empty,
-        # the forward walks the layers by attribute access, as under torch.compile. The memo is
-        # only a cache: each model's next eager forward makes one full check and refills it.
-        _guard._MEMO.clear()
         with warnings.catch_warnings():
             # backend.triton_available is functools.cache'd and constant within a process.
             warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`")
