@@ -942,6 +942,9 @@ def _bn_stats_sync_setup(ctx, inputs, output):
 
 def _bn_stats_sync_backward(ctx, gmean, gvar, gcount):
     mean, mean_all, count_all = ctx.saved_tensors
+    # Every rank must take part in the all_reduce, whatever reached it: zeros for no gradient.
+    gmean = torch.zeros_like(mean_all) if gmean is None else gmean
+    gvar = torch.zeros_like(mean_all) if gvar is None else gvar
     gm, gv = _bwd.bn_stats_sync_backward(gmean, gvar, mean, mean_all, count_all, ctx.count, ctx.group)
     return gm, gv.to(ctx.var_dtype), None, None
 
@@ -951,8 +954,8 @@ bn_stats_sync.register_autograd(_bn_stats_sync_backward, setup_context=_bn_stats
 
 @torch.library.custom_op("fastunet::bn_stats_sync_backward", mutates_args=())
 def bn_stats_sync_backward(
-    gmean: Tensor | None,
-    gvar: Tensor | None,
+    gmean: Tensor,
+    gvar: Tensor,
     mean: Tensor,
     mean_all: Tensor,
     count_all: Tensor,
@@ -960,7 +963,7 @@ def bn_stats_sync_backward(
     group: str,
 ) -> tuple[Tensor, Tensor]:
     """Backward of ``bn_stats_sync``: ``gmean``/``gvar`` ``[C]`` (this rank's gradients of the
-    global statistics; None: zero) summed over the group (one all_reduce, float64), then the
+    global statistics) summed over the group (one all_reduce, float64), then the
     gradient of this rank's ``mean`` and ``var`` over ``count`` of the global ``count_all``
     values around the global ``mean_all``: ``(count/N·(GM + 2(mean - M)·GV), count/N·GV)``,
     both ``[C]`` in mean's dtype. Every rank of the group must call it, in the same order."""
@@ -1294,7 +1297,7 @@ class _Backward:
         self.head1x1_weight_grad = _OpOrImpl(ops.head1x1_weight_grad, _head1x1_weight_grad_impl, 1)
         self.bn_affine_backward = _OpOrImpl(ops.bn_affine_backward, _bn_affine_backward_impl, 2)
         self.bn_stats_backward = _OpOrImpl(ops.bn_stats_backward, _bn_stats_backward_impl, 1)
-        self.bn_stats_sync_backward = _OpOrImpl(ops.bn_stats_sync_backward, _bn_stats_sync_backward_impl, 2)
+        self.bn_stats_sync_backward = _OpOrImpl(ops.bn_stats_sync_backward, _bn_stats_sync_backward_impl, 0)
 
 
 class _Direct:

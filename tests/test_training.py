@@ -131,6 +131,17 @@ def test_single_value_per_channel_is_rejected_like_batchnorm():
             net(x)
 
 
+def test_frozen_batchnorm_needs_no_batch_of_two():
+    """The rule is BatchNorm's, for the batch it normalizes by: a frozen (eval-mode) BatchNorm
+    at a one-value bottleneck uses its running statistics, and trains like the reference."""
+    ref, model = train_pair(**NARROW)
+    for net in (ref, model):
+        net.conv3.conv[1].eval()
+        net.conv3.conv[4].eval()
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    assert_same_training_step(ref, model, x, "fp64", "frozen bottleneck BatchNorms")
+
+
 # ------------------------------------------------------------------ memory saved for backward
 @pytest.mark.parametrize(
     "dtype, options, size",
