@@ -219,6 +219,7 @@ def test_predict_says_which_package_is_missing(tmp_path, checkpoint, capsys, mon
 
 
 # --------------------------------------------------------------------------- bench
+@pytest.mark.slow  # runs benchmarks/run.py --quick in a subprocess (~5 s)
 def test_bench_runs_the_suite_from_the_checkout():
     out = run("bench", "--help")
     assert out.returncode == 0, out.stderr

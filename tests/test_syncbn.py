@@ -190,6 +190,7 @@ def test_two_ranks_uneven_batches_float64(tmp_path):
     check_sync_run(tmp_path, torch.float64, [3, 1])
 
 
+@pytest.mark.slow  # two rank processes (~8 s); quick mode keeps the uneven 3+1 run
 def test_two_ranks_one_empty_float64(tmp_path):
     """A rank with no images takes part in every collective with a zero count."""
     results = check_sync_run(tmp_path, torch.float64, [2, 0])
@@ -203,6 +204,7 @@ def test_two_ranks_one_value_each_at_the_bottleneck(tmp_path):
     check_sync_run(tmp_path, torch.float64, [1, 1], size=4, steps=1)
 
 
+@pytest.mark.slow  # two rank processes
 def test_too_few_values_across_the_group_raise_on_every_rank(tmp_path):
     """One value per channel in the whole group: every rank raises BatchNorm's error (none is
     left waiting in a collective)."""
@@ -261,6 +263,7 @@ def check_ddp_run(tmp_path, dtype, batches, static_graph):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # two rank processes (~7 s)
 def test_ddp_float64_gradients_averaged(tmp_path):
     """``DistributedDataParallel(UNet)``: the guard accepts the module inside DDP, every
     parameter gets a gradient (no unused-parameter error), the comm hook averages them."""
@@ -287,7 +290,9 @@ def single_rank_group(tmp_path):
 
 
 @pytest.mark.parametrize("initialised", [False, True], ids=["no-process-group", "world-size-1"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, pytest.param(torch.float32, marks=pytest.mark.slow)], ids=["fp64", "fp32"]
+)  # fp32 runs the kernels through the interpreter (~8 s each)
 def test_unsynchronised_syncbn_is_batchnorm(initialised, dtype, request):
     """Without ranks to synchronise with, a converted model trains exactly as BatchNorm2d does,
     on the fused path (no warning)."""
