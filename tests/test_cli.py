@@ -20,6 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fastunet", *args], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow  # one subprocess per subcommand (~4 s)
 def test_help_lists_every_option_with_defaults_and_examples():
     out = run("tune", "--help")
     assert out.returncode == 0

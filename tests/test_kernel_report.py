@@ -519,6 +519,7 @@ def test_cli_flags_each_failure(tmp_path):
     assert [o["nan_dropping"] > 0 for o in payload if o["kernel"] == "tiny_nan"] == [True]
 
 
+@pytest.mark.slow  # two kernel_report subprocesses (~6 s)
 def test_cli_table_and_kernel_filter(tmp_path):
     args = [str(REPORT), "--arch", "80", "--no-modules", "--provider", "test_kernel_report:tiny_specs"]
     proc = _run([*args, "--kernels", "tiny_gemm", "--jobs", "1"], timeout=600)

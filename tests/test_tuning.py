@@ -84,6 +84,7 @@ def test_training_and_eval_forms_are_tuned_apart():
     assert _tuning.stats()["tuned_keys"] == 2
 
 
+@pytest.mark.slow  # two fresh processes (~3.5 s)
 @needs_interpreter
 def test_picks_persist_across_processes(tmp_path):
     """A second process with the same shapes does no timing at all: it reads the cache file."""
