@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from operator import attrgetter, is_
+from operator import is_
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._snapshot import is_current, tensors_state
 from .reference import apply_out_activation
 
 _CL = torch.channels_last
-_version_of = attrgetter("_version")
 
 
 @dataclass(eq=False)
@@ -95,7 +95,7 @@ def cpu_plan(model: nn.Module, layers, sources: tuple, eps: tuple, dtype: torch.
     """The cached plan of ``model`` for ``dtype`` when every source tensor is unchanged, else a
     new one; None when the sources cannot be tracked (inference tensors have no version)."""
     try:
-        versions, ptrs = tuple(map(_version_of, sources)), tuple(map(Tensor.data_ptr, sources))
+        versions, ptrs = tensors_state(sources)
     except RuntimeError:  # a parameter created under torch.inference_mode: no version counter
         return None
     plans = _PLANS.get(model)
@@ -103,7 +103,7 @@ def cpu_plan(model: nn.Module, layers, sources: tuple, eps: tuple, dtype: torch.
         plans = _PLANS[model] = {}
     key = (dtype, eps)
     plan = plans.get(key)
-    if plan is not None and plan.versions == versions and plan.ptrs == ptrs and all(map(is_, plan.sources, sources)):
+    if plan is not None and is_current(plan, sources, versions, ptrs):
         return plan
     # Plans built from other tensors (before a .to(), a reassigned parameter) are stale for good:
     # let their weights go before the new ones are made.

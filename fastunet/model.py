@@ -39,13 +39,14 @@ by the guard (``fastunet.guard``), whose walk also hands over the layers; and un
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import attrgetter, is_, itemgetter
+from operator import itemgetter
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_fold
+from ._snapshot import is_current, tensors_state
 from .backend import get_backend, use_fused
 from .distributed import group_name, sync_group
 from .guard import FusedLayers, check_fused_support, fused_layers, warn_unsupported
@@ -60,7 +61,6 @@ _get_weight, _get_bias = itemgetter("weight"), itemgetter("bias")
 _get_mean, _get_var = itemgetter("running_mean"), itemgetter("running_var")
 _get_params, _get_buffers = itemgetter("_parameters"), itemgetter("_buffers")
 _get_eps = itemgetter("eps")
-_version_of = attrgetter("_version")
 
 # An activation on the training path: a tensor and the per-channel (scale, shift) of the
 # BatchNorm+ReLU its reader applies, or (tensor, None, None) for a finished tensor.
@@ -136,10 +136,6 @@ def _layer_sources(layers: FusedLayers) -> tuple:
         tensors = tuple(t for t in tensors if t is not None)
     return tensors, tuple(map(_get_eps, layers.bn_dicts))
 
-
-def _tensors_state(tensors: tuple) -> tuple[tuple, tuple]:
-    """``(_version, data_ptr)`` of every tensor: what an in-place update or a ``.data`` swap changes."""
-    return tuple(map(_version_of, tensors)), tuple(map(Tensor.data_ptr, tensors))
 
 
 def _training_leaves(layers: FusedLayers) -> list:
@@ -306,13 +302,8 @@ class UNet(UNetReference):
             return self._build_eval_plan(layers, dtype, device, (), (), (), ())
         key = (dtype, device, torch.is_inference_mode_enabled(), eps)
         plan = self._eval_plans.get(key)
-        versions, ptrs = _tensors_state(sources)
-        if (
-            plan is not None
-            and plan.versions == versions
-            and plan.ptrs == ptrs
-            and all(map(is_, plan.sources, sources))
-        ):
+        versions, ptrs = tensors_state(sources)
+        if plan is not None and is_current(plan, sources, versions, ptrs):
             return plan
         plan = self._build_eval_plan(layers, dtype, device, key, sources, versions, ptrs)
         self._eval_plans[key] = plan  # one per (dtype, device, ...): a few at most
