@@ -432,3 +432,23 @@ class UNet(UNetReference):
         from .checkpoint import load_pretrained
 
         return load_pretrained(directory, cls=cls, map_location=map_location)
+
+    @classmethod
+    def from_keras(cls, source, **kw):
+        """A model of this class (``preset="keras"``) holding the weights of a Keras U-Net
+        (zhixuhao's ``unet()`` layout): ``source`` is a Keras 3 ``.weights.h5``, a legacy
+        ``.h5`` (full model or weights only) or the list of ``keras_model.get_weights()``.
+        Keyword options go to ``fastunet.convert.from_keras``, which documents them."""
+        from .convert import from_keras  # deferred: h5py is an optional dependency
+
+        return from_keras(source, cls=cls, **kw)
+
+    @classmethod
+    def from_milesial(cls, source, bilinear=None, **kw):
+        """A model of this class (``preset="milesial"`` or ``"milesial-bilinear"``) holding the
+        weights of milesial's ``Pytorch-UNet``: ``source`` is its state_dict or a checkpoint path.
+        ``bilinear``: None infers the up-sampling from the weights. Keyword options go to
+        ``fastunet.convert.from_milesial``, which documents them."""
+        from .convert import from_milesial
+
+        return from_milesial(source, bilinear=bilinear, cls=cls, **kw)
