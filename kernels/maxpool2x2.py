@@ -1,5 +1,8 @@
 """2x2, stride-2 max-pool over NHWC (or any strided) activations.
 
+Odd H or W floor like ``nn.MaxPool2d(2)``: the output is ``[H // 2, W // 2]`` and the last row
+(column) of an odd input is never read, so no tile ever reaches past ``2 * H_out`` rows.
+
 Memory-bound: each program owns a ``[BLOCK_P output pixels, BLOCK_C channels]`` tile, reads
 its four input taps (channels contiguous in channels_last, so every load is a run of
 ``BLOCK_C`` consecutive elements) and writes the maximum. NaN handling matches
@@ -163,8 +166,6 @@ def _check_inputs(x, in_scale, in_shift, out):
     if x.dim() != 4:
         raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
     N, C, H, W = x.shape
-    if H % 2 or W % 2:
-        raise ValueError(f"maxpool2x2 needs even H and W, got H={H}, W={W}")
     if not can_launch(x.device):
         raise ValueError(f"maxpool2x2 runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
     if out is not None:
@@ -188,11 +189,13 @@ def maxpool2x2(
     in_shift: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.max_pool2d(x, 2)`` for even H and W, NaN-propagating like torch.
+    """``F.max_pool2d(x, 2)``, NaN-propagating like torch; odd H or W floor (the last row or
+    column is dropped, as ``nn.MaxPool2d(2)`` does).
 
     Args:
         x: ``[N, C, H, W]`` float32/float16/bfloat16, any strides (channels_last is fast; a
-            channel slice of a larger NHWC buffer is fine). H and W must be even.
+            channel slice of a larger NHWC buffer is fine); any H, W (the output is empty for
+            H or W below 2).
         in_scale, in_shift: optional fp32 ``[C]`` (both or neither): pool
             ``T(x) = max(x*in_scale[c] + in_shift[c], 0)`` (fp32 math, rounded to ``x.dtype``)
             instead of x -- a BatchNorm+ReLU applied as x is read. A NaN in x stays NaN.

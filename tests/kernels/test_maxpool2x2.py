@@ -190,11 +190,31 @@ def test_norm_ties_match_materialized(device):
     assert torch.equal(got, F.max_pool2d(materialized_norm(x, scale, shift), 2))
 
 
-@pytest.mark.parametrize("hw", [(5, 6), (6, 7), (1, 1)], ids=str)
-def test_rejects_odd_sizes(hw, device):
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("in_layout", ["nhwc", "slice"])
+@pytest.mark.parametrize("shape", [(1, 3, 5, 6), (2, 17, 6, 7), (2, 5, 7, 9)], ids=["5x6", "6x7", "7x9"])
+def test_odd_sizes_floor(shape, in_layout, norm, device):
+    # nn.MaxPool2d(2)'s floor: the last row/column of an odd input is ignored. A NaN placed
+    # there must not reach the output (it would if the kernel read past 2*H_out).
+    n, c, h, w = shape
+    x = make_input(shape, torch.float32, device, in_layout)
+    x[:, :, -1] = float("nan") if h % 2 else x[:, :, -1]
+    x[:, :, :, -1] = float("nan") if w % 2 else x[:, :, :, -1]
+    out, buf = make_output((n, c, h // 2, w // 2), torch.float32, device, in_layout)
+    kwargs = dict(zip(("in_scale", "in_shift"), make_norm(c, device), strict=True)) if norm else {}
+    pooled = materialized_norm(x, kwargs["in_scale"], kwargs["in_shift"]) if norm else x
+    got = maxpool2x2(x, **kwargs, out=out)
+    assert not torch.isnan(got).any(), "read the dropped row/column of an odd input"
+    assert torch.equal(got, F.max_pool2d(pooled, 2))
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 6), (5, 1)], ids=str)
+def test_below_one_window_is_empty(hw, device):
+    # H or W of 1 floors to an empty map (nothing launched; torch raises instead, the U-Net's
+    # input rule never gets there).
     x = torch.randn(1, 3, *hw, device=device)
-    with pytest.raises(ValueError, match="even"):
-        maxpool2x2(x)
+    out = maxpool2x2(x)
+    assert out.shape == (1, 3, hw[0] // 2, hw[1] // 2) and out.numel() == 0
 
 
 @pytest.mark.parametrize(
