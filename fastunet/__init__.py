@@ -13,7 +13,7 @@ from .guard import FusedPathWarning, FusedSupport, check_fused_support
 from .memory import saved_tensor_bytes
 from .model import UNet
 from .predict import predict
-from .reference import DoubleConv, UNetReference
+from .reference import PRESETS, DoubleConv, NearestConvUp, UNetReference
 from .tuning import TuneReport, tune
 
 __version__ = "0.1.0"
@@ -23,6 +23,8 @@ __all__ = [
     "UNetReference",
     "predict",
     "DoubleConv",
+    "NearestConvUp",
+    "PRESETS",
     "set_backend",
     "get_backend",
     "BACKENDS",

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import torch
 
+#: What a model does with H, W that are not multiples of ``2**depth`` (its ``odd_sizes`` option).
+ODD_SIZES = ("error", "pad")
+
 
 def nearest_multiple(n: int, m: int) -> int:
     """The multiple of ``m`` closest to ``n`` (ties round up), never below ``m``."""
@@ -19,12 +22,17 @@ def validate_input(
     depth: int,
     param_dtype: torch.dtype,
     param_device: torch.device,
+    odd_sizes: str = "error",
 ) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``x`` is a valid U-Net input.
 
-    Valid: a floating-point ``[N, in_ch, H, W]`` tensor with H and W multiples of ``2**depth``
-    on the model's device, in the model's dtype unless autocast is on for that device.
+    Valid: a floating-point ``[N, in_ch, H, W]`` tensor on the model's device, in the model's
+    dtype unless autocast is on for that device, with H and W multiples of ``2**depth`` for
+    ``odd_sizes="error"`` (the classic model), or at least ``2**depth`` for ``odd_sizes="pad"``
+    (every pooling must leave a pixel).
     """
+    if odd_sizes not in ODD_SIZES:
+        raise ValueError(f"odd_sizes must be one of {ODD_SIZES}, got {odd_sizes!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"UNet expects a torch.Tensor of shape [N, C, H, W], got {type(x).__name__}")
     if x.dim() != 4:
@@ -41,7 +49,14 @@ def validate_input(
     if c != in_ch:
         raise ValueError(f"UNet was built for {in_ch} input channels, got an input with {c} (shape {tuple(x.shape)})")
     m = 2**depth
-    if h % m or w % m:
+    if odd_sizes == "pad":
+        if h < m or w < m:
+            raise ValueError(
+                f"UNet with depth {depth} needs H and W of at least {m} (each of its {depth} poolings halves "
+                f"them), got H={h}, W={w}; the smallest valid size is H={max(h, m)}, W={max(w, m)} (pad or resize "
+                "the input)"
+            )
+    elif h % m or w % m:
         raise ValueError(
             f"UNet with depth {depth} needs H and W divisible by {m}, got H={h}, W={w}; "
             f"the nearest valid size is H={nearest_multiple(h, m)}, W={nearest_multiple(w, m)} "
