@@ -1,0 +1,273 @@
+"""BatchNorm in training (``kernels/bn_train.py``): ``bn_affine`` and ``bn_affine_backward``,
+``bn_running_update_``, ``bn_stats_backward``, and synchronised BatchNorm's ``bn_stats_sync``
+and ``bn_stats_sync_backward`` (collectives of ``fastunet.distributed``, no kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import distributed
+from ._common import _acc_dtype, _as_nhwc, _bwd, _channel_vec, _empty_nhwc, _kernels, _on_input_device, _use_kernels
+
+# =========================================================================== BatchNorm (training)
+# What nn.BatchNorm2d does with the batch statistics of a training conv, as three ops whose
+# kernels each replace a dozen tiny torch ops per layer (see kernels/bn_train.py). The affine
+# and the statistics' backward are functional with autograd; the running-statistics update
+# mutates the module's buffers and has no gradient (torch.library allows autograd only on
+# functional ops, hence the split).
+
+
+@torch.library.custom_op("fastunet::bn_affine", mutates_args=())
+def bn_affine(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` ``[C]`` float64 with ``batchnorm(z) == z * scale + shift`` for a BatchNorm
+    of ``weight``/``bias`` ``[C]`` (None: 1 and 0) and ``eps`` normalizing with ``mean`` and biased
+    ``var`` ``[C]``. Differentiable in mean, var, weight and bias."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_affine.register_fake
+def _(mean, var, weight, bias, eps):
+    return mean.new_empty(mean.shape, dtype=torch.float64), mean.new_empty(mean.shape, dtype=torch.float64)
+
+
+@bn_affine.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_affine_impl(mean, var, weight, bias, eps):
+    if _use_kernels(mean):
+        return _kernels().bn_affine(mean, var, weight, bias, eps)
+    scale = torch.rsqrt(var.double() + eps)
+    if weight is not None:
+        scale = scale * weight.double()
+    shift = -mean.double() * scale
+    if bias is not None:
+        shift = shift + bias.double()
+    return scale, shift
+
+
+def _bn_affine_setup(ctx, inputs, output):
+    mean, var, weight, bias, eps = inputs
+    ctx.eps = eps
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    ctx.save_for_backward(mean, var, weight)
+
+
+def _bn_affine_backward(ctx, gscale, gshift):
+    mean, var, weight = ctx.saved_tensors
+    zeros = torch.zeros(mean.shape, dtype=torch.float64, device=mean.device)
+    gscale = zeros if gscale is None else gscale
+    gshift = zeros if gshift is None else gshift
+    gmean, gvar, gw, gb = _bwd.bn_affine_backward(gscale, gshift, mean, var, weight, ctx.eps)
+    w_dtype, b_dtype = ctx.dtypes
+    gw = gw.to(w_dtype) if w_dtype is not None else None
+    gb = gb.to(b_dtype) if b_dtype is not None else None
+    return gmean, gvar, gw, gb, None
+
+
+bn_affine.register_autograd(_bn_affine_backward, setup_context=_bn_affine_setup)
+
+
+@torch.library.custom_op("fastunet::bn_affine_backward", mutates_args=())
+def bn_affine_backward(
+    gscale: Tensor, gshift: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``bn_affine`` from ``gscale``/``gshift`` ``[C]`` float64: ``(gmean, gvar,
+    gweight, gbias)``, the first two in mean's/var's dtype, the last two float64."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_affine_backward.register_fake
+def _(gscale, gshift, mean, var, weight, eps):
+    f64 = torch.float64
+    return (
+        torch.empty_like(mean),
+        torch.empty_like(var),
+        mean.new_empty(mean.shape, dtype=f64),
+        mean.new_empty(mean.shape, dtype=f64),
+    )
+
+
+@bn_affine_backward.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_affine_backward_impl(gscale, gshift, mean, var, weight, eps):
+    if _use_kernels(mean):
+        return _kernels().bn_affine_backward(gscale, gshift, mean, var, weight, eps)
+    gs, gt = gscale.double(), gshift.double()
+    rstd = torch.rsqrt(var.double() + eps)
+    w = weight.double() if weight is not None else torch.ones_like(rstd)
+    centred = gs - gt * mean.double()
+    gvar = -0.5 * w * centred * rstd.pow(3)
+    return (-gt * w * rstd).to(mean.dtype), gvar.to(var.dtype), centred * rstd, gt.clone()
+
+
+@torch.library.custom_op(
+    "fastunet::bn_running_update_", mutates_args=("running_mean", "running_var", "num_batches_tracked")
+)
+def bn_running_update_(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    count: int,
+    count_all: Tensor | None = None,
+) -> None:
+    """``nn.BatchNorm2d``'s training-mode buffer update, in place: ``num_batches_tracked += 1``;
+    running mean and var (unbiased: ``var * count / (count - 1)``) averaged in with ``momentum``,
+    or cumulatively (``momentum=None``). ``mean``/biased ``var`` ``[C]``: the batch's, over
+    ``count`` values per channel. ``count_all``: a one-element float64 tensor that replaces
+    ``count``, read on the device (a synchronised BatchNorm's global count, ``bn_stats_sync``,
+    which is not known on the host). No gradient."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_running_update_.register_fake
+def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=None):
+    return None
+
+
+@bn_running_update_.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=None):
+    mean, var = mean.detach(), var.detach()
+    if _use_kernels(mean):
+        return _kernels().bn_running_update_(
+            mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=count_all
+        )
+    factor = 0.0 if momentum is None else momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average
+            factor = 1.0 / float(num_batches_tracked)
+    if running_mean is None:
+        return None
+    if count_all is None:
+        unbiased = var * (count / (count - 1))
+    else:
+        n = count_all.to(torch.float64)
+        unbiased = (var.to(torch.float64) * (n / (n - 1))).to(var.dtype)
+    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return None
+
+
+@torch.library.custom_op("fastunet::bn_stats_backward", mutates_args=())
+def bn_stats_backward(
+    gz: Tensor | None, z: Tensor, mean: Tensor, gmean: Tensor | None, gvar: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The gradient reaching ``z`` ``[N, C, H, W]`` through its own batch statistics (``mean``,
+    biased var, over n = N*H*W values per channel) on top of ``gz``: ``g = gz + gmean/n +
+    gvar * 2 * (z - mean)/n`` in float32 (float64 for float64 z), returned channels_last in z's
+    dtype, and ``sum g`` per channel ``[C]`` (float32; float64 for float64 z), deterministic."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_stats_backward.register_fake
+def _(gz, z, mean, gmean, gvar):
+    return _empty_nhwc(z.shape, z), z.new_empty(z.shape[1], dtype=_acc_dtype(z.dtype))
+
+
+@bn_stats_backward.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_stats_backward_impl(gz, z, mean, gmean, gvar):
+    if _use_kernels(z):
+        return _kernels().bn_stats_backward(gz, z, mean, gmean, gvar)
+    acc = _acc_dtype(z.dtype)
+    n = z.numel() // z.shape[1]
+    if n == 0:  # an empty batch (a rank's, in synchronised BatchNorm): nothing reaches z
+        return _empty_nhwc(z.shape, z), z.new_zeros(z.shape[1], dtype=acc)
+    g = gz.to(acc) if gz is not None else torch.zeros(z.shape, dtype=acc, device=z.device)
+    if gmean is not None:
+        g = g + _channel_vec(gmean.to(acc) / n, acc)
+    if gvar is not None:
+        g = g + _channel_vec(gvar.to(acc) * (2.0 / n), acc) * (z.to(acc) - _channel_vec(mean, acc))
+    return _as_nhwc(g, z.dtype), g.sum((0, 2, 3))
+
+
+# =========================================================================== synchronised BatchNorm
+# nn.SyncBatchNorm on the fused path: the local statistics of conv3x3_bn_stats merged across a
+# process group in the forward, and the gradients of the merged statistics all-reduced in the
+# backward, one collective each (see fastunet/distributed.py for the flow and the numerics).
+# The collectives run inside these ops' implementations, so a torch.compile graph holds the ops
+# as opaque calls (fake implementations give the shapes) and the collective runs when they do.
+
+
+@torch.library.custom_op("fastunet::bn_stats_sync", mutates_args=())
+def bn_stats_sync(mean: Tensor, var: Tensor, count: int, group: str) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's BatchNorm batch statistics ``mean``, biased ``var`` ``[C]`` over ``count``
+    values per channel (0: an empty batch, whose statistics are ignored) merged with those of
+    every rank of the process group named ``group`` (``ProcessGroup.group_name``): one
+    all_gather, merged in float64. Returns the global ``(mean, var)`` ``[C]`` in the inputs'
+    dtypes and the global count ``[1]`` float64 (the running update's ``count_all``).
+    Differentiable in mean and var; its backward all-reduces once (``bn_stats_sync_backward``).
+    Every rank of the group must call it, in the same order."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_stats_sync.register_fake
+def _(mean, var, count, group):
+    return torch.empty_like(mean), torch.empty_like(var), mean.new_empty(1, dtype=torch.float64)
+
+
+@bn_stats_sync.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_stats_sync_impl(mean, var, count, group):
+    return distributed.sync_stats(mean.detach(), var.detach(), count, group)
+
+
+def _bn_stats_sync_setup(ctx, inputs, output):
+    mean, var, count, group = inputs
+    mean_all, _, count_all = output
+    ctx.count, ctx.group, ctx.var_dtype = count, group, var.dtype
+    ctx.save_for_backward(mean, mean_all, count_all)
+
+
+def _bn_stats_sync_backward(ctx, gmean, gvar, gcount):
+    mean, mean_all, count_all = ctx.saved_tensors
+    # Every rank must take part in the all_reduce, whatever reached it: zeros for no gradient.
+    gmean = torch.zeros_like(mean_all) if gmean is None else gmean
+    gvar = torch.zeros_like(mean_all) if gvar is None else gvar
+    gm, gv = _bwd.bn_stats_sync_backward(gmean, gvar, mean, mean_all, count_all, ctx.count, ctx.group)
+    return gm, gv.to(ctx.var_dtype), None, None
+
+
+bn_stats_sync.register_autograd(_bn_stats_sync_backward, setup_context=_bn_stats_sync_setup)
+
+
+@torch.library.custom_op("fastunet::bn_stats_sync_backward", mutates_args=())
+def bn_stats_sync_backward(
+    gmean: Tensor,
+    gvar: Tensor,
+    mean: Tensor,
+    mean_all: Tensor,
+    count_all: Tensor,
+    count: int,
+    group: str,
+) -> tuple[Tensor, Tensor]:
+    """Backward of ``bn_stats_sync``: ``gmean``/``gvar`` ``[C]`` (this rank's gradients of the
+    global statistics) summed over the group (one all_reduce, float64), then the
+    gradient of this rank's ``mean`` and ``var`` over ``count`` of the global ``count_all``
+    values around the global ``mean_all``: ``(count/N·(GM + 2(mean - M)·GV), count/N·GV)``,
+    both ``[C]`` in mean's dtype. Every rank of the group must call it, in the same order."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_stats_sync_backward.register_fake
+def _(gmean, gvar, mean, mean_all, count_all, count, group):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+@bn_stats_sync_backward.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _bn_stats_sync_backward_impl(gmean, gvar, mean, mean_all, count_all, count, group):
+    return distributed.sync_stats_backward(gmean, gvar, mean, mean_all, count_all, count, group)
+
+
+# The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
+_bwd.register("bn_affine_backward", _bn_affine_backward_impl, 2)
+_bwd.register("bn_stats_backward", _bn_stats_backward_impl, 1)
+_bwd.register("bn_stats_sync_backward", _bn_stats_sync_backward_impl, 0)

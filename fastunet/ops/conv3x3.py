@@ -1,0 +1,305 @@
+"""The 3x3 conv ops (``kernels/conv3x3.py``): ``conv3x3_bn_act`` (eval conv + folded BN + ReLU,
+with the decoder's concat fused as a second input ``x2``), ``conv3x3_bn_act_head`` (the same
+with the 1x1 head in the epilogue) and ``conv3x3_bn_stats`` (the training conv with the
+previous BN+ReLU on load and this BN's batch statistics), with their autograd formulas.
+
+The decoder's concat is fused by giving ``conv3x3_bn_act`` a second input ``x2``: the conv
+reads its K range from ``x`` then ``x2``, i.e. it convolves ``cat([x, x2], 1)`` without the
+concatenated tensor ever existing. See ``kernels/conv3x3.py`` for the byte count behind that
+choice. The eval path's ``conv3x3_bn_act`` backward stays an eager composite: training runs
+``conv3x3_bn_stats``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import (
+    _acc_dtype,
+    _affine_relu,
+    _affine_relu_grads,
+    _as_nhwc,
+    _bwd,
+    _channel_vec,
+    _check_conv3x3,
+    _check_head,
+    _check_norm,
+    _conv3x3_composite,
+    _empty_nhwc,
+    _grads_for,
+    _head_composite,
+    _head_grads,
+    _kernels,
+    _norm_arg,
+    _on_input_device,
+    _packed_conv_weight,
+    _unit_affine,
+    _use_kernels,
+)
+
+
+def _conv3x3_grads(grad, x, x2, weight, scale, y, relu, needs):
+    """Gradients of ``y = act(scale * conv(cat([x, x2])) + shift)``; ``needs`` = needs_input_grad."""
+    need_x, need_x2, need_w, need_scale, need_shift = needs[:5]
+    acc = _acc_dtype(x.dtype)
+    g = grad.to(acc)
+    if relu:
+        g = torch.where(y > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    xin = x if x2 is None else torch.cat([x, x2], 1)
+    gz = (g * _channel_vec(scale, acc)).to(x.dtype)
+    gxin, gw, _ = torch.ops.aten.convolution_backward(
+        gz, xin, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        [need_x or need_x2, need_w, False],
+    )  # fmt: skip
+    gx = gx2 = None
+    if gxin is not None:
+        gx = gxin[:, : x.shape[1]] if need_x else None
+        gx2 = gxin[:, x.shape[1] :] if (need_x2 and x2 is not None) else None
+    gscale = gshift = None
+    if need_scale:
+        z = F.conv2d(xin, weight, padding=1).to(acc)  # recomputed: cheaper than saving it
+        gscale = (g * z).sum((0, 2, 3)).to(scale.dtype)
+    if need_shift:
+        gshift = g.sum((0, 2, 3)).to(scale.dtype)
+    return gx, gx2, gw, gscale, gshift
+
+
+# =========================================================================== conv3x3_bn_act
+@torch.library.custom_op("fastunet::conv3x3_bn_act", mutates_args=())
+def conv3x3_bn_act(x: Tensor, x2: Tensor | None, weight: Tensor, scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+    """``act(scale * conv3x3(cat([x, x2], 1), weight, pad=1) + shift)`` in one pass.
+
+    x ``[N, C1, H, W]``, x2 ``[N, C2, H, W]`` or None, weight ``[C_out, C1+C2, 3, 3]`` (any
+    strides; ``kernels.pack_conv3x3_weight`` gives the fast one), scale/shift ``[C_out]``
+    (eval BatchNorm and conv bias folded), ``act`` = ReLU if ``relu``. Returns
+    ``[N, C_out, H, W]`` channels_last in x's dtype.
+    """
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@conv3x3_bn_act.register_fake
+def _(x, x2, weight, scale, shift, relu):
+    _check_conv3x3(x, x2, weight, scale, shift)
+    return _empty_nhwc((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x)
+
+
+@conv3x3_bn_act.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _conv3x3_bn_act_impl(x, x2, weight, scale, shift, relu):
+    # On the kernel path the launcher validates (one check per call on the hot path).
+    if _use_kernels(x):
+        return _kernels().conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
+    _check_conv3x3(x, x2, weight, scale, shift)
+    return _as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), x.dtype)
+
+
+def _conv3x3_setup(ctx, inputs, output):
+    x, x2, weight, scale, shift, relu = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(x, x2, weight, scale, output)
+
+
+def _conv3x3_backward(ctx, grad):
+    x, x2, weight, scale, y = ctx.saved_tensors
+    grads = _conv3x3_grads(grad, x, x2, weight, scale, y, ctx.relu, ctx.needs_input_grad)
+    return (*grads, None)
+
+
+conv3x3_bn_act.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)
+
+
+# =========================================================================== conv3x3_bn_act_head
+@torch.library.custom_op("fastunet::conv3x3_bn_act_head", mutates_args=())
+def conv3x3_bn_act_head(
+    x: Tensor,
+    x2: Tensor | None,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    relu: bool,
+    head_weight: Tensor,
+    head_bias: Tensor,
+    activation: str,
+) -> Tensor:
+    """The last decoder conv with the 1x1 head in its epilogue.
+
+    ``head_act(conv1x1(conv3x3_bn_act(x, x2, weight, scale, shift, relu), head_weight) + head_bias)``
+    where the ``[N, C_out, H, W]`` intermediate is never written. head_weight ``[K, C_out, 1, 1]``,
+    head_bias ``[K]``, activation ``"sigmoid" | "none" | "softmax"`` (over K). Returns
+    ``[N, K, H, W]`` channels_last in x's dtype.
+    """
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@conv3x3_bn_act_head.register_fake
+def _(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
+    _check_conv3x3(x, x2, weight, scale, shift)
+    k = _check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
+    return _empty_nhwc((x.shape[0], k, x.shape[2], x.shape[3]), x)
+
+
+@conv3x3_bn_act_head.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _conv3x3_bn_act_head_impl(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
+    _check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
+    if _use_kernels(x):
+        k = _kernels()
+        if head_weight.shape[0] <= k.MAX_HEAD_K and weight.shape[0] <= k.MAX_HEAD_C_OUT:
+            return k.conv3x3_bn_act_head(
+                x, weight, scale.float(), shift.float(), head_weight, head_bias.float(),
+                activation=activation, x2=x2, relu=relu,
+            )  # fmt: skip
+        # Too wide for one epilogue tile: two kernels, the intermediate written once.
+        h = k.conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
+        return k.head1x1(h, head_weight, head_bias.float(), activation=activation)
+    _check_conv3x3(x, x2, weight, scale, shift)
+    h = _conv3x3_composite(x, x2, weight, scale, shift, relu).to(x.dtype)
+    return _as_nhwc(_head_composite(h, head_weight, head_bias, activation), x.dtype)
+
+
+def _conv3x3_head_setup(ctx, inputs, output):
+    x, x2, weight, scale, shift, relu, head_weight, head_bias, activation = inputs
+    ctx.relu, ctx.activation = relu, activation
+    ctx.save_for_backward(x, x2, weight, scale, shift, head_weight, head_bias, output)
+
+
+def _conv3x3_head_backward(ctx, grad):
+    x, x2, weight, scale, shift, head_weight, head_bias, y = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    # The intermediate was never stored: recompute it (one conv) rather than keep N*C*H*W alive.
+    h = _conv3x3_composite(x, x2, weight, scale, shift, ctx.relu).to(x.dtype)
+    gh, ghw, ghb = _head_grads(grad, h, None, None, head_weight, head_bias, y, ctx.activation, (True, *needs[6:8]))
+    conv_grads = _conv3x3_grads(gh, x, x2, weight, scale, h, ctx.relu, needs)
+    return (*conv_grads, None, ghw, ghb, None)
+
+
+conv3x3_bn_act_head.register_autograd(_conv3x3_head_backward, setup_context=_conv3x3_head_setup)
+
+
+# =========================================================================== conv3x3_bn_stats
+@torch.library.custom_op("fastunet::conv3x3_bn_stats", mutates_args=())
+def conv3x3_bn_stats(
+    x: Tensor,
+    x2: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    x_scale: Tensor | None,
+    x_shift: Tensor | None,
+    x2_scale: Tensor | None,
+    x2_shift: Tensor | None,
+    min_count: int = 2,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training-mode conv: ``z = conv3x3(cat([T(x), T2(x2)], 1), weight, pad=1) + bias`` and
+    the BatchNorm batch statistics of z.
+
+    x ``[N, C1, H, W]``, x2 ``[N, C2, H, W]`` or None, weight ``[C_out, C1+C2, 3, 3]``, bias
+    ``[C_out]``; the weight may have any float dtype and layout (it is cast to x's dtype and
+    packed inside, so autograd saves the parameter itself, not a copy; its gradient comes back
+    in its own dtype). ``x_scale``/``x_shift`` ``[C1]`` (and ``x2_*`` ``[C2]``), both or neither: the
+    source is a previous layer's raw output and ``T(s) = relu(s * scale + shift)`` (its
+    BatchNorm and ReLU, applied as the conv loads it) is what gets convolved; without them T is
+    the identity. Returns ``(z, mean, var)``: z ``[N, C_out, H, W]`` channels_last in x's dtype,
+    not normalized; mean and biased var ``[C_out]`` (float32; float64 for float64 x) of z as
+    stored, over N*H*W values (NaN for none). Gradients flow into all three outputs, so
+    BatchNorm's backward is exact when the caller normalizes with mean and var.
+
+    ``min_count``: BatchNorm's rule, a ``ValueError`` ("more than 1 value per channel") when
+    N*H*W is below it. The model passes 0 where the rule does not apply to this batch alone:
+    statistics merged across ranks (``bn_stats_sync`` applies it to the global count; a rank's
+    batch may be empty) or not used (a BatchNorm in eval mode).
+    """
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
+    if not weight.is_floating_point():
+        raise TypeError(f"fastunet::conv3x3_bn_stats: weight must be floating point, got {weight.dtype}")
+    _check_conv3x3(x, x2, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bias, bias)
+    _check_norm("conv3x3_bn_stats", x.shape[1], x_scale, x_shift, "x")
+    if x2 is None and x2_scale is not None:
+        raise ValueError("fastunet::conv3x3_bn_stats: x2_scale given without x2")
+    if x2 is not None:
+        _check_norm("conv3x3_bn_stats", x2.shape[1], x2_scale, x2_shift, "x2")
+    if x.shape[0] * x.shape[2] * x.shape[3] < min_count:
+        # nn.BatchNorm2d's own rule: one value per channel has no variance to normalize by.
+        raise ValueError(
+            "fastunet::conv3x3_bn_stats: expected more than 1 value per channel when training, "
+            f"got input size {tuple(x.shape)}"
+        )
+
+
+@conv3x3_bn_stats.register_fake
+def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
+    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count)
+    c_out = weight.shape[0]
+    acc = _acc_dtype(x.dtype)
+    z = _empty_nhwc((x.shape[0], c_out, x.shape[2], x.shape[3]), x)
+    return z, x.new_empty(c_out, dtype=acc), x.new_empty(c_out, dtype=acc)
+
+
+@conv3x3_bn_stats.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
+    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count)
+    if _use_kernels(x):
+        return _kernels().conv3x3_bn_stats(
+            x, _packed_conv_weight(weight, x.dtype), bias.float(), x2=x2,
+            x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift),
+        )  # fmt: skip
+    acc = _acc_dtype(x.dtype)
+    xin = _affine_relu(x, x_scale, x_shift)
+    if x2 is not None:
+        xin = torch.cat([xin, _affine_relu(x2, x2_scale, x2_shift)], 1)
+    z = _as_nhwc(F.conv2d(xin, weight.to(x.dtype), padding=1).to(acc) + _channel_vec(bias, acc), x.dtype)
+    zf = z.to(acc)
+    if zf.numel() == 0:  # an empty batch: no statistics (what torch.mean of nothing gives)
+        nan = zf.new_full((zf.shape[1],), float("nan"))
+        return z, nan, nan.clone()
+    return z, zf.mean((0, 2, 3)), zf.var((0, 2, 3), unbiased=False)
+
+
+def _conv3x3_stats_setup(ctx, inputs, output):
+    x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift = inputs[:8]
+    z, mean, _ = output
+    ctx.bias_dtype = bias.dtype
+    ctx.save_for_backward(x, x2, weight, x_scale, x_shift, x2_scale, x2_shift, z, mean)
+
+
+def _conv3x3_input_grad(g: Tensor, weight: Tensor) -> Tensor:
+    """dL/d(conv input) ``[N, C_in, H, W]`` of a pad-1 3x3 conv, from g = dL/dz ``[N, C_out, H, W]``:
+    the forward conv op itself on the transposed, flipped weight (a 3x3 pad-1 conv's input
+    gradient is such a conv), so the kernels compute it and ``torch.compile`` can trace it."""
+    flipped = weight.detach().to(g.dtype).transpose(0, 1).flip(2, 3)
+    if _use_kernels(g):
+        flipped = _kernels().pack_conv3x3_weight(flipped)
+    ones, zeros = _unit_affine(flipped.shape[0], g, _acc_dtype(g.dtype))
+    return _bwd.conv3x3_bn_act(g, None, flipped, ones, zeros, False)
+
+
+def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
+    x, x2, weight, x_scale, x_shift, x2_scale, x2_shift, z, mean = ctx.saved_tensors
+    need_x, need_x2, need_w, need_b, need_xs, need_xt, need_x2s, need_x2t = ctx.needs_input_grad[:8]
+    # The statistics' gradients reach z directly: d mean/dz = 1/n, d var/dz = 2(z - mean)/n.
+    g, g_sum = _bwd.bn_stats_backward(gz.to(z.dtype) if gz is not None else None, z, mean, gmean, gvar)
+    gb = g_sum.to(ctx.bias_dtype) if need_b else None
+    c1 = x.shape[1]
+    gw = None
+    if need_w:
+        gw = _bwd.conv3x3_weight_grad(g, x, x2, x_scale, x_shift, x2_scale, x2_shift)
+        gw = gw.to(weight.dtype)
+    gx = gxs = gxt = gx2 = gx2s = gx2t = None
+    if need_x or need_x2 or need_xs or need_xt or need_x2s or need_x2t:
+        gin = _conv3x3_input_grad(g, weight)
+        gx, gxs, gxt = _affine_relu_grads(gin[:, :c1], x, x_scale, x_shift)
+        if x2 is not None:
+            gx2, gx2s, gx2t = _affine_relu_grads(gin[:, c1:], x2, x2_scale, x2_shift)
+    return _grads_for(ctx, (gx, gx2, gw, gb, gxs, gxt, gx2s, gx2t, None))
+
+
+conv3x3_bn_stats.register_autograd(_conv3x3_stats_backward, setup_context=_conv3x3_stats_setup)
+
+
+# The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
+_bwd.register("conv3x3_bn_act", _conv3x3_bn_act_impl, 0)

@@ -1,0 +1,100 @@
+"""The BN+ReLU-on-load backward ops (``kernels/norm_act_bwd.py``): ``affine_relu_backward`` and
+``maxpool2x2_backward`` (the pool's backward with that transform's backward fused).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import (
+    _affine_relu,
+    _affine_relu_grads_composite,
+    _as_nhwc,
+    _bwd,
+    _check_norm,
+    _empty_nhwc,
+    _kernels,
+    _on_input_device,
+    _use_kernels,
+)
+from .maxpool2x2 import _check_pool
+
+# =========================================================================== backward ops
+# The autograd formulas call these (through ``_bwd``), not the Triton launchers: an op with a fake
+# implementation is what AOTAutograd (torch.compile, opcheck) can trace through a backward.
+# No autograd of their own (no double backward).
+
+
+@torch.library.custom_op("fastunet::affine_relu_backward", mutates_args=())
+def affine_relu_backward(g: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``T(x) = relu(x * scale + shift)`` (per channel): g = dL/dT(x) and the raw x
+    ``[N, C, H, W]``, scale/shift ``[C]``. Returns ``(dx, dscale, dshift)``: dx channels_last in
+    x's dtype, dscale/dshift in scale's dtype (sums over N, H, W, deterministic). The ReLU mask
+    follows torch's rule (zero where ``T(x) <= 0``)."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@affine_relu_backward.register_fake
+def _(g, x, scale, shift):
+    _check_norm("affine_relu_backward", x.shape[1], scale, shift, "")
+    return _empty_nhwc(x.shape, x), scale.new_empty(scale.shape), shift.new_empty(shift.shape)
+
+
+@affine_relu_backward.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _affine_relu_backward_impl(g, x, scale, shift):
+    _check_norm("affine_relu_backward", x.shape[1], scale, shift, "")
+    if _use_kernels(x):
+        # The kernels take dscale about the transform's zero crossing and add it back in fp64
+        # (see _transform_center): two separate fp64 [C] sums, no aliasing between the outputs.
+        dx, ds, dt = _kernels().affine_relu_backward(g.to(x.dtype), x, scale, shift, center="transform")
+        return dx, ds.to(scale.dtype), dt.to(shift.dtype)
+    dx, ds, dt = _affine_relu_grads_composite(g, x, scale, shift)
+    return _as_nhwc(dx, x.dtype), ds, dt
+
+
+@torch.library.custom_op("fastunet::maxpool2x2_backward", mutates_args=())
+def maxpool2x2_backward(
+    g: Tensor, x: Tensor, in_scale: Tensor | None, in_shift: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``maxpool2x2(x, in_scale, in_shift)``: g ``[N, C, H/2, W/2]``, raw x
+    ``[N, C, H, W]``. Returns ``(dx, dscale, dshift)``; each window's gradient goes to torch's
+    argmax (first of ties, NaN wins). Without a transform dscale/dshift are empty ``[0]``."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@maxpool2x2_backward.register_fake
+def _(g, x, in_scale, in_shift):
+    _check_pool(x, in_scale, in_shift)
+    c = 0 if in_scale is None else x.shape[1]
+    vec = in_scale if in_scale is not None else x
+    return _empty_nhwc(x.shape, x), vec.new_empty(c), vec.new_empty(c)
+
+
+@maxpool2x2_backward.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _maxpool2x2_backward_impl(g, x, in_scale, in_shift):
+    _check_pool(x, in_scale, in_shift)
+    vec = in_scale if in_scale is not None else x
+    if _use_kernels(x):
+        if in_scale is None:
+            return _kernels().maxpool2x2_backward(g.to(x.dtype), x)[0], vec.new_empty(0), vec.new_empty(0)
+        dx, ds, dt = _kernels().maxpool2x2_backward(g.to(x.dtype), x, in_scale, in_shift, center="transform")
+        return dx, ds.to(in_scale.dtype), dt.to(in_shift.dtype)
+    xin = _affine_relu(x, in_scale, in_shift)
+    # torch's own argmax, so ties and NaNs route gradients exactly as the reference does.
+    _, idx = F.max_pool2d(xin, 2, return_indices=True)
+    gin = torch.ops.aten.max_pool2d_with_indices_backward(
+        g.to(x.dtype), xin, [2, 2], [2, 2], [0, 0], [1, 1], False, idx
+    )
+    if in_scale is None:
+        return _as_nhwc(gin, x.dtype), vec.new_empty(0), vec.new_empty(0)
+    dx, ds, dt = _affine_relu_grads_composite(gin, x, in_scale, in_shift)
+    return _as_nhwc(dx, x.dtype), ds, dt
+
+
+# The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
+_bwd.register("affine_relu_backward", _affine_relu_backward_impl, 1)
+_bwd.register("maxpool2x2_backward", _maxpool2x2_backward_impl, 1)
