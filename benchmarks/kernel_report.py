@@ -169,8 +169,13 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # sass_metrics sits beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sass_metrics  # noqa: E402
+
 KERNEL_MODULES = (
     "conv3x3",
+    "conv3x3_tma",
     "bn_stats",
     "bn_train",
     "conv3x3_wgrad",
@@ -182,7 +187,10 @@ KERNEL_MODULES = (
     "entry",
 )
 PACKAGES = ("fastunet.kernels", "kernels")  # installed package first, then the checkout
-JSON_KEYS = ("kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan_dropping", "global_loads")
+JSON_KEYS = (
+    "kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan_dropping", "global_loads",
+    *sass_metrics.METRIC_KEYS,
+)  # fmt: skip
 SIXTEEN_BIT = ("fp16", "bf16")
 HGMMA_KERNEL_PREFIX = "conv3x3"
 
@@ -192,8 +200,8 @@ EXIT_OK, EXIT_FAIL, EXIT_EMPTY = 0, 1, 3
 _DUMP_LOG_ENV = "TRITON_DUMP_PTXAS_LOG"
 _ALWAYS_COMPILE_ENV = "TRITON_ALWAYS_COMPILE"
 # Bump when the cached measurement's meaning changes: a record of another format is measured
-# again (3: NaN-dropping max/min counted from the PTX).
-_MEASURE_FORMAT = 4
+# again (3: NaN-dropping max/min counted from the PTX; 6: the main-loop metric of sass_metrics).
+_MEASURE_FORMAT = 6
 _MEASURE_KEYS = (
     "regs", "spills", "spill_source", "hgmma", "mma", "notes", "nan_dropping", "nan_dropping_sites", "global_loads",
 )  # fmt: skip
@@ -231,6 +239,16 @@ class Row:
     # Global-load instructions in the SASS by mnemonic ({"LDG.E.U16": 32, ...}; empty when the
     # SASS was not disassembled): how wide a kernel's loads are (the dense entry's 16-byte cp.async).
     global_loads: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The static main-loop metric (sass_metrics; 0 where the SASS was not disassembled or has no
+    # HGMMA loop): non-NOP instructions and HGMMAs in the innermost HGMMA loops, their ratio,
+    # whether the SASS loads through TMA (UTMALDG), and resident CTAs per SM by registers and by
+    # shared memory (sm_90 limits).
+    loop_insts: int = 0
+    loop_hgmma: int = 0
+    insts_per_hgmma: float = 0.0
+    tma: bool = False
+    ctas_regs: int = 0
+    ctas_smem: int = 0
     error: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     compile_s: float = 0.0
@@ -253,6 +271,12 @@ class Row:
             "hgmma": bool(self.hgmma),
             "nan_dropping": int(self.nan_dropping),
             "global_loads": dict(sorted(self.global_loads.items())),
+            "loop_insts": int(self.loop_insts),
+            "loop_hgmma": int(self.loop_hgmma),
+            "insts_per_hgmma": float(self.insts_per_hgmma),
+            "tma": bool(self.tma),
+            "ctas_regs": int(self.ctas_regs),
+            "ctas_smem": int(self.ctas_smem),
         }
 
 
@@ -578,7 +602,9 @@ def _measure(compiled, ptxas_log: str) -> dict[str, Any]:
     ptx = compiled.asm.get("ptx", "")
     nan = parse_ptx_nan_dropping(ptx)
     disassemble = "wgmma" in ptx or ptxas["spills"] is None
-    sass = parse_cuobjdump(_cuobjdump(compiled.asm["cubin"], sass=disassemble))
+    text = _cuobjdump(compiled.asm["cubin"], sass=disassemble)
+    sass = parse_cuobjdump(text)
+    loop = sass_metrics.main_loop_metrics(text) if disassemble else sass_metrics.main_loop_metrics("")
     if not disassemble:
         sass["mma"] = "mma.sync (PTX)" if "mma.sync" in ptx else ""
     regs = sass["regs"] if sass["regs"] is not None else ptxas["regs"]
@@ -597,6 +623,10 @@ def _measure(compiled, ptxas_log: str) -> dict[str, Any]:
         "nan_dropping": nan["count"],
         "nan_dropping_sites": nan["sites"],
         "global_loads": sass["global_loads"] if disassemble else {},
+        "loop_insts": loop["loop_insts"],
+        "loop_hgmma": loop["loop_hgmma"],
+        "insts_per_hgmma": loop["insts_per_hgmma"],
+        "tma": loop["tma"],
     }
 
 
@@ -668,6 +698,14 @@ def compile_spec(spec, arch: int, module: str = "", *, use_cache: bool = True) -
     row.nan_dropping = int(measured["nan_dropping"])
     row.nan_dropping_sites = list(measured["nan_dropping_sites"])
     row.global_loads = dict(measured["global_loads"])
+    # The loop metric is in every format-6 measurement; read with defaults (the format number
+    # already sends an older record to be measured again).
+    row.loop_insts = int(measured.get("loop_insts", 0))
+    row.loop_hgmma = int(measured.get("loop_hgmma", 0))
+    row.insts_per_hgmma = float(measured.get("insts_per_hgmma", 0.0))
+    row.tma = bool(measured.get("tma", False))
+    if arch >= 90:
+        row.ctas_regs, row.ctas_smem = sass_metrics.ctas_per_sm(row.regs, row.num_warps, row.smem)
     if row.nan_dropping_ok and row.nan_dropping:
         row.notes.append(f"{row.nan_dropping} NaN-dropping max/min exempted: {row.nan_dropping_ok}")
     elif row.nan_dropping_ok:
@@ -857,11 +895,13 @@ def collect_rows(arch: int, specs: Iterable[Any], *, jobs: int = 1, use_cache: b
 
 def format_table(rows: Sequence[Row], arch: int) -> str:
     limit = _smem_limit(arch)
-    header = ("kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan", "status")
+    header = (
+        "kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan", "ins/hgmma", "tma", "ctas", "status",
+    )  # fmt: skip
     lines = []
     for r in rows:
         if r.error is not None:
-            lines.append((r.kernel, r.config, r.dtype, "-", "-", "-", "-", "-", "COMPILE ERROR"))
+            lines.append((r.kernel, r.config, r.dtype, "-", "-", "-", "-", "-", "-", "-", "-", "COMPILE ERROR"))
             continue
         bad = []
         if r.spills > 0:
@@ -874,12 +914,16 @@ def format_table(rows: Sequence[Row], arch: int) -> str:
             bad.append("NAN-DROP")
         status = ",".join(bad) or "ok"
         nan = f"{r.nan_dropping}{'*' if r.nan_dropping_ok and r.nan_dropping else ''}"  # *: exempt
+        # The static main-loop metric (sass_metrics): instructions per HGMMA in the innermost
+        # HGMMA loops, TMA loads, resident CTAs per SM by registers/shared memory (sm_90).
+        per_mma = f"{r.insts_per_hgmma:.1f}" if r.loop_hgmma else "-"
+        ctas = f"{r.ctas_regs}/{r.ctas_smem}" if r.ctas_regs else "-"
         lines.append(
             (r.kernel, r.config, r.dtype, str(r.regs), str(r.spills), str(r.smem),
-             "yes" if r.hgmma else "no", nan, status)
+             "yes" if r.hgmma else "no", nan, per_mma, "yes" if r.tma else "no", ctas, status)
         )  # fmt: skip
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    right = {3, 4, 5, 7}
+    right = {3, 4, 5, 7, 8, 10}
 
     def fmt(cells):
         return "  ".join(

@@ -1,0 +1,629 @@
+"""The 3x3 conv's main loop fed by Hopper's bulk tensor copy (TMA): a tuned candidate of
+``conv3x3``'s main variant, never a replacement.
+
+What changes against ``conv3x3._conv3x3_bn_act_kernel`` (the pointer variant): every operand
+tile comes from a tensor descriptor instead of a tensor of pointers and masks.
+
+* A (activations): a 4-D NHWC descriptor ``[N, H, W, C]`` (any pixel strides, channels
+  contiguous) with a box of ``[1, BH, BW, BLOCK_K]``: the CTA's output tile is a 2-D patch of
+  ``BH`` rows x ``BW`` columns of pixels (``BLOCK_M = BH * BW``), and K step ``(tap, channel
+  block)`` is one box load at ``(n, h0 + kh - 1, w0 + kw - 1, c0)``. Coordinates off the image
+  (-1, H, W) and channels past C are zero-filled by the copy engine: that is the conv's
+  padding, so the per-element address math and masks of the pointer variant leave the loop.
+  The ``[1, BH, BW, BLOCK_K]`` box is reshaped to the GEMM's ``[BLOCK_M, BLOCK_K]`` tile.
+* B (weights): one 3-D descriptor per K source over the packed weight (``[tap, C_s, C_out]``,
+  C_out contiguous; the second source's starts at input channel C1), box ``[1, BLOCK_K,
+  BLOCK_N]``; channels past the source's C_s are zero-filled too, so a K block never reads the
+  next tap's or the other source's weights (0 * Inf cannot happen).
+* The output: a 4-D descriptor store ``[1, BH, BW, BLOCK_N]``, clipped by the copy engine at
+  the image and channel edges (no store masks).
+
+Both K sources (the decoder's fused concat) and the training forms (BatchNorm+ReLU of the
+previous layer on the load, ``NORM1``/``NORM2``; this layer's batch-statistics partials in the
+epilogue, ``STATS``) are supported. With a NORM, ``relu(s * 0 + t)`` is not 0, so the padded
+rows are zeroed *after* the transform with a per-row mask (one compare chain per tap, not per
+element). ``STATS`` writes the same per-tile partials as the pointer kernel, which
+``bn_stats_finalize`` merges assuming tile t holds flat pixels ``[t * BLOCK_M, (t+1) *
+BLOCK_M)``; a 2-D patch equals that flat range exactly when the patch is a run of one image
+row (``W % BLOCK_M == 0``: ``BH = 1``) or a stack of whole rows (``BLOCK_M % W == 0`` and ``H %
+BH == 0``), so the statistics forms run only with those geometries (``tile_geometry``). U-Net
+sizes (powers of two) always have one.
+
+Persistent scheduling (``TmaConfig.persistent``): the grid is ``min(tiles, CTAs per SM x SMs)``
+and each CTA walks the tile list with a stride of the grid; tile i's output store is an
+asynchronous bulk copy, so it overlaps tile i+1's first loads, and the last wave's tail shrinks
+to at most one tile per CTA. The non-persistent launch is the same kernel with one tile per CTA.
+
+Which TMA API, and why: the host-side ``triton.tools.tensor_descriptor.TensorDescriptor``
+(triton >= 3.4; the GPU image's 3.6 has it, as 3.9 here). The tensor map is encoded once per
+launch on the host and passed by value as a ``__grid_constant__`` kernel parameter, so the
+kernel spends no instructions building descriptors and needs no global scratch allocator
+(the device-side ``tl.make_tensor_descriptor`` writes a 128-byte tensor map per CTA to memory
+from ``triton.set_allocator``, plus a fence, and a CUDA graph would have to capture that
+allocator). Triton's interpreter runs host descriptors too (zero fill and all), so ring 1 checks
+this kernel on the CPU. Where ``TensorDescriptor`` is missing (an older triton) or an operand's
+alignment does not allow TMA (``tma_supported``), the pointer variant runs.
+
+Launchers: ``conv3x3_tma_launch`` (validated operands in, as called by ``conv3x3``'s tuner), the
+predicates ``tma_available`` / ``tma_supported`` / ``tile_geometry``, ``compile_specs`` for the
+offline report.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import KernelSpec, cdiv, device_arch, interpreting, launch, next_pow2, sm_count, tuned_arch
+
+try:  # triton >= 3.4 (3.6 on the GPU image, 3.9 here)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the pointer variant runs everywhere
+    TensorDescriptor = None
+
+__all__ = [
+    "TMA_CONFIGS_SM90",
+    "TmaConfig",
+    "compile_specs",
+    "conv3x3_tma_launch",
+    "is_tma_config",
+    "tile_geometry",
+    "tma_available",
+    "tma_supported",
+    "tuned_prune",
+    "with_tma_configs",
+]
+
+_GROUP_M = 8
+# The copy engine wants 16-byte aligned bases and strides (every stride but the last).
+_TMA_ALIGN = 16
+
+
+class TmaConfig(NamedTuple):
+    """A tile config of the TMA variant (same fields as ``GemmConfig``, so ``conv3x3``'s pruning
+    and tile counting apply unchanged) plus ``persistent``."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+    persistent: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"M{self.BLOCK_M}_N{self.BLOCK_N}_K{self.BLOCK_K}_w{self.num_warps}_s{self.num_stages}" + (
+            "_tma_persistent" if self.persistent else "_tma"
+        )
+
+    @property
+    def kwargs(self) -> dict[str, int]:
+        # What ``_tuning.config_name`` spells: the TMA marker keeps the names apart from the
+        # pointer configs' (``M128_N64_K64_TMA1_P0_w4_s4``). Never passed to a kernel as is.
+        return {
+            "BLOCK_M": self.BLOCK_M, "BLOCK_N": self.BLOCK_N, "BLOCK_K": self.BLOCK_K,
+            "TMA": 1, "P": int(self.persistent),
+        }  # fmt: skip
+
+    def smem(self, elem: int) -> int:
+        """Pipelined A/B stages plus the output tile staged for the bulk store."""
+        return (self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K + self.BLOCK_M * self.BLOCK_N) * elem
+
+
+def is_tma_config(cfg) -> bool:
+    return isinstance(cfg, TmaConfig)
+
+
+# Short on purpose: each one is a compile and a timing run per tuned shape. Appended after the
+# pointer configs, so the rule (first config that fills the GPU) never picks one untimed.
+# 128x64 and 64x64 are the issue-bound pointer tiles; 256x64 is two warpgroups' M tiles on one
+# B tile for the C_out = 64 layers; the persistent 128x64 trims the last wave's tail.
+TMA_CONFIGS_SM90 = (
+    TmaConfig(128, 128, 64, 8, 4),
+    TmaConfig(128, 64, 64, 4, 4),
+    TmaConfig(256, 64, 64, 8, 3),
+    TmaConfig(64, 64, 64, 4, 4),
+    TmaConfig(128, 64, 64, 4, 4, persistent=True),
+)
+_BLOCK_MS = tuple(sorted({c.BLOCK_M for c in TMA_CONFIGS_SM90}))
+# The interpreter's one small tile (the tests also run it persistent).
+INTERPRETER_CONFIG = TmaConfig(32, 16, 16, 4, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tma_source(
+    acc,
+    x_desc,
+    w_desc,
+    s_ptr,
+    t_ptr,
+    C,
+    iters,
+    img,
+    h0,
+    w0,
+    co0,
+    oh,
+    ow,
+    H,
+    W,
+    NORM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Add one K source (``iters`` = 9 taps x cdiv(C, BLOCK_K) channel blocks) to acc.
+
+    x_desc [N, H, W, C] box [1, BH, BW, BLOCK_K]; w_desc [9, C, C_out] box [1, BLOCK_K, BLOCK_N].
+    oh, ow [BLOCK_M]: the tile's pixel coordinates (used only by NORM's padding mask).
+    """
+    # (tap, channel block) as counters carried through the loop: a division per K step would
+    # cost more instructions than the rest of the address work together.
+    c0 = 0
+    kh = 0
+    kw = 0
+    for _ in range(0, iters):
+        # Off-image coordinates and channels >= C come back as zeros: the padding.
+        a = x_desc.load([img, h0 + kh - 1, w0 + kw - 1, c0]).reshape(BLOCK_M, BLOCK_K)  # [BLOCK_M, BLOCK_K]
+        if NORM:
+            c = c0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+            c_ok = c < C
+            s = tl.load(s_ptr + c, mask=c_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            t = tl.load(t_ptr + c, mask=c_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            a_n = a.to(tl.float32) * s[None, :] + t[None, :]
+            a_n = tl.where(a_n < 0.0, 0.0, a_n)  # ReLU as a select: NaN passes, as in torch.relu
+            ih = oh + (kh - 1)
+            iw = ow + (kw - 1)
+            # relu(shift) is not 0: the padding is applied after the transform, per row.
+            row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BLOCK_M]
+            a = tl.where(row_ok[:, None] & c_ok[None, :], a_n, 0.0).to(a.dtype)
+        b = w_desc.load([kh * 3 + kw, c0, co0]).reshape(BLOCK_K, BLOCK_N)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        c0 += BLOCK_K
+        next_tap = c0 >= C
+        c0 = tl.where(next_tap, 0, c0)
+        kw = tl.where(next_tap, kw + 1, kw)
+        next_row = kw == 3
+        kw = tl.where(next_row, 0, kw)
+        kh = tl.where(next_row, kh + 1, kh)
+    return acc
+
+
+@triton.jit(do_not_specialize=("N",))
+def _conv3x3_tma_kernel(
+    scale_ptr,
+    shift_ptr,
+    x_desc,
+    x2_desc,
+    w1_desc,
+    w2_desc,
+    out_desc,
+    xs_ptr,
+    xt_ptr,
+    x2s_ptr,
+    x2t_ptr,
+    stat_ptr,
+    N,
+    H,
+    W,
+    C1,
+    C2,
+    C_out,
+    HAS_X2: tl.constexpr,
+    NORM1: tl.constexpr,
+    NORM2: tl.constexpr,
+    STATS: tl.constexpr,
+    RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """TMA-fed implicit-GEMM 3x3 conv (pad 1) + scale/shift (+ReLU); the fusions of
+    ``_conv3x3_bn_act_kernel`` but the head and split-K (see the module docstring).
+
+    x_desc   [N, H, W, C1] NHWC, box [1, BH, BW, BLOCK_K]; x2_desc likewise [N, H, W, C2]
+    w1_desc  [9, C1, C_out], w2_desc [9, C2, C_out] (packed weight, source 2 from channel C1),
+             box [1, BLOCK_K, BLOCK_N]
+    out_desc [N, H, W, C_out], box [1, BH, BW, BLOCK_N], in the input dtype
+    scale_ptr, shift_ptr [C_out] fp32; xs/xt [C1], x2s/x2t [C2] fp32/fp64 (NORM1/NORM2)
+    stat_ptr [3, N*H*W / BLOCK_M, C_out] fp32 (STATS; the geometry makes every tile full)
+
+    Grid: (programs,); program p walks tiles p, p + programs, ... of the
+    ``N * cdiv(H, BH) * cdiv(W, BW)`` x ``cdiv(C_out, BLOCK_N)`` tiles (grouped along M by
+    GROUP_M), so ``programs`` = tiles is the classic launch and fewer is persistent.
+    FLOPs 2*N*H*W*9*(C1+C2)*C_out, as the pointer variant.
+    """
+    BLOCK_M: tl.constexpr = BH * BW
+    tiles_w = tl.cdiv(W, BW)
+    tiles_hw = tl.cdiv(H, BH) * tiles_w
+    num_pid_m = N * tiles_hw
+    num_pid_n = tl.cdiv(C_out, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+    iters1 = 9 * tl.cdiv(C1, BLOCK_K)
+    iters2 = 9 * tl.cdiv(C2, BLOCK_K)
+    offs_i = tl.arange(0, BLOCK_M)  # [BLOCK_M] pixel within the patch
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        group_id = tile // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+        pid_n = (tile % num_pid_in_group) // group_size_m
+        img = pid_m // tiles_hw
+        rest = pid_m - img * tiles_hw
+        h0 = (rest // tiles_w) * BH
+        w0 = (rest % tiles_w) * BW
+        co0 = pid_n * BLOCK_N
+        oh = h0 + offs_i // BW  # [BLOCK_M]
+        ow = w0 + offs_i % BW  # [BLOCK_M]
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+        acc = _tma_source(
+            acc, x_desc, w1_desc, xs_ptr, xt_ptr, C1, iters1, img, h0, w0, co0, oh, ow, H, W,
+            NORM1, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        if HAS_X2:
+            acc = _tma_source(
+                acc, x2_desc, w2_desc, x2s_ptr, x2t_ptr, C2, iters2, img, h0, w0, co0, oh, ow, H, W,
+                NORM2, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+
+        offs_co = co0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        co_mask = offs_co < C_out
+        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        y = acc * scale[None, :] + shift[None, :]  # [BLOCK_M, BLOCK_N]
+        if RELU:
+            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # torch.relu keeps NaN
+        y_out = y.to(out_desc.dtype)
+        # The copy engine clips the box at the image and channel edges: no store mask.
+        out_desc.store([img, h0, w0, co0], y_out.reshape(1, BH, BW, BLOCK_N))
+        if STATS:
+            # The pointer kernel's corrected two-pass partials (see there), on a tile that the
+            # geometry guarantees to be BLOCK_M real pixels (so no row mask).
+            y_st = tl.where(co_mask[None, :], y_out.to(tl.float32), 0.0)  # [BLOCK_M, BLOCK_N]
+            cnt = BLOCK_M * 1.0
+            mu0 = tl.sum(y_st, axis=0) / cnt  # [BLOCK_N]
+            dev = tl.where(co_mask[None, :], y_st - mu0[None, :], 0.0)  # [BLOCK_M, BLOCK_N]
+            corr = tl.sum(dev, axis=0) / cnt  # [BLOCK_N]
+            t_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - cnt * corr * corr, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            st_ptrs = stat_ptr + pid_m.to(tl.int64) * C_out + offs_co
+            st_plane = num_pid_m.to(tl.int64) * C_out
+            tl.store(st_ptrs, mu0, mask=co_mask)
+            tl.store(st_ptrs + st_plane, corr, mask=co_mask)
+            tl.store(st_ptrs + 2 * st_plane, t_m2, mask=co_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Predicates
+# --------------------------------------------------------------------------------------------
+
+
+def tma_available(device: torch.device) -> bool:
+    """Whether this triton has host tensor descriptors and ``device`` a copy engine (sm_90+),
+    or the interpreter runs the kernels (it emulates descriptors)."""
+    if TensorDescriptor is None:
+        return False
+    if device.type == "cuda":
+        return device_arch(device) >= 90
+    return interpreting()
+
+
+def _nhwc_ok(t: Tensor) -> bool:
+    """Channels contiguous, 16-byte aligned base and pixel/row/image strides."""
+    elem = t.element_size()
+    if t.stride(1) != 1 or t.data_ptr() % _TMA_ALIGN:
+        return False
+    return all((s * elem) % _TMA_ALIGN == 0 for i, s in enumerate(t.stride()) if i != 1)
+
+
+def _packed_weight_ok(weight: Tensor, c1: int) -> bool:
+    """The ``pack_conv3x3_weight`` layout (storage [3, 3, C_in, C_out]) with 16-byte rows and
+    both sources' starts (input channel 0 and C1) 16-byte aligned."""
+    c_out, c_in = weight.shape[:2]
+    elem = weight.element_size()
+    packed = weight.stride() == (1, c_out, 3 * c_in * c_out, c_in * c_out)
+    return (
+        packed
+        and (c_out * elem) % _TMA_ALIGN == 0
+        and weight.data_ptr() % _TMA_ALIGN == 0
+        and (c1 * c_out * elem) % _TMA_ALIGN == 0
+    )
+
+
+def tma_supported(x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor) -> bool:
+    """Whether the TMA variant can run these operands: descriptors available on their device,
+    NHWC activations and output with 16-byte aligned bases and strides (a channel slice whose
+    pixel pitch or start is not a multiple of 16 bytes is not), the packed weight. Small-C
+    inputs (< 16 channels) stay with the pointer variant's flattened K."""
+    if not tma_available(x.device):
+        return False
+    c1 = x.shape[1]
+    if c1 < 16 or (x2 is not None and x2.shape[1] < 16):
+        return False
+    tensors = (x, out) if x2 is None else (x, x2, out)
+    return all(_nhwc_ok(t) for t in tensors) and _packed_weight_ok(weight, c1)
+
+
+def tile_geometry(h: int, w: int, block_m: int, *, stats: bool) -> tuple[int, int] | None:
+    """``(BH, BW)`` with ``BH * BW = block_m`` for an H x W image, or None.
+
+    A run of one row when ``block_m`` divides W, whole rows when W divides ``block_m`` (and BH
+    divides H): then patch t is flat pixels [t*block_m, (t+1)*block_m), as the statistics'
+    finalize assumes. Otherwise (odd sizes) a patch at least 8 pixels wide, clipped at the
+    edges; None with ``stats`` (the statistics forms need the flat-equal tiles)."""
+    if w % block_m == 0:
+        return 1, block_m
+    if block_m % w == 0 and h % (block_m // w) == 0:
+        return block_m // w, w
+    if stats:
+        return None
+    bw = min(block_m, max(8, next_pow2(w)))
+    return block_m // bw, bw
+
+
+# --------------------------------------------------------------------------------------------
+# The hook in conv3x3's tuner (its main variant's candidate list mixes both kernels)
+# --------------------------------------------------------------------------------------------
+
+
+def with_tma_configs(pointer_configs, arch: int) -> tuple:
+    """``conv3x3``'s main list on ``arch``: the pointer configs, then (sm_90, triton with host
+    descriptors) the TMA configs. Appended, so the rule pick (first config filling the GPU) is
+    unchanged and a TMA config only wins by being timed faster."""
+    extra = TMA_CONFIGS_SM90 if tuned_arch(arch) == 90 and TensorDescriptor is not None else ()
+    return tuple(pointer_configs) + extra
+
+
+def launch_facts(x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor, stats: bool) -> tuple:
+    """What decides the TMA candidates of a launch beyond ``conv3x3``'s key (bucketed M,
+    channels, flags): whether TMA can read the operands, and which BLOCK_M have a tile geometry
+    (only the statistics forms can lack one). Part of the tuning key, so a pick made for one
+    image shape is never a TMA config another shape of the same bucket cannot run."""
+    if not tma_supported(x, x2, weight, out):
+        return (False,)
+    h, w = x.shape[2], x.shape[3]
+    return (True, *(tile_geometry(h, w, bm, stats=stats) is not None for bm in _BLOCK_MS))
+
+
+def shape_fields(facts: tuple, norms, stats: bool) -> dict:
+    """The fields ``candidate_ok`` reads, for ``conv3x3``'s prune dict."""
+    fields = {"tma": facts[0], "norm1": norms[0] is not None, "norm2": norms[1] is not None, "stats": stats}
+    fields["geometry"] = dict(zip(_BLOCK_MS, facts[1:], strict=False)) if facts[0] else {}
+    return fields
+
+
+def tuned_prune(base):
+    """``base`` (conv3x3's ``_prune``) followed by ``prune``; if that leaves nothing (every
+    pointer config was dropped in favour of a TMA one), ``base`` over the pointer configs alone."""
+
+    def prune_both(configs, shape: dict, arch: int) -> list:
+        kept = prune(base(configs, shape, arch), shape)
+        return kept or base([c for c in configs if not is_tma_config(c)], shape, arch)
+
+    return prune_both
+
+
+def prune(kept: list, shape: dict) -> list:
+    """Drop the TMA configs ``shape`` cannot use from ``conv3x3``'s pruned list (its pointer
+    configs stay, so the list never empties)."""
+    return [c for c in kept if not is_tma_config(c) or candidate_ok(c, shape)]
+
+
+def runnable(cfg: TmaConfig, facts: tuple) -> bool:
+    """Whether a TMA config can run a launch with these ``launch_facts`` (a forced config may
+    not: ``conv3x3`` then runs the pointer kernel with the same tiles)."""
+    return bool(facts[0]) and facts[1 + _BLOCK_MS.index(cfg.BLOCK_M)]
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _weight_source(weight: Tensor, c_lo: int, c_hi: int) -> Tensor:
+    """The packed weight's input channels [c_lo, c_hi) as a [9, C_s, C_out] view (tap, ci, co)."""
+    c_out, c_in = weight.shape[:2]
+    storage = weight.permute(2, 3, 1, 0)  # [3, 3, C_in, C_out], contiguous for a packed weight
+    return storage.reshape(9, c_in, c_out)[:, c_lo:c_hi]
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return t.permute(0, 2, 3, 1)  # [N, H, W, C] view, channels last
+
+
+def conv3x3_tma_launch(
+    cfg: TmaConfig,
+    x: Tensor,
+    x2: Tensor | None,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    out: Tensor,
+    *,
+    relu: bool,
+    dot_precision: str,
+    norms=(None, None),
+    partials: Tensor | None = None,
+    programs: int | None = None,
+) -> None:
+    """Launch the TMA variant on operands already validated by ``conv3x3`` (and
+    ``tma_supported``): ``out = act(scale * conv3x3(cat([T1(x), T2(x2)])) + shift)``.
+
+    x [N, C1, H, W], x2 [N, C2, H, W] or None, out [N, C_out, H, W]: NHWC strides, 16-byte
+    aligned; weight [C_out, C1+C2, 3, 3] packed (``pack_conv3x3_weight``); scale, shift [C_out]
+    fp32; norms: (scale, shift) [C_s] fp32/fp64 or None per source (BN+ReLU on the load);
+    partials: the [3, >= N*H*W/BLOCK_M, C_out] fp32 statistics workspace, or None (no
+    statistics). programs: the grid (default: every tile, or for a persistent config the SMs
+    times the CTAs that fit one SM). Raises ValueError when no tile geometry fits the shape.
+    """
+    n, c1, h, w = x.shape
+    c2 = x2.shape[1] if x2 is not None else 0
+    c_out = weight.shape[0]
+    stats = partials is not None
+    geometry = tile_geometry(h, w, cfg.BLOCK_M, stats=stats)
+    if geometry is None:
+        raise ValueError(f"no TMA tile geometry of {cfg.BLOCK_M} pixels for statistics on {h}x{w} images")
+    bh, bw = geometry
+    bn, bk = cfg.BLOCK_N, cfg.BLOCK_K
+    a_box = [1, bh, bw, bk]
+    w_box = [1, bk, bn]
+    x_desc = TensorDescriptor.from_tensor(_nhwc(x), a_box)
+    w1_desc = TensorDescriptor.from_tensor(_weight_source(weight, 0, c1), w_box)
+    if x2 is not None:
+        x2_desc = TensorDescriptor.from_tensor(_nhwc(x2), a_box)
+        w2_desc = TensorDescriptor.from_tensor(_weight_source(weight, c1, c1 + c2), w_box)
+    else:
+        x2_desc, w2_desc = x_desc, w1_desc
+    out_desc = TensorDescriptor.from_tensor(_nhwc(out), [1, bh, bw, bn])
+    norm1, norm2 = norms
+    xs, xt = norm1 if norm1 is not None else (scale, shift)
+    x2s, x2t = norm2 if norm2 is not None else (scale, shift)
+    tiles = n * cdiv(h, bh) * cdiv(w, bw) * cdiv(c_out, bn)
+    if programs is None:
+        programs = tiles
+        if cfg.persistent and not interpreting():
+            programs = min(tiles, sm_count(x.device) * _ctas_per_sm(cfg, x.element_size()))
+    # A tensor first: ``_common.launch`` checks the device of the first argument.
+    args = (
+        scale, shift, x_desc, x2_desc, w1_desc, w2_desc, out_desc, xs, xt, x2s, x2t,
+        partials if stats else scale, n, h, w, c1, c2, c_out,
+    )  # fmt: skip
+    meta = dict(
+        HAS_X2=x2 is not None, NORM1=norm1 is not None, NORM2=norm2 is not None, STATS=stats, RELU=relu,
+        DOT_PRECISION=dot_precision, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    launch(_conv3x3_tma_kernel, (max(1, min(programs, tiles)),), args, meta)
+
+
+def _ctas_per_sm(cfg: TmaConfig, elem: int) -> int:
+    """CTAs of ``cfg`` one sm_90 SM holds by shared memory (227 KiB per SM usable)."""
+    return max(1, 232_448 // (cfg.smem(elem) + 1024))
+
+
+# --------------------------------------------------------------------------------------------
+# Offline compile specs
+# --------------------------------------------------------------------------------------------
+
+# (HAS_X2, NORM1, NORM2, STATS): inference with and without the fused concat, and the two
+# training forms the launchers use (encoder: NORM1+STATS; decoder: raw skip via NORM2+STATS).
+_SPEC_MODES = (
+    (False, False, False, False),
+    (True, False, False, False),
+    (False, True, False, True),
+    (True, False, True, True),
+)
+
+# The training forms hold the transformed A tile and the accumulator in registers together.
+# Estimate as conv3x3's ``_training_regs`` (32-bit registers per thread for both); at 96
+# (128x64 on 4 warps, 256x64 on 8) ptxas spilled 16 to 88 bytes on sm_90 (triton 3.9), at 80 and
+# below (128x128 on 8 warps, 64x64 on 4) it did not.
+_TRAINING_REG_BUDGET = 80
+
+
+def fits_training(cfg: TmaConfig) -> bool:
+    """Whether the training forms (BN+ReLU on the load, statistics) fit ``cfg``'s registers
+    (16-bit operands)."""
+    threads = 32 * cfg.num_warps
+    return (cfg.BLOCK_M * cfg.BLOCK_N + cfg.BLOCK_M * cfg.BLOCK_K // 2) // threads <= _TRAINING_REG_BUDGET
+
+
+def candidate_ok(cfg: TmaConfig, shape: dict) -> bool:
+    """Whether the tuner should time TMA config ``cfg`` for ``conv3x3``'s ``shape`` (its prune
+    dict plus ``shape_fields``). 16-bit only (the fp32 TF32
+    form is not in the offline compile); a tile geometry must exist; the training forms only
+    where the registers allow and not with BN+ReLU on the first source's load: there the A tile
+    makes a round trip shared memory -> registers -> shared memory, and the static count per
+    HGMMA came out above the pointer variant's (145 vs 123 at 64x64x64, 146 vs 126 at
+    128x128x64; the decoder's NORM2 form came out below: 88 vs 92, 86 vs 92)."""
+    if not shape.get("tma") or shape["elem"] != 2 or shape["SMALL_C"] or shape["variant"] != "main":
+        return False
+    if not shape.get("geometry", {}).get(cfg.BLOCK_M, False):
+        return False
+    if shape["training"]:
+        return fits_training(cfg) and not shape.get("norm1", False)
+    return True
+
+
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """The TMA variant's (config, mode, dtype) specs on sm_90 (none on other archs: no copy engine).
+
+    16-bit dtypes (fp32 runs the pointer variant's TF32 path in the lists; the TMA variant is
+    compiled for fp16/bf16, where the tensor cores are fed by it), geometry ``(1, BLOCK_M)`` (a
+    row run, what the U-Net's full-resolution layers use), C1/C2/C_out multiples of 16.
+    Descriptors appear in the signature as ``tensordesc<dtype[box]>``. Training forms where
+    ``fits_training`` holds (the encoder's NORM1 form too, though the tuner does not time it:
+    its static metric is kept in the report as the evidence for ``candidate_ok``).
+    """
+    if tuned_arch(arch) != 90 or TensorDescriptor is None:
+        return []
+    fn = _conv3x3_tma_kernel
+    specs = []
+    for dtype in ("fp16", "bf16"):
+        for cfg in TMA_CONFIGS_SM90:
+            if cfg.persistent:
+                continue  # the same binary as the non-persistent launch (only the grid differs)
+            bh, bw = 1, cfg.BLOCK_M
+            for has_x2, norm1, norm2, stats in _SPEC_MODES:
+                training = norm1 or norm2 or stats
+                if training and not fits_training(cfg):
+                    continue  # pruned at run time (spills)
+                constexprs = dict(
+                    HAS_X2=has_x2, NORM1=norm1, NORM2=norm2, STATS=stats, RELU=not stats,
+                    DOT_PRECISION="ieee", BH=bh, BW=bw, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=_GROUP_M,
+                )  # fmt: skip
+                a_desc = f"tensordesc<{dtype}[1,{bh},{bw},{cfg.BLOCK_K}]>"
+                w_desc = f"tensordesc<{dtype}[1,{cfg.BLOCK_K},{cfg.BLOCK_N}]>"
+                sig = {}
+                for name in fn.arg_names:
+                    if name in constexprs:
+                        sig[name] = "constexpr"
+                    elif name in ("x_desc", "x2_desc"):
+                        sig[name] = a_desc
+                    elif name in ("w1_desc", "w2_desc"):
+                        sig[name] = w_desc
+                    elif name == "out_desc":
+                        sig[name] = f"tensordesc<{dtype}[1,{bh},{bw},{cfg.BLOCK_N}]>"
+                    elif name.endswith("_ptr"):
+                        sig[name] = "*fp32"
+                    else:
+                        sig[name] = "i32"
+                # The training path's BatchNorm vectors are fp64 (read as fp32).
+                for on, names in ((norm1, ("xs_ptr", "xt_ptr")), (norm2, ("x2s_ptr", "x2t_ptr"))):
+                    if on:
+                        sig.update(dict.fromkeys(names, "*fp64"))
+                attrs = {
+                    (i,): [["tt.divisibility", 16]]
+                    for i, name in enumerate(fn.arg_names)
+                    if sig[name] in ("i32", "*fp32", "*fp64") and name != "N"
+                }
+                flags = (("norm1", norm1), ("norm2", norm2), ("stats", stats))
+                tags = ["x2" if has_x2 else "x"] + [t for t, on in flags if on]
+                specs.append(
+                    KernelSpec(
+                        kernel=fn.__name__,
+                        fn=fn,
+                        signature=sig,
+                        constexprs=constexprs,
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                        dtype=dtype,
+                        config=f"{cfg.name}_{'_'.join(tags)}",
+                        extra={"attrs": attrs, "variant": "tma", "expect_hgmma": True},
+                    )
+                )
+    return specs
