@@ -1,0 +1,528 @@
+"""Keras' ``UpSampling2D(2)`` + ``Conv2D(k=2, padding='same')`` (+ ReLU) as one phase GEMM.
+
+TensorFlow's 'same' padding of an even kernel puts the extra row and column at the bottom and
+right, so with ``U[p, q] = x[p // 2, q // 2]`` (zero outside ``[0, 2h) x [0, 2w)``)
+
+    out[co, i, j] = bias[co] + sum_{a, b in {0, 1}} sum_ci W[co, ci, a, b] * U[ci, i + a, j + b].
+
+Output pixel ``(2r + di, 2c + dj)`` (phase ``(di, dj)``) reads low-res rows ``r`` and ``r + 1``:
+for ``di = 0`` both kernel rows land on row ``r`` (their weights add), for ``di = 1`` row
+``a = 0`` lands on ``r`` and ``a = 1`` on ``r + 1`` (zero when ``r + 1 = h``); columns alike. So
+each phase is a small convolution of the low-res map with phase-combined weights, and the
+upsampled tensor never exists:
+
+| phase (di, dj) | low-res taps (dr, dc) | combined weight of each tap |
+|---|---|---|
+| (0, 0) | (0, 0) | W00 + W01 + W10 + W11 |
+| (0, 1) | (0, 0), (0, 1) | W00 + W10, W01 + W11 |
+| (1, 0) | (0, 0), (1, 0) | W00 + W01, W10 + W11 |
+| (1, 1) | (0, 0), (0, 1), (1, 0), (1, 1) | W00, W01, W10, W11 |
+
+``pack_upconv_nearest2x2_weight`` stores these 9 tap blocks once as ``[9, C_in, C_out]``
+(block ``PHASE_BASE[phase] + tap``, taps row-major within a phase, ``C_out`` contiguous), so
+the GEMM for phase p is ``A [M = N*h*w, K = taps_p * C_in] @ B [K, C_out]`` with K ordered
+(tap, channel), channel fastest, exactly as ``conv3x3``'s implicit GEMM.
+
+FLOPs: ``2 * N*h*w * 9 * C_in * C_out`` against ``2 * N*4hw * 4 * C_in * C_out`` for the
+upsample followed by the 2x2 conv: 9/16 = 56 % of the naive count, and no ``[N, C_in, 2h, 2w]``
+intermediate (4x the input) is written and read back.
+
+Training path (``IN_NORM``): x is a conv's raw pre-BatchNorm output and each A tile is replaced
+by ``T(x) = relu(x*scale + shift)`` (fp32, rounded back to x's dtype for the dot) *before* the
+zero fill of the bottom/right padding row and column: ``T(0) = relu(shift) != 0``, and the
+padding is zero in the upsampled activated map.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    KernelSpec,
+    can_launch,
+    cdiv,
+    dot_precision,
+    launch,
+    smem_limit,
+    triton_dtype,
+    tuned_arch,
+)
+from ._tuning import Tuner, bucket, launch_meta
+from .norm_act_bwd import check_norm_affine
+
+__all__ = ["PHASE_BASE", "PHASE_TAPS", "pack_upconv_nearest2x2_weight", "upconv_nearest2x2", "compile_specs"]
+
+# Pixel indices are int32 in the kernel; headroom keeps the last tile's lanes from wrapping.
+_MAX_PIXELS = 2**31 - 2**16
+
+#: First tap block of each phase ``di*2 + dj`` in the packed weight, and its tap count.
+PHASE_BASE = (0, 1, 3, 5)
+PHASE_TAPS = (1, 2, 2, 4)
+
+
+@triton.jit(do_not_specialize=("N",))
+def _upconv_nearest2x2_kernel(
+    x_ptr,  # [N, C_in, h, w], any strides (channels_last is the fast layout)
+    w_ptr,  # [9, C_in, C_out] packed tap blocks, any strides (C_out contiguous is the fast one)
+    b_ptr,  # [C_out], any float dtype, read as fp32 (unused unless HAS_BIAS)
+    out_ptr,  # [N, C_out, 2h, 2w], any strides, same dtype as x
+    scale_ptr,  # [C_in] fp32/fp64, contiguous (unused unless IN_NORM)
+    shift_ptr,  # [C_in] fp32/fp64, contiguous (unused unless IN_NORM)
+    N,
+    h,
+    w,
+    C_in,
+    C_out,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wt,
+    stride_wi,
+    stride_wo,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    IN_NORM: tl.constexpr,  # multiply T(x) = relu(x*scale + shift) instead of x
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; only read for fp32 inputs
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One ``[BLOCK_M low-res pixels, BLOCK_N output channels]`` tile of one phase.
+
+    Minimum bytes moved: ``(N*h*w*C_in + 9*C_in*C_out + N*4*h*w*C_out) * elem``; each program
+    reads ``taps_p`` shifted A tiles, mostly from L2 since the phases and channel blocks of one
+    pixel tile run on neighbouring program ids.
+    """
+    pid = tl.program_id(0)
+    num_co_blocks = tl.cdiv(C_out, BLOCK_N)
+    num_pid_n = 4 * num_co_blocks
+    # Column tiles (phase, channel block) vary fastest so programs sharing A tiles run together.
+    # The heaviest phase (4 taps) first: a wave's tail then holds the light tiles.
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    phase = 3 - pid_n // num_co_blocks  # di * 2 + dj
+    di = phase // 2
+    dj = phase % 2
+    n_tap_cols = dj + 1
+    n_taps = (di + 1) * n_tap_cols
+    blk_base = tl.maximum(2 * phase - 1, 0)  # PHASE_BASE = (0, 1, 3, 5)
+
+    hw = h * w
+    M = N * hw  # < 2**31, checked by the launcher
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] low-res pixel index
+    mask_m = offs_m < M
+    n_idx = offs_m // hw
+    rem = offs_m % hw
+    i_idx = rem // w
+    j_idx = rem % w
+    # int64 before the stride products: activations can exceed 2**31 elements.
+    x_pix = n_idx.to(tl.int64) * stride_xn + i_idx.to(tl.int64) * stride_xh + j_idx.to(tl.int64) * stride_xw
+
+    offs_co = (pid_n % num_co_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    mask_co = offs_co < C_out
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    w_co = offs_co * stride_wo  # [BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+    n_cb = tl.cdiv(C_in, BLOCK_K)
+    # One flat loop over (tap, channel block): one pipelined loop rather than nested ones.
+    for kk in range(0, n_taps * n_cb):
+        tap = kk // n_cb
+        c = (kk - tap * n_cb) * BLOCK_K + offs_k  # [BLOCK_K] input channels
+        c_ok = c < C_in
+        dr = tap // n_tap_cols
+        dc = tap - dr * n_tap_cols
+        # Row h / column w is TensorFlow's bottom/right 'same' padding: zero.
+        row_ok = mask_m & (i_idx + dr < h) & (j_idx + dc < w)  # [BLOCK_M]
+        a_mask = row_ok[:, None] & c_ok[None, :]  # [BLOCK_M, BLOCK_K]
+        row_off = x_pix + (dr * stride_xh + dc * stride_xw)  # [BLOCK_M]
+        a = tl.load(x_ptr + row_off[:, None] + (c.to(tl.int64) * stride_xc)[None, :], mask=a_mask, other=0.0)
+        if IN_NORM:
+            s = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            t = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            a_n = a.to(tl.float32) * s[None, :] + t[None, :]
+            # ReLU as a select: NaN passes, as in torch.relu (a GPU's max.f32 would make it 0).
+            a_n = tl.where(a_n < 0.0, 0.0, a_n)
+            # The zero fill after the transform: relu(shift) is not 0.
+            a = tl.where(a_mask, a_n, 0.0).to(x_ptr.dtype.element_ty)
+        w_k = (blk_base + tap) * stride_wt + c * stride_wi  # [BLOCK_K]
+        b = tl.load(w_ptr + w_k[:, None] + w_co[None, :], mask=c_ok[:, None] & mask_co[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_co, mask=mask_co, other=0.0).to(tl.float32)  # [BLOCK_N]
+        acc += bias[None, :]
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN-propagating, like torch.relu
+
+    # Low-res pixel (r, c) of phase (di, dj) is output pixel (2r+di, 2c+dj).
+    out_row = (
+        n_idx.to(tl.int64) * stride_on
+        + (2 * i_idx + di).to(tl.int64) * stride_oh
+        + (2 * j_idx + dj).to(tl.int64) * stride_ow
+    )  # [BLOCK_M]
+    out_ptrs = out_ptr + (out_row[:, None] + offs_co.to(tl.int64)[None, :] * stride_oc)  # [BLOCK_M, BLOCK_N]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_co[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# Configs: upconv2x2's lists, shortened (one GEMM shape family, K = taps * C_in). BLOCK_M >= 64
+# with 4/8 warps keeps 16-bit and TF32 dots on wgmma on sm_90. Pruned per call by shared memory,
+# by register footprint for 4-byte operands and the fp32 A tile of IN_NORM, and by
+# BLOCK_N > C_out.
+# --------------------------------------------------------------------------------------
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Tensor-core dots: fp16/bf16, and fp32 as TF32.
+_CONFIGS = {
+    90: [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(64, 64, 64, 4, 3),
+    ],
+    80: [
+        _cfg(128, 128, 32, 4, 4),
+        _cfg(128, 64, 32, 4, 4),
+        _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 64, 4, 3),
+    ],
+}
+
+# fp32 with allow_tf32=False runs tl.dot on FMA units, where every thread holds its slice of
+# both operand tiles in registers: wide BLOCK_K spills there, so IEEE gets its own list.
+_IEEE_CONFIGS = {
+    90: [
+        _cfg(128, 64, 16, 4, 3),
+        _cfg(64, 128, 16, 4, 3),
+        _cfg(64, 64, 32, 4, 3),
+    ],
+    80: [
+        _cfg(128, 64, 16, 4, 3),
+        _cfg(64, 128, 16, 4, 3),
+        _cfg(64, 64, 32, 4, 3),
+    ],
+}
+
+# As in upconv2x2: past this many accumulator plus A-fragment words per thread, 4-byte operands
+# spill; and the fp32 A tile of IN_NORM is held in registers between its load and the dot.
+_MAX_WORDS_PER_THREAD_FP32 = 96
+_MAX_NORM_A_WORDS_PER_THREAD = 32
+
+# The interpreter does not autotune: one small config keeps CPU runs quick.
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+
+
+def _config_name(cfg: triton.Config) -> str:
+    k = cfg.kwargs
+    return f"BM{k['BLOCK_M']}_BN{k['BLOCK_N']}_BK{k['BLOCK_K']}_w{cfg.num_warps}_s{cfg.num_stages}"
+
+
+def _smem_bytes(cfg: triton.Config, elem_bytes: int) -> int:
+    k = cfg.kwargs
+    return cfg.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem_bytes
+
+
+def _usable_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool = False) -> list[triton.Config]:
+    """The configs a device of compute capability ``arch`` may run for this element size, dot
+    precision and input transform: its list minus what overflows shared memory or the register
+    budget. Never empty: the smallest tile is kept as a last resort."""
+    ieee32 = elem_bytes == 4 and precision == "ieee"
+    candidates = (_IEEE_CONFIGS if ieee32 else _CONFIGS)[tuned_arch(arch)]
+    usable = []
+    for c in candidates:
+        k = c.kwargs
+        if _smem_bytes(c, elem_bytes) > smem_limit(arch):
+            continue
+        words = (k["BLOCK_M"] * k["BLOCK_N"] + k["BLOCK_M"] * k["BLOCK_K"]) // (32 * c.num_warps)
+        if elem_bytes == 4 and words > _MAX_WORDS_PER_THREAD_FP32:
+            continue
+        if in_norm and k["BLOCK_M"] * k["BLOCK_K"] > _MAX_NORM_A_WORDS_PER_THREAD * 32 * c.num_warps:
+            continue
+        usable.append(c)
+    return usable or [min(candidates, key=lambda c: _smem_bytes(c, elem_bytes))]
+
+
+def _prune_configs(configs, shape: dict, arch: int) -> list:
+    usable = _usable_configs(arch, shape["elem"], shape["INPUT_PRECISION"], shape["IN_NORM"])
+    usable = [c for c in configs if c in usable]
+    narrow = [c for c in usable if c.kwargs["BLOCK_N"] <= max(shape["C_out"], 64)]
+    return narrow or usable
+
+
+def _tiles(cfg, shape: dict) -> int:
+    return cdiv(shape["M"], cfg.kwargs["BLOCK_M"]) * 4 * cdiv(shape["C_out"], cfg.kwargs["BLOCK_N"])
+
+
+def _interpreter_config(shape: dict) -> triton.Config:
+    return triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1)
+
+
+# fp32 IEEE dots have their own list (see _IEEE_CONFIGS), so they get their own tuner.
+_TUNERS = {
+    "tc": Tuner("upconv_nearest2x2", _CONFIGS, _prune_configs, _tiles, _interpreter_config),
+    "ieee": Tuner("upconv_nearest2x2.ieee", _IEEE_CONFIGS, _prune_configs, _tiles, _interpreter_config),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _phase_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[9, 4]`` 0/1: tap block k of the packed weight is ``sum_ab P[k, a*2 + b] * W[:, :, a, b]``.
+
+    Phase ``(di, dj)``'s tap ``(dr, dc)`` collects kernel row a iff ``a*di == dr`` (di = 0: every
+    row lands on low-res row r) and kernel column b iff ``b*dj == dc``.
+    """
+    rows = []
+    for di in (0, 1):
+        for dj in (0, 1):
+            for dr in range(di + 1):
+                for dc in range(dj + 1):
+                    rows.append([float(a * di == dr and b * dj == dc) for a in (0, 1) for b in (0, 1)])
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def pack_upconv_nearest2x2_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The 9 phase-combined tap blocks of a 2x2 'same' conv after a nearest x2 upsample.
+
+    ``weight`` is the ``nn.Conv2d`` weight ``[C_out, C_in, 2, 2]``. Returns ``[9, C_in, C_out]``
+    contiguous in ``dtype`` (default: the weight's own): block ``PHASE_BASE[di*2 + dj] + tap``
+    holds phase ``(di, dj)``'s tap (taps row-major over ``(dr, dc)``; see the module docstring).
+    The sums are formed in float32 (float64 for a float64 weight) and rounded once.
+    Differentiable (a fixed linear map of the weight).
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (2, 2):
+        raise ValueError(f"weight must be [C_out, C_in, 2, 2], got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    c_out, c_in = weight.shape[:2]
+    w_ab = weight.to(acc).permute(2, 3, 1, 0).reshape(4, c_in, c_out)  # [(a, b), C_in, C_out]
+    packed = torch.einsum("ka,aio->kio", _phase_matrix(acc, weight.device), w_ab)
+    return packed.to(dtype or weight.dtype).contiguous()
+
+
+def _check_inputs(x, weight, bias, in_scale, in_shift, out):
+    """Validate the launcher's arguments; returns ``(N, C_in, h, w, C_out)`` and the norm pair
+    (or None)."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    triton_dtype(x.dtype)  # TypeError for anything but fp32/fp16/bf16
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C_in, h, w], got shape {tuple(x.shape)}")
+    N, C_in, h, w = x.shape
+    if weight.dim() != 3 or weight.shape[0] != 9 or weight.shape[1] != C_in:
+        raise ValueError(
+            f"weight must be packed [9, C_in={C_in}, C_out] (pack_upconv_nearest2x2_weight) or "
+            f"[C_out, C_in={C_in}, 2, 2], got shape {tuple(weight.shape)}"
+        )
+    C_out = weight.shape[2]
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if not can_launch(x.device):
+        raise ValueError(f"upconv_nearest2x2 runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (C_out,):
+            raise ValueError(f"bias must be [C_out={C_out}], got shape {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device}, x on {x.device}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if tuple(out.shape) != (N, C_out, 2 * h, 2 * w):
+            raise ValueError(f"out must be [{N}, {C_out}, {2 * h}, {2 * w}], got shape {tuple(out.shape)}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out dtype {out.dtype} must match x dtype {x.dtype}")
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device}, x on {x.device}")
+    if N * h * w > _MAX_PIXELS:
+        raise ValueError(f"N*h*w = {N * h * w} pixels exceeds the int32 pixel index")
+    return (N, C_in, h, w, C_out), check_norm_affine(in_scale, in_shift, C_in, x)
+
+
+def upconv_nearest2x2(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    relu: bool = False,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``act(conv2d(pad(upsample_nearest_x2(x), bottom/right 1), weight) + bias)``, one launch.
+
+    Keras' ``Conv2D(C_out, 2, padding='same')(UpSampling2D(2)(x))``, computed per output phase on
+    the low-res map (9 tap blocks of GEMM, 56 % of the naive FLOPs; see the module docstring).
+
+    Args:
+        x: ``[N, C_in, h, w]`` float32/float16/bfloat16, any strides (channels_last is fast; a
+            channel slice of a larger NHWC buffer is fine).
+        weight: the packed ``[9, C_in, C_out]`` from ``pack_upconv_nearest2x2_weight(w, x.dtype)``
+            (any strides; ``C_out`` contiguous is fast), or the ``nn.Conv2d`` weight
+            ``[C_out, C_in, 2, 2]``, then packed on every call.
+        bias: ``[C_out]`` of any float dtype (read as fp32), or None.
+        relu: apply ReLU (NaN-propagating) in the epilogue.
+        in_scale, in_shift: optional fp32/fp64 ``[C_in]`` (both or neither): upsample
+            ``T(x) = relu(x*in_scale[ci] + in_shift[ci])`` (fp32 math, rounded to ``x.dtype``)
+            instead of x; the padding stays zero.
+        out: optional ``[N, C_out, 2h, 2w]`` destination in ``x.dtype``, any strides (e.g. a
+            channel slice of a larger NHWC buffer). Default: a new channels_last tensor.
+
+    Accumulates in fp32; fp32 inputs use TF32 dots iff ``torch.backends.cudnn.allow_tf32``.
+    Returns ``out``.
+    """
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4:
+        weight = pack_upconv_nearest2x2_weight(weight, x.dtype if isinstance(x, torch.Tensor) else None)
+    (N, C_in, h, w, C_out), norm = _check_inputs(x, weight, bias, in_scale, in_shift, out)
+    if out is None:
+        out = torch.empty(
+            (N, C_out, 2 * h, 2 * w),
+            device=x.device,
+            dtype=x.dtype,
+            memory_format=torch.channels_last,
+        )
+    if out.numel() == 0:
+        return out
+    M = N * h * w
+    scale, shift = norm if norm is not None else (x, x)  # never read without IN_NORM
+    args = (
+        x,
+        weight,
+        bias if bias is not None else x,  # never read without HAS_BIAS
+        out,
+        scale,
+        shift,
+        N,
+        h,
+        w,
+        C_in,
+        C_out,
+        *x.stride(),
+        *weight.stride(),
+        *out.stride(),
+    )
+    flags = {
+        "HAS_BIAS": bias is not None,
+        "RELU": bool(relu),
+        "IN_NORM": norm is not None,
+        "INPUT_PRECISION": dot_precision(x.dtype),
+    }
+
+    m_bucket = bucket(M)
+
+    def run(cfg):
+        grid = (cdiv(M, cfg.kwargs["BLOCK_M"]) * 4 * cdiv(C_out, cfg.kwargs["BLOCK_N"]),)
+        launch(_upconv_nearest2x2_kernel, grid, args, {**flags, **launch_meta(cfg)})
+
+    def shape():
+        return {
+            "M": m_bucket, "C_out": C_out, "elem": x.element_size(),
+            "INPUT_PRECISION": flags["INPUT_PRECISION"], "IN_NORM": flags["IN_NORM"],
+        }  # fmt: skip
+
+    tuner = _TUNERS["ieee" if x.element_size() == 4 and flags["INPUT_PRECISION"] == "ieee" else "tc"]
+    key = (x.dtype, m_bucket, C_in, C_out, *flags.values())
+    run(tuner.pick(x.device, key, shape, run))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Offline compile specs (benchmarks/kernel_report.py)
+# --------------------------------------------------------------------------------------
+
+_I32_ARGS = (
+    "N", "h", "w", "C_in", "C_out",
+    "stride_xn", "stride_xh", "stride_xw", "stride_wt", "stride_wi", "stride_on", "stride_oh", "stride_ow",
+)  # fmt: skip
+_UNIT_STRIDES = ("stride_xc", "stride_wo", "stride_oc")
+
+
+def compile_specs(arch: int) -> list[KernelSpec]:
+    """Every (config, dtype, precision, IN_NORM) the launcher can run on ``arch`` after pruning,
+    with bias and ReLU on (the Keras decoder's form).
+
+    The signature describes the fast path: channels_last activations and a packed weight, whose
+    unit strides Triton specializes to the constant 1; every other stride and size is an
+    ``i32``; bias is fp32. ``extra["attrs"]`` holds the divisibility-by-16 hints the JIT would
+    add at U-Net sizes (``ASTSource``'s fourth argument).
+    """
+    aligned = (
+        "x_ptr", "w_ptr", "b_ptr", "out_ptr", "scale_ptr", "shift_ptr", "C_in", "C_out",
+        "stride_xn", "stride_xh", "stride_xw", "stride_wt", "stride_wi", "stride_on", "stride_oh", "stride_ow",
+    )  # fmt: skip
+    attrs = {(_upconv_nearest2x2_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    flags = ("HAS_BIAS", "RELU", "IN_NORM", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tt = triton_dtype(dtype)
+        elem = torch.empty((), dtype=dtype).element_size()
+        precisions = ("tf32", "ieee") if dtype == torch.float32 else ("ieee",)
+        for precision in precisions:
+            for in_norm in (False, True):
+                for cfg in _usable_configs(arch, elem, precision, in_norm):
+                    signature = {
+                        "x_ptr": f"*{tt}",
+                        "w_ptr": f"*{tt}",
+                        "b_ptr": "*fp32",
+                        "out_ptr": f"*{tt}",
+                        # the training path's BatchNorm vectors are fp64
+                        "scale_ptr": "*fp64" if in_norm else "*fp32",
+                        "shift_ptr": "*fp64" if in_norm else "*fp32",
+                        **{n: "i32" for n in _I32_ARGS},
+                        **{n: "constexpr" for n in _UNIT_STRIDES + flags},
+                    }
+                    constexprs = {
+                        **{n: 1 for n in _UNIT_STRIDES},
+                        "HAS_BIAS": True,
+                        "RELU": True,
+                        "IN_NORM": in_norm,
+                        "INPUT_PRECISION": precision,
+                        **cfg.kwargs,
+                    }
+                    fp32 = dtype == torch.float32
+                    label = f"fp32-{precision}" if fp32 else tt
+                    specs.append(
+                        KernelSpec(
+                            kernel="_upconv_nearest2x2_kernel",
+                            fn=_upconv_nearest2x2_kernel,
+                            signature=signature,
+                            constexprs=constexprs,
+                            num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages,
+                            dtype=tt,
+                            config=_config_name(cfg) + (f"_{precision}" if fp32 else "") + ("_norm" if in_norm else ""),
+                            extra={
+                                "precision": precision if fp32 else None,
+                                "label": label,
+                                "smem_estimate": _smem_bytes(cfg, elem),
+                                # 16-bit and TF32 dots run on wgmma on Hopper; IEEE fp32 on FMA.
+                                "expect_hgmma": tuned_arch(arch) == 90 and label != "fp32-ieee",
+                                "attrs": attrs,
+                            },
+                        )
+                    )
+    return specs
