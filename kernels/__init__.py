@@ -43,15 +43,17 @@ from .conv3x3 import (
 from .conv3x3_wgrad import conv3x3_weight_grad
 from .entry import entry_channels, pad_cast_nhwc
 from .head1x1 import head1x1
+from .head1x1_bwd import head1x1_input_grad, head1x1_weight_grad
 from .maxpool2x2 import maxpool2x2
 from .norm_act_bwd import affine_relu_backward, maxpool2x2_backward
 from .upconv2x2 import pack_upconv2x2_weight, upconv2x2
-from .upconv_head_bwd import head1x1_input_grad, head1x1_weight_grad, upconv2x2_input_grad, upconv2x2_weight_grad
+from .upconv2x2_bwd import upconv2x2_input_grad, upconv2x2_weight_grad
 from .upconv_nearest2x2 import pack_upconv_nearest2x2_weight, upconv_nearest2x2
 
 #: Kernel modules that expose ``compile_specs(arch)`` for the offline compile report (ring 2).
 KERNEL_MODULES = (
     "conv3x3",
+    "conv3x3_tma",
     "bn_stats",
     "bn_train",
     "conv3x3_wgrad",
@@ -60,7 +62,9 @@ KERNEL_MODULES = (
     "upconv_nearest2x2",
     "maxpool2x2",
     "head1x1",
-    "upconv_head_bwd",
+    "upconv2x2_bwd",
+    "head1x1_bwd",
+    "_split_k",
     "entry",
 )
 
