@@ -183,7 +183,9 @@ KERNEL_MODULES = (
     "upconv2x2",
     "maxpool2x2",
     "head1x1",
-    "upconv_head_bwd",
+    "upconv2x2_bwd",
+    "head1x1_bwd",
+    "_split_k",
     "entry",
 )
 PACKAGES = ("fastunet.kernels", "kernels")  # installed package first, then the checkout
