@@ -16,6 +16,18 @@ safetensors file is tensors and a JSON header, nothing else. The weights are the
      "class": "UNet", "in_ch": 3, "out_ch": 1, "base_channels": 64, "depth": 4,
      "out_activation": "sigmoid", "dtype": "float32"}
 
+A model with architecture options other than the classic ones (``model.options``, e.g. a
+``preset="keras"`` model) adds them all under ``"options"``::
+
+    "options": {"upsampling": "nearest_conv", "norm": "none", "conv_bias": true,
+                "concat": "skip_up", "dropout": 0.5, "pre_head": 2, "odd_sizes": "error",
+                "init": "he_normal"}
+
+and ``load_pretrained`` builds the model from them. A classic model's config is the one written
+before options existed, so every config from then loads (as the classic model it was), and the
+classic files this version writes read the same everywhere. An option name this version does not
+know is refused (it would change the architecture silently otherwise).
+
 ``format_version`` is what a reader checks: a directory written by a newer format is refused
 with an error that says so, rather than half-loaded.
 """
@@ -28,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .reference import UNetReference
+from .reference import DEFAULT_OPTIONS, UNetReference
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "CheckpointError", "save_pretrained", "load_pretrained"]
 
@@ -37,6 +49,8 @@ WEIGHTS_NAME = "model.safetensors"
 #: The newest checkpoint format this fastunet writes and reads.
 FORMAT_VERSION = 1
 _ARCH_KEYS = ("in_ch", "out_ch", "base_channels", "depth", "out_activation")
+#: The architecture options recorded under "options" (the others are top-level keys).
+_OPTION_KEYS = tuple(k for k in DEFAULT_OPTIONS if k not in _ARCH_KEYS)
 
 
 class CheckpointError(ValueError):
@@ -63,14 +77,18 @@ def model_config(model: UNetReference) -> dict:
     if not isinstance(model, UNetReference):
         raise TypeError(f"expected a fastunet.UNet or fastunet.UNetReference, got {type(model).__name__}")
     first = model.conv1.conv[0].weight
-    return {
+    config = {
         "format": "fastunet",
         "format_version": FORMAT_VERSION,
         "fastunet_version": _version(),
         "class": type(model).__name__,
         **{key: getattr(model, key) for key in _ARCH_KEYS},
-        "dtype": str(first.dtype).removeprefix("torch."),
     }
+    options = {key: model.options[key] for key in _OPTION_KEYS}
+    if options != {key: DEFAULT_OPTIONS[key] for key in _OPTION_KEYS}:
+        config["options"] = options  # all of them: the file says what it is, whatever the defaults become
+    config["dtype"] = str(first.dtype).removeprefix("torch.")
+    return config
 
 
 def save_pretrained(model: UNetReference, directory: str | os.PathLike) -> Path:
@@ -121,6 +139,15 @@ def read_config(directory: str | os.PathLike) -> dict:
     missing = [key for key in _ARCH_KEYS if key not in config]
     if missing:
         raise CheckpointError(f"{path} lacks the architecture option(s) {', '.join(missing)}")
+    options = config.get("options", {})
+    if not isinstance(options, dict):
+        raise CheckpointError(f'{path}: "options" must be a JSON object of architecture options, got {options!r}')
+    unknown = sorted(set(options) - set(_OPTION_KEYS))
+    if unknown:
+        raise CheckpointError(
+            f"{path} has the architecture option(s) {', '.join(unknown)}, which this fastunet ({_version()}) does not "
+            f"know (it knows {', '.join(_OPTION_KEYS)}): upgrade fastunet to load it"
+        )
     return config
 
 
@@ -174,7 +201,8 @@ def load_pretrained(
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no {WEIGHTS_NAME} next to {CONFIG_NAME} (an interrupted save?)")
-    options = {key: config[key] for key in _ARCH_KEYS}
+    # A config without "options" is a classic model (written before options existed, or classic).
+    options = {**{key: config[key] for key in _ARCH_KEYS}, **config.get("options", {})}
     # Built on the meta device (no random init of weights that are overwritten anyway), then
     # the loaded tensors are assigned as they are: same device, dtype and bits as in the file.
     try:
@@ -190,7 +218,8 @@ def load_pretrained(
     expected = model.state_dict()
     problem = _first_mismatch(expected, state)
     described = f"{cls.__name__}({config['in_ch']}, {config['out_ch']}, base_channels={config['base_channels']}, "
-    described += f"depth={config['depth']})"
+    described += f"depth={config['depth']}"
+    described += "".join(f", {key}={value!r}" for key, value in config.get("options", {}).items()) + ")"
     if problem:
         raise CheckpointError(f"{weights} does not fit {CONFIG_NAME}'s {described}: {problem}")
     model.load_state_dict(state, strict=True, assign=True)
