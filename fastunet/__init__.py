@@ -7,6 +7,7 @@ GPUs its forward runs fused Triton kernels, elsewhere the exact eager math.
 from . import graphs, ops  # noqa: F401  (ops registers torch.ops.fastunet.*)
 from .backend import BACKENDS, get_backend, set_backend
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .convert import accelerate
 from .export import export, export_dynamic_shapes, export_onnx
 from .graphs import CudaGraphRunner
 from .guard import FusedPathWarning, FusedSupport, check_fused_support
@@ -22,6 +23,7 @@ __all__ = [
     "UNet",
     "UNetReference",
     "predict",
+    "accelerate",
     "DoubleConv",
     "NearestConvUp",
     "PRESETS",
