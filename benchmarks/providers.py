@@ -31,6 +31,10 @@ claimed), so a mismatch cannot hide:
                                 after warm-up, replayed with a static input; inference, CUDA)
 =============================== ============================================================
 
+Every provider builds the same architecture: ``ModelConfig.preset`` (``run.py --preset``) is the
+classic model by default, or a named option set of ``fastunet.PRESETS`` (keras, milesial,
+milesial-bilinear), passed to ``UNetReference`` and ``fastunet.UNet`` alike.
+
 Inputs are fp32 (as a data loader delivers them), converted to the provider's layout once,
 outside the timed region. ``eager_fp32_nchw`` takes NCHW, the reference-model rows that
 convert their weights to channels_last take channels_last. The fastunet rows take the same
@@ -54,6 +58,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from flops import TRAINING_FLOP_FACTOR, step_flops
 from timing import synchronize, time_steps
 
 import fastunet
@@ -83,18 +88,30 @@ def compute_precision(dtype_name: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The benchmarked architecture. ``preset``: a key of ``fastunet.PRESETS`` (``"classic"``:
+    the classic model, built without a preset as before); ``dropout``: None keeps the preset's,
+    a number overrides it (training runs of a preset with dropout set 0: a random mask per
+    provider would fail the float64 check)."""
+
     in_ch: int = 3
     out_ch: int = 1
     base_channels: int = 64
     depth: int = 4
     out_activation: str = "sigmoid"
+    preset: str = "classic"
+    dropout: float | None = None
 
     def options(self) -> dict:
-        return {
+        options = {
             "base_channels": self.base_channels,
             "depth": self.depth,
             "out_activation": self.out_activation,
         }
+        if self.preset != "classic":
+            options["preset"] = self.preset
+        if self.dropout is not None:
+            options["dropout"] = self.dropout
+        return options
 
     def flop_config(self) -> dict:
         return {
@@ -136,6 +153,25 @@ class Case:
     @property
     def training(self) -> bool:
         return self.mode == "training"
+
+
+def model_step_flops(cfg: ModelConfig, mode: str, batch: int, size: int) -> int:
+    """FLOPs of one timed step of ``cfg``'s model: ``flops.step_flops`` for the classic model; for
+    a preset, ``torch.utils.flop_counter`` over a forward of the reference model on the meta
+    device (the same convention: 2 x MACs of the convolutions only, so the nearest_conv preset's
+    2x2 convs on the upsampled map count and bilinear upsampling does not)."""
+    if cfg.preset == "classic":
+        return step_flops(mode, **cfg.flop_config(), batch=batch, height=size)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = fastunet.UNetReference(cfg.in_ch, cfg.out_ch, **cfg.options()).eval()
+        x = torch.empty(batch, cfg.in_ch, size, size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    factor = TRAINING_FLOP_FACTOR if mode == "training" else 1
+    return factor * counter.get_total_flops()
 
 
 # --------------------------------------------------------------------------- shared weights

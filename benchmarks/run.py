@@ -7,6 +7,7 @@
     python benchmarks/run.py --device cpu --quick     # no GPU: a < 1 minute smoke run
     python benchmarks/run.py --mode training --dtype bf16 fp16 --batch 8 --size 256
     python benchmarks/run.py --mode predict           # fastunet.predict vs raw tile forwards (and MONAI)
+    python benchmarks/run.py --preset milesial        # the same comparison for milesial's architecture
     python benchmarks/run.py --save                   # results under benchmarks/results/, to commit
 
 Results go to ``--out DIR`` (default: ``<tempdir>/fastunet-bench``, outside the repository),
@@ -68,7 +69,10 @@ JSON (``<out>/<device-slug>_<YYYY-MM-DD>_<mode>[_quick][-N].json``)
 ``cudnn``, ``fastunet``, ``numpy``, ``git_commit`` (null outside a repository with commits).
 
 ``config``: ``mode``, ``device``, ``batches``, ``sizes``, ``dtypes``, ``in_ch``, ``out_ch``,
-``base_channels``, ``depth``, ``out_activation``, ``providers``, ``warmup``, ``reps``,
+``base_channels``, ``depth``, ``preset`` (``--preset``: "classic", "keras", "milesial",
+"milesial-bilinear"; every provider builds that architecture), ``out_activation`` (the
+preset's), ``dropout`` (null: the preset's; 0 in training runs of a preset with dropout),
+``providers``, ``warmup``, ``reps``,
 ``n_inputs`` (as requested; null = chosen per case from the L2 size, see ``cases``), ``quick``,
 ``seed``, ``threads`` (torch intra-op threads), ``layers`` (per-layer table on), ``save``,
 ``backend`` (fastunet backend, always "auto"), ``cudnn_benchmark``, ``cudnn_allow_tf32``,
@@ -146,7 +150,7 @@ import numpy as np
 import predict_case
 import report
 import torch
-from flops import TRAINING_FLOP_FACTOR, step_flops
+from flops import TRAINING_FLOP_FACTOR
 from layers import bench_layer, layer_specs
 from providers import (
     PROVIDER_NAMES,
@@ -159,6 +163,7 @@ from providers import (
     failure_reason,
     make_case,
     make_state_dict,
+    model_step_flops,
 )
 from timing import measure_peaks
 from tqdm import tqdm
@@ -289,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-ch", type=int, default=3, help="input channels")
     p.add_argument("--out-ch", type=int, default=1, help="output channels")
     p.add_argument(
+        "--preset", choices=list(fastunet.PRESETS), default="classic",
+        help="architecture (fastunet.PRESETS), built by every provider: classic, keras (zhixuhao's Keras U-Net), "
+        "milesial / milesial-bilinear (milesial's Pytorch-UNet); its out_activation is the preset's",
+    )  # fmt: skip
+    p.add_argument(
         "--n-inputs", type=int,
         help="input batches to rotate through (default: 3 on CPU; on CUDA enough to exceed twice the L2 cache)",
     )  # fmt: skip
@@ -312,6 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available (use --device cpu)")
     if args.mode == "predict":
+        if args.preset != "classic":
+            p.error("--preset is for --mode inference and training (predict times the classic model)")
         return _predict_args(p, args)
     if args.tile is not None:
         p.error("--tile is for --mode predict")
@@ -462,8 +474,18 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    layers_on = cuda and not args.no_layers
-    cfg = ModelConfig(args.in_ch, args.out_ch, args.base_channels, args.depth)
+    classic = args.preset == "classic"
+    # The per-layer table lists the classic model's layers (flops.unet_layers): classic only.
+    layers_on = cuda and not args.no_layers and classic
+    preset_options = fastunet.PRESETS[args.preset]
+    # Dropout in a training step draws a different mask in every provider and in the float64
+    # reference, so no output could be checked: training runs of such a preset leave it out.
+    no_dropout = args.mode == "training" and preset_options.get("dropout", 0.0) > 0
+    cfg = ModelConfig(
+        args.in_ch, args.out_ch, args.base_channels, args.depth,
+        out_activation=preset_options.get("out_activation", "sigmoid"), preset=args.preset,
+        dropout=0.0 if no_dropout else None,
+    )  # fmt: skip
     providers = [p for p in PROVIDERS if p.name in args.providers]
     info = device_info(device)
 
@@ -479,6 +501,19 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             f"{torch.get_num_threads()} CPU thread(s): a fast check "
             "of the harness"
             + (", not a measurement of the classic 31M-parameter model." if cfg.base_channels != 64 else ".")
+        )
+    if not classic:
+        notes.append(
+            f"--preset {args.preset}: every provider builds UNetReference/UNet(preset={args.preset!r}) "
+            f"({', '.join(f'{k}={v!r}' for k, v in preset_options.items())}); FLOPs counted with "
+            "torch.utils.flop_counter on that model; the targets are judged on the classic model only"
+            + ("; no per-layer table (it lists the classic model's layers)" if cuda and not args.no_layers else "")
+            + "."
+        )
+    if no_dropout:
+        notes.append(
+            f"training with --preset {args.preset}: dropout set to 0 (a random mask per provider would make "
+            "the float64 output check meaningless); its cost is not in these timings."
         )
     if not cuda:
         notes.append(
@@ -531,7 +566,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 case, case_error = None, f"case setup (inputs, float64 reference) failed: {failure_reason(exc)}"
                 _release(device)
             bar.update(1)
-            flops = step_flops(args.mode, **cfg.flop_config(), batch=batch, height=size)
+            flops = model_step_flops(cfg, args.mode, batch, size)
             case_rows = []
             for provider in providers:
                 bar.set_postfix_str(f"{label}: {provider.name}")
@@ -583,7 +618,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "out_ch": cfg.out_ch,
             "base_channels": cfg.base_channels,
             "depth": cfg.depth,
+            "preset": cfg.preset,
             "out_activation": cfg.out_activation,
+            "dropout": cfg.dropout,
             "providers": [p.name for p in providers],
             "warmup": args.warmup,
             "reps": args.reps,
@@ -607,6 +644,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "notes": notes,
     }
     result["targets"] = report.evaluate_targets(result)
+    if not classic:  # the targets are about the classic model
+        for target in result["targets"]:
+            if target["result"] in ("PASS", "FAIL"):
+                target["result"] = "not judged"
+                target["detail"] = f"measured on --preset {cfg.preset}; the target is the classic model's"
 
     print_report(result)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -642,7 +684,9 @@ def print_report(result: dict) -> None:
         rows = [r for r in result["rows"] if report.case_key(r) == key]
         print(
             f"\n== {case['mode']}, batch {case['batch']}, {case['size']}x{case['size']}, {case['dtype']}: "
-            f"UNet({cfg['in_ch']}, {cfg['out_ch']}, base_channels={cfg['base_channels']}), "
+            f"UNet({cfg['in_ch']}, {cfg['out_ch']}, base_channels={cfg['base_channels']}"
+            + (f", preset={cfg['preset']!r}" if cfg.get("preset", "classic") != "classic" else "")
+            + "), "
             f"{case['gflop_per_step']:.2f} GFLOP/step, {case['n_inputs']} rotating inputs =="
         )
         print(report.provider_table(rows, cuda=cuda))

@@ -574,3 +574,64 @@ def _provider(name):
     import providers
 
     return next(p for p in providers.PROVIDERS if p.name == name)
+
+
+# --------------------------------------------------------------------------- --preset
+def test_preset_flops_follow_the_classic_convention():
+    """A preset's FLOPs come from torch's flop counter on the preset's model; milesial's
+    transposed-conv model has the classic model's convolutions (bias-free, which FLOPs ignore),
+    so both counts must agree, and a training step is 3 forwards as for the classic model."""
+    classic = providers.ModelConfig(base_channels=4, depth=2)
+    milesial = providers.ModelConfig(base_channels=4, depth=2, out_activation="none", preset="milesial")
+    for mode in ("inference", "training"):
+        want = flops.step_flops(mode, **classic.flop_config(), batch=2, height=32)
+        assert providers.model_step_flops(classic, mode, 2, 32) == want
+        assert providers.model_step_flops(milesial, mode, 2, 32) == want
+    keras = providers.ModelConfig(base_channels=4, depth=2, preset="keras")
+    # nearest_conv: each 2x2 up conv runs on the upsampled map (4x the transposed conv's MACs)
+    assert providers.model_step_flops(keras, "inference", 1, 32) > flops.step_flops(
+        "inference", **classic.flop_config(), batch=1, height=32
+    )
+
+
+def test_every_provider_builds_the_presets_model():
+    """Building a provider does not run or compile it: each model is read off as built."""
+    cfg = providers.ModelConfig(base_channels=4, depth=2, out_activation="none", preset="milesial-bilinear")
+    sd = providers.make_state_dict(cfg, torch.device("cpu"), seed=0)
+    case = providers.make_case(
+        cfg, sd, mode="inference", batch=1, size=16, dtype_name="fp32", device=torch.device("cpu"), n_inputs=1, seed=1
+    )
+    for name in ("eager_fp32_nchw", "eager_cl", "compile_default", "compile_max_autotune", "fastunet",
+                 "fastunet_compile"):  # fmt: skip
+        model = _provider(name).build(case).model
+        assert model.preset == "milesial-bilinear" and model.upsampling == "bilinear", name
+        assert model.out_activation == "none" and isinstance(model, fastunet.UNet) == name.startswith("fastunet")
+
+
+@pytest.mark.parametrize("mode, preset", [("inference", "milesial"), ("training", "keras")])
+def test_preset_run_records_the_preset(monkeypatch, tmp_path, capsys, mode, preset):
+    """``--preset`` end to end (tiny model, eager providers): the JSON records the preset, its
+    activation and dropout (0 in a keras training run: a random mask per provider could not be
+    checked), the FLOPs of that model, and no target is judged on it."""
+    args = ["--device", "cpu", "--mode", mode, "--preset", preset, "--batch", "2", "--size", "64", "--dtype", "fp32",
+            "--base-channels", "4", "--depth", "2", "--warmup", "1", "--reps", "2", "--out", str(tmp_path),
+            "--providers", "eager_fp32_nchw", "eager_cl"]  # fmt: skip
+    assert run.main(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    cfg = result["config"]
+    assert cfg["preset"] == preset and f"preset={preset!r}" in out and f"--preset {preset}" in out
+    assert cfg["out_activation"] == fastunet.PRESETS[preset]["out_activation"]
+    assert cfg["dropout"] == (0.0 if mode == "training" else None)
+    model_cfg = providers.ModelConfig(3, 1, 4, 2, preset=preset)
+    assert result["cases"][0]["gflop_per_step"] * 1e9 == providers.model_step_flops(model_cfg, mode, 2, 64)
+    for row in result["rows"]:
+        if row["provider"] in ("eager_fp32_nchw", "eager_cl"):
+            assert row["status"] == "ok", row
+    assert all(t["result"] in ("not measured", "not judged") for t in result["targets"])
+
+
+def test_preset_is_refused_in_predict_mode(capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--mode", "predict", "--preset", "keras"])
+    assert "--preset is for --mode inference and training" in capsys.readouterr().err
