@@ -61,6 +61,8 @@ __all__ = [
     "conv3x3_bn_act",
     "conv3x3_bn_act_head",
     "conv3x3_bn_stats",
+    "conv3x3_up_bn_act",
+    "conv3x3_up_bn_stats",
     "pack_conv3x3_weight",
 ]
 
@@ -80,6 +82,58 @@ _EPI_BLOCK_M, _EPI_BLOCK_N, _EPI_WARPS = 64, 64, 4
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bilinear_tile(
+    src_ptr, s_ptr, t_ptr, img_off, uh, uw, c, c_ok, a_mask, ratio_h, ratio_w, low_h, low_w,
+    stride_c, stride_h, stride_w, NORM: tl.constexpr,
+):  # fmt: skip
+    """A ``[BLOCK_M, BLOCK_K]`` tile of U = bilinear x2 (align_corners=True) of the source, in the
+    source's dtype, zero where ``a_mask`` is false (the pad and the conv's padding).
+
+    img_off [BLOCK_M] int64 image offsets, uh/uw [BLOCK_M] U coordinates, c/c_ok [BLOCK_K] the
+    channels. torch's formula (upsample_bilinear2d): src = dst * ratio, i0 = min(int(src),
+    low - 1), i1 = i0 + (i0 < low - 1), l1 = clamp(src - i0, 0, 1), l0 = 1 - l1, and
+    out = l0h * (l0w * v00 + l1w * v01) + l1h * (l0w * v10 + l1w * v11) in fp32. With NORM each
+    neighbour goes through ``relu(v * s + t)`` first: the network interpolates the activated map.
+    """
+    # Masked rows may hold negative coordinates: clamp so the index math stays in range (their
+    # loads are masked off anyway).
+    sh = tl.maximum(uh, 0).to(tl.float32) * ratio_h  # [BLOCK_M]
+    sw = tl.maximum(uw, 0).to(tl.float32) * ratio_w  # [BLOCK_M]
+    h0 = tl.minimum(sh.to(tl.int32), low_h - 1)
+    w0 = tl.minimum(sw.to(tl.int32), low_w - 1)
+    h1 = h0 + (h0 < low_h - 1).to(tl.int32)
+    w1 = w0 + (w0 < low_w - 1).to(tl.int32)
+    lh1 = tl.minimum(tl.maximum(sh - h0.to(tl.float32), 0.0), 1.0)[:, None]  # [BLOCK_M, 1]
+    lw1 = tl.minimum(tl.maximum(sw - w0.to(tl.float32), 0.0), 1.0)[:, None]
+    lh0 = 1.0 - lh1
+    lw0 = 1.0 - lw1
+    r0 = img_off + h0.to(tl.int64) * stride_h  # [BLOCK_M]
+    r1 = img_off + h1.to(tl.int64) * stride_h
+    q0 = w0.to(tl.int64) * stride_w
+    q1 = w1.to(tl.int64) * stride_w
+    col = (c.to(tl.int64) * stride_c)[None, :]  # [1, BLOCK_K]
+    v00 = tl.load(src_ptr + (r0 + q0)[:, None] + col, mask=a_mask, other=0.0).to(tl.float32)
+    v01 = tl.load(src_ptr + (r0 + q1)[:, None] + col, mask=a_mask, other=0.0).to(tl.float32)
+    v10 = tl.load(src_ptr + (r1 + q0)[:, None] + col, mask=a_mask, other=0.0).to(tl.float32)
+    v11 = tl.load(src_ptr + (r1 + q1)[:, None] + col, mask=a_mask, other=0.0).to(tl.float32)
+    if NORM:
+        s = tl.load(s_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
+        t = tl.load(t_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        # ReLU as a select: NaN passes, as in torch.relu.
+        v00 = v00 * s + t
+        v00 = tl.where(v00 < 0.0, 0.0, v00)
+        v01 = v01 * s + t
+        v01 = tl.where(v01 < 0.0, 0.0, v01)
+        v10 = v10 * s + t
+        v10 = tl.where(v10 < 0.0, 0.0, v10)
+        v11 = v11 * s + t
+        v11 = tl.where(v11 < 0.0, 0.0, v11)
+    v = lh0 * (lw0 * v00 + lw1 * v01) + lh1 * (lw0 * v10 + lw1 * v11)  # [BLOCK_M, BLOCK_K]
+    # Zero padding after the transform: relu(0 * s + t) is not 0.
+    return tl.where(a_mask, v, 0.0).to(src_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -109,9 +163,16 @@ def _accumulate_source(
     co_mask,
     H,
     W,
+    up_h,
+    up_w,
+    pad_top,
+    pad_left,
+    low_h,
+    low_w,
     SMALL_C: tl.constexpr,
     DENSE_C: tl.constexpr,
     NORM: tl.constexpr,
+    GEO: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -126,12 +187,32 @@ def _accumulate_source(
     (the model's zero-padded entry, 16 bytes per pixel); its strides are then compile-time
     multiples of DENSE_C and the channel index a constant-divisor remainder, so each pixel's
     DENSE_C channels of a tap load as one 16-byte vector instead of DENSE_C scalar loads.
+
+    GEO (general mode only; 0 for a source of the output's size): the source is the decoder's
+    up-sampled map U, which never exists as a tensor. U is ``up_h x up_w`` and sits at
+    (pad_top, pad_left) of the H x W output grid, zero outside (milesial's odd-size pad), so a
+    tap reads U[ih - pad_top, iw - pad_left] under that window's mask. GEO == 1: U is the source
+    itself (``low_h x low_w`` = ``up_h x up_w``). GEO == 2: U = bilinear x2 (align_corners=True)
+    of the ``low_h x low_w`` source, computed on the load from its four neighbours (NORM applied
+    to each before interpolating, as the network interpolates the activated map).
     """
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     # The pixel part of every A address in int64: a batch of feature maps can exceed 2^31
     # elements even though each index fits in int32.
     if DENSE_C > 0:
         pix_off = ((img.to(tl.int64) * H + oh) * W + ow) * DENSE_C
+    elif GEO == 1:
+        # The window's origin: U[oh - pad_top, ow - pad_left] (masked where it falls outside).
+        pix_off = (
+            img.to(tl.int64) * stride_n + (oh - pad_top).to(tl.int64) * stride_h
+            + (ow - pad_left).to(tl.int64) * stride_w
+        )  # fmt: skip
+    elif GEO == 2:
+        img_off = img.to(tl.int64) * stride_n  # [BLOCK_M]
+        # align_corners=True: U row r samples source row r * (low_h - 1) / (up_h - 1) (up_h =
+        # 2 * low_h >= 2), as torch computes it: an fp32 scale times the integer index.
+        ratio_h = (low_h - 1).to(tl.float32) / (up_h - 1).to(tl.float32)
+        ratio_w = (low_w - 1).to(tl.float32) / (up_w - 1).to(tl.float32)
     else:
         pix_off = img.to(tl.int64) * stride_n + oh.to(tl.int64) * stride_h + ow.to(tl.int64) * stride_w
     w_co = offs_co * stride_wo  # [BLOCK_N]
@@ -168,22 +249,36 @@ def _accumulate_source(
             kw = tap - kh * 3
             ih = oh + (kh - 1)  # [BLOCK_M]
             iw = ow + (kw - 1)  # [BLOCK_M]
-            # Out-of-image taps read as zero: this mask is the padding.
-            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if GEO == 0:
+                # Out-of-image taps read as zero: this mask is the padding.
+                row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            else:
+                # U's window inside the image: outside it both the odd-size pad and the conv's
+                # own padding read as zero (pad_top, pad_left >= 0 and the window fits in H x W).
+                uh = ih - pad_top  # [BLOCK_M] row of U
+                uw = iw - pad_left  # [BLOCK_M]
+                row_ok = m_mask & (uh >= 0) & (uh < up_h) & (uw >= 0) & (uw < up_w)
             a_mask = row_ok[:, None] & c_ok[None, :]
-            row_off = pix_off + ((kh - 1) * stride_h + (kw - 1) * stride_w)  # [BLOCK_M]
-            a_ptrs = src_ptr + row_off[:, None] + (c.to(tl.int64) * stride_c)[None, :]
+            if GEO != 2:
+                row_off = pix_off + ((kh - 1) * stride_h + (kw - 1) * stride_w)  # [BLOCK_M]
+                a_ptrs = src_ptr + row_off[:, None] + (c.to(tl.int64) * stride_c)[None, :]
             w_k = (c_base + c) * stride_wi + (kh * stride_wh + kw * stride_ww)  # [BLOCK_K]
             b_mask = c_ok[:, None] & co_mask[None, :]
             ch, ch_ok = c, c_ok
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
-        if NORM:
-            s = tl.load(s_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-            t = tl.load(t_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-            a_n = a.to(tl.float32) * s[None, :] + t[None, :]
-            # ReLU as a select: NaN passes, as in torch.relu (a GPU's max.f32 would make it 0).
-            a_n = tl.where(a_n < 0.0, 0.0, a_n)
-            a = tl.where(a_mask, a_n, 0.0).to(src_ptr.dtype.element_ty)
+        if GEO == 2:
+            a = _bilinear_tile(
+                src_ptr, s_ptr, t_ptr, img_off, uh, uw, c, c_ok, a_mask, ratio_h, ratio_w, low_h, low_w,
+                stride_c, stride_h, stride_w, NORM,
+            )  # fmt: skip
+        else:
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
+            if NORM:
+                s = tl.load(s_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+                t = tl.load(t_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+                a_n = a.to(tl.float32) * s[None, :] + t[None, :]
+                # ReLU as a select: NaN passes, as in torch.relu (a GPU's max.f32 would make it 0).
+                a_n = tl.where(a_n < 0.0, 0.0, a_n)
+                a = tl.where(a_mask, a_n, 0.0).to(src_ptr.dtype.element_ty)
         b = tl.load(w_ptr + w_k[:, None] + w_co[None, :], mask=b_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
@@ -194,9 +289,12 @@ def _accumulate_source(
 # 16). What scales with it (M, the split-K slice stride M * C_out) stays a multiple of 16 at U-Net
 # sizes whatever N is, so its specialization holds across batches and is kept.
 _BATCH_ARGS = ("N",)
+# The decoder geometry (odd-size pads of 0 or 1, odd map sizes): specializing on 1 or on
+# divisibility by 16 would only multiply compiled variants; the index math does not gain from it.
+_GEOMETRY_ARGS = ("up_h", "up_w", "pad_top", "pad_left", "low_h", "low_w")
 
 
-@triton.jit(do_not_specialize=_BATCH_ARGS)
+@triton.jit(do_not_specialize=_BATCH_ARGS + _GEOMETRY_ARGS)
 def _conv3x3_bn_act_kernel(
     x_ptr,
     x2_ptr,
@@ -235,11 +333,19 @@ def _conv3x3_bn_act_kernel(
     stride_ow,
     stride_os,
     stride_hk,
+    up_h,
+    up_w,
+    pad_top,
+    pad_left,
+    low_h,
+    low_w,
     HAS_X2: tl.constexpr,
     SMALL_C: tl.constexpr,
     DENSE_C: tl.constexpr,
     NORM1: tl.constexpr,
     NORM2: tl.constexpr,
+    UP1: tl.constexpr,
+    UP2: tl.constexpr,
     STATS: tl.constexpr,
     RELU: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -273,6 +379,13 @@ def _conv3x3_bn_act_kernel(
                   applied with a ReLU to a raw source as it is loaded (NORM1 / NORM2)
         stat_ptr  [3, cdiv(M, BLOCK_M), C_out] fp32 (STATS): per row tile, the mean of the
                   stored outputs as mu0 + corr, and the sum of squared deviations from it
+
+    The decoder's up-sampled source (``UP1`` for x, ``UP2`` for x2; at most one set; general K
+    mode only): 1 = that source is ``[N, C, up_h, up_w]``, read zero-padded to H x W with
+    ``pad_top`` rows above and ``pad_left`` columns left of it; 2 = that source is the low-res
+    ``[N, C, low_h, low_w]`` map and U = its bilinear x2 (align_corners=True, up_h = 2 low_h,
+    up_w = 2 low_w), computed on the load, then placed the same way. Neither U nor the padded
+    map is ever written. ``up_h`` .. ``low_w`` are ignored when both are 0.
 
     GEMM: M = N*H*W (< 2^31), N = C_out, K = 9*(C1+C2) ordered (tap, channel), channel fastest.
     FLOPs: 2*N*H*W*9*(C1+C2)*C_out. Minimum bytes moved: (N*H*W*(C1+C2) + 9*(C1+C2)*C_out +
@@ -323,16 +436,16 @@ def _conv3x3_bn_act_kernel(
         acc, x_ptr, w_ptr, xs_ptr, xt_ptr, C1, 0, min(lo, iters1), min(hi, iters1),
         stride_xn, stride_xc, stride_xh, stride_xw,
         stride_wo, stride_wi, stride_wh, stride_ww,
-        img, oh, ow, m_mask, offs_co, co_mask, H, W,
-        SMALL_C, DENSE_C, NORM1, DOT_PRECISION, BLOCK_K,
+        img, oh, ow, m_mask, offs_co, co_mask, H, W, up_h, up_w, pad_top, pad_left, low_h, low_w,
+        SMALL_C, DENSE_C, NORM1, UP1, DOT_PRECISION, BLOCK_K,
     )  # fmt: skip
     if HAS_X2:
         acc = _accumulate_source(
             acc, x2_ptr, w_ptr, x2s_ptr, x2t_ptr, C2, C1, max(lo, iters1) - iters1, max(hi, iters1) - iters1,
             stride_x2n, stride_x2c, stride_x2h, stride_x2w,
             stride_wo, stride_wi, stride_wh, stride_ww,
-            img, oh, ow, m_mask, offs_co, co_mask, H, W,
-            SMALL_C, 0, NORM2, DOT_PRECISION, BLOCK_K,
+            img, oh, ow, m_mask, offs_co, co_mask, H, W, up_h, up_w, pad_top, pad_left, low_h, low_w,
+            SMALL_C, 0, NORM2, UP2, DOT_PRECISION, BLOCK_K,
         )  # fmt: skip
 
     out_row = img.to(tl.int64) * stride_on + oh.to(tl.int64) * stride_oh + ow.to(tl.int64) * stride_ow  # [BLOCK_M]
@@ -643,10 +756,12 @@ def pack_conv3x3_weight(weight: Tensor, dtype: torch.dtype | None = None) -> Ten
     return packed.permute(3, 2, 0, 1)
 
 
-def _check_conv_inputs(x, weight, scale, shift, x2):
+def _check_conv_inputs(x, weight, scale, shift, x2, hw=None):
     """Validate the conv operands; returns (N, C1, C2, H, W, C_out). Raises ValueError/TypeError.
 
-    On every launch's path: comparisons first, messages only when something is wrong."""
+    ``hw``: the output's (H, W) when one source is the decoder's up-sampled map (its own spatial
+    size differs; ``_up_operands`` has checked its geometry): the sources' spatial sizes are then
+    not compared. On every launch's path: comparisons first, messages only when something is wrong."""
     if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(scale, Tensor)):
         for name, t in (("x", x), ("weight", weight), ("scale", scale)):
             if not isinstance(t, Tensor):
@@ -659,12 +774,14 @@ def _check_conv_inputs(x, weight, scale, shift, x2):
     if x.dim() != 4:
         raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
     n, c1, h, w = x.shape
+    if hw is not None:
+        h, w = hw
     c2 = 0
     dev = x.device
     if x2 is not None:
         if x2.dtype != x.dtype:
             raise TypeError(f"x2 dtype {x2.dtype} differs from x dtype {x.dtype}")
-        if x2.dim() != 4 or (x2.shape[0], x2.shape[2], x2.shape[3]) != (n, h, w):
+        if x2.dim() != 4 or x2.shape[0] != n or (hw is None and (x2.shape[2], x2.shape[3]) != (h, w)):
             raise ValueError(f"x2 must be [N, C2, H, W] = [{n}, C2, {h}, {w}], got {tuple(x2.shape)}")
         c2 = x2.shape[1]
         if x2.device != dev:
@@ -741,9 +858,14 @@ def _pick_split_k(device: torch.device, m: int, c_out: int, k_iters: int) -> int
     return max(1, min(sms // tiles, k_iters // 16, 8))
 
 
-def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=None, norms=(None, None), stats=None):
+def _launch(
+    x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=None, norms=(None, None), stats=None, up=None
+):
     """Launch the conv kernel with the tuner's config (a fixed small tile in the interpreter).
 
+    ``up``: None, or ``(source, mode, up_h, up_w, pad_top, pad_left, low_h, low_w)`` from
+    ``_up_operands``: source 1 (x) or 2 (x2) is the decoder's up-sampled map read through that
+    geometry (mode 1: padded, 2: bilinear x2 then padded; the kernel's ``UP1``/``UP2``).
     ``norms``: (scale, shift) or None per source; ``stats``: a callable ``rows -> [3, rows, C_out]``
     fp32 workspace when the epilogue must write BatchNorm partials. Returns ``(out, partials,
     BLOCK_M)`` when ``stats`` is given (BLOCK_M of the config this launch used: the rows per
@@ -754,7 +876,12 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
     if m == 0:
         return out
     device = x.device
-    small_c = _use_small_c(c1, c2 if x2 is not None else 0)
+    # The geometry is read per pixel row in the general K mode only (channel runs per tap).
+    small_c = up is None and _use_small_c(c1, c2 if x2 is not None else 0)
+    if up is None:
+        up_src, up_mode, geometry = 0, 0, (h, w, 0, 0, h, w)
+    else:
+        up_src, up_mode, geometry = up[0], up[1], up[2:]
     x2_t = x2 if x2 is not None else x
     x2_strides = x2.stride() if x2 is not None else (0, 0, 0, 0)
     if head is not None:
@@ -787,13 +914,14 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
         HEAD_KP=next_pow2(max(head_k, 1)), HEAD_ACT=head_act,
         DOT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M,
     )  # fmt: skip
+    up_flags = {"UP1": up_mode if up_src == 1 else 0, "UP2": up_mode if up_src == 2 else 0}
     m_bucket = bucket(m)
 
     def shape():
         return {
             "variant": variant, "elem": x.element_size(), "M": m_bucket, "C1": c1, "C2": c2, "C_out": c_out,
             "SMALL_C": small_c, "training": norm1 is not None or norm2 is not None or stats is not None,
-            "dense": flags["DENSE_C"] > 0,
+            "dense": flags["DENSE_C"] > 0, "bilinear": up_mode == 2,
         }  # fmt: skip
 
     def run(cfg, partials=None):
@@ -801,13 +929,15 @@ def _launch(x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=
             partials = stats(cdiv(m, cfg.BLOCK_M)) if stats is not None else scale
         args = (
             x, x2_t, weight, scale, shift, dst, hw, hb, xs, xt, x2s, x2t, partials, n, h, w, c1, c2, c_out,
-            *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0),
+            *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0), *geometry,
         )  # fmt: skip
         grid = (cdiv(m, cfg.BLOCK_M) * cdiv(c_out, cfg.BLOCK_N), split_k)
-        launch(_conv3x3_bn_act_kernel, grid, args, {**flags, **launch_meta(cfg)})
+        launch(_conv3x3_bn_act_kernel, grid, args, {**flags, **up_flags, **launch_meta(cfg)})
         return partials
 
     key = (x.dtype, m_bucket, c1, c2, c_out, *flags.values())
+    if up is not None:  # the plain convs keep their tuning keys
+        key += (f"up{up_src}.{up_mode}",)
     cfg = _TUNERS[variant].pick(device, key, shape, run)
     partials = run(cfg)
     if ws is not None:
@@ -952,10 +1082,15 @@ def conv3x3_bn_stats(
     var [C_out] float32 of z *as stored* (after rounding to x.dtype), over N*H*W values,
     deterministic. N*H*W must be >= 1.
     """
+    return _bn_stats(x, x2, weight, bias, x_norm, x2_norm, out)
+
+
+def _bn_stats(x, x2, weight, bias, x_norm, x2_norm, out, up=None, hw=None):
+    """``conv3x3_bn_stats`` (and, with ``up``/``hw`` from ``_up_operands``, ``conv3x3_up_bn_stats``)."""
     if not isinstance(bias, Tensor):
         raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
     ones = torch.ones_like(bias) if bias.dtype == torch.float32 else bias
-    dims = _check_conv_inputs(x, weight, ones, bias, x2)
+    dims = _check_conv_inputs(x, weight, ones, bias, x2, hw)
     n, c1, c2, h, w, c_out = dims
     if n * h * w == 0:
         raise ValueError("batch statistics need at least one output pixel (N*H*W >= 1)")
@@ -973,9 +1108,108 @@ def conv3x3_bn_stats(
     def workspace(rows: int) -> Tensor:
         return torch.empty((3, rows, c_out), device=x.device, dtype=torch.float32)
 
-    out, partials, block_m = _launch(x, x2, weight, ones, bias, out, dims, relu=False, norms=norms, stats=workspace)
+    out, partials, block_m = _launch(
+        x, x2, weight, ones, bias, out, dims, relu=False, norms=norms, stats=workspace, up=up
+    )  # fmt: skip
     mean, var = bn_stats_finalize(partials, n * h * w, block_m)
     return out, mean, var
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder's first conv: an up-sampled source that never exists
+# --------------------------------------------------------------------------------------------
+
+
+def _up_operands(skip, up, up_first, bilinear):
+    """Map ``(skip, up)`` to the kernel's ``(x, x2, up, hw)``: the sources in concat order, the
+    geometry tuple ``_launch`` takes (None when U is ``up`` itself at the skip's size: the plain
+    two-source conv, whose code and tuning are then exactly ``conv3x3_bn_act``'s) and the output size.
+
+    U = bilinear_x2(up) if ``bilinear`` else up, ``[N, C_up, Hu, Wu]`` with Hu <= H, Wu <= W of
+    the skip; milesial's pad puts ``(H - Hu) // 2`` zero rows above it and ``(W - Wu) // 2``
+    columns left of it (the rest below / right)."""
+    for name, t in (("skip", skip), ("up", up)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [N, C, H, W], got shape {tuple(t.shape)}")
+    n, _, h, w = skip.shape
+    low_h, low_w = up.shape[2], up.shape[3]
+    up_h, up_w = (2 * low_h, 2 * low_w) if bilinear else (low_h, low_w)
+    if up.shape[0] != n:
+        raise ValueError(f"up has batch {up.shape[0]}, skip has {n}")
+    if min(low_h, low_w) < 1 or up_h > h or up_w > w:
+        what = "bilinear x2 of up" if bilinear else "up"
+        raise ValueError(
+            f"the {what} must be non-empty and fit in the skip's {h}x{w}, got {up_h}x{up_w} (up {low_h}x{low_w})"
+        )
+    x, x2 = (up, skip) if up_first else (skip, up)
+    if not bilinear and (up_h, up_w) == (h, w):
+        return x, x2, None, (h, w)
+    geometry = (1 if up_first else 2, 2 if bilinear else 1, up_h, up_w, (h - up_h) // 2, (w - up_w) // 2, low_h, low_w)
+    return x, x2, geometry, (h, w)
+
+
+def conv3x3_up_bn_act(
+    skip: Tensor,
+    up: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    *,
+    up_first: bool,
+    bilinear: bool,
+    relu: bool = True,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The decoder's first conv, ``act(scale * conv3x3(cat(...), weight) + shift)``, reading its
+    up-sampled half U through a geometry instead of a tensor.
+
+    skip   [N, C_s, H, W]; up [N, C_u, h, w]: the up-sampled source when ``bilinear`` is false
+           (h <= H, w <= W), else the low-res map whose bilinear x2 (align_corners=True) is U
+           (2h <= H, 2w <= W). Any strides; NHWC is fast, channel slices are fine.
+    U is zero-padded to H x W, ``(H - Hu) // 2`` rows on top and ``(W - Wu) // 2`` columns on the
+    left (milesial's ``F.pad``), as a load mask; the conv input is ``cat([U, skip])`` if
+    ``up_first`` else ``cat([skip, U])``. Neither U nor the padded map is ever written.
+    weight [C_out, C_s + C_u, 3, 3] in concat order (``pack_conv3x3_weight`` for speed),
+    scale/shift [C_out] float32, out optional [N, C_out, H, W] (channels_last x.dtype when
+    omitted). Returns out. Cost over the plain two-source conv: the mask only when padding; four
+    loads and a lerp per element of U's K range when bilinear (see ``compile_specs``' tags).
+    """
+    x, x2, geometry, hw = _up_operands(skip, up, up_first, bilinear)
+    dims = _check_conv_inputs(x, weight, scale, shift, x2, hw)
+    n, _, _, h, w, c_out = dims
+    if out is None:
+        out = torch.empty((n, c_out, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    else:
+        _check_out(out, (n, c_out, h, w), x.dtype, x.device)
+    return _launch(x, x2, weight, scale, shift, out, dims, relu=relu, up=geometry)
+
+
+def conv3x3_up_bn_stats(
+    skip: Tensor,
+    up: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    *,
+    up_first: bool,
+    bilinear: bool,
+    skip_norm: tuple[Tensor, Tensor] | None = None,
+    up_norm: tuple[Tensor, Tensor] | None = None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training form of ``conv3x3_up_bn_act``: ``z = conv3x3(cat(...), weight) + bias`` and
+    z's BatchNorm batch statistics, as ``conv3x3_bn_stats``.
+
+    skip, up, up_first, bilinear: as in ``conv3x3_up_bn_act``. skip_norm [C_s] / up_norm [C_u]:
+    None or (scale, shift) fp32/fp64; ``relu(v * scale + shift)`` is applied to every value read
+    (for up: to each low-res neighbour before interpolating, as the network up-samples the
+    activated map), the zero padding after it. bias [C_out] float32. Returns ``(z, mean, var)``:
+    z [N, C_out, H, W] in x.dtype, mean and biased var [C_out] float32 of z as stored.
+    """
+    x, x2, geometry, hw = _up_operands(skip, up, up_first, bilinear)
+    x_norm, x2_norm = (up_norm, skip_norm) if up_first else (skip_norm, up_norm)
+    return _bn_stats(x, x2, weight, bias, x_norm, x2_norm, out, geometry, hw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1009,7 +1243,7 @@ def _divisibility_attrs(fn, signature: dict[str, str], not_divisible=()) -> dict
     """``tt.divisibility=16`` on every pointer and int except ``not_divisible``: what the launcher
     derives for 16-byte aligned NHWC tensors whose channel counts are multiples of 16 (the U-Net's
     inner layers). The batch-dependent ints are left out: the kernel does not specialize them."""
-    skip = {*_BATCH_ARGS, *not_divisible}
+    skip = {*_BATCH_ARGS, *_GEOMETRY_ARGS, *not_divisible}
     return {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
