@@ -219,6 +219,11 @@ _IEEE_CONFIGS = {
 # spill; and the fp32 A tile of IN_NORM is held in registers between its load and the dot.
 _MAX_WORDS_PER_THREAD_FP32 = 96
 _MAX_NORM_A_WORDS_PER_THREAD = 32
+# 4-byte operands with IN_NORM (the per-tap row masks and the transform's fp32 tile on top):
+# the sm_90 compile report spilled at 80 words (BM128_BN64_BK16 IEEE, 255 registers) and 96
+# (BM64_BN128_BK64 TF32) with 4 warps, and reached 254 registers at 72; 64 leaves headroom
+# for other Triton versions.
+_MAX_NORM_WORDS_PER_THREAD_FP32 = 64
 
 # The interpreter does not autotune: one small config keeps CPU runs quick.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
@@ -249,6 +254,8 @@ def _usable_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool = 
         if elem_bytes == 4 and words > _MAX_WORDS_PER_THREAD_FP32:
             continue
         if in_norm and k["BLOCK_M"] * k["BLOCK_K"] > _MAX_NORM_A_WORDS_PER_THREAD * 32 * c.num_warps:
+            continue
+        if in_norm and elem_bytes == 4 and words > _MAX_NORM_WORDS_PER_THREAD_FP32:
             continue
         usable.append(c)
     return usable or [min(candidates, key=lambda c: _smem_bytes(c, elem_bytes))]

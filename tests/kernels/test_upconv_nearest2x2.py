@@ -1,0 +1,366 @@
+"""Keras' nearest x2 upsample + 2x2 'same' conv (``upconv_nearest2x2``) vs the float64 eager
+``conv2d(pad(interpolate(x, 2, 'nearest'), (0, 1, 0, 1)), W, b)``: the launcher (interpreter on
+CPU), the op ``torch.ops.fastunet.upconv_nearest2x2`` (opcheck, ``torch.compile``, gradients vs
+float64 autograd of the reference) and the kernel's offline sm_90 compile (slow).
+
+Every launcher case writes into a NaN-poisoned output, so an element the kernel skips fails the
+comparison; channel-slice outputs also check that the neighbouring channels stay NaN. Odd h, w
+put the zero padding row/column next to real pixels of every phase; C_in and C_out are not
+multiples of the interpreter's 16/32 blocks.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, max_rel_error, poisoned_like, tolerance_name
+
+try:  # the installed package (pip install -e .)
+    kernel_module = importlib.import_module("fastunet.kernels.upconv_nearest2x2")
+except ModuleNotFoundError:  # a plain checkout: the kernels package sits at the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    kernel_module = importlib.import_module("kernels.upconv_nearest2x2")
+compile_specs = kernel_module.compile_specs
+pack = kernel_module.pack_upconv_nearest2x2_weight
+upconv_nearest2x2 = kernel_module.upconv_nearest2x2
+
+import fastunet.ops.upconv_nearest2x2 as op_module  # noqa: E402  (registers the op)
+
+pytestmark = pytest.mark.upconv
+
+OP = torch.ops.fastunet.upconv_nearest2x2
+ON_GPU = torch.cuda.is_available()
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(not ON_GPU, reason="the Triton interpreter's bf16 tl.dot is broken; CUDA only"),
+    ),
+]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def reference(x, weight, bias, relu=False, scale=None, shift=None):
+    """The definition, in float64: nearest x2, TF 'same' (bottom/right) zero pad, 2x2 conv."""
+    x = x.double()
+    if scale is not None:
+        x = torch.relu(x * scale.double()[None, :, None, None] + shift.double()[None, :, None, None])
+    u = F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (0, 1, 0, 1))
+    y = F.conv2d(u, weight.double(), None if bias is None else bias.double())
+    return torch.relu(y) if relu else y
+
+
+def make_input(shape, dtype, device, layout):
+    """``shape`` (NCHW) in ``layout``: "nhwc", "nchw", or "slice" (channels 2.. of a wider
+    channels_last buffer)."""
+    n, c, h, w = shape
+    if layout == "slice":
+        buf = torch.randn(n, c + 5, h, w, device=device).to(dtype, memory_format=torch.channels_last)
+        return buf[:, 2 : 2 + c]
+    x = torch.randn(shape, device=device).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x.contiguous()
+
+
+def make_output(shape, dtype, device, layout):
+    """A NaN-filled destination and the buffer that holds it (wider for "slice")."""
+    n, c, h, w = shape
+    if layout == "slice":
+        buf = torch.full((n, c + 4, h, w), float("nan"), device=device, dtype=dtype)
+        buf = buf.contiguous(memory_format=torch.channels_last)
+        return buf[:, 1 : 1 + c], buf
+    out = poisoned_like(torch.empty(shape, device=device, dtype=dtype))
+    return out, out
+
+
+def make_norm(c, device):
+    """fp32 ``(scale, shift)``, scales of both signs and shifts of both signs: relu(shift) > 0 on
+    some channels, so a padding row filled before the transform would show."""
+    sign = torch.where(torch.arange(c, device=device) % 2 == 0, 1.0, -1.0)
+    return (torch.rand(c, device=device) + 0.25) * sign, torch.randn(c, device=device)
+
+
+def materialized_norm(x, scale, shift):
+    """``T(x)`` in fp32 (fp64 for fp64 x) rounded to x's dtype, as a separate BatchNorm+ReLU would store it."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.relu(x.to(acc) * scale.to(acc)[None, :, None, None] + shift.to(acc)[None, :, None, None]).to(x.dtype)
+
+
+def run_case(shape, c_out, dtype, device, *, in_layout="nhwc", out_layout="nhwc", packed=True, bias=True,
+             relu=True, norm=False):  # fmt: skip
+    n, c_in, h, w = shape
+    x = make_input(shape, dtype, device, in_layout)
+    weight = torch.randn(c_out, c_in, 2, 2, device=device).mul_((4 * c_in) ** -0.5).to(dtype)
+    b = torch.randn(c_out, device=device) if bias else None
+    out, buf = make_output((n, c_out, 2 * h, 2 * w), dtype, device, out_layout)
+    kwargs, xin = {}, x
+    if norm:
+        kwargs["in_scale"], kwargs["in_shift"] = make_norm(c_in, device)
+        xin = materialized_norm(x, kwargs["in_scale"], kwargs["in_shift"])
+    w_arg = pack(weight, dtype) if packed else weight
+    got = upconv_nearest2x2(x, w_arg, b, relu=relu, **kwargs, out=out)
+    assert got is out
+    what = f"upconv_nearest2x2 {tuple(shape)}->{c_out} {dtype} in={in_layout} out={out_layout} norm={norm}"
+    # The packed blocks are sums of up to 4 weights rounded once to x's dtype; the reference
+    # convolves the unrounded sum of the rounded weights: within a 16-bit dot's own rounding.
+    assert_close(got, reference(xin, weight, b, relu), tolerance_name(dtype), what)
+    if out_layout == "slice":
+        assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + c_out :]).all(), "wrote outside its slice"
+
+
+# --------------------------------------------------------------------------------------------- launcher
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+@pytest.mark.parametrize(
+    "shape, c_out",
+    [((1, 3, 5, 7), 37), ((2, 37, 3, 5), 3), ((1, 19, 4, 6), 33), ((1, 1, 1, 1), 2)],
+    ids=["b1-c3-5x7", "b2-c37-3x5", "b1-c19-4x6", "1x1"],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(shape, c_out, dtype, packed, device):
+    run_case(shape, c_out, dtype, device, packed=packed)
+
+
+@pytest.mark.parametrize("out_layout", ["nhwc", "slice"])
+@pytest.mark.parametrize("in_layout", ["nhwc", "nchw", "slice"])
+def test_layouts(in_layout, out_layout, device):
+    run_case((2, 19, 3, 5), 7, torch.float16, device, in_layout=in_layout, out_layout=out_layout)
+
+
+@pytest.mark.parametrize("in_layout", ["nhwc", "slice"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_matches_reference(in_layout, dtype, device):
+    # relu(shift) > 0 on half the channels: the padding row/column must stay 0 after the transform.
+    run_case((2, 37, 3, 5), 5, dtype, device, in_layout=in_layout, out_layout=in_layout, norm=True)
+
+
+@pytest.mark.parametrize("bias, relu", [(False, False), (True, False), (False, True)])
+def test_bias_and_relu_flags(bias, relu, device):
+    run_case((1, 5, 3, 3), 6, torch.float32, device, bias=bias, relu=relu)
+
+
+def _all_gpu_tiles():
+    lists = [*kernel_module._CONFIGS.values(), *kernel_module._IEEE_CONFIGS.values()]
+    tiles = {tuple(sorted(c.kwargs.items())) for configs in lists for c in configs}
+    return [dict(t) for t in sorted(tiles)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the autotuner already runs every config")
+@pytest.mark.parametrize("tile", _all_gpu_tiles(), ids=lambda t: "-".join(map(str, t.values())))
+def test_every_gpu_tile_in_interpreter(tile, device, monkeypatch):
+    # Each GPU tile size once: partial M, K and N tiles and BLOCK_N > C_out for every shape a GPU uses.
+    monkeypatch.setattr(kernel_module, "_INTERPRETER_CONFIG", tile)
+    run_case((2, 70, 5, 7), 70, torch.float16, device, norm=True)
+
+
+def test_pack_layout_and_values():
+    weight = torch.randn(5, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    packed = pack(weight)
+    assert packed.shape == (9, 3, 5) and packed.is_contiguous()
+    W = lambda a, b: weight[:, :, a, b].T  # noqa: E731  [C_in, C_out]
+    expected = [
+        W(0, 0) + W(0, 1) + W(1, 0) + W(1, 1),  # phase (0, 0)
+        W(0, 0) + W(1, 0), W(0, 1) + W(1, 1),  # phase (0, 1): taps (0, 0), (0, 1)
+        W(0, 0) + W(0, 1), W(1, 0) + W(1, 1),  # phase (1, 0): taps (0, 0), (1, 0)
+        W(0, 0), W(0, 1), W(1, 0), W(1, 1),  # phase (1, 1)
+    ]  # fmt: skip
+    torch.testing.assert_close(packed, torch.stack(expected), rtol=0, atol=0)
+    assert kernel_module.PHASE_BASE == op_module._PHASE_BASE
+    assert [kernel_module.PHASE_BASE[p] + kernel_module.PHASE_TAPS[p] for p in range(3)] == list(
+        kernel_module.PHASE_BASE[1:]
+    )
+    torch.testing.assert_close(op_module._pack(weight, torch.float64), packed, rtol=0, atol=0)
+    packed.sum().backward()  # differentiable: W00 appears in 4 blocks, W11 in 4, W01 and W10 in 4
+    assert torch.equal(weight.grad, torch.full_like(weight, 4.0))
+
+
+def test_default_output_is_channels_last(device):
+    x = make_input((1, 3, 5, 7), torch.float32, device, "nchw")
+    out = upconv_nearest2x2(x, torch.randn(4, 3, 2, 2, device=device), None)
+    assert out.shape == (1, 4, 10, 14) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"x": torch.randn(2, 3, 4)}, ValueError),
+        ({"x": torch.randn(1, 3, 4, 4, dtype=torch.float64)}, TypeError),
+        ({"weight": torch.randn(5, 4, 2, 2)}, ValueError),
+        ({"weight": torch.randn(5, 3, 3, 3)}, ValueError),
+        ({"weight": torch.randn(8, 3, 5)}, ValueError),
+        ({"weight": torch.randn(9, 3, 5, dtype=torch.float16)}, TypeError),
+        ({"bias": torch.randn(4)}, ValueError),
+        ({"bias": torch.ones(5, dtype=torch.int32)}, TypeError),
+        ({"out": torch.empty(1, 5, 4, 4)}, ValueError),
+        ({"out": torch.empty(1, 5, 8, 8, dtype=torch.float16)}, TypeError),
+        ({"in_scale": torch.ones(3)}, ValueError),
+        ({"in_scale": torch.ones(5), "in_shift": torch.ones(5)}, ValueError),
+    ],
+    ids=["x-3d", "x-fp64", "w-cin", "w-3x3", "packed-9", "packed-dtype", "bias-shape", "bias-int", "out-shape",
+         "out-dtype", "scale-only", "norm-c-out"],  # fmt: skip
+)
+def test_launcher_rejects_bad_arguments(change, error, device):
+    args = {"x": torch.randn(1, 3, 4, 4), "weight": torch.randn(9, 3, 5), "bias": torch.randn(5), "out": None}
+    args.update(change)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    x, weight, bias = args.pop("x"), args.pop("weight"), args.pop("bias")
+    with pytest.raises(error):
+        upconv_nearest2x2(x, weight, bias, **args)
+
+
+def test_compile_specs_cover_every_dtype():
+    for arch in (80, 90):
+        specs = compile_specs(arch)
+        assert len(specs) <= 40, "keep ring 2 to tens of specs"
+        assert {(s.dtype, s.constexprs["IN_NORM"]) for s in specs} == {
+            (d, n) for d in ("fp32", "fp16", "bf16") for n in (False, True)
+        }
+        for s in specs:
+            assert set(s.signature) == set(s.fn.arg_names)
+            assert all(s.signature[k] == "constexpr" for k in s.constexprs)
+
+
+# --------------------------------------------------------------------------------------------- the op
+def op_args(shape, c_out, dtype, *, packed=False, norm=False, bias=True, requires_grad=False):
+    """Op arguments: parameters in float32 (float64 for float64 x), as the model holds them."""
+    n, c_in, h, w = shape
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 2, 2, dtype=pdt).mul_((4 * c_in) ** -0.5)
+    if packed:
+        weight = pack(weight, dtype)
+    b = torch.randn(c_out, dtype=pdt) if bias else None
+    scale, shift = [v.to(pdt) for v in make_norm(c_in, "cpu")] if norm else (None, None)
+    tensors = [x, weight, b, scale, shift]
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_(True)
+    return tensors
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("packed", [False, True], ids=["param", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_op_forward(dtype, packed, norm):
+    # float32/float16 run the kernel (interpreter), float64 the eager per-phase composite.
+    x, weight, b, s, t = op_args((2, 5, 3, 5), 7, dtype, packed=packed, norm=norm)
+    y = OP(x, weight, b, True, s, t)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    xin = x if s is None else materialized_norm(x, s, t)
+    if packed:  # no 2x2 kernel to compare with: the float64 composite of the same packed blocks
+        expected = op_module._composite(xin.double(), weight.double(), b.double(), True, None, None)
+    else:
+        expected = reference(xin, weight.to(dtype), b, relu=True)
+    assert_close(y, expected, tolerance_name(dtype), f"op {dtype} packed={packed} norm={norm}")
+
+
+def test_op_composite_matches_reference_without_interpreter(monkeypatch):
+    # CPU without TRITON_INTERPRET (and float64 anywhere): the eager per-phase composite.
+    monkeypatch.setattr(op_module, "_use_kernels", lambda x: False)
+    x, weight, b, s, t = op_args((2, 4, 3, 5), 6, torch.float32, norm=True)
+    y = OP(x, weight, b, False, s, t)
+    assert_close(y, reference(materialized_norm(x, s, t), weight, b), "fp32", "composite")
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("packed", [False, True], ids=["param", "packed"])
+def test_opcheck(packed, norm):
+    args = op_args((1, 3, 3, 3), 4, torch.float32, packed=packed, norm=norm, requires_grad=True)
+    torch.library.opcheck(OP, (args[0], args[1], args[2], True, args[3], args[4]))
+    torch.library.opcheck(OP, (args[0].detach(), args[1].detach(), None, False))
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gradients_match_reference(dtype, norm):
+    """x, weight, bias (and in_scale, in_shift) gradients vs float64 autograd of the reference,
+    with ReLU on (its mask comes from the op's own output)."""
+    x, weight, b, s, t = op_args((2, 5, 3, 5), 6, dtype, norm=norm, requires_grad=True)
+    y = OP(x, weight, b, True, s, t)
+    g = torch.randn_like(y, dtype=torch.float64)
+    grads = torch.autograd.grad(y, [v for v in (x, weight, b, s, t) if v is not None], g.to(dtype))
+    leaves = [v.detach().double().requires_grad_() for v in (x, weight, b, s, t) if v is not None]
+    ref = reference(leaves[0], leaves[1], leaves[2], True, *(leaves[3:] if norm else (None, None)))
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+    names = ["x", "weight", "bias", "in_scale", "in_shift"]
+    for name, got, exp in zip(names, grads, ref_grads, strict=False):
+        assert_close(got, exp, "fp64" if dtype == torch.float64 else "fp32", f"d{name} {dtype} norm={norm}")
+
+
+def test_packed_weight_gradient():
+    """A packed weight's gradient is its blocks' gradient: chained through ``pack`` it equals the
+    parameter's."""
+    x, weight, b, _, _ = op_args((1, 3, 3, 5), 4, torch.float64, requires_grad=True)
+    packed = pack(weight)
+    g = torch.randn(1, 4, 6, 10, dtype=torch.float64)
+    (gp,) = torch.autograd.grad(OP(x, packed, b, False), packed, g)
+    (gw_chain,) = torch.autograd.grad(packed, weight, gp)
+    (gw,) = torch.autograd.grad(OP(x, weight, b, False), weight, g)
+    assert_close(gw_chain, gw, "fp64", "packed -> parameter chain")
+
+
+def test_torch_compile_fullgraph():
+    x, weight, b, s, t = op_args((1, 3, 3, 5), 4, torch.float32, norm=True, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, weight, b, s, t):
+        return OP(x, weight, b, True, s, t).sum()
+
+    f(x, weight, b, s, t).backward()
+    got = [v.grad.clone() for v in (x, weight, b, s, t)]
+    for v in (x, weight, b, s, t):
+        v.grad = None
+    OP(x, weight, b, True, s, t).sum().backward()
+    for got_g, v in zip(got, (x, weight, b, s, t), strict=True):
+        torch.testing.assert_close(got_g, v.grad, rtol=0, atol=0)
+
+
+def test_op_rejects_bad_arguments():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="weight must be"):
+        OP(x, torch.randn(5, 4, 2, 2), None, False)
+    with pytest.raises(ValueError, match="bias must be"):
+        OP(x, torch.randn(5, 3, 2, 2), torch.randn(4), False)
+    with pytest.raises(ValueError, match="in_scale"):
+        OP(x, torch.randn(5, 3, 2, 2), None, False, torch.ones(3), None)
+
+
+def test_reports_worst_errors(capsys):
+    """The figures for the closing notes: worst relative error per dtype of kernel and op backward."""
+    rows = {}
+    for dtype in (torch.float32, torch.float16):
+        x, weight, b, s, t = op_args((2, 37, 5, 7), 19, dtype, norm=True)
+        y = OP(x, weight, b, True, s, t)
+        rows[str(dtype)] = max_rel_error(y, reference(materialized_norm(x, s, t), weight.to(dtype), b, True))
+    with capsys.disabled():
+        print("\nupconv_nearest2x2 worst max|err|/max|ref|:", json.dumps(rows))
+    assert rows["torch.float32"] < 1e-5 and rows["torch.float16"] < 1e-2
+
+
+# --------------------------------------------------------------------------------------------- ring 2
+@pytest.mark.slow
+@pytest.mark.compile
+def test_offline_compile_sm90(tmp_path):
+    """Every spec compiled for sm_90 offline: no spills, shared memory within the limit, HGMMA in
+    every 16-bit and TF32 spec (``benchmarks/kernel_report.py``'s checks)."""
+    out = tmp_path / "sm90.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--arch", "90", "--quiet", "--no-modules",
+        "--provider", f"{kernel_module.__name__}:compile_specs", "--json", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"{proc.stderr[-4000:]}\n{proc.stdout[-1000:]}"
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(compile_specs(90))
+    assert all(r["spills"] == 0 for r in rows), [r for r in rows if r["spills"]]
+    assert all(r["hgmma"] for r in rows if r["dtype"] in ("fp16", "bf16")), "16-bit specs without HGMMA"
+
