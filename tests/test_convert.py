@@ -604,3 +604,15 @@ def test_accelerate_refuses_what_it_does_not_recognise():
     m.conv2.conv[0] = nn.Conv2d(4, 8, 3, padding=1, bias=False)
     with pytest.raises(TypeError, match="conv2.conv.0 has no 'bias'"):
         accelerate(m)
+
+
+def test_readme_convert_block_runs(tmp_path):
+    """README's 'Other U-Nets' example runs as written: shared tensors, one optimizer step moves
+    both models, and the saved state_dict loads into the original with strict=True."""
+    from test_readme import readme_blocks, run_block
+
+    (code,) = readme_blocks("convert")
+    ns, _ = run_block(code, tmp_path)
+    net, fast = ns["net"], ns["fast"]
+    assert all(p is q for p, q in zip(net.parameters(), fast.parameters(), strict=True))
+    net.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True), strict=True)
