@@ -68,6 +68,7 @@ from .norm_act_bwd import affine_relu_backward, maxpool2x2_backward
 from .tape import OpsNamespace, Tape, direct, run_taped
 from .tape import _Untaped as _Untaped
 from .upconv2x2 import upconv2x2, upconv2x2_input_grad, upconv2x2_weight_grad
+from .upconv_nearest2x2 import upconv_nearest2x2 as upconv_nearest2x2
 
 __all__ = [
     "OpsNamespace",
