@@ -113,3 +113,87 @@ def ctas_per_sm(regs: int, num_warps: int, smem: int) -> tuple[int, int]:
     by_regs = min(_SM90_REGS // (per_warp * num_warps), _SM90_MAX_WARPS // num_warps, _SM90_MAX_CTAS)
     by_smem = _SM90_SMEM // (max(smem, 0) + _SM90_SMEM_RESERVED)
     return by_regs, min(by_smem, _SM90_MAX_CTAS)
+
+
+# --------------------------------------------------------------------------------------------
+# Before/after table of the conv main loop (README, issue 14)
+# --------------------------------------------------------------------------------------------
+
+_FORMS = {
+    "x": "one source",
+    "x2": "fused concat",
+    "x2_norm2_stats": "training, decoder",
+    "x_norm1_stats": "training, encoder",
+}
+
+
+def _tile_form(config: str) -> tuple[str, str] | None:
+    """``("M128_N64_K64_w4_s4", "x2")`` from a pointer (``..._main_x2_blockc``) or TMA
+    (``..._tma_x2``) conv spec name; None for the other variants (small C, split, head)."""
+    for sep in ("_main_", "_tma_"):
+        if sep in config:
+            tile, form = config.split(sep, 1)
+            form = form.replace("_blockc", "")
+            return (tile, form) if form in _FORMS else None
+    return None
+
+
+def compare_table(before: list[dict], after: list[dict], dtype: str = "fp16") -> str:
+    """Markdown: per form, each pointer tile (``before``: the report's JSON rows of
+    ``_conv3x3_bn_act_kernel``) beside the TMA tile of the same BLOCK_M x BLOCK_N (``after``:
+    rows of ``_conv3x3_tma_kernel``): instructions per HGMMA, registers, CTAs/SM by registers
+    and by shared memory, UTMALDG, and the after/before ratio."""
+
+    def index(rows):
+        out = {}
+        for r in rows:
+            tf = _tile_form(r["config"]) if r["dtype"] == dtype else None
+            if tf:
+                out[tf] = r
+        return out
+
+    def mn(tile):
+        m, n = tile.split("_")[:2]
+        return m, n
+
+    b, a = index(before), index(after)
+    lines = [
+        "| form | pointer tile | ins/HGMMA | regs | CTAs/SM (regs/smem) | TMA tile | ins/HGMMA | regs "
+        "| CTAs/SM (regs/smem) | UTMALDG | after/before |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|",
+    ]
+    for form in _FORMS:
+        tiles = sorted({t for t, f in b if f == form}, key=lambda t: (-int(t[1:4].rstrip("_")), t))
+        tma_tiles = [t for t, f in a if f == form]
+        used = set()
+        for tile in tiles:
+            match = next((t for t in tma_tiles if mn(t) == mn(tile)), None)
+            rb, ra = b[(tile, form)], a.get((match, form)) if match else None
+            used.add(match)
+            cells = [_FORMS[form], tile, f"{rb['insts_per_hgmma']:.1f}", str(rb["regs"]),
+                     f"{rb['ctas_regs']}/{rb['ctas_smem']}"]  # fmt: skip
+            if ra:
+                ratio = ra["insts_per_hgmma"] / rb["insts_per_hgmma"] if rb["insts_per_hgmma"] else 0.0
+                ctas = f"{ra['ctas_regs']}/{ra['ctas_smem']}"
+                cells += [match, f"{ra['insts_per_hgmma']:.1f}", str(ra["regs"]), ctas]
+                cells += ["yes" if ra["tma"] else "no", f"{ratio:.2f}x"]
+            else:
+                cells += ["-", "-", "-", "-", "-", "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        for t in tma_tiles:
+            if t not in used:
+                ra = a[(t, form)]
+                cells = [_FORMS[form], "-", "-", "-", "-", t, f"{ra['insts_per_hgmma']:.1f}", str(ra["regs"]),
+                         f"{ra['ctas_regs']}/{ra['ctas_smem']}", "yes" if ra["tma"] else "no", "-"]  # fmt: skip
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/sass_metrics.py RESULTS.json  (benchmarks/results/conv_main_loop_sm90.json)")
+    data = json.loads(open(sys.argv[1]).read())
+    print(compare_table(data["before"], data["after"]))

@@ -31,6 +31,12 @@ The rule (``rule_pick``): the first candidate in list order (lists are written l
 first) whose grid fills every SM at least once; if none does, the candidate with the most
 tiles. Deterministic for a given GPU model.
 
+One list may hold the configs of more than one kernel: ``conv3x3``'s main list on sm_90 ends
+with the TMA-fed variant's ``conv3x3_tma.TmaConfig`` entries (names ``..._TMA1_P0_...``), and its
+launcher dispatches on the type of the pick. Such alternatives go at the end of a list, so the
+rule, which picks without timing, keeps its old answer; an alternative is only ever chosen by
+being timed faster on this GPU (or forced), which is why adding one cannot make a shape slower.
+
 Settings, read when a pick is missing (never per launch): ``FASTUNET_AUTOTUNE`` ("0" = rule
 only), ``FASTUNET_CACHE_DIR`` (default ``~/.cache/fastunet``).
 

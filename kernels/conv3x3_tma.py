@@ -51,6 +51,7 @@ offline report.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -564,7 +565,9 @@ def compile_specs(arch: int) -> list[KernelSpec]:
 
     16-bit dtypes (fp32 runs the pointer variant's TF32 path in the lists; the TMA variant is
     compiled for fp16/bf16, where the tensor cores are fed by it), geometry ``(1, BLOCK_M)`` (a
-    row run, what the U-Net's full-resolution layers use), C1/C2/C_out multiples of 16.
+    row run, what the U-Net's full-resolution layers use) and, for the inference forms of the
+    64/128-pixel tiles, ``(BLOCK_M / 16, 16)`` (whole rows of a 16-pixel-wide map); C1/C2/C_out
+    multiples of 16.
     Descriptors appear in the signature as ``tensordesc<dtype[box]>``. Training forms where
     ``fits_training`` holds (the encoder's NORM1 form too, though the tuner does not time it:
     its static metric is kept in the report as the evidence for ``candidate_ok``).
@@ -577,11 +580,15 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         for cfg in TMA_CONFIGS_SM90:
             if cfg.persistent:
                 continue  # the same binary as the non-persistent launch (only the grid differs)
-            bh, bw = 1, cfg.BLOCK_M
-            for has_x2, norm1, norm2, stats in _SPEC_MODES:
+            # A run of one row (the full-resolution layers); for the inference forms of the
+            # 64/128-pixel tiles also whole 16-pixel rows (the 16x16 bottleneck of a 256 input).
+            geometries = [(1, cfg.BLOCK_M)] + ([(cfg.BLOCK_M // 16, 16)] if cfg.BLOCK_M <= 128 else [])
+            for (bh, bw), (has_x2, norm1, norm2, stats) in itertools.product(geometries, _SPEC_MODES):
                 training = norm1 or norm2 or stats
                 if training and not fits_training(cfg):
                     continue  # pruned at run time (spills)
+                if bh > 1 and training:
+                    continue  # the geometry does not change the training forms' loop
                 constexprs = dict(
                     HAS_X2=has_x2, NORM1=norm1, NORM2=norm2, STATS=stats, RELU=not stats,
                     DOT_PRECISION="ieee", BH=bh, BW=bw, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=_GROUP_M,
@@ -612,7 +619,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                     if sig[name] in ("i32", "*fp32", "*fp64") and name != "N"
                 }
                 flags = (("norm1", norm1), ("norm2", norm2), ("stats", stats))
-                tags = ["x2" if has_x2 else "x"] + [t for t, on in flags if on]
+                tags = ["x2" if has_x2 else "x"] + [t for t, on in flags if on] + ([f"rows{bw}"] if bh > 1 else [])
                 specs.append(
                     KernelSpec(
                         kernel=fn.__name__,
