@@ -191,12 +191,14 @@ _CONFIGS = {
         _cfg(128, 64, 64, 4, 4),
         _cfg(64, 128, 64, 4, 4),
         _cfg(64, 64, 64, 4, 3),
+        _cfg(64, 64, 32, 4, 3),  # the training form's fp32 tile (see _NORM_SPILLS)
     ],
     80: [
         _cfg(128, 128, 32, 4, 4),
         _cfg(128, 64, 32, 4, 4),
         _cfg(64, 128, 32, 4, 4),
         _cfg(64, 64, 64, 4, 3),
+        _cfg(64, 64, 32, 4, 3),  # the training form's fp32 tile (see _NORM_SPILLS)
     ],
 }
 
@@ -224,6 +226,9 @@ _MAX_NORM_A_WORDS_PER_THREAD = 32
 # (BM64_BN128_BK64 TF32) with 4 warps, and reached 254 registers at 72; 64 leaves headroom
 # for other Triton versions.
 _MAX_NORM_WORDS_PER_THREAD_FP32 = 64
+# IN_NORM tiles the sm_80 compile report (triton 3.9) found spilling below the register limit
+# (168 registers, 12-24 bytes), as (tuned arch, config name, element bytes).
+_NORM_SPILLS = {(80, "BM64_BN128_BK32_w4_s4", 2), (80, "BM64_BN64_BK64_w4_s3", 4)}
 
 # The interpreter does not autotune: one small config keeps CPU runs quick.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
@@ -256,6 +261,8 @@ def _usable_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool = 
         if in_norm and k["BLOCK_M"] * k["BLOCK_K"] > _MAX_NORM_A_WORDS_PER_THREAD * 32 * c.num_warps:
             continue
         if in_norm and elem_bytes == 4 and words > _MAX_NORM_WORDS_PER_THREAD_FP32:
+            continue
+        if in_norm and (tuned_arch(arch), _config_name(c), elem_bytes) in _NORM_SPILLS:
             continue
         usable.append(c)
     return usable or [min(candidates, key=lambda c: _smem_bytes(c, elem_bytes))]
