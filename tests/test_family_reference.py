@@ -183,7 +183,7 @@ _MILESIAL_CASES = [
     for bilinear, base in ((False, 4), (True, 4), (True, 3))
     for size in ((32, 32), (23, 29), (64, 64), (37, 53))
 ] + [(False, 2, (23, 29)), (True, 2, (32, 32))]
-_MILESIAL_QUICK = {(False, 2, (23, 29)), (True, 2, (32, 32)), (True, 3, (23, 29))}
+_MILESIAL_QUICK = {(False, 2, (23, 29)), (True, 3, (23, 29))}
 
 
 def _milesial_id(case):
@@ -312,8 +312,10 @@ def compare_keras(base: int, size: tuple[int, int], out_ch: int = 1) -> dict[str
     errors = {}
     with torch.no_grad():
         y_ours, y_keras = ours.eval()(x), keras_unet(x, params, training=False)
+    # the sigmoid squeezes the differences a wrong wiring makes: compare the logits as well
     assert_close(y_ours, y_keras, TOL, "eval output")
-    errors["eval"] = max_rel_error(y_ours, y_keras)
+    assert_close(torch.logit(y_ours), torch.logit(y_keras), TOL, "eval logits")
+    errors["eval"] = max_rel_error(torch.logit(y_ours), torch.logit(y_keras))
 
     ours.train()
     torch.manual_seed(1234)
@@ -321,7 +323,8 @@ def compare_keras(base: int, size: tuple[int, int], out_ch: int = 1) -> dict[str
     torch.manual_seed(1234)
     y_keras = keras_unet(x, params, training=True)
     assert_close(y_ours, y_keras, TOL, "train output (dropout)")
-    errors["train"] = max_rel_error(y_ours, y_keras)
+    assert_close(torch.logit(y_ours), torch.logit(y_keras), TOL, "train logits (dropout)")
+    errors["train"] = max_rel_error(torch.logit(y_ours), torch.logit(y_keras))
     # dropout was active: the same weights without it give something else
     with torch.no_grad():
         assert not torch.allclose(y_keras, keras_unet(x, params, training=False))
@@ -546,6 +549,19 @@ def test_pad_centres_the_upsampled_map():
     # 2x2 into 5x6: dy = 3 -> 1 row before, 2 after; dx = 4 -> 2 columns each side
     padded = fastunet.reference.pad_to(torch.ones(1, 1, 2, 2), torch.empty(1, 1, 5, 6))
     assert padded[0, 0].nonzero().min(0).values.tolist() == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["keras", "milesial", "milesial-bilinear"])
+def test_presets_compile_fullgraph(preset):
+    """Every option's forward traces as one graph (the odd-size padding included) and computes
+    what the eager model does."""
+    model = UNetReference(3, 2, preset=preset, base_channels=2).double().eval()
+    size = (23, 29) if model.odd_sizes == "pad" else (32, 16)
+    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_close(compiled(x), model(x), TOL, f"torch.compile {preset}")
 
 
 # ---------------------------------------------------------------- the classic model unchanged
