@@ -14,6 +14,7 @@ import copy
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -236,6 +237,21 @@ def test_from_keras_loads_each_layout_exactly(tmp_path, layout):
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+KERAS_FILES = Path(__file__).resolve().parent / "data" / "keras_unet"
+
+
+@pytest.mark.parametrize("name", ["unet.weights.h5", "unet_full.h5", "unet_weights_legacy.h5"])
+def test_from_keras_reads_files_written_by_keras(name, eager_backend):
+    """Files saved by real Keras 3.15.1 (zhixuhao's unet() at depth 2, width 2, 2 input channels;
+    see data/keras_unet/make_fixtures.py): the loaded model reproduces Keras' own predictions."""
+    model = fastunet.UNet.from_keras(KERAS_FILES / name).eval()
+    assert (model.in_ch, model.out_ch, model.base_channels, model.depth, model.preset) == (2, 1, 2, 2, "keras")
+    x = torch.from_numpy(np.load(KERAS_FILES / "x_nhwc.npy")).permute(0, 3, 1, 2)
+    want = torch.from_numpy(np.load(KERAS_FILES / "y_nhwc.npy")).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        assert_close(model(x), want.double(), "fp32", f"from_keras({name}) vs Keras' predict")
 
 
 def test_from_keras_other_widths_depths_and_the_default_class(tmp_path, eager_backend):
