@@ -346,7 +346,8 @@ def from_milesial(
 
     ``n_channels``, ``n_classes`` and the width come from the shapes (``inc.double_conv.0.weight``
     ``[64, n_channels, 3, 3]``, ``outc.conv.weight`` ``[n_classes, 64, 1, 1]``). The model keeps
-    milesial's behaviour: ``cat([skip, up])``, BatchNorm, bias-free 3x3 convs, and any H, W
+    milesial's behaviour: ``cat([skip, up])``, BatchNorm, bias-free 3x3 convs (biased ones for a
+    checkpoint of his code before v3.0, which has ``inc.double_conv.0.bias``), and any H, W
     (``odd_sizes="pad"``). Key map: ``inc.double_conv.X`` -> ``conv1.conv.X``,
     ``down{i}.maxpool_conv.1.double_conv.X`` -> ``conv{i+1}.conv.X``, ``up{j}.up.*`` ->
     ``up{j+5}.*``, ``up{j}.conv.double_conv.X`` -> ``conv{j+5}.conv.X``, ``outc.conv.*`` ->
@@ -361,7 +362,7 @@ def from_milesial(
         sd, where = state_dict_or_path, "the state_dict"
     if not isinstance(sd, dict):
         raise TypeError(f"from_milesial expects a state_dict (a dict of tensors) or its path; got {type(sd).__name__}")
-    inferred = {"in_ch", "out_ch", "base_channels", "depth", "preset", "upsampling"}
+    inferred = {"in_ch", "out_ch", "base_channels", "depth", "preset", "upsampling", "conv_bias"}
     bad = sorted(inferred & set(options))
     if bad:
         raise TypeError(f"from_milesial: {bad} come from the checkpoint; leave them out")
@@ -389,7 +390,9 @@ def from_milesial(
     first, head = sd["inc.double_conv.0.weight"], sd["outc.conv.weight"]
     in_ch, base, out_ch = int(first.shape[1]), int(first.shape[0]), int(head.shape[0])
     preset = "milesial-bilinear" if bilinear else "milesial"
-    model = cls(in_ch, out_ch, preset=preset, base_channels=base, depth=depth, **options)
+    # Versions of his DoubleConv before v3.0 gave the 3x3 convs a bias.
+    conv_bias = "inc.double_conv.0.bias" in sd
+    model = cls(in_ch, out_ch, preset=preset, base_channels=base, depth=depth, conv_bias=conv_bias, **options)
     if isinstance(first, torch.Tensor) and first.is_floating_point():
         model.to(device=first.device, dtype=first.dtype)  # the checkpoint's, as load_state_dict would not
     desc = f"milesial UNet(n_channels={in_ch}, n_classes={out_ch}, bilinear={bool(bilinear)})"
@@ -484,7 +487,7 @@ def _recognise(model: nn.Module) -> tuple[int, int, dict, dict[str, str], str]:
         depth = sum(1 for name in children if re.fullmatch(r"down\d+", name))
         bilinear = isinstance(up, nn.Upsample)
         options = {"preset": "milesial-bilinear" if bilinear else "milesial", "base_channels": first.out_channels,
-                   "depth": depth}  # fmt: skip
+                   "depth": depth, "conv_bias": first.bias is not None}  # fmt: skip
         return first.in_channels, head.out_channels, options, _milesial_paths(depth), "milesial"
     if "conv1" in children and "pool1" in children:
         depth = sum(1 for name in children if re.fullmatch(r"pool\d+", name))

@@ -321,14 +321,16 @@ def test_from_keras_errors_name_the_problem(tmp_path):
 
 
 class _MDoubleConv(nn.Module):
+    bias = False  # True: his DoubleConv before v3.0 (biased 3x3 convs)
+
     def __init__(self, in_channels, out_channels, mid_channels=None):
         super().__init__()
         mid_channels = mid_channels or out_channels
         self.double_conv = nn.Sequential(
-            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
+            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=self.bias),
             nn.BatchNorm2d(mid_channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=self.bias),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
@@ -435,6 +437,18 @@ def test_from_milesial_matches_milesial_forward(tmp_path, bilinear):
             x = torch.randn(2, 3, *size, dtype=torch.float64)
             with torch.no_grad():
                 assert_close(model(x), src(x), "fp64", f"from_milesial bilinear={bilinear} {size}")
+
+
+def test_milesial_before_v3_with_conv_biases(monkeypatch, eager_backend):
+    """Checkpoints and models of milesial's code before v3.0 have biased 3x3 convs: conv_bias=True."""
+    monkeypatch.setattr(_MDoubleConv, "bias", True)
+    src = _milesial(False, seed=7)
+    assert "inc.double_conv.0.bias" in src.state_dict()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    for model in (from_milesial(src.state_dict(), cls=UNetReference).eval(), accelerate(src)):
+        assert model.conv_bias is True
+        with torch.no_grad():
+            assert_close(model(x), src(x), "fp64", f"biased milesial via {type(model).__name__}")
 
 
 def test_from_milesial_detects_the_mode_and_checks_an_explicit_one():
