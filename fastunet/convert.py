@@ -35,11 +35,12 @@ bottom/right (what ``NearestConvUp`` does for the 2x2 up conv), and 1 on each si
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -517,6 +518,7 @@ class _RenameKeys:
     def __init__(self, mapping: dict[str, str], order: Sequence[str] | None = None, metadata: dict | None = None):
         self.mapping, self.metadata = mapping, metadata or {}
         self.rank = {k: i for i, k in enumerate(order)} if order is not None else None
+        self.enabled = True  # off inside own_keys()
 
     def _rename(self, state_dict, prefix: str) -> None:
         hits = [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] in self.mapping]
@@ -534,7 +536,25 @@ class _RenameKeys:
                     meta[(prefix + theirs) if theirs else prefix[:-1]] = meta.pop(key)
 
     def __call__(self, module, state_dict, prefix, *args) -> None:
-        self._rename(state_dict, prefix)
+        if self.enabled:
+            self._rename(state_dict, prefix)
+
+
+@contextlib.contextmanager
+def own_keys(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, ``state_dict()`` / ``load_state_dict()`` of a model from ``accelerate`` use
+    fastunet's own keys (``conv1.conv.0.weight``, ...) instead of the original's: what a
+    fastunet checkpoint needs (``with own_keys(fast): fast.save_pretrained(path)``). A no-op for
+    any other model."""
+    hooks = getattr(model, "_fastunet_key_hooks", ())
+    before = [h.enabled for h in hooks]
+    for h in hooks:
+        h.enabled = False
+    try:
+        yield model
+    finally:
+        for h, was in zip(hooks, before, strict=True):
+            h.enabled = was
 
 
 def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
@@ -550,7 +570,8 @@ def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
     The returned model holds the *same* ``Parameter`` and buffer objects as ``model``: an
     optimizer built on ``model.parameters()`` trains it, and its BatchNorm running statistics
     land in ``model``'s buffers. Its ``state_dict()`` has ``model``'s keys and
-    ``load_state_dict`` takes them (and ours); ``named_parameters()`` shows our names. It is in
+    ``load_state_dict`` takes them (and ours; ``own_keys(model)`` switches to ours, e.g. around
+    ``save_pretrained``); ``named_parameters()`` shows our names. It is in
     ``model``'s train/eval mode. Move ``model`` to its device before calling this: ``.to()``
     afterwards replaces buffers (not parameters) on whichever model it is called on.
 
@@ -615,9 +636,11 @@ def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
     if any(k != v for k, v in mapping.items()):
         order = list(model.state_dict().keys())
         reverse = {v: k for k, v in mapping.items()}
-        ours.register_state_dict_post_hook(_RenameKeys(mapping, order, meta_map))
-        ours.register_load_state_dict_pre_hook(_RenameKeys(reverse))
+        hooks = (_RenameKeys(mapping, order, meta_map), _RenameKeys(reverse))
+        ours.register_state_dict_post_hook(hooks[0])
+        ours.register_load_state_dict_pre_hook(hooks[1])
+        ours._fastunet_key_hooks = hooks  # for own_keys()
     return ours
 
 
-__all__ = ["from_keras", "from_milesial", "accelerate"]
+__all__ = ["from_keras", "from_milesial", "accelerate", "own_keys"]

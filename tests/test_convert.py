@@ -26,7 +26,7 @@ from torch import nn
 
 import fastunet
 from fastunet import UNetReference
-from fastunet.convert import accelerate, from_keras, from_milesial
+from fastunet.convert import accelerate, from_keras, from_milesial, own_keys
 
 
 @pytest.fixture
@@ -544,6 +544,9 @@ def test_accelerate_keeps_the_originals_state_dict_keys(bilinear, eager_backend)
         assert_close(fast(x), fresh(x), "fp64", "after the state_dict round trip")
     ours_sd = from_milesial(other.state_dict(), cls=UNetReference).double().state_dict()
     fast.load_state_dict(ours_sd, strict=True)  # our own keys load too
+    with own_keys(fast):  # fastunet's keys, e.g. for save_pretrained
+        assert list(fast.state_dict()) == list(ours_sd)
+    assert list(fast.state_dict()) == list(src.state_dict())  # and back to the original's after
 
 
 class _ClassicCopy(nn.Module):
@@ -598,6 +601,18 @@ def test_accelerate_a_classic_tree_of_another_class(eager_backend):
         assert_close(fast(x), twin(x), "fp64", "classic copy, eval")
     assert list(fast.state_dict()) == list(src.state_dict())
     assert accelerate(src, out_activation="none").out_activation == "none"
+
+
+def test_accelerated_model_saves_a_fastunet_checkpoint_under_own_keys(tmp_path, eager_backend):
+    src = _milesial(True, seed=8)
+    fast = accelerate(src)
+    with own_keys(fast):
+        fast.save_pretrained(tmp_path)
+    loaded = fastunet.load_pretrained(tmp_path)
+    assert loaded.options == fast.options
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(loaded.double().eval()(x), src(x), "fp64", "load_pretrained of an accelerated milesial model")
 
 
 def test_accelerate_a_fastunet_reference_keeps_its_options(eager_backend):
