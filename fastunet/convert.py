@@ -571,9 +571,10 @@ def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
     optimizer built on ``model.parameters()`` trains it, and its BatchNorm running statistics
     land in ``model``'s buffers. Its ``state_dict()`` has ``model``'s keys and
     ``load_state_dict`` takes them (and ours; ``own_keys(model)`` switches to ours, e.g. around
-    ``save_pretrained``); ``named_parameters()`` shows our names. It is in
-    ``model``'s train/eval mode. Move ``model`` to its device before calling this: ``.to()``
-    afterwards replaces buffers (not parameters) on whichever model it is called on.
+    ``save_pretrained``); ``named_parameters()`` shows our names. It is in ``model``'s
+    train/eval mode, module by module (a frozen BatchNorm stays in eval). Move ``model`` to its
+    device before calling this: ``.to()`` afterwards replaces buffers (not parameters) on
+    whichever model it is called on.
 
     out_activation: the classic tree's activation is not visible in its modules, so it is
     ``"sigmoid"`` (the classic model's) unless given; milesial's is ``"none"`` (logits).
@@ -593,6 +594,7 @@ def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
     mapping: dict[str, str] = {}
     meta_map: dict[str, str] = {"": ""}
     used: set[str] = set()
+    pairs: list[tuple[nn.Module, nn.Module]] = []
     for path, mine in ours.named_modules():
         if next(mine.children(), None) is not None:
             continue  # containers: the leaves carry the computation and the tensors
@@ -611,6 +613,7 @@ def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
         if diff is not None:
             raise TypeError(f"accelerate: not the {kind} U-Net's structure: {diff}")
         used.add(theirs_path)
+        pairs.append((mine, other))
         meta_map[path] = theirs_path
         for attr in _COPIED_ATTRS.get(type(mine), ()):
             setattr(mine, attr, getattr(other, attr))
@@ -633,6 +636,8 @@ def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
     if left:
         raise TypeError(f"accelerate: {type(model).__name__} provides no tensor for our {left[0]}")
     ours.train(model.training)
+    for mine, other in pairs:  # e.g. a BatchNorm frozen in eval mode inside a training model
+        mine.training = other.training
     if any(k != v for k, v in mapping.items()):
         order = list(model.state_dict().keys())
         reverse = {v: k for k, v in mapping.items()}

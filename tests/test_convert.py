@@ -512,6 +512,9 @@ def test_accelerate_milesial_shares_tensors_and_trains_the_same(bilinear, eager_
     # Training: same outputs and gradients, running statistics land in the original's buffers,
     # and an optimizer built on the original's parameters trains both identically.
     src.train(), twin.train(), fast.train()
+    src.inc.double_conv[1].eval(), twin.inc.double_conv[1].eval()  # a frozen BatchNorm ...
+    fast = accelerate(src)  # ... stays frozen in the accelerated model
+    assert fast.training and not fast.conv1.conv[1].training and fast.conv1.conv[4].training
     probe = torch.randn(2, 2, 32, 32, dtype=torch.float64)
     y_fast, y_twin = fast(x), twin(x)
     assert_close(y_fast, y_twin, "fp64", "accelerate train forward")
