@@ -91,6 +91,15 @@ def _h5_attr_list(group, name: str) -> list[str] | None:
     return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
 
 
+def _h5_array(dataset) -> np.ndarray:
+    """A dataset as a float numpy array. Keras 3 stores bfloat16 variables as raw 16-bit words
+    with ``attrs["dtype"] == "bfloat16"``; their bits are the top half of a float32's."""
+    value = np.asarray(dataset)
+    if dataset.attrs.get("dtype") in ("bfloat16", b"bfloat16"):
+        value = (value.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return value
+
+
 def _natural_key(name: str) -> tuple[str, int]:
     """``conv2d`` -> ("conv2d", 0), ``conv2d_12`` -> ("conv2d", 12): Keras 3's per-class counter."""
     m = re.fullmatch(r"(.*?)_(\d+)", name)
@@ -125,7 +134,7 @@ def _read_keras3(root, where: str, by_class: bool) -> list[_KerasConv]:
             continue  # input, pooling, upsampling, dropout, concatenate: no weights
         if not all(k.isdigit() for k in vars_.keys()):
             raise ValueError(f"{where}: layer {layer!r} has variables {sorted(vars_.keys())}, expected 0, 1, ...")
-        arrays = [np.asarray(vars_[k]) for k in sorted(vars_.keys(), key=int)]
+        arrays = [_h5_array(vars_[k]) for k in sorted(vars_.keys(), key=int)]
         # Keras 3 names groups per class, so the order across classes is lost: only Conv2D layers
         # ("conv2d", "conv2d_1", ...) can be put in model order. (Keras 2.13's layout uses layer names.)
         if by_class and not re.fullmatch(r"conv2d(_\d+)?", layer):

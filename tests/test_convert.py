@@ -265,6 +265,23 @@ def test_from_keras_other_widths_depths_and_the_default_class(tmp_path, eager_ba
         assert_close(loaded.eval()(x), model(x), "fp32", "from_keras depth 2 vs source")
 
 
+def test_from_keras_reads_keras3_bfloat16_variables(tmp_path):
+    """Keras 3 writes a bfloat16 variable as raw 16-bit words tagged attrs['dtype'] = 'bfloat16'."""
+    model = _keras_model(base=4, depth=1, seed=4)
+    weights = [torch.from_numpy(w).to(torch.bfloat16) for w in _get_weights(model)]
+    path = tmp_path / "bf16.weights.h5"
+    with h5py.File(path, "w") as f:
+        _write_keras3(f, [w.view(torch.int16).numpy() for w in weights], depth=1)
+        for name in f["layers"]:
+            for ds in f[f"layers/{name}/vars"].values():
+                ds.attrs["dtype"] = "bfloat16"
+    loaded = from_keras(path, cls=UNetReference)
+    convs = _zhixuhao_convs(loaded)
+    for conv, kernel, bias in zip(convs, weights[0::2], weights[1::2], strict=True):
+        assert torch.equal(conv.weight, kernel.float().permute(3, 2, 0, 1))
+        assert torch.equal(conv.bias, bias.float())
+
+
 def test_from_keras_passes_options_on_and_refuses_inferred_ones():
     weights = _get_weights(_keras_model())
     loaded = from_keras(weights, cls=UNetReference, out_activation="none", dropout=0.0)
