@@ -28,17 +28,6 @@ import fastunet
 from fastunet import UNetReference
 from fastunet.convert import accelerate, from_keras, from_milesial, own_keys
 
-
-@pytest.fixture
-def eager_backend():
-    """The module tree on every path: the tests that use it check what the loaders and accelerate build; whether
-    UNet's CPU fold computes each preset like the reference is model.py's tests' business."""
-    before = fastunet.get_backend()
-    fastunet.set_backend("eager")
-    yield
-    fastunet.set_backend(before)
-
-
 # --------------------------------------------------------------------------- Keras side
 
 
@@ -243,7 +232,7 @@ KERAS_FILES = Path(__file__).resolve().parent / "data" / "keras_unet"
 
 
 @pytest.mark.parametrize("name", ["unet.weights.h5", "unet_full.h5", "unet_weights_legacy.h5"])
-def test_from_keras_reads_files_written_by_keras(name, eager_backend):
+def test_from_keras_reads_files_written_by_keras(name):
     """Files saved by real Keras 3.15.1 (zhixuhao's unet() at depth 2, width 2, 2 input channels;
     see data/keras_unet/make_fixtures.py): the loaded model reproduces Keras' own predictions."""
     model = fastunet.UNet.from_keras(KERAS_FILES / name).eval()
@@ -254,7 +243,7 @@ def test_from_keras_reads_files_written_by_keras(name, eager_backend):
         assert_close(model(x), want.double(), "fp32", f"from_keras({name}) vs Keras' predict")
 
 
-def test_from_keras_other_widths_depths_and_the_default_class(tmp_path, eager_backend):
+def test_from_keras_other_widths_depths_and_the_default_class(tmp_path):
     model = _keras_model(base=8, depth=2, in_ch=3, out_ch=2, seed=3)
     loaded = fastunet.UNet.from_keras(_write("keras3", tmp_path / "m.weights.h5", model))
     assert type(loaded) is fastunet.UNet
@@ -456,7 +445,7 @@ def test_from_milesial_matches_milesial_forward(tmp_path, bilinear):
                 assert_close(model(x), src(x), "fp64", f"from_milesial bilinear={bilinear} {size}")
 
 
-def test_milesial_before_v3_with_conv_biases(monkeypatch, eager_backend):
+def test_milesial_before_v3_with_conv_biases(monkeypatch):
     """Checkpoints and models of milesial's code before v3.0 have biased 3x3 convs: conv_bias=True."""
     monkeypatch.setattr(_MDoubleConv, "bias", True)
     src = _milesial(False, seed=7)
@@ -515,7 +504,7 @@ def _train_step(model, params, x, probe):
 
 
 @pytest.mark.parametrize("bilinear", [False, True])
-def test_accelerate_milesial_shares_tensors_and_trains_the_same(bilinear, eager_backend):
+def test_accelerate_milesial_shares_tensors_and_trains_the_same(bilinear):
     src = _milesial(bilinear, seed=1)
     twin = copy.deepcopy(src)
     fast = accelerate(src)
@@ -548,7 +537,7 @@ def test_accelerate_milesial_shares_tensors_and_trains_the_same(bilinear, eager_
 
 
 @pytest.mark.parametrize("bilinear", [False, True])
-def test_accelerate_keeps_the_originals_state_dict_keys(bilinear, eager_backend):
+def test_accelerate_keeps_the_originals_state_dict_keys(bilinear):
     src = _milesial(bilinear, seed=2)
     fast = accelerate(src)
     sd = fast.state_dict()
@@ -608,7 +597,7 @@ class _ClassicCopy(nn.Module):
         return torch.sigmoid(getattr(self, f"conv{2 * d + 2}")(x))
 
 
-def test_accelerate_a_classic_tree_of_another_class(eager_backend):
+def test_accelerate_a_classic_tree_of_another_class():
     torch.manual_seed(5)
     src = _ClassicCopy(2, 3).double().train()
     fast = accelerate(src)
@@ -623,7 +612,7 @@ def test_accelerate_a_classic_tree_of_another_class(eager_backend):
     assert accelerate(src, out_activation="none").out_activation == "none"
 
 
-def test_accelerated_model_saves_a_fastunet_checkpoint_under_own_keys(tmp_path, eager_backend):
+def test_accelerated_model_saves_a_fastunet_checkpoint_under_own_keys(tmp_path):
     src = _milesial(True, seed=8)
     fast = accelerate(src)
     with own_keys(fast):
@@ -635,7 +624,7 @@ def test_accelerated_model_saves_a_fastunet_checkpoint_under_own_keys(tmp_path, 
         assert_close(loaded.double().eval()(x), src(x), "fp64", "load_pretrained of an accelerated milesial model")
 
 
-def test_accelerate_a_fastunet_reference_keeps_its_options(eager_backend):
+def test_accelerate_a_fastunet_reference_keeps_its_options():
     ref = UNetReference(1, 2, preset="milesial", base_channels=4).double().eval()
     fast = accelerate(ref)
     assert fast.options == ref.options and fast.preset == "milesial"
