@@ -610,12 +610,13 @@ def test_every_provider_builds_the_presets_model():
 
 @pytest.mark.parametrize("mode, preset", [("inference", "milesial"), ("training", "keras")])
 def test_preset_run_records_the_preset(monkeypatch, tmp_path, capsys, mode, preset):
-    """``--preset`` end to end (tiny model, eager providers): the JSON records the preset, its
+    """``--preset`` end to end (tiny model; eager and fastunet's CPU fallback, all checked against
+    the float64 reference of the preset's model): the JSON records the preset, its
     activation and dropout (0 in a keras training run: a random mask per provider could not be
     checked), the FLOPs of that model, and no target is judged on it."""
     args = ["--device", "cpu", "--mode", mode, "--preset", preset, "--batch", "2", "--size", "64", "--dtype", "fp32",
             "--base-channels", "4", "--depth", "2", "--warmup", "1", "--reps", "2", "--out", str(tmp_path),
-            "--providers", "eager_fp32_nchw", "eager_cl"]  # fmt: skip
+            "--providers", "eager_fp32_nchw", "eager_cl", "fastunet"]  # fmt: skip
     assert run.main(args) == 0
     out = capsys.readouterr().out
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -625,9 +626,8 @@ def test_preset_run_records_the_preset(monkeypatch, tmp_path, capsys, mode, pres
     assert cfg["dropout"] == (0.0 if mode == "training" else None)
     model_cfg = providers.ModelConfig(3, 1, 4, 2, preset=preset)
     assert result["cases"][0]["gflop_per_step"] * 1e9 == providers.model_step_flops(model_cfg, mode, 2, 64)
-    for row in result["rows"]:
-        if row["provider"] in ("eager_fp32_nchw", "eager_cl"):
-            assert row["status"] == "ok", row
+    assert [r["provider"] for r in result["rows"]] == ["eager_fp32_nchw", "eager_cl", "fastunet"]
+    assert all(r["status"] == "ok" for r in result["rows"]), result["rows"]
     assert all(t["result"] in ("not measured", "not judged") for t in result["targets"])
 
 
