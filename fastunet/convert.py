@@ -10,7 +10,7 @@
   ``down1..4``, ``up1..4``, ``outc``) as ``UNet(preset="milesial" | "milesial-bilinear")``.
 * ``accelerate(model)``: a ``fastunet.UNet`` that *shares* the parameters and buffers of a
   classic U-Net instance or of a milesial ``UNet`` instance, and keeps the original's
-  state_dict keys.
+  state_dict keys (``own_keys(model)``: fastunet's keys inside the block).
 
 How Keras stores a model's weights (the layouts read here, from Keras' saving code):
 
@@ -583,7 +583,8 @@ def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
     ``save_pretrained``); ``named_parameters()`` shows our names. It is in ``model``'s
     train/eval mode, module by module (a frozen BatchNorm stays in eval). Move ``model`` to its
     device before calling this: ``.to()`` afterwards replaces buffers (not parameters) on
-    whichever model it is called on.
+    whichever model it is called on. Hooks registered on the original's modules are not carried
+    over (the returned model has its own modules around the shared tensors).
 
     out_activation: the classic tree's activation is not visible in its modules, so it is
     ``"sigmoid"`` (the classic model's) unless given; milesial's is ``"none"`` (logits).
