@@ -52,7 +52,14 @@ from ._common import (
 from ._tuning import Tuner, bucket, launch_meta
 from .norm_act_bwd import check_norm_affine
 
-__all__ = ["PHASE_BASE", "PHASE_TAPS", "pack_upconv_nearest2x2_weight", "upconv_nearest2x2", "compile_specs"]
+__all__ = [
+    "PHASE_BASE",
+    "PHASE_TAPS",
+    "pack_upconv_nearest2x2_weight",
+    "upconv_nearest2x2",
+    "upconv_nearest2x2_input_grad",
+    "compile_specs",
+]
 
 # Pixel indices are int32 in the kernel; headroom keeps the last tile's lanes from wrapping.
 _MAX_PIXELS = 2**31 - 2**16
@@ -172,6 +179,88 @@ def _upconv_nearest2x2_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_co[None, :])
 
 
+@triton.jit(do_not_specialize=("N",))
+def _upconv_nearest2x2_dgrad_kernel(
+    g_ptr,  # [N, C_out, 2h, 2w], any strides (channels_last is the fast layout)
+    w_ptr,  # [9, C_in, C_out] packed tap blocks, any strides (C_in contiguous is the fast one here)
+    out_ptr,  # [N, C_in, h, w], any strides, same dtype as g
+    N,
+    h,
+    w,
+    C_in,
+    C_out,
+    stride_gn,
+    stride_gc,
+    stride_gh,
+    stride_gw,
+    stride_wt,
+    stride_wi,
+    stride_wo,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; only read for fp32 inputs
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One ``[BLOCK_M low-res pixels, BLOCK_N input channels]`` tile of the input gradient.
+
+    The forward's phase p tap (dr, dc) sends low-res pixel (r, c) to output pixel
+    (2(r - dr) + di, 2(c - dc) + dj) through block ``P[blk]``, so
+    ``dx[r, c] = sum_blk g[2(r - dr) + di, 2(c - dc) + dj] @ P[blk]^T`` over the 9 blocks whose
+    source pixel exists (r >= dr, c >= dc): an implicit GEMM with K = 9 * C_out, one output
+    write per pixel, no atomics. FLOPs: ``2 * N*h*w * 9 * C_out * C_in`` (56 % of the
+    upsampled conv's dgrad plus the 2x2 sum that folds it back to low resolution).
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(C_in, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+
+    hw = h * w
+    M = N * hw  # < 2**31, checked by the launcher
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] low-res pixel index
+    mask_m = offs_m < M
+    n_idx = offs_m // hw
+    rem = offs_m % hw
+    i_idx = rem // w
+    j_idx = rem % w
+    # int64 before the stride products: the full-resolution gradient can exceed 2**31 elements.
+    g_pix = n_idx.to(tl.int64) * stride_gn + (2 * i_idx).to(tl.int64) * stride_gh + (2 * j_idx).to(tl.int64) * stride_gw
+
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    mask_ci = offs_ci < C_in
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    w_ci = offs_ci * stride_wi  # [BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+    n_cb = tl.cdiv(C_out, BLOCK_K)
+    for kk in range(0, 9 * n_cb):
+        blk = kk // n_cb
+        co = (kk - blk * n_cb) * BLOCK_K + offs_k  # [BLOCK_K] output channels
+        co_ok = co < C_out
+        # Block -> (phase, tap): PHASE_BASE = (0, 1, 3, 5), PHASE_TAPS = (1, 2, 2, 4).
+        phase = tl.where(blk >= 5, 3, (blk + 1) // 2)
+        tap = blk - tl.maximum(2 * phase - 1, 0)
+        di = phase // 2
+        dj = phase % 2
+        dr = tap // (dj + 1)
+        dc = tap - dr * (dj + 1)
+        row_ok = mask_m & (i_idx >= dr) & (j_idx >= dc)  # [BLOCK_M]
+        row_off = g_pix + ((di - 2 * dr) * stride_gh + (dj - 2 * dc) * stride_gw)  # [BLOCK_M]
+        a_mask = row_ok[:, None] & co_ok[None, :]  # [BLOCK_M, BLOCK_K]
+        a = tl.load(g_ptr + row_off[:, None] + (co.to(tl.int64) * stride_gc)[None, :], mask=a_mask, other=0.0)
+        w_k = blk * stride_wt + co * stride_wo  # [BLOCK_K]
+        b = tl.load(w_ptr + w_k[:, None] + w_ci[None, :], mask=co_ok[:, None] & mask_ci[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+
+    out_row = n_idx.to(tl.int64) * stride_on + i_idx.to(tl.int64) * stride_oh + j_idx.to(tl.int64) * stride_ow
+    out_ptrs = out_ptr + (out_row[:, None] + offs_ci.to(tl.int64)[None, :] * stride_oc)  # [BLOCK_M, BLOCK_N]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
+
+
 # --------------------------------------------------------------------------------------
 # Configs: upconv2x2's lists, shortened (one GEMM shape family, K = taps * C_in). BLOCK_M >= 64
 # with 4/8 warps keeps 16-bit and TF32 dots on wgmma on sm_90. Pruned per call by shared memory,
@@ -229,6 +318,10 @@ _MAX_NORM_WORDS_PER_THREAD_FP32 = 64
 # IN_NORM tiles the sm_80 compile report (triton 3.9) found spilling below the register limit
 # (168 registers, 12-24 bytes), as (tuned arch, config name, element bytes).
 _NORM_SPILLS = {(80, "BM64_BN128_BK32_w4_s4", 2), (80, "BM64_BN64_BK64_w4_s3", 4)}
+# The dgrad kernel leaves out the small BM64_BN64_BK32 tile: ptxas capped it at 96 registers and
+# spilled (sm_80 16-bit: 8 bytes; sm_90 IEEE fp32: 28 bytes), and the dgrad has no transform that
+# would need it.
+_DGRAD_SKIP = frozenset({"BM64_BN64_BK32_w4_s3"})
 
 # The interpreter does not autotune: one small config keeps CPU runs quick.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
@@ -244,12 +337,17 @@ def _smem_bytes(cfg: triton.Config, elem_bytes: int) -> int:
     return cfg.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem_bytes
 
 
-def _usable_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool = False) -> list[triton.Config]:
+def _usable_configs(
+    arch: int, elem_bytes: int, precision: str, in_norm: bool = False, dgrad: bool = False
+) -> list[triton.Config]:
     """The configs a device of compute capability ``arch`` may run for this element size, dot
-    precision and input transform: its list minus what overflows shared memory or the register
-    budget. Never empty: the smallest tile is kept as a last resort."""
+    precision and input transform (forward) or for the dgrad kernel: its list minus what
+    overflows shared memory or the register budget. Never empty: the smallest tile is kept as a
+    last resort."""
     ieee32 = elem_bytes == 4 and precision == "ieee"
     candidates = (_IEEE_CONFIGS if ieee32 else _CONFIGS)[tuned_arch(arch)]
+    if dgrad:
+        candidates = [c for c in candidates if _config_name(c) not in _DGRAD_SKIP]
     usable = []
     for c in candidates:
         k = c.kwargs
@@ -269,24 +367,37 @@ def _usable_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool = 
 
 
 def _prune_configs(configs, shape: dict, arch: int) -> list:
-    usable = _usable_configs(arch, shape["elem"], shape["INPUT_PRECISION"], shape["IN_NORM"])
+    usable = _usable_configs(arch, shape["elem"], shape["INPUT_PRECISION"], shape["IN_NORM"], shape["dgrad"])
     usable = [c for c in configs if c in usable]
-    narrow = [c for c in usable if c.kwargs["BLOCK_N"] <= max(shape["C_out"], 64)]
+    narrow = [c for c in usable if c.kwargs["BLOCK_N"] <= max(shape["cols"], 64)]
     return narrow or usable
 
 
 def _tiles(cfg, shape: dict) -> int:
-    return cdiv(shape["M"], cfg.kwargs["BLOCK_M"]) * 4 * cdiv(shape["C_out"], cfg.kwargs["BLOCK_N"])
+    """Programs of a launch: pixel tiles x column tiles (x 4 phases for the forward)."""
+    return cdiv(shape["M"], cfg.kwargs["BLOCK_M"]) * shape["phases"] * cdiv(shape["cols"], cfg.kwargs["BLOCK_N"])
 
 
 def _interpreter_config(shape: dict) -> triton.Config:
     return triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1)
 
 
+def _without_dgrad_skips(lists: dict) -> dict:
+    return {arch: [c for c in cfgs if _config_name(c) not in _DGRAD_SKIP] for arch, cfgs in lists.items()}
+
+
+_DGRAD_CONFIGS = _without_dgrad_skips(_CONFIGS)
+_DGRAD_IEEE_CONFIGS = _without_dgrad_skips(_IEEE_CONFIGS)
+
 # fp32 IEEE dots have their own list (see _IEEE_CONFIGS), so they get their own tuner.
 _TUNERS = {
     "tc": Tuner("upconv_nearest2x2", _CONFIGS, _prune_configs, _tiles, _interpreter_config),
     "ieee": Tuner("upconv_nearest2x2.ieee", _IEEE_CONFIGS, _prune_configs, _tiles, _interpreter_config),
+    # The input gradient: the same GEMM shape family (K = 9 * C_out, N = C_in), its own picks.
+    "dgrad": Tuner("upconv_nearest2x2.dgrad", _DGRAD_CONFIGS, _prune_configs, _tiles, _interpreter_config),
+    "dgrad.ieee": Tuner(
+        "upconv_nearest2x2.dgrad.ieee", _DGRAD_IEEE_CONFIGS, _prune_configs, _tiles, _interpreter_config
+    ),
 }
 
 
@@ -454,13 +565,80 @@ def upconv_nearest2x2(
 
     def shape():
         return {
-            "M": m_bucket, "C_out": C_out, "elem": x.element_size(),
+            "M": m_bucket, "cols": C_out, "phases": 4, "dgrad": False, "elem": x.element_size(),
             "INPUT_PRECISION": flags["INPUT_PRECISION"], "IN_NORM": flags["IN_NORM"],
         }  # fmt: skip
 
     tuner = _TUNERS["ieee" if x.element_size() == 4 and flags["INPUT_PRECISION"] == "ieee" else "tc"]
     key = (x.dtype, m_bucket, C_in, C_out, *flags.values())
     run(tuner.pick(x.device, key, shape, run))
+    return out
+
+
+def upconv_nearest2x2_input_grad(
+    g: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The input gradient of ``upconv_nearest2x2`` (of ``T(x)`` in the training form): one launch.
+
+    Args:
+        g: ``[N, C_out, 2h, 2w]`` float32/float16/bfloat16, the gradient of the conv's output
+            (after the ReLU's mask), any strides (channels_last is fast).
+        weight: packed ``[9, C_in, C_out]`` in ``g.dtype``, any strides; storage
+            ``[9, C_out, C_in]`` (``packed.transpose(1, 2).contiguous().transpose(1, 2)``) is the
+            fast one here, since the GEMM's B rows run along ``C_in``. A ``[C_out, C_in, 2, 2]``
+            weight is packed on every call.
+        out: optional ``[N, C_in, h, w]`` destination in ``g.dtype``, any strides. Default: a new
+            channels_last tensor.
+
+    Deterministic (each input pixel written once, no atomics); accumulates in fp32. Returns ``out``.
+    """
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4:
+        weight = pack_upconv_nearest2x2_weight(weight, g.dtype if isinstance(g, torch.Tensor) else None)
+    for name, t in (("g", g), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    triton_dtype(g.dtype)
+    if g.dim() != 4 or g.shape[2] % 2 or g.shape[3] % 2:
+        raise ValueError(f"g must be [N, C_out, 2h, 2w] (even height and width), got shape {tuple(g.shape)}")
+    N, C_out, h, w = g.shape[0], g.shape[1], g.shape[2] // 2, g.shape[3] // 2
+    if weight.dim() != 3 or weight.shape[0] != 9 or weight.shape[2] != C_out:
+        raise ValueError(f"weight must be packed [9, C_in, C_out={C_out}], got shape {tuple(weight.shape)}")
+    C_in = weight.shape[1]
+    if weight.dtype != g.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match g dtype {g.dtype}")
+    if not can_launch(g.device):
+        raise ValueError(f"upconv_nearest2x2_input_grad runs on CUDA (or CPU under TRITON_INTERPRET=1), got {g.device}")
+    if weight.device != g.device:
+        raise ValueError(f"weight is on {weight.device}, g on {g.device}")
+    if out is None:
+        out = torch.empty((N, C_in, h, w), device=g.device, dtype=g.dtype, memory_format=torch.channels_last)
+    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != (N, C_in, h, w) or out.dtype != g.dtype:
+        raise ValueError(f"out must be a [{N}, {C_in}, {h}, {w}] {g.dtype} tensor")
+    elif out.device != g.device:
+        raise ValueError(f"out is on {out.device}, g on {g.device}")
+    if N * h * w > _MAX_PIXELS:
+        raise ValueError(f"N*h*w = {N * h * w} pixels exceeds the int32 pixel index")
+    if out.numel() == 0:
+        return out
+    if C_out == 0:
+        return out.zero_()
+    M = N * h * w
+    args = (g, weight, out, N, h, w, C_in, C_out, *g.stride(), *weight.stride(), *out.stride())
+    precision = dot_precision(g.dtype)
+    m_bucket = bucket(M)
+
+    def run(cfg):
+        grid = (cdiv(M, cfg.kwargs["BLOCK_M"]) * cdiv(C_in, cfg.kwargs["BLOCK_N"]),)
+        launch(_upconv_nearest2x2_dgrad_kernel, grid, args, {"INPUT_PRECISION": precision, **launch_meta(cfg)})
+
+    def shape():
+        return {
+            "M": m_bucket, "cols": C_in, "phases": 1, "dgrad": True, "elem": g.element_size(),
+            "INPUT_PRECISION": precision, "IN_NORM": False,
+        }  # fmt: skip
+
+    tuner = _TUNERS["dgrad.ieee" if g.element_size() == 4 and precision == "ieee" else "dgrad"]
+    run(tuner.pick(g.device, (g.dtype, m_bucket, C_in, C_out, precision), shape, run))
     return out
 
 
@@ -539,4 +717,52 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                             },
                         )
                     )
+    return specs + _dgrad_specs(arch)
+
+
+_DGRAD_I32_ARGS = (
+    "N", "h", "w", "C_in", "C_out",
+    "stride_gn", "stride_gh", "stride_gw", "stride_wt", "stride_wo", "stride_on", "stride_oh", "stride_ow",
+)  # fmt: skip
+_DGRAD_UNIT_STRIDES = ("stride_gc", "stride_wi", "stride_oc")
+
+
+def _dgrad_specs(arch: int) -> list[KernelSpec]:
+    """The input-gradient kernel's specs: channels_last g and out, weight stored ``[9, C_out, C_in]``."""
+    aligned = ("g_ptr", "w_ptr", "out_ptr", "C_in", "C_out", *_DGRAD_I32_ARGS[5:])
+    attrs = {(_upconv_nearest2x2_dgrad_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    flags = ("INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tt = triton_dtype(dtype)
+        elem = torch.empty((), dtype=dtype).element_size()
+        fp32 = dtype == torch.float32
+        for precision in ("tf32", "ieee") if fp32 else ("ieee",):
+            label = f"fp32-{precision}" if fp32 else tt
+            for cfg in _usable_configs(arch, elem, precision, dgrad=True):
+                specs.append(
+                    KernelSpec(
+                        kernel="_upconv_nearest2x2_dgrad_kernel",
+                        fn=_upconv_nearest2x2_dgrad_kernel,
+                        signature={
+                            "g_ptr": f"*{tt}",
+                            "w_ptr": f"*{tt}",
+                            "out_ptr": f"*{tt}",
+                            **{n: "i32" for n in _DGRAD_I32_ARGS},
+                            **{n: "constexpr" for n in _DGRAD_UNIT_STRIDES + flags},
+                        },
+                        constexprs={**{n: 1 for n in _DGRAD_UNIT_STRIDES}, "INPUT_PRECISION": precision, **cfg.kwargs},
+                        num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages,
+                        dtype=tt,
+                        config=_config_name(cfg) + (f"_{precision}" if fp32 else ""),
+                        extra={
+                            "precision": precision if fp32 else None,
+                            "label": label,
+                            "smem_estimate": _smem_bytes(cfg, elem),
+                            "expect_hgmma": tuned_arch(arch) == 90 and label != "fp32-ieee",
+                            "attrs": attrs,
+                        },
+                    )
+                )
     return specs

@@ -1,18 +1,24 @@
 """``upconv_nearest2x2`` (``kernels/upconv_nearest2x2.py``): Keras' ``UpSampling2D(2)`` followed by
-``Conv2D(k=2, padding='same')`` (+ ReLU), with optional BN+ReLU on load, and its autograd formula.
+``Conv2D(k=2, padding='same')`` (+ ReLU), with optional BN+ReLU on load, its autograd formula and
+its backward op ``upconv_nearest2x2_input_grad``.
 
-Every form works on the low-res map one output phase at a time (see the kernel module): the
-Triton kernel as one phase GEMM, the eager composite (float64, CPU without the interpreter) and
-the backward as four small convolutions of the bottom/right zero-padded input with the phases'
-combined weights, so the ``[N, C_in, 2h, 2w]`` upsampled tensor exists in none of them.
+Every form works on the low-res map one output phase at a time (see the kernel module), so the
+``[N, C_in, 2h, 2w]`` upsampled tensor exists in none of them:
 
-The backward is an eager composite (``aten.convolution_backward`` per phase, in float32, float64
-for float64 inputs) on every device: one dgrad and one wgrad convolution per phase, then the
-fixed 9x4 map from the phases' tap blocks back to the 2x2 kernel, then the BN+ReLU-on-load
-chain rule through ``affine_relu_backward`` (Triton where the forward is).
+* forward: the Triton phase GEMM; eager composite (float64, CPU without the interpreter): four
+  small convolutions of the bottom/right zero-padded input with the phases' combined weights.
+* input gradient (``upconv_nearest2x2_input_grad``): the Triton dgrad kernel (implicit GEMM over
+  the 9 tap blocks, deterministic) where the forward runs Triton; else the per-phase
+  ``aten.convolution_backward`` composite.
+* weight gradient: an eager composite on every device (``aten.convolution_backward`` per phase in
+  float32, float64 for float64 inputs; cuDNN on a GPU), then the fixed 9x4 map from the phases'
+  tap blocks back to the 2x2 kernel. Not a Triton kernel yet.
+* bias gradient: a sum; BN+ReLU on load: ``affine_relu_backward`` (Triton where the forward is).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,7 @@ from ._common import (
     _affine_relu,
     _affine_relu_grads,
     _as_nhwc,
+    _bwd,
     _channel_vec,
     _check_norm,
     _empty_nhwc,
@@ -70,6 +77,13 @@ def _phase_weight(packed: Tensor, phase: int) -> Tensor:
     base = _PHASE_BASE[phase]
     blocks = packed[base : base + (di + 1) * (dj + 1)]  # [taps, C_in, C_out]
     return blocks.reshape(di + 1, dj + 1, packed.shape[1], packed.shape[2]).permute(3, 2, 0, 1)
+
+
+def _kernel_module():
+    """``fastunet.kernels.upconv_nearest2x2`` (the module, not the launcher the package exports
+    under that name), imported on first use as ``_kernels`` does: CPU-only installs never import
+    triton."""
+    return importlib.import_module(f"{_kernels().__name__}.upconv_nearest2x2")
 
 
 def _c_out(weight: Tensor) -> int:
@@ -144,7 +158,7 @@ def _composite(x, weight, bias, relu, in_scale, in_shift) -> Tensor:
 @_on_input_device
 def _upconv_nearest2x2_impl(x, weight, bias, relu, in_scale=None, in_shift=None):
     if _use_kernels(x):
-        K = _kernels()
+        K = _kernel_module()
         w = _pack(weight, x.dtype) if weight.dim() == 3 else K.pack_upconv_nearest2x2_weight(weight.detach(), x.dtype)
         b = None if bias is None else bias.float()
         return K.upconv_nearest2x2(x, w, b, relu=relu, in_scale=in_scale, in_shift=in_shift)
@@ -159,47 +173,92 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, in_scale, in_shift, output if relu else None)
 
 
+def _weight_grad(g: Tensor, x: Tensor, weight: Tensor, in_scale, in_shift) -> Tensor:
+    """The weight's gradient from ``g`` = dL/d(conv output): per phase, the wgrad of a
+    ``(di + 1, dj + 1)`` conv over the padded low-res ``T(x)`` (``aten.convolution_backward``) is
+    the packed blocks' gradient; mapped to the 2x2 kernel by the transposed phase matrix for an
+    unpacked weight. Computed in float32 (float64 for float64 x)."""
+    acc = _acc_dtype(x.dtype)
+    n, c_in, h, w = x.shape
+    g = g.to(acc)
+    packed = _pack(weight, x.dtype).to(acc)
+    xp = F.pad(_affine_relu(x, in_scale, in_shift).to(acc), (0, 1, 0, 1))
+    blocks = []
+    for p, (di, dj) in enumerate(_PHASES):
+        _, gwp, _ = torch.ops.aten.convolution_backward(
+            g[:, :, di::2, dj::2], xp[:, :, : h + di, : w + dj], _phase_weight(packed, p), None, [1, 1], [0, 0],
+            [1, 1], False, [0, 0], 1, [False, True, False],
+        )  # fmt: skip
+        # [C_out, C_in, di+1, dj+1] -> [taps, C_in, C_out], taps row-major
+        blocks.append(gwp.permute(2, 3, 1, 0).reshape(-1, c_in, gwp.shape[0]))
+    gp = torch.cat(blocks)  # [9, C_in, C_out]
+    if weight.dim() == 3:
+        return gp.to(weight.dtype)
+    g_ab = torch.einsum("ka,kio->aio", _phase_matrix(acc, gp.device), gp)  # [(a, b), C_in, C_out]
+    return g_ab.reshape(2, 2, c_in, -1).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
+
+
 def _backward(ctx, grad):
-    """Per phase ``(di, dj)``: ``g[:, :, di::2, dj::2]`` is the output of a conv with kernel
-    ``(di + 1, dj + 1)`` over the padded low-res input; its dgrad and wgrad come from
-    ``aten.convolution_backward``. The dgrads of the four phases add up on the padded input (the
-    padding's share is dropped: zeros are constants), the wgrads are the packed blocks' gradient,
-    mapped to the 2x2 kernel by the transposed phase matrix for an unpacked weight."""
     x, weight, in_scale, in_shift, y = ctx.saved_tensors
     need_x, need_w, need_b, _, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 6)
     acc = _acc_dtype(x.dtype)
-    g = grad.to(acc)
-    if ctx.relu:
-        g = torch.where(y.to(acc) <= 0, torch.zeros((), dtype=acc, device=g.device), g)  # torch's relu rule
-    gb = g.sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
-    need_in = need_x or need_s or need_t
-    gx = gw = gs = gt = None
-    if need_in or need_w:
-        n, c_in, h, w = x.shape
-        packed = _pack(weight, x.dtype).to(acc)
-        xp = F.pad(_affine_relu(x, in_scale, in_shift).to(acc), (0, 1, 0, 1))
-        gxp = torch.zeros_like(xp) if need_in else None
-        gpacked = []
-        for p, (di, dj) in enumerate(_PHASES):
-            src = xp[:, :, : h + di, : w + dj]
-            gin, gwp, _ = torch.ops.aten.convolution_backward(
-                g[:, :, di::2, dj::2], src, _phase_weight(packed, p), None, [1, 1], [0, 0], [1, 1], False,
-                [0, 0], 1, [need_in, need_w, False],
-            )  # fmt: skip
-            if need_in:
-                gxp[:, :, : h + di, : w + dj] += gin
-            if need_w:  # [C_out, C_in, di+1, dj+1] -> [taps, C_in, C_out], taps row-major
-                gpacked.append(gwp.permute(2, 3, 1, 0).reshape(-1, c_in, gwp.shape[0]))
-        if need_w:
-            gp = torch.cat(gpacked)  # [9, C_in, C_out]
-            if weight.dim() == 3:
-                gw = gp.to(weight.dtype)
-            else:
-                g_ab = torch.einsum("ka,kio->aio", _phase_matrix(acc, gp.device), gp)  # [(a, b), C_in, C_out]
-                gw = g_ab.reshape(2, 2, c_in, -1).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
-        if need_in:
-            gx, gs, gt = _affine_relu_grads(gxp[:, :, :h, :w].to(x.dtype), x, in_scale, in_shift)
+    g = grad.to(x.dtype)
+    if ctx.relu:  # torch's ReLU rule: no gradient where the output is <= 0
+        g = torch.where(y <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
+    gb = g.sum((0, 2, 3), dtype=acc).to(ctx.bias_dtype) if need_b else None
+    gw = _weight_grad(g, x, weight, in_scale, in_shift) if need_w else None
+    gx = gs = gt = None
+    if need_x or need_s or need_t:
+        gin = _bwd.upconv_nearest2x2_input_grad(g, weight)
+        gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
     return _grads_for(ctx, (gx, gw, gb, None, gs, gt))
 
 
 upconv_nearest2x2.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("fastunet::upconv_nearest2x2_input_grad", mutates_args=())
+def upconv_nearest2x2_input_grad(g: Tensor, weight: Tensor) -> Tensor:
+    """Input gradient of ``upconv_nearest2x2``'s conv: g ``[N, C_out, 2h, 2w]`` (after the ReLU's
+    mask), weight ``[C_out, C_in, 2, 2]`` or packed ``[9, C_in, C_out]`` (any float dtype) ->
+    ``[N, C_in, h, w]`` channels_last in g's dtype (the gradient of ``T(x)`` in the training form)."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+def _c_in(weight: Tensor) -> int:
+    return weight.shape[1]
+
+
+@upconv_nearest2x2_input_grad.register_fake
+def _(g, weight):
+    return _empty_nhwc((g.shape[0], _c_in(weight), g.shape[2] // 2, g.shape[3] // 2), g)
+
+
+@upconv_nearest2x2_input_grad.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _input_grad_impl(g, weight):
+    if _use_kernels(g):
+        K = _kernel_module()
+        packed = _pack(weight, g.dtype) if weight.dim() == 3 else K.pack_upconv_nearest2x2_weight(weight, g.dtype)
+        # The dgrad's B rows run along C_in: store the blocks [9, C_out, C_in] (a no-op if they are).
+        packed = packed.detach().transpose(1, 2).contiguous().transpose(1, 2)
+        return K.upconv_nearest2x2_input_grad(g, packed)
+    # Composite: per phase, the dgrad of a (di + 1, dj + 1) conv over the padded low-res input;
+    # the four add up on it and the padding's share is dropped (zeros are constants).
+    acc = _acc_dtype(g.dtype)
+    n, _, h2, w2 = g.shape
+    h, w = h2 // 2, w2 // 2
+    packed = _pack(weight, g.dtype).to(acc)
+    ga = g.to(acc)
+    gxp = torch.zeros((n, packed.shape[1], h + 1, w + 1), dtype=acc, device=g.device)
+    for p, (di, dj) in enumerate(_PHASES):
+        gin, _, _ = torch.ops.aten.convolution_backward(
+            ga[:, :, di::2, dj::2], gxp[:, :, : h + di, : w + dj], _phase_weight(packed, p), None, [1, 1], [0, 0],
+            [1, 1], False, [0, 0], 1, [True, False, False],
+        )  # fmt: skip
+        gxp[:, :, : h + di, : w + dj] += gin
+    return _as_nhwc(gxp[:, :, :h, :w], g.dtype)
+
+
+# Reached through ``_bwd`` so the backward skips the dispatcher when nothing traces it.
+_bwd.register("upconv_nearest2x2_input_grad", _input_grad_impl, 0)

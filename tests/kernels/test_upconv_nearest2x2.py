@@ -29,12 +29,15 @@ except ModuleNotFoundError:  # a plain checkout: the kernels package sits at the
 compile_specs = kernel_module.compile_specs
 pack = kernel_module.pack_upconv_nearest2x2_weight
 upconv_nearest2x2 = kernel_module.upconv_nearest2x2
+input_grad = kernel_module.upconv_nearest2x2_input_grad
 
-import fastunet.ops.upconv_nearest2x2 as op_module  # noqa: E402  (registers the op)
+# importlib: ``fastunet.ops.upconv_nearest2x2`` as an attribute is the op the package exports.
+op_module = importlib.import_module("fastunet.ops.upconv_nearest2x2")  # registers the ops
 
 pytestmark = pytest.mark.upconv
 
 OP = torch.ops.fastunet.upconv_nearest2x2
+DGRAD_OP = torch.ops.fastunet.upconv_nearest2x2_input_grad
 ON_GPU = torch.cuda.is_available()
 DTYPES = [
     torch.float32,
@@ -45,6 +48,21 @@ DTYPES = [
     ),
 ]
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def quick_first(values, n_quick=1, ids=None):
+    """Parametrize values of which the first ``n_quick`` run in quick mode and the rest only in
+    the full suite (``slow``): the interpreter costs about a second a launch, so quick mode
+    takes one point per axis. Tuples are spread over several argnames."""
+    out = []
+    for i, v in enumerate(values):
+        marks = [] if i < n_quick else [pytest.mark.slow]
+        vid = None if ids is None else ids[i]
+        if hasattr(v, "values") and hasattr(v, "marks"):  # already a pytest.param
+            out.append(pytest.param(*v.values, marks=[*v.marks, *marks], id=v.id or vid))
+        else:
+            out.append(pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=marks, id=vid))
+    return out
 
 
 def reference(x, weight, bias, relu=False, scale=None, shift=None):
@@ -115,31 +133,33 @@ def run_case(shape, c_out, dtype, device, *, in_layout="nhwc", out_layout="nhwc"
 
 
 # --------------------------------------------------------------------------------------------- launcher
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("packed", quick_first([True, False], ids=["packed", "unpacked"]))
 @pytest.mark.parametrize(
     "shape, c_out",
-    [((1, 3, 5, 7), 37), ((2, 37, 3, 5), 3), ((1, 19, 4, 6), 33), ((1, 1, 1, 1), 2)],
-    ids=["b1-c3-5x7", "b2-c37-3x5", "b1-c19-4x6", "1x1"],
+    quick_first(
+        [((2, 37, 3, 5), 3), ((1, 3, 5, 7), 37), ((1, 19, 4, 6), 33), ((1, 1, 1, 1), 2)],
+        ids=["b2-c37-3x5", "b1-c3-5x7", "b1-c19-4x6", "1x1"],
+    ),
 )
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", quick_first(DTYPES, 2))
 def test_matches_reference(shape, c_out, dtype, packed, device):
     run_case(shape, c_out, dtype, device, packed=packed)
 
 
-@pytest.mark.parametrize("out_layout", ["nhwc", "slice"])
-@pytest.mark.parametrize("in_layout", ["nhwc", "nchw", "slice"])
+@pytest.mark.parametrize("out_layout", quick_first(["slice", "nhwc"]))
+@pytest.mark.parametrize("in_layout", quick_first(["slice", "nhwc", "nchw"]))
 def test_layouts(in_layout, out_layout, device):
     run_case((2, 19, 3, 5), 7, torch.float16, device, in_layout=in_layout, out_layout=out_layout)
 
 
-@pytest.mark.parametrize("in_layout", ["nhwc", "slice"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_layout", quick_first(["slice", "nhwc"]))
+@pytest.mark.parametrize("dtype", quick_first(DTYPES, 2))
 def test_norm_matches_reference(in_layout, dtype, device):
     # relu(shift) > 0 on half the channels: the padding row/column must stay 0 after the transform.
     run_case((2, 37, 3, 5), 5, dtype, device, in_layout=in_layout, out_layout=in_layout, norm=True)
 
 
-@pytest.mark.parametrize("bias, relu", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("bias, relu", quick_first([(False, False), (True, False), (False, True)]))
 def test_bias_and_relu_flags(bias, relu, device):
     run_case((1, 5, 3, 3), 6, torch.float32, device, bias=bias, relu=relu)
 
@@ -157,6 +177,46 @@ def test_every_gpu_tile_in_interpreter(tile, device, monkeypatch):
     # Each GPU tile size once: partial M, K and N tiles and BLOCK_N > C_out for every shape a GPU uses.
     monkeypatch.setattr(kernel_module, "_INTERPRETER_CONFIG", tile)
     run_case((2, 70, 5, 7), 70, torch.float16, device, norm=True)
+
+
+def reference_input_grad(g, weight):
+    """dL/dx of ``reference`` (no bias, no ReLU) for the output gradient g, by float64 autograd."""
+    n, _, h2, w2 = g.shape
+    x = torch.zeros(n, weight.shape[1], h2 // 2, w2 // 2, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(reference(x, weight, None), x, g.double())
+    return gx
+
+
+@pytest.mark.parametrize("layout", quick_first(["slice", "nhwc"]))
+@pytest.mark.parametrize(
+    "shape, c_in",
+    quick_first([((2, 37, 6, 10), 5), ((1, 3, 8, 6), 19), ((1, 2, 2, 2), 1)], ids=["c37to5", "c3to19", "1x1"]),
+)
+@pytest.mark.parametrize("dtype", quick_first(DTYPES, 2))
+def test_input_grad_matches_reference(shape, c_in, dtype, layout, device):
+    """The dgrad kernel vs float64 autograd of the reference: g (channel slice of a wider buffer
+    or plain NHWC) into a NaN-poisoned output; the weight in the dgrad's fast storage."""
+    n, c_out, h2, w2 = shape
+    g = make_input(shape, dtype, device, layout)
+    weight = torch.randn(c_out, c_in, 2, 2, device=device).mul_((4 * c_in) ** -0.5).to(dtype)
+    packed = pack(weight, dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    out, buf = make_output((n, c_in, h2 // 2, w2 // 2), dtype, device, layout)
+    assert input_grad(g, packed, out=out) is out
+    assert_close(out, reference_input_grad(g, weight), tolerance_name(dtype), f"input grad {shape} {dtype} {layout}")
+    if layout == "slice":
+        assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + c_in :]).all(), "wrote outside its slice"
+
+
+def test_input_grad_rejects_bad_arguments(device):
+    g, w = torch.randn(1, 5, 4, 4, device=device), torch.randn(9, 3, 5, device=device)
+    with pytest.raises(ValueError, match="even"):
+        input_grad(torch.randn(1, 5, 3, 4, device=device), w)
+    with pytest.raises(ValueError, match="C_out=5"):
+        input_grad(g, torch.randn(9, 3, 4, device=device))
+    with pytest.raises(TypeError):
+        input_grad(g, w.half())
+    with pytest.raises(ValueError, match="out must be"):
+        input_grad(g, w, out=torch.empty(1, 3, 4, 4, device=device))
 
 
 def test_pack_layout_and_values():
@@ -218,10 +278,13 @@ def test_launcher_rejects_bad_arguments(change, error, device):
 def test_compile_specs_cover_every_dtype():
     for arch in (80, 90):
         specs = compile_specs(arch)
-        assert len(specs) <= 40, "keep ring 2 to tens of specs"
-        assert {(s.dtype, s.constexprs["IN_NORM"]) for s in specs} == {
+        assert len(specs) <= 50, "keep ring 2 to tens of specs"
+        fwd = [s for s in specs if s.kernel == "_upconv_nearest2x2_kernel"]
+        assert {(s.dtype, s.constexprs["IN_NORM"]) for s in fwd} == {
             (d, n) for d in ("fp32", "fp16", "bf16") for n in (False, True)
         }
+        dgrad = [s for s in specs if s.kernel == "_upconv_nearest2x2_dgrad_kernel"]
+        assert {s.dtype for s in dgrad} == {"fp32", "fp16", "bf16"} and len(fwd) + len(dgrad) == len(specs)
         for s in specs:
             assert set(s.signature) == set(s.fn.arg_names)
             assert all(s.signature[k] == "constexpr" for k in s.constexprs)
@@ -247,8 +310,10 @@ def op_args(shape, c_out, dtype, *, packed=False, norm=False, bias=True, require
 
 
 @pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
-@pytest.mark.parametrize("packed", [False, True], ids=["param", "packed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("packed", quick_first([False, True], ids=["param", "packed"]))
+@pytest.mark.parametrize(
+    "dtype", quick_first([torch.float64, torch.float32, torch.float16], 2, ids=["fp64", "fp32", "fp16"])
+)
 def test_op_forward(dtype, packed, norm):
     # float32/float16 run the kernel (interpreter), float64 the eager per-phase composite.
     x, weight, b, s, t = op_args((2, 5, 3, 5), 7, dtype, packed=packed, norm=norm)
@@ -270,16 +335,34 @@ def test_op_composite_matches_reference_without_interpreter(monkeypatch):
     assert_close(y, reference(materialized_norm(x, s, t), weight, b), "fp32", "composite")
 
 
-@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
-@pytest.mark.parametrize("packed", [False, True], ids=["param", "packed"])
+@pytest.mark.parametrize("norm", quick_first([True, False], ids=["norm", "plain"]))
+@pytest.mark.parametrize("packed", quick_first([False, True], ids=["param", "packed"]))
 def test_opcheck(packed, norm):
     args = op_args((1, 3, 3, 3), 4, torch.float32, packed=packed, norm=norm, requires_grad=True)
     torch.library.opcheck(OP, (args[0], args[1], args[2], True, args[3], args[4]))
     torch.library.opcheck(OP, (args[0].detach(), args[1].detach(), None, False))
 
 
-@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("packed", quick_first([False, True], ids=["param", "packed"]))
+def test_opcheck_input_grad(packed):
+    weight = torch.randn(4, 3, 2, 2)
+    g = torch.randn(1, 4, 6, 4).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(DGRAD_OP, (g, pack(weight) if packed else weight))
+
+
+@pytest.mark.parametrize("dtype", quick_first([torch.float16, torch.float32, torch.float64], ids=["fp16", "fp32", "fp64"]))
+def test_input_grad_op(dtype, monkeypatch):
+    # float32/float16: the Triton dgrad (interpreter); float64 and CPU without the interpreter: the composite.
+    weight = torch.randn(6, 5, 2, 2, dtype=torch.float64)
+    g = torch.randn(2, 6, 6, 10).to(dtype)
+    expected = reference_input_grad(g, weight.to(dtype))
+    assert_close(DGRAD_OP(g, weight), expected, tolerance_name(dtype), f"input grad op {dtype}")
+    monkeypatch.setattr(op_module, "_use_kernels", lambda t: False)
+    assert_close(DGRAD_OP(g, pack(weight, dtype)), expected, tolerance_name(dtype), f"composite {dtype}")
+
+
+@pytest.mark.parametrize("norm", quick_first([True, False], ids=["norm", "plain"]))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_gradients_match_reference(dtype, norm):
     """x, weight, bias (and in_scale, in_shift) gradients vs float64 autograd of the reference,
     with ReLU on (its mask comes from the op's own output)."""
@@ -333,6 +416,7 @@ def test_op_rejects_bad_arguments():
         OP(x, torch.randn(5, 3, 2, 2), None, False, torch.ones(3), None)
 
 
+@pytest.mark.slow
 def test_reports_worst_errors(capsys):
     """The figures for the closing notes: worst relative error per dtype of kernel and op backward."""
     rows = {}
