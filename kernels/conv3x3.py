@@ -631,9 +631,14 @@ _HEAD_CONFIGS_SM80 = (
     _Cfg(64, 128, 32, 8, 3),
     _Cfg(64, 256, 32, 8, 3),
 )
+# The decoder conv reading an up-sampled source: the main tiles (pruned by ``_fits_up``) and one
+# narrow K step for the fp32 bilinear load, whose four fp32 neighbour tiles spill every main tile.
+_UP_EXTRA = (_Cfg(64, 64, 16, 4, 4),)
 _CONFIGS = {
     ("main", 90): _CONFIGS_SM90,
     ("main", 80): _CONFIGS_SM80,
+    ("up", 90): _CONFIGS_SM90 + _UP_EXTRA,
+    ("up", 80): _CONFIGS_SM80 + _UP_EXTRA,
     ("smallc", 90): _SMALLC_CONFIGS,
     ("smallc", 80): _SMALLC_CONFIGS,
     ("split", 90): _SPLIT_CONFIGS_SM90,
@@ -669,6 +674,31 @@ def _fits_training(cfg: _Cfg, elem_size: int) -> bool:
     return _training_regs(cfg, elem_size) <= _TRAINING_REG_BUDGET[elem_size]
 
 
+# The decoder's up-sampled source ("up" tuner): 32-bit registers per thread for the accumulator
+# plus the A operand as loaded: one tile in the source dtype when padding, four fp32 neighbour
+# tiles when interpolating. Budgets from the offline sm_90 report (ptxas spills above them):
+# padding spilled fp32 at 128x64x64 on 4 warps (128: 2 B) and fp16 never (<= 144); bilinear spilled
+# fp16 at 64x128x64 on 4 warps (192: 14 B) but not at 64x64x64 (160), its training form at 160
+# (22 B) but not at 96, and fp32 already at 64x64x32 (96: 14 B), hence the 64x64x16 tile below.
+_UP_REG_BUDGET = {
+    # (bilinear, training): {elem_size: budget}
+    (False, False): {2: 160, 4: 96},
+    (False, True): {2: 160, 4: 96},
+    (True, False): {2: 160, 4: 64},
+    (True, True): {2: 96, 4: 64},
+}
+
+
+def _up_regs(cfg: _Cfg, elem_size: int, bilinear: bool) -> int:
+    threads = 32 * cfg.num_warps
+    a = cfg.BLOCK_M * cfg.BLOCK_K * (16 if bilinear else elem_size) // 4
+    return (cfg.BLOCK_M * cfg.BLOCK_N + a) // threads
+
+
+def _fits_up(cfg: _Cfg, elem_size: int, bilinear: bool, training: bool) -> bool:
+    return _up_regs(cfg, elem_size, bilinear) <= _UP_REG_BUDGET[(bilinear, training)][elem_size]
+
+
 def _fits_dense(cfg: _Cfg, elem_size: int) -> bool:
     """The dense entry's vector loads hold a whole fp32 A tile in registers: at 64x128 on 4 warps
     ptxas spilled (8 bytes, sm_80, offline report); every other small-C tile fits."""
@@ -690,6 +720,8 @@ def _prune(configs, shape: dict, arch: int) -> list:
         fitting = [c for c in fitting if _fits_training(c, elem)] or fitting
     if shape.get("dense"):
         fitting = [c for c in fitting if _fits_dense(c, elem)] or fitting
+    if shape["variant"] == "up":
+        fitting = [c for c in fitting if _fits_up(c, elem, shape["bilinear"], shape["training"])] or fitting
     # A tile much taller than M or wider than C_out only multiplies masked zeros.
     m_cap = max(64, next_pow2(m))
     keep = [c for c in fitting if c.BLOCK_M <= m_cap]
@@ -731,7 +763,7 @@ _TUNERS = {
         _tiles,
         _interpreter_config,
     )
-    for variant in ("main", "smallc", "split", "head")
+    for variant in ("main", "smallc", "split", "head", "up")
 }
 
 
@@ -891,13 +923,15 @@ def _launch(
         hw, hb, head_k, head_act = scale, shift, 0, 0
     if stats is not None:
         split_k = 1  # the partial statistics are taken in the main kernel's epilogue
+    if up is not None:
+        split_k = 1  # the geometry's register budget is tuned on the "up" tiles only
     if split_k is None:
         k_iters = 9 * cdiv(c1 + c2, 64)
         split_k = _pick_split_k(device, m, c_out, k_iters)
     if head is not None:
         variant = "head"
     else:
-        variant = "split" if split_k > 1 else ("smallc" if small_c else "main")
+        variant = "split" if split_k > 1 else ("smallc" if small_c else ("up" if up is not None else "main"))
     norm1, norm2 = norms
     xs, xt = norm1 if norm1 is not None else (scale, shift)
     x2s, x2t = norm2 if norm2 is not None else (scale, shift)
@@ -1276,6 +1310,61 @@ _SPEC_MODES = {
 }
 
 
+# The decoder's first conv with its up-sampled source (up second, milesial's cat([skip, U])):
+# (UP2, NORM1, NORM2, STATS). Inference: the transpose conv's output padded (1), or the low-res
+# map interpolated on the load (2); training: the bilinear form with both raw sources normalized
+# on load, and the padded form with the skip normalized (the transpose conv's output is final).
+# up-first only moves the same code to the x loop; split-K and the head never take a geometry in
+# the model (the decoder's first conv is neither the deepest nor the last layer).
+_UP_SPEC_MODES = ((1, False, False, False), (2, False, False, False), (2, True, True, True), (1, True, False, True))
+
+
+def _up_specs(arch: int, dtype: str, elem: int, precision: str) -> list[KernelSpec]:
+    """The ``_UP_SPEC_MODES`` specs of one dtype: every main config the tuner can pick for them."""
+    fn = _conv3x3_bn_act_kernel
+    specs = []
+    for cfg in _CONFIGS[("up", arch)]:
+        if not _fits(cfg, arch, elem):
+            continue
+        for up2, norm1, norm2, stats in _UP_SPEC_MODES:
+            training = norm1 or norm2 or stats
+            if training and not _fits_training(cfg, elem):
+                continue  # pruned at run time
+            if not _fits_up(cfg, elem, up2 == 2, training):
+                continue  # pruned at run time
+            constexprs = {name: 1 for name in _UNIT_STRIDES}
+            constexprs.update(
+                HAS_X2=True, SMALL_C=False, DENSE_C=0, NORM1=norm1, NORM2=norm2, UP1=0, UP2=up2, STATS=stats,
+                RELU=not stats, SPLIT_K=1, HEAD_K=0, HEAD_KP=1, HEAD_ACT=0, DOT_PRECISION=precision,
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=GROUP_M,
+            )  # fmt: skip
+            sig = _spec_signature(fn, dtype, dtype, constexprs)
+            for on, names in ((norm1, ("xs_ptr", "xt_ptr")), (norm2, ("x2s_ptr", "x2t_ptr"))):
+                if on:
+                    sig.update(dict.fromkeys(names, "*fp64"))
+            tags = ["up", "pad" if up2 == 1 else "bilinear"]
+            tags += [t for t, on in (("norm1", norm1), ("norm2", norm2), ("stats", stats)) if on]
+            specs.append(
+                KernelSpec(
+                    kernel=fn.__name__,
+                    fn=fn,
+                    signature=sig,
+                    constexprs=constexprs,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    dtype=dtype,
+                    config=f"{cfg.name}_{'_'.join(tags)}",
+                    extra={
+                        # The skip's size is odd at odd inputs (channel counts stay multiples of 16).
+                        "attrs": _divisibility_attrs(fn, sig, ("H", "W")),
+                        "variant": "up",
+                        "expect_hgmma": arch >= 90 and dtype != "fp32",
+                    },
+                )
+            )
+    return specs
+
+
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every (kernel, config, dtype) the autotuner can pick on ``arch`` (80 or 90).
 
@@ -1309,7 +1398,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                     constexprs = {name: 1 for name in _UNIT_STRIDES}
                     constexprs.update(
                         HAS_X2=has_x2, SMALL_C=small_c, DENSE_C=16 // elem if dense else 0, NORM1=norm1,
-                        NORM2=norm2, STATS=stats,
+                        NORM2=norm2, UP1=0, UP2=0, STATS=stats,
                         RELU=not stats, SPLIT_K=split_k, HEAD_K=head_k, HEAD_KP=1,
                         HEAD_ACT=1 if head_k else 0, DOT_PRECISION=precision, BLOCK_M=cfg.BLOCK_M,
                         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=GROUP_M,
@@ -1344,6 +1433,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                             },
                         )
                     )
+        if dtype != "bf16":  # bf16 compiles as fp16 does (another MMA type, the same registers)
+            specs += _up_specs(arch, dtype, elem, precision)
         epi = _conv3x3_splitk_epilogue_kernel
         constexprs = {
             "stride_oc": 1, "SPLIT_K": 4, "RELU": True, "BLOCK_M": _EPI_BLOCK_M,

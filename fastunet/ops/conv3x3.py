@@ -1,7 +1,9 @@
 """The 3x3 conv ops (``kernels/conv3x3.py``): ``conv3x3_bn_act`` (eval conv + folded BN + ReLU,
 with the decoder's concat fused as a second input ``x2``), ``conv3x3_bn_act_head`` (the same
 with the 1x1 head in the epilogue) and ``conv3x3_bn_stats`` (the training conv with the
-previous BN+ReLU on load and this BN's batch statistics), with their autograd formulas.
+previous BN+ReLU on load and this BN's batch statistics), with their autograd formulas; and
+``conv3x3_up_bn_act`` / ``conv3x3_up_bn_stats``: the decoder's first conv reading its up-sampled
+half (odd-size zero pad, optionally bilinear x2) through a geometry, never as a tensor.
 
 The decoder's concat is fused by giving ``conv3x3_bn_act`` a second input ``x2``: the conv
 reads its K range from ``x`` then ``x2``, i.e. it convolves ``cat([x, x2], 1)`` without the
@@ -26,6 +28,7 @@ from ._common import (
     _check_conv3x3,
     _check_head,
     _check_norm,
+    _check_same_dtype,
     _conv3x3_composite,
     _empty_nhwc,
     _grads_for,
@@ -303,3 +306,250 @@ conv3x3_bn_stats.register_autograd(_conv3x3_stats_backward, setup_context=_conv3
 
 # The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
 _bwd.register("conv3x3_bn_act", _conv3x3_bn_act_impl, 0)
+
+
+# =========================================================================== conv3x3_up_bn_*
+# The decoder's first conv when the up-sampled half does not exist at the skip's size (milesial's
+# decoder: U = up-sampled map zero-padded by the odd-size difference, or bilinear x2 of the
+# low-res map). The kernels read U through a geometry (``kernels.conv3x3_up_bn_act``); the
+# composites and the backward formulas build U with torch.
+
+
+def _check_conv3x3_up(op: str, skip: Tensor, up: Tensor, weight: Tensor, bilinear: bool) -> None:
+    if skip.dim() != 4 or up.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"fastunet::{op}: skip, up and weight must be 4-D")
+    _check_same_dtype(op, skip=skip, up=up)
+    if up.shape[0] != skip.shape[0]:
+        raise ValueError(f"fastunet::{op}: up {tuple(up.shape)} and skip {tuple(skip.shape)} differ in batch size")
+    f = 2 if bilinear else 1
+    if min(up.shape[2], up.shape[3]) < 1 or f * up.shape[2] > skip.shape[2] or f * up.shape[3] > skip.shape[3]:
+        raise ValueError(
+            f"fastunet::{op}: the {'bilinear x2 of ' if bilinear else ''}up map {tuple(up.shape[2:])} must be "
+            f"non-empty and fit in the skip's {tuple(skip.shape[2:])}"
+        )
+
+
+def _up_sources(skip: Tensor, u: Tensor, up_first: bool) -> tuple[Tensor, Tensor]:
+    """``(x, x2)`` in concat order."""
+    return (u, skip) if up_first else (skip, u)
+
+
+def _up_map(up: Tensor, bilinear: bool, size, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """U at the skip's ``size`` (H, W), in up's dtype: ``relu(up * scale + shift)`` (when given),
+    bilinear x2 with align_corners=True (when ``bilinear``; in the accumulation dtype, rounded
+    once, as the kernel does), zero-padded with ``(H - Hu) // 2`` rows on top and ``(W - Wu) // 2``
+    columns on the left (milesial's ``F.pad``), the rest below / right."""
+    if bilinear:
+        acc = _acc_dtype(up.dtype)
+        u = up.to(acc)
+        if scale is not None:
+            u = torch.relu(u * _channel_vec(scale, acc) + _channel_vec(shift, acc))
+        u = F.interpolate(u, scale_factor=2, mode="bilinear", align_corners=True).to(up.dtype)
+    else:
+        u = _affine_relu(up, scale, shift)
+    dh, dw = size[0] - u.shape[2], size[1] - u.shape[3]
+    if dh or dw:
+        u = F.pad(u, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+    return u
+
+
+def _up_map_backward(gu: Tensor, up: Tensor, bilinear: bool) -> Tensor:
+    """dL/d(the up map before padding: up itself, or its activated form when bilinear) from
+    gu = dL/dU ``[N, C_u, H, W]``: the pad's backward is a crop, the interpolation's the
+    transposed weights (``upsample_bilinear2d_backward``, in the accumulation dtype)."""
+    h_up, w_up = (2 * up.shape[2], 2 * up.shape[3]) if bilinear else (up.shape[2], up.shape[3])
+    top, left = (gu.shape[2] - h_up) // 2, (gu.shape[3] - w_up) // 2
+    g = gu[:, :, top : top + h_up, left : left + w_up]
+    if bilinear:
+        acc = _acc_dtype(up.dtype)
+        g = torch.ops.aten.upsample_bilinear2d_backward(
+            g.to(acc), [h_up, w_up], list(up.shape), True, None, None
+        ).to(up.dtype)  # fmt: skip
+    return g
+
+
+@torch.library.custom_op("fastunet::conv3x3_up_bn_act", mutates_args=())
+def conv3x3_up_bn_act(
+    skip: Tensor,
+    up: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    relu: bool,
+    up_first: bool,
+    bilinear: bool,
+) -> Tensor:
+    """The decoder's first conv, ``act(scale * conv3x3(cat(...), weight, pad=1) + shift)``, with its
+    up-sampled half read through a geometry instead of a tensor.
+
+    skip ``[N, C_s, H, W]``; up ``[N, C_u, h, w]``; U = ``bilinear_x2(up)`` (align_corners=True)
+    if ``bilinear`` else up, ``Hu x Wu`` <= H x W, zero-padded to H x W with ``(H - Hu) // 2``
+    rows on top and ``(W - Wu) // 2`` columns on the left (milesial's pad). The conv input is
+    ``cat([U, skip])`` if ``up_first`` else ``cat([skip, U])``; weight ``[C_out, C_s + C_u, 3, 3]``
+    in that order (packed for eval, any layout), scale/shift ``[C_out]`` as ``conv3x3_bn_act``.
+    Returns ``[N, C_out, H, W]`` channels_last in skip's dtype. With ``bilinear=False`` and equal
+    sizes this is ``conv3x3_bn_act`` of the two sources. Backward: U is built with torch (pad /
+    interpolate), the conv's gradients are ``conv3x3_bn_act``'s, then the crop and
+    ``upsample_bilinear2d_backward`` take dL/dU back to up.
+    """
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@conv3x3_up_bn_act.register_fake
+def _(skip, up, weight, scale, shift, relu, up_first, bilinear):
+    _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, bilinear)
+    x, x2 = _up_sources(skip, up.new_empty((up.shape[0], up.shape[1], *skip.shape[2:])), up_first)
+    _check_conv3x3(x, x2, weight, scale, shift)
+    return _empty_nhwc((skip.shape[0], weight.shape[0], skip.shape[2], skip.shape[3]), skip)
+
+
+@conv3x3_up_bn_act.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _conv3x3_up_bn_act_impl(skip, up, weight, scale, shift, relu, up_first, bilinear):
+    if _use_kernels(skip):  # the launcher validates
+        return _kernels().conv3x3.conv3x3_up_bn_act(
+            skip, up, weight, scale.float(), shift.float(), up_first=up_first, bilinear=bilinear, relu=relu
+        )  # fmt: skip
+    _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, bilinear)
+    x, x2 = _up_sources(skip, _up_map(up, bilinear, skip.shape[2:]), up_first)
+    _check_conv3x3(x, x2, weight, scale, shift)
+    return _as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), skip.dtype)
+
+
+def _conv3x3_up_setup(ctx, inputs, output):
+    skip, up, weight, scale, shift, relu, up_first, bilinear = inputs
+    ctx.relu, ctx.up_first, ctx.bilinear = relu, up_first, bilinear
+    ctx.save_for_backward(skip, up, weight, scale, output)
+
+
+def _conv3x3_up_backward(ctx, grad):
+    skip, up, weight, scale, y = ctx.saved_tensors
+    need_skip, need_up, need_w, need_scale, need_shift = ctx.needs_input_grad[:5]
+    u = _up_map(up, ctx.bilinear, skip.shape[2:])
+    x, x2 = _up_sources(skip, u, ctx.up_first)
+    need_x, need_x2 = (need_up, need_skip) if ctx.up_first else (need_skip, need_up)
+    gx, gx2, gw, gscale, gshift = _conv3x3_grads(
+        grad, x, x2, weight, scale, y, ctx.relu, (need_x, need_x2, need_w, need_scale, need_shift)
+    )  # fmt: skip
+    gu, gskip = (gx, gx2) if ctx.up_first else (gx2, gx)
+    gup = _up_map_backward(gu, up, ctx.bilinear) if gu is not None else None
+    return gskip, gup, gw, gscale, gshift, None, None, None
+
+
+conv3x3_up_bn_act.register_autograd(_conv3x3_up_backward, setup_context=_conv3x3_up_setup)
+
+
+@torch.library.custom_op("fastunet::conv3x3_up_bn_stats", mutates_args=())
+def conv3x3_up_bn_stats(
+    skip: Tensor,
+    up: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    skip_scale: Tensor | None,
+    skip_shift: Tensor | None,
+    up_scale: Tensor | None,
+    up_shift: Tensor | None,
+    up_first: bool,
+    bilinear: bool,
+    min_count: int = 2,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training form of ``conv3x3_up_bn_act``: ``z = conv3x3(cat(...), weight) + bias`` and z's
+    BatchNorm batch statistics, as ``conv3x3_bn_stats`` (weight: the parameter, any float dtype;
+    bias ``[C_out]``; ``min_count``: BatchNorm's rule).
+
+    skip_scale/skip_shift ``[C_s]`` and up_scale/up_shift ``[C_u]`` (each pair both or neither):
+    the source is a previous layer's raw output and ``relu(v * scale + shift)`` is applied as it
+    is read; for up, to each low-res value before interpolating (milesial up-samples the
+    activated map), the zero padding after it. Returns ``(z, mean, var)``: z ``[N, C_out, H, W]``
+    channels_last in skip's dtype; mean and biased var ``[C_out]`` (float32; float64 for
+    float64). Backward: U is built with torch and the weight and input gradients are the
+    ``conv3x3_weight_grad`` / conv ops' (as ``conv3x3_bn_stats``'), then the crop,
+    ``upsample_bilinear2d_backward`` and the BN+ReLU backward take dL/dU back to up.
+    """
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+def _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count):
+    op = "conv3x3_up_bn_stats"
+    if not weight.is_floating_point():
+        raise TypeError(f"fastunet::{op}: weight must be floating point, got {weight.dtype}")
+    _check_conv3x3_up(op, skip, up, weight, bilinear)
+    x, x2 = _up_sources(skip, up.new_empty((up.shape[0], up.shape[1], *skip.shape[2:])), False)
+    _check_conv3x3(x, x2, weight.to(skip.dtype) if weight.dtype != skip.dtype else weight, bias, bias)
+    _check_norm(op, skip.shape[1], skip_scale, skip_shift, "skip")
+    _check_norm(op, up.shape[1], up_scale, up_shift, "up")
+    if skip.shape[0] * skip.shape[2] * skip.shape[3] < min_count:
+        raise ValueError(
+            f"fastunet::{op}: expected more than 1 value per channel when training, got input size {tuple(skip.shape)}"
+        )
+
+
+@conv3x3_up_bn_stats.register_fake
+def _(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_first, bilinear, min_count=2):
+    _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count)
+    c_out = weight.shape[0]
+    acc = _acc_dtype(skip.dtype)
+    z = _empty_nhwc((skip.shape[0], c_out, skip.shape[2], skip.shape[3]), skip)
+    return z, skip.new_empty(c_out, dtype=acc), skip.new_empty(c_out, dtype=acc)
+
+
+@conv3x3_up_bn_stats.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _conv3x3_up_bn_stats_impl(
+    skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_first, bilinear, min_count=2
+):
+    _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count)
+    if _use_kernels(skip):
+        return _kernels().conv3x3.conv3x3_up_bn_stats(
+            skip, up, _packed_conv_weight(weight, skip.dtype), bias.float(), up_first=up_first, bilinear=bilinear,
+            skip_norm=_norm_arg(skip_scale, skip_shift), up_norm=_norm_arg(up_scale, up_shift),
+        )  # fmt: skip
+    acc = _acc_dtype(skip.dtype)
+    u = _up_map(up, bilinear, skip.shape[2:], up_scale, up_shift)
+    x, x2 = _up_sources(_affine_relu(skip, skip_scale, skip_shift), u, up_first)
+    z = _as_nhwc(
+        F.conv2d(torch.cat([x, x2], 1), weight.to(skip.dtype), padding=1).to(acc) + _channel_vec(bias, acc), skip.dtype
+    )  # fmt: skip
+    zf = z.to(acc)
+    if zf.numel() == 0:  # an empty batch: no statistics (what torch.mean of nothing gives)
+        nan = zf.new_full((zf.shape[1],), float("nan"))
+        return z, nan, nan.clone()
+    return z, zf.mean((0, 2, 3)), zf.var((0, 2, 3), unbiased=False)
+
+
+def _conv3x3_up_stats_setup(ctx, inputs, output):
+    skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_first, bilinear = inputs[:10]
+    z, mean, _ = output
+    ctx.bias_dtype, ctx.up_first, ctx.bilinear = bias.dtype, up_first, bilinear
+    ctx.save_for_backward(skip, up, weight, skip_scale, skip_shift, up_scale, up_shift, z, mean)
+
+
+def _conv3x3_up_stats_backward(ctx, gz, gmean, gvar):
+    skip, up, weight, skip_scale, skip_shift, up_scale, up_shift, z, mean = ctx.saved_tensors
+    need_skip, need_up, need_w, need_b, need_ss, need_st, need_us, need_ut = ctx.needs_input_grad[:8]
+    g, g_sum = _bwd.bn_stats_backward(gz.to(z.dtype) if gz is not None else None, z, mean, gmean, gvar)
+    gb = g_sum.to(ctx.bias_dtype) if need_b else None
+    # U materialized once, already transformed (the weight gradient reads it as is).
+    u = _up_map(up, ctx.bilinear, skip.shape[2:], up_scale, up_shift)
+    gw = None
+    if need_w:
+        if ctx.up_first:
+            gw = _bwd.conv3x3_weight_grad(g, u, skip, None, None, skip_scale, skip_shift)
+        else:
+            gw = _bwd.conv3x3_weight_grad(g, skip, u, skip_scale, skip_shift, None, None)
+        gw = gw.to(weight.dtype)
+    gskip = gss = gst = gup = gus = gut = None
+    if need_skip or need_up or need_ss or need_st or need_us or need_ut:
+        gin = _conv3x3_input_grad(g, weight)
+        c_u = up.shape[1]
+        if ctx.up_first:
+            gu, gs = gin[:, :c_u], gin[:, c_u:]
+        else:
+            gs, gu = gin[:, : skip.shape[1]], gin[:, skip.shape[1] :]
+        gskip, gss, gst = _affine_relu_grads(gs, skip, skip_scale, skip_shift)
+        if need_up or need_us or need_ut:
+            gup, gus, gut = _affine_relu_grads(_up_map_backward(gu, up, ctx.bilinear), up, up_scale, up_shift)
+    return _grads_for(ctx, (gskip, gup, gw, gb, gss, gst, gus, gut, None, None, None))
+
+
+conv3x3_up_bn_stats.register_autograd(_conv3x3_up_stats_backward, setup_context=_conv3x3_up_stats_setup)
