@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import conv3x3_tma as _tma
 from ._common import (
     GemmConfig,
     KernelSpec,
@@ -635,7 +636,8 @@ _HEAD_CONFIGS_SM80 = (
 # narrow K step for the fp32 bilinear load, whose four fp32 neighbour tiles spill every main tile.
 _UP_EXTRA = (_Cfg(64, 64, 16, 4, 4),)
 _CONFIGS = {
-    ("main", 90): _CONFIGS_SM90,
+    # Then the TMA-fed variant's configs (conv3x3_tma), tuned candidates of the same launches.
+    ("main", 90): _tma.with_tma_configs(_CONFIGS_SM90, 90),
     ("main", 80): _CONFIGS_SM80,
     ("up", 90): _CONFIGS_SM90 + _UP_EXTRA,
     ("up", 80): _CONFIGS_SM80 + _UP_EXTRA,
@@ -759,7 +761,7 @@ _TUNERS = {
     variant: Tuner(
         f"conv3x3.{variant}",
         {arch: _CONFIGS[(variant, arch)] for arch in (80, 90)},
-        _prune,
+        _tma.tuned_prune(_prune),
         _tiles,
         _interpreter_config,
     )
@@ -956,11 +958,20 @@ def _launch(
             "variant": variant, "elem": x.element_size(), "M": m_bucket, "C1": c1, "C2": c2, "C_out": c_out,
             "SMALL_C": small_c, "training": norm1 is not None or norm2 is not None or stats is not None,
             "dense": flags["DENSE_C"] > 0, "bilinear": up_mode == 2,
+            **_tma.shape_fields(tma_facts, norms, stats is not None),
         }  # fmt: skip
 
     def run(cfg, partials=None):
         if partials is None:
             partials = stats(cdiv(m, cfg.BLOCK_M)) if stats is not None else scale
+        if _tma.is_tma_config(cfg):
+            if _tma.runnable(cfg, tma_facts):
+                _tma.conv3x3_tma_launch(
+                    cfg, x, x2, weight, scale, shift, out, relu=relu, dot_precision=flags["DOT_PRECISION"],
+                    norms=norms, partials=partials if stats is not None else None,
+                )  # fmt: skip
+                return partials
+            cfg = _Cfg(*cfg[:5])  # forced on operands TMA cannot read: the same tiles, pointer kernel
         args = (
             x, x2_t, weight, scale, shift, dst, hw, hb, xs, xt, x2s, x2t, partials, n, h, w, c1, c2, c_out,
             *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0), *geometry,
@@ -970,6 +981,13 @@ def _launch(
         return partials
 
     key = (x.dtype, m_bucket, c1, c2, c_out, *flags.values())
+    # Whether (and with which tile geometries) the TMA variant can read the operands; a key
+    # part only where it can, so every other launch keeps its tuning key.
+    tma_facts = (False,)
+    if variant == "main" and up is None:
+        tma_facts = _tma.launch_facts(x, x2, weight, out, stats is not None)
+    if tma_facts[0]:
+        key += tma_facts
     if up is not None:  # the plain convs keep their tuning keys
         key += (f"up{up_src}.{up_mode}",)
     cfg = _TUNERS[variant].pick(device, key, shape, run)

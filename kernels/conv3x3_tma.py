@@ -130,9 +130,10 @@ TMA_CONFIGS_SM90 = (
     TmaConfig(64, 64, 64, 4, 4),
     TmaConfig(128, 64, 64, 4, 4, persistent=True),
 )
-_BLOCK_MS = tuple(sorted({c.BLOCK_M for c in TMA_CONFIGS_SM90}))
 # The interpreter's one small tile (the tests also run it persistent).
 INTERPRETER_CONFIG = TmaConfig(32, 16, 16, 4, 1)
+# Every BLOCK_M a TMA config can have (``launch_facts`` records a tile geometry for each).
+_BLOCK_MS = tuple(sorted({c.BLOCK_M for c in (*TMA_CONFIGS_SM90, INTERPRETER_CONFIG)}))
 
 
 # --------------------------------------------------------------------------------------------

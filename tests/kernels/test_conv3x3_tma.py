@@ -223,6 +223,69 @@ def test_tma_supported_alignment():
     assert not T.tma_supported(nhwc(1, 8, 4, 4, dtype), None, small, out)
 
 
+def test_candidates_keep_the_pointer_configs_first():
+    """The tuner's sm_90 main list keeps every pointer config, in order, ahead of the TMA ones
+    (the rule, which picks untimed, never lands on a TMA config first); TMA candidates appear
+    only for 16-bit, TMA-able shapes, and not for the encoder's NORM1 training form."""
+    tuner = K._TUNERS["main"]
+    configs = tuner.config_list(90)
+    n_ptr = len(K._CONFIGS_SM90)
+    assert list(configs[:n_ptr]) == list(K._CONFIGS_SM90)
+    assert all(T.is_tma_config(c) for c in configs[n_ptr:]) and len(configs) > n_ptr
+    facts = (True, *(True for _ in T._BLOCK_MS))  # TMA-able, every BLOCK_M has a tile geometry
+    base = {
+        "variant": "main", "elem": 2, "M": 2**20, "C1": 64, "C2": 0, "C_out": 64, "SMALL_C": False,
+        "training": False, "dense": False, "bilinear": False, **T.shape_fields(facts, (None, None), False),
+    }  # fmt: skip
+    kept = tuner.candidates(90, base)
+    assert any(T.is_tma_config(c) for c in kept) and any(not T.is_tma_config(c) for c in kept)
+    for change in ({"tma": False}, {"elem": 4}, {"training": True, "norm1": True, "stats": True}, {"geometry": {}}):
+        assert not any(T.is_tma_config(c) for c in tuner.candidates(90, {**base, **change})), change
+    decoder = {**base, "C2": 64, "training": True, "norm2": True, "stats": True}
+    assert all(T.fits_training(c) for c in tuner.candidates(90, decoder) if T.is_tma_config(c))
+    assert not any(T.is_tma_config(c) for c in tuner.config_list(80))
+    cfg = T.TMA_CONFIGS_SM90[0]
+    assert T.runnable(cfg, facts) and not T.runnable(cfg, (False,))
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+def test_conv3x3_launchers_dispatch_a_tma_pick(dtype, monkeypatch):
+    """When the tuner picks a TMA config, ``conv3x3_bn_act`` (fused concat, channel-slice input)
+    and ``conv3x3_bn_stats`` (decoder form) run the TMA kernel and match float64; a TMA pick on
+    operands TMA cannot read (a 38-byte pixel pitch) runs the pointer kernel with the same tiles."""
+    picks = []
+
+    def pick(device, key, shape, run):
+        picks.append(key)
+        return CONFIGS[0]
+
+    monkeypatch.setattr(K._TUNERS["main"], "pick", pick)
+    launched = []
+    real = T.conv3x3_tma_launch
+    monkeypatch.setattr(T, "conv3x3_tma_launch", lambda *a, **k: launched.append(1) or real(*a, **k))
+    n, c1, c2, c_out, w = 2, 16, 19, 24, 16
+    h = 2 * max(1, CONFIGS[0].BLOCK_M // w)
+    x, x2 = aligned(n, c1, h, w, dtype, sliced=True), aligned(n, c2, h, w, dtype, sliced=False)
+    weight, scale, shift = operands(c1 + c2, c_out, dtype)
+    tol = tolerance_name(dtype)
+    got = K.conv3x3_bn_act(x, weight, scale, shift, x2=x2)
+    assert_close(got, reference(x, x2, weight, scale, shift), tol, "eval through conv3x3")
+    norms = (None, norm_params(c2))
+    z, mean, var = K.conv3x3_bn_stats(x, weight, shift, x2=x2, x2_norm=norms[1])
+    expected = reference(x, x2, weight, torch.ones_like(shift), shift, relu=False, norms=norms)
+    assert_close(z, expected, tol, "train through conv3x3")
+    stored = z.cpu().double()
+    assert_close(mean, stored.mean((0, 2, 3)), "fp32", "mean", scale=stored.std().item())
+    assert_close(var, stored.var((0, 2, 3), unbiased=False), "fp32", "var")
+    assert len(launched) == 2 and all(key[-len(T._BLOCK_MS) - 1] is True for key in picks)
+    ragged = nhwc(n, c1, h, w, dtype, pad=3)  # a 38- or 76-byte pixel pitch: no TMA
+    w_r, s_r, t_r = operands(c1, c_out, dtype)
+    got = K.conv3x3_bn_act(ragged, w_r, s_r, t_r)
+    assert_close(got, reference(ragged, None, w_r, s_r, t_r), tol, "pointer kernel with the TMA pick's tiles")
+    assert len(launched) == 2
+
+
 def test_compile_specs_are_few_and_16_bit():
     specs = T.compile_specs(90)
     assert 0 < len(specs) <= 40
