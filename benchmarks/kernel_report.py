@@ -28,6 +28,17 @@ instructions in the PTX drop NaN. It fails (exit status 1) on
 
 With nothing to check (no module exposes ``compile_specs`` yet) it exits with status 3.
 
+Besides the checks, every row carries a static performance metric of the GEMM main loop
+(``sass_metrics.py``, read from the same SASS): the non-NOP instructions of the innermost loops
+that hold ``HGMMA``, per HGMMA (what one warp issues per warpgroup MMA: address and mask
+arithmetic, copies, barriers, pipeline bookkeeping; the table's ``ins/hgmma``), whether the SASS
+loads through TMA (``UTMALDG``, ``tma``), and the resident CTAs per SM allowed by registers and
+by shared memory on sm_90 (``ctas``, registers/shared memory). They are reported, never failed.
+The JSON carries them as ``loop_insts``, ``loop_hgmma``, ``insts_per_hgmma``, ``tma``,
+``ctas_regs``, ``ctas_smem``; ``benchmarks/results/conv_main_loop_sm90.json`` holds the conv's
+before/after rows (issue 14) and ``python benchmarks/sass_metrics.py`` on it prints the README's
+table.
+
 ``attrs`` is ``spec.extra["attrs"]`` when the spec has one (Triton's form,
 ``{(arg_index,): [["tt.divisibility", 16]]}``, or a list of argument names), else nothing. It
 matters: the JIT marks every 16-byte-aligned pointer and every int divisible by 16 as such and

@@ -325,11 +325,12 @@ def tma_available(device: torch.device) -> bool:
 
 
 def _nhwc_ok(t: Tensor) -> bool:
-    """Channels contiguous, 16-byte aligned base and pixel/row/image strides."""
+    """Channels contiguous, 16-byte aligned base and pixel/row/image strides (positive: an
+    expanded, stride-0 dimension is not a tensor map the copy engine takes)."""
     elem = t.element_size()
     if t.stride(1) != 1 or t.data_ptr() % _TMA_ALIGN:
         return False
-    return all((s * elem) % _TMA_ALIGN == 0 for i, s in enumerate(t.stride()) if i != 1)
+    return all(s > 0 and (s * elem) % _TMA_ALIGN == 0 for i, s in enumerate(t.stride()) if i != 1)
 
 
 def _packed_weight_ok(weight: Tensor, c1: int) -> bool:
