@@ -16,6 +16,12 @@ weights (about 124 MB in float32 for the classic model) and dies with the model.
 
 The folded weights are detached, so ``model.py`` uses them only when no gradient has to reach a
 parameter; gradients w.r.t. the input flow through the folded forward as usual.
+
+Architecture options (``fastunet.reference``): ``norm="none"`` keeps each conv's own bias (or
+none); dropout is the identity in eval; the ups are the reference's math (``ConvTranspose2d``,
+nearest x2 + bottom/right zero row and column + 2x2 conv + ReLU, bilinear x2 with
+align_corners), then ``pad_to`` the skip for ``odd_sizes="pad"`` and the concat in the model's
+order; the pre-head conv + ReLU before the head.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._snapshot import is_current, tensors_state
-from .reference import apply_out_activation
+from .reference import apply_out_activation, pad_to
 
 _CL = torch.channels_last
 
@@ -38,10 +44,11 @@ _CL = torch.channels_last
 class CpuPlan:
     """The folded weights of one model for one compute dtype.
 
-    ``convs``: per 3x3 conv in call order, ``(weight [C_out, C_in, 3, 3] channels_last, bias
-    [C_out])`` with BatchNorm and conv bias folded in; ``ups``: per transposed conv ``(weight
-    [2C, C, 2, 2] channels_last, bias [C])``; ``head``: ``(weight [K, C, 1, 1], bias [K] or
-    None)``. ``sources``/``versions``/``ptrs``: the tensors it was built from, their
+    ``convs``: per 3x3 conv in call order (the pre-head conv last), ``(weight [C_out, C_in, 3, 3]
+    channels_last, bias [C_out] or None)`` with BatchNorm and conv bias folded in; ``ups``: per
+    transposed conv ``(weight [2C, C, 2, 2] channels_last, bias [C])`` or nearest_conv up conv
+    ``(weight [C, 2C, 2, 2] channels_last, bias [C] or None)``, none for bilinear; ``head``:
+    ``(weight [K, C, 1, 1], bias [K] or None)``. ``sources``/``versions``/``ptrs``: the tensors it was built from, their
     ``_version`` and ``data_ptr`` then (held, so none can be freed and its identity reused).
     """
 
@@ -80,12 +87,23 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tup
     return weight.to(dtype).contiguous(memory_format=_CL), shift.to(dtype)
 
 
+def _as_is(conv: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """A conv's (weight channels_last, bias or None) in ``dtype``."""
+    bias = conv.bias.to(dtype) if conv.bias is not None else None
+    return conv.weight.to(dtype).contiguous(memory_format=_CL), bias
+
+
 def _build(layers, dtype: torch.dtype, key, sources, versions, ptrs) -> CpuPlan:
     # Plain tensors even inside torch.inference_mode: the plan is reused outside it, where an
     # inference tensor could not be saved for backward (the input-gradient case).
     with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
-        convs = [fold_conv_bn(conv, bn, dtype) for conv, bn in zip(layers.convs, layers.bns, strict=True)]
-        ups = [(up.weight.to(dtype).contiguous(memory_format=_CL), up.bias.to(dtype)) for up in layers.ups]
+        # norm="none" and the pre-head conv: the conv as it is
+        bns = (*layers.bns, *(None,) * (len(layers.convs) - len(layers.bns)))
+        convs = [
+            fold_conv_bn(conv, bn, dtype) if bn is not None else _as_is(conv, dtype)
+            for conv, bn in zip(layers.convs, bns, strict=True)
+        ]
+        ups = [_as_is(up, dtype) for up in layers.ups]
         head = layers.head
         head_b = head.bias.to(dtype) if head.bias is not None else None
         return CpuPlan(key, sources, versions, ptrs, convs, ups, (head.weight.to(dtype), head_b))
@@ -118,8 +136,9 @@ def forget(model: nn.Module) -> None:
     _PLANS.pop(model, None)
 
 
-def run(plan: CpuPlan, x: Tensor, depth: int, out_activation: str) -> Tensor:
-    """The folded forward: ``[N, C_in, H, W] -> [N, K, H, W]``.
+def run(plan: CpuPlan, x: Tensor, model: nn.Module) -> Tensor:
+    """The folded forward of ``model`` (its depth and architecture options):
+    ``[N, C_in, H, W] -> [N, K, H, W]``.
 
     ``x`` in any dtype (cast to the plan's); under ``torch.autocast`` the ops follow the
     autocast rules on weights already in the autocast dtype. The output has the input's memory
@@ -130,16 +149,34 @@ def run(plan: CpuPlan, x: Tensor, depth: int, out_activation: str) -> Tensor:
     x = x.to(dtype=dtype, memory_format=_CL)
     convs = iter(plan.convs)
     skips = []
-    for _ in range(depth):
+    depth, upsampling = model.depth, model.upsampling
+    for _ in range(depth):  # dropout: the identity in eval
         x = F.conv2d(x, *next(convs), padding=1).relu_()
         x = F.conv2d(x, *next(convs), padding=1).relu_()
         skips.append(x)
         x = F.max_pool2d(x, 2)
     x = F.conv2d(x, *next(convs), padding=1).relu_()
     x = F.conv2d(x, *next(convs), padding=1).relu_()
-    for up_w, up_b in plan.ups:
-        x = torch.cat([F.conv_transpose2d(x, up_w, up_b, stride=2), skips.pop()], 1)
+    classic = upsampling == "transpose" and model.odd_sizes == "error" and model.concat == "up_skip"
+    ups = iter(plan.ups)
+    for _ in range(depth):
+        skip = skips.pop()
+        if classic:
+            x = torch.cat([F.conv_transpose2d(x, *next(ups), stride=2), skip], 1)
+        else:
+            if upsampling == "transpose":
+                u = F.conv_transpose2d(x, *next(ups), stride=2)
+            elif upsampling == "nearest_conv":  # NearestConvUp: TensorFlow's 'same' pads bottom/right
+                u = F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (0, 1, 0, 1))
+                u = F.conv2d(u, *next(ups)).relu_()
+            else:
+                u = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+            if model.odd_sizes == "pad":
+                u = pad_to(u, skip)
+            x = torch.cat([u, skip] if model.concat == "up_skip" else [skip, u], 1)
         x = F.conv2d(x, *next(convs), padding=1).relu_()
         x = F.conv2d(x, *next(convs), padding=1).relu_()
-    y = apply_out_activation(F.conv2d(x, *plan.head), out_activation)
+    if model.pre_head_channels:
+        x = F.conv2d(x, *next(convs), padding=1).relu_()
+    y = apply_out_activation(F.conv2d(x, *plan.head), model.out_activation)
     return y if keep_cl else y.contiguous()

@@ -71,7 +71,7 @@ from torch.nn.modules import module as _module_globals
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import ProcessGroup
-from .reference import ACTIVATIONS, DoubleConv
+from .reference import ACTIVATIONS, NORMS, UPSAMPLINGS, DoubleConv, NearestConvUp
 
 __all__ = ["FusedLayers", "FusedSupport", "FusedPathWarning", "check_fused_support", "fused_layers", "warn_unsupported"]
 
@@ -130,6 +130,10 @@ _CALLED = {
     nn.ReLU: ("forward",),
     nn.MaxPool2d: ("forward",),
     nn.ConvTranspose2d: ("forward", "_output_padding"),
+    NearestConvUp: ("forward",),
+    nn.Upsample: ("forward",),
+    nn.Identity: ("forward",),
+    nn.Dropout: ("forward",),
 }
 _MODULE_CALL = ("__call__", "_wrapped_call_impl", "_call_impl")
 _PATCHABLE = tuple((cls, name) for cls, names in _CALLED.items() for name in names) + tuple(
@@ -258,7 +262,52 @@ def _bn_batch_stats(bn) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def _double_conv_problem(dc, name: str, cin: int, cout: int, batch: list) -> tuple[str, str] | None:
+class Layout(NamedTuple):
+    """The widths the fused path expects for one architecture, in call order.
+
+    ``doubles``: per ``DoubleConv`` (``conv1..conv{2*depth+1}``) ``(name, in, mid, out, dropout)``
+    (``dropout``: whether its ``conv`` Sequential ends with an ``nn.Dropout``); ``ups``: per
+    ``up{k}`` ``(name, in, out)`` (channels of a transposed or nearest_conv up; a bilinear up
+    keeps its input's); ``pre_head``: ``(in, out)`` of the pre-head 3x3 conv or None; ``head``:
+    ``(in, out)`` of the 1x1 head.
+    """
+
+    doubles: tuple
+    ups: tuple
+    pre_head: tuple | None
+    head: tuple
+
+
+def layout(in_ch: int, out_ch: int, base: int, depth: int, upsampling: str, dropout: float, pre_head: int) -> Layout:
+    """The ``Layout`` of ``UNetReference(in_ch, out_ch, base_channels=base, depth=depth, ...)``
+    (``fastunet.reference`` builds the same widths; written out here so the guard states what the
+    fused path expects rather than trusting the module tree it checks)."""
+    widths = [base << i for i in range(depth)]
+    bilinear = upsampling == "bilinear"
+    drop = dropout > 0
+    doubles, ups = [], []
+    prev = in_ch
+    for i, width in enumerate(widths, start=1):
+        doubles.append((f"conv{i}", prev, width, width, drop and i == depth))
+        prev = width
+    bottleneck = widths[-1] if bilinear else 2 * widths[-1]
+    doubles.append((f"conv{depth + 1}", prev, bottleneck, bottleneck, drop))
+    for k in range(depth + 2, 2 * depth + 2):
+        skip = widths[2 * depth + 1 - k]
+        if bilinear:
+            out = base if k == 2 * depth + 1 else skip // 2
+            ups.append((f"up{k}", skip, skip))
+            doubles.append((f"conv{k}", 2 * skip, skip, out, False))
+        else:
+            ups.append((f"up{k}", 2 * skip, skip))
+            doubles.append((f"conv{k}", 2 * skip, skip, skip, False))
+    pre = (base, pre_head) if pre_head else None
+    return Layout(tuple(doubles), tuple(ups), pre, (pre_head or base, out_ch))
+
+
+def _double_conv_problem(
+    dc, name: str, cin: int, mid: int, cout: int, norm: str, dropout: bool, batch: list
+) -> tuple[str, str] | None:
     problem = _call_problem(dc, DoubleConv)
     if problem:
         return name, problem
@@ -267,16 +316,21 @@ def _double_conv_problem(dc, name: str, cin: int, cout: int, batch: list) -> tup
     problem = _call_problem(seq, nn.Sequential)
     if problem:
         return seq_name, problem
-    if len(seq._modules) != 6:
-        return seq_name, f"holds {len(seq._modules)} modules; the fused path implements the classic 6"
-    layers = (
-        (nn.Conv2d, _conv3x3_checks(cin, cout)),
-        (nn.BatchNorm2d, _bn_checks(cout)),
+    n = 7 if dropout else 6
+    if len(seq._modules) != n:
+        what = "conv, norm, ReLU, conv, norm, ReLU" + (", Dropout" if dropout else "")
+        return seq_name, f"holds {len(seq._modules)} modules; the fused path implements {n} ({what})"
+    norm_type, norm_checks = (nn.BatchNorm2d, _bn_checks) if norm == "batch" else (nn.Identity, lambda c: ())
+    layers = [
+        (nn.Conv2d, _conv3x3_checks(cin, mid)),
+        (norm_type, norm_checks(mid)),
         (nn.ReLU, ()),
-        (nn.Conv2d, _conv3x3_checks(cout, cout)),
-        (nn.BatchNorm2d, _bn_checks(cout)),
+        (nn.Conv2d, _conv3x3_checks(mid, cout)),
+        (norm_type, norm_checks(cout)),
         (nn.ReLU, ()),
-    )
+    ]
+    if dropout:
+        layers.append((nn.Dropout, ()))
     for (key, m), (expected, checks) in zip(seq._modules.items(), layers, strict=True):
         problem = _call_problem(m, expected) or _attr_problem(m, checks)
         if not problem and type(m) is nn.SyncBatchNorm:
@@ -285,12 +339,94 @@ def _double_conv_problem(dc, name: str, cin: int, cout: int, batch: list) -> tup
             return f"{seq_name}.{key}", problem
         if expected is nn.BatchNorm2d and _bn_batch_stats(m):
             batch[0] = True
+        if expected is nn.Dropout and m.training and m.p > 0:
+            batch[0] = True
+    return None
+
+
+def _scale_pair(v):
+    return tuple(map(float, v)) if isinstance(v, (tuple, list)) else (float(v), float(v))
+
+
+# What milesial's bilinear up is: F.interpolate(x, scale_factor=2, mode="bilinear",
+# align_corners=True). recompute_scale_factor is free: with align_corners the output size is
+# 2h x 2w and the source positions depend on the sizes only.
+_UPSAMPLE_CHECKS = (
+    ("size", _same, None, "None"),
+    ("scale_factor", lambda v: None if v is None else _scale_pair(v), (2.0, 2.0), "2"),
+    ("mode", _same, "bilinear", "'bilinear'"),
+    ("align_corners", _same, True, "True"),
+)
+
+
+def _nearest_conv_checks(cin: int, cout: int):
+    return (
+        ("in_channels", _same, cin, str(cin)),
+        ("out_channels", _same, cout, str(cout)),
+        ("kernel_size", _pair, (2, 2), "(2, 2)"),
+        ("stride", _pair, (1, 1), "1"),
+        ("dilation", _pair, (1, 1), "1"),
+        ("padding", lambda v: (0, 0) if v == "valid" else _pair(v), (0, 0), "0"),
+        ("groups", _same, 1, "1"),
+        ("padding_mode", _same, "zeros", "'zeros'"),
+    )
+
+
+def _up_problem(m, name: str, upsampling: str, cin: int, cout: int) -> tuple[str, str] | None:
+    if upsampling == "transpose":
+        problem = _call_problem(m, nn.ConvTranspose2d) or _attr_problem(m, _up_checks(cin, cout))
+        if not problem and m.bias is None:
+            problem = "has no bias; the fused upsample takes one (build it with bias=True)"
+        return (name, problem) if problem else None
+    if upsampling == "bilinear":
+        problem = _call_problem(m, nn.Upsample) or _attr_problem(m, _UPSAMPLE_CHECKS)
+        return (name, problem) if problem else None
+    problem = _call_problem(m, NearestConvUp)
+    if problem:
+        return name, problem
+    conv = m._modules.get("conv")
+    problem = _call_problem(conv, nn.Conv2d) or _attr_problem(conv, _nearest_conv_checks(cin, cout))
+    return (f"{name}.conv", problem) if problem else None
+
+
+def _pre_head_problem(m, cin: int, cout: int) -> tuple[str, str] | None:
+    problem = _call_problem(m, nn.Sequential)
+    if problem:
+        return "pre_head", problem
+    if len(m._modules) != 2:
+        return "pre_head", f"holds {len(m._modules)} modules; the fused path implements 2 (conv, ReLU)"
+    for (key, sub), (expected, checks) in zip(
+        m._modules.items(), ((nn.Conv2d, _conv3x3_checks(cin, cout)), (nn.ReLU, ())), strict=True
+    ):
+        problem = _call_problem(sub, expected) or _attr_problem(sub, checks)
+        if problem:
+            return f"pre_head.{key}", problem
+    return None
+
+
+def _options_problem(model) -> str | None:
+    """Why the model's architecture options are not ones the fused path knows (None if they are)."""
+    up, norm = getattr(model, "upsampling", "transpose"), getattr(model, "norm", "batch")
+    p, pre = getattr(model, "dropout", 0.0), getattr(model, "pre_head_channels", 0)
+    if up not in UPSAMPLINGS:
+        return f"has upsampling={up!r}; the fused path implements {UPSAMPLINGS}"
+    if norm not in NORMS:
+        return f"has norm={norm!r}; the fused path implements {NORMS}"
+    if type(p) is not float or not 0.0 <= p < 1.0:
+        return f"has dropout={p!r}; the fused path needs a float in [0, 1)"
+    if type(pre) is not int or pre < 0:
+        return f"has pre_head_channels={pre!r}; the fused path needs an int >= 0"
+    if getattr(model, "concat", "up_skip") not in ("up_skip", "skip_up"):
+        return f"has concat={model.concat!r}; the fused path implements ('up_skip', 'skip_up')"
+    if getattr(model, "odd_sizes", "error") not in ("error", "pad"):
+        return f"has odd_sizes={model.odd_sizes!r}; the fused path implements ('error', 'pad')"
     return None
 
 
 def _model_problem(model, batch: list) -> tuple[str, str] | None:
     """``(module name, reason)`` for the first thing the fused path does not implement, else None;
-    sets ``batch[0]`` when some BatchNorm uses batch statistics."""
+    sets ``batch[0]`` when some BatchNorm uses batch statistics or some Dropout is active (or,
+    with no BatchNorm at all, the model is in training mode): the fused training form runs then."""
     for attr, register in _GLOBAL_HOOKS:
         if getattr(_module_globals, attr):
             return "", (
@@ -307,38 +443,43 @@ def _model_problem(model, batch: list) -> tuple[str, str] | None:
     d, base = model.depth, model.base_channels
     if type(d) is not int or d < 1 or type(base) is not int or base < 1:
         return "", f"has depth={d!r}, base_channels={base!r}; the fused path needs positive ints"
+    problem = _options_problem(model)
+    if problem:
+        return "", problem
+    upsampling, norm = getattr(model, "upsampling", "transpose"), getattr(model, "norm", "batch")
+    lay = layout(
+        model.in_ch, model.out_ch, base, d, upsampling, getattr(model, "dropout", 0.0),
+        getattr(model, "pre_head_channels", 0),
+    )  # fmt: skip
+    if norm == "none" and model.training:
+        batch[0] = True
     mods = model._modules
-    prev = model.in_ch
-    for i in range(1, d + 2):
-        width = base << (i - 1)
-        problem = _double_conv_problem(mods.get(f"conv{i}"), f"conv{i}", prev, width, batch)
+    for i, (name, cin, mid, cout, drop) in enumerate(lay.doubles, start=1):
+        if i > d + 1:
+            up_name, up_in, up_out = lay.ups[i - d - 2]
+            problem = _up_problem(mods.get(up_name), up_name, upsampling, up_in, up_out)
+            if problem:
+                return problem
+        problem = _double_conv_problem(mods.get(name), name, cin, mid, cout, norm, drop, batch)
         if problem:
             return problem
-        prev = width
         if i <= d:
-            name = f"pool{i}"
-            m = mods.get(name)
+            pool_name = f"pool{i}"
+            m = mods.get(pool_name)
             problem = _call_problem(m, nn.MaxPool2d) or _attr_problem(m, _POOL_CHECKS)
             if problem:
-                return name, problem
-    for k in range(d + 2, 2 * d + 2):
-        width = base << (2 * d + 1 - k)
-        name = f"up{k}"
-        m = mods.get(name)
-        problem = _call_problem(m, nn.ConvTranspose2d) or _attr_problem(m, _up_checks(2 * width, width))
-        if problem:
-            return name, problem
-        if m.bias is None:
-            return name, "has no bias; the fused upsample takes one (build it with bias=True)"
-        problem = _double_conv_problem(mods.get(f"conv{k}"), f"conv{k}", 2 * width, width, batch)
+                return pool_name, problem
+    if lay.pre_head is not None:
+        problem = _pre_head_problem(mods.get("pre_head"), *lay.pre_head)
         if problem:
             return problem
     name = f"conv{2 * d + 2}"
     m = mods.get(name)
-    problem = _call_problem(m, nn.Conv2d) or _attr_problem(m, _head_checks(base, model.out_ch))
+    problem = _call_problem(m, nn.Conv2d) or _attr_problem(m, _head_checks(*lay.head))
     if problem:
         return name, problem
     return None
+
 
 
 def _explain(model) -> FusedSupport:
@@ -397,67 +538,138 @@ _CONV_FORWARD, _CHECK_DIM = repeat("_conv_forward"), repeat("_check_input_dim")
 _OUTPUT_PADDING, _CHECK_CHANNELS = repeat("_output_padding"), repeat("_check_non_zero_input_channels")
 _process_group_of = itemgetter("process_group")
 _AS_PLAIN = {nn.SyncBatchNorm: nn.BatchNorm2d}  # what a SyncBatchNorm stands in for
+_CONCATS, _ODD_SIZES = ("up_skip", "skip_up"), ("error", "pad")
 
 _Handle = getattr(torch.utils.hooks, "RemovableHandle", None)
 if type(getattr(_Handle, "next_id", None)) is not int:  # another torch: no stamp, hooks always read
     _Handle = None
 
 
-class _Plan:
-    """The expected structure of one model shape (in_ch, out_ch, base_channels, depth).
+_get_upsample = itemgetter("size", "scale_factor", "mode", "align_corners")
+_p_of = itemgetter("p")
+_UPSAMPLE_CFG = (None, 2.0, "bilinear", True)
 
-    ``mods`` in the fast check is ``top + seqs + leaves``: the top-level submodules in call order
-    (``conv1, pool1, ..., conv{d+1}, up{d+2}, conv{d+2}, ..., head``), the ``DoubleConv.conv``
-    Sequentials (encoder then decoder), and their six layers each.
+
+def _picker(indices):
+    """``itemgetter(*indices)`` that always returns a tuple (also for zero or one index)."""
+    indices = tuple(indices)
+    if len(indices) > 1:
+        return itemgetter(*indices)
+    if indices:
+        i = indices[0]
+        return lambda seq: (seq[i],)
+    return lambda seq: ()
+
+
+class _Plan:
+    """The expected structure of one architecture (in_ch, out_ch, base_channels, depth,
+    upsampling, norm, dropout, pre_head_channels).
+
+    ``mods`` in the fast check is ``top + kids + leaves``: the top-level submodules in call order
+    (``conv1, pool1, ..., conv{d+1}, up{d+2}, conv{d+2}, ..., [pre_head], head``), the ``conv``
+    child of every ``DoubleConv`` (a Sequential) and then of every ``NearestConvUp`` (a Conv2d),
+    and the layers of the Sequentials (each DoubleConv's six or seven, then pre_head's two).
+    The other attributes pick groups of ``mods`` (``_picker``s) or of their ``__dict__``s.
     """
 
-    __slots__ = ("top", "enc", "dec", "pools", "ups", "head", "convs", "bns", "types", "sixes", "cfg")
+    __slots__ = ("top", "parents", "seqs", "lens", "convs", "bns", "drops", "pools", "ups", "near", "samples",
+                 "head", "types", "cfg", "norm_none", "param_ups", "dropouts")  # fmt: skip
 
-    def __init__(self, in_ch: int, out_ch: int, base: int, d: int):
-        def conv3(cin, cout):
-            return (cin, cout, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")
+    def __init__(self, in_ch, out_ch, base, d, upsampling, norm, dropout, pre_head):
+        lay = layout(in_ch, out_ch, base, d, upsampling, dropout, pre_head)
+        norm_type = nn.BatchNorm2d if norm == "batch" else nn.Identity
+        names, types = [], []
+        doubles, pools, ups = [], [], []
 
-        names, types, convs, bns, ups = [], [], [], [], []
-
-        def double(name, cin, cout):
+        def add(name, t):
             names.append(name)
-            types.append(DoubleConv)
-            convs.extend((conv3(cin, cout), conv3(cout, cout)))
-            bns.extend((cout, cout))  # _get_bn has one key: it returns the value itself
+            types.append(t)
+            return len(names) - 1
 
-        prev = in_ch
-        for i in range(1, d + 2):  # conv1, pool1, ..., conv{d+1}
-            width = base << (i - 1)
-            double(f"conv{i}", prev, width)
+        up_type = {"transpose": nn.ConvTranspose2d, "nearest_conv": NearestConvUp, "bilinear": nn.Upsample}[upsampling]
+        for i, dc in enumerate(lay.doubles, start=1):
+            if i > d + 1:
+                ups.append(add(lay.ups[i - d - 2][0], up_type))
+            doubles.append(add(dc[0], DoubleConv))
             if i <= d:
-                names.append(f"pool{i}")
-                types.append(nn.MaxPool2d)
-            prev = width
-        for k in range(d + 2, 2 * d + 2):  # up{k}, conv{k}, ...
-            width = base << (2 * d + 1 - k)
-            names.append(f"up{k}")
-            types.append(nn.ConvTranspose2d)
-            ups.append((2 * width, width, (2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 1, "zeros"))
-            double(f"conv{k}", 2 * width, width)
-        names.append(f"conv{2 * d + 2}")
-        types.append(nn.Conv2d)
-        n_top, n_double = len(names), 2 * d + 1
-        first_leaf = n_top + n_double
+                pools.append(add(f"pool{i}", nn.MaxPool2d))
+        pre = add("pre_head", nn.Sequential) if lay.pre_head is not None else None
+        head = add(f"conv{2 * d + 2}", nn.Conv2d)
+        n_top = len(names)
+        near = ups if upsampling == "nearest_conv" else []
+        parents = doubles + near  # their "conv" children, in this order, follow top
+        kid_types = [nn.Sequential] * len(doubles) + [nn.Conv2d] * len(near)
+        n_kids = len(parents)
+        seqs = list(range(n_top, n_top + len(doubles))) + ([pre] if pre is not None else [])
+        lens, leaf_types = [], []
+        convs, bns, drops = [], [], []
+        cfg_convs, cfg_bns = [], []
+        at = n_top + n_kids
+        for _, cin, mid, cout, drop in lay.doubles:
+            seq = [nn.Conv2d, norm_type, nn.ReLU, nn.Conv2d, norm_type, nn.ReLU] + ([nn.Dropout] if drop else [])
+            convs += [at, at + 3]
+            cfg_convs += [(cin, mid, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"),
+                          (mid, cout, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")]  # fmt: skip
+            if norm == "batch":
+                bns += [at + 1, at + 4]
+                cfg_bns += [mid, cout]  # _get_bn has one key: it returns the value itself
+            drops.append(at + 6 if drop else None)
+            lens.append(len(seq))
+            leaf_types += seq
+            at += len(seq)
+        if lay.pre_head is not None:
+            convs.append(at)
+            cfg_convs.append((*lay.pre_head, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"))
+            lens.append(2)
+            leaf_types += [nn.Conv2d, nn.ReLU]
         self.top = itemgetter(*names)
-        self.enc, self.pools = slice(0, 2 * d + 1, 2), slice(1, 2 * d, 2)
-        self.ups, self.dec = slice(2 * d + 1, 4 * d + 1, 2), slice(2 * d + 2, 4 * d + 2, 2)
-        self.head = n_top - 1
-        self.convs, self.bns = slice(first_leaf, None, 3), slice(first_leaf + 1, None, 3)
-        self.types = tuple(types) + (nn.Sequential,) * n_double + (nn.Conv2d, nn.BatchNorm2d, nn.ReLU) * (2 * n_double)
-        self.sixes = (6,) * n_double
-        head = (base, out_ch, (1, 1), (1, 1), (0, 0), (1, 1), 1)  # padding_mode: no padding, no effect
-        self.cfg = (tuple(convs), tuple(bns), ((2, 2, 0, 1, False, False),) * d, tuple(ups), head)
+        self.parents = _picker(parents)
+        self.seqs = _picker(seqs)
+        self.lens = tuple(lens)
+        self.convs, self.bns = _picker(convs), _picker(bns)
+        self.drops = tuple(drops)  # per DoubleConv: the index of its Dropout, or None
+        self.dropouts = _picker(i for i in drops if i is not None)
+        self.pools = _picker(pools)
+        transposed = ups if upsampling == "transpose" else []
+        self.ups = _picker(transposed)
+        nearest_convs = range(n_top + len(doubles), n_top + n_kids)  # the NearestConvUp.conv Conv2ds
+        self.near = _picker(nearest_convs)
+        self.param_ups = _picker(transposed or nearest_convs)  # what holds each up's parameters
+        self.samples = _picker(ups if upsampling == "bilinear" else [])
+        self.head = head
+        self.norm_none = norm == "none"
+        self.types = tuple(types) + tuple(kid_types) + tuple(leaf_types)
+        up_cfg = tuple((cin, cout, (2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 1, "zeros") for _, cin, cout in lay.ups)
+        near_cfg = tuple((cin, cout, (2, 2), (1, 1), (0, 0), (1, 1), 1, "zeros") for _, cin, cout in lay.ups)
+        head_cfg = (*lay.head, (1, 1), (1, 1), (0, 0), (1, 1), 1)  # padding_mode: no padding, no effect
+        self.cfg = (
+            tuple(cfg_convs),
+            tuple(cfg_bns),
+            ((2, 2, 0, 1, False, False),) * d,
+            up_cfg if upsampling == "transpose" else (),
+            near_cfg if upsampling == "nearest_conv" else (),
+            (_UPSAMPLE_CFG,) * d if upsampling == "bilinear" else (),
+            head_cfg,
+        )
 
 
-# (in_ch, out_ch, base_channels, depth) -> _Plan
+# architecture key (see _arch_key) -> _Plan
 _PLANS: dict[tuple, _Plan] = {}
-# model -> (mods, their __dict__s, hook stamp, cfg) of its last supported verdict
+# model -> (mods, their __dict__s, hook stamp, cfg, plan) of its last supported verdict
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_get_arch = itemgetter("in_ch", "out_ch", "base_channels", "depth", "upsampling", "norm", "dropout",
+                       "pre_head_channels")  # fmt: skip
+
+
+def _new_plan(key: tuple) -> _Plan | None:
+    in_ch, out_ch, base, d, upsampling, norm, dropout, pre_head = key
+    if not all(type(v) is int and v > 0 for v in key[:4]):
+        return None
+    if upsampling not in UPSAMPLINGS or norm not in NORMS or type(pre_head) is not int or pre_head < 0:
+        return None
+    if type(dropout) is not float or not 0.0 <= dropout < 1.0:
+        return None
+    return _Plan(*key)
 
 
 def _fast(model) -> FusedSupport | None:
@@ -473,21 +685,25 @@ def _fast(model) -> FusedSupport | None:
         return None
     md = model.__dict__
     try:
-        key = (md["in_ch"], md["out_ch"], md["base_channels"], md["depth"])
+        key = _get_arch(md)
         plan = _PLANS.get(key)
         if plan is None:
-            if not all(type(v) is int and v > 0 for v in key):
+            plan = _new_plan(key)
+            if plan is None:
                 return None
-            plan = _PLANS[key] = _Plan(*key)
-        if md["out_activation"] not in FUSED_ACTIVATIONS:
+            _PLANS[key] = plan
+        if md["out_activation"] not in FUSED_ACTIVATIONS or md["concat"] not in _CONCATS:
             return None
-        # The structure, as the classic forward would reach it.
+        if md["odd_sizes"] not in _ODD_SIZES:
+            return None
+        # The structure, as the forward would reach it.
         top = plan.top(md["_modules"])
-        seqs = tuple(map(_conv_child, map(_modules_of, map(_dict_of, top[plan.enc] + top[plan.dec]))))
-        layers = tuple(map(_modules_of, map(_dict_of, seqs)))
-        if tuple(map(len, layers)) != plan.sixes:
+        kids = tuple(map(_conv_child, map(_modules_of, map(_dict_of, plan.parents(top)))))
+        both = top + kids
+        layers = tuple(map(_modules_of, map(_dict_of, plan.seqs(both))))
+        if tuple(map(len, layers)) != plan.lens:
             return None
-        mods = top + seqs + tuple(chain.from_iterable(map(dict.values, layers)))
+        mods = both + tuple(chain.from_iterable(map(dict.values, layers)))
         types = tuple(map(type, mods))
         synced = types != plan.types  # then only if some BatchNorm is a SyncBatchNorm
         if synced and tuple(map(_AS_PLAIN.get, types, types)) != plan.types:
@@ -500,13 +716,15 @@ def _fast(model) -> FusedSupport | None:
             memo, dicts, hooks_seen = None, tuple(map(_dict_of, mods)), False
         if not hooks_seen and any(chain.from_iterable(map(_get_hooks, dicts))):
             return None
-        conv_d, bn_d, up_d = dicts[plan.convs], dicts[plan.bns], dicts[plan.ups]
+        conv_d, bn_d, up_d, near_d = plan.convs(dicts), plan.bns(dicts), plan.ups(dicts), plan.near(dicts)
         head_d = dicts[plan.head]
         cfg = (
             tuple(map(_get_conv, conv_d)),
             tuple(map(_get_bn, bn_d)),
-            tuple(map(_get_pool, dicts[plan.pools])),
+            tuple(map(_get_pool, plan.pools(dicts))),
             tuple(map(_get_up, up_d)),
+            tuple(map(_get_conv, near_d)),
+            tuple(map(_get_upsample, plan.samples(dicts))),
             _get_head(head_d),
         )
         same_cfg = memo is not None and cfg == memo[3]  # identity hits: values unchanged since then
@@ -516,6 +734,7 @@ def _fast(model) -> FusedSupport | None:
             any(map(contains, dicts, _FORWARD))
             or any(map(contains, dicts, _CALL_IMPL))
             or any(map(contains, conv_d, _CONV_FORWARD))
+            or any(map(contains, near_d, _CONV_FORWARD))
             or "_conv_forward" in head_d
             or any(map(contains, bn_d, _CHECK_DIM))
             or any(map(contains, up_d, _OUTPUT_PADDING))
@@ -523,17 +742,23 @@ def _fast(model) -> FusedSupport | None:
         ):
             return None
         if synced:
-            sync_d = [d for m, d in zip(mods[plan.bns], bn_d, strict=True) if type(m) is nn.SyncBatchNorm]
+            sync_d = [d for m, d in zip(plan.bns(mods), bn_d, strict=True) if type(m) is nn.SyncBatchNorm]
             groups = map(_process_group_of, sync_d)
             if any(map(contains, sync_d, _CHECK_CHANNELS)) or not all(
                 g is None or isinstance(g, ProcessGroup) for g in groups
             ):
                 return None
-        batch = any(map(_training_of, bn_d)) or any(map(_is_none, map(_running_mean_of, map(_buffers_of, bn_d))))
+        if plan.norm_none:
+            batch = md["training"]
+        else:
+            batch = any(map(_training_of, bn_d)) or any(map(_is_none, map(_running_mean_of, map(_buffers_of, bn_d))))
+        if not batch:  # an active Dropout needs the training form too (none in the classic tree)
+            drop_d = plan.dropouts(dicts)
+            batch = bool(drop_d) and any(d["training"] and d["p"] > 0 for d in drop_d)
     except (KeyError, TypeError):  # a missing module, attribute or buffer: let _explain say which
         return None
     if not (same_cfg and hooks_seen):
-        _MEMO[model] = (mods, dicts, stamp, cfg)
+        _MEMO[model] = (mods, dicts, stamp, cfg, plan)
     return _TRAIN if batch else _EVAL
 
 
@@ -541,8 +766,11 @@ class FusedLayers(NamedTuple):
     """The modules the fused path reads, in call order, and their ``__dict__``s (parameters and
     buffers are read from ``_parameters``/``_buffers`` there without ``nn.Module.__getattr__``).
 
-    ``convs``/``bns``: the 3x3 convs and their BatchNorms (two per level, encoder then decoder);
-    ``ups``: the transposed convs; ``head``: the 1x1 conv.
+    ``convs``: the 3x3 convs (two per level, encoder then decoder, then the pre-head conv when
+    there is one); ``bns``: their BatchNorms, ``()`` for ``norm="none"``; ``ups``: the modules
+    holding each up-sampling's parameters (the ``ConvTranspose2d``s, the ``NearestConvUp.conv``
+    Conv2ds; ``()`` for bilinear); ``head``: the 1x1 conv; ``drops``: per ``DoubleConv`` its
+    ``nn.Dropout`` or None.
     """
 
     convs: tuple
@@ -553,6 +781,31 @@ class FusedLayers(NamedTuple):
     bn_dicts: tuple
     up_dicts: tuple
     head_dict: dict
+    drops: tuple = ()
+
+
+def walk_layers(model) -> FusedLayers:
+    """The layers by attribute access: what ``torch.compile`` traces (the guard keeps no memo
+    there) and the fallback when there is no memo. Call it on a model the guard accepted."""
+    d = model.depth
+    dcs = [getattr(model, f"conv{i}").conv for i in range(1, 2 * d + 2)]
+    convs = [m for seq in dcs for m in (seq[0], seq[3])]
+    pre_head = model.pre_head_channels if hasattr(model, "pre_head_channels") else 0
+    if pre_head:
+        convs.append(model.pre_head[0])
+    bns = tuple(m for seq in dcs for m in (seq[1], seq[4])) if getattr(model, "norm", "batch") == "batch" else ()
+    upsampling = getattr(model, "upsampling", "transpose")
+    ups = tuple(getattr(model, f"up{k}") for k in range(d + 2, 2 * d + 2))
+    if upsampling == "nearest_conv":
+        ups = tuple(m.conv for m in ups)
+    elif upsampling == "bilinear":
+        ups = ()
+    drops = tuple(seq[6] if len(seq) > 6 else None for seq in dcs)
+    head = model.head
+    return FusedLayers(
+        tuple(convs), bns, ups, head, tuple(m.__dict__ for m in convs), tuple(m.__dict__ for m in bns),
+        tuple(m.__dict__ for m in ups), head.__dict__, drops,
+    )  # fmt: skip
 
 
 # model -> (the memo's module tuple, its FusedLayers)
@@ -571,18 +824,18 @@ def fused_layers(model) -> FusedLayers | None:
     memo = _MEMO.get(model)
     if memo is None:
         return None
-    mods, dicts = memo[0], memo[1]
+    mods, dicts, plan = memo[0], memo[1], memo[4]
     cached = _LAYERS.get(model)
     if cached is not None and cached[0] is mods:
         return cached[1]
-    md = model.__dict__
-    plan = _PLANS[(md["in_ch"], md["out_ch"], md["base_channels"], md["depth"])]
     layers = FusedLayers(
-        mods[plan.convs], mods[plan.bns], mods[plan.ups], mods[plan.head],
-        dicts[plan.convs], dicts[plan.bns], dicts[plan.ups], dicts[plan.head],
+        plan.convs(mods), plan.bns(mods), plan.param_ups(mods), mods[plan.head],
+        plan.convs(dicts), plan.bns(dicts), plan.param_ups(dicts), dicts[plan.head],
+        tuple(None if i is None else mods[i] for i in plan.drops),
     )  # fmt: skip
     _LAYERS[model] = (mods, layers)
     return layers
+
 
 
 def check_fused_support(model) -> FusedSupport:

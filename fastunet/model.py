@@ -49,9 +49,10 @@ from . import cpu_fold
 from ._snapshot import is_current, tensors_state
 from .backend import get_backend, use_fused
 from .distributed import group_name, sync_group
-from .guard import FusedLayers, check_fused_support, fused_layers, warn_unsupported
-from .ops import OpsNamespace, direct_ok, direct_ok_mutation, run_taped
+from .guard import FusedLayers, FusedSupport, check_fused_support, fused_layers, walk_layers, warn_unsupported
+from .ops import OpsNamespace, Tape, direct_ok, direct_ok_mutation, run_taped
 from .ops import direct as _direct
+from .ops._common import _unit_affine
 from .reference import UNetReference
 from .validation import validate_input
 
@@ -61,6 +62,11 @@ _get_weight, _get_bias = itemgetter("weight"), itemgetter("bias")
 _get_mean, _get_var = itemgetter("running_mean"), itemgetter("running_var")
 _get_params, _get_buffers = itemgetter("_parameters"), itemgetter("_buffers")
 _get_eps = itemgetter("eps")
+
+# The ops of other families the option trees need (engineers C and D): present once their modules
+# register them. Until then the forwards that need them take the eager path and say why.
+_HAS_NEAREST = hasattr(_ops, "upconv_nearest2x2")
+_HAS_UP_CONV = hasattr(_ops, "conv3x3_up_bn_act") and hasattr(_ops, "conv3x3_up_bn_stats")
 
 # An activation on the training path: a tensor and the per-channel (scale, shift) of the
 # BatchNorm+ReLU its reader applies, or (tensor, None, None) for a finished tensor.
@@ -146,6 +152,57 @@ def _training_leaves(layers: FusedLayers) -> list:
     return leaves
 
 
+def _norms(layers: FusedLayers) -> tuple:
+    """Per 3x3 conv its BatchNorm, or None: every conv for ``norm="none"``, and the pre-head conv."""
+    return (*layers.bns, *(None,) * (len(layers.convs) - len(layers.bns)))
+
+
+def _op(ops, name: str):
+    """``ops.<name>``; the registered op when ``ops`` (the direct calls, a tape) has no entry for
+    it (an op family added after the tape: it then runs through the dispatcher)."""
+    fn = getattr(ops, name, None)
+    return fn if fn is not None else getattr(_ops, name)
+
+
+def _dropout(ops, act: _Act, drop: nn.Dropout | None) -> _Act:
+    """The training path's ``nn.Dropout`` after a DoubleConv: ``relu(z * scale + shift)`` is
+    materialized (a dropout mask needs the values) and ``F.dropout`` applied, with the module's
+    ``p`` and its own training flag (an inactive Dropout leaves ``act`` as it is). Costs one
+    read of z and one write of the result (plus torch's mask) per dropout level; the readers
+    then load the finished tensor without a transform.
+    """
+    if drop is None or not drop.training or drop.p == 0:
+        return act
+    z, scale, shift = act
+    if isinstance(ops, Tape):
+        return ops._run(_dropout_impl, _dropout_setup, _dropout_backward, z, scale, shift, drop.p), None, None
+    # The per-op path records these plain torch ops itself; untaped, nothing needs a gradient.
+    return _dropout_impl(z, scale, shift, drop.p), None, None
+
+
+def _dropout_impl(z: Tensor, scale: Tensor, shift: Tensor, p: float) -> Tensor:
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    h = torch.relu(z.to(acc) * scale.to(acc).view(1, -1, 1, 1) + shift.to(acc).view(1, -1, 1, 1)).to(z.dtype)
+    # The mask is drawn in h's memory order (channels_last), as torch's dropout does for an NHWC
+    # activation; then the same seed gives the same mask as a channels_last eager model.
+    return F.dropout(h, p, True)
+
+
+def _dropout_setup(ctx, inputs, output) -> None:
+    z, scale, shift, p = inputs
+    ctx.p = p
+    ctx.save_for_backward(z, scale, shift, output)
+
+
+def _dropout_backward(ctx, g):
+    z, scale, shift, out = ctx.saved_tensors
+    # Kept elements are exactly the nonzero outputs where relu's output was positive; where it
+    # was 0 the ReLU's backward zeroes the gradient anyway, so ``out != 0`` is mask enough.
+    gh = torch.where(out != 0, g * (1.0 / (1.0 - ctx.p)), torch.zeros((), dtype=g.dtype, device=g.device))
+    dz, dscale, dshift = _ops.affine_relu_backward(gh.to(z.dtype), z, scale, shift)
+    return dz, dscale, dshift, None
+
+
 class UNet(UNetReference):
     """Drop-in U-Net: ``UNet(in_ch, out_ch)`` with the classic model's modules and weights.
 
@@ -167,7 +224,10 @@ class UNet(UNetReference):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         first = self.conv1.conv[0].weight
-        validate_input(x, in_ch=self.in_ch, depth=self.depth, param_dtype=first.dtype, param_device=first.device)
+        validate_input(
+            x, in_ch=self.in_ch, depth=self.depth, param_dtype=first.dtype, param_device=first.device,
+            odd_sizes=self.odd_sizes,
+        )  # fmt: skip
         eager = not self._empty_batch_syncs(x) if x.numel() == 0 else not use_fused(x)
         if eager:
             # The CPU fallback's inference form; the cheap exclusions come first so that training
@@ -189,7 +249,33 @@ class UNet(UNetReference):
         if not support.supported:
             warn_unsupported(self, support)
             return self._reference_forward(x)
+        missing = self._missing_op(x)
+        if missing is not None:
+            warn_unsupported(self, FusedSupport(False, support.mode, "", missing))
+            return self._reference_forward(x)
         return self._fused_forward(x, support.mode == "train")
+
+    def _missing_op(self, x: Tensor) -> str | None:
+        """Why the fused path cannot run this forward with the ops this build registers (None:
+        it can): nearest_conv up-sampling needs ``upconv_nearest2x2``; bilinear up-sampling, and
+        an input whose size is not a multiple of ``2**depth`` (an upsampled map smaller than its
+        skip), need ``conv3x3_up_bn_act``/``conv3x3_up_bn_stats``."""
+        up = self.upsampling
+        if up == "transpose" and self.odd_sizes == "error":  # the classic tree: always
+            return None
+        if up == "nearest_conv" and not _HAS_NEAREST:
+            return "has upsampling='nearest_conv'; fastunet::upconv_nearest2x2 is not in this build yet"
+        if _HAS_UP_CONV:
+            return None
+        if up == "bilinear":
+            return "has upsampling='bilinear'; fastunet::conv3x3_up_bn_act is not in this build yet"
+        m = 1 << self.depth
+        if x.shape[2] % m or x.shape[3] % m:
+            return (
+                f"got H={x.shape[2]}, W={x.shape[3]}, not multiples of {m}: padding an upsampled map to its skip "
+                "needs fastunet::conv3x3_up_bn_act, not in this build yet"
+            )
+        return None
 
     def _empty_batch_syncs(self, x: Tensor) -> bool:
         """Whether an empty batch must run the fused path anyway: some ``nn.SyncBatchNorm``
@@ -219,7 +305,7 @@ class UNet(UNetReference):
         plan = cpu_fold.cpu_plan(self, layers, sources, eps, dtype)
         if plan is None:
             return None
-        return cpu_fold.run(plan, x, self.depth, self.out_activation)
+        return cpu_fold.run(plan, x, self)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .double(), ... replace the parameters: the folded copies of the old
@@ -250,16 +336,7 @@ class UNet(UNetReference):
     def _walk_layers(self) -> FusedLayers:
         """The layers by attribute access: what ``torch.compile`` traces (the guard keeps no memo
         there) and the fallback when it has none."""
-        d = self.depth
-        dcs = [getattr(self, f"conv{i}").conv for i in range(1, 2 * d + 2)]
-        convs = tuple(m for seq in dcs for m in (seq[0], seq[3]))
-        bns = tuple(m for seq in dcs for m in (seq[1], seq[4]))
-        ups = tuple(getattr(self, f"up{k}") for k in range(d + 2, 2 * d + 2))
-        head = self.head
-        return FusedLayers(
-            convs, bns, ups, head, tuple(m.__dict__ for m in convs), tuple(m.__dict__ for m in bns),
-            tuple(m.__dict__ for m in ups), head.__dict__,
-        )  # fmt: skip
+        return walk_layers(self)
 
     def _entry(self, ops, x: Tensor, dtype: torch.dtype, channels: int) -> Tensor:
         if channels != x.shape[1]:
@@ -274,6 +351,7 @@ class UNet(UNetReference):
         d = self.depth
         convs = iter(plan.convs)
         skips = []
+        # Dropout is the identity in eval; pooling floors odd sizes (the odd_sizes="pad" models).
         for _ in range(d):
             x = ops.conv3x3_bn_act(x, None, *next(convs), True)
             x = ops.conv3x3_bn_act(x, None, *next(convs), True)
@@ -281,13 +359,29 @@ class UNet(UNetReference):
             x = ops.maxpool2x2(x)
         x = ops.conv3x3_bn_act(x, None, *next(convs), True)
         x = ops.conv3x3_bn_act(x, None, *next(convs), True)
-        for j, (up_w, up_b) in enumerate(plan.ups):
-            u = ops.upconv2x2(x, up_w, up_b)
-            x = ops.conv3x3_bn_act(u, skips.pop(), *next(convs), True)
-            if j == d - 1:  # the last conv carries the 1x1 head in its epilogue
+        up_first, upsampling, pre_head = self.concat == "up_skip", self.upsampling, self.pre_head_channels
+        same_size = self.odd_sizes == "error"  # H, W multiples of 2**depth: every up fits its skip
+        for j in range(d):
+            skip = skips.pop()
+            conv = next(convs)
+            if upsampling == "bilinear":  # the upsampled map never exists: the conv reads x through it
+                x = _op(ops, "conv3x3_up_bn_act")(skip, x, *conv, True, up_first, True)
+            else:
+                up_w, up_b = plan.ups[j]
+                if upsampling == "transpose":
+                    u = ops.upconv2x2(x, up_w, up_b)
+                else:
+                    u = _op(ops, "upconv_nearest2x2")(x, up_w, up_b, True)
+                if same_size or u.shape[2:] == skip.shape[2:]:  # concat order = the sources' order
+                    first, second = (u, skip) if up_first else (skip, u)
+                    x = ops.conv3x3_bn_act(first, second, *conv, True)
+                else:  # odd sizes: u is zero-padded to the skip's size on load
+                    x = _op(ops, "conv3x3_up_bn_act")(skip, u, *conv, True, up_first, False)
+            if j == d - 1 and not pre_head:  # the last conv carries the 1x1 head in its epilogue
                 return ops.conv3x3_bn_act_head(x, None, *next(convs), True, *plan.head, self.out_activation)
             x = ops.conv3x3_bn_act(x, None, *next(convs), True)
-        raise AssertionError("unreachable: depth >= 1")
+        # The pre-head conv (+ ReLU) carries the head.
+        return ops.conv3x3_bn_act_head(x, None, *next(convs), True, *plan.head, self.out_activation)
 
     def _eval_plan(self, layers: FusedLayers, dtype: torch.dtype, device: torch.device) -> _EvalPlan:
         """The cached ``_EvalPlan`` when every source tensor is unchanged, else a new one.
@@ -328,12 +422,23 @@ class UNet(UNetReference):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         entry = k.entry_channels(self.in_ch, dtype)
         convs = []
-        for i, (conv, bn) in enumerate(zip(layers.convs, layers.bns, strict=True)):
+        for i, (conv, bn) in enumerate(zip(layers.convs, _norms(layers), strict=True)):
             weight = conv.weight.to(dtype)
             if i == 0 and entry != self.in_ch:
                 weight = F.pad(weight, (0, 0, 0, 0, 0, entry - self.in_ch))
-            convs.append((k.pack_conv3x3_weight(weight), *_fold_bn(conv, bn, acc)))
-        ups = [(k.pack_upconv2x2_weight(up.weight.to(dtype)), up.bias.to(acc)) for up in layers.ups]
+            if bn is not None:
+                scale, shift = _fold_bn(conv, bn, acc)
+            else:  # the conv bias (or nothing) is the whole epilogue
+                scale = conv.weight.new_ones(conv.out_channels, dtype=acc)
+                shift = conv.bias.to(acc) if conv.bias is not None else scale.new_zeros(conv.out_channels)
+            convs.append((k.pack_conv3x3_weight(weight), scale, shift))
+        if self.upsampling == "transpose":
+            ups = [(k.pack_upconv2x2_weight(up.weight.to(dtype)), up.bias.to(acc)) for up in layers.ups]
+        else:  # nearest_conv: the NearestConvUp.conv layers (bias optional); bilinear: none
+            ups = [
+                (k.pack_upconv_nearest2x2_weight(up.weight, dtype), None if up.bias is None else up.bias.to(acc))
+                for up in layers.ups
+            ]
         head = layers.head
         bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
         return _EvalPlan(key, sources, versions, ptrs, convs, ups, (head.weight.to(dtype), bias.to(acc)), entry)
@@ -346,28 +451,60 @@ class UNet(UNetReference):
         each op runs its implementation directly, and the backward replays the ops' formulas);
         under a trace or a dispatch mode each op is its own node, as ``torch.compile`` needs.
         """
-        if not direct_ok_mutation(x):
+        if not direct_ok_mutation(x) or not self._tape_covers():
             return self._training_graph(_ops_per_op, x, dtype, layers)
         leaves = (x, *_training_leaves(layers))
         return run_taped(lambda ops: self._training_graph(ops, x, dtype, layers), leaves)
+
+    def _tape_covers(self) -> bool:
+        """Whether ``fastunet.ops.Tape`` records every op this architecture's training forward
+        calls (else the per-op path runs: one autograd node per op, the same numbers)."""
+        names = ()
+        if self.upsampling == "nearest_conv":
+            names += ("upconv_nearest2x2",)
+        if self.upsampling == "bilinear" or self.odd_sizes == "pad":
+            names += ("conv3x3_up_bn_stats",)
+        return all(hasattr(Tape, n) for n in names)
 
     def _training_graph(self, ops, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
         """The training forward against an ops namespace (the registered ops, or a tape)."""
         d = self.depth
         entry = _kernels().entry_channels(self.in_ch, dtype)
         act: _Act = (ops.pad_channels_nhwc(x, dtype, entry), None, None)
-        pairs = iter(zip(layers.convs, layers.bns, strict=True))
+        pairs = iter(zip(layers.convs, _norms(layers), strict=True))
+        drops = iter(layers.drops)
         skips = []
         for level in range(d):
             act = self._double_conv_train(ops, pairs, act, None, dtype, entry if level == 0 else 0)
+            act = _dropout(ops, act, next(drops))
             skips.append(act)
             act = (ops.maxpool2x2(*act), None, None)
         act = self._double_conv_train(ops, pairs, act, None, dtype, 0)
-        for up in layers.ups:
+        act = _dropout(ops, act, next(drops))
+        up_first, upsampling = self.concat == "up_skip", self.upsampling
+        bilinear, same_size = upsampling == "bilinear", self.odd_sizes == "error"
+        ups = iter(layers.ups)
+        for _ in range(d):
+            skip = skips.pop()
             # Parameters go in as they are (the ops cast and pack inside): autograd then saves the
             # parameter itself for backward instead of a packed copy per step.
-            u = ops.upconv2x2(act[0], up.weight, up.bias, act[1], act[2])
-            act = self._double_conv_train(ops, pairs, (u, None, None), skips.pop(), dtype, 0)
+            if upsampling == "transpose":
+                up = next(ups)
+                u: _Act = (ops.upconv2x2(act[0], up.weight, up.bias, act[1], act[2]), None, None)
+            elif upsampling == "nearest_conv":
+                up = next(ups)
+                u = (_op(ops, "upconv_nearest2x2")(act[0], up.weight, up.bias, True, act[1], act[2]), None, None)
+            else:  # bilinear: the conv reads the low-res map (and its transform) through the interpolation
+                u = act
+            if bilinear or not (same_size or u[0].shape[2:] == skip[0].shape[2:]):
+                h = self._conv_bn_train(ops, *next(pairs), skip, u, dtype, 0, (up_first, bilinear))
+            elif up_first:
+                h = self._conv_bn_train(ops, *next(pairs), u, skip, dtype, 0)
+            else:
+                h = self._conv_bn_train(ops, *next(pairs), skip, u, dtype, 0)
+            act = self._conv_bn_train(ops, *next(pairs), h, None, dtype, 0)
+        if self.pre_head_channels:
+            act = self._conv_bn_train(ops, *next(pairs), act, None, dtype, 0)
         head = layers.head
         head_b = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
         return ops.head1x1(act[0], head.weight, head_b, self.out_activation, act[1], act[2])
@@ -377,7 +514,15 @@ class UNet(UNetReference):
         return self._conv_bn_train(ops, *next(pairs), h, None, dtype, 0)
 
     def _conv_bn_train(
-        self, ops, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: _Act, skip: _Act | None, dtype: torch.dtype, entry: int
+        self,
+        ops,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d | None,
+        act: _Act,
+        skip: _Act | None,
+        dtype: torch.dtype,
+        entry: int,
+        up: tuple[bool, bool] | None = None,
     ) -> _Act:
         """One conv on the training path: raw output z and the (scale, shift) its reader applies.
 
@@ -387,6 +532,11 @@ class UNet(UNetReference):
         with the statistics of the whole group's batch (``bn_stats_sync``), and updates its
         running statistics with those and the global count. ``entry``: the padded input's
         channel count for the first conv (its weight gets zero channels to match), 0 otherwise.
+
+        ``bn`` None (``norm="none"``): the reader's transform is a plain ReLU (scale 1, shift 0;
+        the conv bias is in z). ``up`` = ``(up_first, bilinear)``: ``act`` is the skip and ``skip``
+        the up-sampling's output (bilinear: its low-res input), read through
+        ``conv3x3_up_bn_stats`` (zero-padded to the skip's size, interpolated on load).
         """
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         bias = conv.bias if conv.bias is not None else act[0].new_zeros(conv.out_channels, dtype=acc)
@@ -394,12 +544,19 @@ class UNet(UNetReference):
         if entry and entry != weight.shape[1]:
             weight = ops.pad_weight_in(weight, entry)
         x2, x2_scale, x2_shift = skip if skip is not None else (None, None, None)
-        batch_stats = _bn_uses_batch_stats(bn)
-        group = sync_group(bn)
+        batch_stats = bn is not None and _bn_uses_batch_stats(bn)
+        group = sync_group(bn) if bn is not None else None
         # BatchNorm's "more than 1 value per channel" applies to the batch it normalizes by: the
         # group's (checked by bn_stats_sync), this one's, or none (running statistics).
         min_count = 2 if batch_stats and group is None else 0
-        z, mean, var = ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift, min_count)
+        if up is not None:
+            z, mean, var = _op(ops, "conv3x3_up_bn_stats")(
+                act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift, *up, min_count
+            )
+        else:
+            z, mean, var = ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift, min_count)
+        if bn is None:
+            return (z, *_unit_affine(conv.out_channels, z, acc))
         if batch_stats:
             count = z.numel() // z.shape[1]
             count_all = None

@@ -1,5 +1,9 @@
 """``maxpool2x2`` (``kernels/maxpool2x2.py``): 2x2 max-pool with optional BN+ReLU on load, and its
 autograd formula (which calls ``maxpool2x2_backward``, in ``norm_act_bwd``).
+
+Odd H or W floor like ``nn.MaxPool2d(2)`` (the ``odd_sizes="pad"`` models): the forward never
+reads the last row/column, and the backward runs ``maxpool2x2_backward`` on the even part (a
+view) and gives the dropped row/column a zero gradient.
 """
 
 from __future__ import annotations
@@ -26,21 +30,30 @@ from ._common import (
 @torch.library.custom_op("fastunet::maxpool2x2", mutates_args=())
 def maxpool2x2(x: Tensor, in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> Tensor:
     """2x2 max-pool, stride 2, NaN-propagating like ``torch.max_pool2d``:
-    ``[N, C, H, W] -> [N, C, H//2, W//2]`` (H and W even). ``in_scale``/``in_shift`` ``[C]``
+    ``[N, C, H, W] -> [N, C, H//2, W//2]`` (odd H or W floor: the last row/column is dropped and
+    gets a zero gradient). ``in_scale``/``in_shift`` ``[C]``
     (both or neither): pool ``relu(x * in_scale + in_shift)`` instead of x (x is a raw
     pre-BatchNorm tensor). Returns channels_last."""
     raise AssertionError("unreachable: every device has its own implementation")
 
 
 def _check_pool(x, in_scale=None, in_shift=None):
+    """``maxpool2x2_backward``'s input rule (its kernel takes even H and W: the forward's
+    backward hands it the even part of an odd input)."""
     if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
         raise ValueError(f"fastunet::maxpool2x2: needs a 4-D input with even H and W, got {tuple(x.shape)}")
     _check_norm("maxpool2x2", x.shape[1], in_scale, in_shift)
 
 
+def _check_pool_input(x, in_scale=None, in_shift=None):
+    if x.dim() != 4:
+        raise ValueError(f"fastunet::maxpool2x2: needs a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+    _check_norm("maxpool2x2", x.shape[1], in_scale, in_shift)
+
+
 @maxpool2x2.register_fake
 def _(x, in_scale=None, in_shift=None):
-    _check_pool(x, in_scale, in_shift)
+    _check_pool_input(x, in_scale, in_shift)
     return _empty_nhwc((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2), x)
 
 
@@ -51,7 +64,7 @@ def _maxpool2x2_impl(x, in_scale=None, in_shift=None):
         if in_scale is None:
             return _kernels().maxpool2x2(x)
         return _kernels().maxpool2x2(x, in_scale=in_scale, in_shift=in_shift)
-    _check_pool(x, in_scale, in_shift)
+    _check_pool_input(x, in_scale, in_shift)
     return _as_nhwc(F.max_pool2d(_affine_relu(x, in_scale, in_shift), 2), x.dtype)
 
 
@@ -61,7 +74,18 @@ def _pool_setup(ctx, inputs, output):
 
 def _pool_backward(ctx, grad):
     x, in_scale, in_shift = ctx.saved_tensors
-    gx, gs, gt = _bwd.maxpool2x2_backward(grad, x, in_scale, in_shift)
+    h, w = x.shape[2], x.shape[3]
+    he, we = h - h % 2, w - w % 2
+    if (he, we) == (h, w):
+        gx, gs, gt = _bwd.maxpool2x2_backward(grad, x, in_scale, in_shift)
+    else:
+        # Floor pooling: the dropped row/column never reached the output, so its gradient is 0
+        # (and it adds nothing to dscale/dshift). The even part is a view; one copy places it.
+        ge, gs, gt = _bwd.maxpool2x2_backward(grad, x[:, :, :he, :we], in_scale, in_shift)
+        gx = _empty_nhwc(x.shape, ge)
+        gx[:, :, he:] = 0
+        gx[:, :, :he, we:] = 0
+        gx[:, :, :he, :we] = ge
     if in_scale is None:
         gs = gt = None
     return _grads_for(ctx, (gx, gs, gt))

@@ -293,3 +293,46 @@ UNET_POOLS = [(64, 256, 256), (128, 128, 128), (256, 64, 64), (512, 32, 32)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_unet_sizes_cuda(c, h, w, dtype, norm):
     run_case((4, c, h, w), dtype, torch.device("cuda"), norm=norm)
+
+
+# ------------------------------------------------------------------ the op at odd sizes
+# ``torch.ops.fastunet.maxpool2x2`` floors odd H/W (the odd_sizes="pad" models): forward and
+# backward through the kernels (interpreter/CUDA) against float64 autograd of F.max_pool2d, with
+# the dropped row/column getting a zero gradient.
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 3, 6, 9), (2, 4, 5, 5)], ids=["7x6", "6x9", "5x5"])
+def test_op_odd_sizes_forward_backward(shape, norm, device):
+    import fastunet.ops  # noqa: F401  (registers torch.ops.fastunet)
+
+    x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, device=device)
+    args = ()
+    if norm:
+        scale, shift = make_norm(shape[1], device)
+        args = (scale.double().requires_grad_(), shift.double().requires_grad_())
+    y = torch.ops.fastunet.maxpool2x2(x, *args)
+    y.backward(g)
+    x64 = x.detach().double().requires_grad_()
+    ref_args = tuple(a.detach().clone().requires_grad_() for a in args)
+    src = x64
+    if norm:
+        src = torch.relu(x64 * ref_args[0][None, :, None, None] + ref_args[1][None, :, None, None])
+    expected = F.max_pool2d(src, 2)
+    expected.backward(g.double())
+    assert_close(y, expected, "fp32", "maxpool2x2 op odd forward")
+    assert_close(x.grad, x64.grad, "fp32", "maxpool2x2 op odd dx")
+    assert not x.grad[:, :, 2 * (shape[2] // 2) :].any() and not x.grad[:, :, :, 2 * (shape[3] // 2) :].any()
+    for got, ref, name in zip(args, ref_args, ("dscale", "dshift")[: len(args)], strict=True):
+        assert_close(got.grad, ref.grad, "fp32", f"maxpool2x2 op odd {name}")
+
+
+@pytest.mark.slow
+def test_op_odd_sizes_opcheck(device):
+    import fastunet.ops  # noqa: F401
+
+    x = torch.randn(2, 3, 5, 7, device=device, requires_grad=True)
+    scale, shift = (t.double().requires_grad_() for t in make_norm(3, device))
+    torch.library.opcheck(torch.ops.fastunet.maxpool2x2.default, (x,))
+    torch.library.opcheck(torch.ops.fastunet.maxpool2x2.default, (x, scale, shift))

@@ -1,0 +1,333 @@
+"""The fused path for every architecture option (issue 10): the presets (keras, milesial,
+milesial-bilinear) and mixed option sets through the Triton kernels (the interpreter on CPU),
+against ``UNetReference`` holding the same weights in float64.
+
+* eval: fp32 output vs the float64 reference (``fastunet.guard`` accepts the model, the fused
+  path runs, no ``FusedPathWarning``), at even and odd sizes (odd ones for ``odd_sizes="pad"``);
+* train: output, input gradient, every parameter gradient and every buffer (BatchNorm running
+  statistics) after one forward/backward; Dropout draws the same mask as the reference because
+  both run on channels_last activations with the same seed (torch draws a mask in memory order);
+* the guard: each preset accepted in eval and train mode (the fast check agrees with the
+  readable one), a modified one refused with a reason naming the module;
+* ``torch.compile(fullgraph=True)`` of a preset (slow);
+* the CPU fallback's folded inference (``fastunet.cpu_fold``) for each option set.
+
+Sizes: 16x16 (every model), 17x23 and 33x20 (``odd_sizes="pad"`` models: every level's skip is
+one row or column wider than the upsampled map somewhere). Widths are tiny (base 4, depth 2; one
+depth-3 case) so the interpreter runs a whole model in about a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers import assert_close, model_pair, tolerance_name
+from torch import nn
+
+import fastunet
+from fastunet import FusedPathWarning, UNet, UNetReference, check_fused_support
+from fastunet.guard import _explain
+
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
+
+NARROW = {"base_channels": 4, "depth": 2}
+CASES = {
+    "keras": {"preset": "keras"},
+    "milesial": {"preset": "milesial"},
+    "milesial-bilinear": {"preset": "milesial-bilinear"},
+    # no BatchNorm, cat([skip, up]), a pre-head conv, softmax head
+    "none-skipup-prehead": {"norm": "none", "concat": "skip_up", "pre_head": 3, "out_activation": "softmax"},
+    # bias-free convs before BatchNorm, dropout with BatchNorm, odd sizes with transposed convs
+    "nobias-dropout-pad": {"conv_bias": False, "dropout": 0.25, "odd_sizes": "pad"},
+    # Keras' up-sampling with BatchNorm, cat([up, skip]), odd sizes, a pre-head conv
+    "nearest-bn-pad": {"upsampling": "nearest_conv", "odd_sizes": "pad", "pre_head": 2},
+    # bilinear with cat([up, skip]) and conv biases, depth 3
+    "bilinear-upskip-d3": {"upsampling": "bilinear", "concat": "up_skip", "conv_bias": True, "odd_sizes": "pad",
+                           "depth": 3},  # fmt: skip
+}
+SIZES = {"16x16": (16, 16), "17x23": (17, 23), "33x20": (33, 20)}
+# The fp32 cases quick mode runs (the rest are slow tests, run by CI's full suite): the
+# interpreter takes tens of seconds per fp32 model here, so quick mode relies on the float64
+# decomposition tests (the ops' composites, same wiring) and the guard/fold tests instead.
+QUICK: set = set()
+QUICK_TRAIN: set = set()
+
+
+def _options(case: str) -> dict:
+    return {**NARROW, **CASES[case]}
+
+
+def _params(quick: set) -> list:
+    out = []
+    for case, options in CASES.items():
+        pad = options.get("odd_sizes", fastunet.PRESETS.get(options.get("preset"), {}).get("odd_sizes")) == "pad"
+        for size in SIZES if pad else ("16x16",):
+            marks = () if (case, size) in quick else (pytest.mark.slow,)
+            out.append(pytest.param(case, size, marks=marks, id=f"{case}-{size}"))
+    return out
+
+
+def fp32_pair(case: str, train: bool):
+    """(float64 reference, fp32 UNet) with identical (rounded) weights and BatchNorm state."""
+    options = _options(case)
+    _, model = model_pair(3, 2, dtype=torch.float64, **options)
+    model = model.float().train(train)
+    ref = UNetReference(3, 2, **options)
+    ref.load_state_dict(copy.deepcopy(model.state_dict()))
+    return ref.double().train(train), model
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of ``UNet._fused_forward`` (0: the eager path ran)."""
+    calls = []
+    original = UNet._fused_forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "_fused_forward", spy)
+    return calls
+
+
+def run_fused(model, x, fused_calls):
+    """``model(x)`` that must take the fused path silently."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedPathWarning)
+        y = model(x)
+    assert fused_calls == [1], "the fused path did not run"
+    return y
+
+
+def require_ops(model, hw) -> None:
+    """Skip, naming the missing op, when this build cannot run the case fused: bilinear
+    up-sampling and sizes that are not multiples of ``2**depth`` read the upsampled map through
+    ``conv3x3_up_bn_act``/``conv3x3_up_bn_stats`` (engineer D's ops)."""
+    m = 1 << model.depth
+    if not fastunet.model._HAS_UP_CONV and (model.upsampling == "bilinear" or hw[0] % m or hw[1] % m):
+        pytest.skip("needs fastunet::conv3x3_up_bn_act / conv3x3_up_bn_stats, not registered in this build")
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The reference runs channels_last activations too: a Dropout mask is drawn in memory order."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------ eval
+@pytest.mark.parametrize("case, size", _params(QUICK))
+def test_eval_matches_reference(case, size, fused_calls):
+    ref, model = fp32_pair(case, train=False)
+    require_ops(model, SIZES[size])
+    x = torch.randn(2, 3, *SIZES[size])
+    with torch.no_grad():
+        y = run_fused(model, x, fused_calls)
+        expected = ref(x.double())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, expected, tolerance_name(torch.float32), f"{case} {size} eval")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_eval_float64_decomposition(case, fused_calls):
+    """float64 runs the ops' composites: the wiring (orders, pads, transforms) to ~1e-15."""
+    ref, model = model_pair(3, 2, **_options(case))
+    ref.eval(), model.eval()
+    size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    require_ops(model, size)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(run_fused(model, x, fused_calls), ref(x), "fp64", f"{case} float64 eval")
+
+
+# ------------------------------------------------------------------ train
+def assert_same_training_step(ref, model, x, tol, what):
+    """Output, input gradient, every parameter gradient and every buffer after one step, with the
+    same seed for both models' dropout masks."""
+    g = torch.randn(x.shape[0], 2, *x.shape[2:], dtype=torch.float64)
+    xm = channels_last(x.to(next(model.parameters()).dtype)).requires_grad_()
+    xr = channels_last(x.double()).requires_grad_()
+    torch.manual_seed(1234)
+    y = model(xm)
+    torch.manual_seed(1234)
+    yr = ref(xr)
+    y.backward(g.to(y.dtype))
+    yr.backward(g)
+    assert_close(y, yr, tol, f"{what}: output")
+    assert_close(xm.grad, xr.grad, tol, f"{what}: input grad")
+    # Parameter gradients span orders of magnitude between layers: atol scales with the largest
+    # (a conv bias in front of a training BatchNorm has a mathematically zero gradient).
+    scale = max(p.grad.pow(2).mean().sqrt().item() for p in ref.parameters())
+    for (name, pr), pm in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert_close(pm.grad, pr.grad, tol, f"{what}: grad of {name}", scale=scale)
+    for (name, br), bm in zip(ref.named_buffers(), model.buffers(), strict=True):
+        if br.is_floating_point():
+            assert_close(bm, br, tol, f"{what}: {name}")
+        else:
+            assert torch.equal(bm, br), name
+
+
+@pytest.mark.parametrize("case, size", _params(QUICK_TRAIN))
+def test_train_matches_reference(case, size, fused_calls):
+    ref, model = fp32_pair(case, train=True)
+    require_ops(model, SIZES[size])
+    x = torch.randn(2, 3, *SIZES[size])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedPathWarning)
+        assert_same_training_step(ref, model, x, tolerance_name(torch.float32), f"{case} {size} train")
+    assert fused_calls == [1]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_float64_decomposition(case, fused_calls):
+    ref, model = model_pair(3, 2, **_options(case))
+    ref.train(), model.train()
+    size = SIZES["33x20"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    require_ops(model, size)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedPathWarning)
+        assert_same_training_step(ref, model, x, "fp64", f"{case} float64 train")
+    assert fused_calls == [1]
+
+
+def test_dropout_follows_each_module_flag(fused_calls):
+    """An eval model with one Dropout switched back to training runs the training form (the
+    Dropout is active), and a training model with its Dropouts in eval applies none."""
+    ref, model = model_pair(3, 2, **_options("nobias-dropout-pad"))
+    ref.eval(), model.eval()
+    for net in (ref, model):
+        net.conv2.conv[6].train()
+    assert check_fused_support(model).mode == "train"
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    torch.manual_seed(7)
+    y = run_fused(model, channels_last(x), fused_calls)
+    torch.manual_seed(7)
+    assert_close(y, ref(channels_last(x)), "fp64", "one active Dropout")
+    fused_calls.clear()
+    ref.train(), model.train()
+    for net in (ref, model):
+        for m in net.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+    assert_close(run_fused(model, x, fused_calls), ref(x), "fp64", "training model, Dropouts off")
+
+
+# ------------------------------------------------------------------ the guard
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_guard_accepts_each_option_set(case, train):
+    _, model = model_pair(3, 2, **_options(case))
+    model.train(train)
+    verdict = check_fused_support(model)
+    assert verdict.supported, verdict
+    assert verdict.mode == ("train" if train else "eval")
+    assert _explain(model) == verdict  # the fast check and the readable one agree
+    assert check_fused_support(model) == verdict  # the memo's answer too
+
+
+def _keras_bigger_dropout(m):  # the fused path reads p from the module: still supported
+    m.conv2.conv[6].p = 0.75
+
+
+def _keras_hook_in_up(m):
+    m.up4.conv.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))  # inside NearestConvUp
+
+
+def _keras_prehead_gelu(m):
+    m.pre_head[1] = nn.GELU()
+
+
+def _milesial_identity_norm(m):
+    m.conv3.conv[4] = nn.Identity()  # a norm="none" layer inside a BatchNorm model
+
+
+def _bilinear_corners(m):
+    m.up4.align_corners = False
+
+
+def _bilinear_hook(m):
+    m.up5.register_forward_hook(lambda mod, args, out: out * 2)
+
+
+def _dropout_swapped(m):
+    m.conv3.conv[6] = nn.AlphaDropout(0.25).eval()  # (the identity in eval, like the Dropout)
+
+
+REFUSED = [
+    ("keras", _keras_hook_in_up, "up4.conv", "forward pre-hook"),
+    ("keras", _keras_prehead_gelu, "pre_head.1", "GELU"),
+    ("milesial", _milesial_identity_norm, "conv3.conv.4", "Identity"),
+    ("milesial-bilinear", _bilinear_corners, "up4", "align_corners"),
+    ("milesial-bilinear", _bilinear_hook, "up5", "forward hook"),
+    ("nobias-dropout-pad", _dropout_swapped, "conv3.conv.6", "AlphaDropout"),
+]
+
+
+@pytest.mark.parametrize(
+    "case, modify, module, words", REFUSED, ids=[f"{c}-{m.__name__.lstrip('_')}" for c, m, *_ in REFUSED]
+)
+def test_guard_refuses_modified_option_tree(case, modify, module, words, fused_calls):
+    ref, model = model_pair(3, 2, **_options(case))
+    ref.eval(), model.eval()
+    assert check_fused_support(model).supported
+    modify(ref)
+    modify(model)
+    verdict = check_fused_support(model)
+    assert not verdict.supported and verdict.module == module and words in verdict.reason, verdict
+    size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    with pytest.warns(FusedPathWarning, match=module.replace(".", r"\.")):
+        y = model(x)
+    assert fused_calls == []  # the eager path ran: the reference math on the modified tree
+    assert_close(y, ref(x), "fp64", "eager path of the refused model")
+
+
+def test_guard_accepts_module_read_dropout_p(fused_calls):
+    ref, model = model_pair(3, 2, **_options("keras"))
+    for net in (ref, model):
+        _keras_bigger_dropout(net)
+    assert check_fused_support(model.train()).supported
+
+
+# ------------------------------------------------------------------ the CPU fallback
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_fold_matches_reference(case, monkeypatch):
+    """The folded CPU inference (backend "auto" on CPU tensors) for each option set."""
+    from fastunet import cpu_fold
+
+    fastunet.set_backend("auto")
+    built = []
+    original = cpu_fold._build
+    monkeypatch.setattr(cpu_fold, "_build", lambda *a: built.append(1) or original(*a))
+    ref, model = model_pair(3, 2, **_options(case))
+    ref.eval(), model.eval()
+    size = SIZES["33x20"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), "fp64", f"{case} cpu fold")
+    assert built == [1], "the folded forward did not run"
+
+
+# ------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compile_fullgraph_preset(train):
+    """torch.compile(fullgraph=True) of the milesial preset at an odd size (eval: the inference
+    form; train: forward and backward through the per-op path)."""
+    torch._dynamo.reset()
+    ref, model = model_pair(3, 2, **_options("milesial"))
+    ref.train(train), model.train(train)
+    require_ops(model, (17, 23))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 17, 23, dtype=torch.float64, requires_grad=train)
+    y = compiled(x)
+    expected = ref(x)
+    assert_close(y, expected, "fp64", "compiled milesial")
+    if train:
+        g = torch.randn_like(expected)
+        (gx,) = torch.autograd.grad(y, x, g)
+        (gxr,) = torch.autograd.grad(expected, x, g)
+        assert_close(gx, gxr, "fp64", "compiled milesial input grad")
