@@ -958,14 +958,14 @@ def _launch(
             "variant": variant, "elem": x.element_size(), "M": m_bucket, "C1": c1, "C2": c2, "C_out": c_out,
             "SMALL_C": small_c, "training": norm1 is not None or norm2 is not None or stats is not None,
             "dense": flags["DENSE_C"] > 0, "bilinear": up_mode == 2,
-            **_tma.shape_fields(tma_facts, norms, stats is not None),
+            **_tma.shape_fields(variant == "main" and up is None, x, x2, weight, out, norms, stats is not None),
         }  # fmt: skip
 
     def run(cfg, partials=None):
         if partials is None:
             partials = stats(cdiv(m, cfg.BLOCK_M)) if stats is not None else scale
         if _tma.is_tma_config(cfg):
-            if _tma.runnable(cfg, tma_facts):
+            if up is None and _tma.runnable(cfg, x, x2, weight, out, stats is not None):
                 _tma.conv3x3_tma_launch(
                     cfg, x, x2, weight, scale, shift, out, relu=relu, dot_precision=flags["DOT_PRECISION"],
                     norms=norms, partials=partials if stats is not None else None,
@@ -981,13 +981,6 @@ def _launch(
         return partials
 
     key = (x.dtype, m_bucket, c1, c2, c_out, *flags.values())
-    # Whether (and with which tile geometries) the TMA variant can read the operands; a key
-    # part only where it can, so every other launch keeps its tuning key.
-    tma_facts = (False,)
-    if variant == "main" and up is None:
-        tma_facts = _tma.launch_facts(x, x2, weight, out, stats is not None)
-    if tma_facts[0]:
-        key += tma_facts
     if up is not None:  # the plain convs keep their tuning keys
         key += (f"up{up_src}.{up_mode}",)
     cfg = _TUNERS[variant].pick(device, key, shape, run)

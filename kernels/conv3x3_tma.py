@@ -51,6 +51,7 @@ offline report.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import NamedTuple
 
@@ -324,26 +325,30 @@ def tma_available(device: torch.device) -> bool:
     return interpreting()
 
 
-def _nhwc_ok(t: Tensor) -> bool:
+def _nhwc_ok(t: Tensor, elem: int) -> bool:
     """Channels contiguous, 16-byte aligned base and pixel/row/image strides (positive: an
-    expanded, stride-0 dimension is not a tensor map the copy engine takes)."""
-    elem = t.element_size()
-    if t.stride(1) != 1 or t.data_ptr() % _TMA_ALIGN:
-        return False
-    return all(s > 0 and (s * elem) % _TMA_ALIGN == 0 for i, s in enumerate(t.stride()) if i != 1)
+    expanded, stride-0 dimension is not a tensor map the copy engine takes). Written for the
+    launch path (a few attribute reads, no loop)."""
+    sn, sc, sh, sw = t.stride()
+    return (
+        sc == 1
+        and sn > 0
+        and sh > 0
+        and sw > 0
+        and not ((sn * elem) % _TMA_ALIGN or (sh * elem) % _TMA_ALIGN or (sw * elem) % _TMA_ALIGN)
+        and not t.data_ptr() % _TMA_ALIGN
+    )
 
 
-def _packed_weight_ok(weight: Tensor, c1: int) -> bool:
+def _packed_weight_ok(weight: Tensor, c1: int, elem: int) -> bool:
     """The ``pack_conv3x3_weight`` layout (storage [3, 3, C_in, C_out]) with 16-byte rows and
     both sources' starts (input channel 0 and C1) 16-byte aligned."""
     c_out, c_in = weight.shape[:2]
-    elem = weight.element_size()
-    packed = weight.stride() == (1, c_out, 3 * c_in * c_out, c_in * c_out)
     return (
-        packed
-        and (c_out * elem) % _TMA_ALIGN == 0
-        and weight.data_ptr() % _TMA_ALIGN == 0
-        and (c1 * c_out * elem) % _TMA_ALIGN == 0
+        weight.stride() == (1, c_out, 3 * c_in * c_out, c_in * c_out)
+        and not (c_out * elem) % _TMA_ALIGN
+        and not (c1 * c_out * elem) % _TMA_ALIGN
+        and not weight.data_ptr() % _TMA_ALIGN
     )
 
 
@@ -357,8 +362,13 @@ def tma_supported(x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor) -> 
     c1 = x.shape[1]
     if c1 < 16 or (x2 is not None and x2.shape[1] < 16):
         return False
-    tensors = (x, out) if x2 is None else (x, x2, out)
-    return all(_nhwc_ok(t) for t in tensors) and _packed_weight_ok(weight, c1)
+    elem = x.element_size()
+    return (
+        _nhwc_ok(x, elem)
+        and _nhwc_ok(out, elem)
+        and (x2 is None or _nhwc_ok(x2, elem))
+        and _packed_weight_ok(weight, c1, elem)
+    )
 
 
 def tile_geometry(h: int, w: int, block_m: int, *, stats: bool) -> tuple[int, int] | None:
@@ -392,21 +402,39 @@ def with_tma_configs(pointer_configs, arch: int) -> tuple:
 
 
 def launch_facts(x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor, stats: bool) -> tuple:
-    """What decides the TMA candidates of a launch beyond ``conv3x3``'s key (bucketed M,
-    channels, flags): whether TMA can read the operands, and which BLOCK_M have a tile geometry
-    (only the statistics forms can lack one). Part of the tuning key, so a pick made for one
-    image shape is never a TMA config another shape of the same bucket cannot run."""
+    """Whether TMA can read a launch's operands, and for which BLOCK_M a tile geometry exists
+    (only the statistics forms can lack one): ``(False,)``, or ``(True, *per _BLOCK_MS)``.
+
+    Not part of ``conv3x3``'s tuning key, so launches keep their keys and a pointer pick pays
+    nothing for the TMA variant: it is computed when the tuner misses (``shape_fields``) and
+    when the pick is a TMA config (``runnable``: a few µs of stride reads). A TMA pick reused for
+    operands of the same key that TMA cannot read (a misaligned slice, or an image shape of the
+    same pixel bucket without a statistics geometry) runs the pointer kernel with its tiles."""
     if not tma_supported(x, x2, weight, out):
-        return (False,)
-    h, w = x.shape[2], x.shape[3]
+        return _NO_TMA
+    return _geometry_facts(x.shape[2], x.shape[3], stats)
+
+
+_NO_TMA = (False,)
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry_facts(h: int, w: int, stats: bool) -> tuple:
     return (True, *(tile_geometry(h, w, bm, stats=stats) is not None for bm in _BLOCK_MS))
 
 
-def shape_fields(facts: tuple, norms, stats: bool) -> dict:
-    """The fields ``candidate_ok`` reads, for ``conv3x3``'s prune dict."""
+def fields_from_facts(facts: tuple, norms, stats: bool) -> dict:
+    """The fields ``candidate_ok`` reads, from ``launch_facts``."""
     fields = {"tma": facts[0], "norm1": norms[0] is not None, "norm2": norms[1] is not None, "stats": stats}
     fields["geometry"] = dict(zip(_BLOCK_MS, facts[1:], strict=False)) if facts[0] else {}
     return fields
+
+
+def shape_fields(eligible: bool, x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor, norms, stats: bool) -> dict:
+    """The TMA fields of ``conv3x3``'s prune dict (called on a tuner miss only); ``eligible``:
+    the launch is of the main variant without an up-sampling geometry."""
+    facts = launch_facts(x, x2, weight, out, stats) if eligible else _NO_TMA
+    return fields_from_facts(facts, norms, stats)
 
 
 def tuned_prune(base):
@@ -426,10 +454,14 @@ def prune(kept: list, shape: dict) -> list:
     return [c for c in kept if not is_tma_config(c) or candidate_ok(c, shape)]
 
 
-def runnable(cfg: TmaConfig, facts: tuple) -> bool:
-    """Whether a TMA config can run a launch with these ``launch_facts`` (a forced config may
-    not: ``conv3x3`` then runs the pointer kernel with the same tiles)."""
+def facts_allow(cfg: TmaConfig, facts: tuple) -> bool:
+    """Whether ``launch_facts`` let TMA config ``cfg`` run."""
     return bool(facts[0]) and facts[1 + _BLOCK_MS.index(cfg.BLOCK_M)]
+
+
+def runnable(cfg: TmaConfig, x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor, stats: bool) -> bool:
+    """Whether the picked TMA config can run these operands (see ``launch_facts``)."""
+    return facts_allow(cfg, launch_facts(x, x2, weight, out, stats))
 
 
 # --------------------------------------------------------------------------------------------
