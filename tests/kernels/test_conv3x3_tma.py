@@ -31,6 +31,8 @@ DTYPES = [
     pytest.param(torch.float16, id="fp16"),
     pytest.param(torch.bfloat16, id="bf16", marks=BF16_SKIP),
 ]
+# The heavier interpreter tests run fp16 in quick mode and fp32 with the slow tests.
+DTYPES_SLOW32 = [pytest.param(torch.float32, id="fp32", marks=pytest.mark.slow), *DTYPES[1:]]
 DEVICE = "cuda" if ON_HOPPER else "cpu"
 # The interpreter runs one small tile; a GPU runs every config the tuner may pick.
 CONFIGS = [T.INTERPRETER_CONFIG] if interpreting() else list(T.TMA_CONFIGS_SM90)
@@ -137,7 +139,7 @@ def test_output_channel_slice_leaves_the_rest(dtype):
 
 
 @needs_tma
-@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("programs", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_persistent_walk_covers_every_tile(programs):
     """Fewer programs than tiles: each walks tiles p, p + programs, ... (the persistent launch)."""
     dtype = torch.float16
@@ -163,7 +165,7 @@ TRAINING_CASES = [
 
 
 @needs_tma
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_SLOW32)
 @pytest.mark.parametrize("c1,c2,norm1,norm2", TRAINING_CASES)
 def test_training_forms_match_float64(dtype, c1, c2, norm1, norm2):
     """z = conv(cat(T1(x), T2(x2))) + bias and its batch mean/var; padding after the transform
@@ -249,7 +251,7 @@ def test_candidates_keep_the_pointer_configs_first():
 
 
 @needs_tma
-@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("dtype", DTYPES_SLOW32[:2])
 def test_conv3x3_launchers_dispatch_a_tma_pick(dtype, monkeypatch):
     """When the tuner picks a TMA config, ``conv3x3_bn_act`` (fused concat, channel-slice input)
     and ``conv3x3_bn_stats`` (decoder form) run the TMA kernel and match float64; a TMA pick on
