@@ -49,8 +49,9 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
+from ._split_k import _MAX_SPLIT_K, _pick_split_k, _reduce_splits
 from ._tuning import Tuner, bucket, launch_meta
-from .norm_act_bwd import check_norm_affine
+from .norm_act_bwd import _affine_relu, check_norm_affine
 
 __all__ = [
     "PHASE_BASE",
@@ -58,6 +59,7 @@ __all__ = [
     "pack_upconv_nearest2x2_weight",
     "upconv_nearest2x2",
     "upconv_nearest2x2_input_grad",
+    "upconv_nearest2x2_weight_grad",
     "compile_specs",
 ]
 
@@ -261,6 +263,109 @@ def _upconv_nearest2x2_dgrad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
 
 
+@triton.jit(do_not_specialize=("N", "SPLIT_K"))
+def _upconv_nearest2x2_wgrad_kernel(
+    g_ptr,  # [N, C_out, 2h, 2w], any strides (channels_last is the fast layout)
+    x_ptr,  # [N, C_in, h, w], any strides, g's dtype
+    scale_ptr,  # [C_in] fp32/fp64, contiguous (unused unless X_NORM)
+    shift_ptr,  # [C_in] fp32/fp64, contiguous (unused unless X_NORM)
+    out_ptr,  # fp32 [9, C_in, C_out] (strides stride_ot, stride_oi, stride_oo); with SPLIT_K > 1
+    # a workspace of SPLIT_K such slices, stride_os apart
+    N,
+    h,
+    w,
+    C_in,
+    C_out,
+    SPLIT_K,
+    stride_gn,
+    stride_gc,
+    stride_gh,
+    stride_gw,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_ot,
+    stride_oi,
+    stride_oo,
+    stride_os,
+    X_NORM: tl.constexpr,  # multiply T(x) = relu(x*scale + shift) instead of x
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; only read for fp32 inputs
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One ``[BLOCK_M output channels, BLOCK_N input channels]`` tile of one tap block's gradient
+    over one split of the pixels.
+
+    Per block (phase (di, dj), tap (dr, dc)): M = C_out, N = C_in, K = N*h*w low-res pixels.
+    A is ``g[n, co, 2r+di, 2c+dj]`` (``[BLOCK_M, BLOCK_K]``), B is ``T(x)[n, ci, r+dr, c+dc]``
+    (``[BLOCK_K, BLOCK_N]``, zero in the bottom/right padding, after the transform).
+    FLOPs: ``2 * N*h*w * 9 * C_in * C_out``. Grid: ``(9 * cdiv(C_out, BLOCK_M) * cdiv(C_in,
+    BLOCK_N), SPLIT_K)``; the splits' partials are summed in a fixed order afterwards.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Row tiles (block, co block) vary fastest: neighbouring programs share their x tile.
+    num_co_blocks = tl.cdiv(C_out, BLOCK_M)
+    num_pid_m = 9 * num_co_blocks
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
+    blk = pid_m // num_co_blocks
+    # Block -> (phase, tap): PHASE_BASE = (0, 1, 3, 5), PHASE_TAPS = (1, 2, 2, 4).
+    phase = tl.where(blk >= 5, 3, (blk + 1) // 2)
+    tap = blk - tl.maximum(2 * phase - 1, 0)
+    di = phase // 2
+    dj = phase % 2
+    dr = tap // (dj + 1)
+    dc = tap - dr * (dj + 1)
+
+    offs_co = (pid_m % num_co_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    co_mask = offs_co < C_out
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    ci_mask = offs_ci < C_in
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+
+    # Split boundaries fall on BLOCK_K steps, so every split runs whole steps (some may run none).
+    hw = h * w
+    P = N * hw
+    per_split = tl.cdiv(tl.cdiv(P, BLOCK_K), SPLIT_K) * BLOCK_K
+    p_lo = pid_k * per_split
+    p_hi = min(p_lo + per_split, P)
+
+    if X_NORM:
+        scale = tl.load(scale_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        shift = tl.load(shift_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+    g_col = offs_co.to(tl.int64) * stride_gc + (di * stride_gh + dj * stride_gw)  # [BLOCK_M]
+    x_col = offs_ci.to(tl.int64) * stride_xc + (dr * stride_xh + dc * stride_xw)  # [BLOCK_N]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+    for p0 in range(p_lo, p_hi, BLOCK_K):
+        offs_p = p0 + offs_k  # [BLOCK_K] flat low-res pixels (int32: N*h*w < 2^31)
+        p_ok = offs_p < p_hi
+        img = offs_p // hw
+        rem = offs_p - img * hw
+        i_idx = rem // w
+        j_idx = rem % w
+        img64 = img.to(tl.int64)
+        g_pix = img64 * stride_gn + (2 * i_idx).to(tl.int64) * stride_gh + (2 * j_idx).to(tl.int64) * stride_gw
+        x_pix = img64 * stride_xn + i_idx.to(tl.int64) * stride_xh + j_idx.to(tl.int64) * stride_xw  # [BLOCK_K]
+        a = tl.load(g_ptr + g_col[:, None] + g_pix[None, :], mask=co_mask[:, None] & p_ok[None, :], other=0.0)
+        # Row h / column w is the 'same' padding: zero, also after the transform.
+        x_ok = p_ok & (i_idx + dr < h) & (j_idx + dc < w)  # [BLOCK_K]
+        b_mask = x_ok[:, None] & ci_mask[None, :]
+        b = tl.load(x_ptr + x_pix[:, None] + x_col[None, :], mask=b_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        if X_NORM:
+            b = tl.where(b_mask, _affine_relu(b, scale, shift), 0.0).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)  # a: [BLOCK_M, BLOCK_K]
+
+    dst_ptr = out_ptr + pid_k.to(tl.int64) * stride_os + blk * stride_ot
+    o_ptrs = dst_ptr + (
+        (offs_co.to(tl.int64) * stride_oo)[:, None] + (offs_ci.to(tl.int64) * stride_oi)[None, :]
+    )  # [BLOCK_M, BLOCK_N]
+    tl.store(o_ptrs, acc, mask=co_mask[:, None] & ci_mask[None, :])
+
+
 # --------------------------------------------------------------------------------------
 # Configs: upconv2x2's lists, shortened (one GEMM shape family, K = taps * C_in). BLOCK_M >= 64
 # with 4/8 warps keeps 16-bit and TF32 dots on wgmma on sm_90. Pruned per call by shared memory,
@@ -389,6 +494,49 @@ def _without_dgrad_skips(lists: dict) -> dict:
 _DGRAD_CONFIGS = _without_dgrad_skips(_CONFIGS)
 _DGRAD_IEEE_CONFIGS = _without_dgrad_skips(_IEEE_CONFIGS)
 
+# Weight gradient: upconv2x2's wgrad lists (the same GEMM orientation: C_out x C_in over pixels,
+# the transformed operand B passing through registers), shortened.
+_WGRAD_CONFIGS = {
+    90: [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 32, 4, 4), _cfg(64, 64, 64, 4, 4)],
+    80: [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 4, 4), _cfg(64, 64, 32, 4, 4)],
+}
+# IEEE fp32: one stage (B passes through registers for the transform), as upconv2x2's wgrad.
+_WGRAD_IEEE_CONFIGS = {arch: [_cfg(128, 64, 32, 8, 1), _cfg(64, 64, 32, 4, 1)] for arch in (80, 90)}
+# 4-byte B tiles past this many words per thread spilled in upconv2x2's and the head's wgrad.
+_MAX_WGRAD_B_WORDS_FP32 = 32
+
+
+def _wgrad_usable_configs(arch: int, elem_bytes: int, precision: str) -> list[triton.Config]:
+    """The weight-gradient configs for ``arch``, element size and dot precision: the list minus
+    what overflows shared memory or (4-byte operands) the register budget. Never empty."""
+    ieee32 = elem_bytes == 4 and precision == "ieee"
+    candidates = (_WGRAD_IEEE_CONFIGS if ieee32 else _WGRAD_CONFIGS)[tuned_arch(arch)]
+    usable = []
+    for c in candidates:
+        k = c.kwargs
+        words = (k["BLOCK_M"] * k["BLOCK_N"] + k["BLOCK_M"] * k["BLOCK_K"]) // (32 * c.num_warps)
+        b_words = k["BLOCK_K"] * k["BLOCK_N"] // (32 * c.num_warps)
+        if _smem_bytes(c, elem_bytes) > smem_limit(arch):
+            continue
+        if elem_bytes == 4 and (words > _MAX_WORDS_PER_THREAD_FP32 or b_words > _MAX_WGRAD_B_WORDS_FP32):
+            continue
+        usable.append(c)
+    return usable or [min(candidates, key=lambda c: _smem_bytes(c, elem_bytes))]
+
+
+def _wgrad_prune(configs, shape: dict, arch: int) -> list:
+    usable = _wgrad_usable_configs(arch, shape["elem"], shape["INPUT_PRECISION"])
+    usable = [c for c in configs if c in usable]
+    caps = {"BLOCK_M": max(shape["C_out"], 64), "BLOCK_N": max(shape["C_in"], 64)}
+    narrow = [c for c in usable if all(c.kwargs[k] <= v for k, v in caps.items())]
+    return narrow or usable
+
+
+def _wgrad_tiles(cfg, shape: dict) -> int:
+    k = cfg.kwargs
+    return 9 * cdiv(shape["C_out"], k["BLOCK_M"]) * cdiv(shape["C_in"], k["BLOCK_N"]) * shape["SPLIT_K"]
+
+
 # fp32 IEEE dots have their own list (see _IEEE_CONFIGS), so they get their own tuner.
 _TUNERS = {
     "tc": Tuner("upconv_nearest2x2", _CONFIGS, _prune_configs, _tiles, _interpreter_config),
@@ -397,6 +545,10 @@ _TUNERS = {
     "dgrad": Tuner("upconv_nearest2x2.dgrad", _DGRAD_CONFIGS, _prune_configs, _tiles, _interpreter_config),
     "dgrad.ieee": Tuner(
         "upconv_nearest2x2.dgrad.ieee", _DGRAD_IEEE_CONFIGS, _prune_configs, _tiles, _interpreter_config
+    ),
+    "wgrad": Tuner("upconv_nearest2x2.wgrad", _WGRAD_CONFIGS, _wgrad_prune, _wgrad_tiles, _interpreter_config),
+    "wgrad.ieee": Tuner(
+        "upconv_nearest2x2.wgrad.ieee", _WGRAD_IEEE_CONFIGS, _wgrad_prune, _wgrad_tiles, _interpreter_config
     ),
 }
 
@@ -642,6 +794,90 @@ def upconv_nearest2x2_input_grad(
     return out
 
 
+def upconv_nearest2x2_weight_grad(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    x_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The gradient of ``upconv_nearest2x2``'s packed tap blocks.
+
+    Args:
+        g: ``[N, C_out, 2h, 2w]`` float32/float16/bfloat16, the gradient of the conv's output
+            (after the ReLU's mask), any strides (channels_last is fast).
+        x: ``[N, C_in, h, w]`` in ``g.dtype``, the conv's (raw) input, any strides.
+        x_norm: None or ``(scale, shift)`` fp32/fp64 ``[C_in]``: the input is then
+            ``T(x) = relu(x*scale + shift)`` (fp32 math, rounded to x's dtype).
+        out: optional fp32 ``[9, C_in, C_out]`` destination, any strides; fully overwritten.
+
+    Returns fp32 ``dP[blk, ci, co] = sum_{n,r,c} T(x)[n, ci, r+dr, c+dc] * g[n, co, 2r+di, 2c+dj]``
+    for block ``blk`` = phase (di, dj)'s tap (dr, dc) (zero beyond the bottom/right edge). The
+    2x2 kernel's gradient is ``dW[:, :, a, b] = sum_blk M[blk, a*2+b] dP[blk]^T`` with the phase
+    matrix M of ``pack_upconv_nearest2x2_weight``. Deterministic: pixel splits are summed in a
+    fixed order (no atomics); fp32 accumulation.
+    """
+    for name, t in (("g", g), ("x", x)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    triton_dtype(g.dtype)
+    if g.dim() != 4 or g.shape[2] % 2 or g.shape[3] % 2:
+        raise ValueError(f"g must be [N, C_out, 2h, 2w] (even height and width), got shape {tuple(g.shape)}")
+    N, C_out, h, w = g.shape[0], g.shape[1], g.shape[2] // 2, g.shape[3] // 2
+    if x.dim() != 4 or (x.shape[0], x.shape[2], x.shape[3]) != (N, h, w):
+        raise ValueError(f"x must be [N={N}, C_in, h={h}, w={w}] for g of shape {tuple(g.shape)}, got {tuple(x.shape)}")
+    if x.dtype != g.dtype:
+        raise TypeError(f"x dtype {x.dtype} must match g dtype {g.dtype}")
+    C_in = x.shape[1]
+    if not can_launch(g.device):
+        raise ValueError(f"upconv_nearest2x2_weight_grad runs on CUDA (or CPU, interpreted), got {g.device}")
+    if x.device != g.device:
+        raise ValueError(f"x is on {x.device}, g on {g.device}")
+    norm = None if x_norm is None else check_norm_affine(x_norm[0], x_norm[1], C_in, x)
+    if out is None:
+        out = torch.empty((9, C_in, C_out), device=g.device, dtype=torch.float32)
+    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != (9, C_in, C_out) or out.dtype != torch.float32:
+        raise ValueError(f"out must be a float32 [9, {C_in}, {C_out}] tensor")
+    elif out.device != g.device:
+        raise ValueError(f"out is on {out.device}, g on {g.device}")
+    P = N * h * w
+    if P > _MAX_PIXELS:
+        raise ValueError(f"N*h*w = {P} pixels exceeds the int32 pixel index")
+    if out.numel() == 0:
+        return out
+    if P == 0:
+        return out.zero_()
+
+    split_k = _pick_split_k(g.device, P, 9 * cdiv(C_out, 64) * cdiv(C_in, 64), 36 * C_in * C_out, _MAX_SPLIT_K)
+    ws = None
+    if split_k > 1:
+        ws = torch.empty((split_k, 9, C_in, C_out), device=g.device, dtype=torch.float32)
+        dst, dst_strides, stride_os = ws, ws.stride()[1:], ws.stride(0)
+    else:
+        dst, dst_strides, stride_os = out, out.stride(), 0
+    scale, shift = norm if norm is not None else (dst, dst)  # never read without X_NORM
+    args = (g, x, scale, shift, dst, N, h, w, C_in, C_out, split_k, *g.stride(), *x.stride(), *dst_strides, stride_os)
+    flags = {"X_NORM": norm is not None, "INPUT_PRECISION": dot_precision(g.dtype)}
+
+    def run(cfg):
+        k = cfg.kwargs
+        grid = (9 * cdiv(C_out, k["BLOCK_M"]) * cdiv(C_in, k["BLOCK_N"]), split_k)
+        launch(_upconv_nearest2x2_wgrad_kernel, grid, args, {**flags, **launch_meta(cfg)})
+
+    def shape():
+        return {
+            "C_in": C_in, "C_out": C_out, "SPLIT_K": split_k, "elem": g.element_size(),
+            "INPUT_PRECISION": flags["INPUT_PRECISION"],
+        }  # fmt: skip
+
+    ieee32 = g.element_size() == 4 and flags["INPUT_PRECISION"] == "ieee"
+    tuner = _TUNERS["wgrad.ieee" if ieee32 else "wgrad"]
+    run(tuner.pick(g.device, (g.dtype, C_in, C_out, split_k, *flags.values()), shape, run))
+    if ws is not None:
+        _reduce_splits(ws, out, (1, 9, C_in, C_out), (0, *out.stride()))
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Offline compile specs (benchmarks/kernel_report.py)
 # --------------------------------------------------------------------------------------
@@ -717,7 +953,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                             },
                         )
                     )
-    return specs + _dgrad_specs(arch)
+    return specs + _dgrad_specs(arch) + _wgrad_specs(arch)
 
 
 _DGRAD_I32_ARGS = (
@@ -765,4 +1001,61 @@ def _dgrad_specs(arch: int) -> list[KernelSpec]:
                         },
                     )
                 )
+    return specs
+
+
+_WGRAD_I32_ARGS = (
+    "N", "h", "w", "C_in", "C_out", "SPLIT_K",
+    "stride_gn", "stride_gh", "stride_gw", "stride_xn", "stride_xh", "stride_xw", "stride_ot", "stride_oi", "stride_os",
+)  # fmt: skip
+_WGRAD_UNIT_STRIDES = ("stride_gc", "stride_xc", "stride_oo")
+
+
+def _wgrad_specs(arch: int) -> list[KernelSpec]:
+    """The weight-gradient kernel's specs: channels_last g and x, a contiguous fp32 workspace."""
+    ragged = ("N", "h", "w", "SPLIT_K")
+    aligned = ("g_ptr", "x_ptr", "scale_ptr", "shift_ptr", "out_ptr", *(n for n in _WGRAD_I32_ARGS if n not in ragged))
+    attrs = {(_upconv_nearest2x2_wgrad_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    flags = ("X_NORM", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tt = triton_dtype(dtype)
+        elem = torch.empty((), dtype=dtype).element_size()
+        fp32 = dtype == torch.float32
+        for precision in ("tf32", "ieee") if fp32 else ("ieee",):
+            label = f"fp32-{precision}" if fp32 else tt
+            for x_norm in (False, True):
+                for cfg in _wgrad_usable_configs(arch, elem, precision):
+                    specs.append(
+                        KernelSpec(
+                            kernel="_upconv_nearest2x2_wgrad_kernel",
+                            fn=_upconv_nearest2x2_wgrad_kernel,
+                            signature={
+                                "g_ptr": f"*{tt}",
+                                "x_ptr": f"*{tt}",
+                                "scale_ptr": "*fp64" if x_norm else "*fp32",
+                                "shift_ptr": "*fp64" if x_norm else "*fp32",
+                                "out_ptr": "*fp32",
+                                **{n: "i32" for n in _WGRAD_I32_ARGS},
+                                **{n: "constexpr" for n in _WGRAD_UNIT_STRIDES + flags},
+                            },
+                            constexprs={
+                                **{n: 1 for n in _WGRAD_UNIT_STRIDES},
+                                "X_NORM": x_norm,
+                                "INPUT_PRECISION": precision,
+                                **cfg.kwargs,
+                            },
+                            num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages,
+                            dtype=tt,
+                            config=_config_name(cfg) + (f"_{precision}" if fp32 else "") + ("_norm" if x_norm else ""),
+                            extra={
+                                "precision": precision if fp32 else None,
+                                "label": label,
+                                "smem_estimate": _smem_bytes(cfg, elem),
+                                "expect_hgmma": tuned_arch(arch) == 90 and label != "fp32-ieee",
+                                "attrs": attrs,
+                            },
+                        )
+                    )
     return specs

@@ -10,9 +10,10 @@ Every form works on the low-res map one output phase at a time (see the kernel m
 * input gradient (``upconv_nearest2x2_input_grad``): the Triton dgrad kernel (implicit GEMM over
   the 9 tap blocks, deterministic) where the forward runs Triton; else the per-phase
   ``aten.convolution_backward`` composite.
-* weight gradient: an eager composite on every device (``aten.convolution_backward`` per phase in
-  float32, float64 for float64 inputs; cuDNN on a GPU), then the fixed 9x4 map from the phases'
-  tap blocks back to the 2x2 kernel. Not a Triton kernel yet.
+* weight gradient (``upconv_nearest2x2_weight_grad``): the packed blocks' gradient from the Triton
+  wgrad kernel (split over pixels, deterministic) where the forward runs Triton, else a per-phase
+  ``aten.convolution_backward`` composite; then the fixed 9x4 map from the tap blocks back to the
+  2x2 kernel (an unpacked weight).
 * bias gradient: a sum; BN+ReLU on load: ``affine_relu_backward`` (Triton where the forward is).
 """
 
@@ -174,28 +175,14 @@ def _setup(ctx, inputs, output):
 
 
 def _weight_grad(g: Tensor, x: Tensor, weight: Tensor, in_scale, in_shift) -> Tensor:
-    """The weight's gradient from ``g`` = dL/d(conv output): per phase, the wgrad of a
-    ``(di + 1, dj + 1)`` conv over the padded low-res ``T(x)`` (``aten.convolution_backward``) is
-    the packed blocks' gradient; mapped to the 2x2 kernel by the transposed phase matrix for an
-    unpacked weight. Computed in float32 (float64 for float64 x)."""
-    acc = _acc_dtype(x.dtype)
-    n, c_in, h, w = x.shape
-    g = g.to(acc)
-    packed = _pack(weight, x.dtype).to(acc)
-    xp = F.pad(_affine_relu(x, in_scale, in_shift).to(acc), (0, 1, 0, 1))
-    blocks = []
-    for p, (di, dj) in enumerate(_PHASES):
-        _, gwp, _ = torch.ops.aten.convolution_backward(
-            g[:, :, di::2, dj::2], xp[:, :, : h + di, : w + dj], _phase_weight(packed, p), None, [1, 1], [0, 0],
-            [1, 1], False, [0, 0], 1, [False, True, False],
-        )  # fmt: skip
-        # [C_out, C_in, di+1, dj+1] -> [taps, C_in, C_out], taps row-major
-        blocks.append(gwp.permute(2, 3, 1, 0).reshape(-1, c_in, gwp.shape[0]))
-    gp = torch.cat(blocks)  # [9, C_in, C_out]
+    """The weight's gradient from ``g`` = dL/d(conv output): the packed blocks' gradient
+    (``upconv_nearest2x2_weight_grad``), mapped to the 2x2 kernel by the transposed phase matrix
+    for an unpacked weight."""
+    gp = _bwd.upconv_nearest2x2_weight_grad(g, x, in_scale, in_shift)  # [9, C_in, C_out]
     if weight.dim() == 3:
         return gp.to(weight.dtype)
-    g_ab = torch.einsum("ka,kio->aio", _phase_matrix(acc, gp.device), gp)  # [(a, b), C_in, C_out]
-    return g_ab.reshape(2, 2, c_in, -1).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
+    g_ab = torch.einsum("ka,kio->aio", _phase_matrix(gp.dtype, gp.device), gp)  # [(a, b), C_in, C_out]
+    return g_ab.reshape(2, 2, x.shape[1], -1).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
 
 
 def _backward(ctx, grad):
@@ -262,3 +249,42 @@ def _input_grad_impl(g, weight):
 
 # Reached through ``_bwd`` so the backward skips the dispatcher when nothing traces it.
 _bwd.register("upconv_nearest2x2_input_grad", _input_grad_impl, 0)
+
+
+@torch.library.custom_op("fastunet::upconv_nearest2x2_weight_grad", mutates_args=())
+def upconv_nearest2x2_weight_grad(g: Tensor, x: Tensor, in_scale: Tensor | None, in_shift: Tensor | None) -> Tensor:
+    """Gradient of ``upconv_nearest2x2``'s packed tap blocks: g ``[N, C_out, 2h, 2w]`` (after the
+    ReLU's mask), raw x ``[N, C_in, h, w]`` (``T(x)`` with in_scale/in_shift) -> ``[9, C_in, C_out]``
+    float32 (float64 for float64 g), deterministic."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@upconv_nearest2x2_weight_grad.register_fake
+def _(g, x, in_scale, in_shift):
+    return g.new_empty((9, x.shape[1], g.shape[1]), dtype=_acc_dtype(g.dtype))
+
+
+@upconv_nearest2x2_weight_grad.register_kernel(("cpu", "cuda"))
+@_on_input_device
+def _weight_grad_impl(g, x, in_scale, in_shift):
+    if _use_kernels(x):
+        norm = None if in_scale is None else (in_scale, in_shift)
+        return _kernel_module().upconv_nearest2x2_weight_grad(g.to(x.dtype), x, x_norm=norm)
+    # Composite: per phase, the wgrad of a (di + 1, dj + 1) conv over the padded low-res T(x) is
+    # that phase's blocks' gradient.
+    acc = _acc_dtype(g.dtype)
+    n, c_in, h, w = x.shape
+    ga = g.to(acc)
+    xp = F.pad(_affine_relu(x, in_scale, in_shift).to(acc), (0, 1, 0, 1))
+    blocks = []
+    for di, dj in _PHASES:
+        _, gwp, _ = torch.ops.aten.convolution_backward(
+            ga[:, :, di::2, dj::2], xp[:, :, : h + di, : w + dj], xp.new_empty((g.shape[1], c_in, di + 1, dj + 1)),
+            None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False],
+        )  # fmt: skip
+        # [C_out, C_in, di+1, dj+1] -> [taps, C_in, C_out], taps row-major
+        blocks.append(gwp.permute(2, 3, 1, 0).reshape(-1, c_in, gwp.shape[0]))
+    return torch.cat(blocks).contiguous()
+
+
+_bwd.register("upconv_nearest2x2_weight_grad", _weight_grad_impl, 1)
