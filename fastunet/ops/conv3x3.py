@@ -353,18 +353,31 @@ def _up_map(up: Tensor, bilinear: bool, size, scale: Tensor | None = None, shift
     return u
 
 
+def _bilinear_x2_matrix(n: int, like: Tensor) -> Tensor:
+    """``[2n, n]``: row i holds the align_corners=True weights of output i (torch's rule: source
+    ``i * (n - 1) / (2n - 1)``, neighbours ``i0 = floor``, ``min(i0 + 1, n - 1)``)."""
+    i = torch.arange(2 * n, device=like.device, dtype=like.dtype)
+    src = i * (n - 1) / (2 * n - 1)
+    i0 = src.floor().clamp(max=n - 1)
+    i1 = (i0 + 1).clamp(max=n - 1)
+    l1 = src - i0
+    cols = torch.arange(n, device=like.device, dtype=like.dtype)
+    return (cols == i0[:, None]) * (1 - l1)[:, None] + (cols == i1[:, None]) * l1[:, None]
+
+
 def _up_map_backward(gu: Tensor, up: Tensor, bilinear: bool) -> Tensor:
     """dL/d(the up map before padding: up itself, or its activated form when bilinear) from
-    gu = dL/dU ``[N, C_u, H, W]``: the pad's backward is a crop, the interpolation's the
-    transposed weights (``upsample_bilinear2d_backward``, in the accumulation dtype)."""
+    gu = dL/dU ``[N, C_u, H, W]``: the pad's backward is a crop; bilinear x2 is separable,
+    ``U = A_h X A_w^T``, so its backward is ``A_h^T G A_w`` (two small matmuls in the accumulation
+    dtype; plain ops, so AOT tracing with dynamic shapes goes through them)."""
     h_up, w_up = (2 * up.shape[2], 2 * up.shape[3]) if bilinear else (up.shape[2], up.shape[3])
     top, left = (gu.shape[2] - h_up) // 2, (gu.shape[3] - w_up) // 2
     g = gu[:, :, top : top + h_up, left : left + w_up]
     if bilinear:
-        acc = _acc_dtype(up.dtype)
-        g = torch.ops.aten.upsample_bilinear2d_backward(
-            g.to(acc), [h_up, w_up], list(up.shape), True, None, None
-        ).to(up.dtype)  # fmt: skip
+        g = g.to(_acc_dtype(up.dtype))
+        a_h = _bilinear_x2_matrix(up.shape[2], g)
+        a_w = _bilinear_x2_matrix(up.shape[3], g)
+        g = (a_h.t() @ g @ a_w).to(up.dtype)
     return g
 
 
@@ -389,8 +402,8 @@ def conv3x3_up_bn_act(
     in that order (packed for eval, any layout), scale/shift ``[C_out]`` as ``conv3x3_bn_act``.
     Returns ``[N, C_out, H, W]`` channels_last in skip's dtype. With ``bilinear=False`` and equal
     sizes this is ``conv3x3_bn_act`` of the two sources. Backward: U is built with torch (pad /
-    interpolate), the conv's gradients are ``conv3x3_bn_act``'s, then the crop and
-    ``upsample_bilinear2d_backward`` take dL/dU back to up.
+    interpolate), the conv's gradients are ``conv3x3_bn_act``'s, then the crop and the
+    interpolation's transpose take dL/dU back to up.
     """
     raise AssertionError("unreachable: every device has its own implementation")
 
@@ -463,8 +476,8 @@ def conv3x3_up_bn_stats(
     activated map), the zero padding after it. Returns ``(z, mean, var)``: z ``[N, C_out, H, W]``
     channels_last in skip's dtype; mean and biased var ``[C_out]`` (float32; float64 for
     float64). Backward: U is built with torch and the weight and input gradients are the
-    ``conv3x3_weight_grad`` / conv ops' (as ``conv3x3_bn_stats``'), then the crop,
-    ``upsample_bilinear2d_backward`` and the BN+ReLU backward take dL/dU back to up.
+    ``conv3x3_weight_grad`` / conv ops' (as ``conv3x3_bn_stats``'), then the crop, the
+    interpolation's transpose and the BN+ReLU backward take dL/dU back to up.
     """
     raise AssertionError("unreachable: every device has its own implementation")
 
