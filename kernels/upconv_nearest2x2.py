@@ -31,6 +31,15 @@ Training path (``IN_NORM``): x is a conv's raw pre-BatchNorm output and each A t
 by ``T(x) = relu(x*scale + shift)`` (fp32, rounded back to x's dtype for the dot) *before* the
 zero fill of the bottom/right padding row and column: ``T(0) = relu(shift) != 0``, and the
 padding is zero in the upsampled activated map.
+
+Backward, in the same phase form (no upsampled tensor either):
+
+* ``upconv_nearest2x2_input_grad``: ``dT(x)[r, c] = sum_blk g[2(r-dr)+di, 2(c-dc)+dj] @ P[blk]^T``,
+  an implicit GEMM over low-res pixels with K = 9 * C_out; each pixel written once.
+* ``upconv_nearest2x2_weight_grad``: ``dP[blk] = sum_pixels T(x)[r+dr, c+dc]^T g[2r+di, 2c+dj]``,
+  one GEMM per block (C_out x C_in over the pixels), split over pixels with the partials summed in
+  a fixed order (``_split_k``): deterministic. The 2x2 kernel's gradient is ``P``'s chain rule,
+  ``dW_ab = sum_blk M[blk, ab] dP[blk]`` (``_phase_matrix``), formed by the op layer.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ def run_case(shape, c_out, dtype, device, *, in_layout="nhwc", out_layout="nhwc"
         ids=["b2-c37-3x5", "b1-c3-5x7", "b1-c19-4x6", "1x1"],
     ),
 )
-@pytest.mark.parametrize("dtype", quick_first(DTYPES, 2))
+@pytest.mark.parametrize("dtype", quick_first(DTYPES))
 def test_matches_reference(shape, c_out, dtype, packed, device):
     run_case(shape, c_out, dtype, device, packed=packed)
 
@@ -237,6 +237,14 @@ def test_weight_grad_matches_reference(shape, c_out, dtype, layout, norm, device
     assert weight_grad(g, x, x_norm=x_norm, out=out) is out
     xin = materialized_norm(x, *x_norm) if norm else x
     assert_close(out, reference_block_grad(g, xin), tolerance_name(dtype), f"weight grad {shape} {dtype} {layout}")
+
+
+def test_weight_grad_is_deterministic(device):
+    # Split partials are summed in a fixed order: the same inputs give the same bits.
+    x = make_input((2, 5, 3, 5), torch.float32, device, "nhwc")
+    g = make_input((2, 6, 6, 10), torch.float32, device, "nhwc")
+    norm = make_norm(5, device)
+    assert torch.equal(weight_grad(g, x, x_norm=norm), weight_grad(g, x, x_norm=norm))
 
 
 def test_weight_grad_rejects_bad_arguments(device):
@@ -384,7 +392,7 @@ def test_op_composite_matches_reference_without_interpreter(monkeypatch):
     assert_close(y, reference(materialized_norm(x, s, t), weight, b), "fp32", "composite")
 
 
-@pytest.mark.parametrize("norm", quick_first([True, False], ids=["norm", "plain"]))
+@pytest.mark.parametrize("norm", quick_first([False, True], ids=["plain", "norm"]))
 @pytest.mark.parametrize("packed", quick_first([False, True], ids=["param", "packed"]))
 def test_opcheck(packed, norm):
     args = op_args((1, 3, 3, 3), 4, torch.float32, packed=packed, norm=norm, requires_grad=True)
