@@ -228,7 +228,8 @@ def test_tma_supported_alignment():
 def test_candidates_keep_the_pointer_configs_first():
     """The tuner's sm_90 main list keeps every pointer config, in order, ahead of the TMA ones
     (the rule, which picks untimed, never lands on a TMA config first); TMA candidates appear
-    only for 16-bit, TMA-able shapes, and not for the encoder's NORM1 training form."""
+    only for 16-bit, TMA-able shapes with a tile geometry (training forms within the register
+    budget)."""
     tuner = K._TUNERS["main"]
     configs = tuner.config_list(90)
     n_ptr = len(K._CONFIGS_SM90)
@@ -241,10 +242,12 @@ def test_candidates_keep_the_pointer_configs_first():
     }  # fmt: skip
     kept = tuner.candidates(90, base)
     assert any(T.is_tma_config(c) for c in kept) and any(not T.is_tma_config(c) for c in kept)
-    for change in ({"tma": False}, {"elem": 4}, {"training": True, "norm1": True, "stats": True}, {"geometry": {}}):
+    for change in ({"tma": False}, {"elem": 4}, {"geometry": {}}):
         assert not any(T.is_tma_config(c) for c in tuner.candidates(90, {**base, **change})), change
-    decoder = {**base, "C2": 64, "training": True, "norm2": True, "stats": True}
-    assert all(T.fits_training(c) for c in tuner.candidates(90, decoder) if T.is_tma_config(c))
+    for training in ({"norm1": True}, {"C2": 64, "norm2": True}):
+        kept = tuner.candidates(90, {**base, **training, "training": True, "stats": True})
+        assert any(T.is_tma_config(c) for c in kept)
+        assert all(T.fits_training(c) for c in kept if T.is_tma_config(c))
     assert not any(T.is_tma_config(c) for c in tuner.config_list(80))
     cfg = T.TMA_CONFIGS_SM90[0]
     assert T.facts_allow(cfg, facts) and not T.facts_allow(cfg, (False,))
@@ -290,7 +293,7 @@ def test_conv3x3_launchers_dispatch_a_tma_pick(dtype, monkeypatch):
 
 def test_compile_specs_are_few_and_16_bit():
     specs = T.compile_specs(90)
-    assert 0 < len(specs) <= 40
+    assert 0 < len(specs) <= 48
     assert {s.dtype for s in specs} == {"fp16", "bf16"}
     assert len({(s.kernel, s.config, s.dtype) for s in specs}) == len(specs)
     assert T.compile_specs(80) == []
