@@ -14,15 +14,26 @@ What the fused path implements, walked in the order the classic forward calls it
   (``weight_norm``, ``spectral_norm``, ...), lazy modules, quantization stubs are refused), or,
   in a BatchNorm's place, exactly ``nn.SyncBatchNorm`` (``convert_sync_batchnorm``: the fused
   path merges its statistics across its process group, ``fastunet.distributed``);
+* the tree the model's architecture options build (``upsampling``, ``norm``, ``dropout``,
+  ``pre_head_channels``; ``layout`` writes out the widths it expects, mid widths of milesial's
+  bilinear decoder included), and ``concat``/``odd_sizes`` values the fused path implements;
 * ``conv{i}`` is a ``DoubleConv`` whose ``conv`` is an ``nn.Sequential`` of exactly six modules
-  ``Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, ReLU``; the 3x3 convs have kernel (3, 3),
+  ``Conv2d, norm, ReLU, Conv2d, norm, ReLU`` (seven with the ``nn.Dropout`` at index 6 where
+  the model's ``dropout > 0`` puts one: ``conv{depth}`` and the bottleneck; any ``p``, read
+  from the module); the 3x3 convs have kernel (3, 3),
   stride 1, padding 1 (or ``"same"``), dilation 1, groups 1, ``padding_mode="zeros"`` and the
-  model's widths (bias optional); BatchNorm2d has ``num_features`` = that width (any eps,
-  momentum, affine, track_running_stats), and so has a SyncBatchNorm, whose ``process_group``
+  model's widths (bias optional); the norm is ``nn.Identity`` for ``norm="none"``, else
+  BatchNorm2d with ``num_features`` = that width (any eps,
+  momentum, affine, track_running_stats), or a SyncBatchNorm, whose ``process_group``
   is None (the default group) or a ``torch.distributed.ProcessGroup``; ReLU (inplace or not);
 * ``pool{i}``: ``MaxPool2d`` kernel 2, stride 2, padding 0, dilation 1, no ceil_mode, no indices;
-* ``up{k}``: ``ConvTranspose2d`` kernel 2, stride 2, padding 0, output_padding 0, dilation 1,
-  groups 1, zero padding, with a bias (the op's schema requires one), the model's widths;
+* ``up{k}``: for ``upsampling="transpose"`` a ``ConvTranspose2d`` kernel 2, stride 2, padding 0,
+  output_padding 0, dilation 1, groups 1, zero padding, with a bias (the op's schema requires
+  one), the model's widths; for ``"nearest_conv"`` a ``NearestConvUp`` whose ``conv`` is a
+  ``Conv2d`` kernel 2, stride 1, padding 0 (bias optional); for ``"bilinear"`` an
+  ``nn.Upsample`` with scale_factor 2, mode ``"bilinear"``, align_corners True;
+* ``pre_head`` (when ``pre_head_channels > 0``): an ``nn.Sequential`` of a 3x3 ``Conv2d`` (as
+  above) and a ``ReLU``;
 * the head: ``Conv2d`` kernel 1, stride 1, padding 0, dilation 1, groups 1 (bias optional);
 * no forward, forward-pre, backward or backward-pre hook on any of those submodules (the
   model's own hooks are fine: they fire around ``forward`` on either path), and no global module
@@ -90,7 +101,9 @@ class FusedSupport:
 
     ``supported``: the fused path computes exactly what the eager forward would.
     ``mode``: ``"eval"`` (every BatchNorm uses running statistics) or ``"train"`` (some
-    BatchNorm uses batch statistics: ``bn.training or bn.running_mean is None``).
+    BatchNorm uses batch statistics: ``bn.training or bn.running_mean is None``; some Dropout
+    is active: ``training`` and ``p > 0``; or, with ``norm="none"``, the model is in training
+    mode): which form of the fused path runs.
     ``module``: when not supported, the dotted name (as in ``model.named_modules()``) of the
     first module in call order the fused path does not implement; ``""`` for the model itself
     or for something global (a global module hook). ``reason``: one line saying why.

@@ -24,6 +24,16 @@ Fused path, two forms:
   the next conv's loads, the pool, the upsample, the head. The normalized tensor never exists,
   which is what keeps the memory saved for backward at about half the reference's.
 
+Architecture options (``fastunet.reference``; the guard checks the tree they build): the concat
+order is the order of the two sources a decoder conv reads; ``norm="none"`` makes the epilogue
+``scale = 1, shift = bias`` (eval) and the readers' transform a plain ReLU (training); a missing
+conv bias is zeros; Dropout is the identity in eval and, in training, materializes
+``relu(z * scale + shift)`` for ``F.dropout`` (the levels after it read a finished tensor);
+the pre-head conv carries the head in its epilogue; pooling floors odd sizes; ``nearest_conv``
+ups run ``upconv_nearest2x2``; a bilinear up, or an upsampled map smaller than its skip (odd
+sizes), is read by the decoder conv through ``conv3x3_up_bn_act``/``conv3x3_up_bn_stats``
+(interpolated and zero-padded on load: the upsampled or padded map never exists).
+
 Both forms enter through ``pad_channels_nhwc``: the input cast to the compute dtype as dense
 NHWC, zero-padded to 16-byte pixels for a 3- to 7-channel image (the first conv's weight gets
 the matching zero input channels), so the first conv loads each tap of a pixel as one vector.
@@ -157,11 +167,39 @@ def _norms(layers: FusedLayers) -> tuple:
     return (*layers.bns, *(None,) * (len(layers.convs) - len(layers.bns)))
 
 
+# Ops the tape (``fastunet.ops.Tape``) has no method for: (module, implementation, setup_context,
+# backward) of each, recorded on the tape the way its own methods do (same functions as the
+# registered op's autograd, so the same numbers).
+_TAPE_RECORDS = {
+    "upconv_nearest2x2": ("upconv_nearest2x2", "_upconv_nearest2x2_impl", "_setup", "_backward"),
+    "conv3x3_up_bn_stats": ("conv3x3", "_conv3x3_up_bn_stats_impl", "_conv3x3_up_stats_setup",
+                            "_conv3x3_up_stats_backward"),
+}  # fmt: skip
+
+
+def _tape_record(name: str):
+    """``(impl, setup, backward)`` of op ``name`` for ``Tape._run``, or None when that op's module
+    does not define them (then the training forward runs per op)."""
+    import importlib
+
+    module_name, *fns = _TAPE_RECORDS[name]
+    try:
+        module = importlib.import_module(f"fastunet.ops.{module_name}")
+        return tuple(getattr(module, fn) for fn in fns)
+    except (ImportError, AttributeError):
+        return None
+
+
 def _op(ops, name: str):
-    """``ops.<name>``; the registered op when ``ops`` (the direct calls, a tape) has no entry for
-    it (an op family added after the tape: it then runs through the dispatcher)."""
+    """``ops.<name>``. When ``ops`` has no entry for it (an op family added after the tape and the
+    direct calls): a record on the tape, or the registered op (through the dispatcher)."""
     fn = getattr(ops, name, None)
-    return fn if fn is not None else getattr(_ops, name)
+    if fn is not None:
+        return fn
+    if isinstance(ops, Tape):
+        impl, setup, backward = _tape_record(name)
+        return lambda *args: ops._run(impl, setup, backward, *args)
+    return getattr(_ops, name)
 
 
 def _dropout(ops, act: _Act, drop: nn.Dropout | None) -> _Act:
@@ -207,8 +245,10 @@ class UNet(UNetReference):
     """Drop-in U-Net: ``UNet(in_ch, out_ch)`` with the classic model's modules and weights.
 
     Same options as ``UNetReference`` (keyword-only ``base_channels``, ``depth``,
-    ``out_activation``). ``forward(x)``: ``[N, in_ch, H, W] -> [N, out_ch, H, W]``, H and W
-    multiples of ``2**depth``; on the fused path the output is channels_last.
+    ``out_activation``, the architecture options and ``preset``; every preset runs fused).
+    ``forward(x)``: ``[N, in_ch, H, W] -> [N, out_ch, H, W]``, H and W multiples of
+    ``2**depth`` (any H, W >= ``2**depth`` with ``odd_sizes="pad"``); on the fused path the
+    output is channels_last.
 
     Inference prepares the weights once (packed layouts, folded BatchNorm; on CPU the folded
     channels_last weights of ``fastunet.cpu_fold``) and reuses them while every parameter and
@@ -464,7 +504,7 @@ class UNet(UNetReference):
             names += ("upconv_nearest2x2",)
         if self.upsampling == "bilinear" or self.odd_sizes == "pad":
             names += ("conv3x3_up_bn_stats",)
-        return all(hasattr(Tape, n) for n in names)
+        return all(hasattr(Tape, n) or _tape_record(n) is not None for n in names)
 
     def _training_graph(self, ops, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
         """The training forward against an ops namespace (the registered ops, or a tape)."""
