@@ -11,6 +11,7 @@ tiny shapes, a spread of cases rather than a product.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -32,18 +33,32 @@ ROOT = Path(__file__).resolve().parents[2]
 ACT = torch.ops.fastunet.conv3x3_up_bn_act
 STATS = torch.ops.fastunet.conv3x3_up_bn_stats
 
-BF16_SKIP = pytest.mark.skipif(
-    interpreting(), reason="Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on CUDA"
-)
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16", marks=BF16_SKIP),
-]
 ORDERS = [pytest.param(False, id="skip_first"), pytest.param(True, id="up_first")]
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def spread(quick: tuple, **axes):
+    """``pytest.param``s over the product of ``axes`` (name -> list of (id, value)); every case
+    but ``quick`` (a tuple of ids) is a slow test: quick mode keeps one case per test (the
+    interpreter takes seconds per launch), the full suite runs them all."""
+    names = list(axes)
+    params = []
+    for combo in itertools.product(*axes.values()):
+        ids = tuple(i for i, _ in combo)
+        marks = () if ids == quick else (pytest.mark.slow,)
+        params.append(pytest.param(*(v for _, v in combo), id="-".join(ids), marks=marks))
+    return ",".join(names), params
+
+
+_DT = [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]
+_ORD = [("skip_first", False), ("up_first", True)]
+
+
+def _skip_bf16(dtype):
+    if dtype == torch.bfloat16 and interpreting():
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on CUDA")
 
 
 def _act(n, c, h, w, dtype, device, layout="channels_last"):
@@ -103,16 +118,23 @@ def _ordered_weight(weight, up_first, cs):
 
 
 @pytest.mark.parametrize(
-    "skip_hw, up_hw, layouts",
-    [
-        ((7, 6), (6, 5), ("channels_last", "channels_last")),  # odd input: pad 0 above/left, 1 below/right
-        ((8, 9), (6, 6), ("channel_slice", "channels_last")),  # pad 1 above and below, 1 left / 2 right
-        ((5, 7), (3, 6), ("channels_last", "channel_slice")),  # up read from a wider NHWC buffer
-    ],
+    *spread(
+        ("pad1", "skip_first", "fp16"),
+        geometry=[
+            # odd input: pad 0 above/left, 1 below/right
+            ("odd", ((7, 6), (6, 5), ("channels_last", "channels_last"))),
+            # pad 1 above and below, 1 left / 2 right; the skip a channel slice of a wider buffer
+            ("pad1", ((8, 9), (6, 6), ("channel_slice", "channels_last"))),
+            # up read from a wider NHWC buffer
+            ("upslice", ((5, 7), (3, 6), ("channels_last", "channel_slice"))),
+        ],
+        up_first=_ORD,
+        dtype=_DT,
+    )
 )
-@pytest.mark.parametrize("up_first", ORDERS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_padded_source(skip_hw, up_hw, layouts, up_first, dtype, device):
+def test_padded_source(geometry, up_first, dtype, device):
+    _skip_bf16(dtype)
+    skip_hw, up_hw, layouts = geometry
     cs, cu, c_out = 5, 19, 7  # 19: a ragged K block of U's channels
     skip, up, weight, scale, shift = operands(
         (2, cs, *skip_hw), (2, cu, *up_hw), c_out, dtype, device, skip_layout=layouts[0], up_layout=layouts[1]
@@ -128,16 +150,20 @@ def test_padded_source(skip_hw, up_hw, layouts, up_first, dtype, device):
 
 
 @pytest.mark.parametrize(
-    "skip_hw, low_hw",
-    [
-        ((7, 7), (3, 3)),  # odd low-res map, odd skip: pad 0 above, 1 below
-        ((6, 9), (3, 4)),  # odd x even, pad only in width (0 left, 1 right)
-        ((10, 9), (4, 3)),  # even x odd, pad 1 above and below, 1 left / 2 right
-    ],
+    *spread(
+        ("odd", "up_first", "fp32"),
+        geometry=[
+            ("odd", ((7, 7), (3, 3))),  # odd low-res map, odd skip: pad 0 above, 1 below
+            ("odd_even", ((6, 9), (3, 4))),  # odd x even, pad only in width (0 left, 1 right)
+            ("even_odd", ((10, 9), (4, 3))),  # even x odd, pad 1 above and below, 1 left / 2 right
+        ],
+        up_first=_ORD,
+        dtype=_DT,
+    )
 )
-@pytest.mark.parametrize("up_first", ORDERS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_bilinear_source(skip_hw, low_hw, up_first, dtype, device):
+def test_bilinear_source(geometry, up_first, dtype, device):
+    _skip_bf16(dtype)
+    skip_hw, low_hw = geometry
     cs, cu, c_out = 6, 17, 9
     skip, up, weight, scale, shift = operands((2, cs, *skip_hw), (2, cu, *low_hw), c_out, dtype, device)
     weight = _ordered_weight(weight, up_first, cs)
@@ -149,7 +175,9 @@ def test_bilinear_source(skip_hw, low_hw, up_first, dtype, device):
     assert_close(got, expected, tolerance_name(dtype), f"bilinear {low_hw} -> {skip_hw}")
 
 
-@pytest.mark.parametrize("up_first", ORDERS)
+@pytest.mark.parametrize(
+    "up_first", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["skip_first", "up_first"]
+)
 def test_pad_zero_is_the_plain_two_source_conv(up_first, device):
     """Equal sizes: the launcher takes the plain conv (same code, same tuning key), and the
     geometry path forced at pad 0 computes the very same numbers."""
@@ -167,12 +195,17 @@ def test_pad_zero_is_the_plain_two_source_conv(up_first, device):
 
 
 @pytest.mark.parametrize(
-    "bilinear, skip_hw, up_hw", [(False, (7, 8), (6, 6)), (True, (7, 6), (3, 3))], ids=["pad", "bilinear"]
+    *spread(
+        ("bilinear", "skip_first", "fp32"),
+        geometry=[("pad", (False, (7, 8), (6, 6))), ("bilinear", (True, (7, 6), (3, 3)))],
+        up_first=_ORD,
+        dtype=_DT,
+    )
 )
-@pytest.mark.parametrize("up_first", ORDERS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_training_form(bilinear, skip_hw, up_hw, up_first, dtype, device):
+def test_training_form(geometry, up_first, dtype, device):
     """z, mean and var with both sources normalized on load (up: before interpolating)."""
+    _skip_bf16(dtype)
+    bilinear, skip_hw, up_hw = geometry
     cs, cu, c_out = 5, 18, 6
     skip, up, weight, _, _ = operands((2, cs, *skip_hw), (2, cu, *up_hw), c_out, dtype, device)
     weight = _ordered_weight(weight, up_first, cs)
@@ -233,7 +266,9 @@ def _op_inputs(dtype, device, *, bilinear, skip_hw=(7, 6), up_hw=(3, 3), cs=5, c
 
 @pytest.mark.parametrize("bilinear", [False, True], ids=["pad", "bilinear"])
 @pytest.mark.parametrize("up_first", ORDERS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, pytest.param(torch.float32, marks=pytest.mark.slow)], ids=["fp64", "fp32"]
+)
 def test_training_gradients(bilinear, up_first, dtype, device):
     """Outputs, statistics and every gradient of ``conv3x3_up_bn_stats`` vs float64 autograd of
     the eager decoder (fp32: the kernels; fp64: the composite)."""
@@ -269,7 +304,7 @@ def test_training_gradients(bilinear, up_first, dtype, device):
         assert_close(got.grad, ref.grad, tol, f"d{name}")
 
 
-@pytest.mark.parametrize("bilinear", [False, True], ids=["pad", "bilinear"])
+@pytest.mark.parametrize("bilinear", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["pad", "bilinear"])
 def test_inference_op_and_gradients(bilinear, device):
     """``conv3x3_up_bn_act`` (kernel path, fp32) vs float64 autograd: output and gradients."""
     up_hw = (3, 4) if bilinear else (6, 6)
@@ -309,7 +344,13 @@ def _opcheck_cases(dtype, device):
     }
 
 
-@pytest.mark.parametrize("case", ["act-bilinear", "act-pad", "stats-bilinear", "stats-pad-no-norm"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "act-pad",
+        *(pytest.param(c, marks=pytest.mark.slow) for c in ("act-bilinear", "stats-bilinear", "stats-pad-no-norm")),
+    ],
+)
 def test_opcheck_float64(case):
     op, args = _opcheck_cases(torch.float64, torch.device("cpu"))[case]
     torch.library.opcheck(op, args)
@@ -322,6 +363,7 @@ def test_opcheck_on_the_kernel_path(case, device):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph(device):
     skip, up, weight, bias, ss, st, us, ut = (
         t.requires_grad_() for t in _op_inputs(torch.float32, device, bilinear=True)
