@@ -24,12 +24,25 @@ simplicity: every tensor stays dense and owned by one op, with no buffer planned
 network and no in-place op for autograd or ``torch.compile`` to track. Its cost is a second
 pipelined K loop per tile: one more pipeline fill and drain.
 
+The decoder's first conv of milesial's U-Net convolves ``cat([skip, pad(up(x))])`` where up(x) is
+smaller than the skip by a row/column at odd sizes and, in the bilinear variant, is
+``interpolate(x, scale_factor=2, mode='bilinear', align_corners=True)``. Materializing it costs a
+write and a read of the up-sampled map (4x the low-res map's elements when interpolating, plus
+a padded copy); ``conv3x3_up_bn_act`` / ``conv3x3_up_bn_stats`` instead read that source
+through a geometry (``UP1``/``UP2``): the pad is the load mask of a shifted window, and the
+interpolation is done on the load from four low-res neighbours (which L1/L2 serve: each is
+reused by about four output pixels and nine taps). Offline sm_90 SASS (fp16, 64x64x64, 4 warps):
+the padded source's K loop issues the plain loop's instructions (209 vs 210 per step); the
+bilinear one 998 (25 loads instead of 10, four fp32 tiles), so it is issue-bound and gets
+smaller tiles (``_UP_REG_BUDGET``); the fp32 one (64x64x16) 410 vs 157.
+
 Small-M, deep layers may split K across programs (``SPLIT_K``): every split writes its fp32
 partial tile to its own slice of a workspace and ``_conv3x3_splitk_epilogue_kernel`` sums the
 slices in a fixed order, so the result is deterministic (no atomics).
 
-Launchers: ``pack_conv3x3_weight``, ``conv3x3_bn_act``, ``conv3x3_bn_act_head``; the offline
-compile report uses ``compile_specs``.
+Launchers: ``pack_conv3x3_weight``, ``conv3x3_bn_act``, ``conv3x3_bn_act_head``,
+``conv3x3_bn_stats``, ``conv3x3_up_bn_act``, ``conv3x3_up_bn_stats``; the offline compile report
+uses ``compile_specs``.
 """
 
 from __future__ import annotations
@@ -1382,7 +1395,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     Shared-memory pruning applied; dtypes fp32 (TF32 dots), fp16, bf16; the main kernel with and
     without x2 and in both K modes (small-C also on the dense padded entry), its training forms
     (``_SPEC_MODES``), the split-K partial
-    kernel and its epilogue, and the head variant (K=1, sigmoid). Signatures assume the fast
+    kernel and its epilogue, the head variant (K=1, sigmoid), and the decoder's up-sampled
+    source (``_UP_SPEC_MODES``, fp32 and fp16, the "up" tiles). Signatures assume the fast
     layout: unit channel/C_out strides are constexpr 1 (as the runtime specializes them), every other int is ``i32``.
     ``extra["attrs"]`` holds the divisibility attributes of 16-byte aligned operands, to pass as
     ``ASTSource(..., attrs=spec.extra["attrs"])`` for the exact runtime specialization.
