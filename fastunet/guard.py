@@ -670,19 +670,23 @@ class _Plan:
 _PLANS: dict[tuple, _Plan] = {}
 # model -> (mods, their __dict__s, hook stamp, cfg, plan) of its last supported verdict
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The plan's key also holds the values the structure does not depend on but the fused path must
+# implement (concat, odd_sizes, out_activation): one dict lookup validates them all.
 _get_arch = itemgetter("in_ch", "out_ch", "base_channels", "depth", "upsampling", "norm", "dropout",
-                       "pre_head_channels")  # fmt: skip
+                       "pre_head_channels", "concat", "odd_sizes", "out_activation")  # fmt: skip
 
 
 def _new_plan(key: tuple) -> _Plan | None:
-    in_ch, out_ch, base, d, upsampling, norm, dropout, pre_head = key
+    in_ch, out_ch, base, d, upsampling, norm, dropout, pre_head, concat, odd_sizes, activation = key
     if not all(type(v) is int and v > 0 for v in key[:4]):
+        return None
+    if concat not in _CONCATS or odd_sizes not in _ODD_SIZES or activation not in FUSED_ACTIVATIONS:
         return None
     if upsampling not in UPSAMPLINGS or norm not in NORMS or type(pre_head) is not int or pre_head < 0:
         return None
     if type(dropout) is not float or not 0.0 <= dropout < 1.0:
         return None
-    return _Plan(*key)
+    return _Plan(*key[:8])
 
 
 def _fast(model) -> FusedSupport | None:
@@ -705,10 +709,6 @@ def _fast(model) -> FusedSupport | None:
             if plan is None:
                 return None
             _PLANS[key] = plan
-        if md["out_activation"] not in FUSED_ACTIVATIONS or md["concat"] not in _CONCATS:
-            return None
-        if md["odd_sizes"] not in _ODD_SIZES:
-            return None
         # The structure, as the forward would reach it.
         top = plan.top(md["_modules"])
         kids = tuple(map(_conv_child, map(_modules_of, map(_dict_of, plan.parents(top)))))

@@ -450,7 +450,7 @@ class UNet(UNetReference):
         if not use_fused(x) or self.training:
             return None
         support = check_fused_support(self)
-        if not support.supported or support.mode != "eval":
+        if not support.supported or support.mode != "eval" or self._missing_op(x) is not None:
             return None
         dtype = x.dtype
         if dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
