@@ -184,7 +184,7 @@ def test_every_gpu_tile_in_interpreter(tile, device, monkeypatch):
 def reference_input_grad(g, weight):
     """dL/dx of ``reference`` (no bias, no ReLU) for the output gradient g, by float64 autograd."""
     n, _, h2, w2 = g.shape
-    x = torch.zeros(n, weight.shape[1], h2 // 2, w2 // 2, dtype=torch.float64, requires_grad=True)
+    x = torch.zeros(n, weight.shape[1], h2 // 2, w2 // 2, dtype=torch.float64, device=g.device, requires_grad=True)
     (gx,) = torch.autograd.grad(reference(x, weight, None), x, g.double())
     return gx
 
@@ -213,7 +213,7 @@ def reference_block_grad(g, x):
     """dL/dP of the packed blocks P for output gradient g and input x (float64 autograd through
     the per-phase composite of P)."""
     c_in, c_out = x.shape[1], g.shape[1]
-    blocks = torch.zeros(9, c_in, c_out, dtype=torch.float64, requires_grad=True)
+    blocks = torch.zeros(9, c_in, c_out, dtype=torch.float64, device=x.device, requires_grad=True)
     y = op_module._composite(x.double(), blocks, None, False, None, None)
     (gp,) = torch.autograd.grad(y, blocks, g.double())
     return gp
@@ -527,3 +527,25 @@ def test_offline_compile_sm90(tmp_path):
     assert all(r["spills"] == 0 for r in rows), [r for r in rows if r["spills"]]
     assert all(r["hgmma"] for r in rows if r["dtype"] in ("fp16", "bf16")), "16-bit specs without HGMMA"
 
+
+
+# --------------------------------------------------------------------------------------------- ring 3
+# The Keras U-Net's four up-sampling steps (C_in -> C_out at h x w) at batch 2, real sizes.
+KERAS_UPCONVS = [(1024, 512, 16, 16), (512, 256, 32, 32), (256, 128, 64, 64), (128, 64, 128, 128)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("c_in, c_out, h, w", KERAS_UPCONVS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_keras_sizes_cuda(c_in, c_out, h, w, dtype, norm):
+    device = torch.device("cuda")
+    run_case((2, c_in, h, w), c_out, dtype, device, norm=norm)
+    g = make_input((2, c_out, 2 * h, 2 * w), dtype, device, "nhwc")
+    x = make_input((2, c_in, h, w), dtype, device, "nhwc")
+    weight = torch.randn(c_out, c_in, 2, 2, device=device).mul_((4 * c_in) ** -0.5).to(dtype)
+    packed = pack(weight, dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    assert_close(input_grad(g, packed), reference_input_grad(g, weight), tolerance_name(dtype), "dgrad")
+    x_norm = make_norm(c_in, device) if norm else None
+    xin = materialized_norm(x, *x_norm) if norm else x
+    assert_close(weight_grad(g, x, x_norm=x_norm), reference_block_grad(g, xin), tolerance_name(dtype), "wgrad")
