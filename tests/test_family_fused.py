@@ -180,11 +180,16 @@ def test_train_matches_reference(case, size, fused_calls):
     assert fused_calls == [1]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+QUICK_FLOAT64_TRAIN = ("keras", "milesial", "milesial-bilinear", "nobias-dropout-pad")
+
+
+@pytest.mark.parametrize(
+    "case", [c if c in QUICK_FLOAT64_TRAIN else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
+)
 def test_train_float64_decomposition(case, fused_calls):
     ref, model = model_pair(3, 2, **_options(case))
     ref.train(), model.train()
-    size = SIZES["33x20"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
     require_ops(model, size)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     with warnings.catch_warnings():
@@ -331,3 +336,44 @@ def test_compile_fullgraph_preset(train):
         (gx,) = torch.autograd.grad(y, x, g)
         (gxr,) = torch.autograd.grad(expected, x, g)
         assert_close(gx, gxr, "fp64", "compiled milesial input grad")
+
+
+# ------------------------------------------------------------------ no torch compute ops
+FORBIDDEN = ("convolution", "conv2d", "conv_transpose", "cat", "batch_norm", "max_pool", "cudnn", "upsample",
+             "constant_pad", "dropout")  # fmt: skip
+
+
+class AtenLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op name dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "case, hw",
+    [
+        ("keras", (8, 8)),
+        pytest.param("milesial-bilinear", (9, 11), marks=pytest.mark.slow),
+        pytest.param("nearest-bn-pad", (9, 11), marks=pytest.mark.slow),
+    ],
+    ids=["keras-8x8", "milesial-bilinear-9x11", "nearest-bn-pad-9x11"],
+)
+def test_eval_runs_only_fastunet_kernels(case, hw, fused_calls):
+    """The fp32 inference forward of an option tree runs no PyTorch conv, concat, pool, upsample
+    or pad: the upsampled and padded maps never exist (the plan is built before logging). Also
+    quick mode's fp32 check of the kernels against the reference."""
+    ref, model = fp32_pair(case, train=False)
+    x = torch.randn(1, 3, *hw)
+    log = AtenLog()
+    with torch.no_grad():
+        assert_close(run_fused(model, x, fused_calls), ref(x.double()), tolerance_name(torch.float32), case)
+        with log:
+            model(x)
+    used = [n for n in log.names if any(f in n for f in FORBIDDEN)]
+    assert not used, f"PyTorch compute ops on the fused path: {sorted(set(used))}"
