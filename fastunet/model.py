@@ -167,38 +167,48 @@ def _norms(layers: FusedLayers) -> tuple:
     return (*layers.bns, *(None,) * (len(layers.convs) - len(layers.bns)))
 
 
-# Ops the tape (``fastunet.ops.Tape``) has no method for: (module, implementation, setup_context,
-# backward) of each, recorded on the tape the way its own methods do (same functions as the
-# registered op's autograd, so the same numbers).
-_TAPE_RECORDS = {
+# Ops that ``fastunet.ops.direct`` and ``fastunet.ops.Tape`` have no entry for (families added
+# after them): (module, implementation, setup_context, backward) of each. The direct calls use
+# the implementation (the function the dispatcher would reach) and the tape records it with the
+# op's own autograd functions, the way its methods do for the other ops: the same numbers.
+_LATE_OPS = {
     "upconv_nearest2x2": ("upconv_nearest2x2", "_upconv_nearest2x2_impl", "_setup", "_backward"),
+    "conv3x3_up_bn_act": ("conv3x3", "_conv3x3_up_bn_act_impl", "_conv3x3_up_setup", "_conv3x3_up_backward"),
     "conv3x3_up_bn_stats": ("conv3x3", "_conv3x3_up_bn_stats_impl", "_conv3x3_up_stats_setup",
                             "_conv3x3_up_stats_backward"),
 }  # fmt: skip
+_LATE_FNS: dict[str, tuple | None] = {}
 
 
-def _tape_record(name: str):
-    """``(impl, setup, backward)`` of op ``name`` for ``Tape._run``, or None when that op's module
-    does not define them (then the training forward runs per op)."""
-    import importlib
+def _tape_record(name: str) -> tuple | None:
+    """``(impl, setup, backward)`` of op ``name``, or None when its module does not define them
+    (then the training forward runs per op and the inference form calls the registered op)."""
+    if name not in _LATE_FNS:
+        import importlib
 
-    module_name, *fns = _TAPE_RECORDS[name]
-    try:
-        module = importlib.import_module(f"fastunet.ops.{module_name}")
-        return tuple(getattr(module, fn) for fn in fns)
-    except (ImportError, AttributeError):
-        return None
+        module_name, *fns = _LATE_OPS[name]
+        try:
+            module = importlib.import_module(f"fastunet.ops.{module_name}")
+            _LATE_FNS[name] = tuple(getattr(module, fn) for fn in fns)
+        except (ImportError, AttributeError):
+            _LATE_FNS[name] = None
+    return _LATE_FNS[name]
 
 
 def _op(ops, name: str):
     """``ops.<name>``. When ``ops`` has no entry for it (an op family added after the tape and the
-    direct calls): a record on the tape, or the registered op (through the dispatcher)."""
+    direct calls): its implementation (direct calls), a record on the tape, or the registered op
+    (through the dispatcher)."""
     fn = getattr(ops, name, None)
     if fn is not None:
         return fn
-    if isinstance(ops, Tape):
-        impl, setup, backward = _tape_record(name)
-        return lambda *args: ops._run(impl, setup, backward, *args)
+    record = _tape_record(name) if name in _LATE_OPS else None
+    if record is not None:
+        impl, setup, backward = record
+        if isinstance(ops, Tape):
+            return lambda *args: ops._run(impl, setup, backward, *args)
+        if ops is _direct:
+            return impl
     return getattr(_ops, name)
 
 
