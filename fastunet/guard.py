@@ -586,7 +586,7 @@ class _Plan:
     """
 
     __slots__ = ("top", "parents", "seqs", "lens", "convs", "bns", "drops", "pools", "ups", "near", "samples",
-                 "head", "types", "cfg", "norm_none", "param_ups", "dropouts")  # fmt: skip
+                 "head", "types", "cfg", "norm_none", "param_ups", "dropouts", "conv_like")  # fmt: skip
 
     def __init__(self, in_ch, out_ch, base, d, upsampling, norm, dropout, pre_head):
         lay = layout(in_ch, out_ch, base, d, upsampling, dropout, pre_head)
@@ -647,6 +647,7 @@ class _Plan:
         self.ups = _picker(transposed)
         nearest_convs = range(n_top + len(doubles), n_top + n_kids)  # the NearestConvUp.conv Conv2ds
         self.near = _picker(nearest_convs)
+        self.conv_like = _picker([*convs, *nearest_convs])  # every Conv2d but the head: one check
         self.param_ups = _picker(transposed or nearest_convs)  # what holds each up's parameters
         self.samples = _picker(ups if upsampling == "bilinear" else [])
         self.head = head
@@ -656,11 +657,10 @@ class _Plan:
         near_cfg = tuple((cin, cout, (2, 2), (1, 1), (0, 0), (1, 1), 1, "zeros") for _, cin, cout in lay.ups)
         head_cfg = (*lay.head, (1, 1), (1, 1), (0, 0), (1, 1), 1)  # padding_mode: no padding, no effect
         self.cfg = (
-            tuple(cfg_convs),
+            tuple(cfg_convs) + (near_cfg if upsampling == "nearest_conv" else ()),
             tuple(cfg_bns),
             ((2, 2, 0, 1, False, False),) * d,
             up_cfg if upsampling == "transpose" else (),
-            near_cfg if upsampling == "nearest_conv" else (),
             (_UPSAMPLE_CFG,) * d if upsampling == "bilinear" else (),
             head_cfg,
         )
@@ -729,14 +729,13 @@ def _fast(model) -> FusedSupport | None:
             memo, dicts, hooks_seen = None, tuple(map(_dict_of, mods)), False
         if not hooks_seen and any(chain.from_iterable(map(_get_hooks, dicts))):
             return None
-        conv_d, bn_d, up_d, near_d = plan.convs(dicts), plan.bns(dicts), plan.ups(dicts), plan.near(dicts)
+        conv_d, bn_d, up_d = plan.conv_like(dicts), plan.bns(dicts), plan.ups(dicts)
         head_d = dicts[plan.head]
         cfg = (
             tuple(map(_get_conv, conv_d)),
             tuple(map(_get_bn, bn_d)),
             tuple(map(_get_pool, plan.pools(dicts))),
             tuple(map(_get_up, up_d)),
-            tuple(map(_get_conv, near_d)),
             tuple(map(_get_upsample, plan.samples(dicts))),
             _get_head(head_d),
         )
@@ -747,7 +746,6 @@ def _fast(model) -> FusedSupport | None:
             any(map(contains, dicts, _FORWARD))
             or any(map(contains, dicts, _CALL_IMPL))
             or any(map(contains, conv_d, _CONV_FORWARD))
-            or any(map(contains, near_d, _CONV_FORWARD))
             or "_conv_forward" in head_d
             or any(map(contains, bn_d, _CHECK_DIM))
             or any(map(contains, up_d, _OUTPUT_PADDING))
