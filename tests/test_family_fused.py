@@ -377,3 +377,34 @@ def test_eval_runs_only_fastunet_kernels(case, hw, fused_calls):
             model(x)
     used = [n for n in log.names if any(f in n for f in FORBIDDEN)]
     assert not used, f"PyTorch compute ops on the fused path: {sorted(set(used))}"
+
+
+# ------------------------------------------------------------------ how the ops are reached
+@pytest.mark.parametrize("case", ["keras", "milesial-bilinear", "nobias-dropout-pad"])
+def test_training_forward_runs_on_the_tape(case, monkeypatch):
+    """The ops of the later families (upconv_nearest2x2, conv3x3_up_bn_stats) and the dropout are
+    recorded on the one-node tape like the others (``fastunet.ops.run_taped``), not per op."""
+    seen = []
+    original = UNet._training_graph
+    monkeypatch.setattr(UNet, "_training_graph", lambda self, ops, *a: seen.append(type(ops)) or original(self, ops, *a))
+    _, model = model_pair(3, 2, **_options(case))
+    x = torch.randn(2, 3, 17 if model.odd_sizes == "pad" else 16, 20, dtype=torch.float64, requires_grad=True)
+    model.train()(x).sum().backward()
+    assert seen == [fastunet.ops.Tape]
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+
+
+def test_missing_op_runs_eager_and_says_why(monkeypatch, fused_calls):
+    """A build without conv3x3_up_bn_act: bilinear models and padded sizes take the eager path
+    with a FusedPathWarning naming the op (no pretending); even sizes of a transposed-conv model
+    stay fused."""
+    monkeypatch.setattr(fastunet.model, "_HAS_UP_CONV", False)
+    ref, model = model_pair(3, 2, **_options("milesial"))
+    ref.eval(), model.eval()
+    x = torch.randn(1, 3, 17, 23, dtype=torch.float64)
+    with pytest.warns(FusedPathWarning, match="conv3x3_up_bn_act"):
+        y = model(x)
+    assert fused_calls == [] and model._inference_plan(x) is None
+    assert_close(y, ref(x), "fp64", "eager milesial at an odd size")
+    x = torch.randn(1, 3, 16, 20, dtype=torch.float64)
+    assert_close(run_fused(model, x, fused_calls), ref(x), "fp64", "fused milesial at an even size")
