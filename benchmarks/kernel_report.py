@@ -192,6 +192,7 @@ KERNEL_MODULES = (
     "conv3x3_wgrad",
     "norm_act_bwd",
     "upconv2x2",
+    "upconv_nearest2x2",
     "maxpool2x2",
     "head1x1",
     "upconv2x2_bwd",

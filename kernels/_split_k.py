@@ -184,14 +184,15 @@ def _all_configs(kind: str, arch: int, config_list) -> list:
 
 
 def _make_tuner(kind: str, config_list, usable) -> Tuner:
-    """The tuner of kernel ``kind``. Its name keeps the ``upconv_head_bwd.`` prefix of the module
-    these kernels came from: it keys persisted tuning caches and ``tests/test_tuned_configs.py``."""
+    """The tuner of kernel ``kind``, named after the module that launches it (``upconv2x2_bwd.dgrad``,
+    ``head1x1_bwd.wgrad``, ...): the name keys persisted tuning caches and
+    ``tests/test_tuned_configs.py``."""
 
     def prune(configs, shape, arch):
         return _prune(configs, shape, arch, kind=kind, usable=usable)
 
     return Tuner(
-        f"upconv_head_bwd.{kind}",
+        f"head1x1_bwd.{kind[len('head_') :]}" if kind.startswith("head_") else f"upconv2x2_bwd.{kind}",
         {arch: _all_configs(kind, arch, config_list) for arch in (80, 90)},
         prune,
         lambda cfg, shape: math.prod(shape["tiles"](cfg.kwargs)),

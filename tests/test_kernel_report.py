@@ -620,3 +620,11 @@ def test_global_loads_are_counted_by_width():
     """
     loads = kr.parse_cuobjdump(sass)["global_loads"]
     assert loads == {"LDG.E.U16": 2, "LDGSTS.E.BYPASS.128": 1, "LDG.E.64": 1}  # LDGDEPBAR is a barrier
+
+
+def test_report_covers_every_kernel_module():
+    """The report keeps its own module list (it can run against a checkout's ``kernels``); a kernel
+    module missing from it would never be compiled offline, in CI or anywhere else."""
+    from fastunet import kernels
+
+    assert set(kr.KERNEL_MODULES) == set(kernels.KERNEL_MODULES)

@@ -154,12 +154,48 @@ def _head_dgrad(cfg):
     _check_op(OPS.head1x1_input_grad, (_nhwc(_t(2, 5, 9, 7)), torch.randn(5, 40, 1, 1).to(DEVICE)), "head dX")
 
 
+def _conv_up(cfg):
+    # pad (17x13 skip, 16x12 up) and bilinear (8x6 low-res), both concat orders, both forms
+    skip, up = _nhwc(_t(2, 24, 17, 13)), _nhwc(_t(2, 16, 16, 12))
+    w = _t(32, 40, 3, 3, scale=0.1)
+    args = (skip, up, w, _vec(32), torch.randn(32).to(DEVICE), True, False, False)
+    _check_op(OPS.conv3x3_up_bn_act, args, "up conv eval (pad, skip first)")
+    low = _nhwc(_t(2, 16, 8, 6))
+    args = (skip, low, w, torch.zeros(32, device=DEVICE), *_norm(24), *_norm(16), True, True)
+    _check_op(OPS.conv3x3_up_bn_stats, args, "up conv train (bilinear, up first)")
+
+
+def _nearest(dtype=HALF):
+    def probe(cfg):
+        x, w = _nhwc(_t(2, 40, 5, 7, dtype=dtype)), _t(24, 40, 2, 2, dtype=dtype, scale=0.2)
+        _check_op(OPS.upconv_nearest2x2, (x, w, torch.randn(24).to(DEVICE), True, *_norm(40)), "nearest up", dtype)
+
+    return probe
+
+
+def _nearest_dgrad(dtype=HALF):
+    def probe(cfg):
+        g, w = _nhwc(_t(2, 24, 10, 14, dtype=dtype)), _t(24, 40, 2, 2, dtype=dtype, scale=0.2)
+        _check_op(OPS.upconv_nearest2x2_input_grad, (g, w), "nearest up dX", dtype)
+
+    return probe
+
+
+def _nearest_wgrad(dtype=HALF):
+    def probe(cfg):
+        g, x = _nhwc(_t(2, 24, 10, 14, dtype=dtype)), _nhwc(_t(2, 40, 5, 7, dtype=dtype))
+        _check_op(OPS.upconv_nearest2x2_weight_grad, (g, x, *_norm(40)), "nearest up dW", dtype)
+
+    return probe
+
+
 # tuner name -> (probe, needs IEEE fp32 dots)
 PROBES = {
     "conv3x3.main": (_conv_main, False),
     "conv3x3.smallc": (_conv_smallc, False),
     "conv3x3.split": (_conv_split, False),
     "conv3x3.head": (_conv_head, False),
+    "conv3x3.up": (_conv_up, False),
     "conv3x3_wgrad.main": (_wgrad(False), False),
     "conv3x3_wgrad.smallc": (_wgrad(True), False),
     "conv3x3_wgrad.ieee": (_wgrad(False, torch.float32), True),
@@ -167,12 +203,18 @@ PROBES = {
     "maxpool2x2": (_maxpool, False),
     "upconv2x2": (_upconv(), False),
     "upconv2x2.ieee": (_upconv(torch.float32), True),
+    "upconv_nearest2x2": (_nearest(), False),
+    "upconv_nearest2x2.ieee": (_nearest(torch.float32), True),
+    "upconv_nearest2x2.dgrad": (_nearest_dgrad(), False),
+    "upconv_nearest2x2.dgrad.ieee": (_nearest_dgrad(torch.float32), True),
+    "upconv_nearest2x2.wgrad": (_nearest_wgrad(), False),
+    "upconv_nearest2x2.wgrad.ieee": (_nearest_wgrad(torch.float32), True),
     "norm_act_bwd.affine_relu": (_affine_bwd, False),
     "norm_act_bwd.maxpool": (_maxpool_bwd, False),
-    "upconv_head_bwd.dgrad": (_upconv_dgrad, False),
-    "upconv_head_bwd.wgrad": (_upconv_wgrad, False),
-    "upconv_head_bwd.head_wgrad": (_head_wgrad, False),
-    "upconv_head_bwd.head_dgrad": (_head_dgrad, False),
+    "upconv2x2_bwd.dgrad": (_upconv_dgrad, False),
+    "upconv2x2_bwd.wgrad": (_upconv_wgrad, False),
+    "head1x1_bwd.wgrad": (_head_wgrad, False),
+    "head1x1_bwd.dgrad": (_head_dgrad, False),
 }
 
 

@@ -28,9 +28,10 @@ One module per op family, named after its kernel module, so a reader goes
 
 | module | ops |
 |---|---|
-| ``conv3x3`` | ``conv3x3_bn_act``, ``conv3x3_bn_act_head``, ``conv3x3_bn_stats`` |
+| ``conv3x3`` | ``conv3x3_bn_act(_head)``, ``conv3x3_bn_stats``, ``conv3x3_up_bn_act``, ``conv3x3_up_bn_stats`` |
 | ``conv3x3_wgrad`` | ``conv3x3_weight_grad`` |
 | ``upconv2x2`` | ``upconv2x2``, ``upconv2x2_input_grad``, ``upconv2x2_weight_grad`` |
+| ``upconv_nearest2x2`` | ``upconv_nearest2x2``, ``upconv_nearest2x2_input_grad``, ``upconv_nearest2x2_weight_grad`` |
 | ``maxpool2x2`` | ``maxpool2x2`` |
 | ``head1x1`` | ``head1x1``, ``head1x1_input_grad``, ``head1x1_weight_grad`` |
 | ``bn_train`` | ``bn_affine(_backward)``, ``bn_running_update_``, ``bn_stats_backward``, ``bn_stats_sync(_backward)`` |
@@ -59,7 +60,7 @@ from .bn_train import (
     bn_stats_sync,
     bn_stats_sync_backward,
 )
-from .conv3x3 import conv3x3_bn_act, conv3x3_bn_act_head, conv3x3_bn_stats
+from .conv3x3 import conv3x3_bn_act, conv3x3_bn_act_head, conv3x3_bn_stats, conv3x3_up_bn_act, conv3x3_up_bn_stats
 from .conv3x3_wgrad import conv3x3_weight_grad
 from .entry import pad_channels_nhwc
 from .head1x1 import head1x1, head1x1_input_grad, head1x1_weight_grad
@@ -68,7 +69,7 @@ from .norm_act_bwd import affine_relu_backward, maxpool2x2_backward
 from .tape import OpsNamespace, Tape, direct, run_taped
 from .tape import _Untaped as _Untaped
 from .upconv2x2 import upconv2x2, upconv2x2_input_grad, upconv2x2_weight_grad
-from .upconv_nearest2x2 import upconv_nearest2x2 as upconv_nearest2x2
+from .upconv_nearest2x2 import upconv_nearest2x2, upconv_nearest2x2_input_grad, upconv_nearest2x2_weight_grad
 
 __all__ = [
     "OpsNamespace",
@@ -86,6 +87,8 @@ __all__ = [
     "conv3x3_bn_act",
     "conv3x3_bn_act_head",
     "conv3x3_bn_stats",
+    "conv3x3_up_bn_act",
+    "conv3x3_up_bn_stats",
     "conv3x3_weight_grad",
     "head1x1",
     "head1x1_input_grad",
@@ -97,4 +100,7 @@ __all__ = [
     "upconv2x2",
     "upconv2x2_input_grad",
     "upconv2x2_weight_grad",
+    "upconv_nearest2x2",
+    "upconv_nearest2x2_input_grad",
+    "upconv_nearest2x2_weight_grad",
 ]
