@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, max_rel_error, randomize_batchnorm
+from milesial_unet import MilesialUNet
 from torch import nn
 
 import fastunet
@@ -30,95 +31,7 @@ pytestmark = pytest.mark.model
 TOL = "fp64"
 
 
-# ---------------------------------------------------------------- milesial's UNet, transcribed
-class MDoubleConv(nn.Module):
-    """milesial's DoubleConv: (conv 3x3 no bias -> BN -> ReLU) x 2, ``mid_channels`` in between."""
-
-    def __init__(self, in_channels, out_channels, mid_channels=None):
-        super().__init__()
-        if not mid_channels:
-            mid_channels = out_channels
-        self.double_conv = nn.Sequential(
-            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(mid_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-    def forward(self, x):
-        return self.double_conv(x)
-
-
-class MDown(nn.Module):
-    def __init__(self, in_channels, out_channels):
-        super().__init__()
-        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2), MDoubleConv(in_channels, out_channels))
-
-    def forward(self, x):
-        return self.maxpool_conv(x)
-
-
-class MUp(nn.Module):
-    def __init__(self, in_channels, out_channels, bilinear=True):
-        super().__init__()
-        if bilinear:
-            self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-            self.conv = MDoubleConv(in_channels, out_channels, in_channels // 2)
-        else:
-            self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
-            self.conv = MDoubleConv(in_channels, out_channels)
-
-    def forward(self, x1, x2):
-        x1 = self.up(x1)
-        diffY = x2.size()[2] - x1.size()[2]
-        diffX = x2.size()[3] - x1.size()[3]
-        x1 = F.pad(x1, [diffX // 2, diffX - diffX // 2, diffY // 2, diffY - diffY // 2])
-        x = torch.cat([x2, x1], dim=1)
-        return self.conv(x)
-
-
-class MOutConv(nn.Module):
-    def __init__(self, in_channels, out_channels):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
-class MilesialUNet(nn.Module):
-    """milesial's ``UNet(n_channels, n_classes, bilinear)``; ``b`` generalizes its 64 (to keep
-    the tests fast), every width is his expression with 64 replaced by ``b``."""
-
-    def __init__(self, n_channels, n_classes, bilinear=False, b=64):
-        super().__init__()
-        self.inc = MDoubleConv(n_channels, b)
-        self.down1 = MDown(b, 2 * b)
-        self.down2 = MDown(2 * b, 4 * b)
-        self.down3 = MDown(4 * b, 8 * b)
-        factor = 2 if bilinear else 1
-        self.down4 = MDown(8 * b, 16 * b // factor)
-        self.up1 = MUp(16 * b, 8 * b // factor, bilinear)
-        self.up2 = MUp(8 * b, 4 * b // factor, bilinear)
-        self.up3 = MUp(4 * b, 2 * b // factor, bilinear)
-        self.up4 = MUp(2 * b, b, bilinear)
-        self.outc = MOutConv(b, n_classes)
-
-    def forward(self, x):
-        x1 = self.inc(x)
-        x2 = self.down1(x1)
-        x3 = self.down2(x2)
-        x4 = self.down3(x3)
-        x5 = self.down4(x4)
-        x = self.up1(x5, x4)
-        x = self.up2(x, x3)
-        x = self.up3(x, x2)
-        x = self.up4(x, x1)
-        return self.outc(x)
-
-
+# ---------------------------------------------------------------- milesial's UNet (tests/milesial_unet.py)
 def milesial_name(ours: str) -> str:
     """The agreed key map (depth 4), ours -> milesial's."""
     head, _, rest = ours.partition(".")
@@ -138,7 +51,7 @@ def milesial_name(ours: str) -> str:
 def _milesial_pair(bilinear: bool, base: int):
     preset = "milesial-bilinear" if bilinear else "milesial"
     ours = randomize_batchnorm(UNetReference(3, 2, preset=preset, base_channels=base)).double()
-    theirs = MilesialUNet(3, 2, bilinear=bilinear, b=base).double()
+    theirs = MilesialUNet(3, 2, bilinear=bilinear, base=base).double()
     theirs.load_state_dict({milesial_name(k): v for k, v in ours.state_dict().items()}, strict=True)
     return ours, theirs
 
