@@ -248,3 +248,32 @@ class KernelSpec:
     dtype: str
     config: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_bias(bias, c_out: int, x: torch.Tensor) -> None:
+    """A launcher's optional per-channel bias: None, or a floating ``[c_out]`` tensor on x's device."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (c_out,):
+        raise ValueError(f"bias must be [C_out={c_out}], got shape {tuple(bias.shape)}")
+    if not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device}, x on {x.device}")
+
+
+def check_out(out, shape: tuple, x: torch.Tensor) -> None:
+    """A launcher's optional output buffer: None, or a tensor of ``shape`` in x's dtype and device
+    (any strides: the kernels write through them)."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must be [{', '.join(map(str, shape))}], got shape {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out dtype {out.dtype} must match x dtype {x.dtype}")
+    if out.device != x.device:
+        raise ValueError(f"out is on {out.device}, x on {x.device}")

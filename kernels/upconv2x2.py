@@ -29,6 +29,8 @@ from ._common import (
     KernelSpec,
     can_launch,
     cdiv,
+    check_bias,
+    check_out,
     dot_precision,
     launch,
     smem_limit,
@@ -297,24 +299,8 @@ def _check_inputs(x, weight, bias, in_scale, in_shift, out):
         raise ValueError(f"upconv2x2 runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {x.device}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (C_out,):
-            raise ValueError(f"bias must be [C_out={C_out}], got shape {tuple(bias.shape)}")
-        if not bias.is_floating_point():
-            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device}, x on {x.device}")
-    if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-        if tuple(out.shape) != (N, C_out, 2 * h, 2 * w):
-            raise ValueError(f"out must be [{N}, {C_out}, {2 * h}, {2 * w}], got shape {tuple(out.shape)}")
-        if out.dtype != x.dtype:
-            raise TypeError(f"out dtype {out.dtype} must match x dtype {x.dtype}")
-        if out.device != x.device:
-            raise ValueError(f"out is on {out.device}, x on {x.device}")
+    check_bias(bias, C_out, x)
+    check_out(out, (N, C_out, 2 * h, 2 * w), x)
     if N * h * w > _MAX_PIXELS:
         raise ValueError(f"N*h*w = {N * h * w} pixels exceeds the int32 pixel index")
     return (N, C_in, h, w, C_out), check_norm_affine(in_scale, in_shift, C_in, x)
