@@ -59,7 +59,7 @@ from . import cpu_fold
 from ._snapshot import is_current, tensors_state
 from .backend import get_backend, use_fused
 from .distributed import group_name, sync_group
-from .guard import FusedLayers, FusedSupport, check_fused_support, fused_layers, walk_layers, warn_unsupported
+from .guard import FusedLayers, check_fused_support, fused_layers, walk_layers, warn_unsupported
 from .ops import OpsNamespace, Tape, direct_ok, direct_ok_mutation, run_taped
 from .ops import direct as _direct
 from .ops._common import _unit_affine
@@ -72,11 +72,6 @@ _get_weight, _get_bias = itemgetter("weight"), itemgetter("bias")
 _get_mean, _get_var = itemgetter("running_mean"), itemgetter("running_var")
 _get_params, _get_buffers = itemgetter("_parameters"), itemgetter("_buffers")
 _get_eps = itemgetter("eps")
-
-# The ops of other families the option trees need (engineers C and D): present once their modules
-# register them. Until then the forwards that need them take the eager path and say why.
-_HAS_NEAREST = hasattr(_ops, "upconv_nearest2x2")
-_HAS_UP_CONV = hasattr(_ops, "conv3x3_up_bn_act") and hasattr(_ops, "conv3x3_up_bn_stats")
 
 # An activation on the training path: a tensor and the per-channel (scale, shift) of the
 # BatchNorm+ReLU its reader applies, or (tensor, None, None) for a finished tensor.
@@ -153,7 +148,6 @@ def _layer_sources(layers: FusedLayers) -> tuple:
     return tensors, tuple(map(_get_eps, layers.bn_dicts))
 
 
-
 def _training_leaves(layers: FusedLayers) -> list:
     """Every parameter the training forward reads (what its gradients flow to)."""
     leaves = []
@@ -165,51 +159,6 @@ def _training_leaves(layers: FusedLayers) -> list:
 def _norms(layers: FusedLayers) -> tuple:
     """Per 3x3 conv its BatchNorm, or None: every conv for ``norm="none"``, and the pre-head conv."""
     return (*layers.bns, *(None,) * (len(layers.convs) - len(layers.bns)))
-
-
-# Ops that ``fastunet.ops.direct`` and ``fastunet.ops.Tape`` have no entry for (families added
-# after them): (module, implementation, setup_context, backward) of each. The direct calls use
-# the implementation (the function the dispatcher would reach) and the tape records it with the
-# op's own autograd functions, the way its methods do for the other ops: the same numbers.
-_LATE_OPS = {
-    "upconv_nearest2x2": ("upconv_nearest2x2", "_upconv_nearest2x2_impl", "_setup", "_backward"),
-    "conv3x3_up_bn_act": ("conv3x3", "_conv3x3_up_bn_act_impl", "_conv3x3_up_setup", "_conv3x3_up_backward"),
-    "conv3x3_up_bn_stats": ("conv3x3", "_conv3x3_up_bn_stats_impl", "_conv3x3_up_stats_setup",
-                            "_conv3x3_up_stats_backward"),
-}  # fmt: skip
-_LATE_FNS: dict[str, tuple | None] = {}
-
-
-def _tape_record(name: str) -> tuple | None:
-    """``(impl, setup, backward)`` of op ``name``, or None when its module does not define them
-    (then the training forward runs per op and the inference form calls the registered op)."""
-    if name not in _LATE_FNS:
-        import importlib
-
-        module_name, *fns = _LATE_OPS[name]
-        try:
-            module = importlib.import_module(f"fastunet.ops.{module_name}")
-            _LATE_FNS[name] = tuple(getattr(module, fn) for fn in fns)
-        except (ImportError, AttributeError):
-            _LATE_FNS[name] = None
-    return _LATE_FNS[name]
-
-
-def _op(ops, name: str):
-    """``ops.<name>``. When ``ops`` has no entry for it (an op family added after the tape and the
-    direct calls): its implementation (direct calls), a record on the tape, or the registered op
-    (through the dispatcher)."""
-    fn = getattr(ops, name, None)
-    if fn is not None:
-        return fn
-    record = _tape_record(name) if name in _LATE_OPS else None
-    if record is not None:
-        impl, setup, backward = record
-        if isinstance(ops, Tape):
-            return lambda *args: ops._run(impl, setup, backward, *args)
-        if ops is _direct:
-            return impl
-    return getattr(_ops, name)
 
 
 def _dropout(ops, act: _Act, drop: nn.Dropout | None) -> _Act:
@@ -299,33 +248,7 @@ class UNet(UNetReference):
         if not support.supported:
             warn_unsupported(self, support)
             return self._reference_forward(x)
-        missing = self._missing_op(x)
-        if missing is not None:
-            warn_unsupported(self, FusedSupport(False, support.mode, "", missing))
-            return self._reference_forward(x)
         return self._fused_forward(x, support.mode == "train")
-
-    def _missing_op(self, x: Tensor) -> str | None:
-        """Why the fused path cannot run this forward with the ops this build registers (None:
-        it can): nearest_conv up-sampling needs ``upconv_nearest2x2``; bilinear up-sampling, and
-        an input whose size is not a multiple of ``2**depth`` (an upsampled map smaller than its
-        skip), need ``conv3x3_up_bn_act``/``conv3x3_up_bn_stats``."""
-        up = self.upsampling
-        if up == "transpose" and self.odd_sizes == "error":  # the classic tree: always
-            return None
-        if up == "nearest_conv" and not _HAS_NEAREST:
-            return "has upsampling='nearest_conv'; fastunet::upconv_nearest2x2 is not in this build yet"
-        if _HAS_UP_CONV:
-            return None
-        if up == "bilinear":
-            return "has upsampling='bilinear'; fastunet::conv3x3_up_bn_act is not in this build yet"
-        m = 1 << self.depth
-        if x.shape[2] % m or x.shape[3] % m:
-            return (
-                f"got H={x.shape[2]}, W={x.shape[3]}, not multiples of {m}: padding an upsampled map to its skip "
-                "needs fastunet::conv3x3_up_bn_act, not in this build yet"
-            )
-        return None
 
     def _empty_batch_syncs(self, x: Tensor) -> bool:
         """Whether an empty batch must run the fused path anyway: some ``nn.SyncBatchNorm``
@@ -415,18 +338,18 @@ class UNet(UNetReference):
             skip = skips.pop()
             conv = next(convs)
             if upsampling == "bilinear":  # the upsampled map never exists: the conv reads x through it
-                x = _op(ops, "conv3x3_up_bn_act")(skip, x, *conv, True, up_first, True)
+                x = ops.conv3x3_up_bn_act(skip, x, *conv, True, up_first, True)
             else:
                 up_w, up_b = plan.ups[j]
                 if upsampling == "transpose":
                     u = ops.upconv2x2(x, up_w, up_b)
                 else:
-                    u = _op(ops, "upconv_nearest2x2")(x, up_w, up_b, True)
+                    u = ops.upconv_nearest2x2(x, up_w, up_b, True)
                 if same_size or u.shape[2:] == skip.shape[2:]:  # concat order = the sources' order
                     first, second = (u, skip) if up_first else (skip, u)
                     x = ops.conv3x3_bn_act(first, second, *conv, True)
                 else:  # odd sizes: u is zero-padded to the skip's size on load
-                    x = _op(ops, "conv3x3_up_bn_act")(skip, u, *conv, True, up_first, False)
+                    x = ops.conv3x3_up_bn_act(skip, u, *conv, True, up_first, False)
             if j == d - 1 and not pre_head:  # the last conv carries the 1x1 head in its epilogue
                 return ops.conv3x3_bn_act_head(x, None, *next(convs), True, *plan.head, self.out_activation)
             x = ops.conv3x3_bn_act(x, None, *next(convs), True)
@@ -460,7 +383,7 @@ class UNet(UNetReference):
         if not use_fused(x) or self.training:
             return None
         support = check_fused_support(self)
-        if not support.supported or support.mode != "eval" or self._missing_op(x) is not None:
+        if not support.supported or support.mode != "eval":
             return None
         dtype = x.dtype
         if dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
@@ -501,20 +424,10 @@ class UNet(UNetReference):
         each op runs its implementation directly, and the backward replays the ops' formulas);
         under a trace or a dispatch mode each op is its own node, as ``torch.compile`` needs.
         """
-        if not direct_ok_mutation(x) or not self._tape_covers():
+        if not direct_ok_mutation(x):
             return self._training_graph(_ops_per_op, x, dtype, layers)
         leaves = (x, *_training_leaves(layers))
         return run_taped(lambda ops: self._training_graph(ops, x, dtype, layers), leaves)
-
-    def _tape_covers(self) -> bool:
-        """Whether ``fastunet.ops.Tape`` records every op this architecture's training forward
-        calls (else the per-op path runs: one autograd node per op, the same numbers)."""
-        names = ()
-        if self.upsampling == "nearest_conv":
-            names += ("upconv_nearest2x2",)
-        if self.upsampling == "bilinear" or self.odd_sizes == "pad":
-            names += ("conv3x3_up_bn_stats",)
-        return all(hasattr(Tape, n) or _tape_record(n) is not None for n in names)
 
     def _training_graph(self, ops, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
         """The training forward against an ops namespace (the registered ops, or a tape)."""
@@ -543,7 +456,7 @@ class UNet(UNetReference):
                 u: _Act = (ops.upconv2x2(act[0], up.weight, up.bias, act[1], act[2]), None, None)
             elif upsampling == "nearest_conv":
                 up = next(ups)
-                u = (_op(ops, "upconv_nearest2x2")(act[0], up.weight, up.bias, True, act[1], act[2]), None, None)
+                u = (ops.upconv_nearest2x2(act[0], up.weight, up.bias, True, act[1], act[2]), None, None)
             else:  # bilinear: the conv reads the low-res map (and its transform) through the interpolation
                 u = act
             if bilinear or not (same_size or u[0].shape[2:] == skip[0].shape[2:]):
@@ -600,7 +513,7 @@ class UNet(UNetReference):
         # group's (checked by bn_stats_sync), this one's, or none (running statistics).
         min_count = 2 if batch_stats and group is None else 0
         if up is not None:
-            z, mean, var = _op(ops, "conv3x3_up_bn_stats")(
+            z, mean, var = ops.conv3x3_up_bn_stats(
                 act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift, *up, min_count
             )
         else:

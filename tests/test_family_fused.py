@@ -45,8 +45,13 @@ CASES = {
     # Keras' up-sampling with BatchNorm, cat([up, skip]), odd sizes, a pre-head conv
     "nearest-bn-pad": {"upsampling": "nearest_conv", "odd_sizes": "pad", "pre_head": 2},
     # bilinear with cat([up, skip]) and conv biases, depth 3
-    "bilinear-upskip-d3": {"upsampling": "bilinear", "concat": "up_skip", "conv_bias": True, "odd_sizes": "pad",
-                           "depth": 3},  # fmt: skip
+    "bilinear-upskip-d3": {
+        "upsampling": "bilinear",
+        "concat": "up_skip",
+        "conv_bias": True,
+        "odd_sizes": "pad",
+        "depth": 3,
+    },
 }
 SIZES = {"16x16": (16, 16), "17x23": (17, 23), "33x20": (33, 20)}
 # The fp32 cases quick mode runs (the rest are slow tests, run by CI's full suite): the
@@ -103,15 +108,6 @@ def run_fused(model, x, fused_calls):
     return y
 
 
-def require_ops(model, hw) -> None:
-    """Skip, naming the missing op, when this build cannot run the case fused: bilinear
-    up-sampling and sizes that are not multiples of ``2**depth`` read the upsampled map through
-    ``conv3x3_up_bn_act``/``conv3x3_up_bn_stats`` (engineer D's ops)."""
-    m = 1 << model.depth
-    if not fastunet.model._HAS_UP_CONV and (model.upsampling == "bilinear" or hw[0] % m or hw[1] % m):
-        pytest.skip("needs fastunet::conv3x3_up_bn_act / conv3x3_up_bn_stats, not registered in this build")
-
-
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """The reference runs channels_last activations too: a Dropout mask is drawn in memory order."""
     return x.contiguous(memory_format=torch.channels_last)
@@ -121,7 +117,6 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("case, size", _params(QUICK))
 def test_eval_matches_reference(case, size, fused_calls):
     ref, model = fp32_pair(case, train=False)
-    require_ops(model, SIZES[size])
     x = torch.randn(2, 3, *SIZES[size])
     with torch.no_grad():
         y = run_fused(model, x, fused_calls)
@@ -136,7 +131,6 @@ def test_eval_float64_decomposition(case, fused_calls):
     ref, model = model_pair(3, 2, **_options(case))
     ref.eval(), model.eval()
     size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
-    require_ops(model, size)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     with torch.no_grad():
         assert_close(run_fused(model, x, fused_calls), ref(x), "fp64", f"{case} float64 eval")
@@ -172,7 +166,6 @@ def assert_same_training_step(ref, model, x, tol, what):
 @pytest.mark.parametrize("case, size", _params(QUICK_TRAIN))
 def test_train_matches_reference(case, size, fused_calls):
     ref, model = fp32_pair(case, train=True)
-    require_ops(model, SIZES[size])
     x = torch.randn(2, 3, *SIZES[size])
     with warnings.catch_warnings():
         warnings.simplefilter("error", FusedPathWarning)
@@ -190,7 +183,6 @@ def test_train_float64_decomposition(case, fused_calls):
     ref, model = model_pair(3, 2, **_options(case))
     ref.train(), model.train()
     size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
-    require_ops(model, size)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FusedPathWarning)
@@ -325,7 +317,6 @@ def test_compile_fullgraph_preset(train):
     torch._dynamo.reset()
     ref, model = model_pair(3, 2, **_options("milesial"))
     ref.train(train), model.train(train)
-    require_ops(model, (17, 23))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 17, 23, dtype=torch.float64, requires_grad=train)
     y = compiled(x)
@@ -382,29 +373,66 @@ def test_eval_runs_only_fastunet_kernels(case, hw, fused_calls):
 # ------------------------------------------------------------------ how the ops are reached
 @pytest.mark.parametrize("case", ["keras", "milesial-bilinear", "nobias-dropout-pad"])
 def test_training_forward_runs_on_the_tape(case, monkeypatch):
-    """The ops of the later families (upconv_nearest2x2, conv3x3_up_bn_stats) and the dropout are
-    recorded on the one-node tape like the others (``fastunet.ops.run_taped``), not per op."""
-    seen = []
+    """upconv_nearest2x2, conv3x3_up_bn_stats and the dropout are recorded on the one-node tape
+    like the other ops (``fastunet.ops.run_taped``), not per op: the output's only autograd node
+    is the tape's, and every one of those ops went through ``Tape._run``."""
+    seen, recorded = [], []
     original = UNet._training_graph
-    monkeypatch.setattr(UNet, "_training_graph", lambda self, ops, *a: seen.append(type(ops)) or original(self, ops, *a))
+    monkeypatch.setattr(
+        UNet, "_training_graph", lambda self, ops, *a: seen.append(type(ops)) or original(self, ops, *a)
+    )
+    run = fastunet.ops.Tape._run
+    monkeypatch.setattr(
+        fastunet.ops.Tape, "_run", lambda self, impl, *a: recorded.append(impl.__name__) or run(self, impl, *a)
+    )
     _, model = model_pair(3, 2, **_options(case))
     x = torch.randn(2, 3, 17 if model.odd_sizes == "pad" else 16, 20, dtype=torch.float64, requires_grad=True)
-    model.train()(x).sum().backward()
+    y = model.train()(x)
     assert seen == [fastunet.ops.Tape]
+    assert type(y.grad_fn).__name__ == "_TapeFunctionBackward", y.grad_fn
+    assert [type(n).__name__ for n, _ in y.grad_fn.next_functions if n is not None] == ["AccumulateGrad"] * (
+        1 + len(list(model.parameters()))
+    )  # the tape's inputs are the leaves themselves: no other node in between
+    expected = {
+        "keras": "_upconv_nearest2x2_impl",
+        "milesial-bilinear": "_conv3x3_up_bn_stats_impl",
+        "nobias-dropout-pad": "_dropout_impl",
+    }[case]
+    assert expected in recorded, sorted(set(recorded))
+    if case == "nobias-dropout-pad":  # 17 rows: the odd-size up convs are on the tape too
+        assert "_conv3x3_up_bn_stats_impl" in recorded, sorted(set(recorded))
+    y.sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in model.parameters())
 
 
-def test_missing_op_runs_eager_and_says_why(monkeypatch, fused_calls):
-    """A build without conv3x3_up_bn_act: bilinear models and padded sizes take the eager path
-    with a FusedPathWarning naming the op (no pretending); even sizes of a transposed-conv model
-    stay fused."""
-    monkeypatch.setattr(fastunet.model, "_HAS_UP_CONV", False)
-    ref, model = model_pair(3, 2, **_options("milesial"))
+class _NoDispatcher:
+    """Stands in for ``torch.ops.fastunet`` in the model: any op reached through it fails."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the inference forward called torch.ops.fastunet.{name} through the dispatcher")
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("keras", {"upconv_nearest2x2"}),
+        ("milesial-bilinear", {"conv3x3_up_bn_act"}),
+        ("nearest-bn-pad", {"upconv_nearest2x2", "conv3x3_up_bn_act"}),
+    ],
+)
+def test_inference_calls_the_ops_directly(case, expected, monkeypatch, fused_calls):
+    """Under no_grad the inference form calls upconv_nearest2x2 and conv3x3_up_bn_act through
+    ``fastunet.ops.direct`` (the implementations, no dispatcher) like the other ops."""
+    called = []
+    direct_cls = type(fastunet.ops.direct)
+    for name in ("upconv_nearest2x2", "conv3x3_up_bn_act"):
+        impl = getattr(direct_cls, name)
+        monkeypatch.setattr(direct_cls, name, staticmethod(lambda *a, _n=name, _f=impl: called.append(_n) or _f(*a)))
+    monkeypatch.setattr(fastunet.model, "_ops", _NoDispatcher())
+    ref, model = model_pair(3, 2, **_options(case))
     ref.eval(), model.eval()
-    x = torch.randn(1, 3, 17, 23, dtype=torch.float64)
-    with pytest.warns(FusedPathWarning, match="conv3x3_up_bn_act"):
-        y = model(x)
-    assert fused_calls == [] and model._inference_plan(x) is None
-    assert_close(y, ref(x), "fp64", "eager milesial at an odd size")
-    x = torch.randn(1, 3, 16, 20, dtype=torch.float64)
-    assert_close(run_fused(model, x, fused_calls), ref(x), "fp64", "fused milesial at an even size")
+    x = torch.randn(1, 3, *(SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]), dtype=torch.float64)
+    with torch.no_grad():
+        y = run_fused(model, x, fused_calls)
+        assert_close(y, ref(x), "fp64", f"{case} direct inference")
+    assert set(called) == expected, called

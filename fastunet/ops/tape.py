@@ -23,6 +23,10 @@ from .conv3x3 import (
     _conv3x3_bn_stats_impl,
     _conv3x3_stats_backward,
     _conv3x3_stats_setup,
+    _conv3x3_up_bn_act_impl,
+    _conv3x3_up_bn_stats_impl,
+    _conv3x3_up_stats_backward,
+    _conv3x3_up_stats_setup,
 )
 from .entry import (
     _pad_backward,
@@ -35,6 +39,9 @@ from .entry import (
 from .head1x1 import _head1x1_impl, _head_backward, _head_setup
 from .maxpool2x2 import _maxpool2x2_impl, _pool_backward, _pool_setup
 from .upconv2x2 import _upconv2x2_impl, _upconv_backward, _upconv_setup
+from .upconv_nearest2x2 import _backward as _upconv_nearest_backward
+from .upconv_nearest2x2 import _setup as _upconv_nearest_setup
+from .upconv_nearest2x2 import _upconv_nearest2x2_impl
 
 
 class _Direct:
@@ -42,7 +49,9 @@ class _Direct:
 
     conv3x3_bn_act = staticmethod(_conv3x3_bn_act_impl)
     conv3x3_bn_act_head = staticmethod(_conv3x3_bn_act_head_impl)
+    conv3x3_up_bn_act = staticmethod(_conv3x3_up_bn_act_impl)
     upconv2x2 = staticmethod(_upconv2x2_impl)
+    upconv_nearest2x2 = staticmethod(_upconv_nearest2x2_impl)
     maxpool2x2 = staticmethod(_maxpool2x2_impl)
     head1x1 = staticmethod(_head1x1_impl)
     pad_channels_nhwc = staticmethod(_pad_channels_nhwc_impl)
@@ -119,6 +128,9 @@ class Tape:
     def conv3x3_bn_stats(self, *args):
         return self._run(_conv3x3_bn_stats_impl, _conv3x3_stats_setup, _conv3x3_stats_backward, *args)
 
+    def conv3x3_up_bn_stats(self, *args):
+        return self._run(_conv3x3_up_bn_stats_impl, _conv3x3_up_stats_setup, _conv3x3_up_stats_backward, *args)
+
     def bn_affine(self, *args):
         return self._run(_bn_affine_impl, _bn_affine_setup, _bn_affine_backward, *args)
 
@@ -130,6 +142,9 @@ class Tape:
 
     def upconv2x2(self, *args):
         return self._run(_upconv2x2_impl, _upconv_setup, _upconv_backward, *args)
+
+    def upconv_nearest2x2(self, *args):
+        return self._run(_upconv_nearest2x2_impl, _upconv_nearest_setup, _upconv_nearest_backward, *args)
 
     def head1x1(self, *args):
         return self._run(_head1x1_impl, _head_setup, _head_backward, *args)
@@ -163,6 +178,7 @@ class _Untaped(_Direct):
     the training-only ops."""
 
     conv3x3_bn_stats = staticmethod(_conv3x3_bn_stats_impl)
+    conv3x3_up_bn_stats = staticmethod(_conv3x3_up_bn_stats_impl)
     bn_affine = staticmethod(_bn_affine_impl)
     bn_stats_sync = staticmethod(_bn_stats_sync_impl)
     pad_weight_in = staticmethod(_pad_weight_in)
