@@ -1386,6 +1386,9 @@ def _up_specs(arch: int, dtype: str, elem: int, precision: str) -> list[KernelSp
                         "attrs": _divisibility_attrs(fn, sig, ("H", "W")),
                         "variant": "up",
                         "expect_hgmma": arch >= 90 and dtype != "fp32",
+                        # The bilinear load clamps its interpolation weights (from integer pixel
+                        # coordinates, never NaN) with min/max; data never passes through them.
+                        **({"nan_dropping_ok": "bilinear weights clamp finite coordinates"} if up2 == 2 else {}),
                     },
                 )
             )
