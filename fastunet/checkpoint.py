@@ -30,6 +30,13 @@ know is refused (it would change the architecture silently otherwise).
 
 ``format_version`` is what a reader checks: a directory written by a newer format is refused
 with an error that says so, rather than half-loaded.
+
+Loading checks before it allocates: ``config.json``'s size (``config_bytes``), its depth and widths
+(``depth``, ``channels``; see ``fastunet.limits``), then the weights' names and shapes against
+the model built on the meta device, then their values (``check_state_dict``: finite, BatchNorm
+variances >= 0, one floating-point dtype). Both files are written under temporary names and
+renamed into place, so an interrupted save leaves the previous checkpoint (or none), never half
+of one.
 """
 
 from __future__ import annotations
@@ -40,9 +47,22 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
+from .errors import CheckpointError
+from .limits import check_architecture, check_limit
+from .loaders import read_safetensors
 from .reference import DEFAULT_OPTIONS, UNetReference
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "CheckpointError", "save_pretrained", "load_pretrained"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "save_pretrained",
+    "load_pretrained",
+    "check_state_dict",
+    "describe_mismatch",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -51,11 +71,6 @@ FORMAT_VERSION = 1
 _ARCH_KEYS = ("in_ch", "out_ch", "base_channels", "depth", "out_activation")
 #: The architecture options recorded under "options" (the others are top-level keys).
 _OPTION_KEYS = tuple(k for k in DEFAULT_OPTIONS if k not in _ARCH_KEYS)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded as it is: its config and weights disagree,
-    the config is malformed, or it was written in a newer format than this fastunet reads."""
 
 
 def _safetensors():
@@ -106,9 +121,11 @@ def save_pretrained(model: UNetReference, directory: str | os.PathLike) -> Path:
     # parameter is written in the standard layout; the values are the same).
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "fastunet_version": config["fastunet_version"]}
-    _safetensors().save_file(state, str(directory / WEIGHTS_NAME), metadata=metadata)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        _safetensors().save_file(state, str(tmp), metadata=metadata)
     # The config last: a directory with a config always has its weights.
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -122,10 +139,17 @@ def read_config(directory: str | os.PathLike) -> dict:
             f"{path}: no {CONFIG_NAME} ({directory!s} is {what}); a fastunet checkpoint directory holds "
             f"{CONFIG_NAME} and {WEIGHTS_NAME}, written by model.save_pretrained(directory)"
         )
+    check_limit("config_bytes", path.stat().st_size, f"{path}: size in bytes")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): not a fastunet config"
+        ) from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not a fastunet config (JSON nested too deeply to read)") from None
     if not isinstance(config, dict) or config.get("format") != "fastunet":
         raise CheckpointError(f'{path} is not a fastunet config (no "format": "fastunet")')
     version = config.get("format_version")
@@ -139,6 +163,11 @@ def read_config(directory: str | os.PathLike) -> dict:
     missing = [key for key in _ARCH_KEYS if key not in config]
     if missing:
         raise CheckpointError(f"{path} lacks the architecture option(s) {', '.join(missing)}")
+    sizes = {key: config[key] for key in ("in_ch", "out_ch", "base_channels", "depth")}
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path}: {key} must be a positive integer, got {value!r}")
+    check_architecture(str(path), **sizes)
     options = config.get("options", {})
     if not isinstance(options, dict):
         raise CheckpointError(f'{path}: "options" must be a JSON object of architecture options, got {options!r}')
@@ -151,9 +180,10 @@ def read_config(directory: str | os.PathLike) -> dict:
     return config
 
 
-def _first_mismatch(expected: dict, got: dict) -> str | None:
-    """What differs between two ``{name: tensor}`` maps, first missing, then unexpected, then
-    mis-shaped tensor (in the model's order), with how many more of each kind; None if nothing."""
+def describe_mismatch(expected: dict, got: dict) -> str | None:
+    """What differs between two ``{name: tensor}`` maps (the model's, the file's): the first
+    missing, unexpected and mis-shaped tensor (in the model's order), with how many more of each
+    kind; None if the names and shapes agree."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     shaped = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
@@ -171,6 +201,44 @@ def _first_mismatch(expected: dict, got: dict) -> str | None:
     return "; ".join(problems) or None
 
 
+def check_state_dict(state: dict, where: str, *, one_dtype: bool = True) -> None:
+    """Raise ``CheckpointError`` naming the first tensor of ``state`` that no trained model has:
+    a value that is not a tensor, a complex tensor, NaN or Inf in a floating-point tensor, a
+    negative BatchNorm ``running_var``, or (``one_dtype``) a floating-point tensor whose dtype
+    differs from the first one's (a model is one dtype; a mixed one fails only when it trains).
+    ``where`` names the file in the message. Integer tensors (``num_batches_tracked``) are left
+    alone; meta tensors are checked for type and dtype only."""
+    first = None
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{where}: '{name}' is a {type(t).__name__}, not a tensor")
+        if t.is_complex():
+            raise CheckpointError(f"{where}: tensor '{name}' is {t.dtype}: a U-Net's weights are real")
+        if not t.is_floating_point():
+            continue
+        if first is None:
+            first = name
+        elif one_dtype and t.dtype != state[first].dtype:
+            raise CheckpointError(
+                f"{where}: tensor '{name}' is {str(t.dtype).removeprefix('torch.')} but '{first}' is "
+                f"{str(state[first].dtype).removeprefix('torch.')}: a checkpoint's floating-point tensors share one "
+                "dtype (convert the whole model, e.g. model.float(), before saving it)"
+            )
+        if t.is_meta:
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise CheckpointError(
+                f"{where}: tensor '{name}' holds {bad:,} NaN or Inf value(s) of {t.numel():,}: damaged weights (a "
+                "diverged training run?); the model would output NaN"
+            )
+        if name.endswith("running_var") and t.numel() and bool((t < 0).any()):
+            raise CheckpointError(
+                f"{where}: tensor '{name}' (a BatchNorm running variance) has negative values (min "
+                f"{t.min().item():.3g}): damaged weights; a variance is >= 0"
+            )
+
+
 def load_pretrained(
     directory: str | os.PathLike,
     cls: type[UNetReference] | None = None,
@@ -185,10 +253,11 @@ def load_pretrained(
     dtype they were saved in (bitwise); parameters require grad, as in a new model. Call
     ``.train()`` on the result to fine-tune it.
 
-    Raises ``FileNotFoundError`` for a missing ``config.json`` / ``model.safetensors``, and
+    Raises ``FileNotFoundError`` for a missing ``config.json`` / ``model.safetensors``,
     ``CheckpointError`` (a ``ValueError``) for a malformed config, an unknown future
-    ``format_version`` or weights that do not fit the config (naming the first missing,
-    unexpected or mis-shaped tensor).
+    ``format_version``, unreadable weights, weights that do not fit the config (naming the first
+    missing, unexpected or mis-shaped tensor) or invalid values (``check_state_dict``), and
+    ``LimitError`` for a config whose size, depth or width is over its limit.
     """
     if cls is None:
         from .model import UNet  # deferred: model.py imports this module lazily too
@@ -210,17 +279,14 @@ def load_pretrained(
             model = cls(options.pop("in_ch"), options.pop("out_ch"), **options)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
-    device = torch.device(map_location)
-    try:
-        state = _safetensors().load_file(str(weights), device=str(device))
-    except Exception as e:  # safetensors raises its own error types for a corrupt or truncated file
-        raise CheckpointError(f"{weights} cannot be read as safetensors: {e}") from e
+    state = read_safetensors(weights, torch.device(map_location))
     expected = model.state_dict()
-    problem = _first_mismatch(expected, state)
+    problem = describe_mismatch(expected, state)
     described = f"{cls.__name__}({config['in_ch']}, {config['out_ch']}, base_channels={config['base_channels']}, "
     described += f"depth={config['depth']}"
     described += "".join(f", {key}={value!r}" for key, value in config.get("options", {}).items()) + ")"
     if problem:
         raise CheckpointError(f"{weights} does not fit {CONFIG_NAME}'s {described}: {problem}")
+    check_state_dict(state, str(weights))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

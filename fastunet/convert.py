@@ -46,6 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import check_state_dict
+from .errors import CheckpointError, FastUNetError
+from .limits import check_architecture, check_limit
+from .loaders import check_zip_size, read_torch_file, unwrap_state_dict
 from .model import UNet
 from .reference import UNetReference
 
@@ -70,7 +74,7 @@ def _conv_from_arrays(name: str, arrays: list[np.ndarray]) -> _KerasConv:
         and (len(arrays) == 1 or (arrays[1].ndim == 1 and arrays[1].shape[0] == arrays[0].shape[3]))
     )
     if not ok:
-        raise ValueError(
+        raise CheckpointError(
             f"Keras layer {name!r} holds weights of shapes {shapes}; from_keras reads a U-Net of Conv2D layers "
             "only (a [kh, kw, in, out] kernel and an optional [out] bias each)"
         )
@@ -91,10 +95,25 @@ def _h5_attr_list(group, name: str) -> list[str] | None:
     return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
 
 
-def _h5_array(dataset) -> np.ndarray:
+class _ReadBudget:
+    """Bytes read from an HDF5 file so far, against the ``file_bytes`` limit: a dataset's shape
+    is read from the file, and a compressed one inflates to any size."""
+
+    def __init__(self, where: str):
+        self.where, self.used = where, 0
+
+    def read(self, dataset) -> np.ndarray:
+        if not hasattr(dataset, "shape") or not hasattr(dataset, "dtype"):
+            raise CheckpointError(f"{self.where}: {getattr(dataset, 'name', dataset)!r} is not a dataset of weights")
+        self.used += int(np.prod(dataset.shape, dtype=np.int64)) * dataset.dtype.itemsize
+        check_limit("file_bytes", self.used, f"{self.where}: weights in bytes (up to {dataset.name!r})")
+        return np.asarray(dataset)
+
+
+def _h5_array(dataset, budget: _ReadBudget) -> np.ndarray:
     """A dataset as a float numpy array. Keras 3 stores bfloat16 variables as raw 16-bit words
     with ``attrs["dtype"] == "bfloat16"``; their bits are the top half of a float32's."""
-    value = np.asarray(dataset)
+    value = budget.read(dataset)
     if dataset.attrs.get("dtype") in ("bfloat16", b"bfloat16"):
         value = (value.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     return value
@@ -106,25 +125,25 @@ def _natural_key(name: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else (name, 0)
 
 
-def _read_legacy(group, where: str) -> list[_KerasConv]:
+def _read_legacy(group, where: str, budget: _ReadBudget) -> list[_KerasConv]:
     """tf.keras 2 layout: ``layer_names`` in model order, per layer ``weight_names``."""
     convs = []
     for layer in _h5_attr_list(group, "layer_names"):
         if layer not in group:
-            raise ValueError(f"{where}: layer {layer!r} is listed in 'layer_names' but has no group")
+            raise CheckpointError(f"{where}: layer {layer!r} is listed in 'layer_names' but has no group")
         g = group[layer]
         names = _h5_attr_list(g, "weight_names") or []
         arrays = []
         for wn in names:
             if wn not in g:
-                raise ValueError(f"{where}: weight {wn!r} of layer {layer!r} is listed but missing")
-            arrays.append(np.asarray(g[wn]))
+                raise CheckpointError(f"{where}: weight {wn!r} of layer {layer!r} is listed but missing")
+            arrays.append(budget.read(g[wn]))
         if arrays:
             convs.append(_conv_from_arrays(layer, arrays))
     return convs
 
 
-def _read_keras3(root, where: str, by_class: bool) -> list[_KerasConv]:
+def _read_keras3(root, where: str, by_class: bool, budget: _ReadBudget) -> list[_KerasConv]:
     """Keras 3 layout: ``<root>/<layer>/vars/<i>``; layers ordered by Keras' per-class counter."""
     convs = []
     for layer in sorted(root.keys(), key=_natural_key):
@@ -133,12 +152,12 @@ def _read_keras3(root, where: str, by_class: bool) -> list[_KerasConv]:
         if vars_ is None or len(vars_) == 0:
             continue  # input, pooling, upsampling, dropout, concatenate: no weights
         if not all(k.isdigit() for k in vars_.keys()):
-            raise ValueError(f"{where}: layer {layer!r} has variables {sorted(vars_.keys())}, expected 0, 1, ...")
-        arrays = [_h5_array(vars_[k]) for k in sorted(vars_.keys(), key=int)]
+            raise CheckpointError(f"{where}: layer {layer!r} has variables {sorted(vars_.keys())}, expected 0, 1, ...")
+        arrays = [_h5_array(vars_[k], budget) for k in sorted(vars_.keys(), key=int)]
         # Keras 3 names groups per class, so the order across classes is lost: only Conv2D layers
         # ("conv2d", "conv2d_1", ...) can be put in model order. (Keras 2.13's layout uses layer names.)
         if by_class and not re.fullmatch(r"conv2d(_\d+)?", layer):
-            raise ValueError(
+            raise CheckpointError(
                 f"{where}: layer {layer!r} holds weights but is not a Conv2D; from_keras reads a U-Net of "
                 "Conv2D layers only"
             )
@@ -147,15 +166,26 @@ def _read_keras3(root, where: str, by_class: bool) -> list[_KerasConv]:
 
 
 def _read_h5(f, where: str) -> list[_KerasConv]:
-    """The conv layers of an open Keras HDF5 file (any of the three layouts), in model order."""
+    """The conv layers of an open Keras HDF5 file (any of the three layouts), in model order.
+    A malformed file (h5py's own errors, a group where a dataset belongs) is a ``CheckpointError``."""
+    try:
+        return _read_h5_layout(f, where, _ReadBudget(where))
+    except (FastUNetError, MemoryError):
+        raise
+    except Exception as exc:  # h5py raises OSError/KeyError/TypeError/... for damaged or odd files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{where} cannot be read as Keras weights: {first}") from None
+
+
+def _read_h5_layout(f, where: str, budget: _ReadBudget) -> list[_KerasConv]:
     if _h5_attr_list(f, "layer_names") is not None:
-        return _read_legacy(f, where)
+        return _read_legacy(f, where, budget)
     if "model_weights" in f and _h5_attr_list(f["model_weights"], "layer_names") is not None:
-        return _read_legacy(f["model_weights"], where)
+        return _read_legacy(f["model_weights"], where, budget)
     for root in ("layers", "_layer_checkpoint_dependencies"):
         if root in f:
-            return _read_keras3(f[root], where, by_class=root == "layers")
-    raise ValueError(
+            return _read_keras3(f[root], where, by_class=root == "layers", budget=budget)
+    raise CheckpointError(
         f"{where} is an HDF5 file but not a Keras model or weights file: it has neither a 'layer_names' "
         "attribute (tf.keras 2 weights), a 'model_weights' group (tf.keras 2 model) nor a 'layers' group "
         f"(Keras 3 .weights.h5); its top level holds {sorted(f.keys())[:8]}"
@@ -180,22 +210,37 @@ def _read_keras_source(source) -> tuple[list[_KerasConv], str]:
                 "from_keras needs h5py to read Keras files: pip install 'fastunet[keras]'"
             ) from h5py_error
         if zipfile.is_zipfile(path):  # a Keras 3 .keras archive: its weights are model.weights.h5
-            with zipfile.ZipFile(path) as zf:
-                if "model.weights.h5" not in zf.namelist():
-                    raise ValueError(f"{path!r} is a zip archive without model.weights.h5: not a Keras 3 .keras file")
-                data = io.BytesIO(zf.read("model.weights.h5"))
-            with h5py.File(data, "r") as f:
+            check_zip_size(path)
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    if "model.weights.h5" not in zf.namelist():
+                        raise CheckpointError(
+                            f"{path!r} is a zip archive without model.weights.h5: not a Keras 3 .keras file"
+                        )
+                    data = io.BytesIO(zf.read("model.weights.h5"))
+                f = h5py.File(data, "r")
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+                if isinstance(exc, FastUNetError):
+                    raise
+                raise CheckpointError(f"{path!r} cannot be read as a .keras archive: {exc}") from None
+            with f:
                 return _read_h5(f, f"{path!r} (model.weights.h5)"), path
         if not h5py.is_hdf5(path):
-            raise ValueError(f"{path!r} is not an HDF5 file (nor a .keras archive): from_keras reads Keras .h5 files")
-        with h5py.File(path, "r") as f:
+            raise CheckpointError(
+                f"{path!r} is not an HDF5 file (nor a .keras archive): from_keras reads Keras .h5 files"
+            )
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise CheckpointError(f"{path!r} cannot be read as HDF5 (truncated or corrupt): {exc}") from None
+        with f:
             return _read_h5(f, repr(path)), path
     if isinstance(source, (list, tuple)):
         convs, arrays = [], [np.asarray(a) for a in source]
         i = 0
         while i < len(arrays):
             if arrays[i].ndim != 4:
-                raise ValueError(
+                raise CheckpointError(
                     f"get_weights()[{i}] has shape {tuple(arrays[i].shape)} where a Conv2D kernel [kh, kw, in, out] "
                     "was expected: from_keras reads a U-Net of Conv2D layers only (kernel, bias, kernel, bias, ...)"
                 )
@@ -248,8 +293,10 @@ def from_keras(source, *, cls: type = UNet, **options) -> UNet:
     the classes. The model takes NCHW inputs ``[N, in_ch, H, W]`` (Keras took NHWC) and returns
     ``[N, out_ch, H, W]``; Keras' sigmoid head is the preset's ``out_activation="sigmoid"``.
 
-    Raises ``ValueError`` naming the first layer whose count, kernel size or shape does not fit
-    that U-Net, or saying the file is not a Keras weights file.
+    Raises ``fastunet.CheckpointError`` (a ``ValueError``) naming the first layer whose count,
+    kernel size or shape does not fit that U-Net, or a non-finite weight, or saying the file is not
+    a (readable) Keras weights file; ``fastunet.LimitError`` for a depth, width or decompressed
+    size over its limit (``fastunet.limits``), checked before the model is allocated.
     """
     inferred = {"in_ch", "out_ch", "base_channels", "depth", "pre_head", "conv_bias", "preset"}
     bad = sorted(inferred & set(options))
@@ -260,7 +307,7 @@ def from_keras(source, *, cls: type = UNet, **options) -> UNet:
     has_pre_head = n % 5 == 4
     depth = (n - 4) // 5 if has_pre_head else (n - 3) // 5
     if n % 5 not in (3, 4) or depth < 1:
-        raise ValueError(
+        raise CheckpointError(
             f"{where} holds {n} conv layers; zhixuhao's unet() has 24 (5*depth + 4 with the 3x3 pre-head conv, "
             "5*depth + 3 without: two 3x3 convs per level and in the bottleneck, a 2x2 up conv per decoder level, "
             "the 1x1 head)"
@@ -271,31 +318,41 @@ def from_keras(source, *, cls: type = UNet, **options) -> UNet:
     biased = [c.bias is not None for c in convs[:-1]]
     if any(biased) and not all(biased):
         odd = convs[biased.index(not biased[0])]
-        raise ValueError(
+        raise CheckpointError(
             f"{where}: layer {odd.name!r} {'has' if odd.bias is not None else 'lacks'} a bias unlike layer "
             f"{convs[0].name!r}; the U-Net's convs either all have one or none do (conv_bias)"
         )
     if convs[-1].bias is None:
-        raise ValueError(f"{where}: the 1x1 head {convs[-1].name!r} has no bias; the U-Net's head always has one")
-    model = cls(
-        in_ch, out_ch, preset="keras", base_channels=base, depth=depth, pre_head=pre_head, conv_bias=all(biased),
-        **options,
-    )  # fmt: skip
-    targets = _keras_targets(model)
+        raise CheckpointError(f"{where}: the 1x1 head {convs[-1].name!r} has no bias; the U-Net's head always has one")
+    check_architecture(where, in_ch=in_ch, out_ch=out_ch, base_channels=base, depth=depth)
+    values = {f"{c.name}.{part}": torch.from_numpy(np.asarray(a, dtype=np.float32)) for c in convs
+              for part, a in (("kernel", c.kernel), ("bias", c.bias)) if a is not None}  # fmt: skip
+    check_state_dict(values, where, one_dtype=False)
+
+    def build():
+        return cls(
+            in_ch, out_ch, preset="keras", base_channels=base, depth=depth, pre_head=pre_head, conv_bias=all(biased),
+            **options,
+        )  # fmt: skip
+
     desc = (
         f"{cls.__name__}({in_ch}, {out_ch}, preset='keras', base_channels={base}, depth={depth}, pre_head={pre_head})"
     )
+    with torch.device("meta"):  # shapes only: a file's sizes are checked before a model is allocated
+        targets = _keras_targets(build())
     if len(targets) != n:  # the options (e.g. pre_head=0) changed the module tree
-        raise ValueError(f"{desc} has {len(targets)} convs but {where} holds {n} conv layers")
+        raise CheckpointError(f"{desc} has {len(targets)} convs but {where} holds {n} conv layers")
+    for i, (conv, (name, module)) in enumerate(zip(convs, targets, strict=True)):
+        want = tuple(module.weight.shape)
+        hwio = (want[2], want[3], want[1], want[0])
+        if tuple(conv.kernel.shape) != hwio:
+            raise CheckpointError(
+                f"{where}: Keras layer {conv.name!r} (conv layer {i + 1} of {n}) has a kernel of shape "
+                f"{tuple(conv.kernel.shape)} (HWIO) but {name} of {desc} needs {hwio}"
+            )
+    model = build()
     with torch.no_grad():
-        for i, (conv, (name, module)) in enumerate(zip(convs, targets, strict=True)):
-            want = tuple(module.weight.shape)
-            hwio = (want[2], want[3], want[1], want[0])
-            if tuple(conv.kernel.shape) != hwio:
-                raise ValueError(
-                    f"{where}: Keras layer {conv.name!r} (conv layer {i + 1} of {n}) has a kernel of shape "
-                    f"{tuple(conv.kernel.shape)} (HWIO) but {name} of {desc} needs {hwio}"
-                )
+        for conv, (_, module) in zip(convs, _keras_targets(model), strict=True):
             module.weight.copy_(torch.from_numpy(np.ascontiguousarray(conv.kernel.transpose(3, 2, 0, 1))))
             if conv.bias is not None:
                 module.bias.copy_(torch.from_numpy(np.asarray(conv.bias)))
@@ -331,7 +388,7 @@ def _map_key(key: str, paths: dict[str, str]) -> str | None:
 
 
 def _milesial_depth(keys) -> int:
-    downs = {int(m.group(1)) for k in keys if (m := re.match(r"down(\d+)\.", k))}
+    downs = {int(m.group(1)) for k in keys if isinstance(k, str) and (m := re.match(r"down(\d{1,9})\.", k))}
     return max(downs) if downs else 0
 
 
@@ -363,11 +420,14 @@ def from_milesial(
     ``up{j+5}.*``, ``up{j}.conv.double_conv.X`` -> ``conv{j+5}.conv.X``, ``outc.conv.*`` ->
     ``conv10.*``.
 
-    Raises ``ValueError`` naming the first missing, unexpected or mis-shaped key.
+    Raises ``fastunet.CheckpointError`` (a ``ValueError``) for an unreadable file and naming the
+    first missing, unexpected or mis-shaped key or invalid tensor (``check_state_dict``), and
+    ``fastunet.LimitError`` for a depth or width over its limit; both before the model is
+    allocated.
     """
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        sd = torch.load(os.fspath(state_dict_or_path), map_location=map_location, weights_only=True)
         where = repr(os.fspath(state_dict_or_path))
+        sd = unwrap_state_dict(read_torch_file(state_dict_or_path, map_location), where)
     else:
         sd, where = state_dict_or_path, "the state_dict"
     if not isinstance(sd, dict):
@@ -381,47 +441,53 @@ def from_milesial(
         sd = {k[len("module.") :]: v for k, v in sd.items()}
         sd.pop("mask_values", None)
     for key in ("inc.double_conv.0.weight", "outc.conv.weight"):
-        if key not in sd:
-            raise ValueError(
-                f"{where} is not a milesial UNet state_dict: it has no {key!r} (its first keys: {list(sd)[:4]})"
+        if not isinstance(sd.get(key), torch.Tensor) or sd[key].dim() != 4:
+            raise CheckpointError(
+                f"{where} is not a milesial UNet state_dict: it has no 4-D tensor {key!r} (its first keys: "
+                f"{list(sd)[:4]})"
             )
     has_up_weight = "up1.up.weight" in sd
     if bilinear is None:
         bilinear = not has_up_weight
     elif bool(bilinear) == has_up_weight:
-        raise ValueError(
+        raise CheckpointError(
             f"bilinear={bilinear} contradicts {where}: it "
             + ("has up1.up.weight (a transposed-conv checkpoint, bilinear=False)" if has_up_weight
                else "has no up1.up.weight (a bilinear checkpoint, bilinear=True)")
         )  # fmt: skip
     depth = _milesial_depth(sd)
     if depth < 1:
-        raise ValueError(f"{where} has no down1.* keys: not a milesial UNet state_dict")
+        raise CheckpointError(f"{where} has no down1.* keys: not a milesial UNet state_dict")
     first, head = sd["inc.double_conv.0.weight"], sd["outc.conv.weight"]
     in_ch, base, out_ch = int(first.shape[1]), int(first.shape[0]), int(head.shape[0])
+    check_architecture(where, in_ch=in_ch, out_ch=out_ch, base_channels=base, depth=depth)
     preset = "milesial-bilinear" if bilinear else "milesial"
     # Versions of his DoubleConv before v3.0 gave the 3x3 convs a bias.
     conv_bias = "inc.double_conv.0.bias" in sd
-    model = cls(in_ch, out_ch, preset=preset, base_channels=base, depth=depth, conv_bias=conv_bias, **options)
-    if isinstance(first, torch.Tensor) and first.is_floating_point():
-        model.to(device=first.device, dtype=first.dtype)  # the checkpoint's, as load_state_dict would not
     desc = f"milesial UNet(n_channels={in_ch}, n_classes={out_ch}, bilinear={bool(bilinear)})"
     paths = _milesial_paths(depth)
-    ours = model.state_dict()
-    expected = {_map_key(k, paths): k for k in ours}
+    with torch.device("meta"):  # names and shapes first: a file's sizes are checked before allocating
+        ours = cls(in_ch, out_ch, preset=preset, base_channels=base, depth=depth, conv_bias=conv_bias, **options)
+    shapes = ours.state_dict()
+    expected = {_map_key(k, paths): k for k in shapes}
     if None in expected:
         raise AssertionError(f"unmapped key of ours: {expected[None]}")
     for k in expected:
         if k not in sd:
-            raise ValueError(f"{where} is missing key {k!r} of a {desc}")
+            raise CheckpointError(f"{where} is missing key {k!r} of a {desc}")
     for k, v in sd.items():
         if k not in expected:
-            raise ValueError(f"{where} has unexpected key {k!r}: a {desc} has no such key")
-        want = tuple(ours[expected[k]].shape)
+            raise CheckpointError(f"{where} has unexpected key {k!r}: a {desc} has no such key")
+        want = tuple(shapes[expected[k]].shape)
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{where}: {k!r} has shape {got} but a {desc} needs {want}")
-    model.load_state_dict({expected[k]: v for k, v in sd.items()}, strict=True)
+            raise CheckpointError(f"{where}: {k!r} has shape {got} but a {desc} needs {want}")
+    check_state_dict(sd, where)
+    renamed = {expected[k]: v for k, v in sd.items()}
+    model = cls(in_ch, out_ch, preset=preset, base_channels=base, depth=depth, conv_bias=conv_bias, **options)
+    if first.is_floating_point():
+        model.to(device=first.device, dtype=first.dtype)  # the checkpoint's, as load_state_dict would not
+    model.load_state_dict(renamed, strict=True)
     return model
 
 

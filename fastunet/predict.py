@@ -31,12 +31,15 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .errors import NonFiniteInputWarning
 
 __all__ = ["predict", "BLENDS", "TTAS", "PAD_MODES", "tile_starts", "importance_map"]
 
@@ -154,7 +157,7 @@ class _Image:
     """The input as the caller gave it, read lazily in rows as ``[N, C, rows, W]`` tensors.
 
     ``layout``: "NCHW"/"CHW" (tensor or numpy), "NHWC"/"HWC" (numpy) or "HW" (2-D numpy, one
-    channel). ``scale``: 1/255 for uint8, 1/65535 for uint16, else None.
+    channel). ``scale``: 1 / the dtype's maximum for 8- and 16-bit integers, else None.
     """
 
     data: object
@@ -186,7 +189,10 @@ class _Image:
                 block = block[n]
             np_dtype = np.float64 if dtype == torch.float64 else np.float32
             # One copy: the read (memmap rows come off the disk here), the layout and the cast.
-            t = torch.from_numpy(np.ascontiguousarray(block, dtype=np_dtype))
+            block = np.ascontiguousarray(block, dtype=np_dtype)
+            if not block.flags.writeable:  # rows of a read-only memmap in its own dtype: a copy torch may own
+                block = block.copy()
+            t = torch.from_numpy(block)
         else:
             x = self.data if self.layout == "NCHW" else self.data.unsqueeze(0)
             t = x[n][:, :, sel].to(dtype)
@@ -203,8 +209,34 @@ class _Image:
         }[self.layout]  # fmt: skip
 
 
-_INT_SCALES = {np.dtype(np.uint8): 1 / 255, np.dtype(np.uint16): 1 / 65535}
-_TORCH_INT_SCALES = {torch.uint8: 1 / 255, torch.uint16: 1 / 65535}
+_MAX_SCALED_BITS = 16
+
+
+def _int_scale(dtype: object, bits: int, maximum: int) -> float:
+    """1 / ``maximum`` for an integer image dtype of up to 16 bits: uint8 and uint16 map to [0, 1],
+    int8 and int16 to [-1, 1] (as torchvision's ``to_dtype(scale=True)`` does). Wider integers
+    have no conventional range (a 32-bit image may hold 12-bit data): refused, not guessed."""
+    if bits > _MAX_SCALED_BITS:
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"predict scales integer images by their dtype's range (uint8, int8, uint16, int16); a {name} image "
+            f"has no conventional range: convert it to floating point scaled as the model was trained, e.g. "
+            f"image.astype(np.float32) / 4095 for 12-bit data (tensor: image.float() / 4095)"
+        )
+    return 1 / maximum
+
+
+def _scale_of(dtype: np.dtype | torch.dtype) -> float | None:
+    """The factor ``predict`` multiplies an image of ``dtype`` by (None: used as it is)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            return None
+        info = torch.iinfo(dtype)
+        return _int_scale(dtype, info.bits, info.max)
+    if dtype.kind in "ui":  # any byte order: a big-endian uint16 TIFF is scaled like a native one
+        info = np.iinfo(dtype)
+        return _int_scale(dtype, info.bits, info.max)
+    return None
 
 
 def _as_image(image: object, in_ch: int) -> _Image:
@@ -223,7 +255,7 @@ def _as_image(image: object, in_ch: int) -> _Image:
         if image.is_complex():
             raise ValueError(f"predict expects a real image, got dtype {image.dtype}")
         n = image.shape[0] if image.dim() == 4 else 1
-        scale = _TORCH_INT_SCALES.get(image.dtype)
+        scale = _scale_of(image.dtype)
         layout = "NCHW" if image.dim() == 4 else "CHW"
         img = _Image(image, False, layout, n, c, image.shape[-2], image.shape[-1], scale, image.device)
     elif isinstance(image, np.ndarray):
@@ -238,7 +270,7 @@ def _as_image(image: object, in_ch: int) -> _Image:
 def _numpy_image(a: np.ndarray, in_ch: int) -> _Image:
     if a.dtype.kind not in "buif":
         raise ValueError(f"predict expects a numeric image array, got dtype {a.dtype}")
-    scale = _INT_SCALES.get(a.dtype)
+    scale = _scale_of(a.dtype)
     cpu = torch.device("cpu")
     if a.ndim == 2:
         if in_ch != 1:
@@ -261,6 +293,38 @@ def _numpy_image(a: np.ndarray, in_ch: int) -> _Image:
         f"the model expects {in_ch} input channel(s) on the last axis (HWC) or the first (CHW), got an array of "
         f"shape {a.shape}"
     )
+
+
+_FINITE_CHUNK = 1 << 24  # values per pass when counting NaN/Inf in an array (a memmap is not read whole)
+
+
+def _count_non_finite(img: _Image) -> int:
+    """How many NaN and Inf values a floating-point input holds (0 for integers)."""
+    data = img.data
+    if not img.is_numpy:
+        return int((~torch.isfinite(data)).sum()) if data.is_floating_point() or data.is_complex() else 0
+    if data.dtype.kind not in "fc":
+        return 0
+    if not data.flags.c_contiguous:  # an in-memory view: counted in one pass
+        return int(data.size - np.count_nonzero(np.isfinite(data)))
+    flat = data.reshape(-1)
+    return sum(
+        int(part.size - np.count_nonzero(np.isfinite(part)))
+        for part in (flat[i : i + _FINITE_CHUNK] for i in range(0, flat.size, _FINITE_CHUNK))
+    )
+
+
+def _warn_non_finite(img: _Image) -> None:
+    count = _count_non_finite(img)
+    if count:
+        total = img.n * img.c * img.h * img.w
+        warnings.warn(
+            f"predict: the input holds {count:,} NaN or Inf value(s) of {total:,}; each spreads through the "
+            "convolutions to every output pixel it reaches (NaN probabilities, 0 in a thresholded mask): replace "
+            "them first (numpy.nan_to_num / torch.nan_to_num)",
+            NonFiniteInputWarning,
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------- output
@@ -289,15 +353,13 @@ class _Output:
 
 
 def _nkhw_view(out: object, layout: str, k: int):
-    """``out`` indexed as ``[N, K, H, W]`` (a view: writes go to ``out``)."""
-    if isinstance(out, Tensor):
-        if layout == "CHW":
-            return out.unsqueeze(0)
-        return out
+    """``out`` (a tensor or an array, whichever family the input was) indexed as
+    ``[N, K, H, W]`` (a view: writes go to ``out``)."""
+    permute = out.permute if isinstance(out, Tensor) else out.transpose
     if layout == "NHWC":
-        return out.transpose(0, 3, 1, 2)
+        return permute(0, 3, 1, 2)
     if layout == "HWC" or (layout == "HW" and k > 1):
-        return out.transpose(2, 0, 1)[None]
+        return permute(2, 0, 1)[None]
     if layout == "HW":
         return out[None, None]
     if layout == "CHW":
@@ -523,9 +585,12 @@ def predict(
         image: a tensor ``[C, H, W]`` or ``[N, C, H, W]``, or a numpy array ``[H, W]`` (one
             channel), ``[H, W, C]``, ``[C, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]`` (when
             both the first and the last axis equal ``in_ch``, HWC is assumed). Any H, W >= 1.
-            uint8 is scaled by 1/255 and uint16 by 1/65535 (tensors too); other dtypes are
-            cast to the model's dtype as they are. A numpy memmap is read one tile row at a
-            time on the host path (below).
+            Integers are scaled by their dtype's maximum (tensors too; any byte order): uint8
+            by 1/255 and uint16 by 1/65535 to [0, 1], int8 by 1/127 and int16 by 1/32767 to
+            [-1, 1]; wider integers (int32, int64, uint32, uint64) are refused, having no
+            conventional range. Floats are cast to the model's dtype as they are; NaN or Inf
+            among them raise one ``fastunet.NonFiniteInputWarning`` with their count. A numpy
+            memmap is read one tile row at a time on the host path (below).
         tile_size: None: the whole image in one forward when it fits the memory budget,
             otherwise tiles of a size chosen to fit (at most 1024). An int or (height, width):
             sliding windows of that size, multiples of ``2**depth``; an image smaller than the
@@ -551,7 +616,8 @@ def predict(
             On CUDA the model runs its fused Triton path, on CPU the eager fallback.
         progress: show a tqdm bar over tiles.
         out: optional destination of the result's shape and layout (a numpy array, a
-            ``numpy.memmap``, or a tensor), floating point; returned.
+            ``numpy.memmap``, or a tensor, for an input of either family), floating point;
+            returned.
         max_device_bytes: memory predict may allocate on the device (None: 80 % of free CUDA
             memory, or half the available RAM on CPU). When the padded image and its
             accumulator exceed it, tiles run one row at a time and the output accumulates on
@@ -564,13 +630,15 @@ def predict(
         K = 1), float32 (float64 for a float64 model), or ``out``.
 
     Raises:
-        ValueError: before any work, for a wrong channel count or array rank, a tile that is
-            not a positive multiple of ``2**depth``, ``overlap`` outside [0, 1), an unknown
-            ``blend``/``tta``/``pad_mode``, ``batch_size < 1``, an ``out`` of the wrong shape,
-            or ``device`` other than the model's.
+        ValueError: before any work, for a wrong channel count or array rank, an integer
+            dtype wider than 16 bits, a tile that is not a positive multiple of ``2**depth``,
+            ``overlap`` outside [0, 1), an unknown ``blend``/``tta``/``pad_mode``,
+            ``batch_size < 1``, an ``out`` of the wrong shape, or ``device`` other than the
+            model's.
 
     The model runs in eval mode under ``torch.inference_mode``; the mode of each of its
-    modules is restored afterwards. NaN in the input propagates to the outputs it reaches.
+    modules is restored afterwards. NaN in the input propagates to the outputs it reaches
+    (with a warning, above).
     """
     depth, in_ch, out_ch = _check_model(model)
     _check_options(overlap, blend, batch_size, tta, pad_mode, dtype, max_device_bytes, progress)
@@ -579,6 +647,7 @@ def predict(
     tile = _check_tile(tile_size, multiple)
     img = _as_image(image, in_ch)
     run_device, param_dtype = _model_device(model, device, img)
+    _warn_non_finite(img)
     acc = torch.float64 if param_dtype == torch.float64 else torch.float32
     if out is not None and out_ch is not None:
         _check_out(out, img.result_shape(out_ch))

@@ -42,12 +42,14 @@ def validate_input(
         )
     if not x.is_floating_point():
         raise TypeError(
-            f"UNet expects a floating-point input (float32, float16, bfloat16 or float64), got "
-            f"{x.dtype}; convert it first, e.g. x.float() / 255 for 8-bit images"
+            f"UNet expects a floating-point input (float32, float16, bfloat16 or float64), got {x.dtype}; "
+            f"{_conversion_advice(x.dtype)}"
         )
     n, c, h, w = x.shape
     if c != in_ch:
         raise ValueError(f"UNet was built for {in_ch} input channels, got an input with {c} (shape {tuple(x.shape)})")
+    if h < 1 or w < 1:
+        raise ValueError(f"UNet needs an image of at least one pixel, got H={h}, W={w} (shape {tuple(x.shape)})")
     m = 2**depth
     if odd_sizes == "pad":
         if h < m or w < m:
@@ -67,6 +69,22 @@ def validate_input(
     autocast = x.dtype != torch.float64 and _autocast_enabled(x.device.type)
     if x.dtype != param_dtype and not autocast:
         raise TypeError(dtype_mismatch_message(x.dtype, param_dtype, x.device))
+
+
+def _conversion_advice(dtype: torch.dtype) -> str:
+    """How to turn an input of a non-float ``dtype`` into what the model takes: scaled by the
+    dtype's range where it has a conventional one (fastunet.predict does the same)."""
+    if dtype == torch.bool:
+        return "convert it first: x.float()"
+    if dtype.is_complex:
+        return "a U-Net takes real images: pass x.real or x.abs(), as a float tensor"
+    info = torch.iinfo(dtype)
+    if info.bits <= 16:
+        return f"convert it first, scaled by its range: x.float() / {info.max} (what fastunet.predict does)"
+    return (
+        f"convert it first, scaled as the model was trained: {str(dtype).removeprefix('torch.')} has no conventional "
+        "range (e.g. x.float() / 4095 for 12-bit data)"
+    )
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -1,0 +1,46 @@
+"""Files written whole or not at all: every file fastunet writes goes to a temporary name in its
+folder and is renamed over the final name (``os.replace``, atomic on POSIX and Windows) only once
+complete, so an interrupted run (an exception, Ctrl-C, SIGKILL, a full disk) never leaves a
+half-written file under the final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "PARTIAL_SUFFIX"]
+
+#: The temporary files end in ``.partial`` + the final suffix (writers that go by the suffix
+#: still see it); one left behind by a killed run can be deleted.
+PARTIAL_SUFFIX = ".partial"
+
+
+def _fsync(path: Path) -> None:
+    # Data on the disk before the rename, so a crash cannot leave the new name on an empty file.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """A new, empty temporary file next to ``final`` (``.NAME.<random>.partial.SUFFIX``) for the
+    caller to write; on a normal exit it is flushed to disk and renamed to ``final`` (replacing
+    a file there), on an exception it is removed and ``final`` is left as it was. The temporary
+    file is created with the usual permissions (0o666 less the umask), not private ones."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}{final.suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
