@@ -6,11 +6,13 @@ GPUs its forward runs fused Triton kernels, elsewhere the exact eager math.
 
 from . import graphs, ops  # noqa: F401  (ops registers torch.ops.fastunet.*)
 from .backend import BACKENDS, get_backend, set_backend
-from .checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .checkpoint import load_pretrained, save_pretrained
 from .convert import accelerate
+from .errors import CheckpointError, FastUNetError, ImageError, LimitError, NonFiniteInputWarning
 from .export import export, export_dynamic_shapes, export_onnx
 from .graphs import CudaGraphRunner
 from .guard import FusedPathWarning, FusedSupport, check_fused_support
+from .limits import get_limit, set_limits
 from .memory import saved_tensor_bytes
 from .model import UNet
 from .predict import predict
@@ -42,6 +44,12 @@ __all__ = [
     "export_dynamic_shapes",
     "save_pretrained",
     "load_pretrained",
+    "FastUNetError",
     "CheckpointError",
+    "ImageError",
+    "LimitError",
+    "NonFiniteInputWarning",
+    "set_limits",
+    "get_limit",
     "__version__",
 ]

@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "PARTIAL_SUFFIX"]
+__all__ = ["atomic_path", "scratch_path", "PARTIAL_SUFFIX"]
 
 #: The temporary files end in ``.partial`` + the final suffix (writers that go by the suffix
 #: still see it); one left behind by a killed run can be deleted.
@@ -44,3 +44,16 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def scratch_path(folder: str | os.PathLike, suffix: str) -> Iterator[Path]:
+    """A new, empty temporary file in ``folder`` (``.fastunet-scratch.<random>.partial.SUFFIX``),
+    removed on exit whatever happens: room on the disk for data too large for memory."""
+    path = Path(folder) / f".fastunet-scratch.{secrets.token_hex(4)}{PARTIAL_SUFFIX}{suffix}"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -203,27 +204,29 @@ def describe_mismatch(expected: dict, got: dict) -> str | None:
 
 def check_state_dict(state: dict, where: str, *, one_dtype: bool = True) -> None:
     """Raise ``CheckpointError`` naming the first tensor of ``state`` that no trained model has:
-    a value that is not a tensor, a complex tensor, NaN or Inf in a floating-point tensor, a
-    negative BatchNorm ``running_var``, or (``one_dtype``) a floating-point tensor whose dtype
-    differs from the first one's (a model is one dtype; a mixed one fails only when it trains).
+    a value that is not a tensor, a complex tensor, (``one_dtype``) a floating-point tensor whose
+    dtype differs from most of the others' (a model is one dtype; a mixed one fails only when it
+    trains), NaN or Inf in a floating-point tensor, or a negative BatchNorm ``running_var``.
     ``where`` names the file in the message. Integer tensors (``num_batches_tracked``) are left
     alone; meta tensors are checked for type and dtype only."""
-    first = None
+    floats = {}
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{where}: '{name}' is a {type(t).__name__}, not a tensor")
         if t.is_complex():
             raise CheckpointError(f"{where}: tensor '{name}' is {t.dtype}: a U-Net's weights are real")
-        if not t.is_floating_point():
-            continue
-        if first is None:
-            first = name
-        elif one_dtype and t.dtype != state[first].dtype:
-            raise CheckpointError(
-                f"{where}: tensor '{name}' is {str(t.dtype).removeprefix('torch.')} but '{first}' is "
-                f"{str(state[first].dtype).removeprefix('torch.')}: a checkpoint's floating-point tensors share one "
-                "dtype (convert the whole model, e.g. model.float(), before saving it)"
-            )
+        if t.is_floating_point():
+            floats[name] = t
+    dtypes = Counter(t.dtype for t in floats.values())
+    if one_dtype and len(dtypes) > 1:
+        (common, count), *_ = dtypes.most_common()
+        name = next(name for name, t in floats.items() if t.dtype != common)
+        raise CheckpointError(
+            f"{where}: tensor '{name}' is {_dtype_name(floats[name].dtype)} while {count} of the "
+            f"{len(floats)} floating-point tensors are {_dtype_name(common)}: a checkpoint is one dtype (convert the "
+            "whole model, e.g. model.float(), before saving it)"
+        )
+    for name, t in floats.items():
         if t.is_meta:
             continue
         bad = int((~torch.isfinite(t)).sum())
@@ -237,6 +240,10 @@ def check_state_dict(state: dict, where: str, *, one_dtype: bool = True) -> None
                 f"{where}: tensor '{name}' (a BatchNorm running variance) has negative values (min "
                 f"{t.min().item():.3g}): damaged weights; a variance is >= 0"
             )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def load_pretrained(

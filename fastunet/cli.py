@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,6 +42,14 @@ files written, per input NAME.EXT:
   DIR/NAME_probs.npy    with --save-probs npy: float32 [H, W] (1 channel) or [H, W, K]
   DIR/NAME_probs.tif    with --save-probs tiff: the same as a float32 TIFF
   For --out-activation none (logits) the probabilities are sigmoid (1 channel) or softmax (K) of them.
+
+safety:
+  An input is never written over; an existing output is replaced only with --overwrite (checked for every
+  file before any work). Each file is written under a temporary name in DIR and renamed when complete, so
+  an interrupted run leaves no half-written file. An image that cannot be read is reported in one line
+  and the others go on. Image sizes are checked before decoding (FASTUNET_LIMITS raises the limits).
+  Exit status: 0 all written, 1 some image or the weights failed (one line each, then a summary),
+  2 a usage error (one line, nothing done). --debug shows tracebacks.
 """
 _BENCH_HELP = """fastunet bench [OPTIONS]: run the benchmark suite, benchmarks/run.py, with OPTIONS.
 
@@ -56,6 +63,25 @@ examples:
   fastunet bench --mode predict                  # whole-image predict vs raw tile forwards (and MONAI)
   fastunet bench --mode training --dtype bf16 --batch 8 --size 256
 """
+
+
+class UsageError(Exception):
+    """A problem with the command line or the files it names, found before any work (exit 2)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one line the CLI prints: the package's own errors and the usual
+    file errors as their message, anything else with its type and a pointer to ``--debug``."""
+    from .errors import FastUNetError
+    from .imageio import MissingDependency
+
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if isinstance(exc, (FastUNetError, MissingDependency, UsageError, ValueError, OSError)):
+        if isinstance(exc, OSError) and exc.filename and exc.strerror:
+            return f"{exc.filename}: {exc.strerror}"
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text} (unexpected; rerun with --debug for the traceback)"
 
 
 def _positive(text: str) -> int:
@@ -75,8 +101,15 @@ _TOP_EXAMPLES = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line on stderr (exit status 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastunet",
         description="fastunet: a U-Net whose hot paths are fused Triton kernels.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--base-channels", type=_positive, default=64, help="width of the first level")
     tune.add_argument("--depth", type=_positive, default=4, help="number of poolings")
     tune.add_argument("--device", default="cuda", help="the GPU to tune on, e.g. cuda:1")
+    tune.add_argument("--debug", action="store_true", help="show the traceback of an error")
     _add_predict(sub)
     # Listed here for the top-level help only: main() hands `bench ...` to benchmarks/run.py
     # before argparse sees it, so `fastunet bench --help` shows the suite's own options.
@@ -148,7 +182,8 @@ def _add_predict(sub) -> None:
                    help="state_dict saved with torch.save (.pt/.pth; a {'state_dict': ...} or {'model': ...} "
                         "wrapper works) or a .safetensors file (required)")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
-                   help="output directory, created if missing (required)")  # fmt: skip
+                   help="output directory, created if missing; existing outputs are not replaced without "
+                        "--overwrite (required)")  # fmt: skip
     p.add_argument("--in-ch", type=_positive, default=None, help="input channels (default: from the checkpoint)")
     p.add_argument("--out-ch", type=_positive, default=None, help="output channels (default: from the checkpoint)")
     p.add_argument("--base-channels", type=_positive, default=None,
@@ -179,6 +214,10 @@ def _add_predict(sub) -> None:
                         "time with the output on the host (default: 80%% of free GPU memory, or half the "
                         "free RAM)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that exist already (default: refuse, naming the first; an input is "
+                        "never written over)")  # fmt: skip
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line each)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -190,13 +229,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def _tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _tune(args: argparse.Namespace) -> int:
     from .model import UNet
     from .tuning import tune
 
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        parser.error(
+        raise UsageError(
             f"tuning needs an NVIDIA GPU (device {args.device!r}; torch.cuda.is_available() is "
             f"{torch.cuda.is_available()}): on a CPU fastunet runs the eager path, with nothing to tune"
         )
@@ -204,7 +243,7 @@ def _tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     w = args.width or args.size
     m = 2**args.depth
     if h % m or w % m:
-        parser.error(f"height and width must be multiples of 2**depth = {m}, got {h}x{w}")
+        raise UsageError(f"height and width must be multiples of 2**depth = {m}, got {h}x{w}")
     model = UNet(args.in_ch, args.out_ch, base_channels=args.base_channels, depth=args.depth).to(device)
     x = torch.randn(args.batch, args.in_ch, h, w, device=device)
     modes = ("eval", "train") if args.mode == "both" else (args.mode,)
@@ -219,206 +258,53 @@ def _tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 # --------------------------------------------------------------------------- predict
-def _load_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise SystemExit(f"fastunet predict: {path} is a .safetensors file: pip install safetensors") from exc
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SystemExit(f"fastunet predict: {path} does not hold a state_dict (a dict of tensors)")
-    # Saved from nn.DataParallel / DistributedDataParallel: the same keys under "module.".
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    return obj
-
-
-def _architecture(sd: dict, args: argparse.Namespace, path: Path) -> dict:
-    """UNet options: the checkpoint's shapes, overridden by what the command line gives."""
-    first = sd.get("conv1.conv.0.weight")
-    levels = [int(k.split(".")[0][4:]) for k in sd if k.startswith("conv") and k.endswith(".conv.0.weight")]
-    inferred = {}
-    if first is not None and first.dim() == 4 and levels:
-        depth = (max(levels) - 1) // 2
-        head = sd.get(f"conv{2 * depth + 2}.weight")
-        inferred = {"in_ch": first.shape[1], "base_channels": first.shape[0], "depth": depth}
-        if head is not None:
-            inferred["out_ch"] = head.shape[0]
-    arch = {}
-    for key in ("in_ch", "out_ch", "base_channels", "depth"):
-        value = getattr(args, key) if getattr(args, key) is not None else inferred.get(key)
-        if value is None:
-            raise SystemExit(
-                f"fastunet predict: cannot read {key} from {path} (its keys are not the classic U-Net's "
-                f"conv1.conv.0.weight, ...): give --{key.replace('_', '-')}"
-            )
-        arch[key] = int(value)
-    return arch
-
-
-def _predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _predict(args: argparse.Namespace) -> int:
+    """Check the command line and the files it names (``UsageError``, exit 2, before any work),
+    then ``cli_predict.run``."""
     from . import imageio
-    from .model import UNet
+    from .cli_predict import plan_outputs, prepare_out_dir, run
 
     inputs = [Path(p) for p in args.inputs]
     readable = imageio.PILLOW_SUFFIXES + imageio.TIFF_SUFFIXES
     for path in inputs:
         if path.suffix.lower() not in readable:
-            parser.error(f"{path}: unsupported file type {path.suffix!r} (reads {' '.join(readable)})")
+            raise UsageError(f"{path}: unsupported file type {path.suffix!r} (reads {' '.join(readable)})")
         if not path.is_file():
-            parser.error(f"{path}: no such file")
+            raise UsageError(f"{path}: no such file")
     stems = {}
     for path in inputs:
         if path.stem in stems:
-            parser.error(f"{stems[path.stem]} and {path} would write the same output names ({path.stem}_*)")
+            raise UsageError(f"{stems[path.stem]} and {path} would write the same output names ({path.stem}_*)")
         stems[path.stem] = path
     if args.no_mask and args.save_probs is None:
-        parser.error("--no-mask without --save-probs writes nothing")
+        raise UsageError("--no-mask without --save-probs writes nothing")
     if args.tile is not None and len(args.tile) > 2:
-        parser.error(f"--tile takes N or H W, got {len(args.tile)} numbers")
+        raise UsageError(f"--tile takes N or H W, got {len(args.tile)} numbers")
     try:
         imageio.required_modules(inputs, mask=not args.no_mask, probs=args.save_probs)
     except imageio.MissingDependency as exc:
-        parser.error(str(exc))
+        raise UsageError(str(exc)) from None
     if not args.weights.is_file():
-        parser.error(f"--weights {args.weights}: no such file")
+        raise UsageError(f"--weights {args.weights}: no such file")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
     if device is None:
         try:
             device = torch.device(args.device)
         except RuntimeError:
-            parser.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+            raise UsageError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: no CUDA device is available (use --device cpu)")
-
-    sd = _load_state_dict(args.weights)
-    arch = _architecture(sd, args, args.weights)
-    model = UNet(arch.pop("in_ch"), arch.pop("out_ch"), **arch, out_activation=args.out_activation)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise SystemExit(
-            f"fastunet predict: {args.weights} does not fit UNet({model.in_ch}, {model.out_ch}, "
-            f"base_channels={model.base_channels}, depth={model.depth}): {first_line}"
-        ) from exc
-    model = model.to(device).eval()
+            raise UsageError(f"--device {args.device}: no CUDA device is available (use --device cpu)")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
+    plans = plan_outputs(inputs, args.out, mask=not args.no_mask, probs=args.save_probs, overwrite=args.overwrite)
+    prepare_out_dir(args.out)
     tile = None if args.tile is None else (args.tile[0], args.tile[-1])
-    m = 2**model.depth
-    if tile is not None and any(t % m for t in tile):
-        parser.error(f"--tile must be a multiple of 2**depth = {m}, got {' '.join(map(str, args.tile))}")
-    args.out.mkdir(parents=True, exist_ok=True)
     options = dict(
         tile_size=tile, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size,
         tta=None if args.tta == "none" else args.tta, pad_mode=args.pad_mode, dtype=_DTYPES[args.dtype],
         max_device_bytes=None if args.max_device_mb is None else args.max_device_mb << 20,
     )  # fmt: skip
-    progress = not args.no_progress
-    bar = _image_bar(len(inputs), progress)
-    for path in inputs:
-        t0 = time.perf_counter()
-        try:
-            image = imageio.read_image(path, model.in_ch)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"fastunet predict: cannot read {path}: {exc}") from exc
-        written = _predict_one(model, image, path, args, options, progress and bar is not None)
-        message = f"{path}: {'x'.join(map(str, image.shape[:2]))} -> {', '.join(map(str, written))}"
-        message += f" ({time.perf_counter() - t0:.1f} s)"
-        if bar is not None:
-            bar.write(message)
-            bar.update(1)
-        else:
-            print(message)
-    if bar is not None:
-        bar.close()
-    return 0
-
-
-def _image_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the bars are a nicety: plain lines instead
-        return None
-    return tqdm(total=total, desc="images", unit="image", dynamic_ncols=True)
-
-
-def _predict_one(model, image, path: Path, args, options: dict, progress: bool) -> list[Path]:
-    from . import imageio
-    from .predict import predict
-
-    k = model.out_ch
-    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == model.in_ch):
-        h, w = image.shape[:2]
-    elif image.ndim == 3 and image.shape[0] == model.in_ch:  # a planar (CHW) TIFF
-        h, w = image.shape[-2:]
-    else:
-        raise SystemExit(
-            f"fastunet predict: {path}: the model takes {model.in_ch} channel(s), the image has shape {image.shape}"
-        )
-    shape = (h, w) if k == 1 else (h, w, k)
-    written = []
-    out = None
-    if args.save_probs:
-        suffix = ".npy" if args.save_probs == "npy" else ".tif"
-        probs_path = args.out / f"{path.stem}_probs{suffix}"
-        out = imageio.open_probs(probs_path, shape, args.save_probs)
-        written.append(probs_path)
-    hwk = _hwk_view(out, image, model.in_ch, k) if out is not None else None
-    try:
-        result = predict(model, image, out=hwk, progress=progress, **options)
-    except ValueError as exc:
-        raise SystemExit(f"fastunet predict: {path}: {exc}") from exc
-    probs = out if out is not None else _as_hw(result, image, model.in_ch, k)
-    if args.out_activation == "none":
-        _activate_in_place(probs, k)
-    if out is not None:
-        out.flush()
-    if not args.no_mask:
-        mask_path = args.out / f"{path.stem}_mask.png"
-        imageio.write_mask(mask_path, imageio.mask_from_probs(probs, args.threshold))
-        written.insert(0, mask_path)
-    return written
-
-
-def _layout_is_chw(image, in_ch: int) -> bool:
-    return image.ndim == 3 and image.shape[-1] != in_ch
-
-
-def _hwk_view(out, image, in_ch: int, k: int):
-    """The probabilities file ([H, W] or [H, W, K]) seen in the layout predict returns for
-    ``image`` (a view: predict writes straight into the file)."""
-    if image.ndim == 2:
-        return out
-    if _layout_is_chw(image, in_ch):
-        return out[None] if k == 1 else out.transpose(2, 0, 1)
-    return out[..., None] if k == 1 else out
-
-
-def _as_hw(result, image, in_ch: int, k: int):
-    """predict's result as [H, W] (one channel) or [H, W, K]."""
-    if _layout_is_chw(image, in_ch):
-        result = result.transpose(1, 2, 0)
-    if k == 1 and result.ndim == 3:
-        result = result[..., 0]
-    return result
-
-
-def _activate_in_place(probs, k: int) -> None:
-    """Logits to probabilities, a band of rows at a time (``probs`` may be memory-mapped)."""
-    for y in range(0, probs.shape[0], 1024):
-        band = torch.from_numpy(probs[y : y + 1024])
-        if k == 1:
-            band.sigmoid_()
-        else:
-            band.copy_(torch.softmax(band, dim=-1))
+    return run(args, device, plans, options)
 
 
 # --------------------------------------------------------------------------- bench
@@ -446,17 +332,35 @@ def _bench(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``fastunet COMMAND ...``; returns the exit status: 0, 1 when some work failed (each
+    failure one line on stderr), 2 for a usage error (one line, before any work). ``--debug``
+    lets an error's traceback through instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "tune":
-        return _tune(args, parser)
-    if args.command == "predict":
-        return _predict(args, parser)
-    parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices
-    return 2
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error, already printed (2): a status, not an exception
+        return exc.code if isinstance(exc.code, int) else 2
+    prog = f"fastunet {args.command}"
+    try:
+        if args.command == "tune":
+            return _tune(args)
+        return _predict(args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ command.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "PILLOW_SUFFIXES",
     "required_modules",
     "read_image",
+    "is_mapped",
     "open_probs",
     "mask_bands",
     "write_mask",
@@ -175,6 +177,15 @@ def _fit_channels(a: np.ndarray, in_ch: int, *, hwc: bool) -> np.ndarray:
         top = np.iinfo(a.dtype).max if a.dtype.kind in "ui" else 1
         return np.concatenate([a, np.full((*a.shape[:2], 1), top, dtype=a.dtype)], axis=-1)
     return a
+
+
+def is_mapped(a: np.ndarray) -> bool:
+    """Whether ``a`` is (a view of) a memory-mapped file: its data stays on the disk."""
+    while isinstance(a, np.ndarray):
+        if isinstance(a, np.memmap):
+            return True
+        a = a.base
+    return isinstance(a, mmap.mmap)
 
 
 def open_probs(path: Path, shape: tuple[int, ...], fmt: str) -> np.memmap:

@@ -64,6 +64,18 @@ def read_torch_file(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted save or download?)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    zip_magic = head == b"PK\x03\x04"
+    if not zip_magic and head[:1] != b"\x80":  # torch.save writes a zip archive, or (before 1.6) a pickle
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (neither the zip archive nor the pickle torch.save writes)"
+        )
+    if zip_magic and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is truncated: it starts as a PyTorch zip archive but its end (the archive's directory) is "
+            "missing (an interrupted save or download?)"
+        )
     check_zip_size(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

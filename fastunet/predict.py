@@ -218,9 +218,10 @@ def _int_scale(dtype: object, bits: int, maximum: int) -> float:
     have no conventional range (a 32-bit image may hold 12-bit data): refused, not guessed."""
     if bits > _MAX_SCALED_BITS:
         name = str(dtype).removeprefix("torch.")
+        article = "an" if name.startswith("int") else "a"
         raise ValueError(
-            f"predict scales integer images by their dtype's range (uint8, int8, uint16, int16); a {name} image "
-            f"has no conventional range: convert it to floating point scaled as the model was trained, e.g. "
+            f"predict scales integer images by their dtype's range (uint8, int8, uint16, int16); {article} {name} "
+            f"image has no conventional range: convert it to floating point scaled as the model was trained, e.g. "
             f"image.astype(np.float32) / 4095 for 12-bit data (tensor: image.float() / 4095)"
         )
     return 1 / maximum

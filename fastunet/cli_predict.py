@@ -1,0 +1,314 @@
+"""``fastunet predict``: image files in, masks and probabilities out (the parser is in ``cli``).
+
+What it promises, checked in this order before any image is read:
+
+* every input exists and has a readable suffix, and no two inputs share output names;
+* no output is an input (never written over, ``--overwrite`` or not) and no output exists
+  already unless ``--overwrite`` (the first such file named);
+* ``--out`` is a folder that can be written (created if missing);
+* the weights load (one function, ``load_model``: the file by its format, the architecture from
+  its shapes, checked on the meta device before anything is allocated, the values validated).
+
+Then each image is read, run and written on its own: a file that fails is reported in one line
+and the rest go on; the exit status is 1 with a summary if any failed. Every output is written to
+a temporary name in ``--out`` and renamed when complete (``fastunet.atomic``), so an interrupted
+run leaves no half-written file under a final name. A memory-mapped input (an uncompressed TIFF)
+gets memory-mapped probabilities (the ``--save-probs`` file, or a scratch file in ``--out``
+removed afterwards), and masks are written a band of rows at a time: its size is bounded by the
+disk, not the memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cli import UsageError, one_line
+from .errors import CheckpointError
+
+__all__ = ["OutputPlan", "plan_outputs", "load_model", "run"]
+
+
+# --------------------------------------------------------------------------- outputs
+@dataclass(frozen=True)
+class OutputPlan:
+    """The files one input becomes: the mask PNG and the probabilities file (None: not written)."""
+
+    source: Path
+    mask: Path | None
+    probs: Path | None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p in (self.mask, self.probs) if p is not None]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links, ``..`` and hard links)."""
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def plan_outputs(inputs: list[Path], out: Path, *, mask: bool, probs: str | None, overwrite: bool) -> list[OutputPlan]:
+    """The output files of each input, checked: none is an input, none exists unless
+    ``overwrite``, none is a folder. Raises ``UsageError`` naming the first offending file."""
+    suffix = {"npy": ".npy", "tiff": ".tif", None: None}[probs]
+    plans = [
+        OutputPlan(
+            source=path,
+            mask=out / f"{path.stem}_mask.png" if mask else None,
+            probs=out / f"{path.stem}_probs{suffix}" if suffix else None,
+        )
+        for path in inputs
+    ]
+    for plan in plans:
+        for target in plan.paths:
+            for source in inputs:
+                if _same_file(target, source):
+                    raise UsageError(
+                        f"{target} (an output of {plan.source.name}) is also an input: refusing to write over an "
+                        "input, with --overwrite or not (choose another --out)"
+                    )
+            if target.is_dir():
+                raise UsageError(f"{target} (an output of {plan.source.name}) is a folder")
+            if target.exists() and not overwrite:
+                raise UsageError(
+                    f"{target} exists (an output of {plan.source.name}): pass --overwrite to replace it, or choose "
+                    "another --out"
+                )
+    return plans
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create ``out`` if missing and check a file can be created in it (a real attempt: the
+    permission bits do not tell for root, read-only mounts or quotas). Raises ``UsageError``."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        from .atomic import scratch_path
+
+        with scratch_path(out, ".probe"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
+
+
+# --------------------------------------------------------------------------- weights
+_LEVEL_KEY = re.compile(r"conv(\d{1,6})\.conv\.0\.weight")
+
+
+def _architecture(sd: dict, overrides: dict, path: Path) -> dict:
+    """UNet sizes: the checkpoint's shapes, overridden by what the command line gives (None:
+    not given), bounded (``fastunet.limits``)."""
+    from .limits import check_architecture
+
+    first = sd.get("conv1.conv.0.weight")
+    levels = [int(m.group(1)) for k in sd if (m := _LEVEL_KEY.fullmatch(k))]
+    inferred = {}
+    if first is not None and first.dim() == 4 and levels:
+        depth = (max(levels) - 1) // 2
+        inferred = {"in_ch": first.shape[1], "base_channels": first.shape[0], "depth": depth}
+        head = sd.get(f"conv{2 * depth + 2}.weight")
+        if head is not None and head.dim() == 4:
+            inferred["out_ch"] = head.shape[0]
+    arch = {}
+    for key in ("in_ch", "out_ch", "base_channels", "depth"):
+        value = overrides.get(key) if overrides.get(key) is not None else inferred.get(key)
+        if value is None:
+            raise CheckpointError(
+                f"cannot read {key} from {path} (its keys are not the classic U-Net's conv1.conv.0.weight, ...): "
+                f"give --{key.replace('_', '-')}"
+            )
+        arch[key] = int(value)
+    check_architecture(str(path), **arch)
+    return arch
+
+
+def load_model(path: Path, overrides: dict, out_activation: str):
+    """The ``fastunet.UNet`` in the weights file ``path`` (``.pt``/``.pth`` from ``torch.save``,
+    or ``.safetensors``), on the CPU in eval mode. ``overrides``: ``in_ch``, ``out_ch``,
+    ``base_channels``, ``depth`` given on the command line (None: read from the shapes).
+
+    The architecture is checked against the file on the meta device (no memory) before the
+    model is built, and the values with ``check_state_dict``. Raises ``CheckpointError`` (or
+    ``LimitError``) with one line naming the file and the first problem."""
+    from .checkpoint import check_state_dict, describe_mismatch
+    from .loaders import read_state_dict
+    from .model import UNet
+
+    state = read_state_dict(path)
+    arch = _architecture(state, overrides, path)
+    in_ch, out_ch = arch.pop("in_ch"), arch.pop("out_ch")
+    described = f"UNet({in_ch}, {out_ch}, base_channels={arch['base_channels']}, depth={arch['depth']})"
+    try:
+        with torch.device("meta"):
+            shapes = UNet(in_ch, out_ch, **arch, out_activation=out_activation).state_dict()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {described} cannot be built: {exc}") from None
+    problem = describe_mismatch(shapes, state)
+    if problem:
+        raise CheckpointError(f"{path} does not fit {described}: {problem}")
+    check_state_dict(state, str(path))
+    model = UNet(in_ch, out_ch, **arch, out_activation=out_activation)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- one image
+def _layout_is_chw(image, in_ch: int) -> bool:
+    return image.ndim == 3 and image.shape[-1] != in_ch
+
+
+def _hwk_view(out, image, in_ch: int, k: int):
+    """The probabilities file ([H, W] or [H, W, K]) seen in the layout predict returns for
+    ``image`` (a view: predict writes straight into the file)."""
+    if image.ndim == 2:
+        return out
+    if _layout_is_chw(image, in_ch):
+        return out[None] if k == 1 else out.transpose(2, 0, 1)
+    return out[..., None] if k == 1 else out
+
+
+def _as_hw(result, image, in_ch: int, k: int):
+    """predict's result as [H, W] (one channel) or [H, W, K]."""
+    if _layout_is_chw(image, in_ch):
+        result = result.transpose(1, 2, 0)
+    if k == 1 and result.ndim == 3:
+        result = result[..., 0]
+    return result
+
+
+def _activate_in_place(probs, k: int) -> None:
+    """Logits to probabilities, a band of rows at a time (``probs`` may be memory-mapped)."""
+    for y in range(0, probs.shape[0], 1024):
+        band = torch.from_numpy(probs[y : y + 1024])
+        if k == 1:
+            band.sigmoid_()
+        else:
+            band.copy_(torch.softmax(band, dim=-1))
+
+
+def _image_size(image: np.ndarray, in_ch: int, path: Path) -> tuple[int, int]:
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == in_ch):
+        return image.shape[0], image.shape[1]
+    if image.ndim == 3 and image.shape[0] == in_ch:  # a planar (CHW) TIFF
+        return image.shape[1], image.shape[2]
+    raise ValueError(f"the model takes {in_ch} channel(s), the image has shape {image.shape}")
+
+
+def predict_file(model, plan: OutputPlan, args: argparse.Namespace, options: dict, progress: bool) -> str:
+    """Read ``plan.source``, run ``predict`` and write ``plan``'s files, each under a temporary
+    name renamed when complete. Returns the line reporting it."""
+    from . import imageio
+    from .atomic import atomic_path, scratch_path
+    from .predict import predict
+
+    t0 = time.perf_counter()
+    image = imageio.read_image(plan.source, model.in_ch)
+    h, w = _image_size(image, model.in_ch, plan.source)
+    k = model.out_ch
+    shape = (h, w) if k == 1 else (h, w, k)
+    with contextlib.ExitStack() as files:
+        out = None
+        if plan.probs is not None:
+            out = imageio.open_probs(files.enter_context(atomic_path(plan.probs)), shape, args.save_probs)
+        elif imageio.is_mapped(image):  # a result the size of the input would not fit memory either
+            out = imageio.open_probs(files.enter_context(scratch_path(args.out, ".npy")), shape, "npy")
+        hwk = _hwk_view(out, image, model.in_ch, k) if out is not None else None
+        result = predict(model, image, out=hwk, progress=progress, **options)
+        probs = out if out is not None else _as_hw(result, image, model.in_ch, k)
+        if args.out_activation == "none":
+            _activate_in_place(probs, k)
+        if out is not None:
+            out.flush()
+        if plan.mask is not None:
+            with atomic_path(plan.mask) as tmp:
+                imageio.write_mask(tmp, probs, args.threshold)
+    written = ", ".join(map(str, plan.paths))
+    return f"{plan.source}: {h}x{w} -> {written} ({time.perf_counter() - t0:.1f} s)"
+
+
+# --------------------------------------------------------------------------- the command
+class _Reporter:
+    """Lines for the user: progress on stdout, warnings and errors on stderr, through the tqdm
+    bar over images when there is one (so the bar is not broken)."""
+
+    def __init__(self, total: int, progress: bool):
+        self.bar = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # the bars are a nicety: plain lines instead
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, desc="images", unit="image", dynamic_ncols=True)
+
+    def line(self, text: str, *, error: bool = False) -> None:
+        stream = sys.stderr if error else sys.stdout
+        if self.bar is not None:
+            self.bar.write(text, file=stream)
+        else:
+            print(text, file=stream, flush=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace, device: torch.device, plans: list[OutputPlan], options: dict) -> int:
+    """Load the weights, then each image on its own. Returns the exit status: 0, or 1 when the
+    weights or any image failed (each failure reported in one line, then a summary)."""
+    prefix = "fastunet predict"
+    overrides = {key: getattr(args, key) for key in ("in_ch", "out_ch", "base_channels", "depth")}
+    try:
+        model = load_model(args.weights, overrides, args.out_activation).to(device)
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"{prefix}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    m = 2**model.depth
+    tile = options.get("tile_size")
+    if tile is not None and any(t % m for t in tile):
+        raise UsageError(f"--tile must be a multiple of 2**depth = {m}, got {' '.join(map(str, args.tile))}")
+    progress = not args.no_progress
+    report = _Reporter(len(plans), progress)
+    failed = []
+    try:
+        for plan in plans:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    message = predict_file(model, plan, args, options, progress and report.bar is not None)
+                for text in dict.fromkeys(str(w.message).removeprefix("predict: ") for w in caught):
+                    report.line(f"{prefix}: warning: {plan.source}: {text}", error=True)
+                report.line(message)
+            except Exception as exc:
+                if args.debug:
+                    raise
+                failed.append(plan.source)
+                report.line(f"{prefix}: error: {plan.source}: {one_line(exc)}", error=True)
+            report.step()
+    finally:
+        report.close()
+    if failed:
+        names = ", ".join(map(str, failed[:10])) + (f" and {len(failed) - 10} more" if len(failed) > 10 else "")
+        print(f"{prefix}: {len(failed)} of {len(plans)} image(s) failed: {names}", file=sys.stderr)
+        return 1
+    return 0
