@@ -96,23 +96,35 @@ def read_image(path: Path, in_ch: int) -> np.ndarray:
     """
     path = Path(path)
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            return _read_tiff(path, in_ch)
-        with open(path, "rb") as f:
-            is_png = f.read(8) == _png.SIGNATURE
-        if is_png:
-            header = _png.read_header(path)
-            if header.bit_depth == 16 and header.color_type in (2, 4, 6):  # Pillow would keep 8 of the 16 bits
-                size = f"{path}: {header.width}x{header.height} pixels"
-                check_limit("image_pixels", header.width * header.height, size)
-                return _fit_channels(_png.read_png16(path, header), in_ch, hwc=True)
-        return _read_pillow(path, in_ch)
+        return _checked(path, _read(path, in_ch))
     except (FastUNetError, MissingDependency):
         raise
     except MemoryError:
         raise ImageError(f"{path}: not enough memory to decode it") from None
     except Exception as exc:  # each decoder has its own error types for a corrupt file
         raise ImageError(f"{path}: cannot read it as an image: {_reason(exc)}") from None
+
+
+def _read(path: Path, in_ch: int) -> np.ndarray:
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return _read_tiff(path, in_ch)
+    with open(path, "rb") as f:
+        is_png = f.read(8) == _png.SIGNATURE
+    if is_png:
+        header = _png.read_header(path)
+        if header.bit_depth == 16 and header.color_type in (2, 4, 6):  # Pillow would keep 8 of the 16 bits
+            size = f"{path}: {header.width}x{header.height} pixels"
+            check_limit("image_pixels", header.width * header.height, size)
+            return _fit_channels(_png.read_png16(path, header), in_ch, hwc=True)
+    return _read_pillow(path, in_ch)
+
+
+def _checked(path: Path, a: np.ndarray) -> np.ndarray:
+    """``a`` if it is an image (2 or 3 axes, at least one pixel, numbers), else ``ImageError``:
+    a damaged file can decode to anything."""
+    if a.ndim not in (2, 3) or a.size == 0 or a.dtype.kind not in "buif":
+        raise ImageError(f"{path}: decodes to an array of shape {a.shape} and dtype {a.dtype}, not an image")
+    return a
 
 
 def _read_tiff(path: Path, in_ch: int) -> np.ndarray:
