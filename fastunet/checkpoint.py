@@ -181,10 +181,10 @@ def read_config(directory: str | os.PathLike) -> dict:
     return config
 
 
-def describe_mismatch(expected: dict, got: dict) -> str | None:
+def describe_mismatch(expected: dict, got: dict, model: str = "the config's model") -> str | None:
     """What differs between two ``{name: tensor}`` maps (the model's, the file's): the first
     missing, unexpected and mis-shaped tensor (in the model's order), with how many more of each
-    kind; None if the names and shapes agree."""
+    kind; None if the names and shapes agree. ``model`` names the model in the message."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     shaped = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
@@ -196,9 +196,7 @@ def describe_mismatch(expected: dict, got: dict) -> str | None:
     if shaped:
         k = shaped[0]
         more = f" (and {len(shaped) - 1} more)" if len(shaped) > 1 else ""
-        problems.append(
-            f"tensor '{k}' has shape {list(got[k].shape)}, the config's model needs {list(expected[k].shape)}{more}"
-        )
+        problems.append(f"tensor '{k}' has shape {list(got[k].shape)}, {model} needs {list(expected[k].shape)}{more}")
     return "; ".join(problems) or None
 
 

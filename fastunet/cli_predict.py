@@ -157,7 +157,7 @@ def load_model(path: Path, overrides: dict, out_activation: str):
             shapes = UNet(in_ch, out_ch, **arch, out_activation=out_activation).state_dict()
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {described} cannot be built: {exc}") from None
-    problem = describe_mismatch(shapes, state)
+    problem = describe_mismatch(shapes, state, "the model")
     if problem:
         raise CheckpointError(f"{path} does not fit {described}: {problem}")
     check_state_dict(state, str(path))
@@ -303,7 +303,9 @@ def run(args: argparse.Namespace, device: torch.device, plans: list[OutputPlan],
                 if args.debug:
                     raise
                 failed.append(plan.source)
-                report.line(f"{prefix}: error: {plan.source}: {one_line(exc)}", error=True)
+                text = one_line(exc)
+                where = "" if text.startswith(str(plan.source)) else f"{plan.source}: "
+                report.line(f"{prefix}: error: {where}{text}", error=True)
             report.step()
     finally:
         report.close()

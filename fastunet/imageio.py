@@ -77,10 +77,12 @@ def required_modules(inputs: list[Path], *, mask: bool, probs: str | None) -> No
         _tifffile()
 
 
-def _reason(exc: BaseException) -> str:
-    """The first line of a decoder's message (its type when it has none)."""
+def _reason(exc: BaseException, path: Path) -> str:
+    """The first line of a decoder's message (its type when it has none), without the path
+    (the message says it once, first)."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    return line.replace(f" {str(path)!r}", "").replace(str(path), "the file")
 
 
 def read_image(path: Path, in_ch: int) -> np.ndarray:
@@ -102,7 +104,7 @@ def read_image(path: Path, in_ch: int) -> np.ndarray:
     except MemoryError:
         raise ImageError(f"{path}: not enough memory to decode it") from None
     except Exception as exc:  # each decoder has its own error types for a corrupt file
-        raise ImageError(f"{path}: cannot read it as an image: {_reason(exc)}") from None
+        raise ImageError(f"{path}: cannot read it as an image: {_reason(exc, path)}") from None
 
 
 def _read(path: Path, in_ch: int) -> np.ndarray:
