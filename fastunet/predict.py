@@ -306,13 +306,10 @@ def _count_non_finite(img: _Image) -> int:
         return int((~torch.isfinite(data)).sum()) if data.is_floating_point() or data.is_complex() else 0
     if data.dtype.kind not in "fc":
         return 0
-    if not data.flags.c_contiguous:  # an in-memory view: counted in one pass
-        return int(data.size - np.count_nonzero(np.isfinite(data)))
-    flat = data.reshape(-1)
-    return sum(
-        int(part.size - np.count_nonzero(np.isfinite(part)))
-        for part in (flat[i : i + _FINITE_CHUNK] for i in range(0, flat.size, _FINITE_CHUNK))
-    )
+    # Buffered chunks in memory order, whatever the layout (a memmap, a broadcast grey view): the
+    # temporaries stay _FINITE_CHUNK values long.
+    chunks = np.nditer(data, flags=["external_loop", "buffered", "zerosize_ok"], buffersize=_FINITE_CHUNK)
+    return sum(int(chunk.size - np.count_nonzero(np.isfinite(chunk))) for chunk in chunks)
 
 
 def _warn_non_finite(img: _Image) -> None:
