@@ -200,7 +200,7 @@ def _activate_in_place(probs, k: int) -> None:
             band.copy_(torch.softmax(band, dim=-1))
 
 
-def _image_size(image: np.ndarray, in_ch: int, path: Path) -> tuple[int, int]:
+def _image_size(image: np.ndarray, in_ch: int) -> tuple[int, int]:
     if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == in_ch):
         return image.shape[0], image.shape[1]
     if image.ndim == 3 and image.shape[0] == in_ch:  # a planar (CHW) TIFF
@@ -208,34 +208,44 @@ def _image_size(image: np.ndarray, in_ch: int, path: Path) -> tuple[int, int]:
     raise ValueError(f"the model takes {in_ch} channel(s), the image has shape {image.shape}")
 
 
+def _run_into(model, image, probs_path: Path | None, fmt: str, mask_path: Path | None, args, options, progress):
+    """Run ``predict`` on ``image`` into a new probabilities file at ``probs_path`` (None: in
+    memory) and write the mask to ``mask_path`` (None: none). Every memory map it opens is gone
+    when it returns, so the caller can rename the file (Windows cannot rename a mapped file)."""
+    from . import imageio
+    from .predict import predict
+
+    h, w = _image_size(image, model.in_ch)
+    k = model.out_ch
+    out = None if probs_path is None else imageio.open_probs(probs_path, (h, w) if k == 1 else (h, w, k), fmt)
+    hwk = _hwk_view(out, image, model.in_ch, k) if out is not None else None
+    result = predict(model, image, out=hwk, progress=progress, **options)
+    probs = out if out is not None else _as_hw(result, image, model.in_ch, k)
+    if args.out_activation == "none":
+        _activate_in_place(probs, k)
+    if out is not None:
+        out.flush()
+    if mask_path is not None:
+        imageio.write_mask(mask_path, probs, args.threshold)
+
+
 def predict_file(model, plan: OutputPlan, args: argparse.Namespace, options: dict, progress: bool) -> str:
     """Read ``plan.source``, run ``predict`` and write ``plan``'s files, each under a temporary
     name renamed when complete. Returns the line reporting it."""
     from . import imageio
     from .atomic import atomic_path, scratch_path
-    from .predict import predict
 
     t0 = time.perf_counter()
     image = imageio.read_image(plan.source, model.in_ch)
-    h, w = _image_size(image, model.in_ch, plan.source)
-    k = model.out_ch
-    shape = (h, w) if k == 1 else (h, w, k)
+    h, w = _image_size(image, model.in_ch)
     with contextlib.ExitStack() as files:
-        out = None
+        probs_path, fmt = None, args.save_probs
         if plan.probs is not None:
-            out = imageio.open_probs(files.enter_context(atomic_path(plan.probs)), shape, args.save_probs)
+            probs_path = files.enter_context(atomic_path(plan.probs))
         elif imageio.is_mapped(image):  # a result the size of the input would not fit memory either
-            out = imageio.open_probs(files.enter_context(scratch_path(args.out, ".npy")), shape, "npy")
-        hwk = _hwk_view(out, image, model.in_ch, k) if out is not None else None
-        result = predict(model, image, out=hwk, progress=progress, **options)
-        probs = out if out is not None else _as_hw(result, image, model.in_ch, k)
-        if args.out_activation == "none":
-            _activate_in_place(probs, k)
-        if out is not None:
-            out.flush()
-        if plan.mask is not None:
-            with atomic_path(plan.mask) as tmp:
-                imageio.write_mask(tmp, probs, args.threshold)
+            probs_path, fmt = files.enter_context(scratch_path(args.out, ".npy")), "npy"
+        mask_path = files.enter_context(atomic_path(plan.mask)) if plan.mask is not None else None
+        _run_into(model, image, probs_path, fmt, mask_path, args, options, progress)
     written = ", ".join(map(str, plan.paths))
     return f"{plan.source}: {h}x{w} -> {written} ({time.perf_counter() - t0:.1f} s)"
 

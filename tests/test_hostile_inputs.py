@@ -675,3 +675,57 @@ def test_the_errors_are_documented_package_types():
     assert fastunet.ImageError is ImageError and fastunet.NonFiniteInputWarning is NonFiniteInputWarning
     for error in (FastUNetError, CheckpointError, ImageError, LimitError, NonFiniteInputWarning):
         assert error.__doc__ and error.__name__ in fastunet.__all__
+
+
+# =========================================================================== the pieces
+def test_atomic_path_replaces_only_when_complete(tmp_path):
+    from fastunet.atomic import atomic_path
+
+    final = tmp_path / "out.bin"
+    final.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(final) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert final.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with atomic_path(final) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.bin.") and tmp.name.endswith(".partial.bin")
+        tmp.write_bytes(b"new")
+        assert final.read_bytes() == b"old"
+    assert final.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    assert final.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600
+
+
+def test_an_interrupted_save_pretrained_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = _saved(tmp_path)
+    before = {name: (path / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+    def dies_half_way(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_unet(seed=1).save_pretrained(path)
+    assert {name: (path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in path.iterdir()) == sorted(before)
+    fastunet.UNet.from_pretrained(path)
+
+
+def test_set_limits_returns_what_restores_it(monkeypatch):
+    monkeypatch.delenv("FASTUNET_LIMITS", raising=False)
+    assert fastunet.get_limit("depth") == 8
+    previous = fastunet.set_limits(depth=12, image_pixels="1e6")
+    try:
+        assert previous == {"depth": None, "image_pixels": None}
+        assert fastunet.get_limit("depth") == 12 and fastunet.get_limit("image_pixels") == 1_000_000
+        monkeypatch.setenv("FASTUNET_LIMITS", "depth=9")
+        assert fastunet.get_limit("depth") == 12  # set_limits wins over the environment
+    finally:
+        fastunet.set_limits(**previous)
+    assert fastunet.get_limit("depth") == 9
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        fastunet.set_limits(depth=0)
