@@ -36,7 +36,7 @@ import torch
 from .cli import UsageError, one_line
 from .errors import CheckpointError
 
-__all__ = ["OutputPlan", "plan_outputs", "load_model", "run"]
+__all__ = ["OutputPlan", "plan_outputs", "prepare_out_dir", "load_model", "predict_file", "run"]
 
 
 # --------------------------------------------------------------------------- outputs

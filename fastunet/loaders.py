@@ -10,6 +10,8 @@
 * ``read_safetensors(path)``: a ``.safetensors`` file (a JSON header and raw tensors; the
   library checks every offset against the file).
 * ``read_state_dict(path)``: by suffix, one of the above, checked to be a dict of tensors.
+* ``check_zip_size(path)``: a zip archive's decompressed size against ``file_bytes``, from its
+  directory (also used for ``.keras`` archives).
 
 None of them checks the values (``fastunet.checkpoint.check_state_dict``) or the architecture:
 their callers do, against the model they build.
@@ -28,7 +30,7 @@ import torch
 from .errors import CheckpointError
 from .limits import check_limit
 
-__all__ = ["read_torch_file", "unwrap_state_dict", "read_safetensors", "read_state_dict"]
+__all__ = ["read_torch_file", "unwrap_state_dict", "read_safetensors", "read_state_dict", "check_zip_size"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
