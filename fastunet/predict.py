@@ -303,7 +303,11 @@ def _count_non_finite(img: _Image) -> int:
     """How many NaN and Inf values a floating-point input holds (0 for integers)."""
     data = img.data
     if not img.is_numpy:
-        return int((~torch.isfinite(data)).sum()) if data.is_floating_point() or data.is_complex() else 0
+        if not (data.is_floating_point() or data.is_complex()):
+            return 0
+        if data.device.type != "cpu" or data.dtype == torch.bfloat16:
+            return int((~torch.isfinite(data)).sum())
+        data = data.detach().numpy()  # a view; numpy's pass is ~8x faster than torch's on a CPU
     if data.dtype.kind not in "fc":
         return 0
     # Buffered chunks in memory order, whatever the layout (a memmap, a broadcast grey view): the
