@@ -56,7 +56,8 @@ def test_sizes_must_fit_the_depth(monkeypatch):
 # --------------------------------------------------------------------------- predict
 PREDICT_OPTIONS = ("--weights", "--out", "--in-ch", "--out-ch", "--base-channels", "--depth", "--out-activation",
                    "--tile", "--overlap", "--blend", "--batch-size", "--tta", "--pad-mode", "--dtype", "--device",
-                   "--threshold", "--save-probs", "--no-mask", "--max-device-mb", "--no-progress")  # fmt: skip
+                   "--threshold", "--save-probs", "--no-mask", "--max-device-mb", "--no-progress", "--overwrite",
+                   "--debug")  # fmt: skip
 
 
 def _help(capsys, monkeypatch, *args) -> str:
