@@ -226,8 +226,36 @@ class GemmConfig(NamedTuple):
         return {"BLOCK_M": self.BLOCK_M, "BLOCK_N": self.BLOCK_N, "BLOCK_K": self.BLOCK_K}
 
     def smem(self, elem: int) -> int:
-        """Upper bound on the pipelined A/B buffers (what the shared-memory pruning compares)."""
-        return self.num_stages * (self.BLOCK_M * self.BLOCK_K + self.BLOCK_K * self.BLOCK_N) * elem
+        """``gemm_smem`` of this tile with ``elem``-byte operands and its fp32 accumulator staged
+        by the epilogue (a kernel module adds what its own operands and epilogue need on top)."""
+        return gemm_smem(self, elem, out_bytes=4)
+
+
+def _tile(cfg) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) of a ``GemmConfig``-like tuple or a ``triton.Config``
+    whose meta-parameters are named BLOCK_M/N/K."""
+    if hasattr(cfg, "BLOCK_M"):
+        return cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_stages
+    k = cfg.kwargs
+    return k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], cfg.num_stages
+
+
+def gemm_smem(cfg, a_bytes: int, b_bytes: int | None = None, *, out_bytes: int = 0, scratch: int = 0) -> int:
+    """Shared memory (bytes) a pipelined GEMM tile config may compile to: the estimate every
+    tuner's pruning compares with ``smem_limit``, and the offline report checks against each
+    compiled spec's own ``metadata.shared`` (the estimate must never be the smaller).
+
+    ``num_stages`` buffers of the A ``[BLOCK_M, BLOCK_K]`` (``a_bytes`` per element) and B
+    ``[BLOCK_K, BLOCK_N]`` (``b_bytes``, default ``a_bytes``) tiles, or, when larger, the
+    ``[BLOCK_M, BLOCK_N]`` result staged through shared memory by the epilogue (``out_bytes`` per
+    element: a layout change of the fp32 accumulator, or a bulk-copy store), which is allocated
+    once the loop's buffers are dead; plus ``scratch`` (reductions live next to either).
+    ``cfg``: a ``GemmConfig``/``TmaConfig`` or a ``triton.Config`` with BLOCK_M/N/K.
+    """
+    bm, bn, bk, stages = _tile(cfg)
+    b_bytes = a_bytes if b_bytes is None else b_bytes
+    loop = stages * (bm * bk * a_bytes + bk * bn * b_bytes)
+    return max(loop, bm * bn * out_bytes) + scratch
 
 
 @dataclass(frozen=True)

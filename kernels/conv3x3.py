@@ -47,11 +47,14 @@ uses ``compile_specs``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _specs
 from . import conv3x3_tma as _tma
 from ._common import (
     GemmConfig,
@@ -59,6 +62,7 @@ from ._common import (
     can_launch,
     cdiv,
     dot_precision,
+    gemm_smem,
     interpreting,
     launch,
     next_pow2,
@@ -90,7 +94,9 @@ MAX_HEAD_K = 64
 MAX_HEAD_C_OUT = 256
 HEAD_ACTIVATIONS = {"none": 0, "sigmoid": 1, "softmax": 2}
 # Split-K epilogue tile (elementwise over [M, C_out]; not tuned).
-_EPI_BLOCK_M, _EPI_BLOCK_N, _EPI_WARPS = 64, 64, 4
+_EPI_BLOCK_M, _EPI_BLOCK_N, _EPI_WARPS, _EPI_STAGES = 64, 64, 4, 1
+# Split counts the launcher uses (powers of two: each count is a compiled variant of both kernels).
+_SPLIT_COUNTS = (2, 4, 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -671,8 +677,21 @@ _HEAD_BLOCK_N = (64, 128, 256)
 _SMALL_C_MAX_BLOCK_K = 32
 
 
-def _fits(cfg: _Cfg, arch: int, elem_size: int) -> bool:
-    return cfg.smem(elem_size) <= smem_limit(arch)
+def _smem_need(cfg, elem: int, bilinear: bool, stats: bool) -> int:
+    """The shared memory a pick of ``cfg`` may take: the pointer kernel's (a TMA config's tiles
+    run there too when TMA cannot read a launch's operands) and, for a TMA config, the TMA
+    kernel's."""
+    need = conv_smem(_pointer_tiles(cfg), elem, bilinear, stats)
+    if _tma.is_tma_config(cfg):
+        need = max(need, _tma.tma_smem(cfg, elem, stats))
+    return need
+
+
+def _fits(cfg, arch: int, shape: dict) -> bool:
+    """Whether ``cfg`` fits ``arch``'s shared memory for ``shape`` (its statistics form counted
+    whenever the shape trains)."""
+    stats = shape.get("stats", shape["training"])
+    return _smem_need(cfg, shape["elem"], shape.get("bilinear", False), stats) <= smem_limit(arch)
 
 
 # The training forms transform the A tile in registers (NORM) and reduce the accumulator
@@ -681,6 +700,11 @@ def _fits(cfg: _Cfg, arch: int, elem_size: int) -> bool:
 # 128x256x64 at 8 warps, 144; fp32: 64x128x32 at 4 warps on sm_80, 80), at or below it none did.
 # fp32 loads its A tile at twice the registers and converts it for TF32, hence its lower budget.
 _TRAINING_REG_BUDGET = {2: 96, 4: 64}
+
+
+# The statistics epilogue reduces its three per-column partials across warps in shared memory:
+# 3 fp32 values per column per warp (sm_90 reports: 3072 B at 64 columns on 4 warps).
+_STATS_SMEM_PER_WARP_COL = 12
 
 
 def _training_regs(cfg: _Cfg, elem_size: int) -> int:
@@ -695,13 +719,14 @@ def _fits_training(cfg: _Cfg, elem_size: int) -> bool:
 # The decoder's up-sampled source ("up" tuner): 32-bit registers per thread for the accumulator
 # plus the A operand as loaded: one tile in the source dtype when padding, four fp32 neighbour
 # tiles when interpolating. Budgets from the offline sm_90 report (ptxas spills above them):
-# padding spilled fp32 at 128x64x64 on 4 warps (128: 2 B) and fp16 never (<= 144); bilinear spilled
-# fp16 at 64x128x64 on 4 warps (192: 14 B) but not at 64x64x64 (160), its training form at 160
-# (22 B) but not at 96, and fp32 already at 64x64x32 (96: 14 B), hence the 64x64x16 tile below.
+# padding spilled fp32 at 128x64x64 on 4 warps (128: 2 B), and fp16 at 128x256x64 on 8 warps
+# (144: 96 B) with triton 3.6 (3.9 did not; 80 and below never did); bilinear spilled fp16 at
+# 64x128x64 on 4 warps (192: 14 B) but not at 64x64x64 (160), its training form at 160 (22 B) but
+# not at 96, and fp32 already at 64x64x32 (96: 14 B), hence the 64x64x16 tile below.
 _UP_REG_BUDGET = {
     # (bilinear, training): {elem_size: budget}
-    (False, False): {2: 160, 4: 96},
-    (False, True): {2: 160, 4: 96},
+    (False, False): {2: 128, 4: 96},
+    (False, True): {2: 128, 4: 96},
     (True, False): {2: 160, 4: 64},
     (True, True): {2: 96, 4: 64},
 }
@@ -733,7 +758,7 @@ def _prune(configs, shape: dict, arch: int) -> list:
     (bucketed pixels), ``C1``, ``C2``, ``C_out``, ``SMALL_C``, ``training``."""
     elem, c_out, m = shape["elem"], shape["C_out"], shape["M"]
     c_max = max(shape["C1"], shape["C2"])
-    fitting = [c for c in configs if _fits(c, arch, elem)]
+    fitting = [c for c in configs if _fits(c, arch, shape)]
     if shape["training"]:
         fitting = [c for c in fitting if _fits_training(c, elem)] or fitting
     if shape.get("dense"):
@@ -759,7 +784,7 @@ def _prune(configs, shape: dict, arch: int) -> list:
             keep = [c for c in keep if c.BLOCK_N >= c_out] or keep
         if shape["SMALL_C"]:
             keep = [c for c in keep if c.BLOCK_K <= _SMALL_C_MAX_BLOCK_K] or keep
-        keep = [min(keep, key=lambda c: c.smem(elem))]
+        keep = [min(keep, key=lambda c: _smem_need(c, elem, shape.get("bilinear", False), shape["training"]))]
     return keep
 
 
@@ -905,7 +930,8 @@ def _pick_split_k(device: torch.device, m: int, c_out: int, k_iters: int) -> int
     tiles = cdiv(m, 64) * cdiv(c_out, 64)
     if 2 * tiles > sms:
         return 1
-    return max(1, min(sms // tiles, k_iters // 16, 8))
+    split = max(1, min(sms // tiles, k_iters // 16, _SPLIT_COUNTS[-1]))
+    return 1 << (split.bit_length() - 1)  # a power of two: one of _SPLIT_COUNTS (or 1)
 
 
 def _launch(
@@ -962,7 +988,7 @@ def _launch(
     flags = dict(
         HAS_X2=x2 is not None, SMALL_C=small_c, DENSE_C=_dense_channels(x, c1, small_c and x2 is None),
         NORM1=norm1 is not None, NORM2=norm2 is not None,
-        STATS=stats is not None, RELU=relu, SPLIT_K=split_k, HEAD_K=head_k,
+        STATS=stats is not None, RELU=relu and split_k == 1, SPLIT_K=split_k, HEAD_K=head_k,
         HEAD_KP=next_pow2(max(head_k, 1)), HEAD_ACT=head_act,
         DOT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M,
     )  # fmt: skip
@@ -1006,7 +1032,10 @@ def _launch(
         launch(
             _conv3x3_splitk_epilogue_kernel, epi_grid,
             (ws, scale, shift, out, m, h, w, c_out, stride_os, *out.stride()),
-            dict(SPLIT_K=split_k, RELU=relu, BLOCK_M=_EPI_BLOCK_M, BLOCK_N=_EPI_BLOCK_N, num_warps=_EPI_WARPS),
+            dict(
+                SPLIT_K=split_k, RELU=relu, BLOCK_M=_EPI_BLOCK_M, BLOCK_N=_EPI_BLOCK_N, num_warps=_EPI_WARPS,
+                num_stages=_EPI_STAGES,
+            ),
         )  # fmt: skip
     if stats is not None:
         return out, partials, cfg.BLOCK_M
@@ -1312,189 +1341,219 @@ def _divisibility_attrs(fn, signature: dict[str, str], not_divisible=()) -> dict
     }
 
 
-# (HAS_X2, SMALL_C, DENSE, NORM1, NORM2, STATS) per variant: what the launchers combine.
-# Training (STATS, RELU off) reads a raw previous layer through NORM1 (encoder) or the raw skip
-# through NORM2 (decoder; its x is the upsample's finished output); the first conv (small C)
-# reads the model's entry: the image zero-padded to 16-byte pixels (DENSE: DENSE_C = 8 channels
-# in 16-bit, 4 in fp32), or a few-channel tensor as is when called directly. The
-# input-gradient conv is the plain variant with RELU off.
-_SPEC_MODES = {
-    "main": (
-        (False, False, False, False, False, False),
-        (True, False, False, False, False, False),
-        (False, False, False, True, False, True),
-        (True, False, False, False, True, True),
-    ),
-    "smallc": (
-        (False, True, False, False, False, False),
-        (True, True, False, False, False, False),
-        (False, True, False, False, False, True),
-        (False, True, True, False, False, False),
-        (False, True, True, False, False, True),
-    ),
-    "split": ((False, False, False, False, False, False), (True, False, False, False, False, False)),
-    "head": tuple((x2, small, False, False, False, False) for x2 in (False, True) for small in (False, True)),
-}
+class _Form(NamedTuple):
+    """One set of the main kernel's flags a launcher passes (what, with the config and the dtype,
+    makes a compiled variant). ``up``: (UP1, UP2); head: (HEAD_K, HEAD_ACT)."""
+
+    variant: str
+    has_x2: bool = False
+    small_c: bool = False
+    dense: bool = False
+    norm1: bool = False
+    norm2: bool = False
+    stats: bool = False
+    relu: bool = True
+    split_k: int = 1
+    head: tuple[int, int] = (0, 0)
+    up: tuple[int, int] = (0, 0)
+
+    @property
+    def training(self) -> bool:
+        return self.norm1 or self.norm2 or self.stats
+
+    @property
+    def tags(self) -> str:
+        if self.variant == "up":
+            tags = ["up", "pad" if max(self.up) == 1 else "bilinear"] + (["first"] if self.up[0] else [])
+        else:
+            tags = [self.variant, "x2" if self.has_x2 else "x", "smallc" if self.small_c else "blockc"]
+        tags += ["dense"] if self.dense else []
+        tags += [t for t, on in (("norm1", self.norm1), ("norm2", self.norm2), ("stats", self.stats)) if on]
+        tags += [f"k{self.split_k}"] if self.split_k > 1 else []
+        tags += [f"head{self.head[0]}{_HEAD_ACT_NAMES[self.head[1]]}"] if self.head[0] else []
+        tags += ["norelu"] if not (self.relu or self.stats or self.split_k > 1) else []
+        return "_".join(tags)
 
 
-# The decoder's first conv with its up-sampled source (up second, milesial's cat([skip, U])):
-# (UP2, NORM1, NORM2, STATS). Inference: the transpose conv's output padded (1), or the low-res
-# map interpolated on the load (2); training: the bilinear form with both raw sources normalized
-# on load, and the padded form with the skip normalized (the transpose conv's output is final).
-# up-first only moves the same code to the x loop; split-K and the head never take a geometry in
-# the model (the decoder's first conv is neither the deepest nor the last layer).
-_UP_SPEC_MODES = ((1, False, False, False), (2, False, False, False), (2, True, True, True), (1, True, False, True))
+_HEAD_ACT_NAMES = {v: k for k, v in HEAD_ACTIVATIONS.items()}
+# What the U-Net's layers launch (tests/test_compile_specs.py records them for every preset).
+# Inference: relu on (a layer) or off (the input-gradient conv, a plain conv on dy); training:
+# STATS (relu off) with the previous layer's BatchNorm+ReLU on the load of each raw source: the
+# encoder's second conv (NORM1), the decoder's first conv reading the raw skip as x2 (NORM2,
+# concat up_skip) or as x (NORM1, skip_up), and the first conv of a block on a finished input
+# (no norm). The first conv (small C) reads the image, zero-padded to 16-byte pixels (DENSE) or
+# as it is. Split-K partials are raw sums (the epilogue kernel applies the ReLU), one form per
+# split count the launcher picks. The fused head: 1 class (sigmoid, or none) and 2 classes
+# (none, sigmoid, softmax); other class counts compile at their first use. The decoder's
+# up-sampled source (milesial's cat([skip, U]): U second): padded or interpolated, inference and
+# training (the padded form with the skip normalized: the transpose conv's output is final).
+_FORMS = (
+    *(_Form("main", relu=relu) for relu in (True, False)),
+    _Form("main", has_x2=True),
+    *(_Form("main", has_x2=x2, norm1=n1, stats=True, relu=False) for x2 in (False, True) for n1 in (False, True)),
+    _Form("main", has_x2=True, norm2=True, stats=True, relu=False),
+    *(_Form("smallc", small_c=True, relu=relu) for relu in (True, False)),
+    _Form("smallc", has_x2=True, small_c=True),
+    _Form("smallc", small_c=True, stats=True, relu=False),
+    _Form("smallc", small_c=True, dense=True),
+    _Form("smallc", small_c=True, dense=True, stats=True, relu=False),
+    *(_Form("split", has_x2=x2, relu=False, split_k=k) for x2 in (False, True) for k in (2, 4, 8)),
+    *(_Form("head", head=h) for h in ((1, 1), (1, 0), (2, 0), (2, 1), (2, 2))),
+    _Form("head", small_c=True, head=(1, 1)),
+    *(_Form("up", has_x2=True, up=(0, mode)) for mode in (1, 2)),
+    _Form("up", has_x2=True, up=(0, 1), norm1=True, stats=True, relu=False),
+    _Form("up", has_x2=True, up=(0, 2), norm1=True, norm2=True, stats=True, relu=False),
+)
 
 
-def _up_specs(arch: int, dtype: str, elem: int, precision: str) -> list[KernelSpec]:
-    """The ``_UP_SPEC_MODES`` specs of one dtype: every main config the tuner can pick for them."""
+def main_forms() -> tuple[_Form, ...]:
+    """The main variant's forms: the TMA kernel (``conv3x3_tma.compile_specs``) runs them too."""
+    return tuple(f for f in _FORMS if f.variant == "main")
+
+
+# The pixel buckets and channel counts the spec generator shows the tuners (``_specs``): every
+# threshold of ``_prune`` (tile heights up to 256 pixels, C_out against BLOCK_N and the head's
+# widths, 9 * C against the small-C K step) falls inside them.
+_SPEC_PIXELS = (1, 32, 64, 128, 256, 512, 1 << 16, 1 << 26)
+_SPEC_CHANNELS = (*_specs.SMALL_CHANNELS, 16, 33, 64, 65, 128, 129, 256, 257, 1024)
+
+
+def _prune_shapes(form: _Form, elem: int, tma: bool):
+    """Every prune dict ``_launch`` can build for ``form`` (``tma``: with TMA-readable operands
+    and a tile geometry for every BLOCK_M)."""
+    base = {
+        "variant": form.variant, "elem": elem, "SMALL_C": form.small_c, "training": form.training,
+        "dense": form.dense, "bilinear": max(form.up) == 2, "tma": tma, "norm1": form.norm1,
+        "norm2": form.norm2, "stats": form.stats, "geometry": dict.fromkeys(_tma.BLOCK_MS, tma),
+    }  # fmt: skip
+    channels = [c for c in _SPEC_CHANNELS if (c < 16) == form.small_c][:4]  # C1 only counts below 16
+    c_outs = [c for c in _SPEC_CHANNELS if form.variant != "head" or c <= MAX_HEAD_C_OUT]
+    return _specs.shape_grid(
+        base, M=_SPEC_PIXELS, C1=channels, C_out=c_outs, C2=lambda s: s["C1"] if form.has_x2 else 0
+    )
+
+
+def _pointer_tiles(cfg) -> _Cfg:
+    """The pointer kernel's config for a pick: a TMA config runs its tiles on the pointer kernel
+    when a launch of the same key has operands TMA cannot read (``_launch``'s ``run``)."""
+    return _Cfg(*cfg[:5])
+
+
+def tuned_configs(form: _Form, arch: int, elem: int, *, tma: bool = False) -> list:
+    """The configs ``form``'s tuner can pick on ``arch`` for ``elem``-byte operands, over every
+    shape bucket (``_specs.tuned_configs``); with ``tma`` also the TMA configs of 16-bit launches
+    whose operands TMA can read."""
+    key = (form.variant, form.small_c, form.dense, form.training, form.norm1, form.norm2, form.stats,
+           max(form.up), arch, elem, tma)  # fmt: skip
+    hit = _TUNED.get(key)
+    if hit is None:
+        shapes = [*_prune_shapes(form, elem, False), *(_prune_shapes(form, elem, True) if tma else ())]
+        hit = _TUNED[key] = _specs.tuned_configs(_TUNERS[form.variant], arch, shapes)
+    return hit
+
+
+_TUNED: dict[tuple, list] = {}
+
+
+def conv_smem(cfg, elem: int, bilinear: bool, stats: bool) -> int:
+    """The shared memory the pruning allows pointer-kernel config ``cfg``, an upper bound of what
+    it compiles to (the offline report checks it against every spec): the A/B pipeline (the
+    bilinear A operand as four fp32 neighbour tiles), or the fp32 accumulator staged for the
+    epilogue when larger, plus the statistics' cross-warp partials."""
+    scratch = _STATS_SMEM_PER_WARP_COL * cfg.BLOCK_N * cfg.num_warps if stats else 0
+    return gemm_smem(cfg, 16 if bilinear else elem, elem, out_bytes=4, scratch=scratch)
+
+
+def _spec(form: _Form, cfg, dtype: str, arch: int) -> KernelSpec:
     fn = _conv3x3_bn_act_kernel
-    specs = []
-    for cfg in _CONFIGS[("up", arch)]:
-        if not _fits(cfg, arch, elem):
-            continue
-        for up2, norm1, norm2, stats in _UP_SPEC_MODES:
-            training = norm1 or norm2 or stats
-            if training and not _fits_training(cfg, elem):
-                continue  # pruned at run time
-            if not _fits_up(cfg, elem, up2 == 2, training):
-                continue  # pruned at run time
-            constexprs = {name: 1 for name in _UNIT_STRIDES}
-            constexprs.update(
-                HAS_X2=True, SMALL_C=False, DENSE_C=0, NORM1=norm1, NORM2=norm2, UP1=0, UP2=up2, STATS=stats,
-                RELU=not stats, SPLIT_K=1, HEAD_K=0, HEAD_KP=1, HEAD_ACT=0, DOT_PRECISION=precision,
-                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=GROUP_M,
-            )  # fmt: skip
-            sig = _spec_signature(fn, dtype, dtype, constexprs)
-            for on, names in ((norm1, ("xs_ptr", "xt_ptr")), (norm2, ("x2s_ptr", "x2t_ptr"))):
-                if on:
-                    sig.update(dict.fromkeys(names, "*fp64"))
-            tags = ["up", "pad" if up2 == 1 else "bilinear"]
-            tags += [t for t, on in (("norm1", norm1), ("norm2", norm2), ("stats", stats)) if on]
-            specs.append(
-                KernelSpec(
-                    kernel=fn.__name__,
-                    fn=fn,
-                    signature=sig,
-                    constexprs=constexprs,
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                    dtype=dtype,
-                    config=f"{cfg.name}_{'_'.join(tags)}",
-                    extra={
-                        # The skip's size is odd at odd inputs (channel counts stay multiples of 16).
-                        "attrs": _divisibility_attrs(fn, sig, ("H", "W")),
-                        "variant": "up",
-                        "expect_hgmma": arch >= 90 and dtype != "fp32",
-                        # The bilinear load clamps its interpolation weights (from integer pixel
-                        # coordinates, never NaN) with min/max; data never passes through them.
-                        **({"nan_dropping_ok": "bilinear weights clamp finite coordinates"} if up2 == 2 else {}),
-                    },
-                )
-            )
-    return specs
+    elem = 4 if dtype == "fp32" else 2
+    precision = "tf32" if dtype == "fp32" else "ieee"
+    head_k, head_act = form.head
+    constexprs = {name: 1 for name in _UNIT_STRIDES}
+    constexprs.update(
+        HAS_X2=form.has_x2, SMALL_C=form.small_c, DENSE_C=16 // elem if form.dense else 0, NORM1=form.norm1,
+        NORM2=form.norm2, UP1=form.up[0], UP2=form.up[1], STATS=form.stats, RELU=form.relu,
+        SPLIT_K=form.split_k, HEAD_K=head_k, HEAD_KP=next_pow2(max(head_k, 1)), HEAD_ACT=head_act,
+        DOT_PRECISION=precision, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=GROUP_M,
+    )  # fmt: skip
+    sig = _spec_signature(fn, dtype, "fp32" if form.split_k > 1 else dtype, constexprs)
+    # The training path's BatchNorm vectors are fp64 (read as fp32).
+    for on, names in ((form.norm1, ("xs_ptr", "xt_ptr")), (form.norm2, ("x2s_ptr", "x2t_ptr"))):
+        if on:
+            sig.update(dict.fromkeys(names, "*fp64"))
+    # Small-C mode runs on few-channel inputs (the RGB image): their channel counts and pixel
+    # strides are not multiples of 16; the skip's size is odd at odd inputs.
+    ragged = ("C1", "stride_xw", "C2", "stride_x2w") if form.small_c else ("H", "W") if form.variant == "up" else ()
+    extra = {
+        "attrs": _divisibility_attrs(fn, sig, ragged),
+        "variant": form.variant,
+        # Every tile here is wgmma-shaped (BLOCK_M >= 64, 4/8 warps).
+        "expect_hgmma": arch >= 90 and dtype != "fp32",
+        "smem_estimate": conv_smem(cfg, elem, max(form.up) == 2, form.stats),
+    }
+    if max(form.up) == 2:
+        # The bilinear load clamps its interpolation weights (from integer pixel coordinates,
+        # never NaN) with min/max; data never passes through them.
+        extra["nan_dropping_ok"] = "bilinear weights clamp finite coordinates"
+    if head_act == HEAD_ACTIVATIONS["softmax"]:
+        extra["nan_dropping_ok"] = "softmax row max: a NaN logit still makes the row NaN"
+    return KernelSpec(
+        kernel=fn.__name__,
+        fn=fn,
+        signature=sig,
+        constexprs=constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        dtype=dtype,
+        config=f"{cfg.name}_{form.tags}",
+        extra=extra,
+    )
+
+
+def _epilogue_spec(dtype: str, split_k: int, relu: bool) -> KernelSpec:
+    epi = _conv3x3_splitk_epilogue_kernel
+    constexprs = {"stride_oc": 1, "SPLIT_K": split_k, "RELU": relu, "BLOCK_M": _EPI_BLOCK_M, "BLOCK_N": _EPI_BLOCK_N}
+    sig = {
+        name: (
+            "constexpr" if name in constexprs
+            else "*fp32" if name in ("ws_ptr", "scale_ptr", "shift_ptr")
+            else f"*{dtype}" if name == "out_ptr"
+            else "i32"
+        )
+        for name in epi.arg_names
+    }  # fmt: skip
+    return KernelSpec(
+        kernel=epi.__name__,
+        fn=epi,
+        signature=sig,
+        constexprs=constexprs,
+        num_warps=_EPI_WARPS,
+        num_stages=_EPI_STAGES,
+        dtype=dtype,
+        config=f"M{_EPI_BLOCK_M}_N{_EPI_BLOCK_N}_w{_EPI_WARPS}_splitk{split_k}" + ("" if relu else "_norelu"),
+        extra={"attrs": _divisibility_attrs(epi, sig), "variant": "split_epilogue", "expect_hgmma": False},
+    )
 
 
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Every (kernel, config, dtype) the autotuner can pick on ``arch`` (80 or 90).
+    """Every (config, form, dtype) of the pointer kernel the tuners can pick on ``arch`` (80 or
+    90), and the split-K epilogue's forms.
 
-    Shared-memory pruning applied; dtypes fp32 (TF32 dots), fp16, bf16; the main kernel with and
-    without x2 and in both K modes (small-C also on the dense padded entry), its training forms
-    (``_SPEC_MODES``), the split-K partial
-    kernel and its epilogue, the head variant (K=1, sigmoid), and the decoder's up-sampled
-    source (``_UP_SPEC_MODES``, fp32 and fp16, the "up" tiles). Signatures assume the fast
-    layout: unit channel/C_out strides are constexpr 1 (as the runtime specializes them), every other int is ``i32``.
-    ``extra["attrs"]`` holds the divisibility attributes of 16-byte aligned operands, to pass as
-    ``ASTSource(..., attrs=spec.extra["attrs"])`` for the exact runtime specialization.
+    Forms: ``_FORMS`` (what the U-Net's layers launch); configs: each form's tuner over every shape
+    bucket (``tuned_configs``), so the pruning is the tuner's own; on sm_90 the main variant's TMA
+    configs appear with their pointer tiles (the fallback for operands TMA cannot read; the TMA
+    kernel's own specs are ``conv3x3_tma.compile_specs``). Dtypes fp32 (TF32 dots), fp16, bf16.
+    Signatures assume the fast layout: unit channel/C_out strides are constexpr 1 (as the runtime
+    specializes them), every other int is ``i32``. ``extra["attrs"]`` holds the divisibility
+    attributes of 16-byte aligned operands; ``extra["smem_estimate"]`` what the pruning assumed.
     """
     arch = tuned_arch(arch)
     specs: list[KernelSpec] = []
-    fn = _conv3x3_bn_act_kernel
     for dtype in ("fp32", "fp16", "bf16"):
         elem = 4 if dtype == "fp32" else 2
-        precision = "tf32" if dtype == "fp32" else "ieee"
-        for variant in ("main", "smallc", "split", "head"):
-            for cfg in _CONFIGS[(variant, arch)]:
-                if not _fits(cfg, arch, elem):
-                    continue
-                for has_x2, small_c, dense, norm1, norm2, stats in _SPEC_MODES[variant]:
-                    if small_c and cfg.BLOCK_K > _SMALL_C_MAX_BLOCK_K:
-                        continue  # pruned at run time
-                    if (norm1 or norm2 or stats) and not _fits_training(cfg, elem):
-                        continue  # pruned at run time
-                    if dense and not _fits_dense(cfg, elem):
-                        continue  # pruned at run time
-                    split_k = 4 if variant == "split" else 1
-                    head_k = 1 if variant == "head" else 0
-                    constexprs = {name: 1 for name in _UNIT_STRIDES}
-                    constexprs.update(
-                        HAS_X2=has_x2, SMALL_C=small_c, DENSE_C=16 // elem if dense else 0, NORM1=norm1,
-                        NORM2=norm2, UP1=0, UP2=0, STATS=stats,
-                        RELU=not stats, SPLIT_K=split_k, HEAD_K=head_k, HEAD_KP=1,
-                        HEAD_ACT=1 if head_k else 0, DOT_PRECISION=precision, BLOCK_M=cfg.BLOCK_M,
-                        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=GROUP_M,
-                    )  # fmt: skip
-                    out_dtype = "fp32" if split_k > 1 else dtype
-                    # Small-C mode runs on few-channel inputs (the RGB image): their channel
-                    # counts and pixel strides are not multiples of 16.
-                    ragged = ("C1", "stride_xw", "C2", "stride_x2w") if small_c else ()
-                    sig = _spec_signature(fn, dtype, out_dtype, constexprs)
-                    # The training path's BatchNorm vectors are fp64 (read as fp32).
-                    for on, names in ((norm1, ("xs_ptr", "xt_ptr")), (norm2, ("x2s_ptr", "x2t_ptr"))):
-                        if on:
-                            sig.update(dict.fromkeys(names, "*fp64"))
-                    tags = [variant, "x2" if has_x2 else "x", "smallc" if small_c else "blockc"]
-                    tags += ["dense"] if dense else []
-                    tags += [t for t, on in (("norm1", norm1), ("norm2", norm2), ("stats", stats)) if on]
-                    specs.append(
-                        KernelSpec(
-                            kernel=fn.__name__,
-                            fn=fn,
-                            signature=sig,
-                            constexprs=constexprs,
-                            num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages,
-                            dtype=dtype,
-                            config=f"{cfg.name}_{'_'.join(tags)}",
-                            extra={
-                                "attrs": _divisibility_attrs(fn, sig, ragged),
-                                "variant": variant,
-                                # Every tile here is wgmma-shaped (BLOCK_M >= 64, 4/8 warps).
-                                "expect_hgmma": arch >= 90 and dtype != "fp32",
-                            },
-                        )
-                    )
-        if dtype != "bf16":  # bf16 compiles as fp16 does (another MMA type, the same registers)
-            specs += _up_specs(arch, dtype, elem, precision)
-        epi = _conv3x3_splitk_epilogue_kernel
-        constexprs = {
-            "stride_oc": 1, "SPLIT_K": 4, "RELU": True, "BLOCK_M": _EPI_BLOCK_M,
-            "BLOCK_N": _EPI_BLOCK_N,
-        }  # fmt: skip
-        sig = {
-            name: (
-                "constexpr" if name in constexprs
-                else "*fp32" if name in ("ws_ptr", "scale_ptr", "shift_ptr")
-                else f"*{dtype}" if name == "out_ptr"
-                else "i32"
-            )
-            for name in epi.arg_names
-        }  # fmt: skip
-        specs.append(
-            KernelSpec(
-                kernel=epi.__name__,
-                fn=epi,
-                signature=sig,
-                constexprs=constexprs,
-                num_warps=_EPI_WARPS,
-                num_stages=1,
-                dtype=dtype,
-                config=f"M{_EPI_BLOCK_M}_N{_EPI_BLOCK_N}_w{_EPI_WARPS}_splitk4",
-                extra={
-                    "attrs": _divisibility_attrs(epi, sig),
-                    "variant": "split_epilogue",
-                    "expect_hgmma": False,  # elementwise: no dot
-                },
-            )
-        )
+        for form in _FORMS:
+            tma = form.variant == "main" and elem == 2
+            tiles = {_pointer_tiles(c): None for c in tuned_configs(form, arch, elem, tma=tma)}
+            specs += [_spec(form, cfg, dtype, arch) for cfg in tiles]
+        specs += [_epilogue_spec(dtype, k, relu) for k in _SPLIT_COUNTS for relu in (True, False)]
     return specs

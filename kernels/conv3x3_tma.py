@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import KernelSpec, cdiv, device_arch, interpreting, launch, next_pow2, sm_count, tuned_arch
+from ._common import KernelSpec, cdiv, device_arch, gemm_smem, interpreting, launch, next_pow2, sm_count, tuned_arch
 
 try:  # triton >= 3.4 (3.6 on the GPU image, 3.9 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -69,6 +69,7 @@ except ImportError:  # pragma: no cover - older triton: the pointer variant runs
     TensorDescriptor = None
 
 __all__ = [
+    "BLOCK_MS",
     "TMA_CONFIGS_SM90",
     "TmaConfig",
     "compile_specs",
@@ -76,7 +77,10 @@ __all__ = [
     "is_tma_config",
     "tile_geometry",
     "tma_available",
+    "tma_smem",
     "tma_supported",
+    "tuned_geometries",
+    "tuned_geometry",
     "tuned_prune",
     "with_tma_configs",
 ]
@@ -113,8 +117,8 @@ class TmaConfig(NamedTuple):
         }  # fmt: skip
 
     def smem(self, elem: int) -> int:
-        """Pipelined A/B stages plus the output tile staged for the bulk store."""
-        return (self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K + self.BLOCK_M * self.BLOCK_N) * elem
+        """``tma_smem`` of the inference forms (what ``_ctas_per_sm`` sizes a persistent grid by)."""
+        return tma_smem(self, elem, stats=False)
 
 
 def is_tma_config(cfg) -> bool:
@@ -135,7 +139,7 @@ TMA_CONFIGS_SM90 = (
 # The interpreter's one small tile (the tests also run it persistent).
 INTERPRETER_CONFIG = TmaConfig(32, 16, 16, 4, 1)
 # Every BLOCK_M a TMA config can have (``launch_facts`` records a tile geometry for each).
-_BLOCK_MS = tuple(sorted({c.BLOCK_M for c in (*TMA_CONFIGS_SM90, INTERPRETER_CONFIG)}))
+BLOCK_MS = tuple(sorted({c.BLOCK_M for c in (*TMA_CONFIGS_SM90, INTERPRETER_CONFIG)}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +411,7 @@ def with_tma_configs(pointer_configs, arch: int) -> tuple:
 
 def launch_facts(x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor, stats: bool) -> tuple:
     """Whether TMA can read a launch's operands, and for which BLOCK_M a tile geometry exists
-    (only the statistics forms can lack one): ``(False,)``, or ``(True, *per _BLOCK_MS)``.
+    (only the statistics forms can lack one): ``(False,)``, or ``(True, *per BLOCK_MS)``.
 
     Not part of ``conv3x3``'s tuning key, so launches keep their keys and a pointer pick pays
     nothing for the TMA variant: it is computed when the tuner misses (``shape_fields``) and
@@ -424,13 +428,32 @@ _NO_TMA = (False,)
 
 @functools.lru_cache(maxsize=256)
 def _geometry_facts(h: int, w: int, stats: bool) -> tuple:
-    return (True, *(tile_geometry(h, w, bm, stats=stats) is not None for bm in _BLOCK_MS))
+    return (True, *(tuned_geometry(h, w, bm, stats=stats) is not None for bm in BLOCK_MS))
+
+
+# Patches narrower than this many pixels leave a launch to the pointer kernel: each geometry is
+# another compiled kernel (``compile_specs`` holds every one a tuned launch can take), and maps
+# under 32 pixels wide are the U-Net's smallest layers. The interpreter's tile is smaller.
+_MIN_TUNED_BW = 32
+
+
+def tuned_geometry(h: int, w: int, block_m: int, *, stats: bool) -> tuple[int, int] | None:
+    """``tile_geometry``, or None when its patch is narrower than the tuned launches use."""
+    geometry = tile_geometry(h, w, block_m, stats=stats)
+    if geometry is None or (geometry[1] < min(_MIN_TUNED_BW, block_m) and not interpreting()):
+        return None
+    return geometry
+
+
+def tuned_geometries(block_m: int) -> tuple[tuple[int, int], ...]:
+    """Every ``(BH, BW)`` ``tuned_geometry`` can return for ``block_m`` (power-of-two widths)."""
+    return tuple((block_m // bw, bw) for bw in (1 << k for k in range(block_m.bit_length())) if bw >= _MIN_TUNED_BW)
 
 
 def fields_from_facts(facts: tuple, norms, stats: bool) -> dict:
     """The fields ``candidate_ok`` reads, from ``launch_facts``."""
     fields = {"tma": facts[0], "norm1": norms[0] is not None, "norm2": norms[1] is not None, "stats": stats}
-    fields["geometry"] = dict(zip(_BLOCK_MS, facts[1:], strict=False)) if facts[0] else {}
+    fields["geometry"] = dict(zip(BLOCK_MS, facts[1:], strict=False)) if facts[0] else {}
     return fields
 
 
@@ -460,7 +483,7 @@ def prune(kept: list, shape: dict) -> list:
 
 def facts_allow(cfg: TmaConfig, facts: tuple) -> bool:
     """Whether ``launch_facts`` let TMA config ``cfg`` run."""
-    return bool(facts[0]) and facts[1 + _BLOCK_MS.index(cfg.BLOCK_M)]
+    return bool(facts[0]) and facts[1 + BLOCK_MS.index(cfg.BLOCK_M)]
 
 
 def runnable(cfg: TmaConfig, x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor, stats: bool) -> bool:
@@ -558,34 +581,41 @@ def _ctas_per_sm(cfg: TmaConfig, elem: int) -> int:
 # Offline compile specs
 # --------------------------------------------------------------------------------------------
 
-# (HAS_X2, NORM1, NORM2, STATS): inference with and without the fused concat, and the two
-# training forms the launchers use (encoder: NORM1+STATS; decoder: raw skip via NORM2+STATS).
-_SPEC_MODES = (
-    (False, False, False, False),
-    (True, False, False, False),
-    (False, True, False, True),
-    (True, False, True, True),
-)
-
-# The training forms hold the transformed A tile and the accumulator in registers together.
-# Estimate as conv3x3's ``_training_regs`` (32-bit registers per thread for both) and the same
-# 16-bit budget: at 96 (128x64 on 4 warps, 256x64 on 8) ptxas used 224 to 238 registers on sm_90
-# (triton 3.9) without spilling.
+# The training forms hold the transformed A tile and the accumulator in registers together:
+# budget in 32-bit registers per thread for both, as conv3x3's ``_training_regs``; and no N tile
+# wider than 64: at 128x128 on 8 warps the training forms compiled to 254-255 registers (sm_90,
+# triton 3.9), the cap a thread has, where 128x64 on 4 warps and 256x64 on 8 (both 96 here) used
+# 224-238.
 _TRAINING_REG_BUDGET = 96
+_TRAINING_MAX_BLOCK_N = 64
+# The statistics epilogue's cross-warp partials, as conv3x3's (3 fp32 per column per warp).
+_STATS_SMEM_PER_WARP_COL = 12
 
 
 def fits_training(cfg: TmaConfig) -> bool:
     """Whether the training forms (BN+ReLU on the load, statistics) fit ``cfg``'s registers
     (16-bit operands)."""
     threads = 32 * cfg.num_warps
-    return (cfg.BLOCK_M * cfg.BLOCK_N + cfg.BLOCK_M * cfg.BLOCK_K // 2) // threads <= _TRAINING_REG_BUDGET
+    regs = (cfg.BLOCK_M * cfg.BLOCK_N + cfg.BLOCK_M * cfg.BLOCK_K // 2) // threads
+    return regs <= _TRAINING_REG_BUDGET and cfg.BLOCK_N <= _TRAINING_MAX_BLOCK_N
+
+
+def tma_smem(cfg: TmaConfig, elem: int, stats: bool) -> int:
+    """Shared memory of the TMA kernel with ``cfg`` (the pruning's estimate; the offline report
+    checks it against each spec): the A/B pipeline, plus the output tile staged for the bulk
+    store (a persistent CTA's store overlaps its next tile's loads), plus the statistics'
+    partials."""
+    scratch = cfg.BLOCK_M * cfg.BLOCK_N * elem
+    if stats:
+        scratch += _STATS_SMEM_PER_WARP_COL * cfg.BLOCK_N * cfg.num_warps
+    return gemm_smem(cfg, elem, scratch=scratch)
 
 
 def candidate_ok(cfg: TmaConfig, shape: dict) -> bool:
     """Whether the tuner should time TMA config ``cfg`` for ``conv3x3``'s ``shape`` (its prune
-    dict plus ``shape_fields``): TMA can read the operands, 16-bit (the fp32 TF32 form is not in
-    the offline compile), a tile geometry exists for ``cfg.BLOCK_M``, and for the training forms
-    the registers allow it."""
+    dict plus ``shape_fields``): TMA can read the operands, 16-bit (fp32 runs the pointer kernel's
+    TF32 path), a tuned tile geometry exists for ``cfg.BLOCK_M``, and for the training forms the
+    registers allow it."""
     if not shape.get("tma") or shape["elem"] != 2 or shape["SMALL_C"] or shape["variant"] != "main":
         return False
     if not shape.get("geometry", {}).get(cfg.BLOCK_M, False):
@@ -594,75 +624,68 @@ def candidate_ok(cfg: TmaConfig, shape: dict) -> bool:
 
 
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """The TMA variant's (config, mode, dtype) specs on sm_90 (none on other archs: no copy engine).
+    """The TMA kernel's (config, form, geometry, dtype) specs on sm_90 (none on other archs: no
+    copy engine).
 
-    16-bit dtypes (fp32 runs the pointer variant's TF32 path in the lists; the TMA variant is
-    compiled for fp16/bf16, where the tensor cores are fed by it), geometry ``(1, BLOCK_M)`` (a
-    row run, what the U-Net's full-resolution layers use) and, for the inference forms of the
-    64/128-pixel tiles, ``(BLOCK_M / 16, 16)`` (whole rows of a 16-pixel-wide map); C1/C2/C_out
-    multiples of 16.
-    Descriptors appear in the signature as ``tensordesc<dtype[box]>``. Training forms where
-    ``fits_training`` holds.
+    Configs: the TMA configs ``conv3x3``'s main tuner can pick for each of its main forms
+    (``conv3x3.tuned_configs``: its pruning over every shape bucket, TMA-readable operands), the
+    persistent ones once (the same binary; only the grid differs); every tile geometry a tuned
+    launch can take (``tuned_geometries``); fp16 and bf16 (fp32 runs the pointer kernel).
+    Descriptors appear in the signature as ``tensordesc<dtype[box]>``; C1/C2/C_out multiples of 16.
     """
     if tuned_arch(arch) != 90 or TensorDescriptor is None:
         return []
-    fn = _conv3x3_tma_kernel
+    from . import conv3x3  # the tuner and the forms live there (it imports this module)
+
     specs = []
-    for dtype in ("fp16", "bf16"):
-        for cfg in TMA_CONFIGS_SM90:
-            if cfg.persistent:
-                continue  # the same binary as the non-persistent launch (only the grid differs)
-            # A run of one row (the full-resolution layers); for the inference forms of the
-            # 64/128-pixel tiles also whole 16-pixel rows (the 16x16 bottleneck of a 256 input).
-            geometries = [(1, cfg.BLOCK_M)] + ([(cfg.BLOCK_M // 16, 16)] if cfg.BLOCK_M <= 128 else [])
-            for (bh, bw), (has_x2, norm1, norm2, stats) in itertools.product(geometries, _SPEC_MODES):
-                training = norm1 or norm2 or stats
-                if training and not fits_training(cfg):
-                    continue  # pruned at run time (spills)
-                if bh > 1 and training:
-                    continue  # the geometry does not change the training forms' loop
-                constexprs = dict(
-                    HAS_X2=has_x2, NORM1=norm1, NORM2=norm2, STATS=stats, RELU=not stats,
-                    DOT_PRECISION="ieee", BH=bh, BW=bw, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=_GROUP_M,
-                )  # fmt: skip
-                a_desc = f"tensordesc<{dtype}[1,{bh},{bw},{cfg.BLOCK_K}]>"
-                w_desc = f"tensordesc<{dtype}[1,{cfg.BLOCK_K},{cfg.BLOCK_N}]>"
-                sig = {}
-                for name in fn.arg_names:
-                    if name in constexprs:
-                        sig[name] = "constexpr"
-                    elif name in ("x_desc", "x2_desc"):
-                        sig[name] = a_desc
-                    elif name in ("w1_desc", "w2_desc"):
-                        sig[name] = w_desc
-                    elif name == "out_desc":
-                        sig[name] = f"tensordesc<{dtype}[1,{bh},{bw},{cfg.BLOCK_N}]>"
-                    elif name.endswith("_ptr"):
-                        sig[name] = "*fp32"
-                    else:
-                        sig[name] = "i32"
-                # The training path's BatchNorm vectors are fp64 (read as fp32).
-                for on, names in ((norm1, ("xs_ptr", "xt_ptr")), (norm2, ("x2s_ptr", "x2t_ptr"))):
-                    if on:
-                        sig.update(dict.fromkeys(names, "*fp64"))
-                attrs = {
-                    (i,): [["tt.divisibility", 16]]
-                    for i, name in enumerate(fn.arg_names)
-                    if sig[name] in ("i32", "*fp32", "*fp64") and name != "N"
-                }
-                flags = (("norm1", norm1), ("norm2", norm2), ("stats", stats))
-                tags = ["x2" if has_x2 else "x"] + [t for t, on in flags if on] + ([f"rows{bw}"] if bh > 1 else [])
-                specs.append(
-                    KernelSpec(
-                        kernel=fn.__name__,
-                        fn=fn,
-                        signature=sig,
-                        constexprs=constexprs,
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                        dtype=dtype,
-                        config=f"{cfg.name}_{'_'.join(tags)}",
-                        extra={"attrs": attrs, "variant": "tma", "expect_hgmma": True},
-                    )
-                )
+    for dtype, form in itertools.product(("fp16", "bf16"), conv3x3.main_forms()):
+        configs = [c for c in conv3x3.tuned_configs(form, arch, 2, tma=True) if is_tma_config(c) and not c.persistent]
+        for cfg in configs:
+            specs += [_spec(cfg, form, dtype, geometry) for geometry in tuned_geometries(cfg.BLOCK_M)]
     return specs
+
+
+def _spec(cfg: TmaConfig, form, dtype: str, geometry: tuple[int, int]) -> KernelSpec:
+    fn = _conv3x3_tma_kernel
+    bh, bw = geometry
+    constexprs = dict(
+        HAS_X2=form.has_x2, NORM1=form.norm1, NORM2=form.norm2, STATS=form.stats, RELU=form.relu,
+        DOT_PRECISION="ieee", BH=bh, BW=bw, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=_GROUP_M,
+    )  # fmt: skip
+    a_desc = f"tensordesc<{dtype}[1,{bh},{bw},{cfg.BLOCK_K}]>"
+    w_desc = f"tensordesc<{dtype}[1,{cfg.BLOCK_K},{cfg.BLOCK_N}]>"
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("x_desc", "x2_desc"):
+            sig[name] = a_desc
+        elif name in ("w1_desc", "w2_desc"):
+            sig[name] = w_desc
+        elif name == "out_desc":
+            sig[name] = f"tensordesc<{dtype}[1,{bh},{bw},{cfg.BLOCK_N}]>"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "i32"
+    # The training path's BatchNorm vectors are fp64 (read as fp32).
+    for on, names in ((form.norm1, ("xs_ptr", "xt_ptr")), (form.norm2, ("x2s_ptr", "x2t_ptr"))):
+        if on:
+            sig.update(dict.fromkeys(names, "*fp64"))
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if sig[name] in ("i32", "*fp32", "*fp64") and name != "N"
+    }
+    tags = form.tags.removeprefix("main_").replace("_blockc", "") + (f"_rows{bw}" if bh > 1 else "")
+    return KernelSpec(
+        kernel=fn.__name__,
+        fn=fn,
+        signature=sig,
+        constexprs=constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        dtype=dtype,
+        config=f"{cfg.name}_{tags}",
+        extra={"attrs": attrs, "variant": "tma", "expect_hgmma": True, "smem_estimate": tma_smem(cfg, 2, form.stats)},
+    )

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _specs
 from ._common import (
     GemmConfig,
     KernelSpec,
@@ -326,22 +327,28 @@ _CONFIGS_SM80 = (
     _Cfg(64, 64, 32, 4, 4),
 )
 # Small-C mode (fewer than 16 channels per source, e.g. the RGB input): N = 9*C is 9 to 135
-# columns, so narrow N tiles; every B element is a gather, which bounds these more than the MMA.
-# Ampere keeps K steps of 32 here too (64 spilled in TF32 with x2).
+# columns, so narrow N tiles; every B element is a gather, which bounds these more than the MMA:
+# see ``_fits_small_c``. Ampere keeps K steps of 32 here too (64 spilled in TF32 with x2).
 _SMALLC_CONFIGS_SM90 = (
-    _Cfg(64, 32, 64, 4, 3),
+    _Cfg(64, 32, 32, 4, 3),
     _Cfg(64, 16, 64, 4, 3),
     _Cfg(128, 32, 64, 8, 3),
-    _Cfg(64, 64, 32, 4, 3),
-    _Cfg(128, 128, 32, 8, 3),
+    _Cfg(64, 64, 16, 4, 3),
+    _Cfg(128, 64, 32, 8, 3),
 )
 _SMALLC_CONFIGS_SM80 = (
     _Cfg(64, 32, 32, 4, 3),
     _Cfg(64, 16, 32, 4, 3),
     _Cfg(128, 32, 32, 8, 3),
-    _Cfg(64, 64, 32, 4, 3),
-    _Cfg(128, 128, 32, 8, 3),
+    _Cfg(64, 64, 16, 4, 3),
+    _Cfg(128, 64, 32, 8, 3),
 )
+# Small-C registers per thread (32-bit words): the gathered B tile (transformed in fp32 with a
+# norm) and the accumulator. triton 3.6 (the GPU image's) spilled 8 to 400 B on every small-C
+# tile above either budget on sm_90: B at 16 words (64x32x64 and 64x64x32 on 4 warps, 128x128x32
+# on 8) and the accumulator at 64 (128x128x16 IEEE on 8 warps), where 3.9 compiled them clean;
+# none at or below (the most: 169 registers).
+_SMALL_C_B_WORDS, _SMALL_C_ACC_WORDS = 8, 32
 # fp32 with allow_tf32=False: tl.dot runs on FMA units with both operand slices in registers.
 # One stage: the B tile passes through registers for the transform, so deeper pipelines hold
 # the prefetched tiles there too and spill (64x64x32 with a norm: 90 registers at 1 stage,
@@ -367,6 +374,14 @@ def _fits(cfg: _Cfg, arch: int, elem_size: int) -> bool:
     return cfg.smem(elem_size) <= smem_limit(arch)
 
 
+def _fits_small_c(cfg: _Cfg) -> bool:
+    """Whether ``cfg``'s gathered B tile and accumulator fit the small-C register budgets."""
+    threads = 32 * cfg.num_warps
+    return cfg.BLOCK_K * cfg.BLOCK_N <= _SMALL_C_B_WORDS * threads and cfg.BLOCK_M * cfg.BLOCK_N <= (
+        _SMALL_C_ACC_WORDS * threads
+    )
+
+
 def _variant(small_c: bool, precision: str, elem_size: int) -> str:
     if elem_size == 4 and precision == "ieee":
         return "ieee"
@@ -380,6 +395,8 @@ def _prune(configs, shape: dict, arch: int) -> list:
     c_out = shape["C_out"]
     c_max = max(shape["C1"], shape["C2"])
     fitting = [c for c in configs if _fits(c, arch, elem)]
+    if shape["SMALL_C"]:
+        fitting = [c for c in fitting if _fits_small_c(c)] or fitting
     cols = 9 * c_max if shape["SMALL_C"] else c_max
     m_cap = max(64, next_pow2(c_out))
     n_cap = max(16 if shape["SMALL_C"] else 64, next_pow2(cols))
@@ -630,10 +647,21 @@ def _divisibility_attrs(fn, signature: dict[str, str], not_divisible=()) -> dict
     }
 
 
+def _tuned_configs(arch: int, elem: int, precision: str, small_c: bool) -> list:
+    """What the launcher's tuner for this dtype, precision and K mode can pick on ``arch``, over
+    every channel count it can be shown (``_specs``; the pixel count only sets the split)."""
+    channels = _specs.SMALL_CHANNELS if small_c else _specs.CHANNELS
+    shapes = _specs.shape_grid(  # C2: pruning reads max(C1, C2), so C1 covers both
+        {"elem": elem, "SMALL_C": small_c, "SPLIT_K": 1, "C2": 0}, C1=channels,
+        C_out=(*_specs.SMALL_CHANNELS, *_specs.CHANNELS),
+    )  # fmt: skip
+    return _specs.tuned_configs(_TUNERS[_variant(small_c, precision, elem)], arch, shapes)
+
+
 def compile_specs(arch: int) -> list[KernelSpec]:
     """Every (kernel, config, dtype) the autotuner can pick on ``arch`` (80 or 90).
 
-    Shared-memory pruning applied; dtypes fp32 (TF32 dots, and IEEE with its own list), fp16,
+    Configs from the tuners (``_tuned_configs``); dtypes fp32 (TF32 dots, and IEEE with its own list), fp16,
     bf16; both K modes; with and without x2, each source with and without its norm; and the
     split reduction. Signatures assume the fast layout (unit channel and dW kw strides are
     constexpr 1, as the runtime specializes them; every other int is ``i32``).
@@ -648,9 +676,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         elem = 4 if dtype == "fp32" else 2
         for precision in ("tf32", "ieee") if dtype == "fp32" else ("ieee",):
             for small_c in (False, True):
-                for cfg in _CONFIGS[(_variant(small_c, precision, elem), arch)]:
-                    if not _fits(cfg, arch, elem):
-                        continue
+                for cfg in _tuned_configs(arch, elem, precision, small_c):
                     for has_x2, x_norm, x2_norm in sources:
                         constexprs = {name: 1 for name in _UNIT_STRIDES}
                         constexprs.update(
@@ -679,6 +705,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                                 dtype=dtype,
                                 config="_".join([cfg.name, *(t for t in tags if t)]),
                                 extra={
+                                    "smem_estimate": cfg.smem(elem),
                                     "attrs": _divisibility_attrs(
                                         fn, sig, _RAGGED + (_RAGGED_SMALL_C if small_c else ())
                                     ),

@@ -20,11 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _specs
 from ._common import (
+    GemmConfig,
     KernelSpec,
     can_launch,
     cdiv,
     dot_precision,
+    gemm_smem,
     launch,
     next_pow2,
     smem_limit,
@@ -178,13 +181,29 @@ def _usable_configs(arch: int, elem_bytes: int, block_k: int) -> list[triton.Con
     candidates = _CONFIGS[tuned_arch(arch)]
     usable = []
     for c in candidates:
-        bm, bc = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]
-        if c.num_stages * (bm + block_k) * bc * elem_bytes > smem_limit(arch):
+        bm = c.kwargs["BLOCK_M"]
+        if _smem(c, elem_bytes, block_k) > smem_limit(arch):
             continue
         if bm * block_k > _MAX_ACC_WORDS_PER_THREAD * 32 * c.num_warps:
             continue
         usable.append(c)
     return usable or [min(candidates, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
+
+
+def _smem(cfg: triton.Config, elem_bytes: int, block_k: int) -> int:
+    """The pruning's shared-memory estimate: the pipelined x [BLOCK_M, BLOCK_C] and weight
+    [BLOCK_K, BLOCK_C] tiles (the GEMM's K is the channel block), or the fp32 [BLOCK_M, BLOCK_K]
+    result staged by the epilogue."""
+    k = cfg.kwargs
+    tile = GemmConfig(k["BLOCK_M"], block_k, k["BLOCK_C"], cfg.num_warps, cfg.num_stages)
+    return gemm_smem(tile, elem_bytes, out_bytes=4)
+
+
+def _tuned_configs(arch: int, elem_bytes: int, block_k: int) -> list[triton.Config]:
+    """What the tuner can pick on ``arch`` for this element size and class tile, over every pixel
+    bucket (``_specs``)."""
+    shapes = _specs.shape_grid({"elem": elem_bytes, "BLOCK_K": block_k}, M=_specs.PIXEL_BUCKETS)
+    return _specs.tuned_configs(_TUNER, arch, shapes)
 
 
 def _prune_configs(configs, shape: dict, arch: int) -> list:
@@ -355,7 +374,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         precisions = ("tf32", "ieee") if dtype == torch.float32 else ("ieee",)
         for precision in precisions:
             for block_k in (16, 32, 64):
-                for cfg in _usable_configs(arch, elem, block_k):
+                for cfg in _tuned_configs(arch, elem, block_k):
                     for activation, in_norm in itertools.product(ACTIVATIONS, (False, True)):
                         signature = {
                             "x_ptr": f"*{tt}",
@@ -395,6 +414,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                                     "label": label,
                                     "precision": precision if fp32 else None,
                                     "attrs": attrs,
+                                    "smem_estimate": _smem(cfg, elem, block_k),
                                     # 16-bit and TF32 dots run on wgmma on Hopper.
                                     "expect_hgmma": tuned_arch(arch) == 90 and label != "fp32-ieee",
                                     # The softmax's row max is NaN-dropping max.f32; the result is

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _specs
 from ._common import (
     KernelSpec,
     can_launch,
@@ -240,6 +241,9 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     (pass it as ``ASTSource``'s fourth argument).
     """
     arch = tuned_arch(arch)
+    # What the tuner can pick over every pixel bucket and channel count (``_specs``).
+    channels = (*_specs.SMALL_CHANNELS, *_specs.CHANNELS)
+    configs = _specs.tuned_configs(_TUNER, arch, _specs.shape_grid({}, P=_specs.PIXEL_BUCKETS, C=channels))
     ints = ("N", "C", "H_out", "W_out", "stride_xn", "stride_xh", "stride_xw")
     ints += ("stride_on", "stride_oh", "stride_ow")
     aligned = ("x_ptr", "out_ptr", "scale_ptr", "shift_ptr", "C", "stride_xn", "stride_xh", "stride_xw")
@@ -249,7 +253,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         tt = triton_dtype(dtype)
         for in_norm in (False, True):
-            for cfg in _CONFIGS[arch]:
+            for cfg in configs:
                 vec = "*fp64" if in_norm else "*fp32"  # the training path's BatchNorm vectors are fp64
                 signature = {"x_ptr": f"*{tt}", "out_ptr": f"*{tt}", "scale_ptr": vec, "shift_ptr": vec}
                 signature.update({n: "i32" for n in ints})

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _specs
 from ._common import (
     KernelSpec,
     can_launch,
@@ -729,6 +730,10 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     arch = tuned_arch(arch)
     specs = []
     pixel_dims = {"affine_relu": ("N", "C", "H", "W"), "maxpool": ("N", "C", "H_out", "W_out")}
+    # Every pixel bucket and channel count the tuners can be shown (``_specs``).
+    channels = (*_specs.SMALL_CHANNELS, *_specs.CHANNELS)
+    shapes = list(_specs.shape_grid({}, P=_specs.PIXEL_BUCKETS, C=channels))
+    tuned = {kind: _specs.tuned_configs(_TUNERS[kind], arch, shapes) for kind in _KERNELS}
     for kind, fn in _KERNELS.items():
         strides = [f"stride_{t}{d}" for t in "gxd" for d in "nhw"]
         ints = (*pixel_dims[kind], "ROWS", *strides)
@@ -749,7 +754,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
             for in_norm in (False, True) if kind == "maxpool" else (None,):
                 # The training path: fp64 BatchNorm vectors, the transform's own centre.
                 transform = in_norm is not False
-                for cfg in _CONFIGS[kind][arch]:
+                for cfg in tuned[kind]:
                     vec = "*fp64" if transform else "*fp32"
                     signature = {"g_ptr": f"*{tt}", "x_ptr": f"*{tt}", "scale_ptr": vec, "shift_ptr": vec}
                     signature["center_ptr"] = f"*{tt}" if transform else "*fp32"

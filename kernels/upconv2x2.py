@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _specs
 from ._common import (
     KernelSpec,
     can_launch,
@@ -32,6 +33,7 @@ from ._common import (
     check_bias,
     check_out,
     dot_precision,
+    gemm_smem,
     launch,
     smem_limit,
     triton_dtype,
@@ -210,8 +212,8 @@ def _config_name(cfg: triton.Config) -> str:
 
 
 def _smem_bytes(cfg: triton.Config, elem_bytes: int) -> int:
-    k = cfg.kwargs
-    return cfg.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem_bytes
+    """The pruning's shared-memory estimate (``gemm_smem``: pipeline or staged fp32 result)."""
+    return gemm_smem(cfg, elem_bytes, out_bytes=4)
 
 
 def _usable_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool = False) -> list[triton.Config]:
@@ -255,6 +257,18 @@ _TUNERS = {
     "tc": Tuner("upconv2x2", _CONFIGS, _prune_configs, _tiles, _interpreter_config),
     "ieee": Tuner("upconv2x2.ieee", _IEEE_CONFIGS, _prune_configs, _tiles, _interpreter_config),
 }
+
+
+def _tuner(elem_bytes: int, precision: str) -> Tuner:
+    return _TUNERS["ieee" if elem_bytes == 4 and precision == "ieee" else "tc"]
+
+
+def _tuned_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool) -> list[triton.Config]:
+    """What the launcher's tuner can pick on ``arch`` for this dtype, precision and transform,
+    over every output width (``_specs``; the pruning does not read the pixel count)."""
+    base = {"elem": elem_bytes, "INPUT_PRECISION": precision, "IN_NORM": in_norm}
+    shapes = _specs.shape_grid(base, M=_specs.FEW_PIXEL_BUCKETS, C_out=(*_specs.SMALL_CHANNELS, *_specs.CHANNELS))
+    return _specs.tuned_configs(_tuner(elem_bytes, precision), arch, shapes)
 
 
 # --------------------------------------------------------------------------------------
@@ -374,9 +388,8 @@ def upconv2x2(
             "INPUT_PRECISION": flags["INPUT_PRECISION"], "IN_NORM": flags["IN_NORM"],
         }  # fmt: skip
 
-    tuner = _TUNERS["ieee" if x.element_size() == 4 and flags["INPUT_PRECISION"] == "ieee" else "tc"]
     key = (x.dtype, m_bucket, C_in, C_out, *flags.values())
-    run(tuner.pick(x.device, key, shape, run))
+    run(_tuner(x.element_size(), flags["INPUT_PRECISION"]).pick(x.device, key, shape, run))
     return out
 
 
@@ -423,7 +436,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         precisions = ("tf32", "ieee") if dtype == torch.float32 else ("ieee",)
         for precision in precisions:
             for in_norm in (False, True):
-                for cfg in _usable_configs(arch, elem, precision, in_norm):
+                for cfg in _tuned_configs(arch, elem, precision, in_norm):
                     signature = {
                         "x_ptr": f"*{tt}",
                         "w_ptr": f"*{tt}",

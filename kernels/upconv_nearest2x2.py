@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _specs
 from ._common import (
     KernelSpec,
     can_launch,
@@ -55,6 +56,7 @@ from ._common import (
     check_bias,
     check_out,
     dot_precision,
+    gemm_smem,
     launch,
     smem_limit,
     triton_dtype,
@@ -448,9 +450,14 @@ def _config_name(cfg: triton.Config) -> str:
     return f"BM{k['BLOCK_M']}_BN{k['BLOCK_N']}_BK{k['BLOCK_K']}_w{cfg.num_warps}_s{cfg.num_stages}"
 
 
-def _smem_bytes(cfg: triton.Config, elem_bytes: int) -> int:
-    k = cfg.kwargs
-    return cfg.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem_bytes
+def _smem_bytes(cfg: triton.Config, elem_bytes: int, in_norm: bool = False) -> int:
+    """The pruning's shared-memory estimate (``gemm_smem``: pipeline or staged fp32 result), plus
+    what the forward's BatchNorm+ReLU on the load adds (sm_90 report, triton 3.6: 1 to 3 KiB
+    at K steps of 32 to 64)."""
+    return gemm_smem(cfg, elem_bytes, out_bytes=4, scratch=_NORM_SMEM_PER_K * cfg.kwargs["BLOCK_K"] if in_norm else 0)
+
+
+_NORM_SMEM_PER_K = 64
 
 
 def _usable_configs(
@@ -467,7 +474,7 @@ def _usable_configs(
     usable = []
     for c in candidates:
         k = c.kwargs
-        if _smem_bytes(c, elem_bytes) > smem_limit(arch):
+        if _smem_bytes(c, elem_bytes, in_norm) > smem_limit(arch):
             continue
         words = (k["BLOCK_M"] * k["BLOCK_N"] + k["BLOCK_M"] * k["BLOCK_K"]) // (32 * c.num_warps)
         if elem_bytes == 4 and words > _MAX_WORDS_PER_THREAD_FP32:
@@ -562,6 +569,26 @@ _TUNERS = {
         "upconv_nearest2x2.wgrad.ieee", _WGRAD_IEEE_CONFIGS, _wgrad_prune, _wgrad_tiles, _interpreter_config
     ),
 }
+
+
+def _tuner(kind: str, elem_bytes: int, precision: str) -> Tuner:
+    """The tuner of ``kind`` ("tc": the forward, "dgrad", "wgrad") for this dtype and precision:
+    fp32 IEEE dots have their own lists."""
+    ieee32 = elem_bytes == 4 and precision == "ieee"
+    return _TUNERS[{"tc": "ieee"}.get(kind, f"{kind}.ieee") if ieee32 else kind]
+
+
+def _tuned_configs(kind: str, arch: int, elem_bytes: int, precision: str, in_norm: bool = False) -> list:
+    """What ``kind``'s tuner can pick on ``arch`` over every channel count (``_specs``; the pruning
+    does not read the pixel count or the split)."""
+    channels = (*_specs.SMALL_CHANNELS, *_specs.CHANNELS)
+    base = {"elem": elem_bytes, "INPUT_PRECISION": precision}
+    if kind == "wgrad":
+        shapes = _specs.shape_grid({**base, "SPLIT_K": 1}, C_in=channels, C_out=channels)
+    else:
+        base.update(IN_NORM=in_norm, dgrad=kind == "dgrad", phases=1 if kind == "dgrad" else 4)
+        shapes = _specs.shape_grid(base, M=_specs.FEW_PIXEL_BUCKETS, cols=channels)
+    return _specs.tuned_configs(_tuner(kind, elem_bytes, precision), arch, shapes)
 
 
 # --------------------------------------------------------------------------------------
@@ -716,9 +743,8 @@ def upconv_nearest2x2(
             "INPUT_PRECISION": flags["INPUT_PRECISION"], "IN_NORM": flags["IN_NORM"],
         }  # fmt: skip
 
-    tuner = _TUNERS["ieee" if x.element_size() == 4 and flags["INPUT_PRECISION"] == "ieee" else "tc"]
     key = (x.dtype, m_bucket, C_in, C_out, *flags.values())
-    run(tuner.pick(x.device, key, shape, run))
+    run(_tuner("tc", x.element_size(), flags["INPUT_PRECISION"]).pick(x.device, key, shape, run))
     return out
 
 
@@ -784,7 +810,7 @@ def upconv_nearest2x2_input_grad(
             "INPUT_PRECISION": precision, "IN_NORM": False,
         }  # fmt: skip
 
-    tuner = _TUNERS["dgrad.ieee" if g.element_size() == 4 and precision == "ieee" else "dgrad"]
+    tuner = _tuner("dgrad", g.element_size(), precision)
     run(tuner.pick(g.device, (g.dtype, m_bucket, C_in, C_out, precision), shape, run))
     return out
 
@@ -865,8 +891,7 @@ def upconv_nearest2x2_weight_grad(
             "INPUT_PRECISION": flags["INPUT_PRECISION"],
         }  # fmt: skip
 
-    ieee32 = g.element_size() == 4 and flags["INPUT_PRECISION"] == "ieee"
-    tuner = _TUNERS["wgrad.ieee" if ieee32 else "wgrad"]
+    tuner = _tuner("wgrad", g.element_size(), flags["INPUT_PRECISION"])
     run(tuner.pick(g.device, (g.dtype, C_in, C_out, split_k, *flags.values()), shape, run))
     if ws is not None:
         _reduce_splits(ws, out, (1, 9, C_in, C_out), (0, *out.stride()))
@@ -906,7 +931,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         precisions = ("tf32", "ieee") if dtype == torch.float32 else ("ieee",)
         for precision in precisions:
             for in_norm in (False, True):
-                for cfg in _usable_configs(arch, elem, precision, in_norm):
+                for cfg in _tuned_configs("tc", arch, elem, precision, in_norm):
                     signature = {
                         "x_ptr": f"*{tt}",
                         "w_ptr": f"*{tt}",
@@ -941,7 +966,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                             extra={
                                 "precision": precision if fp32 else None,
                                 "label": label,
-                                "smem_estimate": _smem_bytes(cfg, elem),
+                                "smem_estimate": _smem_bytes(cfg, elem, in_norm),
                                 # 16-bit and TF32 dots run on wgmma on Hopper; IEEE fp32 on FMA.
                                 "expect_hgmma": tuned_arch(arch) == 90 and label != "fp32-ieee",
                                 "attrs": attrs,
@@ -970,7 +995,7 @@ def _dgrad_specs(arch: int) -> list[KernelSpec]:
         fp32 = dtype == torch.float32
         for precision in ("tf32", "ieee") if fp32 else ("ieee",):
             label = f"fp32-{precision}" if fp32 else tt
-            for cfg in _usable_configs(arch, elem, precision, dgrad=True):
+            for cfg in _tuned_configs("dgrad", arch, elem, precision):
                 specs.append(
                     KernelSpec(
                         kernel="_upconv_nearest2x2_dgrad_kernel",
@@ -1020,7 +1045,7 @@ def _wgrad_specs(arch: int) -> list[KernelSpec]:
         for precision in ("tf32", "ieee") if fp32 else ("ieee",):
             label = f"fp32-{precision}" if fp32 else tt
             for x_norm in (False, True):
-                for cfg in _wgrad_usable_configs(arch, elem, precision):
+                for cfg in _tuned_configs("wgrad", arch, elem, precision):
                     specs.append(
                         KernelSpec(
                             kernel="_upconv_nearest2x2_wgrad_kernel",

@@ -245,10 +245,12 @@ def test_check_rows_accepts_clean_rows(arch):
         (_row(nan_dropping=2, nan_dropping_sites=["2x max.f32 at k.py:3"]), 90, "NaN-dropping"),
         (_row(nan_dropping=1), 80, "NaN-dropping"),
         (_row(nan_dropping=1, nan_dropping_ok=""), 90, "NaN-dropping"),  # an empty reason is none
+        (_row(smem=4096, smem_estimate=4095), 90, "pruning's estimate"),
+        (_row(kernel="_conv3x3_wgrad_kernel", config="M64_N32_K64_w4_s3_smallc_x2_norm", spills=40), 90, "spills"),
     ],
     ids=[
         "spill", "smem90", "smem80", "compile-error", "conv-no-hgmma", "conv-bf16", "conv-module", "forced",
-        "nan-drop90", "nan-drop80", "nan-empty-reason",
+        "nan-drop90", "nan-drop80", "nan-empty-reason", "smem-over-estimate", "no-known-spills",
     ],
 )  # fmt: skip
 def test_check_rows_flags(row, arch, expected):
@@ -595,18 +597,16 @@ def test_sample_keeps_the_first_specs_of_each_kernel_and_dtype():
     assert [r.index for r in kr.sample_refs(refs, 2)] == [0, 1, 2, 3, 5]
 
 
-def test_known_spills_of_an_older_triton_are_reported_not_failed(monkeypatch):
-    """triton 3.6 (the GPU image's) spills on small-C weight-gradient tiles that 3.9 compiles
-    clean: on < 3.7 those rows pass with a count in the summary; anything else still fails."""
-    wgrad = _row(kernel="_conv3x3_wgrad_kernel", config="M64_N32_K64_w4_s3_smallc_x2_norm", spills=40)
-    other = _row(kernel="_conv3x3_wgrad_kernel", config="M128_N128_K64_w8_s3_blockc_x", spills=8)
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    assert kr.known_spill(wgrad) is not None and kr.known_spill(other) is None
-    failures = kr.check_rows([wgrad, other], 90)
-    assert len(failures) == 1 and "blockc" in failures[0]
-    assert "known spills 1" in kr.summary_line([wgrad, other], 90, len(failures), 1.0, 1)
-    monkeypatch.setattr(triton, "__version__", "3.9.0")
-    assert kr.known_spill(wgrad) is None and len(kr.check_rows([wgrad, other], 90)) == 2
+def test_estimate_and_register_cap_are_reported():
+    """A spec at its shared-memory estimate passes; one within REG_CAP_MARGIN registers of the cap
+    passes with AT-CAP in the table and a count in the summary (a warning, not a failure)."""
+    exact = _row(smem=4096, smem_estimate=4096)
+    capped = _row(config="capped", regs=kr.REG_CAP - 1)
+    assert kr.check_rows([exact, capped], 90) == []
+    table = kr.format_table([exact, capped], 90)
+    assert "AT-CAP" in table.splitlines()[3] and "AT-CAP" not in table.splitlines()[2]
+    summary = kr.summary_line([exact, capped], 90, 0, 1.0, 1)
+    assert "(1 at the cap)" in summary and "smem estimate >= compiled in 1/1" in summary
 
 
 def test_global_loads_are_counted_by_width():

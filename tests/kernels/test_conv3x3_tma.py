@@ -235,7 +235,7 @@ def test_candidates_keep_the_pointer_configs_first():
     n_ptr = len(K._CONFIGS_SM90)
     assert list(configs[:n_ptr]) == list(K._CONFIGS_SM90)
     assert all(T.is_tma_config(c) for c in configs[n_ptr:]) and len(configs) > n_ptr
-    facts = (True, *(True for _ in T._BLOCK_MS))  # TMA-able, every BLOCK_M has a tile geometry
+    facts = (True, *(True for _ in T.BLOCK_MS))  # TMA-able, every BLOCK_M has a tile geometry
     base = {
         "variant": "main", "elem": 2, "M": 2**20, "C1": 64, "C2": 0, "C_out": 64, "SMALL_C": False,
         "training": False, "dense": False, "bilinear": False, **T.fields_from_facts(facts, (None, None), False),
@@ -291,10 +291,13 @@ def test_conv3x3_launchers_dispatch_a_tma_pick(dtype, monkeypatch):
     assert len(launched) == 2
 
 
-def test_compile_specs_are_few_and_16_bit():
+def test_compile_specs_are_16_bit_in_every_tuned_geometry():
     specs = T.compile_specs(90)
-    assert 0 < len(specs) <= 48
     assert {s.dtype for s in specs} == {"fp16", "bf16"}
+    geometries = {(s.constexprs["BH"] * s.constexprs["BW"], s.constexprs["BH"], s.constexprs["BW"]) for s in specs}
+    for bm in {c.BLOCK_M for c in T.TMA_CONFIGS_SM90}:
+        assert {(bh, bw) for m, bh, bw in geometries if m == bm} == set(T.tuned_geometries(bm))
+    assert not any(s.constexprs["STATS"] and s.constexprs["BLOCK_N"] > 64 for s in specs)  # register cap
     assert len({(s.kernel, s.config, s.dtype) for s in specs}) == len(specs)
     assert T.compile_specs(80) == []
 

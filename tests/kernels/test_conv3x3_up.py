@@ -438,7 +438,7 @@ def test_offline_compile_up_specs(arch):
     assert all(r["spills"] == 0 for r in rows), [r for r in rows if r["spills"]]
     assert arch < 90 or all(r["hgmma"] for r in rows), [r for r in rows if not r["hgmma"]]
     bilinear = {r["dtype"] for r in rows if "bilinear" in r["config"]}
-    assert bilinear == {"fp32", "fp16"}
+    assert bilinear == {"fp32", "fp16", "bf16"}
 
 
 def test_up_tuner_prunes_to_the_register_budget():
