@@ -1029,8 +1029,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=int,
         default=0,
         metavar="N",
-        help="check only the first N specs of each kernel and dtype (a quick run that still "
-        "compiles every kernel; default: 0, every spec)",
+        help="check only N specs of each kernel and dtype, spread over its list (a quick run that "
+        "still compiles every kernel; default: 0, every spec)",
     )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
     p.add_argument("--quiet", action="store_true", help="print only failures and the summary")
@@ -1064,19 +1064,22 @@ def _selected(ref: SpecRef, wanted: Sequence[str]) -> bool:
 
 
 def sample_refs(refs: Sequence[SpecRef], n: int) -> list[SpecRef]:
-    """The first ``n`` specs of each (kernel, dtype), in the providers' order (``--sample``).
+    """``n`` specs of each (kernel, dtype), spread evenly over the providers' order (the first
+    and, for ``n > 1``, the last included; ``--sample``).
 
-    A quick run that still compiles every kernel in every dtype it is built for (50 specs of
-    839 on sm_90 with ``n=1``); the tile configs' register and spill limits need the full set.
+    A quick run that still compiles every kernel in every dtype it is built for, and with ``n``
+    above 1 the forms and tile sizes from one end of a kernel's list to the other (its configs
+    come in the tuner's order, largest tile first); the tile configs' register and spill limits
+    need the full set.
     """
-    seen: dict[tuple[str, str, str], int] = {}
-    out = []
+    groups: dict[tuple[str, str, str], list[SpecRef]] = {}
     for ref in refs:
-        key = (ref.module, ref.kernel, ref.dtype)
-        if seen.get(key, 0) < n:
-            seen[key] = seen.get(key, 0) + 1
-            out.append(ref)
-    return out
+        groups.setdefault((ref.module, ref.kernel, ref.dtype), []).append(ref)
+    keep = set()
+    for group in groups.values():
+        k = min(n, len(group))
+        keep.update(group[(i * (len(group) - 1)) // (k - 1)] if k > 1 else group[0] for i in range(k))
+    return [ref for ref in refs if ref in keep]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -255,7 +255,12 @@ def gemm_smem(cfg, a_bytes: int, b_bytes: int | None = None, *, out_bytes: int =
     bm, bn, bk, stages = _tile(cfg)
     b_bytes = a_bytes if b_bytes is None else b_bytes
     loop = stages * (bm * bk * a_bytes + bk * bn * b_bytes)
-    return max(loop, bm * bn * out_bytes) + scratch
+    return max(loop, bm * bn * out_bytes) + scratch + _SMEM_SLACK
+
+
+# Barriers and alignment padding beside the buffers (triton 3.6 put 32 B past the pipeline of a
+# 256x64x64 fp32 tile; 1 KiB covers such extras whatever their layout).
+_SMEM_SLACK = 1024
 
 
 @dataclass(frozen=True)

@@ -558,13 +558,21 @@ def test_cli_reports_a_module_that_does_not_import(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-# Every spec: about 10 CPU-minutes for sm_90 and 6 for sm_80 from a cold triton cache (seconds
-# when warm), so quick mode runs the sample: each kernel in each dtype once.
+# Every spec: about 25 CPU-minutes for sm_90 and 15 for sm_80 per triton from a cold cache
+# (seconds when warm): more than CI's budget, so the full report is opt-in here
+# (FASTUNET_RING2_FULL=1) and .ci/run compiles a spread sample on the newest triton and on 3.6.
+# Quick mode runs one spec per kernel and dtype.
+_FULL_REPORT = pytest.mark.skipif(
+    os.environ.get("FASTUNET_RING2_FULL") != "1",
+    reason="the full ring-2 report: FASTUNET_RING2_FULL=1, or benchmarks/kernel_report.py --arch N",
+)
+
+
 @pytest.mark.parametrize(
     "arch, sample",
     [
-        pytest.param(90, 0, marks=pytest.mark.slow),
-        pytest.param(80, 0, marks=pytest.mark.slow),
+        pytest.param(90, 0, marks=[pytest.mark.slow, _FULL_REPORT]),
+        pytest.param(80, 0, marks=[pytest.mark.slow, _FULL_REPORT]),
         (90, 1),
     ],
 )
@@ -586,15 +594,17 @@ def test_cli_real_kernels(arch, sample, tmp_path):
         assert {"_conv3x3_bn_act_kernel", "_conv3x3_wgrad_kernel", "_upconv2x2_kernel"} <= {k for k, _ in kernels}
 
 
-def test_sample_keeps_the_first_specs_of_each_kernel_and_dtype():
+def test_sample_spreads_over_each_kernel_and_dtype():
     refs = [
         kr.SpecRef("p:f", i, kernel, f"c{i}", dtype, "m")
         for i, (kernel, dtype) in enumerate(
-            [("a", "bf16"), ("a", "bf16"), ("a", "fp32"), ("b", "bf16"), ("a", "bf16"), ("b", "bf16")]
+            [("a", "bf16"), ("a", "bf16"), ("a", "fp32"), ("b", "bf16"), ("a", "bf16"), ("b", "bf16"), ("a", "bf16")]
         )
     ]
     assert [r.index for r in kr.sample_refs(refs, 1)] == [0, 2, 3]
-    assert [r.index for r in kr.sample_refs(refs, 2)] == [0, 1, 2, 3, 5]
+    assert [r.index for r in kr.sample_refs(refs, 2)] == [0, 2, 3, 5, 6]  # a/bf16: first and last
+    assert [r.index for r in kr.sample_refs(refs, 3)] == [0, 1, 2, 3, 5, 6]
+    assert kr.sample_refs(refs, 9) == refs
 
 
 def test_estimate_and_register_cap_are_reported():
