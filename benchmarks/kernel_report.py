@@ -157,13 +157,14 @@ From Python (in a process without TRITON_INTERPRET): ``collect_rows(arch, specs)
 ``KernelSpec`` objects and returns ``Row`` objects; ``check_rows(rows, arch)`` returns the
 failure messages; ``rows_to_json(rows)`` returns the JSON payload.
 
-Timing (triton 3.9, measured on a 2-core machine with nothing else running). CPU time per
-spec, measurement included: about 0.8 s for conv3x3 on sm_80, 1.2 s on sm_90 (0.5 s of that
-is the SASS disassembly), and about 0.5 s for the smaller kernels. The full set (280 specs for
-sm_90, 243 for sm_80) took 335 and 168 CPU-seconds. With 2 jobs that comes to about 3 min
-and 1.5 min of wall time on a fresh cache, plus about 5 s to start the workers. When triton's
-cache and the saved measurements are warm, a run takes about 4 s. The summary line gives the
-wall time and the mean compile time of the specs that were compiled.
+Timing. On a quiet 2-core machine (triton 3.9): CPU time per spec, measurement included, about
+0.8 s for conv3x3 on sm_80, 1.2 s on sm_90 (0.5 s of that is the SASS disassembly), about 0.5 s
+for the smaller kernels. Measured again with triton 3.6 and 3.9 on a heavily shared machine (issue
+21): 1.7 to 1.9 CPU-s per spec for the conv and TMA kernels on sm_90 (user + sys over fresh
+compiles). The full set is 1299 specs for sm_90 and 1019 for sm_80 per triton: about 25 and 15
+CPU-minutes, so CI compiles ``--sample 2`` (sm_90) and ``--sample 1`` (sm_80) on each triton
+(``.ci/run``). When triton's cache and the saved measurements are warm, a run takes seconds. The
+summary line gives the wall time and the mean compile time of the specs that were compiled.
 """
 
 from __future__ import annotations

@@ -117,8 +117,9 @@ class TmaConfig(NamedTuple):
         }  # fmt: skip
 
     def smem(self, elem: int) -> int:
-        """``tma_smem`` of the inference forms (what ``_ctas_per_sm`` sizes a persistent grid by)."""
-        return tma_smem(self, elem, stats=False)
+        """Pipelined A/B stages plus the output tile staged for the bulk store: the buffers alone
+        (what ``_ctas_per_sm`` sizes a persistent grid by; the pruning uses ``tma_smem``)."""
+        return (self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K + self.BLOCK_M * self.BLOCK_N) * elem
 
 
 def is_tma_config(cfg) -> bool:
@@ -590,6 +591,9 @@ _TRAINING_REG_BUDGET = 96
 _TRAINING_MAX_BLOCK_N = 64
 # The statistics epilogue's cross-warp partials, as conv3x3's (3 fp32 per column per warp).
 _STATS_SMEM_PER_WARP_COL = 12
+# Bulk-copy buffers start 1024-byte aligned (the 128-byte swizzle): the A, B, second-source A and
+# B, and output buffers each may be padded by up to that much (triton 3.6 added 1024 B with x2).
+_TMA_BUFFERS, _TMA_BUFFER_ALIGN = 5, 1024
 
 
 def fits_training(cfg: TmaConfig) -> bool:
@@ -604,8 +608,8 @@ def tma_smem(cfg: TmaConfig, elem: int, stats: bool) -> int:
     """Shared memory of the TMA kernel with ``cfg`` (the pruning's estimate; the offline report
     checks it against each spec): the A/B pipeline, plus the output tile staged for the bulk
     store (a persistent CTA's store overlaps its next tile's loads), plus the statistics'
-    partials."""
-    scratch = cfg.BLOCK_M * cfg.BLOCK_N * elem
+    partials, plus the alignment of each bulk-copy buffer."""
+    scratch = cfg.BLOCK_M * cfg.BLOCK_N * elem + _TMA_BUFFERS * _TMA_BUFFER_ALIGN
     if stats:
         scratch += _STATS_SMEM_PER_WARP_COL * cfg.BLOCK_N * cfg.num_warps
     return gemm_smem(cfg, elem, scratch=scratch)
