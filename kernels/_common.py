@@ -282,6 +282,12 @@ class KernelSpec:
     config: str
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of_config(cls, fn, cfg, *, signature: dict, constexprs: dict, dtype: str, config: str, extra: dict):
+        """The spec of ``@triton.jit`` kernel ``fn`` launched with tile config ``cfg`` (its
+        ``num_warps``/``num_stages``), named after the kernel."""
+        return cls(fn.__name__, fn, signature, constexprs, cfg.num_warps, cfg.num_stages, dtype, config, extra)
+
 
 def check_bias(bias, c_out: int, x: torch.Tensor) -> None:
     """A launcher's optional per-channel bias: None, or a floating ``[c_out]`` tensor on x's device."""

@@ -1499,16 +1499,8 @@ def _spec(form: _Form, cfg, dtype: str, arch: int) -> KernelSpec:
     }
     if head_act == HEAD_ACTIVATIONS["softmax"]:
         extra["nan_dropping_ok"] = "softmax row max: a NaN logit still makes the row NaN"
-    return KernelSpec(
-        kernel=fn.__name__,
-        fn=fn,
-        signature=sig,
-        constexprs=constexprs,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        dtype=dtype,
-        config=f"{cfg.name}_{form.tags}",
-        extra=extra,
+    return KernelSpec.of_config(
+        fn, cfg, signature=sig, constexprs=constexprs, dtype=dtype, config=f"{cfg.name}_{form.tags}", extra=extra
     )
 
 

@@ -682,14 +682,7 @@ def _spec(cfg: TmaConfig, form, dtype: str, geometry: tuple[int, int]) -> Kernel
         if sig[name] in ("i32", "*fp32", "*fp64") and name != "N"
     }
     tags = form.tags.removeprefix("main_").replace("_blockc", "") + (f"_rows{bw}" if bh > 1 else "")
-    return KernelSpec(
-        kernel=fn.__name__,
-        fn=fn,
-        signature=sig,
-        constexprs=constexprs,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        dtype=dtype,
-        config=f"{cfg.name}_{tags}",
-        extra={"attrs": attrs, "variant": "tma", "expect_hgmma": True, "smem_estimate": tma_smem(cfg, 2, form.stats)},
+    extra = {"attrs": attrs, "variant": "tma", "expect_hgmma": True, "smem_estimate": tma_smem(cfg, 2, form.stats)}
+    return KernelSpec.of_config(
+        fn, cfg, signature=sig, constexprs=constexprs, dtype=dtype, config=f"{cfg.name}_{tags}", extra=extra
     )
