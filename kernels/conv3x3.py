@@ -748,6 +748,16 @@ def _fits_up(cfg: _Cfg, elem_size: int, bilinear: bool, training: bool) -> bool:
     return _up_regs(cfg, elem_size, bilinear) <= _UP_REG_BUDGET[(bilinear, training)][elem_size]
 
 
+# fp32 tiles: the accumulator's words per thread. Above 64 ptxas sat at the 255-register cap:
+# 128x128x32 on 4 warps (128) spilled 48 B in the input-gradient form with triton 3.6 (sm_90), and
+# 128x256x32 on 8 warps (128) used 255 registers on sm_80 (3.9); 64 never came near.
+_FP32_ACC_WORDS = 64
+
+
+def _fits_fp32(cfg) -> bool:
+    return cfg.BLOCK_M * cfg.BLOCK_N <= _FP32_ACC_WORDS * 32 * cfg.num_warps
+
+
 def _fits_dense(cfg: _Cfg, elem_size: int) -> bool:
     """The dense entry's vector loads hold a whole fp32 A tile in registers: at 64x128 on 4 warps
     ptxas spilled (8 bytes, sm_80, offline report); every other small-C tile fits."""
@@ -765,6 +775,8 @@ def _prune(configs, shape: dict, arch: int) -> list:
     elem, c_out, m = shape["elem"], shape["C_out"], shape["M"]
     c_max = max(shape["C1"], shape["C2"])
     fitting = [c for c in configs if _fits(c, arch, shape)]
+    if elem == 4:
+        fitting = [c for c in fitting if _fits_fp32(c)] or fitting
     if shape["training"]:
         fitting = [c for c in fitting if _fits_training(c, elem)] or fitting
     if shape.get("dense"):
