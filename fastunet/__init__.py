@@ -1,7 +1,8 @@
 """fastunet: a drop-in U-Net for PyTorch whose hot paths are fused Triton GPU kernels.
 
 ``fastunet.UNet(in_ch, out_ch)`` has the classic U-Net's modules and state_dict keys; on NVIDIA
-GPUs its forward runs fused Triton kernels, elsewhere the exact eager math.
+GPUs its forward runs fused Triton kernels, elsewhere the exact eager math. ``fastunet.load(path)``
+builds one from any checkpoint it reads (``fastunet.formats``).
 """
 
 from . import graphs, ops  # noqa: F401  (ops registers torch.ops.fastunet.*)
@@ -10,6 +11,7 @@ from .checkpoint import load_pretrained, save_pretrained
 from .convert import accelerate
 from .errors import CheckpointError, FastUNetError, ImageError, LimitError, NonFiniteInputWarning
 from .export import export, export_dynamic_shapes, export_onnx
+from .formats import load
 from .graphs import CudaGraphRunner
 from .guard import FusedPathWarning, FusedSupport, check_fused_support
 from .limits import get_limit, set_limits
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "UNet",
     "UNetReference",
+    "load",
     "predict",
     "accelerate",
     "DoubleConv",

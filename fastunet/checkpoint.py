@@ -51,7 +51,6 @@ import torch
 from .atomic import atomic_path
 from .errors import CheckpointError
 from .limits import check_architecture, check_limit
-from .loaders import read_safetensors
 from .reference import DEFAULT_OPTIONS, UNetReference
 
 __all__ = [
@@ -264,34 +263,6 @@ def load_pretrained(
     missing, unexpected or mis-shaped tensor) or invalid values (``check_state_dict``), and
     ``LimitError`` for a config whose size, depth or width is over its limit.
     """
-    if cls is None:
-        from .model import UNet  # deferred: model.py imports this module lazily too
+    from .formats import build, read_pretrained  # deferred: formats imports this module
 
-        cls = UNet
-    if not (isinstance(cls, type) and issubclass(cls, UNetReference)):
-        raise TypeError(f"cls must be fastunet.UNet, fastunet.UNetReference or a subclass, got {cls!r}")
-    directory = Path(directory)
-    config = read_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no {WEIGHTS_NAME} next to {CONFIG_NAME} (an interrupted save?)")
-    # A config without "options" is a classic model (written before options existed, or classic).
-    options = {**{key: config[key] for key in _ARCH_KEYS}, **config.get("options", {})}
-    # Built on the meta device (no random init of weights that are overwritten anyway), then
-    # the loaded tensors are assigned as they are: same device, dtype and bits as in the file.
-    try:
-        with torch.device("meta"):
-            model = cls(options.pop("in_ch"), options.pop("out_ch"), **options)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
-    state = read_safetensors(weights, torch.device(map_location))
-    expected = model.state_dict()
-    problem = describe_mismatch(expected, state)
-    described = f"{cls.__name__}({config['in_ch']}, {config['out_ch']}, base_channels={config['base_channels']}, "
-    described += f"depth={config['depth']}"
-    described += "".join(f", {key}={value!r}" for key, value in config.get("options", {}).items()) + ")"
-    if problem:
-        raise CheckpointError(f"{weights} does not fit {CONFIG_NAME}'s {described}: {problem}")
-    check_state_dict(state, str(weights))
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return build(read_pretrained(directory, map_location), cls=cls, map_location=map_location)

@@ -4,7 +4,11 @@ writing; the work is done by the package's functions.
     fastunet predict --weights unet.pt scans/*.png --out masks/ --tile 512 --tta flips
     fastunet bench --device cpu --quick                  # benchmarks/run.py, from a repository checkout
     fastunet tune --batch 16 --size 256 --dtype bf16     # tune the classic model's kernels
-    fastunet tune --mode both --base-channels 32 --depth 4 --in-ch 1 --out-ch 2
+    fastunet tune --weights saved/ --mode both           # tune the checkpoint's architecture
+    fastunet info milesial.pth                           # what a checkpoint is (--json for scripts)
+    fastunet convert unet.weights.h5 saved/              # any checkpoint as a save_pretrained folder
+
+Every command reads every checkpoint ``fastunet.load`` reads (``--weights`` a file or a folder).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ _EXAMPLES = """examples:
       tune UNet(3, 1) for batch 16 at 256x256 under bf16 autocast, inference
   fastunet tune --mode both --batch 8 --size 512 --dtype fp16
       inference and a training step (forward + backward)
+  fastunet tune --weights milesial.pth --size 512
+      the architecture of a checkpoint (any format fastunet.load reads: a file or a folder)
   FASTUNET_CACHE_DIR=/data/cache fastunet tune --size 1024 --batch 2
       keep the results somewhere else (default ~/.cache/fastunet)
 """
@@ -29,6 +35,9 @@ _PREDICT_EXAMPLES = """examples:
   fastunet predict --weights unet.pt slide.tif photo.png --out results/
       whole images (tiles only when one does not fit in memory); writes results/slide_mask.png
       and results/photo_mask.png
+  fastunet predict --weights saved/ scan.png --out results/
+      a save_pretrained folder (its config.json gives the architecture and the head); milesial's
+      .pth, Keras .h5/.keras files work the same (see fastunet info)
   fastunet predict --weights unet.pt scans/*.png --out masks/ --tile 512 --overlap 0.25 --tta flips \\
       --dtype bf16 --device cuda --save-probs npy
       512x512 tiles, Gaussian blending, 4 flips averaged, bf16 on the GPU; also masks/<name>_probs.npy
@@ -98,6 +107,10 @@ _TOP_EXAMPLES = """examples:
       the benchmark suite from a repository checkout (see fastunet bench --help)
   fastunet tune --batch 16 --size 256 --dtype bf16
       tune UNet(3, 1)'s kernels for batch 16 at 256x256 under bf16 autocast (see fastunet tune --help)
+  fastunet info unet.weights.h5
+      what a checkpoint is: format, architecture, parameters, BatchNorm statistics, fused-path support
+  fastunet convert milesial.pth saved/
+      any checkpoint as a save_pretrained folder (--to keras-h5 / milesial the other way)
 """
 
 
@@ -133,13 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--width", type=_positive, default=None, help="image width (overrides --size)")
     tune.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="autocast dtype (fp32: none)")
     tune.add_argument("--mode", choices=["eval", "train", "both"], default="eval", help="what will run")
-    tune.add_argument("--in-ch", type=_positive, default=3, help="input channels")
-    tune.add_argument("--out-ch", type=_positive, default=1, help="output channels (classes)")
-    tune.add_argument("--base-channels", type=_positive, default=64, help="width of the first level")
-    tune.add_argument("--depth", type=_positive, default=4, help="number of poolings")
+    add_weights(tune, required=False)
+    tune.add_argument("--in-ch", type=_positive, default=None, help="input channels (default: 3, or the checkpoint's)")
+    tune.add_argument("--out-ch", type=_positive, default=None,
+                      help="output channels (default: 1, or the checkpoint's)")  # fmt: skip
+    tune.add_argument("--base-channels", type=_positive, default=None,
+                      help="width of the first level (default: 64, or the checkpoint's)")  # fmt: skip
+    tune.add_argument("--depth", type=_positive, default=None,
+                      help="number of poolings (default: 4, or the checkpoint's)")  # fmt: skip
     tune.add_argument("--device", default="cuda", help="the GPU to tune on, e.g. cuda:1")
     tune.add_argument("--debug", action="store_true", help="show the traceback of an error")
     _add_predict(sub)
+    _add_info(sub)
+    _add_convert(sub)
     # Listed here for the top-level help only: main() hands `bench ...` to benchmarks/run.py
     # before argparse sees it, so `fastunet bench --help` shows the suite's own options.
     sub.add_parser("bench", help="run the benchmark suite (benchmarks/run.py; needs a repository checkout)",
@@ -161,6 +180,78 @@ def _probability(text: str) -> float:
     return value
 
 
+def add_weights(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--weights PATH`` and ``--preset``: a checkpoint in any format ``fastunet.load`` reads."""
+    from .reference import PRESETS
+
+    need = " (required)" if required else " (default: none, the architecture from the options below)"
+    p.add_argument("--weights", required=required, type=Path, metavar="PATH",
+                   help="checkpoint: a save_pretrained folder, a .safetensors or torch.save state_dict (fastunet's "
+                        "or milesial's keys; {'state_dict': ...} / {'model': ...} wrappers and module. prefixes "
+                        f"work), or a Keras .h5 / .weights.h5 / .keras file{need}")  # fmt: skip
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="architecture options the weights do not show (concatenation order, head, ...): "
+                        "needed only for a bare state_dict fastunet.load calls ambiguous (default: from the "
+                        "checkpoint)")  # fmt: skip
+
+
+def _add_info(sub) -> None:
+    from .reference import PRESETS
+
+    p = sub.add_parser(
+        "info",
+        help="what a checkpoint is: format, architecture, parameters, BatchNorm statistics, fused-path support",
+        description=(
+            "Load a checkpoint with fastunet.load and say what it is: the format detected, the architecture (and "
+            "where each option came from: the weights, config.json, the format, the command line), the parameter "
+            "count, dtype, whether BatchNorm running statistics are present, and whether the fused path implements "
+            "it (the guard's reason if not)."
+        ),
+        formatter_class=_HelpFormatter,
+        epilog="examples:\n  fastunet info saved/\n  fastunet info milesial.pth --json\n",
+    )
+    p.add_argument("path", type=Path, metavar="PATH", help="checkpoint file or save_pretrained folder")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="for a bare state_dict that is ambiguous (default: from the checkpoint)")  # fmt: skip
+    p.add_argument("--out-activation", choices=["sigmoid", "softmax", "none"], default=None,
+                   help="the head (default: from the checkpoint)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print a JSON object (for scripts)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _add_convert(sub) -> None:
+    from .reference import PRESETS
+
+    p = sub.add_parser(
+        "convert",
+        help="write a checkpoint as a save_pretrained folder, a Keras .h5 or a milesial .pth",
+        description=(
+            "Read SRC (any checkpoint fastunet.load reads) and write it as DST: a save_pretrained folder "
+            "(config.json + model.safetensors, default), or with --to keras-h5 zhixuhao's Keras unet() weights "
+            "(DST.h5: tf.keras layout; DST.weights.h5: Keras 3's), or with --to milesial milesial's Pytorch-UNet "
+            "state_dict (DST.pth, or DST.safetensors), where the architecture is theirs. The weights are copied bit "
+            "for bit (Keras: as float32). Never writes over SRC; an existing DST only with --overwrite; every file "
+            "under a temporary name, renamed when complete."
+        ),
+        formatter_class=_HelpFormatter,
+        epilog=(
+            "examples:\n  fastunet convert milesial.pth saved/\n  fastunet convert unet.weights.h5 saved/\n"
+            "  fastunet convert saved/ unet.weights.h5 --to keras-h5\n"
+            "  fastunet convert saved/ unet.pth --to milesial\n"
+        ),
+    )
+    p.add_argument("src", type=Path, metavar="SRC", help="checkpoint file or save_pretrained folder")
+    p.add_argument("dst", type=Path, metavar="DST", help="where to write it")
+    p.add_argument("--to", choices=["pretrained", "keras-h5", "milesial"], default="pretrained",
+                   help="the format of DST")  # fmt: skip
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="for a bare state_dict that is ambiguous (default: from the checkpoint)")  # fmt: skip
+    p.add_argument("--out-activation", choices=["sigmoid", "softmax", "none"], default=None,
+                   help="the head to record (default: the checkpoint's)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace DST's files if they exist (never SRC's)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
 def _add_predict(sub) -> None:
     from .predict import BLENDS, PAD_MODES
 
@@ -178,9 +269,7 @@ def _add_predict(sub) -> None:
         epilog=_PREDICT_EXAMPLES,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (.png .jpg .jpeg .bmp .tif .tiff)")
-    p.add_argument("--weights", required=True, type=Path, metavar="CKPT",
-                   help="state_dict saved with torch.save (.pt/.pth; a {'state_dict': ...} or {'model': ...} "
-                        "wrapper works) or a .safetensors file (required)")  # fmt: skip
+    add_weights(p, required=True)
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="output directory, created if missing; existing outputs are not replaced without "
                         "--overwrite (required)")  # fmt: skip
@@ -189,8 +278,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--base-channels", type=_positive, default=None,
                    help="width of the first level (default: from the checkpoint)")  # fmt: skip
     p.add_argument("--depth", type=_positive, default=None, help="number of poolings (default: from the checkpoint)")
-    p.add_argument("--out-activation", choices=["sigmoid", "softmax", "none"], default="sigmoid",
-                   help="the head the checkpoint was trained with")  # fmt: skip
+    p.add_argument("--out-activation", choices=["sigmoid", "softmax", "none"], default=None,
+                   help="the head the checkpoint was trained with (default: the checkpoint's: its config.json, "
+                        "the preset of its format; sigmoid for a bare state_dict)")  # fmt: skip
     p.add_argument("--tile", type=_positive, nargs="+", metavar="N", default=None,
                    help="tile size (N, or H W), multiples of 2**depth (default: none, whole images; tiles "
                         "of up to 1024 only when an image does not fit in memory)")  # fmt: skip
@@ -229,8 +319,26 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def _tune(args: argparse.Namespace) -> int:
+def tune_model(args: argparse.Namespace):
+    """``(model, its description)`` for ``fastunet tune``: the checkpoint ``--weights`` (through
+    ``cli_checkpoints.load_model``; sizes given must be its own) or ``UNet(--in-ch, --out-ch,
+    preset=--preset, base_channels=..., depth=...)`` with random weights (the timings do not
+    depend on the values). On the CPU; a bad checkpoint raises ``CheckpointError``."""
+    from .formats import describe_model
     from .model import UNet
+
+    if args.weights is not None:
+        from .cli_checkpoints import load_model
+
+        model = load_model(args.weights, args)
+    else:
+        model = UNet(args.in_ch or 3, args.out_ch or 1, base_channels=args.base_channels or 64, depth=args.depth or 4,
+                     preset=args.preset)  # fmt: skip
+    options = {**model.options, "in_ch": model.in_ch, "out_ch": model.out_ch}
+    return model, describe_model("UNet", options, model.preset)
+
+
+def _tune(args: argparse.Namespace) -> int:
     from .tuning import tune
 
     device = torch.device(args.device)
@@ -241,15 +349,23 @@ def _tune(args: argparse.Namespace) -> int:
         )
     h = args.height or args.size
     w = args.width or args.size
-    m = 2**args.depth
-    if h % m or w % m:
-        raise UsageError(f"height and width must be multiples of 2**depth = {m}, got {h}x{w}")
-    model = UNet(args.in_ch, args.out_ch, base_channels=args.base_channels, depth=args.depth).to(device)
-    x = torch.randn(args.batch, args.in_ch, h, w, device=device)
+    depth = args.depth or 4
+    if args.weights is None and (h % 2**depth or w % 2**depth):
+        raise UsageError(f"height and width must be multiples of 2**depth = {2**depth}, got {h}x{w}")
+    if args.weights is not None:
+        from .cli_checkpoints import check_weights_path
+
+        check_weights_path(args.weights)
+    model, described = tune_model(args)
+    m = 2**model.depth
+    if model.odd_sizes == "error" and (h % m or w % m):
+        raise UsageError(f"height and width must be multiples of 2**depth = {m} for {described}, got {h}x{w}")
+    model = model.to(device)
+    x = torch.randn(args.batch, model.in_ch, h, w, device=device)
     modes = ("eval", "train") if args.mode == "both" else (args.mode,)
     print(
-        f"tuning UNet({args.in_ch}, {args.out_ch}, base_channels={args.base_channels}, depth={args.depth}) "
-        f"on {torch.cuda.get_device_name(device)}: batch {args.batch}, {h}x{w}, {args.dtype}, {args.mode}",
+        f"tuning {described} on {torch.cuda.get_device_name(device)}: batch {args.batch}, {h}x{w}, {args.dtype}, "
+        f"{args.mode}",
         flush=True,
     )
     report = tune(model, x, modes=modes, dtype=_DTYPES[args.dtype])
@@ -284,8 +400,9 @@ def _predict(args: argparse.Namespace) -> int:
         imageio.required_modules(inputs, mask=not args.no_mask, probs=args.save_probs)
     except imageio.MissingDependency as exc:
         raise UsageError(str(exc)) from None
-    if not args.weights.is_file():
-        raise UsageError(f"--weights {args.weights}: no such file")
+    from .cli_checkpoints import check_weights_path
+
+    check_weights_path(args.weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
     if device is None:
         try:
@@ -345,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     prog = f"fastunet {args.command}"
     try:
+        if args.command in ("info", "convert"):
+            from . import cli_checkpoints
+
+            return getattr(cli_checkpoints, args.command)(args)
         if args.command == "tune":
             return _tune(args)
         return _predict(args)

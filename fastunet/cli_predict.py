@@ -6,8 +6,9 @@ What it promises, checked in this order before any image is read:
 * no output is an input (never written over, ``--overwrite`` or not) and no output exists
   already unless ``--overwrite`` (the first such file named);
 * ``--out`` is a folder that can be written (created if missing);
-* the weights load (one function, ``load_model``: the file by its format, the architecture from
-  its shapes, checked on the meta device before anything is allocated, the values validated).
+* the weights load (one function, ``cli_checkpoints.load_model``, through ``fastunet.load``: any
+  format, a file or a folder, the architecture from the weights and what the file records,
+  checked on the meta device before anything is allocated, the values validated).
 
 Then each image is read, run and written on its own: a file that fails is reported in one line
 and the rest go on; the exit status is 1 with a summary if any failed. Every output is written to
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 import time
 import warnings
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .cli import UsageError, one_line
-from .errors import CheckpointError
+from .cli_checkpoints import load_model
 
 __all__ = ["OutputPlan", "plan_outputs", "prepare_out_dir", "load_model", "predict_file", "run"]
 
@@ -105,67 +105,6 @@ def prepare_out_dir(out: Path) -> None:
         raise UsageError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
 
 
-# --------------------------------------------------------------------------- weights
-_LEVEL_KEY = re.compile(r"conv(\d{1,6})\.conv\.0\.weight")
-
-
-def _architecture(sd: dict, overrides: dict, path: Path) -> dict:
-    """UNet sizes: the checkpoint's shapes, overridden by what the command line gives (None:
-    not given), bounded (``fastunet.limits``)."""
-    from .limits import check_architecture
-
-    first = sd.get("conv1.conv.0.weight")
-    levels = [int(m.group(1)) for k in sd if (m := _LEVEL_KEY.fullmatch(k))]
-    inferred = {}
-    if first is not None and first.dim() == 4 and levels:
-        depth = (max(levels) - 1) // 2
-        inferred = {"in_ch": first.shape[1], "base_channels": first.shape[0], "depth": depth}
-        head = sd.get(f"conv{2 * depth + 2}.weight")
-        if head is not None and head.dim() == 4:
-            inferred["out_ch"] = head.shape[0]
-    arch = {}
-    for key in ("in_ch", "out_ch", "base_channels", "depth"):
-        value = overrides.get(key) if overrides.get(key) is not None else inferred.get(key)
-        if value is None:
-            raise CheckpointError(
-                f"cannot read {key} from {path} (its keys are not the classic U-Net's conv1.conv.0.weight, ...): "
-                f"give --{key.replace('_', '-')}"
-            )
-        arch[key] = int(value)
-    check_architecture(str(path), **arch)
-    return arch
-
-
-def load_model(path: Path, overrides: dict, out_activation: str):
-    """The ``fastunet.UNet`` in the weights file ``path`` (``.pt``/``.pth`` from ``torch.save``,
-    or ``.safetensors``), on the CPU in eval mode. ``overrides``: ``in_ch``, ``out_ch``,
-    ``base_channels``, ``depth`` given on the command line (None: read from the shapes).
-
-    The architecture is checked against the file on the meta device (no memory) before the
-    model is built, and the values with ``check_state_dict``. Raises ``CheckpointError`` (or
-    ``LimitError``) with one line naming the file and the first problem."""
-    from .checkpoint import check_state_dict, describe_mismatch
-    from .loaders import read_state_dict
-    from .model import UNet
-
-    state = read_state_dict(path)
-    arch = _architecture(state, overrides, path)
-    in_ch, out_ch = arch.pop("in_ch"), arch.pop("out_ch")
-    described = f"UNet({in_ch}, {out_ch}, base_channels={arch['base_channels']}, depth={arch['depth']})"
-    try:
-        with torch.device("meta"):
-            shapes = UNet(in_ch, out_ch, **arch, out_activation=out_activation).state_dict()
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: {described} cannot be built: {exc}") from None
-    problem = describe_mismatch(shapes, state, "the model")
-    if problem:
-        raise CheckpointError(f"{path} does not fit {described}: {problem}")
-    check_state_dict(state, str(path))
-    model = UNet(in_ch, out_ch, **arch, out_activation=out_activation)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 # --------------------------------------------------------------------------- one image
 def _layout_is_chw(image, in_ch: int) -> bool:
     return image.ndim == 3 and image.shape[-1] != in_ch
@@ -221,7 +160,7 @@ def _run_into(model, image, probs_path: Path | None, fmt: str, mask_path: Path |
     hwk = _hwk_view(out, image, model.in_ch, k) if out is not None else None
     result = predict(model, image, out=hwk, progress=progress, **options)
     probs = out if out is not None else _as_hw(result, image, model.in_ch, k)
-    if args.out_activation == "none":
+    if model.out_activation == "none":
         _activate_in_place(probs, k)
     if out is not None:
         out.flush()
@@ -285,9 +224,8 @@ def run(args: argparse.Namespace, device: torch.device, plans: list[OutputPlan],
     """Load the weights, then each image on its own. Returns the exit status: 0, or 1 when the
     weights or any image failed (each failure reported in one line, then a summary)."""
     prefix = "fastunet predict"
-    overrides = {key: getattr(args, key) for key in ("in_ch", "out_ch", "base_channels", "depth")}
     try:
-        model = load_model(args.weights, overrides, args.out_activation).to(device)
+        model = load_model(args.weights, args).to(device)
     except Exception as exc:
         if args.debug:
             raise

@@ -41,17 +41,18 @@ import os
 import re
 import zipfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import check_state_dict
 from .errors import CheckpointError, FastUNetError
+from .formats import Checkpoint, build, read_weights_file
 from .limits import check_architecture, check_limit
-from .loaders import check_zip_size, read_torch_file, unwrap_state_dict
+from .loaders import check_zip_size, sniff
 from .model import UNet
-from .reference import UNetReference
+from .reference import PRESETS, UNetReference
 
 # --------------------------------------------------------------------------- Keras
 
@@ -165,9 +166,10 @@ def _read_keras3(root, where: str, by_class: bool, budget: _ReadBudget) -> list[
     return convs
 
 
-def _read_h5(f, where: str) -> list[_KerasConv]:
-    """The conv layers of an open Keras HDF5 file (any of the three layouts), in model order.
-    A malformed file (h5py's own errors, a group where a dataset belongs) is a ``CheckpointError``."""
+def _read_h5(f, where: str) -> tuple[list[_KerasConv], str]:
+    """``(conv layers in model order, the layout in words)`` of an open Keras HDF5 file (any of
+    the three layouts). A malformed file (h5py's own errors, a group where a dataset belongs) is
+    a ``CheckpointError``."""
     try:
         return _read_h5_layout(f, where, _ReadBudget(where))
     except (FastUNetError, MemoryError):
@@ -177,14 +179,15 @@ def _read_h5(f, where: str) -> list[_KerasConv]:
         raise CheckpointError(f"{where} cannot be read as Keras weights: {first}") from None
 
 
-def _read_h5_layout(f, where: str, budget: _ReadBudget) -> list[_KerasConv]:
+def _read_h5_layout(f, where: str, budget: _ReadBudget) -> tuple[list[_KerasConv], str]:
     if _h5_attr_list(f, "layer_names") is not None:
-        return _read_legacy(f, where, budget)
+        return _read_legacy(f, where, budget), "tf.keras .h5 weights (save_weights)"
     if "model_weights" in f and _h5_attr_list(f["model_weights"], "layer_names") is not None:
-        return _read_legacy(f["model_weights"], where, budget)
-    for root in ("layers", "_layer_checkpoint_dependencies"):
+        return _read_legacy(f["model_weights"], where, budget), "tf.keras .h5 model (model.save)"
+    layouts = {"layers": "Keras 3 .weights.h5", "_layer_checkpoint_dependencies": "Keras 2.13 .weights.h5"}
+    for root, layout in layouts.items():
         if root in f:
-            return _read_keras3(f[root], where, by_class=root == "layers", budget=budget)
+            return _read_keras3(f[root], where, by_class=root == "layers", budget=budget), layout
     raise CheckpointError(
         f"{where} is an HDF5 file but not a Keras model or weights file: it has neither a 'layer_names' "
         "attribute (tf.keras 2 weights), a 'model_weights' group (tf.keras 2 model) nor a 'layers' group "
@@ -192,15 +195,17 @@ def _read_h5_layout(f, where: str, budget: _ReadBudget) -> list[_KerasConv]:
     )
 
 
-def _read_keras_source(source) -> tuple[list[_KerasConv], str]:
-    """``(conv layers in model order, a name for messages)`` from any supported source."""
+def _read_keras_source(source) -> tuple[list[_KerasConv], str, str]:
+    """``(conv layers in model order, a name for messages, the layout in words)`` from any
+    supported source."""
     try:
         import h5py
     except ImportError as exc:  # only the file sources need it
         h5py = None
         h5py_error = exc
     if h5py is not None and isinstance(source, h5py.Group):
-        return _read_h5(source, "the HDF5 group"), "the HDF5 group"
+        convs, layout = _read_h5(source, "the HDF5 group")
+        return convs, "the HDF5 group", layout
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
@@ -224,7 +229,7 @@ def _read_keras_source(source) -> tuple[list[_KerasConv], str]:
                     raise
                 raise CheckpointError(f"{path!r} cannot be read as a .keras archive: {exc}") from None
             with f:
-                return _read_h5(f, f"{path!r} (model.weights.h5)"), path
+                return _read_h5(f, f"{path!r} (model.weights.h5)")[0], path, "Keras 3 .keras archive"
         if not h5py.is_hdf5(path):
             raise CheckpointError(
                 f"{path!r} is not an HDF5 file (nor a .keras archive): from_keras reads Keras .h5 files"
@@ -234,7 +239,8 @@ def _read_keras_source(source) -> tuple[list[_KerasConv], str]:
         except OSError as exc:
             raise CheckpointError(f"{path!r} cannot be read as HDF5 (truncated or corrupt): {exc}") from None
         with f:
-            return _read_h5(f, repr(path)), path
+            convs, layout = _read_h5(f, repr(path))
+        return convs, path, layout
     if isinstance(source, (list, tuple)):
         convs, arrays = [], [np.asarray(a) for a in source]
         i = 0
@@ -247,7 +253,7 @@ def _read_keras_source(source) -> tuple[list[_KerasConv], str]:
             take = 2 if i + 1 < len(arrays) and arrays[i + 1].ndim == 1 else 1
             convs.append(_conv_from_arrays(f"get_weights()[{i}]", arrays[i : i + take]))
             i += take
-        return convs, "the weights list"
+        return convs, "the weights list", "keras_model.get_weights() list"
     raise TypeError(
         "from_keras expects a path to a Keras .weights.h5 / .h5 / .keras file, an open h5py File, or the list "
         f"of numpy arrays keras_model.get_weights() returns; got {type(source).__name__}"
@@ -298,11 +304,21 @@ def from_keras(source, *, cls: type = UNet, **options) -> UNet:
     a (readable) Keras weights file; ``fastunet.LimitError`` for a depth, width or decompressed
     size over its limit (``fastunet.limits``), checked before the model is allocated.
     """
-    inferred = {"in_ch", "out_ch", "base_channels", "depth", "pre_head", "conv_bias", "preset"}
-    bad = sorted(inferred & set(options))
+    bad = sorted(_KERAS_INFERRED & set(options))
     if bad:
         raise TypeError(f"from_keras: {bad} come from the weights (the keras preset); leave them out")
-    convs, where = _read_keras_source(source)
+    return build(read_keras(source), cls=cls, **options)
+
+
+_KERAS_INFERRED = {"in_ch", "out_ch", "base_channels", "depth", "pre_head", "conv_bias", "preset"}
+
+
+def read_keras(source, *, map_location=None) -> Checkpoint:
+    """A Keras U-Net (any source ``from_keras`` takes) as a ``fastunet.formats.Checkpoint``:
+    its convs in zhixuhao's order under fastunet's keys (kernels HWIO -> OIHW, float32), the
+    sizes, pre-head and bias their shapes show, the keras preset for the rest. Raises
+    ``CheckpointError`` / ``LimitError`` as ``from_keras`` documents, before a model exists."""
+    convs, where, layout = _read_keras_source(source)
     n = len(convs)
     has_pre_head = n % 5 == 4
     depth = (n - 4) // 5 if has_pre_head else (n - 3) // 5
@@ -325,23 +341,15 @@ def from_keras(source, *, cls: type = UNet, **options) -> UNet:
     if convs[-1].bias is None:
         raise CheckpointError(f"{where}: the 1x1 head {convs[-1].name!r} has no bias; the U-Net's head always has one")
     check_architecture(where, in_ch=in_ch, out_ch=out_ch, base_channels=base, depth=depth)
-    values = {f"{c.name}.{part}": torch.from_numpy(np.asarray(a, dtype=np.float32)) for c in convs
-              for part, a in (("kernel", c.kernel), ("bias", c.bias)) if a is not None}  # fmt: skip
-    check_state_dict(values, where, one_dtype=False)
-
-    def build():
-        return cls(
-            in_ch, out_ch, preset="keras", base_channels=base, depth=depth, pre_head=pre_head, conv_bias=all(biased),
-            **options,
-        )  # fmt: skip
-
-    desc = (
-        f"{cls.__name__}({in_ch}, {out_ch}, preset='keras', base_channels={base}, depth={depth}, pre_head={pre_head})"
-    )
+    arch = dict(in_ch=in_ch, out_ch=out_ch, base_channels=base, depth=depth, upsampling="nearest_conv", norm="none",
+                conv_bias=all(biased), pre_head=pre_head)  # fmt: skip
+    options = {k: v for k, v in arch.items() if k not in ("in_ch", "out_ch")}
+    desc = f"UNet({in_ch}, {out_ch}, preset='keras', base_channels={base}, depth={depth}, pre_head={pre_head})"
     with torch.device("meta"):  # shapes only: a file's sizes are checked before a model is allocated
-        targets = _keras_targets(build())
-    if len(targets) != n:  # the options (e.g. pre_head=0) changed the module tree
-        raise CheckpointError(f"{desc} has {len(targets)} convs but {where} holds {n} conv layers")
+        targets = _keras_targets(UNetReference(in_ch, out_ch, preset="keras", **options))
+    if len(targets) != n:  # cannot happen: depth and pre_head come from n
+        raise AssertionError(f"{desc} has {len(targets)} convs but {where} holds {n} conv layers")
+    state, names = {}, {}
     for i, (conv, (name, module)) in enumerate(zip(convs, targets, strict=True)):
         want = tuple(module.weight.shape)
         hwio = (want[2], want[3], want[1], want[0])
@@ -350,13 +358,16 @@ def from_keras(source, *, cls: type = UNet, **options) -> UNet:
                 f"{where}: Keras layer {conv.name!r} (conv layer {i + 1} of {n}) has a kernel of shape "
                 f"{tuple(conv.kernel.shape)} (HWIO) but {name} of {desc} needs {hwio}"
             )
-    model = build()
-    with torch.no_grad():
-        for conv, (_, module) in zip(convs, _keras_targets(model), strict=True):
-            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(conv.kernel.transpose(3, 2, 0, 1))))
-            if conv.bias is not None:
-                module.bias.copy_(torch.from_numpy(np.asarray(conv.bias)))
-    return model
+        kernel = np.asarray(conv.kernel, dtype=np.float32).transpose(3, 2, 0, 1)
+        state[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel))
+        names[f"{name}.weight"] = f"{conv.name}.kernel"
+        if conv.bias is not None:
+            state[f"{name}.bias"] = torch.from_numpy(np.array(conv.bias, dtype=np.float32))
+            names[f"{name}.bias"] = f"{conv.name}.bias"
+    if map_location is not None:
+        state = {k: v.to(map_location) for k, v in state.items()}
+    return Checkpoint(path=str(where), where=where, format="keras", container=layout, state=state, inferred=arch,
+                      recorded=dict(PRESETS["keras"]), preset="keras", names=names)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- milesial
@@ -425,21 +436,44 @@ def from_milesial(
     ``fastunet.LimitError`` for a depth or width over its limit; both before the model is
     allocated.
     """
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        where = repr(os.fspath(state_dict_or_path))
-        sd = unwrap_state_dict(read_torch_file(state_dict_or_path, map_location), where)
-    else:
-        sd, where = state_dict_or_path, "the state_dict"
-    if not isinstance(sd, dict):
-        raise TypeError(f"from_milesial expects a state_dict (a dict of tensors) or its path; got {type(sd).__name__}")
-    inferred = {"in_ch", "out_ch", "base_channels", "depth", "preset", "upsampling", "conv_bias"}
-    bad = sorted(inferred & set(options))
+    bad = sorted(_MILESIAL_INFERRED & set(options))
     if bad:
         raise TypeError(f"from_milesial: {bad} come from the checkpoint; leave them out")
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        path = Path(state_dict_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        sd, container, notes = read_weights_file(path, sniff(path), map_location)
+        ck = read_milesial(sd, str(path), bilinear=bilinear)
+        ck.container, ck.notes = container, notes + ck.notes
+    elif isinstance(state_dict_or_path, dict):
+        ck = read_milesial(state_dict_or_path, "the state_dict", bilinear=bilinear, owned=False)
+    else:
+        raise TypeError(
+            "from_milesial expects a state_dict (a dict of tensors) or its path; got "
+            f"{type(state_dict_or_path).__name__}"
+        )
+    return build(ck, cls=cls, **options)
+
+
+_MILESIAL_INFERRED = {"in_ch", "out_ch", "base_channels", "depth", "preset", "upsampling", "conv_bias"}
+
+
+def read_milesial(sd: dict, where: str, *, bilinear: bool | None = None, owned: bool = True) -> Checkpoint:
+    """milesial's state_dict ``sd`` as a ``fastunet.formats.Checkpoint``: its tensors under
+    fastunet's keys (``_milesial_paths``), the sizes, mode and conv bias from its shapes, the
+    milesial preset of that mode for the rest. A ``mask_values`` entry is ignored and a
+    ``module.`` prefix removed. Raises ``CheckpointError`` naming the first missing,
+    unexpected or mis-shaped key in milesial's names, ``LimitError`` for sizes over the limits;
+    nothing is allocated. ``owned=False``: the tensors are the caller's (a model copies them)."""
+    notes = []
+    if "mask_values" in sd:
+        notes.append("milesial's 'mask_values' entry ignored")
     sd = {k: v for k, v in sd.items() if k != "mask_values"}
-    if sd and all(k.startswith("module.") for k in sd):
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
         sd.pop("mask_values", None)
+        notes.append("the 'module.' prefix (DataParallel) removed")
     for key in ("inc.double_conv.0.weight", "outc.conv.weight"):
         if not isinstance(sd.get(key), torch.Tensor) or sd[key].dim() != 4:
             raise CheckpointError(
@@ -464,10 +498,12 @@ def from_milesial(
     preset = "milesial-bilinear" if bilinear else "milesial"
     # Versions of his DoubleConv before v3.0 gave the 3x3 convs a bias.
     conv_bias = "inc.double_conv.0.bias" in sd
+    arch = dict(in_ch=in_ch, out_ch=out_ch, base_channels=base, depth=depth, upsampling=PRESETS[preset]["upsampling"],
+                norm="batch", conv_bias=conv_bias, pre_head=0)  # fmt: skip
     desc = f"milesial UNet(n_channels={in_ch}, n_classes={out_ch}, bilinear={bool(bilinear)})"
     paths = _milesial_paths(depth)
     with torch.device("meta"):  # names and shapes first: a file's sizes are checked before allocating
-        ours = cls(in_ch, out_ch, preset=preset, base_channels=base, depth=depth, conv_bias=conv_bias, **options)
+        ours = UNetReference(in_ch, out_ch, preset=preset, base_channels=base, depth=depth, conv_bias=conv_bias)
     shapes = ours.state_dict()
     expected = {_map_key(k, paths): k for k in shapes}
     if None in expected:
@@ -482,13 +518,10 @@ def from_milesial(
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise CheckpointError(f"{where}: {k!r} has shape {got} but a {desc} needs {want}")
-    check_state_dict(sd, where)
-    renamed = {expected[k]: v for k, v in sd.items()}
-    model = cls(in_ch, out_ch, preset=preset, base_channels=base, depth=depth, conv_bias=conv_bias, **options)
-    if first.is_floating_point():
-        model.to(device=first.device, dtype=first.dtype)  # the checkpoint's, as load_state_dict would not
-    model.load_state_dict(renamed, strict=True)
-    return model
+    state = {expected[k]: v for k, v in sd.items()}
+    names = {ours: theirs for theirs, ours in expected.items()}
+    return Checkpoint(path=where, where=where, format="milesial", container="state_dict", state=state, inferred=arch,
+                      recorded=dict(PRESETS[preset]), preset=preset, names=names, notes=notes, owned=owned)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- accelerate
@@ -724,4 +757,4 @@ def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
     return ours
 
 
-__all__ = ["from_keras", "from_milesial", "accelerate", "own_keys"]
+__all__ = ["from_keras", "from_milesial", "read_keras", "read_milesial", "accelerate", "own_keys"]

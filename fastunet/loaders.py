@@ -12,6 +12,10 @@
 * ``read_state_dict(path)``: by suffix, one of the above, checked to be a dict of tensors.
 * ``check_zip_size(path)``: a zip archive's decompressed size against ``file_bytes``, from its
   directory (also used for ``.keras`` archives).
+* ``sniff(path)``: which of these formats (or Keras') a file is, from its first bytes; the suffix
+  only decides whose error a file of no known format gets.
+* ``unwrap(obj, where)``: ``unwrap_state_dict`` that also says what it took off (for
+  ``fastunet info``) and refuses a file holding several state_dicts.
 
 None of them checks the values (``fastunet.checkpoint.check_state_dict``) or the architecture:
 their callers do, against the model they build.
@@ -30,9 +34,23 @@ import torch
 from .errors import CheckpointError
 from .limits import check_limit
 
-__all__ = ["read_torch_file", "unwrap_state_dict", "read_safetensors", "read_state_dict", "check_zip_size"]
+__all__ = [
+    "read_torch_file",
+    "unwrap",
+    "unwrap_state_dict",
+    "read_safetensors",
+    "read_state_dict",
+    "check_zip_size",
+    "sniff",
+    "TORCH_SUFFIXES",
+    "KERAS_SUFFIXES",
+]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+#: Suffixes of the files torch.save writes (the suffix only picks whose error an unknown file gets).
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
@@ -99,14 +117,26 @@ def read_torch_file(path: str | os.PathLike, map_location: str | torch.device = 
         ) from None
 
 
-def unwrap_state_dict(obj: object, where: str) -> dict:
-    """The state_dict in ``obj``: ``obj`` itself or the dict under one of the keys
-    ``state_dict``, ``model``, ``model_state_dict``, with a ``module.`` prefix on every key
-    removed. Raises ``CheckpointError`` unless that is a dict with string keys."""
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+def unwrap(obj: object, where: str) -> tuple[dict, list[str]]:
+    """``(state_dict, notes)``: the state_dict in ``obj`` (``obj`` itself or the dict under one of
+    the keys ``state_dict``, ``model``, ``model_state_dict``) with a ``module.`` prefix on every
+    key removed, and one note per thing taken off. Raises ``CheckpointError`` unless that is a
+    dict with string keys, or when ``obj`` holds several of those wrappers (which one is the
+    model is not for fastunet to guess)."""
+    notes = []
+    if isinstance(obj, dict):
+        wrapped = [key for key in _WRAPPER_KEYS if isinstance(obj.get(key), dict)]
+        if len(wrapped) > 1:
+            raise CheckpointError(
+                f"{where} holds several state_dicts (under {', '.join(map(repr, wrapped))}): save the one to load "
+                "alone, e.g. torch.save(checkpoint[" + repr(wrapped[0]) + "], path)"
+            )
+        if wrapped:
+            others = [str(k) for k in obj if k != wrapped[0]]
+            notes.append(f"the state_dict under {wrapped[0]!r}")
+            if others:
+                notes.append(f"also in the file, ignored: {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}")
+            obj = obj[wrapped[0]]
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise CheckpointError(
             f"{where} does not hold a state_dict (a dict of tensors by name), but a {type(obj).__name__}"
@@ -114,7 +144,13 @@ def unwrap_state_dict(obj: object, where: str) -> dict:
     # Saved from nn.DataParallel / DistributedDataParallel: the same keys under "module.".
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    return obj
+        notes.append("the 'module.' prefix (DataParallel) removed")
+    return obj, notes
+
+
+def unwrap_state_dict(obj: object, where: str) -> dict:
+    """The state_dict in ``obj``: ``unwrap(obj, where)`` without the notes."""
+    return unwrap(obj, where)[0]
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -148,3 +184,50 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor: not a state_dict")
     return state
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """The format of the file at ``path``, from its first bytes: ``"safetensors"``,
+    ``"torch"`` (what ``torch.save`` writes: a zip archive with ``data.pkl``, or a pickle),
+    ``"keras-archive"`` (a Keras 3 ``.keras`` zip) or ``"hdf5"`` (a Keras ``.h5``). A file that
+    starts like none of them is the format its suffix names (its reader then says what is wrong
+    with it); with no such suffix, a ``CheckpointError`` saying what fastunet reads. Raises
+    ``CheckpointError`` for an empty file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted save or download?)")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_HDF5_MAGIC):
+        return "hdf5"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return "keras-archive" if path.suffix == ".keras" else "torch"  # its reader says it is truncated
+        if "model.weights.h5" in names:
+            return "keras-archive"
+        if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            return "torch"
+        raise CheckpointError(
+            f"{path} is a zip archive but neither a PyTorch checkpoint (torch.save's .../data.pkl) nor a Keras 3 "
+            f".keras archive (model.weights.h5); it holds {names[:4]}"
+        )
+    if head[:1] == b"\x80":  # a pickle: torch.save before PyTorch 1.6 (or with _use_new_zipfile_serialization=False)
+        return "torch"
+    if len(head) > 8 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    if suffix in KERAS_SUFFIXES:
+        return "keras-archive" if suffix == ".keras" else "hdf5"
+    raise CheckpointError(
+        f"{path} is not a checkpoint fastunet reads (it starts with {head[:8]!r}): fastunet reads a save_pretrained "
+        "folder, a .safetensors or torch.save file of a U-Net state_dict (fastunet's keys or milesial's), and Keras "
+        ".h5 / .weights.h5 / .keras files of zhixuhao's unet()"
+    )

@@ -54,7 +54,7 @@ def test_sizes_must_fit_the_depth(monkeypatch):
 
 
 # --------------------------------------------------------------------------- predict
-PREDICT_OPTIONS = ("--weights", "--out", "--in-ch", "--out-ch", "--base-channels", "--depth", "--out-activation",
+PREDICT_OPTIONS = ("--weights", "--preset", "--out", "--in-ch", "--out-ch", "--base-channels", "--depth", "--out-activation",
                    "--tile", "--overlap", "--blend", "--batch-size", "--tta", "--pad-mode", "--dtype", "--device",
                    "--threshold", "--save-probs", "--no-mask", "--max-device-mb", "--no-progress", "--overwrite",
                    "--debug")  # fmt: skip
@@ -72,7 +72,7 @@ def test_predict_help_lists_every_option_with_its_default_and_examples(capsys, m
         assert option in out, option
     for default in ("(default: 0.25)", "(default: gaussian)", "(default: 8)", "(default: none)", "(default: reflect)",
                     "(default: fp32)", "(default: auto)", "(default: 0.5)", "(default: not written)",
-                    "(default: from the checkpoint)", "(default: sigmoid)"):  # fmt: skip
+                    "(default: from the checkpoint)", "(default: the checkpoint's"):  # fmt: skip
         assert default in out, default
     assert "examples:" in out and "files written" in out and "_mask.png" in out and "_probs.npy" in out
     top = _help(capsys, monkeypatch)
