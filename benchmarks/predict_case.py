@@ -92,9 +92,13 @@ def run(args, argv, *, device_info, versions, default_out) -> int:
         torch.set_num_threads(args.threads)
     size, tile, batch, dtype_name = args.size[0], args.tile, args.batch[0], args.dtype[0]
     autocast = _AUTOCAST[dtype_name]
-    cfg = ModelConfig(args.in_ch, args.out_ch, args.base_channels, args.depth)
+    if getattr(args, "checkpoint", None) is not None:  # run.py --weights: its architecture and weights
+        cfg, state = args.checkpoint
+    else:
+        cfg = ModelConfig(args.in_ch, args.out_ch, args.base_channels, args.depth)
+        state = make_state_dict(cfg, device, args.seed)
     model = fastunet.UNet(cfg.in_ch, cfg.out_ch, **cfg.options())
-    model.load_state_dict(make_state_dict(cfg, device, args.seed))
+    model.load_state_dict(state)
     model = model.to(device).eval()
     gen = torch.Generator().manual_seed(args.seed + 1)
     image = torch.rand(1, cfg.in_ch, size, size, generator=gen).to(device)

@@ -100,6 +100,8 @@ class ModelConfig:
     out_activation: str = "sigmoid"
     preset: str = "classic"
     dropout: float | None = None
+    #: options over the preset's, as (name, value) pairs: a checkpoint's own (run.py --weights)
+    extra: tuple = ()
 
     def options(self) -> dict:
         options = {
@@ -109,8 +111,20 @@ class ModelConfig:
         }
         if self.preset != "classic":
             options["preset"] = self.preset
+        options.update(self.extra)
         if self.dropout is not None:
             options["dropout"] = self.dropout
+        return options
+
+    @property
+    def classic(self) -> bool:
+        """The classic architecture (what the per-layer table and the targets are about)."""
+        return self.preset == "classic" and not self.extra
+
+    def architecture(self) -> dict:
+        """Every option the models are built with (the preset's, then this config's)."""
+        options = {**fastunet.PRESETS[self.preset], **self.options()}
+        options.pop("preset", None)
         return options
 
     def flop_config(self) -> dict:
@@ -160,7 +174,7 @@ def model_step_flops(cfg: ModelConfig, mode: str, batch: int, size: int) -> int:
     a preset, ``torch.utils.flop_counter`` over a forward of the reference model on the meta
     device (the same convention: 2 x MACs of the convolutions only, so the nearest_conv preset's
     2x2 convs on the upsampled map count and bilinear upsampling does not)."""
-    if cfg.preset == "classic":
+    if cfg.classic:
         return step_flops(mode, **cfg.flop_config(), batch=batch, height=size)
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -205,6 +219,23 @@ def make_state_dict(cfg: ModelConfig, device: torch.device, seed: int) -> dict:
                 bn.weight.mul_(1 + 0.1 * torch.randn(bn.weight.shape, generator=gen).to(device))
                 bn.bias.add_(0.1 * torch.randn(bn.bias.shape, generator=gen).to(device))
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def checkpoint_config(path, preset: str | None = None) -> tuple[ModelConfig, dict]:
+    """The architecture and weights of the checkpoint at ``path`` (any format ``fastunet.load``
+    reads), for every provider: the config (its preset, and its options beyond the preset's in
+    ``extra``) and its state_dict in float32 (each provider casts as its label says; BatchNorm
+    statistics as saved)."""
+    model = fastunet.load(path, preset=preset)
+    name = model.preset or "classic"
+    options = model.options
+    base = fastunet.PRESETS[name]
+    fields = ("base_channels", "depth", "out_activation")
+    extra = tuple((k, v) for k, v in options.items() if k not in fields and base.get(k) != v)
+    cfg = ModelConfig(model.in_ch, model.out_ch, options["base_channels"], options["depth"],
+                      out_activation=options["out_activation"], preset=name, extra=extra)  # fmt: skip
+    state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+    return cfg, state
 
 
 def _load(model_cls: type, cfg: ModelConfig, state_dict: dict, device, mode: str) -> torch.nn.Module:

@@ -138,6 +138,7 @@ else:
     _INTERPRET_WAS_SET = False
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import math
@@ -159,6 +160,7 @@ from providers import (
     ModelConfig,
     bench_provider,
     blank_row,
+    checkpoint_config,
     compute_precision,
     failure_reason,
     make_case,
@@ -290,13 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-channels", type=int, help=f"width of the first level, 64 classic {_device_defaults('base_channels')}"
     )
-    p.add_argument("--depth", type=int, default=4, help="number of poolings (4 classic)")
-    p.add_argument("--in-ch", type=int, default=3, help="input channels")
-    p.add_argument("--out-ch", type=int, default=1, help="output channels")
+    p.add_argument("--depth", type=int, help="number of poolings (default: 4 classic, or the checkpoint's)")
+    p.add_argument("--in-ch", type=int, help="input channels (default: 3, or the checkpoint's)")
+    p.add_argument("--out-ch", type=int, help="output channels (default: 1, or the checkpoint's)")
     p.add_argument(
-        "--preset", choices=list(fastunet.PRESETS), default="classic",
+        "--preset",
+        choices=list(fastunet.PRESETS),
+        default=None,
         help="architecture (fastunet.PRESETS), built by every provider: classic, keras (zhixuhao's Keras U-Net), "
-        "milesial / milesial-bilinear (milesial's Pytorch-UNet); its out_activation is the preset's",
+        "milesial / milesial-bilinear (milesial's Pytorch-UNet); its out_activation is the preset's (default: "
+        "classic; with --weights the checkpoint's, this only for a bare state_dict fastunet.load calls ambiguous)",
+    )
+    p.add_argument(
+        "--weights", type=Path, metavar="PATH",
+        help="benchmark this checkpoint's architecture with its weights (any format fastunet.load reads: a "
+        "save_pretrained folder, a .safetensors/.pt state_dict of fastunet's or milesial's keys, a Keras "
+        ".h5/.keras file); --in-ch, --out-ch, --base-channels, --depth come from it (default: none, random "
+        "weights of the architecture above)",
     )  # fmt: skip
     p.add_argument(
         "--n-inputs", type=int,
@@ -321,8 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available (use --device cpu)")
+    _architecture_args(p, args)
     if args.mode == "predict":
-        if args.preset != "classic":
+        if args.preset != "classic" and args.weights is None:
             p.error("--preset is for --mode inference and training (predict times the classic model)")
         return _predict_args(p, args)
     if args.tile is not None:
@@ -344,6 +357,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.out is None:
         args.out = RESULTS_DIR if args.save else DEFAULT_OUT
     return args
+
+
+def _architecture_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The sizes and preset: the defaults, or (--weights) the checkpoint's, loaded here once into
+    ``args.checkpoint`` (``(ModelConfig, state_dict)``; None without --weights). A checkpoint that
+    does not load is one line and exit status 1."""
+    sizes = ("in_ch", "out_ch", "base_channels", "depth")
+    args.checkpoint = None
+    if args.weights is None:
+        args.preset = args.preset or "classic"
+        for key, value in (("in_ch", 3), ("out_ch", 1), ("depth", 4)):
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        return
+    given = [f"--{k.replace('_', '-')}" for k in sizes if getattr(args, k) is not None]
+    if given:
+        p.error(f"{', '.join(given)}: the sizes come from --weights")
+    if not args.weights.exists():
+        p.error(f"--weights {args.weights}: no such file or folder")
+    try:
+        args.checkpoint = checkpoint_config(args.weights, args.preset)
+    except (fastunet.FastUNetError, OSError) as exc:
+        p.exit(1, f"{p.prog}: error: {str(exc).strip().splitlines()[0]}\n")
+    cfg = args.checkpoint[0]
+    args.in_ch, args.out_ch, args.base_channels, args.depth = cfg.in_ch, cfg.out_ch, cfg.base_channels, cfg.depth
+    args.preset = cfg.preset
 
 
 def _predict_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -474,18 +513,21 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    classic = args.preset == "classic"
+    if args.checkpoint is not None:
+        cfg, loaded = args.checkpoint
+    else:
+        out_activation = fastunet.PRESETS[args.preset]["out_activation"]
+        cfg = ModelConfig(args.in_ch, args.out_ch, args.base_channels, args.depth, out_activation=out_activation,
+                          preset=args.preset)  # fmt: skip
+        loaded = None
+    classic = cfg.classic
     # The per-layer table lists the classic model's layers (flops.unet_layers): classic only.
     layers_on = cuda and not args.no_layers and classic
-    preset_options = fastunet.PRESETS[args.preset]
+    preset_options = cfg.architecture()
     # Dropout in a training step draws a different mask in every provider and in the float64
     # reference, so no output could be checked: training runs of such a preset leave it out.
     no_dropout = args.mode == "training" and preset_options.get("dropout", 0.0) > 0
-    cfg = ModelConfig(
-        args.in_ch, args.out_ch, args.base_channels, args.depth,
-        out_activation=preset_options.get("out_activation", "sigmoid"), preset=args.preset,
-        dropout=0.0 if no_dropout else None,
-    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, dropout=0.0 if no_dropout else None)
     providers = [p for p in PROVIDERS if p.name in args.providers]
     info = device_info(device)
 
@@ -501,6 +543,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             f"{torch.get_num_threads()} CPU thread(s): a fast check "
             "of the harness"
             + (", not a measurement of the classic 31M-parameter model." if cfg.base_channels != 64 else ".")
+        )
+    if loaded is not None:
+        notes.append(
+            f"--weights {args.weights}: every provider loads its weights (float32 masters, BatchNorm statistics as "
+            "saved) into its architecture, below."
         )
     if not classic:
         notes.append(
@@ -550,7 +597,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             except Exception as exc:  # the run is still useful without peaks
                 notes.append(f"peak measurement failed: {failure_reason(exc)}")
         bar.update(1)
-        state_dict = make_state_dict(cfg, device, args.seed)
+        state_dict = loaded if loaded is not None else make_state_dict(cfg, device, args.seed)
         for batch, size, dtype_name in cases:
             label = f"b{batch} {size}x{size} {dtype_name}"
             bar.set_postfix_str(f"{label}: float64 reference")
