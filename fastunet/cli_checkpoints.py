@@ -133,6 +133,10 @@ def _fused_line(fused: dict, gpu: bool) -> str:
     return "; ".join(parts) + where
 
 
+_FORMATS = {"pretrained": "{}", "classic": "state_dict in fastunet's keys, {}",
+            "milesial": "milesial Pytorch-UNet state_dict, {}", "keras": "zhixuhao's Keras unet(), {}"}  # fmt: skip
+
+
 def format_report(report: dict) -> str:
     """``describe``'s dict as the lines ``fastunet info`` prints."""
     bn = report["batchnorm"]
@@ -147,7 +151,7 @@ def format_report(report: dict) -> str:
         norm = f"{bn['layers']} layers, running statistics present{tracked}"
     lines = [
         str(report["path"]),
-        f"  format:      {report['format']} ({report['container']})",
+        f"  format:      {_FORMATS[report['format']].format(report['container'])}",
         f"  model:       {report['model']}",
         f"  preset:      {report['preset'] or 'none (its own options)'}",
         *(f"  options:     {line}" if i == 0 else f"               {line}" for i, line in

@@ -151,12 +151,22 @@ def _shape_signature(options: dict) -> tuple:
     return options["upsampling"], options["norm"], options["conv_bias"], options["pre_head"] > 0
 
 
+def _deciding(key: str) -> bool:
+    """Whether an option changes what a network computes without showing in its weights."""
+    return key not in WEIGHT_OPTIONS and key not in _NO_OUTPUT_EFFECT
+
+
 def matching_preset(options: dict) -> str | None:
-    """The preset ``options`` (every option) are closest to: among the presets with their
-    shapes (up-sampling, norm, conv bias, a pre-head or not), the one they differ from in the
-    fewest options; None when no preset has their shapes."""
-    signature = _shape_signature({**DEFAULT_OPTIONS, **options})
-    same = [name for name, p in PRESETS.items() if _shape_signature(p) == signature]
+    """The preset of the network ``options`` (every option) describe: the one with their shapes
+    (up-sampling, norm, conv bias, a pre-head or not) and their other options that change the
+    computation (the concatenation order), the head aside; the one they differ from in the
+    fewest options if several; None when no preset is that network."""
+    options = {**DEFAULT_OPTIONS, **options}
+    same = [
+        name for name, p in PRESETS.items()
+        if _shape_signature(p) == _shape_signature(options)
+        and all(options[k] == p[k] for k in p if _deciding(k) and k != "out_activation")
+    ]  # fmt: skip
     return min(same, key=lambda name: sum(options.get(k) != v for k, v in PRESETS[name].items()), default=None)
 
 
@@ -170,7 +180,12 @@ def read_pretrained(directory: str | os.PathLike, map_location=None) -> Checkpoi
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no {WEIGHTS_NAME} next to {CONFIG_NAME} (an interrupted save?)")
     state = read_safetensors(weights, torch.device(map_location or "cpu"))
-    recorded = {**{key: config[key] for key in (*_SIZES, "out_activation")}, **config.get("options", {})}
+    # A config without "options" is a classic model's (written before options existed, or classic).
+    recorded = {
+        **DEFAULT_OPTIONS,
+        **{key: config[key] for key in (*_SIZES, "out_activation")},
+        **config.get("options", {}),
+    }
     return Checkpoint(
         path=str(directory), where=str(weights), format="pretrained",
         container=f"save_pretrained folder ({CONFIG_NAME} + {WEIGHTS_NAME})", state=state,
@@ -300,10 +315,8 @@ def _preset_conflict(ck: Checkpoint, preset: str) -> str | None:
 
 def _ambiguity(ck: Checkpoint, candidate: str, options: dict) -> str | None:
     differ = [
-        k for k in DEFAULT_OPTIONS
-        if k not in WEIGHT_OPTIONS and k not in _NO_OUTPUT_EFFECT and k not in options
-        and PRESETS[candidate][k] != DEFAULT_OPTIONS[k]
-    ]  # fmt: skip
+        k for k in DEFAULT_OPTIONS if _deciding(k) and k not in options and PRESETS[candidate][k] != DEFAULT_OPTIONS[k]
+    ]
     if not differ:
         return None
     shown = ", ".join(f"{k}={ck.inferred[k]!r}" for k in ("upsampling", "norm", "conv_bias", "pre_head"))

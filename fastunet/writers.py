@@ -120,11 +120,12 @@ def save_keras_h5(model, path: str | os.PathLike) -> Path:
         else:
             f.attrs["backend"] = "tensorflow"
             f.attrs["keras_version"] = "3.15.1"  # the layout of that version's legacy save_weights
-            f.attrs["layer_names"] = [n.encode() for n in names]
-            for name in names:
+            f.attrs["layer_names"] = names
+            for name in [*names, "top_level_model_weights"]:
                 group = f.create_group(name)
                 parts = ("kernel", "bias")[: len(weights.get(name, []))]
-                group.attrs["weight_names"] = [f"{name}/{p}".encode() for p in parts] or np.array([], "S1")
+                # Keras writes an empty list of names as an empty float64 array
+                group.attrs["weight_names"] = [f"{name}/{p}" for p in parts] or np.array([], np.float64)
                 for part, array in zip(parts, weights.get(name, []), strict=True):
                     group[f"{name}/{part}"] = array
         f.attrs["fastunet_version"] = __version__
