@@ -341,6 +341,10 @@ def tune_model(args: argparse.Namespace):
 def _tune(args: argparse.Namespace) -> int:
     from .tuning import tune
 
+    if args.weights is not None:
+        from .cli_checkpoints import check_weights_path
+
+        check_weights_path(args.weights)
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise UsageError(
@@ -352,10 +356,6 @@ def _tune(args: argparse.Namespace) -> int:
     depth = args.depth or 4
     if args.weights is None and (h % 2**depth or w % 2**depth):
         raise UsageError(f"height and width must be multiples of 2**depth = {2**depth}, got {h}x{w}")
-    if args.weights is not None:
-        from .cli_checkpoints import check_weights_path
-
-        check_weights_path(args.weights)
     model, described = tune_model(args)
     m = 2**model.depth
     if model.odd_sizes == "error" and (h % m or w % m):

@@ -572,7 +572,7 @@ def test_a_pillow_decompression_bomb_is_our_limit_error_in_the_cli(tmp_path, wei
 def test_out_that_is_a_file_is_refused_before_loading_anything(tmp_path, weights, capsys, monkeypatch):
     rgb_png(tmp_path / "a.png")
     (tmp_path / "o").write_text("a file")
-    monkeypatch.setattr(sys.modules["fastunet.loaders"], "read_state_dict", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr(sys.modules["fastunet.formats"], "read", lambda *a, **k: pytest.fail("loaded"))
     status, _, err = predict_cli(capsys, "--weights", weights, tmp_path / "a.png", "--out", tmp_path / "o")
     assert status == 2 and "--out" in one_error_line(err, status) and "is a file, not a folder" in err
 
@@ -581,7 +581,7 @@ def test_out_that_cannot_be_written_is_refused_before_loading_anything(tmp_path,
     rgb_png(tmp_path / "a.png")
     (tmp_path / "o").mkdir()
     os.chmod(tmp_path / "o", 0o500)
-    monkeypatch.setattr(sys.modules["fastunet.loaders"], "read_state_dict", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr(sys.modules["fastunet.formats"], "read", lambda *a, **k: pytest.fail("loaded"))
     try:
         if os.access(tmp_path / "o", os.W_OK):  # root: the permission bits do not stop it; a mount point would
             import fastunet.atomic as atomic
