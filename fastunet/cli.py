@@ -180,24 +180,31 @@ def _probability(text: str) -> float:
     return value
 
 
-def add_weights(p: argparse.ArgumentParser, *, required: bool) -> None:
-    """``--weights PATH`` and ``--preset``: a checkpoint in any format ``fastunet.load`` reads."""
-    from .reference import PRESETS
+def _add_preset_and_head(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and ``--out-activation``: what a checkpoint may not record, over what it does."""
+    from .reference import ACTIVATIONS, PRESETS
 
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="architecture options the weights do not show (concatenation order, head, ...): "
+                        "needed only for a bare state_dict fastunet.load calls ambiguous (default: from the "
+                        "checkpoint)")  # fmt: skip
+    p.add_argument("--out-activation", choices=list(ACTIVATIONS), default=None,
+                   help="the head the checkpoint was trained with (default: the checkpoint's: its config.json, "
+                        "the preset of its format; sigmoid for a bare state_dict)")  # fmt: skip
+
+
+def add_weights(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--weights PATH``, ``--preset``, ``--out-activation``: a checkpoint in any format
+    ``fastunet.load`` reads."""
     need = " (required)" if required else " (default: none, the architecture from the options below)"
     p.add_argument("--weights", required=required, type=Path, metavar="PATH",
                    help="checkpoint: a save_pretrained folder, a .safetensors or torch.save state_dict (fastunet's "
                         "or milesial's keys; {'state_dict': ...} / {'model': ...} wrappers and module. prefixes "
                         f"work), or a Keras .h5 / .weights.h5 / .keras file{need}")  # fmt: skip
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="architecture options the weights do not show (concatenation order, head, ...): "
-                        "needed only for a bare state_dict fastunet.load calls ambiguous (default: from the "
-                        "checkpoint)")  # fmt: skip
+    _add_preset_and_head(p)
 
 
 def _add_info(sub) -> None:
-    from .reference import PRESETS
-
     p = sub.add_parser(
         "info",
         help="what a checkpoint is: format, architecture, parameters, BatchNorm statistics, fused-path support",
@@ -211,17 +218,12 @@ def _add_info(sub) -> None:
         epilog="examples:\n  fastunet info saved/\n  fastunet info milesial.pth --json\n",
     )
     p.add_argument("path", type=Path, metavar="PATH", help="checkpoint file or save_pretrained folder")
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="for a bare state_dict that is ambiguous (default: from the checkpoint)")  # fmt: skip
-    p.add_argument("--out-activation", choices=["sigmoid", "softmax", "none"], default=None,
-                   help="the head (default: from the checkpoint)")  # fmt: skip
+    _add_preset_and_head(p)
     p.add_argument("--json", action="store_true", help="print a JSON object (for scripts)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def _add_convert(sub) -> None:
-    from .reference import PRESETS
-
     p = sub.add_parser(
         "convert",
         help="write a checkpoint as a save_pretrained folder, a Keras .h5 or a milesial .pth",
@@ -244,10 +246,7 @@ def _add_convert(sub) -> None:
     p.add_argument("dst", type=Path, metavar="DST", help="where to write it")
     p.add_argument("--to", choices=["pretrained", "keras-h5", "milesial"], default="pretrained",
                    help="the format of DST")  # fmt: skip
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="for a bare state_dict that is ambiguous (default: from the checkpoint)")  # fmt: skip
-    p.add_argument("--out-activation", choices=["sigmoid", "softmax", "none"], default=None,
-                   help="the head to record (default: the checkpoint's)")  # fmt: skip
+    _add_preset_and_head(p)
     p.add_argument("--overwrite", action="store_true", help="replace DST's files if they exist (never SRC's)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -261,8 +260,8 @@ def _add_predict(sub) -> None:
         description=(
             "Run a trained U-Net over PNG/JPEG/BMP (Pillow) and TIFF (tifffile; 16-bit and large, "
             "memory-mapped when uncompressed) images of any size with fastunet.predict, and write a mask "
-            "and/or the probabilities per image. The architecture (in/out channels, width, depth) is read "
-            "from the checkpoint's shapes unless given. Needs Pillow and tifffile: "
+            "and/or the probabilities per image. The architecture and the head are read "
+            "from the checkpoint (any format fastunet.load reads) unless given. Needs Pillow and tifffile: "
             'pip install "fastunet[predict]".'
         ),
         formatter_class=_HelpFormatter,
@@ -278,9 +277,6 @@ def _add_predict(sub) -> None:
     p.add_argument("--base-channels", type=_positive, default=None,
                    help="width of the first level (default: from the checkpoint)")  # fmt: skip
     p.add_argument("--depth", type=_positive, default=None, help="number of poolings (default: from the checkpoint)")
-    p.add_argument("--out-activation", choices=["sigmoid", "softmax", "none"], default=None,
-                   help="the head the checkpoint was trained with (default: the checkpoint's: its config.json, "
-                        "the preset of its format; sigmoid for a bare state_dict)")  # fmt: skip
     p.add_argument("--tile", type=_positive, nargs="+", metavar="N", default=None,
                    help="tile size (N, or H W), multiples of 2**depth (default: none, whole images; tiles "
                         "of up to 1024 only when an image does not fit in memory)")  # fmt: skip

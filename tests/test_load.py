@@ -259,3 +259,13 @@ def test_a_keras_archive_inside_a_zip_is_found_by_content_not_suffix(tmp_path):
     assert read(tmp_path / "model.zip").format == "keras"
     (tmp_path / "weights.bin").write_bytes((KERAS_DATA / "unet_full.h5").read_bytes())
     assert read(tmp_path / "weights.bin").container == "tf.keras .h5 model (model.save)"
+
+
+def test_readme_load_block_runs(tmp_path):
+    from test_readme import readme_blocks, run_block
+
+    (code,) = readme_blocks("load")
+    ns, _ = run_block(code, tmp_path)
+    assert ns["model"].preset == "milesial"
+    with pytest.raises(CheckpointError, match="ambiguous"):
+        fastunet.load(tmp_path / "unet.pt")
