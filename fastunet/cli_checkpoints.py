@@ -236,10 +236,13 @@ def _write_pretrained(model, dst: Path) -> None:
 def convert(args: argparse.Namespace) -> int:
     """``fastunet convert SRC DST [--to ...]``: exit 0 written, 1 the checkpoint does not load or
     has no such file (one line), 2 a usage error (before any work)."""
+    from .cli_predict import prepare_out_dir
     from .writers import incompatibility, save_keras_h5, save_milesial, unrecorded
 
     check_weights_path(args.src, "SRC")
     plan_convert(args.src, args.dst, args.to, args.overwrite)
+    # A new folder is written next to its final name and renamed: its parent must take files.
+    prepare_out_dir(args.dst if args.to == "pretrained" and args.dst.is_dir() else args.dst.parent, "DST's folder")
     if args.to == "keras-h5":
         try:
             import h5py  # noqa: F401

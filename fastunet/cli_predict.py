@@ -90,11 +90,12 @@ def plan_outputs(inputs: list[Path], out: Path, *, mask: bool, probs: str | None
     return plans
 
 
-def prepare_out_dir(out: Path) -> None:
+def prepare_out_dir(out: Path, what: str = "--out") -> None:
     """Create ``out`` if missing and check a file can be created in it (a real attempt: the
-    permission bits do not tell for root, read-only mounts or quotas). Raises ``UsageError``."""
+    permission bits do not tell for root, read-only mounts or quotas). Raises ``UsageError``
+    naming it as ``what``."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+        raise UsageError(f"{what} {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         from .atomic import scratch_path
@@ -102,7 +103,7 @@ def prepare_out_dir(out: Path) -> None:
         with scratch_path(out, ".probe"):
             pass
     except OSError as exc:
-        raise UsageError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
+        raise UsageError(f"{what} {out} cannot be written: {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------- one image

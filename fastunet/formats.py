@@ -25,13 +25,16 @@ Where each architecture option comes from, first match wins:
 2. the shapes of the weights, for the options they show (``WEIGHT_OPTIONS``: channels, width,
    depth, up-sampling kind, conv bias, norm, pre-head), except in a ``save_pretrained`` folder,
    whose config.json is checked against them instead;
-3. ``preset`` given by the caller, for the options no weight shows (its up-sampling and norm
-   must be the weights');
-4. what the file records: config.json; the preset a milesial or Keras file implies;
-5. for a bare state_dict in fastunet's keys, which records nothing: the classic defaults, or
-   the preset whose shapes the weights have. When that preset and the classic defaults differ
-   in an option that changes the output and that no weight shows (the concatenation order, the
-   head's activation), the file is ambiguous: ``CheckpointError`` naming both and what to pass.
+3. what the file records: config.json; the preset a milesial or Keras file implies;
+4. ``preset`` given by the caller, for what the file does not record: its up-sampling and norm
+   must be the weights', and it must agree with what the file records (a milesial or Keras
+   file's preset, a config's options that change the output) unless options say otherwise:
+   a contradiction is an error, never a silent choice;
+5. for a bare state_dict in fastunet's keys, which records nothing and was given no preset: the
+   classic defaults, or the preset whose shapes the weights have. When that preset and the
+   classic defaults differ in an option that changes the output and that no weight shows (the
+   concatenation order, the head's activation), the file is ambiguous: ``CheckpointError``
+   naming both and what to pass.
 
 Nothing is read with ``weights_only=False``; every size is bounded (``fastunet.limits``) and
 the names and shapes are checked on the meta device before a tensor is allocated, then the
@@ -344,6 +347,16 @@ def resolve(ck: Checkpoint, preset: str | None = None, options: dict | None = No
         conflict = _preset_conflict(ck, preset)
         if conflict:
             raise CheckpointError(conflict)
+        if ck.format == "pretrained":
+            wants = PRESETS[preset]
+            differ = [k for k in wants if _deciding(k) and k not in options and wants[k] != ck.recorded.get(k)]
+            if differ:
+                says = ", ".join(f"{k}={wants[k]!r}" for k in differ)
+                has = ", ".join(f"{k}={ck.recorded.get(k)!r}" for k in differ)
+                raise CheckpointError(
+                    f"preset {preset!r} has {says} but {Path(ck.path) / CONFIG_NAME} records {has}: leave the preset "
+                    "out (the folder records every option) or pass the option itself"
+                )
     resolved = dict(DEFAULT_OPTIONS)
     origin = dict.fromkeys(resolved, "default")
 
@@ -365,7 +378,7 @@ def resolve(ck: Checkpoint, preset: str | None = None, options: dict | None = No
                 raise CheckpointError(problem)
             chosen = matches[0]
             take(PRESETS[chosen], "weights' preset")
-    if preset is not None:
+    if preset is not None and ck.recorded is None:
         take(PRESETS[preset], "preset", keys=[k for k in PRESETS[preset] if k not in WEIGHT_OPTIONS])
     if ck.format != "pretrained":  # a folder's config is checked against its weights instead
         take(ck.inferred, "weights")

@@ -288,6 +288,16 @@ def test_convert_checks_the_destination_before_any_work(tmp_path, capsys, files,
     for args, message in cases:
         status, _, err = command(capsys, *args)
         assert status == 2 and message in one_line(err)
+    import fastunet.atomic as atomic
+
+    def denied(folder, suffix):  # what a read-only folder does (root passes the permission bits)
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(atomic, "scratch_path", denied)
+    status, _, err = command(capsys, "convert", files["pt"][0], tmp_path / "new" / "saved")
+    assert status == 2 and one_line(err).endswith(
+        f"DST's folder {tmp_path / 'new'} cannot be written: Permission denied"
+    )
 
 
 def test_an_interrupted_convert_leaves_nothing_under_the_final_name(tmp_path, capsys, files, monkeypatch):

@@ -125,6 +125,12 @@ def test_a_preset_that_contradicts_the_weights_or_the_format_is_refused(tmp_path
     with pytest.raises(CheckpointError, match=r"is a milesial checkpoint \(preset 'milesial'\); preset='keras' does"):
         fastunet.load(path, preset="keras")
     assert fastunet.load(path, preset="milesial").preset == "milesial"
+    folder, _ = make("folder-keras", tmp_path)  # its config records out_activation="none"
+    with pytest.raises(CheckpointError, match=r"preset 'keras' has out_activation='sigmoid' but .*config.json records "
+                       r"out_activation='none': leave the preset out"):  # fmt: skip
+        fastunet.load(folder, preset="keras")
+    assert fastunet.load(folder, preset="keras", out_activation="none").out_activation == "none"
+    assert fastunet.load(folder, preset="keras", out_activation="sigmoid").out_activation == "sigmoid"
 
 
 @pytest.mark.parametrize("preset", ["milesial", "keras", "milesial-bilinear"])
