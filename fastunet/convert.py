@@ -12,6 +12,10 @@
   classic U-Net instance or of a milesial ``UNet`` instance, and keeps the original's
   state_dict keys (``own_keys(model)``: fastunet's keys inside the block).
 
+``read_keras`` and ``read_milesial`` turn a source into a ``fastunet.formats.Checkpoint`` (the
+tensors under fastunet's keys, what their shapes say); ``from_keras``, ``from_milesial`` and
+``fastunet.load`` build the model from it with ``fastunet.formats.build``, the one builder.
+
 How Keras stores a model's weights (the layouts read here, from Keras' saving code):
 
 * **Keras 3** (``model.save_weights("x.weights.h5")``; ``model.weights.h5`` inside a ``.keras``

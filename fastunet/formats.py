@@ -44,6 +44,7 @@ are: dtype and bits as in the file.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -316,6 +317,16 @@ def _preset_conflict(ck: Checkpoint, preset: str) -> str | None:
     return f"preset {preset!r} has {says} but the weights in {ck.where} have {has}"
 
 
+@functools.cache
+def _tensorless_norms() -> tuple[str, ...]:
+    """The ``norm`` values whose layers hold no tensors: a state_dict cannot tell them apart
+    (``("none",)`` while every other norm is BatchNorm)."""
+    from .reference import NORMS, DoubleConv
+
+    with torch.device("meta"):
+        return tuple(n for n in NORMS if not any(".1." in k for k in DoubleConv(1, 1, norm=n).state_dict()))
+
+
 def _ambiguity(ck: Checkpoint, candidate: str, options: dict) -> str | None:
     differ = [
         k for k in DEFAULT_OPTIONS if _deciding(k) and k not in options and PRESETS[candidate][k] != DEFAULT_OPTIONS[k]
@@ -370,6 +381,13 @@ def resolve(ck: Checkpoint, preset: str | None = None, options: dict | None = No
         take(ck.recorded, "config.json" if ck.format == "pretrained" else "format")
         chosen = chosen or ck.preset
     elif preset is None:
+        tensorless = _tensorless_norms()
+        if ck.inferred.get("norm") in tensorless and len(tensorless) > 1 and "norm" not in options:
+            raise CheckpointError(
+                f"{ck.where} is ambiguous: a state_dict in fastunet's keys without norm tensors, so its norm may be "
+                f"any of {', '.join(map(repr, tensorless))}, which it does not record. Pass norm=... (or a preset); "
+                "save_pretrained folders record it"
+            )
         signature = _shape_signature({**DEFAULT_OPTIONS, **ck.inferred})
         matches = [name for name, p in PRESETS.items() if _shape_signature(p) == signature]
         if matches and "classic" not in matches:

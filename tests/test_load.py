@@ -150,6 +150,19 @@ def test_a_bare_state_dict_with_a_presets_shapes_is_ambiguous_until_told(tmp_pat
     assert given.options == model.options
 
 
+def test_a_state_dict_without_norm_tensors_is_ambiguous_once_two_norms_have_none(tmp_path, monkeypatch):
+    from fastunet import formats
+
+    assert formats._tensorless_norms() == ("none",)  # today: BatchNorm or nothing, told apart by the weights
+    model = classic_model(norm="none")
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    assert fastunet.load(tmp_path / "w.pt").norm == "none"
+    monkeypatch.setattr(formats, "_tensorless_norms", lambda: ("none", "instance"))  # a parameter-free norm added
+    with pytest.raises(CheckpointError, match=r"without norm tensors, so its norm may be any of 'none', 'instance'"):
+        fastunet.load(tmp_path / "w.pt")
+    assert fastunet.load(tmp_path / "w.pt", norm="none").norm == "none"
+
+
 def test_unknown_and_ambiguous_files_say_what_was_found_and_what_would_load(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(
