@@ -45,12 +45,15 @@ class SimulatedGPU:
     stay on the CPU; ``TRITON_INTERPRET=1`` must be set (so that the op layer routes CPU tensors
     to the kernels). What it measures: the host work of a launch sequence (Python, argument
     checks, allocations, tuning lookups) and which keys and candidates a model's shapes create.
+    With ``execute`` the launches also run, in the interpreter: then a model computes real
+    numbers with this GPU's tuned configs (what tuning verification is tested with).
     """
 
     arch: int = 90
     sms: int = 132
     name: str = "NVIDIA H100 80GB HBM3 (simulated)"
     record: bool = True
+    execute: bool = False
     launches: list = field(default_factory=list)
 
     def time(self, cfg) -> float:
@@ -167,8 +170,9 @@ def launch(fn, grid: tuple, args: tuple, meta: dict) -> None:
     if _SIMULATED is not None:
         if _SIMULATED.record:
             _SIMULATED.launches.append((fn, grid, args, meta))
-        return
-    if _RECORDING is not None:
+        if not _SIMULATED.execute:
+            return
+    elif _RECORDING is not None:
         _RECORDING.append((fn, grid, args, meta))
         return
     first = args[0]

@@ -12,15 +12,32 @@ Where a pick comes from, first match wins:
    config once);
 2. this process's memory (a dict lookup: the only thing a warm launch pays);
 3. with ``FASTUNET_AUTOTUNE=0``: the rule (below), never a measurement, cache ignored;
-4. the on-disk cache (``<cache dir>/tuning/<GPU name>/<versions>.json``), written by any earlier
-   process on this machine with the same GPU and the same triton/torch/fastunet versions;
+4. the on-disk cache (``<cache dir>/tuning/<GPU name>/<versions>.json``, see ``_tuning_cache``:
+   locked, merged on write, validated on read), written by any earlier process on this machine
+   with the same GPU and the same triton/torch/fastunet versions; with verification on, only
+   records that were verified count;
 5. a single candidate left after pruning (nothing to measure);
 6. the rule, when measuring is not possible or not wanted: under
    ``torch.use_deterministic_algorithms(True)`` (a timing race must not decide a reduction
    order, so only recorded picks or the rule are used), or while a CUDA graph is being captured
    (nothing can be timed inside a capture);
 7. otherwise every candidate is timed (``triton.testing.do_bench``, median) and the fastest is
-   kept in memory and written to disk.
+   kept in memory and written to disk, once verified (below).
+
+Verification (``FASTUNET_VERIFY``, on unless "0"): a config that compiles is not a config that
+computes the right thing on every GPU and triton, so every timed candidate is checked once
+against the op's eager composite on the same inputs, with the test suite's tolerance table.
+Kernels know no op, so the op layer drives it (``fastunet.ops._verify``) through three calls:
+``register_op_calls`` tells the tuner when an op call that can be checked is running on this
+thread; a key tuned inside one is left *pending* (its fastest candidate runs the call, nothing is
+remembered, and this thread holds the tuner's lock until the end of the call, so no other thread
+sees or re-tunes it); at the end of the call the op layer calls ``settle(check)``, which replays
+the call once per candidate with that candidate forced (``check``: None or why it disagrees with
+the composite), drops and warns about every one that disagrees, keeps the fastest that agrees
+and writes the record with ``"verified": true`` and the ``"rejected"`` configs. If none agrees the
+key is marked eager: its launches raise ``NoVerifiedConfig``, on which the op layer runs the
+composite (with a warning). A key tuned outside an op call (a launcher called directly) is kept
+unverified (``"verified": false``) and, with verification on, tuned again by the next process.
 
 The key holds what changes the best config, not the exact shape: the pixel count bucketed to a
 power of two (``bucket``), channel counts, dtypes and every constexpr flag of the launch. So
@@ -38,32 +55,37 @@ rule, which picks without timing, keeps its old answer; an alternative is only e
 being timed faster on this GPU (or forced), which is why adding one cannot make a shape slower.
 
 Settings, read when a pick is missing (never per launch): ``FASTUNET_AUTOTUNE`` ("0" = rule
-only), ``FASTUNET_CACHE_DIR`` (default ``~/.cache/fastunet``).
+only), ``FASTUNET_VERIFY`` ("0" = keep the fastest candidate unchecked), ``FASTUNET_CACHE_DIR``
+(default ``~/.cache/fastunet``).
 
 Counters (``stats()``): timing runs (one per candidate timed), tuned keys, disk hits, rule
-picks, forced picks; ``benchmarks`` and the tests read them.
+picks, forced picks, and for verification: verified keys, verify runs (one replay per candidate),
+rejected configs, eager keys, unverified keys, and the milliseconds spent timing and verifying
+(``tuning_ms``, ``verify_ms``: their ratio is the verification overhead); ``benchmarks`` and the
+tests read them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import re
-import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
-from . import _common
+from . import _common, _tuning_cache
+from ._tuning_cache import cache_dir, cache_file
 
 __all__ = [
+    "NoVerifiedConfig",
+    "OpCalls",
     "Tuner",
     "TUNERS",
     "bucket",
@@ -72,17 +94,20 @@ __all__ = [
     "clear_memory",
     "config_name",
     "forced",
+    "register_op_calls",
     "reset_stats",
     "rule_pick",
+    "settle",
+    "abandon",
     "stats",
+    "verify_enabled",
 ]
 
 # Tuning settings
 _AUTOTUNE_ENV = "FASTUNET_AUTOTUNE"
-_CACHE_ENV = "FASTUNET_CACHE_DIR"
+_VERIFY_ENV = "FASTUNET_VERIFY"
 # do_bench windows (ms). Each candidate is timed for about warmup + rep ms after compiling.
 _WARMUP_MS, _REP_MS = 5, 25
-_FORMAT = 1
 
 TUNERS: dict[str, Tuner] = {}
 _STATS: Counter = Counter()
@@ -92,6 +117,8 @@ _FORCED: dict[str, str] = {}
 _MEMORY: dict[tuple, Any] = {}
 # device name -> {entry key: record} as read from / written to disk.
 _DISK: dict[str, dict[str, dict]] = {}
+# (device key, tuner name, key) -> why: keys no candidate of which passed verification.
+_EAGER: dict[tuple, str] = {}
 _WARNED_CAPTURE: set[str] = set()
 
 
@@ -139,84 +166,51 @@ def _key_text(tuner: str, key: tuple) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _setting_on(env: str) -> bool:
+    return os.environ.get(env, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def autotune_enabled() -> bool:
     """False when ``FASTUNET_AUTOTUNE`` is "0"/"false"/"off"/"no": picks come from the rule."""
-    return os.environ.get(_AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    return _setting_on(_AUTOTUNE_ENV)
 
 
-def cache_dir() -> Path:
-    """``FASTUNET_CACHE_DIR``, else ``~/.cache/fastunet``."""
-    env = os.environ.get(_CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fastunet"
+def verify_enabled() -> bool:
+    """False when ``FASTUNET_VERIFY`` is "0"/"false"/"off"/"no": tuned picks are not checked
+    against the op's composite, and unverified cache records are used."""
+    return _setting_on(_VERIFY_ENV)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "unknown"
+def _verifying() -> bool:
+    """Whether tuned picks are verified here: the setting is on and launches really run (a
+    ``SimulatedGPU`` that only records them computes nothing to check)."""
+    sim = _common.simulated_gpu()
+    return verify_enabled() and (sim is None or sim.execute)
 
 
-def _versions() -> dict[str, str]:
-    import triton
-
-    try:
-        from importlib.metadata import version
-
-        fastunet_version = version("fastunet")
-    except Exception:  # running from a checkout that is not installed
-        fastunet_version = "dev"
-    return {
-        "triton": triton.__version__,
-        "torch": torch.__version__.split("+")[0],
-        "fastunet": fastunet_version,
-    }
-
-
-def cache_file(device_name: str) -> Path:
-    """The tuning cache of one GPU model for the installed triton/torch/fastunet versions."""
-    v = _versions()
-    name = f"triton-{v['triton']}_torch-{v['torch']}_fastunet-{v['fastunet']}.json"
-    return cache_dir() / "tuning" / _slug(device_name) / name
+def _usable(record: dict | None, verify: bool) -> bool:
+    """Whether a cache record answers a pick: with verification on, only a verified one."""
+    return record is not None and (not verify or record.get("verified", False))
 
 
 def _read_disk(device_name: str) -> dict[str, dict]:
     entries = _DISK.get(device_name)
     if entries is None:
-        entries = {}
-        path = cache_file(device_name)
-        try:
-            data = json.loads(path.read_text())
-            if data.get("format") == _FORMAT and isinstance(data.get("entries"), dict):
-                entries = data["entries"]
-        except (OSError, ValueError):
-            pass  # no file yet, or unreadable: tune again and rewrite it
-        _DISK[device_name] = entries
+        entries = _DISK[device_name] = _tuning_cache.read(cache_file(device_name))
     return entries
 
 
-def _write_disk(device_name: str, text_key: str, record: dict) -> None:
-    """Add one entry to the cache file: re-read it (another process may have added entries),
-    merge, and replace it atomically. A lost race costs a re-tune later, never a wrong pick."""
+def _write_disk(device_name: str, records: dict[str, dict]) -> None:
+    """Add ``records`` to this device's cache file (locked read-modify-write, see
+    ``_tuning_cache.merge_write``) and to the copy in memory. A write that cannot happen keeps
+    them in memory only: a later process tunes those keys again, never picks wrongly."""
     entries = _read_disk(device_name)
-    entries[text_key] = record
-    path = cache_file(device_name)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            on_disk = json.loads(path.read_text()).get("entries", {})
-        except (OSError, ValueError):
-            on_disk = {}
-        on_disk.update(entries)
-        entries.update(on_disk)
-        payload = {"format": _FORMAT, "device": device_name, "versions": _versions(), "entries": on_disk}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as exc:  # read-only home, full disk: keep the pick in memory only
+    entries.update(records)
+    merged = _tuning_cache.merge_write(cache_file(device_name), device_name, records)
+    if merged is None:
         _STATS["disk_write_errors"] += 1
-        if _STATS["disk_write_errors"] == 1:
-            import warnings
-
-            warnings.warn(f"fastunet: could not write the tuning cache {path}: {exc}", RuntimeWarning, stacklevel=3)
+    else:
+        entries.update(merged)
 
 
 def clear_memory() -> None:
@@ -225,6 +219,7 @@ def clear_memory() -> None:
     with _LOCK:
         _MEMORY.clear()
         _DISK.clear()
+        _EAGER.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +229,9 @@ def clear_memory() -> None:
 
 def stats() -> dict[str, int]:
     """A copy of the counters: ``timing_runs``, ``tuned_keys``, ``disk_hits``, ``rule_picks``,
-    ``single_candidate``, ``forced_picks``."""
+    ``single_candidate``, ``forced_picks``, ``failed_candidates``; verification: ``verified_keys``,
+    ``verify_runs``, ``rejected_configs``, ``eager_keys``, ``unverified_keys``; and the time spent
+    timing candidates and verifying them, ``tuning_ms`` and ``verify_ms``."""
     return dict(_STATS)
 
 
@@ -358,12 +355,14 @@ class Tuner:
         cfg = _MEMORY.get(memo)
         if cfg is not None:
             return cfg
+        if memo in _EAGER:
+            raise NoVerifiedConfig(_EAGER[memo])
         if _common.recording() is not None:
             return self._record_candidates(device, key, shape(), run)
         with _LOCK:
-            cfg = _MEMORY.get(memo)
+            cfg = _MEMORY.get(memo) or _open_pick(memo)
             if cfg is None:
-                cfg, keep = self._resolve(device, key, shape(), run)
+                cfg, keep = self._resolve(device, memo, shape(), run)
                 if keep:
                     _MEMORY[memo] = cfg
         return cfg
@@ -374,7 +373,7 @@ class Tuner:
         arch = _common.device_arch(device)
         candidates = self.candidates(arch, shape)
         known = _read_disk(_common.device_name(device)).get(_key_text(self.name, key))
-        if autotune_enabled() and known is None and len(candidates) > 1:
+        if autotune_enabled() and not _usable(known, _verifying()) and len(candidates) > 1:
             for c in candidates:
                 run(c)
         return rule_pick(candidates, lambda c: self.tiles(c, shape), _common.sm_count(device))
@@ -388,9 +387,11 @@ class Tuner:
                 f"{self.name}: no config {name!r} on sm_{arch}; known: {sorted(self._by_name[arch])}"
             ) from None
 
-    def _resolve(self, device: torch.device, key: tuple, shape: dict, run: Callable[[Any], object]):
+    def _resolve(self, device: torch.device, memo: tuple, shape: dict, run: Callable[[Any], object]):
         """``(config, remember)``: remember is False for a rule pick made only because a CUDA
-        graph was being captured (the next launch outside a capture tunes)."""
+        graph was being captured (the next launch outside a capture tunes), and for a key left
+        pending for its op call to verify (``settle`` remembers it)."""
+        key = memo[2]
         arch = _common.device_arch(device)
         candidates = self.candidates(arch, shape)
         sms = _common.sm_count(device)
@@ -403,12 +404,19 @@ class Tuner:
             return by_rule(), True
         device_name = _common.device_name(device)
         text_key = _key_text(self.name, key)
+        verify = _verifying()
         record = _read_disk(device_name).get(text_key)
-        if record is not None:
-            cfg = self._by_name[_common.tuned_arch(arch)].get(record.get("config", ""))
-            if cfg is not None:  # a config this version no longer has is re-tuned
-                _STATS["disk_hits"] += 1
-                return cfg, True
+        if _usable(record, verify):
+            if record.get("eager", False):
+                if verify:  # without verification an eager record is tuned again, unchecked
+                    _STATS["disk_hits"] += 1
+                    _EAGER[memo] = _eager_text(self.name, key, record.get("rejected", {}))
+                    raise NoVerifiedConfig(_EAGER[memo])
+            else:
+                cfg = self._by_name[_common.tuned_arch(arch)].get(record["config"])
+                if cfg is not None:  # a config this version no longer has is re-tuned
+                    _STATS["disk_hits"] += 1
+                    return cfg, True
         if len(candidates) == 1:
             _STATS["single_candidate"] += 1
             return candidates[0], True
@@ -432,14 +440,215 @@ class Tuner:
         for c in candidates:
             times[config_name(c)], err = _time(run, c)
             error = error or err
-        best = min(candidates, key=lambda c: times[config_name(c)])
-        if math.isinf(times[config_name(best)]):
+        ranked = sorted(
+            (c for c in candidates if not math.isinf(times[config_name(c)])), key=lambda c: times[config_name(c)]
+        )
+        if not ranked:
             raise RuntimeError(f"{self.name}: no candidate config could run for {shape}") from error
+        tuning_s = time.perf_counter() - t0
         _STATS["tuned_keys"] += 1
-        record = {
-            "config": config_name(best),
-            "ms": {k: (None if math.isinf(v) else round(v, 5)) for k, v in times.items()},
-            "tuning_s": round(time.perf_counter() - t0, 3),
+        _STATS["tuning_ms"] += round(1e3 * tuning_s)
+        pending = _Pending(self, memo, device_name, text_key, ranked, times, tuning_s)
+        if verify and _OP_CALLS is not None and _OP_CALLS.verifiable():
+            _defer(pending)
+            return pending.pick, False
+        _STATS["unverified_keys"] += 1
+        _write_disk(device_name, {text_key: pending.record(verified=False)})
+        return pending.pick, True
+
+
+# --------------------------------------------------------------------------------------------
+# Verification (see the module docstring; the op layer drives it)
+# --------------------------------------------------------------------------------------------
+
+
+class NoVerifiedConfig(RuntimeError):
+    """No candidate config of a kernel shape passed verification: the op runs its eager
+    composite (``fastunet.ops`` catches this). Raised by ``Tuner.pick``."""
+
+
+class OpCalls(Protocol):
+    """What the op layer tells the tuner (``register_op_calls``)."""
+
+    def verifiable(self) -> bool:
+        """True while an op call whose composite can check a candidate runs on this thread."""
+
+    def deferred(self) -> None:
+        """A key was left pending for the running op call: it must call ``settle`` (or
+        ``abandon``) on this thread before it returns."""
+
+
+_OP_CALLS: OpCalls | None = None
+
+
+def register_op_calls(calls: OpCalls) -> None:
+    """Called by ``fastunet.ops`` when it first loads the kernels (kernels never import it)."""
+    global _OP_CALLS
+    _OP_CALLS = calls
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A key tuned inside an op call, waiting for ``settle``."""
+
+    tuner: Tuner
+    memo: tuple
+    device_name: str
+    text_key: str
+    ranked: list  # the candidates that ran, fastest first
+    times: dict[str, float]
+    tuning_s: float
+    pick: Any = None  # what launches of this key use until settled; None: no candidate passed
+    rejected: dict[str, str] = field(default_factory=dict)
+    verify_s: float = 0.0
+
+    def __post_init__(self):
+        self.pick = self.ranked[0]
+
+    def record(self, verified: bool) -> dict:
+        rec = {
+            "config": None if self.pick is None else config_name(self.pick),
+            "ms": {k: (None if math.isinf(v) else round(v, 5)) for k, v in self.times.items()},
+            "tuning_s": round(self.tuning_s, 3),
+            "verified": verified,
         }
-        _write_disk(device_name, text_key, record)
-        return best, True
+        if verified:
+            rec["verify_s"] = round(self.verify_s, 3)
+            rec["rejected"] = dict(self.rejected)
+        if self.pick is None:
+            rec["eager"] = True
+        return rec
+
+
+class _ThreadState(threading.local):
+    def __init__(self):
+        self.pending: list[_Pending] = []
+        self.forced: dict[tuple, Any] | None = None  # memo -> config, during a replay
+
+
+_THREAD = _ThreadState()
+
+
+def _open_pick(memo: tuple):
+    """The config this thread's unsettled op call uses for ``memo``: forced by a replay, or the
+    pending pick (a second launch of the key in the same call). None otherwise."""
+    t = _THREAD
+    if t.forced is not None and memo in t.forced:
+        return t.forced[memo]
+    for p in t.pending:
+        if p.memo == memo:
+            if p.pick is None:
+                raise NoVerifiedConfig(_eager_text(p.tuner.name, memo[2], p.rejected))
+            return p.pick
+    return None
+
+
+def _defer(p: _Pending) -> None:
+    """Leave ``p`` for ``settle``, holding the lock until then (re-entrant: this thread goes on;
+    another thread missing a key waits, and then finds it settled)."""
+    _LOCK.acquire()
+    _THREAD.pending.append(p)
+    _OP_CALLS.deferred()
+
+
+def _release_pending() -> list[_Pending]:
+    t = _THREAD
+    items, t.pending, t.forced = t.pending, [], None
+    for _ in items:
+        _LOCK.release()
+    return items
+
+
+def abandon() -> None:
+    """Forget this thread's pending keys (their op call failed): nothing is remembered, the next
+    launch of each tunes again."""
+    _release_pending()
+
+
+def _eager_text(tuner: str, key: tuple, rejected: dict[str, str]) -> str:
+    why = "; ".join(f"{name}: {err}" for name, err in rejected.items()) or "none ran"
+    return (
+        f"fastunet: no tuned config of kernel {tuner} agrees with the op's eager composite for key {key} "
+        f"({why}); that op runs the composite for this shape (slower). FASTUNET_VERIFY=0 keeps the fastest "
+        "config unchecked."
+    )
+
+
+def _verify(p: _Pending, items: list[_Pending], check: Callable[[], str | None]) -> None:
+    """Replay the op call once per candidate of ``p`` (the other pending keys at their current
+    picks) and keep the fastest that agrees with the composite; ``p.pick`` is None if none does."""
+    # A key that failed so far replays with its fastest candidate (it is not the one checked).
+    others = {q.memo: q.pick or q.ranked[0] for q in items if q is not p}
+    p.rejected = {}
+    passed = []
+    t0 = time.perf_counter()
+    for cfg in p.ranked:
+        _THREAD.forced = {**others, p.memo: cfg}
+        _STATS["verify_runs"] += 1
+        try:
+            why = check()
+        except Exception as exc:  # noqa: BLE001  (a candidate that cannot run is rejected, not fatal)
+            why = f"{type(exc).__name__}: {exc}"
+        finally:
+            _THREAD.forced = None
+        if why is None:
+            passed.append(cfg)
+        else:
+            p.rejected[config_name(cfg)] = why
+    p.verify_s += time.perf_counter() - t0
+    p.pick = passed[0] if passed else None
+
+
+def settle(check: Callable[[], str | None] | None) -> bool:
+    """Verify and remember the keys this thread's op call left pending (see the module docstring).
+
+    ``check()``: runs the op call again (with the candidates this function forces) and returns
+    None when its outputs agree with the composite's, else a one-line reason. ``check=None``: the
+    call cannot be checked (its data are not finite): the fastest candidates are kept unverified.
+    Returns True when a key's pick is not the one the call ran with (the caller must run it again;
+    a key with no passing config raises ``NoVerifiedConfig`` then). Warns once per rejected
+    config and per eager key. Releases the tuner's lock."""
+    t = _THREAD
+    items = t.pending
+    if not items:
+        return False
+    try:
+        if check is not None:
+            # Each key is checked with the others at their current picks; a key whose candidates
+            # all failed is checked again once another key's pick changed (the failure may have
+            # been that key's config), so one wrong config cannot send an innocent kernel eager.
+            todo = list(items)
+            for _ in range(len(items)):
+                before = [q.pick for q in items]
+                for p in todo:
+                    _verify(p, items, check)
+                todo = [p for p in items if p.pick is None]
+                if not todo or all(a is q.pick for a, q in zip(before, items, strict=True)):
+                    break
+    finally:
+        items = _release_pending()
+    changed = False
+    by_device: dict[str, dict[str, dict]] = {}
+    for p in items:
+        verified = check is not None
+        _STATS["verify_ms"] += round(1e3 * p.verify_s)
+        _STATS["verified_keys" if verified else "unverified_keys"] += 1
+        _STATS["rejected_configs"] += len(p.rejected)
+        for name, why in p.rejected.items():
+            warnings.warn(
+                f"fastunet: kernel {p.tuner.name} config {name} disagrees with the op's eager composite for key "
+                f"{p.memo[2]}: {why}; dropped from the candidates of this shape.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        if p.pick is None:
+            _STATS["eager_keys"] += 1
+            _EAGER[p.memo] = _eager_text(p.tuner.name, p.memo[2], p.rejected)
+            warnings.warn(_EAGER[p.memo], RuntimeWarning, stacklevel=4)
+        else:
+            _MEMORY[p.memo] = p.pick
+        changed |= p.pick is not p.ranked[0]
+        by_device.setdefault(p.device_name, {})[p.text_key] = p.record(verified)
+    for device_name, records in by_device.items():
+        _write_disk(device_name, records)
+    return changed

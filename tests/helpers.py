@@ -1,5 +1,5 @@
-"""Shared test utilities: the per-dtype tolerance table and a comparison that
-prints the worst mismatches.
+"""Shared test utilities: a comparison against the package's tolerance table
+(``fastunet.tolerances``) that prints the worst mismatches.
 
 Every comparison is against a float64 reference computed from the *same*
 (rounded) inputs, so the tolerance only has to cover the arithmetic of the
@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import torch
 
+from fastunet.tolerances import DTYPE_NAMES, TOLERANCES, error_ratios, tolerance_name
+
 HAS_CUDA = torch.cuda.is_available()
 
-# name -> (atol, rtol). ``atol`` is scaled by the RMS of the expected tensor so one
-# row serves activations of any magnitude. Written down once; tests never inline numbers.
-TOLERANCES = {
-    "fp64": (1e-10, 1e-10),
-    "fp32": (2e-5, 2e-5),  # IEEE fp32 dots (interpreter, or allow_tf32=False)
-    "tf32": (5e-3, 5e-3),  # fp32 tensors on tensor cores (10-bit mantissa inputs)
-    "fp16": (1e-2, 1e-2),
-    "bf16": (6e-2, 6e-2),
-}
-
-DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def tolerance_name(dtype: torch.dtype) -> str:
-    """The row of ``TOLERANCES`` that a computation in ``dtype`` on this machine falls in."""
-    name = DTYPE_NAMES[dtype]
-    if name == "fp32" and torch.cuda.is_available() and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return name
+# The table and the dtype -> row rule live in the package (tuning verification uses them too);
+# tests keep importing them from here.
+__all__ = [
+    "DTYPE_NAMES",
+    "HAS_CUDA",
+    "TOLERANCES",
+    "assert_close",
+    "max_rel_error",
+    "model_pair",
+    "poisoned_like",
+    "randomize_batchnorm",
+    "tolerance_name",
+]
 
 
 def assert_close(
@@ -50,15 +46,7 @@ def assert_close(
     atol, rtol = TOLERANCES[tol]
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
-    finite = torch.isfinite(e)
-    if scale is None:
-        scale = e[finite].pow(2).mean().sqrt().item() if finite.any() else 1.0
-    bound = atol * max(scale, 1e-12) + rtol * e.abs()
-    nan_mismatch = torch.isnan(a) != torch.isnan(e)
-    err = (a - e).abs()
-    ratio = torch.where(nan_mismatch, torch.full_like(err, float("inf")), err / bound)
-    # NaN where both are NaN, and equal infinities, are agreement (inf - inf and x/inf aside).
-    ratio = torch.where((torch.isnan(a) & torch.isnan(e)) | (a == e), torch.zeros_like(ratio), ratio)
+    ratio = error_ratios(a, e, tol, scale)
     worst = ratio.max().item() if ratio.numel() else 0.0
     if not worst <= 1.0:
         flat = ratio.flatten()

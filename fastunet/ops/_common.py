@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..backend import interpreting
 from ..reference import ACTIVATIONS, apply_out_activation
+from . import _verify
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,7 +40,7 @@ def _use_kernels(x: Tensor) -> bool:
     """Whether this call runs the Triton kernels (see the module docstring). An empty tensor
     (a rank's empty batch in synchronised BatchNorm training) has nothing to launch for: the
     composites return the empty results and zero sums."""
-    if x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
+    if x.dtype not in _KERNEL_DTYPES or x.numel() == 0 or _verify.eager_now():
         return False
     return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
 
@@ -53,7 +54,13 @@ def _kernels():
     if _KERNELS is None:
         from .. import kernels
 
+        kernels._tuning.register_op_calls(_verify.CALLS)
         _KERNELS = kernels
+    return _KERNELS
+
+
+def _loaded_kernels():
+    """``fastunet.kernels`` if an op has loaded it, else None (then no kernel has been tuned)."""
     return _KERNELS
 
 
@@ -68,15 +75,16 @@ def _device_guard(device: torch.device):
 
 def _on_input_device(impl):
     """Run an op's device implementation with its first tensor's device current (the one device
-    guard of the package: every kernel launch happens inside some op's implementation)."""
+    guard of the package: every kernel launch happens inside some op's implementation), as an op
+    call whose newly tuned kernel shapes are verified against its composite (``_verify.call``)."""
 
     @functools.wraps(impl)
     def guarded(*args, **kwargs):
         guard = _device_guard(args[0].device)
         if guard is None:
-            return impl(*args, **kwargs)
+            return _verify.call(impl, args, kwargs, _loaded_kernels)
         with guard:
-            return impl(*args, **kwargs)
+            return _verify.call(impl, args, kwargs, _loaded_kernels)
 
     return guarded
 

@@ -1,0 +1,63 @@
+"""How close a kernel's result must be to its reference, written down once.
+
+The tests hold every kernel to a float64 reference computed from the same (rounded) inputs with
+this table, and tuning holds every candidate config to the op's eager composite with it (see
+``fastunet.ops._verify``), so a config the tuner keeps meets the bar the test suite sets.
+
+``TOLERANCES[name] = (atol, rtol)``: an element passes when ``|actual - expected| <= atol * scale +
+rtol * |expected|``, ``scale`` being the RMS of the finite expected values (so one row serves
+activations of any magnitude) unless the caller knows a better magnitude.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["DTYPE_NAMES", "TOLERANCES", "error_ratios", "tolerance_name"]
+
+# name -> (atol, rtol)
+TOLERANCES = {
+    "fp64": (1e-10, 1e-10),
+    "fp32": (2e-5, 2e-5),  # IEEE fp32 dots (interpreter, or allow_tf32=False)
+    "tf32": (5e-3, 5e-3),  # fp32 tensors on tensor cores (10-bit mantissa inputs)
+    "fp16": (1e-2, 1e-2),
+    "bf16": (6e-2, 6e-2),
+}
+
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def tolerance_name(dtype: torch.dtype, device: torch.device | str | None = None) -> str:
+    """The row of ``TOLERANCES`` a computation in ``dtype`` falls in: fp32 on a CUDA device
+    (default: this machine has one) with ``torch.backends.cudnn.allow_tf32`` runs on TF32 tensor
+    cores and gets the ``"tf32"`` row."""
+    name = DTYPE_NAMES[dtype]
+    if name == "fp32" and torch.backends.cudnn.allow_tf32:
+        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        if on_cuda:
+            return "tf32"
+    return name
+
+
+def error_ratios(
+    actual: Tensor, expected: Tensor, tol: str, scale: float | None = None, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """Per element, ``|actual - expected| / (atol * scale + rtol * |expected|)`` with
+    ``TOLERANCES[tol]``, computed in ``dtype`` on ``expected``'s device; an element passes at <= 1.
+
+    actual, expected: the same shape, any floating dtypes. ``scale``: default the RMS of the finite
+    expected values. NaN where ``expected`` has none is ``inf`` (how unwritten, NaN-poisoned
+    outputs fail); NaN in both, and equal values (infinities included), are 0.
+    """
+    atol, rtol = TOLERANCES[tol]
+    a = actual.detach().to(device=expected.device, dtype=dtype)
+    e = expected.detach().to(dtype)
+    finite = torch.isfinite(e)
+    if scale is None:
+        scale = e[finite].pow(2).mean().sqrt().item() if bool(finite.any()) else 1.0
+    bound = e.abs().mul_(rtol).add_(atol * max(scale, 1e-12))
+    ratio = (a - e).abs_().div_(bound)
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    ratio = ratio.masked_fill_(nan_a != nan_e, float("inf"))
+    return ratio.masked_fill_((nan_a & nan_e) | (a == e), 0.0)
