@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 
 import fastunet
 
 pytest.importorskip("triton")
-from fastunet.kernels import _common, _tuning  # noqa: E402
+from fastunet.kernels import _common, _tuning, _tuning_cache  # noqa: E402
 from fastunet.kernels import conv3x3 as C  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,8 @@ def _fresh_tuning(tmp_path, monkeypatch):
     """Each test: its own cache directory, no picks in memory, zeroed counters, fused backend."""
     monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("FASTUNET_AUTOTUNE", raising=False)
+    monkeypatch.delenv("FASTUNET_VERIFY", raising=False)
+    monkeypatch.setattr(_tuning_cache, "_WARNED", set())
     _tuning.clear_memory()
     _tuning.reset_stats()
     before = fastunet.get_backend()
@@ -273,3 +276,226 @@ def test_classic_model_timing_runs(mode):
             counts.append(tuple(after.get(k, 0) - before.get(k, 0) for k in ("timing_runs", "tuned_keys")))
     assert counts[0] == CLASSIC_TIMING_RUNS[mode]
     assert counts[1] == (0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification: every timed candidate checked against the op's composite
+# --------------------------------------------------------------------------------------------
+
+
+def _conv_op_inputs(n=1, c_in=16, c_out=32, hw=8, dtype=torch.float16):
+    x = torch.randn(n, c_in, hw, hw).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, 3, 3).to(dtype)
+    return x, w, torch.rand(c_out) + 0.5, torch.randn(c_out)
+
+
+def _conv_op(x, w, scale, shift):
+    return fastunet.ops.conv3x3_bn_act(x, None, w, scale, shift, True)
+
+
+def _expected_conv(x, w, scale, shift):
+    z = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    return torch.relu(z * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
+
+
+class _Timing:
+    """The simulated GPU's clock: the i-th candidate timed takes ``ms[i]`` (1.0 past the list);
+    ``names``: the candidates in the order they were timed."""
+
+    def __init__(self, *ms):
+        self.ms, self.names = ms, []
+
+    def __call__(self, cfg) -> float:
+        self.names.append(_tuning.config_name(cfg))
+        i = len(self.names) - 1
+        return self.ms[i] if i < len(self.ms) else 1.0
+
+
+def _executing_gpu(timing: _Timing) -> _common.SimulatedGPU:
+    """A simulated sm_80 GPU whose launches run in the interpreter and whose timings are ``timing``."""
+    gpu = _common.SimulatedGPU(arch=80, sms=4, execute=True)
+    gpu.time = timing
+    return gpu
+
+
+def _make_wrong(monkeypatch, is_wrong):
+    """The test hook: conv3x3 launches of a config for which ``is_wrong(name)`` holds leave the
+    top half of every image unwritten (NaN, as a poisoned output shows a tile-coverage bug). The
+    package has no such path; this replaces the kernel module's ``launch`` for one test."""
+    real = C.launch
+
+    def launch(fn, grid, args, meta):
+        real(fn, grid, args, meta)
+        if fn is C._conv3x3_bn_act_kernel and is_wrong(_tuning.config_name(_Meta(meta))):
+            out = args[5]
+            out[:, :, : max(1, out.shape[2] // 2)] = float("nan")
+
+    monkeypatch.setattr(C, "launch", launch)
+
+
+class _Meta:
+    """A launch's meta-parameters seen as a config (for ``config_name``)."""
+
+    def __init__(self, meta):
+        self.kwargs = {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        self.num_warps, self.num_stages = meta["num_warps"], meta["num_stages"]
+
+
+def _cache_entries() -> dict:
+    (path,) = _tuning.cache_dir().rglob("*.json")
+    return json.loads(path.read_text())["entries"]
+
+
+def _conv_launches(gpu) -> int:
+    return sum(fn is C._conv3x3_bn_act_kernel for fn, *_ in gpu.launches)
+
+
+@needs_interpreter
+def test_verification_drops_a_wrong_candidate(monkeypatch):
+    """The fastest candidate computes garbage (the test hook ``_make_wrong``): the tuner warns
+    naming the kernel, the config and the error, keeps the next fastest (which agrees with the
+    composite), the call that tuned returns the right numbers, and the cache records the key as
+    verified with the rejected config; a later process takes the verified pick without timing."""
+    timing = _Timing(0.5, 0.7)  # the first candidate timed is the fastest, the second the next
+    _make_wrong(monkeypatch, lambda name: name == timing.names[0])
+    x, w, scale, shift = _conv_op_inputs()
+    expected = _expected_conv(x, w, scale, shift)
+    with _common.simulate_gpu(_executing_gpu(timing)) as gpu, pytest.warns(RuntimeWarning) as warned:
+        y = _conv_op(x, w, scale, shift)
+        tuning_launches = _conv_launches(gpu)
+        y_next = _conv_op(x, w, scale, shift)
+        assert _conv_launches(gpu) == tuning_launches + 1, "a verified pick is not checked again"
+    bad, good = timing.names[:2]
+    messages = [str(m.message) for m in warned if "disagrees" in str(m.message)]
+    assert len(messages) == 1 and "conv3x3.main" in messages[0] and bad in messages[0]
+    assert "elements beyond the fp16 tolerance" in messages[0] and "NaN where the composite has a number" in messages[0]
+    assert_close(y, expected, "fp16", "the call that tuned")
+    assert_close(y_next, expected, "fp16", "the next call")
+    stats = _tuning.stats()
+    assert stats["verify_runs"] == stats["timing_runs"] == len(timing.names) >= 2, "each candidate checked once"
+    assert stats["rejected_configs"] == 1 and stats["verified_keys"] == 1 and "eager_keys" not in stats
+    # the provisional launch (the wrong config), one replay per candidate, the call run again
+    assert tuning_launches == len(timing.names) + 2
+    (entry,) = _cache_entries().values()
+    assert entry["config"] == good and entry["verified"] is True and set(entry["rejected"]) == {bad}
+
+    _tuning.clear_memory()
+    _tuning.reset_stats()
+    with _common.simulate_gpu(_executing_gpu(_Timing())) as gpu:
+        assert_close(_conv_op(x, w, scale, shift), expected, "fp16", "the next process")
+    assert _tuning.stats() == {"disk_hits": 1} and _conv_launches(gpu) == 1
+
+
+@needs_interpreter
+def test_no_agreeing_candidate_runs_the_composite(monkeypatch):
+    """Every candidate is wrong: the op warns and runs its eager composite, for this call, the
+    next ones and the next process (the cache records the key as eager)."""
+    timing = _Timing()
+    _make_wrong(monkeypatch, lambda name: True)
+    x, w, scale, shift = _conv_op_inputs()
+    expected = _expected_conv(x, w, scale, shift)
+    with _common.simulate_gpu(_executing_gpu(timing)) as gpu:
+        with pytest.warns(RuntimeWarning) as warned:
+            assert_close(_conv_op(x, w, scale, shift), expected, "fp16", "the call that tuned")
+        assert sum("runs the composite for this shape" in str(m.message) for m in warned) == 1
+        gpu.launches.clear()
+        assert_close(_conv_op(x, w, scale, shift), expected, "fp16", "the next call")
+        assert _conv_launches(gpu) == 0
+    assert _tuning.stats()["eager_keys"] == 1 and _tuning.stats()["rejected_configs"] == len(timing.names)
+    (entry,) = _cache_entries().values()
+    assert entry["eager"] is True and entry["config"] is None and set(entry["rejected"]) == set(timing.names)
+
+    _tuning.clear_memory()
+    _tuning.reset_stats()
+    with _common.simulate_gpu(_executing_gpu(_Timing())) as gpu:
+        assert_close(_conv_op(x, w, scale, shift), expected, "fp16", "the next process")
+    assert _tuning.stats() == {"disk_hits": 1} and _conv_launches(gpu) == 0
+
+
+@needs_interpreter
+def test_verify_off_keeps_the_fastest_unchecked_and_on_retunes_it(monkeypatch):
+    """``FASTUNET_VERIFY=0``: nothing is checked (the wrong fastest candidate is kept: what
+    verification prevents) and the record says unverified; with verification back on, that
+    record does not count: the key is tuned and verified again."""
+    timing = _Timing(0.5)
+    _make_wrong(monkeypatch, lambda name: name == timing.names[0])
+    x, w, scale, shift = _conv_op_inputs()
+    monkeypatch.setenv("FASTUNET_VERIFY", "0")
+    with _common.simulate_gpu(_executing_gpu(timing)):
+        assert torch.isnan(_conv_op(x, w, scale, shift)).any(), "the wrong config ran"
+    assert "verify_runs" not in _tuning.stats() and _tuning.stats()["unverified_keys"] == 1
+    (entry,) = _cache_entries().values()
+    assert entry["config"] == timing.names[0] and entry["verified"] is False
+
+    monkeypatch.setenv("FASTUNET_VERIFY", "1")
+    _tuning.clear_memory()
+    _tuning.reset_stats()
+    timing = _Timing(0.5)
+    with _common.simulate_gpu(_executing_gpu(timing)), pytest.warns(RuntimeWarning, match="disagrees"):
+        assert_close(_conv_op(x, w, scale, shift), _expected_conv(x, w, scale, shift), "fp16", "verified")
+    assert _tuning.stats()["verified_keys"] == 1 and "disk_hits" not in _tuning.stats()
+    (entry,) = _cache_entries().values()
+    assert entry["verified"] is True and entry["config"] != timing.names[0]
+
+
+@needs_interpreter
+def test_what_cannot_be_checked_is_kept_unverified(monkeypatch):
+    """A launcher called directly (no op, so no composite) and an op call on non-finite data
+    keep the fastest candidate with ``"verified": false`` (a later process verifies it)."""
+    with _common.simulate_gpu():
+        _conv()  # the launcher, outside any op call
+    assert _tuning.stats()["unverified_keys"] == 1 and "verify_runs" not in _tuning.stats()
+    assert [e["verified"] for e in _cache_entries().values()] == [False]
+
+    _tuning.reset_stats()
+    x, w, scale, shift = _conv_op_inputs(hw=4)
+    x[0, 0, 0, 0] = float("nan")
+    with _common.simulate_gpu(_executing_gpu(_Timing())):
+        _conv_op(x, w, scale, shift)
+    assert _tuning.stats()["unverified_keys"] == 1 and "verify_runs" not in _tuning.stats()
+
+
+@needs_interpreter
+def test_threads_verify_each_key_once(monkeypatch):
+    """The tuner's lock is held from a key's timing to the end of its op call's verification:
+    threads launching the same shapes tune and verify each key once and never see it unverified."""
+    inputs = {hw: _conv_op_inputs(hw=hw) for hw in (4, 8)}
+    errors = []
+    real, interpreter = C.launch, threading.Lock()
+
+    def launch(*args):  # Triton's interpreter runs one kernel at a time (it has global state)
+        with interpreter:
+            real(*args)
+
+    monkeypatch.setattr(C, "launch", launch)
+
+    def work(hw):
+        try:
+            for _ in range(2):
+                assert_close(_conv_op(*inputs[hw]), _expected_conv(*inputs[hw]), "fp16", f"hw={hw}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with _common.simulate_gpu(_executing_gpu(_Timing())):
+        threads = [threading.Thread(target=work, args=(hw,)) for hw in (4, 8, 4, 8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    stats = _tuning.stats()
+    assert stats["tuned_keys"] == stats["verified_keys"] == 2 and stats["verify_runs"] == stats["timing_runs"]
+
+
+@pytest.mark.slow  # a training step of a small model, every kernel in the interpreter (~60 s)
+@needs_interpreter
+def test_every_op_of_a_training_step_verifies_without_false_rejections():
+    """A training step through every tuned kernel of a small U-Net on fresh random data: each
+    candidate of each key agrees with its op's composite within the tolerance table (a rejection
+    here would be the verification, not a config, being wrong)."""
+    model = fastunet.UNet(3, 2, base_channels=8, depth=2).half().train()
+    with _common.simulate_gpu(_executing_gpu(_Timing())):
+        model(torch.randn(2, 3, 16, 16).half()).float().sum().backward()
+    stats = _tuning.stats()
+    assert stats["tuned_keys"] == stats["verified_keys"] > 20 and stats["verify_runs"] == stats["timing_runs"]
+    assert "rejected_configs" not in stats and "eager_keys" not in stats
