@@ -498,4 +498,4 @@ def test_every_op_of_a_training_step_verifies_without_false_rejections():
         model(torch.randn(2, 3, 16, 16).half()).float().sum().backward()
     stats = _tuning.stats()
     assert stats["tuned_keys"] == stats["verified_keys"] > 20 and stats["verify_runs"] == stats["timing_runs"]
-    assert "rejected_configs" not in stats and "eager_keys" not in stats
+    assert stats.get("rejected_configs", 0) == 0 and stats.get("eager_keys", 0) == 0
