@@ -499,3 +499,131 @@ def test_every_op_of_a_training_step_verifies_without_false_rejections():
     stats = _tuning.stats()
     assert stats["tuned_keys"] == stats["verified_keys"] > 20 and stats["verify_runs"] == stats["timing_runs"]
     assert stats.get("rejected_configs", 0) == 0 and stats.get("eager_keys", 0) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The cache file: validated on read, locked and merged on write, never written over
+# --------------------------------------------------------------------------------------------
+
+_SIMULATED_NAME = _common.SimulatedGPU().name
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[1, 2]", b"null", b'{"x": 5}', b'{"format": 1, "entries": [1]}', b'{"format": 2, "entries": {}}', b"{trunc",
+     b"\xff\xfe\x00", b""],
+    ids=["list", "null", "object", "entries-list", "format-2", "truncated", "not-utf8", "empty"],
+)  # fmt: skip
+@needs_interpreter
+def test_a_cache_file_of_the_wrong_shape_is_ignored_and_never_written_over(content):
+    """Valid JSON of the wrong shape once crashed every fused forward: now one warning names the
+    file, tuning goes on in memory, and the file keeps its bytes (no write over it)."""
+    path = _tuning.cache_file(_SIMULATED_NAME)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with _common.simulate_gpu(), pytest.warns(RuntimeWarning) as warned:
+        _conv()
+        _conv(hw=32)  # a second key: read and written again, still one warning
+    messages = [str(m.message) for m in warned if "tuning cache" in str(m.message)]
+    assert len(messages) == 1 and str(path) in messages[0] and "left as it is" in messages[0]
+    assert path.read_bytes() == content
+    assert _tuning.stats()["tuned_keys"] == 2 and _tuning.stats()["disk_write_errors"] == 2
+
+
+def test_an_oversized_cache_file_is_not_read(monkeypatch):
+    path = _tuning.cache_file(_SIMULATED_NAME)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"format": 1, "entries": {}}) + " " * 64)
+    monkeypatch.setattr(_tuning_cache, "MAX_BYTES", 32)
+    with pytest.warns(RuntimeWarning, match="more than a tuning cache can hold"):
+        assert _tuning_cache.read(path) == {}
+
+
+@needs_interpreter
+def test_malformed_records_are_ignored_alone_and_kept():
+    """Records of the wrong shape are skipped (one warning) while the good ones answer picks,
+    and a write keeps them as they are."""
+    with _common.simulate_gpu():
+        _conv()
+    path = next(_tuning.cache_dir().rglob("*.json"))
+    doc = json.loads(path.read_text())
+    bad = {
+        "conv3x3.main|a": {"config": 5},
+        "conv3x3.main|b": {"config": "M64_N64_K32_w4_s4", "ms": [1]},
+        "conv3x3.main|c": {"config": "M64_N64_K32_w4_s4", "verified": "yes"},
+        "conv3x3.main|d": {"config": None},
+        "conv3x3.main|e": 7,
+    }
+    doc["entries"].update(bad)
+    path.write_text(json.dumps(doc))
+    _tuning.clear_memory()
+    _tuning.reset_stats()
+    with _common.simulate_gpu(), pytest.warns(RuntimeWarning, match="ignoring 5 malformed record"):
+        _conv()  # the good record
+        _conv(hw=32)  # a new key, merged into the file
+    assert _tuning.stats()["disk_hits"] == 1 and _tuning.stats()["tuned_keys"] == 1
+    entries = _cache_entries()
+    assert len(entries) == 7 and all(entries[k] == v for k, v in bad.items())
+
+
+def _write_entries(path: str, worker: int, count: int, barrier) -> None:
+    """One process's share of the concurrency test: ``count`` read-modify-writes of one record each."""
+    barrier.wait()
+    for j in range(count):
+        record = {"config": f"M64_N64_K32_w4_s{j}", "ms": {"a": 1.0}, "verified": True}
+        assert _tuning_cache.merge_write(Path(path), "gpu", {f"t|{worker}|{j}": record}) is not None
+
+
+def test_concurrent_processes_keep_every_entry(tmp_path):
+    """12 processes writing into one cache at once (each of its 10 records a separate locked
+    read-modify-write, started together) keep all 120 records (an unlocked merge lost most)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    workers, count = 12, 10
+    path = tmp_path / "cache.json"
+    barrier = ctx.Barrier(workers)
+    procs = [ctx.Process(target=_write_entries, args=(str(path), i, count, barrier)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * workers
+    entries = json.loads(path.read_text())["entries"]
+    assert sorted(entries) == sorted(f"t|{i}|{j}" for i in range(workers) for j in range(count))
+    assert not list(tmp_path.glob(".tuning-*")), "no temporary file left behind"
+
+
+@pytest.mark.slow  # 12 fresh processes (~45 CPU-s)
+@needs_interpreter
+def test_concurrent_tune_processes_keep_every_entry(tmp_path):
+    """The issue's case end to end: 12 processes running ``fastunet.tune`` (the simulated GPU,
+    each its own image size, so their keys overlap in part) into one cache keep every key any of
+    them tuned."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import torch, fastunet
+        from fastunet.kernels import _common, _tuning
+        fastunet.set_backend("triton")
+        written, write = set(), _tuning._write_disk
+        _tuning._write_disk = lambda device, records: (written.update(records), write(device, records))
+        size = int(sys.argv[1])
+        with _common.simulate_gpu():
+            fastunet.tune(fastunet.UNet(3, 1, base_channels=8, depth=2), torch.randn(2, 3, size, size), modes="eval")
+        print(json.dumps(sorted(written)))
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTUNET_CACHE_DIR=str(tmp_path / "cache"))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(16 * (i + 1))], env=env, cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for i in range(12)
+    ]  # fmt: skip
+    tuned = set()
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        tuned |= set(json.loads(out.strip().splitlines()[-1]))
+    (path,) = (tmp_path / "cache" / "tuning").glob("*/*.json")
+    assert len(tuned) > 50 and set(json.loads(path.read_text())["entries"]) == tuned
