@@ -13,7 +13,10 @@ What is timed (``time.perf_counter``, median of ``--reps`` after warm-up and tun
 
 * inference: ``model(x)`` under ``torch.no_grad()`` and bf16 autocast, the model in eval mode;
 * training step: ``zero_grad`` + forward + ``y.float().sum()`` + ``backward()`` (no optimizer:
-  its cost is torch's, the same for any model), the model in train mode.
+  its cost is torch's, the same for any model), the model in train mode;
+* each again with the 3x3 convs on the TMA-fed variant (``kernels/conv3x3_tma.py``): the
+  simulated timings make every TMA candidate faster than every pointer config, so each conv
+  that can take one does (its host work: descriptors, tile geometry, the persistent grid).
 
 The model has the classic U-Net's structure (depth 4: 18 3x3 convs, 4 pools, 4 upconvs, the
 head; the same ops and launches as ``UNet(3, 1)``) at ``--base-channels 16`` (every layer then
@@ -22,7 +25,8 @@ statistics that run on the CPU here, as separate small GPU kernels there, cost m
 they would to launch) on one 32x32 image. Counted per step: kernel launches, ``os.environ``
 reads, ``torch.cuda.get_device_properties`` calls and walks over the module tree.
 
-Targets (the fast-path issue): inference <= 0.5 ms, training step <= 1.5 ms.
+Targets (the fast-path issue): inference <= 0.5 ms, training step <= 1.5 ms (the TMA rows have
+the same targets).
 
     python benchmarks/host_overhead.py [--reps 200] [--json out.json]
 """
@@ -45,7 +49,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from fastunet.kernels import _common
+from fastunet.kernels import _common, _tuning, conv3x3_tma
+from fastunet.kernels import pack_conv3x3_weight as _pack_weight
 from torch import nn
 
 import fastunet
@@ -99,8 +104,16 @@ def _counters() -> Counter:
         counts["environ_reads"] = _CountingEnviron.reads
 
 
-def measure(mode: str, *, reps: int = 200, base_channels: int = 16, size: int = 32, batch: int = 1) -> dict:
-    """Host ms per step of ``mode`` ("inference" | "training") and the counts per step."""
+def _prefer_tma(cfg) -> float:
+    """Simulated timing that makes every TMA candidate the fastest."""
+    return 0.5 if conv3x3_tma.is_tma_config(cfg) else 1.0
+
+
+def measure(
+    mode: str, *, reps: int = 200, base_channels: int = 16, size: int = 32, batch: int = 1, tma: bool = False
+) -> dict:
+    """Host ms per step of ``mode`` ("inference" | "training") and the counts per step; with
+    ``tma`` every conv that has a TMA candidate takes it (``tma_launches`` counts them)."""
     if mode not in TARGET_MS:
         raise ValueError(f"mode must be one of {sorted(TARGET_MS)}, got {mode!r}")
     torch.manual_seed(0)
@@ -118,14 +131,23 @@ def measure(mode: str, *, reps: int = 200, base_channels: int = 16, size: int = 
 
     before = fastunet.get_backend()
     fastunet.set_backend("triton")
+    cache_env = os.environ.get("FASTUNET_CACHE_DIR")
+    # Each run tunes afresh into a throw-away cache: simulated timings must not reach the real
+    # one, and the TMA rows must not reuse the pointer rows' picks.
+    os.environ["FASTUNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastunet-host-overhead-")
+    _tuning.clear_memory()
     try:
-        with _common.simulate_gpu() as gpu, torch.autocast("cpu", dtype=torch.bfloat16):
+        gpu = _common.SimulatedGPU()
+        if tma:
+            gpu.time = _prefer_tma
+        with _common.simulate_gpu(gpu), torch.autocast("cpu", dtype=torch.bfloat16):
             step()  # tuning (simulated timings) and weight preparation happen here
             step()
             gpu.launches.clear()
             with _counters() as counts:
                 step()
             launches = len(gpu.launches)
+            tma_launches = sum(fn is conv3x3_tma._conv3x3_tma_kernel for fn, *_ in gpu.launches)
             gpu.record = False
             times = []
             for _ in range(reps):
@@ -134,14 +156,20 @@ def measure(mode: str, *, reps: int = 200, base_channels: int = 16, size: int = 
                 times.append(time.perf_counter() - t0)
     finally:
         fastunet.set_backend(before)
+        _tuning.clear_memory()
+        if cache_env is None:
+            os.environ.pop("FASTUNET_CACHE_DIR", None)
+        else:
+            os.environ["FASTUNET_CACHE_DIR"] = cache_env
     ms = sorted(t * 1e3 for t in times)
     return {
-        "mode": mode,
+        "mode": mode + (" (TMA)" if tma else ""),
         "ms_median": statistics.median(ms),
         "ms_p20": ms[len(ms) // 5],
         "ms_p80": ms[(4 * len(ms)) // 5],
         "target_ms": TARGET_MS[mode],
         "launches": launches,
+        "tma_launches": tma_launches,
         "environ_reads": counts["environ_reads"],
         "get_device_properties": counts["get_device_properties"],
         "module_walks": counts["module_walks"],
@@ -149,6 +177,26 @@ def measure(mode: str, *, reps: int = 200, base_channels: int = 16, size: int = 
         "model": f"UNet(3, 1, base_channels={base_channels}), depth 4",
         "input": [batch, 3, size, size],
     }
+
+
+def tma_launch_us(*, reps: int = 2000, concat: bool = False) -> float:
+    """Median host microseconds of one ``conv3x3_tma_launch`` (launch stubbed), the same operands
+    every call as in a model's steady state: 64 -> 64 channels at 32x32 in bf16, one source, or
+    with ``concat`` the decoder's two sources (five descriptors)."""
+    x = torch.randn(1, 64, 32, 32).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x2 = x.clone() if concat else None
+    c_in = 128 if concat else 64
+    weight = _pack_weight(torch.randn(64, c_in, 3, 3).to(torch.bfloat16))
+    out = torch.empty_like(x)
+    scale, shift = torch.ones(64), torch.zeros(64)
+    cfg = conv3x3_tma.TMA_CONFIGS_SM90[1]
+    with _common.simulate_gpu(_common.SimulatedGPU(record=False)):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            conv3x3_tma.conv3x3_tma_launch(cfg, x, x2, weight, scale, shift, out, relu=True, dot_precision="ieee")
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,22 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # Tuning results go to a throw-away cache: simulated timings must not reach the real one.
-    os.environ["FASTUNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastunet-host-overhead-")
-    rows = [measure(mode, reps=args.reps) for mode in ("inference", "training")]
+    rows = [measure(mode, reps=args.reps, tma=tma) for tma in (False, True) for mode in ("inference", "training")]
     print(f"host time per step, kernel launches stubbed ({rows[0]['model']}, input {rows[0]['input']}, bf16):")
     print(
-        f"{'mode':<10} {'median ms':>9} {'p20-p80 ms':>13} {'target':>7} {'launches':>8} {'env reads':>9} "
+        f"{'mode':<16} {'median ms':>9} {'p20-p80 ms':>13} {'target':>7} {'launches':>8} {'TMA':>4} {'env reads':>9} "
         f"{'dev props':>9} {'walks':>5}"
     )
     for r in rows:
         print(
-            f"{r['mode']:<10} {r['ms_median']:>9.3f} {r['ms_p20']:>6.3f}-{r['ms_p80']:<6.3f} "
-            f"{'<=' + str(r['target_ms']):>7} {r['launches']:>8} {r['environ_reads']:>9} "
+            f"{r['mode']:<16} {r['ms_median']:>9.3f} {r['ms_p20']:>6.3f}-{r['ms_p80']:<6.3f} "
+            f"{'<=' + str(r['target_ms']):>7} {r['launches']:>8} {r['tma_launches']:>4} {r['environ_reads']:>9} "
             f"{r['get_device_properties']:>9} {r['module_walks']:>5}"
         )
+    launch_us = {"one source": tma_launch_us(), "two sources": tma_launch_us(concat=True)}
+    print("host us per conv3x3_tma_launch (launch stubbed): " + ", ".join(f"{k} {v:.1f}" for k, v in launch_us.items()))
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+        result = {"torch": torch.__version__, "rows": rows, "tma_launch_us": launch_us}
+        args.json.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")
     return 0
 

@@ -61,7 +61,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import KernelSpec, cdiv, device_arch, gemm_smem, interpreting, launch, next_pow2, sm_count, tuned_arch
+from ._common import (
+    KernelSpec,
+    cdiv,
+    device_arch,
+    gemm_smem,
+    interpreting,
+    launch,
+    next_pow2,
+    simulated_gpu,
+    sm_count,
+    tuned_arch,
+)
 
 try:  # triton >= 3.4 (3.6 on the GPU image, 3.9 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -118,7 +129,8 @@ class TmaConfig(NamedTuple):
 
     def smem(self, elem: int) -> int:
         """Pipelined A/B stages plus the output tile staged for the bulk store: the buffers alone
-        (what ``_ctas_per_sm`` sizes a persistent grid by; the pruning uses ``tma_smem``)."""
+        (what ``ctas_per_sm`` assumes where no compiled kernel can be asked; the pruning uses
+        ``tma_smem``)."""
         return (self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K + self.BLOCK_M * self.BLOCK_N) * elem
 
 
@@ -325,11 +337,12 @@ def _conv3x3_tma_kernel(
 
 
 def tma_available(device: torch.device) -> bool:
-    """Whether this triton has host tensor descriptors and ``device`` a copy engine (sm_90+),
-    or the interpreter runs the kernels (it emulates descriptors)."""
+    """Whether this triton has host tensor descriptors and ``device`` a copy engine (sm_90+: a
+    real one, or a ``SimulatedGPU`` of that architecture, so that its tuning and host cost are
+    an H100's), or the interpreter runs the kernels (it emulates descriptors)."""
     if TensorDescriptor is None:
         return False
-    if device.type == "cuda":
+    if device.type == "cuda" or simulated_gpu() is not None:
         return device_arch(device) >= 90
     return interpreting()
 
@@ -498,14 +511,84 @@ def runnable(cfg: TmaConfig, x: Tensor, x2: Tensor | None, weight: Tensor, out: 
 
 
 def _weight_source(weight: Tensor, c_lo: int, c_hi: int) -> Tensor:
-    """The packed weight's input channels [c_lo, c_hi) as a [9, C_s, C_out] view (tap, ci, co)."""
+    """The packed weight's input channels [c_lo, c_hi) as a [9, C_s, C_out] view (tap, ci, co).
+    ``view``, not ``reshape``: a descriptor must point into the weight itself, never a copy."""
     c_out, c_in = weight.shape[:2]
     storage = weight.permute(2, 3, 1, 0)  # [3, 3, C_in, C_out], contiguous for a packed weight
-    return storage.reshape(9, c_in, c_out)[:, c_lo:c_hi]
+    return storage.view(9, c_in, c_out)[:, c_lo:c_hi]
 
 
 def _nhwc(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1)  # [N, H, W, C] view, channels last
+
+
+class _Address:
+    """What a cached descriptor keeps of its tensor: the address and dtype its tensor map is
+    encoded from (triton reads ``base.data_ptr()`` and ``base.dtype``). Not the tensor: a cached
+    descriptor must not keep an activation alive."""
+
+    __slots__ = ("_ptr", "dtype")
+
+    def __init__(self, t: Tensor):
+        self._ptr, self.dtype = t.data_ptr(), t.dtype
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def _descriptor(view: Tensor, box: list[int], cached: bool):
+    base = _Address(view) if cached else view
+    return TensorDescriptor(base, list(view.shape), list(view.stride()), box)
+
+
+def _facts(t: Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
+# (cfg, stats, facts of x, x2, weight, out) -> (BH, BW, the five descriptors). See ``_descriptors``.
+_DESCRIPTORS: dict[tuple, tuple] = {}
+_MAX_DESCRIPTORS = 1024
+
+
+def _descriptors(cfg: TmaConfig, x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor, stats: bool) -> tuple:
+    """``(BH, BW, x_desc, x2_desc, w1_desc, w2_desc, out_desc)`` of a launch, made once per key.
+
+    Building five host descriptors costs tens of us per launch; a model launches the same
+    operands every step. The key is everything the descriptors are computed from: the config
+    (boxes, tile geometry), the statistics flag, and each tensor's address, dtype, shape and
+    strides (the views and the channel split are functions of these). So a hit returns exactly
+    what would be built anew, and a freed tensor whose address another of a different shape,
+    layout or dtype reuses gets its own entry, never a stale descriptor. No device in the key:
+    CUDA's unified addressing gives every device its own addresses (and the host others). A
+    cached descriptor holds the address, not the tensor (``_Address``); the interpreter reads
+    the data through the tensor, so there nothing is cached."""
+    cached = not interpreting()
+    if cached:
+        key = (cfg, stats, *_facts(x), *(_facts(x2) if x2 is not None else ()), *_facts(weight), *_facts(out))
+        hit = _DESCRIPTORS.get(key)
+        if hit is not None:
+            return hit
+    n, c1, h, w = x.shape
+    geometry = tile_geometry(h, w, cfg.BLOCK_M, stats=stats)
+    if geometry is None:
+        raise ValueError(f"no TMA tile geometry of {cfg.BLOCK_M} pixels for statistics on {h}x{w} images")
+    bh, bw = geometry
+    bn, bk = cfg.BLOCK_N, cfg.BLOCK_K
+    a_box, w_box = [1, bh, bw, bk], [1, bk, bn]
+    x_desc = _descriptor(_nhwc(x), a_box, cached)
+    w1_desc = _descriptor(_weight_source(weight, 0, c1), w_box, cached)
+    if x2 is not None:
+        x2_desc = _descriptor(_nhwc(x2), a_box, cached)
+        w2_desc = _descriptor(_weight_source(weight, c1, c1 + x2.shape[1]), w_box, cached)
+    else:
+        x2_desc, w2_desc = x_desc, w1_desc
+    out_desc = _descriptor(_nhwc(out), [1, bh, bw, bn], cached)
+    result = (bh, bw, x_desc, x2_desc, w1_desc, w2_desc, out_desc)
+    if cached:
+        if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:  # shapes keep changing: start over
+            _DESCRIPTORS.clear()
+        _DESCRIPTORS[key] = result
+    return result
 
 
 def conv3x3_tma_launch(
@@ -531,35 +614,19 @@ def conv3x3_tma_launch(
     fp32; norms: (scale, shift) [C_s] fp32/fp64 or None per source (BN+ReLU on the load);
     partials: the [3, >= N*H*W/BLOCK_M, C_out] fp32 statistics workspace, or None (no
     statistics). programs: the grid (default: every tile, or for a persistent config the SMs
-    times the CTAs that fit one SM). Raises ValueError when no tile geometry fits the shape.
+    times the CTAs of the compiled kernel that fit one SM). Raises ValueError when no tile
+    geometry fits the shape.
     """
     n, c1, h, w = x.shape
     c2 = x2.shape[1] if x2 is not None else 0
     c_out = weight.shape[0]
     stats = partials is not None
-    geometry = tile_geometry(h, w, cfg.BLOCK_M, stats=stats)
-    if geometry is None:
-        raise ValueError(f"no TMA tile geometry of {cfg.BLOCK_M} pixels for statistics on {h}x{w} images")
-    bh, bw = geometry
-    bn, bk = cfg.BLOCK_N, cfg.BLOCK_K
-    a_box = [1, bh, bw, bk]
-    w_box = [1, bk, bn]
-    x_desc = TensorDescriptor.from_tensor(_nhwc(x), a_box)
-    w1_desc = TensorDescriptor.from_tensor(_weight_source(weight, 0, c1), w_box)
-    if x2 is not None:
-        x2_desc = TensorDescriptor.from_tensor(_nhwc(x2), a_box)
-        w2_desc = TensorDescriptor.from_tensor(_weight_source(weight, c1, c1 + c2), w_box)
-    else:
-        x2_desc, w2_desc = x_desc, w1_desc
-    out_desc = TensorDescriptor.from_tensor(_nhwc(out), [1, bh, bw, bn])
+    bh, bw, x_desc, x2_desc, w1_desc, w2_desc, out_desc = _descriptors(cfg, x, x2, weight, out, stats)
+    bn = cfg.BLOCK_N
     norm1, norm2 = norms
     xs, xt = norm1 if norm1 is not None else (scale, shift)
     x2s, x2t = norm2 if norm2 is not None else (scale, shift)
     tiles = n * cdiv(h, bh) * cdiv(w, bw) * cdiv(c_out, bn)
-    if programs is None:
-        programs = tiles
-        if cfg.persistent and not interpreting():
-            programs = min(tiles, sm_count(x.device) * _ctas_per_sm(cfg, x.element_size()))
     # A tensor first: ``_common.launch`` checks the device of the first argument.
     args = (
         scale, shift, x_desc, x2_desc, w1_desc, w2_desc, out_desc, xs, xt, x2s, x2t,
@@ -567,15 +634,83 @@ def conv3x3_tma_launch(
     )  # fmt: skip
     meta = dict(
         HAS_X2=x2 is not None, NORM1=norm1 is not None, NORM2=norm2 is not None, STATS=stats, RELU=relu,
-        DOT_PRECISION=dot_precision, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M,
+        DOT_PRECISION=dot_precision, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=cfg.BLOCK_K, GROUP_M=_GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if programs is None:
+        programs = tiles
+        if cfg.persistent and not interpreting():
+            programs = min(tiles, sm_count(x.device) * ctas_per_sm(cfg, x, args, meta))
     launch(_conv3x3_tma_kernel, (max(1, min(programs, tiles)),), args, meta)
 
 
-def _ctas_per_sm(cfg: TmaConfig, elem: int) -> int:
-    """CTAs of ``cfg`` one sm_90 SM holds by shared memory (227 KiB per SM usable)."""
-    return max(1, 232_448 // (cfg.smem(elem) + 1024))
+# --------------------------------------------------------------------------------------------
+# How many CTAs of a compiled kernel one SM holds (the persistent grid)
+# --------------------------------------------------------------------------------------------
+
+
+class SmLimits(NamedTuple):
+    """One SM's resources (the CUDA occupancy tables), for ``occupancy``."""
+
+    regs: int = 65_536  # 32-bit registers, in 4 sub-partitions of 16K
+    threads: int = 2048
+    smem: int = 233_472  # shared memory one SM gives its CTAs together (228 KiB on sm_90)
+    ctas: int = 32
+
+
+SM90_LIMITS = SmLimits()
+_SMEM_PER_CTA_RESERVED = 1024  # the driver's per-CTA shared-memory reserve (sm_80+)
+_REG_ALLOC_UNIT = 256  # registers are handed to a warp 256 at a time
+_SUBPARTITIONS = 4  # each with a quarter of the register file; a warp lives in one
+
+
+def occupancy(n_regs: int, shared: int, num_warps: int, limits: SmLimits = SM90_LIMITS) -> int:
+    """CTAs of a kernel that one SM runs at once (>= 1): the least of what its registers
+    (``n_regs`` per thread), shared memory (``shared`` bytes per CTA, plus the 1 KiB reserve) and
+    threads allow, and the SM's CTA limit."""
+    regs_per_warp = -(-n_regs * 32 // _REG_ALLOC_UNIT) * _REG_ALLOC_UNIT
+    warps = _SUBPARTITIONS * ((limits.regs // _SUBPARTITIONS) // max(regs_per_warp, 1))
+    by_regs = warps // num_warps
+    by_smem = limits.smem // (shared + _SMEM_PER_CTA_RESERVED)
+    by_threads = limits.threads // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_threads, limits.ctas))
+
+
+# (device, dtype, meta) -> CTAs per SM of that compiled kernel.
+_OCCUPANCY: dict[tuple, int] = {}
+# Registers assumed where no compiled kernel can be asked (a simulated GPU): the most a thread
+# can have, which the 128x128 training forms reach (so the estimate never over-fills an SM).
+_MAX_REGS = 255
+
+
+def ctas_per_sm(cfg: TmaConfig, x: Tensor, args: tuple, meta: dict) -> int:
+    """CTAs per SM of the kernel ``meta`` compiles to, from its metadata (registers per thread,
+    shared memory) and the SM's limits (the device's own where torch reports them). Asked once
+    per (device, dtype, meta): the compile (or the cache lookup) happens here, before the launch
+    that would do it anyway. On a simulated GPU: the largest register count and the config's
+    shared-memory estimate."""
+    key = (x.device, x.dtype, *meta.items())
+    hit = _OCCUPANCY.get(key)
+    if hit is None:
+        if x.device.type == "cuda":
+            kernel = _conv3x3_tma_kernel.warmup(*args, grid=(1,), **meta)
+            kernel._init_handles()  # loads the binary: that is where triton reads n_regs
+            n_regs, shared, limits = kernel.n_regs, kernel.metadata.shared, _device_limits(x.device)
+        else:
+            n_regs, shared, limits = _MAX_REGS, cfg.smem(x.element_size()), SM90_LIMITS
+        hit = _OCCUPANCY[key] = occupancy(n_regs, shared, cfg.num_warps, limits)
+    return hit
+
+
+def _device_limits(device: torch.device) -> SmLimits:
+    props = torch.cuda.get_device_properties(device)
+    default = SM90_LIMITS
+    return SmLimits(
+        regs=getattr(props, "regs_per_multiprocessor", default.regs),
+        threads=getattr(props, "max_threads_per_multi_processor", default.threads),
+        smem=getattr(props, "shared_memory_per_multiprocessor", default.smem),
+        ctas=default.ctas,
+    )
 
 
 # --------------------------------------------------------------------------------------------
