@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["DTYPE_NAMES", "TOLERANCES", "error_ratios", "tolerance_name"]
+__all__ = ["DTYPE_NAMES", "TOLERANCES", "allowed_error", "error_ratios", "tolerance_name"]
 
 # name -> (atol, rtol)
 TOLERANCES = {
@@ -40,24 +40,29 @@ def tolerance_name(dtype: torch.dtype, device: torch.device | str | None = None)
     return name
 
 
+def allowed_error(expected: Tensor, tol: str, scale: float | None = None) -> Tensor:
+    """Per element, ``atol * scale + rtol * |expected|`` with ``TOLERANCES[tol]``, in expected's
+    dtype. ``scale``: default the RMS of the finite expected values."""
+    atol, rtol = TOLERANCES[tol]
+    if scale is None:
+        finite = torch.isfinite(expected)
+        scale = expected[finite].pow(2).mean().sqrt().item() if bool(finite.any()) else 1.0
+    return expected.abs().mul_(rtol).add_(atol * max(scale, 1e-12))
+
+
 def error_ratios(
     actual: Tensor, expected: Tensor, tol: str, scale: float | None = None, dtype: torch.dtype = torch.float64
 ) -> Tensor:
-    """Per element, ``|actual - expected| / (atol * scale + rtol * |expected|)`` with
-    ``TOLERANCES[tol]``, computed in ``dtype`` on ``expected``'s device; an element passes at <= 1.
+    """Per element, ``|actual - expected| / allowed_error(expected, tol, scale)``, computed in
+    ``dtype`` on ``expected``'s device; an element passes at <= 1.
 
-    actual, expected: the same shape, any floating dtypes. ``scale``: default the RMS of the finite
-    expected values. NaN where ``expected`` has none is ``inf`` (how unwritten, NaN-poisoned
-    outputs fail); NaN in both, and equal values (infinities included), are 0.
+    actual, expected: the same shape, any floating dtypes. NaN where ``expected`` has none is
+    ``inf`` (how unwritten, NaN-poisoned outputs fail); NaN in both, and equal values
+    (infinities included), are 0.
     """
-    atol, rtol = TOLERANCES[tol]
     a = actual.detach().to(device=expected.device, dtype=dtype)
     e = expected.detach().to(dtype)
-    finite = torch.isfinite(e)
-    if scale is None:
-        scale = e[finite].pow(2).mean().sqrt().item() if bool(finite.any()) else 1.0
-    bound = e.abs().mul_(rtol).add_(atol * max(scale, 1e-12))
-    ratio = (a - e).abs_().div_(bound)
+    ratio = (a - e).abs_().div_(allowed_error(e, tol, scale))
     nan_a, nan_e = torch.isnan(a), torch.isnan(e)
     ratio = ratio.masked_fill_(nan_a != nan_e, float("inf"))
     return ratio.masked_fill_((nan_a & nan_e) | (a == e), 0.0)

@@ -40,7 +40,7 @@ def _use_kernels(x: Tensor) -> bool:
     """Whether this call runs the Triton kernels (see the module docstring). An empty tensor
     (a rank's empty batch in synchronised BatchNorm training) has nothing to launch for: the
     composites return the empty results and zero sums."""
-    if x.dtype not in _KERNEL_DTYPES or x.numel() == 0 or _verify.eager_now():
+    if x.dtype not in _KERNEL_DTYPES or x.numel() == 0 or (_verify._EAGER_THREADS and _verify.eager_now()):
         return False
     return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
 
@@ -54,7 +54,7 @@ def _kernels():
     if _KERNELS is None:
         from .. import kernels
 
-        kernels._tuning.register_op_calls(_verify.CALLS)
+        kernels._tuning.register_op_calls(_verify.HOOK)
         _KERNELS = kernels
     return _KERNELS
 

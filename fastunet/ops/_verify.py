@@ -4,10 +4,14 @@
 Every op implementation runs through ``call`` (via ``_common._on_input_device``). When a kernel
 shape is tuned during the call, the tuner leaves it pending; at the end of the call ``call``
 runs the op's eager composite on the same inputs (the same implementation with the kernels off:
-``_use_kernels`` is False while ``CALLS.eager``), then has the tuner replay the call once per
+``_use_kernels`` is False while ``eager_now()``), then has the tuner replay the call once per
 candidate config, comparing each replay's outputs with the composite's through the test suite's
 tolerance table (``fastunet.tolerances``). A key whose candidates all disagree makes the op run
 the composite from then on (``NoVerifiedConfig``).
+
+Every op call pays one global read for this (``PENDING``): which op call a tuning miss belongs
+to is found only on the miss, by walking this thread's stack to the innermost ``call`` frame
+(``_op_frame``). A thread-local depth counter kept per call cost ten times as much per op.
 
 The composite runs in the op's own dtype, not float64: it rounds where the kernels round (the
 BatchNorm+ReLU applied on load is rounded to the activation dtype before a max-pool compares,
@@ -30,91 +34,126 @@ next process, verifies).
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 
 import torch
 from torch import Tensor
 
-from ..tolerances import TOLERANCES, error_ratios, tolerance_name
+from ..tolerances import TOLERANCES, allowed_error, tolerance_name
 
 
-class _Calls(threading.local):
-    """This thread's op-call state (class attributes are the defaults every thread starts with);
-    the object ``kernels._tuning.register_op_calls`` receives (``kernels._tuning.OpCalls``)."""
+class _State(threading.local):
+    """This thread's verification state; touched only when something is tuned or runs eager."""
 
-    depth = 0  # > 0 inside an op implementation
     replaying = False  # the composite or a candidate is being run for verification
     eager = False  # the kernels are off (the composite runs)
-    pending = False  # the tuner left a key pending for this call
-
-    def verifiable(self) -> bool:
-        return self.depth > 0 and not self.replaying and not self.eager
-
-    def deferred(self) -> None:
-        self.pending = True
+    owner = None  # the ``call`` frame that settles this thread's pending keys
 
 
-CALLS = _Calls()
-# Threads running a composite because the kernels are off for their call (``_use_kernels``'
-# quick test: nonzero only then, so the common path reads one global).
+_STATE = _State()
+_COUNT_LOCK = threading.Lock()
+# Threads with pending keys (at most one: they hold the tuner's lock) and threads running a
+# composite with the kernels off: each op call and ``_use_kernels`` read only these globals.
+PENDING = 0
 _EAGER_THREADS = 0
-_EAGER_LOCK = threading.Lock()
+
+
+def _bump(name: str, delta: int) -> None:
+    with _COUNT_LOCK:
+        globals()[name] += delta
 
 
 def eager_now() -> bool:
     """Whether this thread runs the composite instead of the kernels (see ``_use_kernels``)."""
-    return _EAGER_THREADS > 0 and CALLS.eager
+    return _EAGER_THREADS > 0 and _STATE.eager
+
+
+class _TunerHook:
+    """What ``kernels._tuning.register_op_calls`` receives (``kernels._tuning.OpCalls``)."""
+
+    def verifiable(self) -> bool:
+        return not _STATE.replaying and not _STATE.eager and _op_frame() is not None
+
+    def deferred(self) -> None:
+        if _STATE.owner is None:  # the first key of this call; nested op calls' keys join it
+            _STATE.owner = _op_frame()
+            _bump("PENDING", 1)
+
+
+HOOK = _TunerHook()
+
+
+def _op_frame():
+    """The innermost ``call`` frame on this thread's stack (None outside op calls)."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code is not _CALL_CODE:
+        f = f.f_back
+    return f
+
+
+def _release(tuning, settle_with=None) -> bool:
+    """Settle (``settle_with`` a check or the "cannot check" None) or abandon this thread's
+    pending keys; forget the owner. Returns ``tuning.settle``'s answer (False when abandoning)."""
+    _STATE.owner = None
+    _bump("PENDING", -1)
+    if settle_with is False:
+        tuning.abandon()
+        return False
+    return tuning.settle(settle_with)
 
 
 def call(impl, args: tuple, kwargs: dict, kernels):
     """``impl(*args, **kwargs)`` as an op call: verify what it tuned, fall back to the composite
     for shapes without a verified config. ``kernels``: a zero-argument function returning
     ``fastunet.kernels`` or None when it has not been imported (then nothing can have tuned)."""
-    calls = CALLS
-    if calls.depth:  # an op called inside another's implementation: the outer call verifies
-        return impl(*args, **kwargs)
-    calls.depth = 1
     try:
         out = impl(*args, **kwargs)
-        while calls.pending:
-            out = _settle(impl, args, kwargs, out, kernels()._tuning)
-        return out
     except Exception as exc:
         k = kernels()
         if k is None:
             raise
-        k._tuning.abandon()  # whatever this call left pending is forgotten, the lock released
-        if not isinstance(exc, k._tuning.NoVerifiedConfig):
+        eager = isinstance(exc, k._tuning.NoVerifiedConfig)
+        if PENDING and _STATE.owner is sys._getframe(0):
+            # A failed call's keys are forgotten; those of a call going eager (another key of it
+            # has no verified config) are kept unchecked: it would otherwise time them every call.
+            _release(k._tuning, settle_with=None if eager else False)
+        if not eager:
             raise
         return _composite(impl, args, kwargs)
-    finally:
-        calls.depth = 0
-        calls.pending = False
+    if PENDING and _STATE.owner is sys._getframe(0):
+        try:
+            out = _settle(impl, args, kwargs, out, kernels()._tuning)
+        except Exception as exc:
+            k = kernels()
+            if not isinstance(exc, k._tuning.NoVerifiedConfig):
+                raise
+            return _composite(impl, args, kwargs)
+    return out
+
+
+_CALL_CODE = call.__code__
 
 
 def _composite(impl, args, kwargs):
     """The op's eager composite: ``impl`` with the kernels off on this thread."""
-    global _EAGER_THREADS
-    calls = CALLS
-    was = calls.eager
-    calls.eager = True
-    with _EAGER_LOCK:
-        _EAGER_THREADS += 1
+    state = _STATE
+    was = state.eager
+    state.eager = True
+    _bump("_EAGER_THREADS", 1)
     try:
         return impl(*args, **kwargs)
     finally:
-        with _EAGER_LOCK:
-            _EAGER_THREADS -= 1
-        calls.eager = was
+        _bump("_EAGER_THREADS", -1)
+        state.eager = was
 
 
 def _settle(impl, args, kwargs, out, tuning):
     """Check the keys this call tuned (``tuning.settle``) and return the call's outputs, run
-    again when a pick changed."""
-    calls = CALLS
-    calls.pending = False
-    calls.replaying = True
+    again when a pick changed (which raises ``NoVerifiedConfig`` for a key gone eager)."""
+    state = _STATE
+    state.replaying = True
     try:
         try:
             reference = _composite(impl, args, kwargs)
@@ -125,20 +164,21 @@ def _settle(impl, args, kwargs, out, tuning):
                 RuntimeWarning,
                 stacklevel=5,
             )
-            tuning.settle(None)  # keeps the picks the call ran with
+            _release(tuning, settle_with=None)  # keeps the picks the call ran with
             return out
         inputs = [t for t in _tensors([*args, *kwargs.values()]) if t.is_floating_point()]
         check = None
         if _all_finite(inputs) and _all_finite(_tensors(reference)):
             # The least precise input bounds the op's precision: its row (bf16 x, fp32 scale: bf16).
             tol = max((tolerance_name(t.dtype, t.device) for t in inputs), key=lambda n: TOLERANCES[n][1])
+            expected = Expected(reference, tol)
 
             def check():
-                return mismatch(impl(*args, **kwargs), reference, tol)
+                return expected.mismatch(impl(*args, **kwargs))
 
-        changed = tuning.settle(check)
+        changed = _release(tuning, settle_with=check)
     finally:
-        calls.replaying = False
+        state.replaying = False
     return impl(*args, **kwargs) if changed else out
 
 
@@ -152,26 +192,31 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
-def mismatch(got, expected, tol: str) -> str | None:
-    """None when every floating output of ``got`` matches ``expected``'s (a tensor or a tuple of
-    them) within ``TOLERANCES[tol]`` (scaled by each expected output's RMS), up to ``numel >> 20``
-    isolated elements (see the module docstring); else a one-line reason."""
-    got_t, exp_t = _tensors(got), _tensors(expected)
-    if len(got_t) != len(exp_t):
-        return f"{len(got_t)} outputs, the composite has {len(exp_t)}"
-    for i, (g, e) in enumerate(zip(got_t, exp_t, strict=True)):
-        if not e.is_floating_point():
-            continue
-        if g.shape != e.shape:
-            return f"output {i}: shape {tuple(g.shape)}, the composite's {tuple(e.shape)}"
-        if e.numel() == 0:
-            continue
-        ratio = error_ratios(g, e, tol, dtype=torch.float32)
-        bad = int((~(ratio <= 1)).sum())
-        if bad > e.numel() >> 20:
-            why = f"output {i}: {bad} of {e.numel()} elements beyond the {tol} tolerance"
-            nans = int((torch.isnan(g) & ~torch.isnan(e)).sum())
-            if nans:
-                return f"{why} ({nans} NaN where the composite has a number)"
-            return f"{why} (worst error {ratio.max().item():.3g} times the allowed)"
-    return None
+class Expected:
+    """An op call's composite outputs and the error each element may have (``allowed_error``),
+    made once per tuned key and held against every candidate's outputs (``mismatch``)."""
+
+    def __init__(self, outputs, tol: str):
+        self.tol = tol
+        self.outputs = [(e.detach().float(), allowed_error(e.detach().float(), tol)) for e in _tensors(outputs)]
+
+    def mismatch(self, got) -> str | None:
+        """None when every output of ``got`` (a tensor or a tuple of them) is within the
+        tolerance, up to ``numel >> 20`` isolated elements (see the module docstring); else a
+        one-line reason. Three passes over a candidate's output: data that are all finite (the
+        only kind checked) let NaN and infinity fail the comparison by themselves."""
+        got_t = _tensors(got)
+        if len(got_t) != len(self.outputs):
+            return f"{len(got_t)} outputs, the composite has {len(self.outputs)}"
+        for i, (g, (e, bound)) in enumerate(zip(got_t, self.outputs, strict=True)):
+            if g.shape != e.shape:
+                return f"output {i}: shape {tuple(g.shape)}, the composite's {tuple(e.shape)}"
+            err = (g.detach().float() - e).abs_()
+            bad = e.numel() - int((err <= bound).sum())
+            if bad > e.numel() >> 20:
+                why = f"output {i}: {bad} of {e.numel()} elements beyond the {self.tol} tolerance"
+                nans = int(torch.isnan(g).sum())
+                if nans:
+                    return f"{why} ({nans} NaN where the composite has a number)"
+                return f"{why} (worst error {err.div_(bound).max().item():.3g} times the allowed)"
+        return None
