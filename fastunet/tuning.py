@@ -10,8 +10,15 @@ will launch is tuned and cached before it matters (a benchmark, a CUDA-graph cap
 latency-sensitive service); ``python -m fastunet tune --batch 16 --size 256 --dtype bf16`` does
 the same from a shell.
 
+Every timed candidate is checked once against its op's eager composite on the same inputs
+(the test suite's tolerance table): one that disagrees is dropped with a warning naming the
+kernel, the config and the error, and the cache records the pick as verified; a shape with no
+agreeing candidate runs the composite. So the first tune on a new GPU is also a correctness test
+of every config it keeps.
+
 Environment: ``FASTUNET_AUTOTUNE=0`` picks configs by rule (no timing, cache ignored);
-``FASTUNET_CACHE_DIR`` moves the cache (default ``~/.cache/fastunet``).
+``FASTUNET_VERIFY=0`` keeps the fastest candidate unchecked; ``FASTUNET_CACHE_DIR`` moves the
+cache (default ``~/.cache/fastunet``).
 """
 
 from __future__ import annotations
@@ -50,7 +57,10 @@ def cache_file(device: torch.device | str | None = None) -> Path:
 
 def tuning_stats() -> dict[str, int]:
     """This process's tuning counters: ``timing_runs`` (candidates timed), ``tuned_keys``,
-    ``disk_hits``, ``rule_picks``, ``single_candidate``, ``forced_picks``."""
+    ``disk_hits``, ``rule_picks``, ``single_candidate``, ``forced_picks``; verification:
+    ``verified_keys``, ``verify_runs`` (one replay per candidate), ``rejected_configs``,
+    ``eager_keys``, ``unverified_keys``, and ``tuning_ms`` / ``verify_ms`` (time spent timing
+    candidates / verifying them: their ratio is the verification's overhead)."""
     return _impl().stats()
 
 
@@ -66,6 +76,11 @@ class TuneReport:
     modes: tuple[str, ...]
     cache_file: Path
     precompile: dict | None = None  # what the parallel compile did (see kernels._precompile)
+    verified_keys: int = 0  # tuned shapes whose candidates were checked against the composite
+    rejected_configs: int = 0  # candidates that disagreed (each warned about)
+    eager_keys: int = 0  # shapes with no agreeing candidate: their op runs the composite
+    verify_seconds: float = 0.0  # of ``seconds``, spent checking candidates
+    timing_seconds: float = 0.0  # of ``seconds``, spent timing candidates
 
     def __str__(self) -> str:
         text = (
@@ -73,6 +88,12 @@ class TuneReport:
             f"{self.disk_hits} already cached, {self.rule_picks} by rule, in {self.seconds:.1f} s "
             f"({'+'.join(self.modes)}); cache: {self.cache_file}"
         )
+        if self.verified_keys:
+            text += (
+                f"\nverified {self.verified_keys} shape(s) against the ops' composites in {self.verify_seconds:.1f} s "
+                f"(timing: {self.timing_seconds:.1f} s): {self.rejected_configs} config(s) rejected, "
+                f"{self.eager_keys} shape(s) left to the composite"
+            )
         if self.precompile:
             p = self.precompile
             text += (
@@ -173,4 +194,9 @@ def tune(
         modes=modes,
         cache_file=cache_file(x.device),
         precompile=precompiled,
+        verified_keys=delta("verified_keys"),
+        rejected_configs=delta("rejected_configs"),
+        eager_keys=delta("eager_keys"),
+        verify_seconds=delta("verify_ms") / 1e3,
+        timing_seconds=delta("tuning_ms") / 1e3,
     )

@@ -628,3 +628,13 @@ def test_concurrent_tune_processes_keep_every_entry(tmp_path):
         tuned |= set(json.loads(out.strip().splitlines()[-1]))
     (path,) = (tmp_path / "cache" / "tuning").glob("*/*.json")
     assert len(tuned) > 50 and set(json.loads(path.read_text())["entries"]) == tuned
+
+
+def test_tune_report_says_what_verification_did():
+    report = fastunet.TuneReport(
+        timing_runs=12, tuned_keys=3, disk_hits=0, rule_picks=0, seconds=2.0, modes=("eval",),
+        cache_file=Path("c.json"), verified_keys=3, rejected_configs=1, eager_keys=0, verify_seconds=0.1,
+        timing_seconds=1.5,
+    )  # fmt: skip
+    assert "verified 3 shape(s)" in str(report) and "1 config(s) rejected" in str(report)
+    assert "verified" not in str(fastunet.TuneReport(0, 0, 1, 0, 0.1, ("eval",), Path("c.json")))
