@@ -62,6 +62,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    _INTERPRET,
     KernelSpec,
     cdiv,
     device_arch,
@@ -536,6 +537,13 @@ class _Address:
         return self._ptr
 
 
+def _launches_compiled() -> bool:
+    """Whether launches reach compiled kernels (a GPU) or nothing (a simulated GPU that only
+    records them), rather than Triton's interpreter."""
+    sim = simulated_gpu()
+    return not _INTERPRET if sim is None else not sim.execute
+
+
 def _descriptor(view: Tensor, box: list[int], cached: bool):
     base = _Address(view) if cached else view
     return TensorDescriptor(base, list(view.shape), list(view.stride()), box)
@@ -560,9 +568,9 @@ def _descriptors(cfg: TmaConfig, x: Tensor, x2: Tensor | None, weight: Tensor, o
     what would be built anew, and a freed tensor whose address another of a different shape,
     layout or dtype reuses gets its own entry, never a stale descriptor. No device in the key:
     CUDA's unified addressing gives every device its own addresses (and the host others). A
-    cached descriptor holds the address, not the tensor (``_Address``); the interpreter reads
-    the data through the tensor, so there nothing is cached."""
-    cached = not interpreting()
+    cached descriptor holds the address, not the tensor (``_Address``); Triton's interpreter
+    reads the data through the tensor, so where it runs the kernels nothing is cached."""
+    cached = _launches_compiled()
     if cached:
         key = (cfg, stats, *_facts(x), *(_facts(x2) if x2 is not None else ()), *_facts(weight), *_facts(out))
         hit = _DESCRIPTORS.get(key)

@@ -351,6 +351,17 @@ def _conv_launches(gpu) -> int:
     return sum(fn is C._conv3x3_bn_act_kernel for fn, *_ in gpu.launches)
 
 
+def _next_process_launches(x, w, scale, shift, expected) -> int:
+    """Run the op as a new process would (nothing in memory): it must take the cache's record
+    without timing and compute ``expected``; returns its conv launches."""
+    _tuning.clear_memory()
+    _tuning.reset_stats()
+    with _common.simulate_gpu(_executing_gpu(_Timing())) as gpu:
+        assert_close(_conv_op(x, w, scale, shift), expected, "fp16", "the next process")
+    assert _tuning.stats() == {"disk_hits": 1}
+    return _conv_launches(gpu)
+
+
 @needs_interpreter
 def test_verification_drops_a_wrong_candidate(monkeypatch):
     """The fastest candidate computes garbage (the test hook ``_make_wrong``): the tuner warns
@@ -380,11 +391,7 @@ def test_verification_drops_a_wrong_candidate(monkeypatch):
     (entry,) = _cache_entries().values()
     assert entry["config"] == good and entry["verified"] is True and set(entry["rejected"]) == {bad}
 
-    _tuning.clear_memory()
-    _tuning.reset_stats()
-    with _common.simulate_gpu(_executing_gpu(_Timing())) as gpu:
-        assert_close(_conv_op(x, w, scale, shift), expected, "fp16", "the next process")
-    assert _tuning.stats() == {"disk_hits": 1} and _conv_launches(gpu) == 1
+    assert _next_process_launches(x, w, scale, shift, expected) == 1
 
 
 @needs_interpreter
@@ -406,11 +413,7 @@ def test_no_agreeing_candidate_runs_the_composite(monkeypatch):
     (entry,) = _cache_entries().values()
     assert entry["eager"] is True and entry["config"] is None and set(entry["rejected"]) == set(timing.names)
 
-    _tuning.clear_memory()
-    _tuning.reset_stats()
-    with _common.simulate_gpu(_executing_gpu(_Timing())) as gpu:
-        assert_close(_conv_op(x, w, scale, shift), expected, "fp16", "the next process")
-    assert _tuning.stats() == {"disk_hits": 1} and _conv_launches(gpu) == 0
+    assert _next_process_launches(x, w, scale, shift, expected) == 0
 
 
 @needs_interpreter

@@ -145,3 +145,21 @@ def test_persistent_grid_is_the_sms_times_the_ctas_per_sm(gpu):
     )  # fmt: skip
     ctas = T.occupancy(255, cfg.smem(2), cfg.num_warps)
     assert gpu.launches[-1][1] == (gpu.sms * ctas,) and 16 * 64 * 64 // cfg.BLOCK_M > gpu.sms * ctas
+
+
+def test_kernels_run_by_the_interpreter_get_their_tensors():
+    """Where Triton's interpreter runs the kernel (it reads the data through the descriptor's
+    tensor), nothing is cached and the launch computes the conv; a recording GPU caches."""
+    x = torch.randn(1, 16, 8, 8).half().contiguous(memory_format=torch.channels_last)
+    weight = pack_conv3x3_weight(torch.randn(16, 16, 3, 3).half())
+    out = torch.full_like(x, float("nan"))
+    T._DESCRIPTORS.clear()
+    with _common.simulate_gpu(_common.SimulatedGPU(execute=True)):
+        _launch(x, weight, out)
+    assert not T._DESCRIPTORS
+    expected = torch.relu(torch.nn.functional.conv2d(x.double(), weight.double(), padding=1))
+    torch.testing.assert_close(out.double(), expected, atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
+    with _common.simulate_gpu():
+        _launch(x, weight, out)
+    assert len(T._DESCRIPTORS) == 1
+    T._DESCRIPTORS.clear()
