@@ -36,12 +36,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_path
 
 FORMAT = 1
 # A cache holds a few hundred records of about 1 KB: anything far larger is not ours.
@@ -220,10 +221,11 @@ def _locked(path: Path) -> Iterator[None]:
 def merge_write(path: Path, device_name: str, new: dict[str, dict]) -> dict[str, dict] | None:
     """Add the records ``new`` to the cache file ``path`` under its lock: re-read the file,
     replace only the keys in ``new`` (every other record stays as written, malformed ones
-    included), write a temporary file beside it and rename it over. Returns the file's valid
-    records after the write, or None when nothing was written: the file exists but is not a
-    cache of this format (left untouched, see the module docstring), or the write failed (read-
-    only or full disk, lock timeout): one warning per file and process says which."""
+    included), and write it whole (``fastunet.atomic``: the file is complete or as it was).
+    Returns the file's valid records after the write, or None when nothing was written: the file
+    exists but is not a cache of this format (left untouched, see the module docstring), or the
+    write failed (read-only or full disk, lock timeout): one warning per file and process says
+    which."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path):
@@ -236,15 +238,8 @@ def merge_write(path: Path, device_name: str, new: dict[str, dict]) -> dict[str,
             doc["device"] = device_name
             doc["versions"] = versions()
             doc["entries"].update(new)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f, indent=1, sort_keys=True)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
     except (OSError, TimeoutError) as exc:
         _warn_once(path, "write", f"could not write the tuning cache {path}: {exc}")
         return None

@@ -595,7 +595,7 @@ def test_concurrent_processes_keep_every_entry(tmp_path):
     assert [p.exitcode for p in procs] == [0] * workers
     entries = json.loads(path.read_text())["entries"]
     assert sorted(entries) == sorted(f"t|{i}|{j}" for i in range(workers) for j in range(count))
-    assert not list(tmp_path.glob(".tuning-*")), "no temporary file left behind"
+    assert not list(tmp_path.glob(".*partial*")), "no temporary file left behind"
 
 
 @pytest.mark.slow  # 12 fresh processes (~45 CPU-s)
