@@ -55,7 +55,7 @@ def cache_file(device: torch.device | str | None = None) -> Path:
     return _impl().cache_file(_common.device_name(dev))
 
 
-def tuning_stats() -> dict[str, int]:
+def tuning_stats() -> dict[str, float]:
     """This process's tuning counters: ``timing_runs`` (candidates timed), ``tuned_keys``,
     ``disk_hits``, ``rule_picks``, ``single_candidate``, ``forced_picks``; verification:
     ``verified_keys``, ``verify_runs`` (one replay per candidate), ``rejected_configs``,
@@ -182,7 +182,7 @@ def tune(
         torch.cuda.synchronize(x.device)
     after = impl.stats()
 
-    def delta(name: str) -> int:
+    def delta(name: str) -> float:
         return after.get(name, 0) - before.get(name, 0)
 
     return TuneReport(

@@ -227,11 +227,12 @@ def clear_memory() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def stats() -> dict[str, int]:
+def stats() -> dict[str, float]:
     """A copy of the counters: ``timing_runs``, ``tuned_keys``, ``disk_hits``, ``rule_picks``,
     ``single_candidate``, ``forced_picks``, ``failed_candidates``; verification: ``verified_keys``,
     ``verify_runs``, ``rejected_configs``, ``eager_keys``, ``unverified_keys``; and the time spent
-    timing candidates and verifying them, ``tuning_ms`` and ``verify_ms``."""
+    timing candidates and verifying them, ``tuning_ms`` and ``verify_ms`` (float milliseconds;
+    the other counters are ints)."""
     return dict(_STATS)
 
 
@@ -447,7 +448,7 @@ class Tuner:
             raise RuntimeError(f"{self.name}: no candidate config could run for {shape}") from error
         tuning_s = time.perf_counter() - t0
         _STATS["tuned_keys"] += 1
-        _STATS["tuning_ms"] += round(1e3 * tuning_s)
+        _STATS["tuning_ms"] += 1e3 * tuning_s
         pending = _Pending(self, memo, device_name, text_key, ranked, times, tuning_s)
         if verify and _OP_CALLS is not None and _OP_CALLS.verifiable():
             _defer(pending)
@@ -599,12 +600,14 @@ def _verify(p: _Pending, items: list[_Pending], check: Callable[[], str | None])
     p.pick = passed[0] if passed else None
 
 
-def settle(check: Callable[[], str | None] | None) -> bool:
+def settle(check: Callable[[], str | None] | None, spent_s: float = 0.0) -> bool:
     """Verify and remember the keys this thread's op call left pending (see the module docstring).
 
     ``check()``: runs the op call again (with the candidates this function forces) and returns
     None when its outputs agree with the composite's, else a one-line reason. ``check=None``: the
     call cannot be checked (its data are not finite): the fastest candidates are kept unverified.
+    ``spent_s``: seconds the caller already spent on this verification (the composite), counted
+    with the replays in ``verify_ms`` and the records' ``verify_s``.
     Returns True when a key's pick is not the one the call ran with (the caller must run it again;
     a key with no passing config raises ``NoVerifiedConfig`` then). Warns once per rejected
     config and per eager key. Releases the tuner's lock."""
@@ -631,7 +634,8 @@ def settle(check: Callable[[], str | None] | None) -> bool:
     by_device: dict[str, dict[str, dict]] = {}
     for p in items:
         verified = check is not None
-        _STATS["verify_ms"] += round(1e3 * p.verify_s)
+        p.verify_s += spent_s / len(items)
+        _STATS["verify_ms"] += 1e3 * p.verify_s
         _STATS["verified_keys" if verified else "unverified_keys"] += 1
         _STATS["rejected_configs"] += len(p.rejected)
         for name, why in p.rejected.items():

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import warnings
 
 import torch
@@ -93,15 +94,16 @@ def _op_frame():
     return f
 
 
-def _release(tuning, settle_with=None) -> bool:
-    """Settle (``settle_with`` a check or the "cannot check" None) or abandon this thread's
-    pending keys; forget the owner. Returns ``tuning.settle``'s answer (False when abandoning)."""
+def _release(tuning, settle_with=None, spent_s: float = 0.0) -> bool:
+    """Settle (``settle_with`` a check or the "cannot check" None; ``spent_s`` on the composite)
+    or abandon (``settle_with=False``) this thread's pending keys; forget the owner. Returns
+    ``tuning.settle``'s answer (False when abandoning)."""
     _STATE.owner = None
     _bump("PENDING", -1)
     if settle_with is False:
         tuning.abandon()
         return False
-    return tuning.settle(settle_with)
+    return tuning.settle(settle_with, spent_s)
 
 
 def call(impl, args: tuple, kwargs: dict, kernels):
@@ -154,6 +156,7 @@ def _settle(impl, args, kwargs, out, tuning):
     again when a pick changed (which raises ``NoVerifiedConfig`` for a key gone eager)."""
     state = _STATE
     state.replaying = True
+    t0 = time.perf_counter()
     try:
         try:
             reference = _composite(impl, args, kwargs)
@@ -176,7 +179,7 @@ def _settle(impl, args, kwargs, out, tuning):
             def check():
                 return expected.mismatch(impl(*args, **kwargs))
 
-        changed = _release(tuning, settle_with=check)
+        changed = _release(tuning, settle_with=check, spent_s=time.perf_counter() - t0)
     finally:
         state.replaying = False
     return impl(*args, **kwargs) if changed else out
