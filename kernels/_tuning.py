@@ -27,8 +27,8 @@ Where a pick comes from, first match wins:
 Verification (``FASTUNET_VERIFY``, on unless "0"): a config that compiles is not a config that
 computes the right thing on every GPU and triton, so every timed candidate is checked once
 against the op's eager composite on the same inputs, with the test suite's tolerance table.
-Kernels know no op, so the op layer drives it (``fastunet.ops._verify``) through three calls:
-``register_op_calls`` tells the tuner when an op call that can be checked is running on this
+Kernels know no op, so the op layer drives it (``fastunet.ops._verify``): through
+``register_op_calls`` it tells the tuner when an op call that can be checked is running on this
 thread; a key tuned inside one is left *pending* (its fastest candidate runs the call, nothing is
 remembered, and this thread holds the tuner's lock until the end of the call, so no other thread
 sees or re-tunes it); at the end of the call the op layer calls ``settle(check)``, which replays
@@ -36,8 +36,9 @@ the call once per candidate with that candidate forced (``check``: None or why i
 the composite), drops and warns about every one that disagrees, keeps the fastest that agrees
 and writes the record with ``"verified": true`` and the ``"rejected"`` configs. If none agrees the
 key is marked eager: its launches raise ``NoVerifiedConfig``, on which the op layer runs the
-composite (with a warning). A key tuned outside an op call (a launcher called directly) is kept
-unverified (``"verified": false``) and, with verification on, tuned again by the next process.
+composite (with a warning). A call that fails instead ``abandon``s its pending keys. A key tuned
+outside an op call (a launcher called directly) is kept unverified (``"verified": false``) and,
+with verification on, tuned again by the next process.
 
 The key holds what changes the best config, not the exact shape: the pixel count bucketed to a
 power of two (``bucket``), channel counts, dtypes and every constexpr flag of the launch. So
@@ -426,8 +427,6 @@ class Tuner:
         if _capturing(device):
             if self.name not in _WARNED_CAPTURE:
                 _WARNED_CAPTURE.add(self.name)
-                import warnings
-
                 warnings.warn(
                     f"fastunet: kernel {self.name} met a new shape inside a CUDA-graph capture, where nothing "
                     "can be timed; it uses the rule's config. Run the model once before capturing (or call "
