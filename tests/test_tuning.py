@@ -641,3 +641,36 @@ def test_tune_report_says_what_verification_did():
     )  # fmt: skip
     assert "verified 3 shape(s)" in str(report) and "1 config(s) rejected" in str(report)
     assert "verified" not in str(fastunet.TuneReport(0, 0, 1, 0, 0.1, ("eval",), Path("c.json")))
+
+
+@needs_interpreter
+def test_an_interrupted_op_call_forgets_its_pending_key_and_frees_the_tuner(monkeypatch):
+    """A call interrupted after tuning (here Ctrl-C in its launch) remembers nothing and leaves
+    the tuner's lock free for other threads; the next call tunes and verifies the key."""
+    from fastunet.ops import _verify
+
+    real = C.launch
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    x, w, scale, shift = _conv_op_inputs()
+    monkeypatch.setattr(C, "launch", interrupted)
+    with _common.simulate_gpu(_executing_gpu(_Timing())), pytest.raises(KeyboardInterrupt):
+        _conv_op(x, w, scale, shift)
+    assert _verify.PENDING == 0 and _tuning._THREAD.pending == [] and not list(_tuning.cache_dir().rglob("*.json"))
+    taken = []
+
+    def take_the_lock():
+        taken.append(_tuning._LOCK.acquire(timeout=5))
+        if taken[-1]:
+            _tuning._LOCK.release()
+
+    worker = threading.Thread(target=take_the_lock)
+    worker.start()
+    worker.join()
+    assert taken == [True], "another thread can take the tuner's lock"
+    monkeypatch.setattr(C, "launch", real)
+    with _common.simulate_gpu(_executing_gpu(_Timing())):
+        assert_close(_conv_op(x, w, scale, shift), _expected_conv(x, w, scale, shift), "fp16", "after")
+    assert _tuning.stats()["tuned_keys"] == 2 and _tuning.stats()["verified_keys"] == 1

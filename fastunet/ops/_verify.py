@@ -112,7 +112,10 @@ def call(impl, args: tuple, kwargs: dict, kernels):
     ``fastunet.kernels`` or None when it has not been imported (then nothing can have tuned)."""
     try:
         out = impl(*args, **kwargs)
-    except Exception as exc:
+        if PENDING and _STATE.owner is sys._getframe(0):
+            out = _settle(impl, args, kwargs, out, kernels()._tuning)
+        return out
+    except BaseException as exc:  # re-raised below; an interrupted call must release the tuner
         k = kernels()
         if k is None:
             raise
@@ -124,15 +127,6 @@ def call(impl, args: tuple, kwargs: dict, kernels):
         if not eager:
             raise
         return _composite(impl, args, kwargs)
-    if PENDING and _STATE.owner is sys._getframe(0):
-        try:
-            out = _settle(impl, args, kwargs, out, kernels()._tuning)
-        except Exception as exc:
-            k = kernels()
-            if not isinstance(exc, k._tuning.NoVerifiedConfig):
-                raise
-            return _composite(impl, args, kwargs)
-    return out
 
 
 _CALL_CODE = call.__code__
