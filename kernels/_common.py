@@ -166,7 +166,8 @@ def device_name(device: torch.device) -> str:
 def launch(fn, grid: tuple, args: tuple, meta: dict) -> None:
     """``fn[grid](*args, **meta)``: every kernel of this package is launched here, on the current
     CUDA device and its current stream (the op layer makes the tensors' device current). Under
-    ``simulate_gpu`` or ``recording_launches`` the launch is recorded instead."""
+    ``simulate_gpu`` or ``recording_launches`` the launch is recorded instead (and run as well
+    by a ``SimulatedGPU(execute=True)``)."""
     if _SIMULATED is not None:
         if _SIMULATED.record:
             _SIMULATED.launches.append((fn, grid, args, meta))
