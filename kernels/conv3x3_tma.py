@@ -435,14 +435,16 @@ def launch_facts(x: Tensor, x2: Tensor | None, weight: Tensor, out: Tensor, stat
     same pixel bucket without a statistics geometry) runs the pointer kernel with its tiles."""
     if not tma_supported(x, x2, weight, out):
         return _NO_TMA
-    return _geometry_facts(x.shape[2], x.shape[3], stats)
+    return _geometry_facts(x.shape[2], x.shape[3], stats, interpreting())
 
 
 _NO_TMA = (False,)
 
 
+# ``interpreting`` is part of the key: ``tuned_geometry`` answers differently in the interpreter
+# (small patches allowed) and on a real or simulated GPU, and one process can see both.
 @functools.lru_cache(maxsize=256)
-def _geometry_facts(h: int, w: int, stats: bool) -> tuple:
+def _geometry_facts(h: int, w: int, stats: bool, interp: bool) -> tuple:
     return (True, *(tuned_geometry(h, w, bm, stats=stats) is not None for bm in BLOCK_MS))
 
 
