@@ -161,7 +161,7 @@ Timing. On a quiet 2-core machine (triton 3.9): CPU time per spec, measurement i
 0.8 s for conv3x3 on sm_80, 1.2 s on sm_90 (0.5 s of that is the SASS disassembly), about 0.5 s
 for the smaller kernels. Measured again with triton 3.6 and 3.9 on a heavily shared machine (issue
 21): 1.7 to 1.9 CPU-s per spec for the conv and TMA kernels on sm_90 (user + sys over fresh
-compiles). The full set is 1296 specs for sm_90 and 1016 for sm_80 per triton: about 25 and 15
+compiles). The full set is 1296 specs for sm_90 and 1014 for sm_80 per triton: about 25 and 15
 CPU-minutes, so CI compiles ``--sample 2`` (sm_90) and ``--sample 1`` (sm_80) on each triton
 (``.ci/run``). When triton's cache and the saved measurements are warm, a run takes seconds. The
 summary line gives the wall time and the mean compile time of the specs that were compiled.

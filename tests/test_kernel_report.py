@@ -527,7 +527,7 @@ def test_cli_table_and_kernel_filter(tmp_path):
     proc = _run([*args, "--kernels", "tiny_gemm", "--jobs", "1"], timeout=600)
     assert proc.returncode == kr.EXIT_OK, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:8] == ["kernel", "config", "dtype", "regs", "spills", "smem", "hgmma", "nan"]
+    assert lines[0].split()[:10] == ["kernel", "config", "dtype", "regs", "cap", "spills", "smem", "est", "hgmma", "nan"]
     assert sum(ln.startswith("tiny_gemm ") for ln in lines) == len(tiny_specs(80))
     proc = _run([*args, "--kernels", "nothing_matches"], timeout=600)
     assert proc.returncode == kr.EXIT_EMPTY, proc.stdout + proc.stderr
