@@ -71,14 +71,16 @@ def layer_specs(cfg: ModelConfig, batch: int, size: int) -> list[tuple[LayerSpec
 class LayerCase:
     """One layer ready to run: ``fastunet()`` and ``torch()`` each return the layer's output.
 
-    ``reference`` is the float64 output of fastunet's op; ``torch_part(out)`` extracts the
-    comparable part of the PyTorch output (the upsampled half of ``cat([up, skip])``).
+    ``reference()`` computes the float64 output of fastunet's op (on demand: it is the costly
+    part of a case, and ``benchmarks/gpu_plan.py`` only records the op's launches);
+    ``torch_part(out)`` extracts the comparable part of the PyTorch output (the upsampled half
+    of ``cat([up, skip])``).
     """
 
     spec: LayerSpec
     fastunet: Callable[[], torch.Tensor]
     torch: Callable[[], torch.Tensor]
-    reference: torch.Tensor
+    reference: Callable[[], torch.Tensor]
     torch_part: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -98,11 +100,12 @@ def _fold(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, (p["bias"] - p["mean"]) * scale + p["beta"]
 
 
-def _as_model_passes(weight: torch.Tensor, pack: str) -> torch.Tensor:
-    """The weight as ``fastunet.UNet`` hands it to the op: on CUDA, repacked for the kernels
-    (same logical shape and values, kernel-friendly strides); on CPU, where the model runs the
-    eager fallback and never calls the ops, as it is (and triton is never imported)."""
-    if weight.device.type != "cuda":
+def _as_model_passes(weight: torch.Tensor, pack: str, packed: bool | None = None) -> torch.Tensor:
+    """The weight as ``fastunet.UNet`` hands it to the op: on CUDA (or with ``packed``), repacked
+    for the kernels (same logical shape and values, kernel-friendly strides); on CPU, where the
+    model runs the eager fallback and never calls the ops, as it is (and triton is never
+    imported)."""
+    if not (weight.device.type == "cuda" if packed is None else packed):
         return weight
     from fastunet import kernels
 
@@ -115,8 +118,11 @@ def _conv_bn_relu(x, w, p, dtype):
     return F.relu_(F.batch_norm(y, p["mean"], p["var"], p["gamma"], p["beta"], False, 0.0, _BN_EPS))
 
 
-def make_layer_case(spec: LayerSpec, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LayerCase:
-    """Random inputs and parameters for ``spec`` (activations ``[n, c, h, w]`` channels_last)."""
+def make_layer_case(
+    spec: LayerSpec, dtype: torch.dtype, device: torch.device, seed: int = 0, *, packed: bool | None = None
+) -> LayerCase:
+    """Random inputs and parameters for ``spec`` (activations ``[n, c, h, w]`` channels_last);
+    ``packed``: hand the ops repacked weights (default: on CUDA, as ``fastunet.UNet`` does)."""
     gen = torch.Generator().manual_seed(seed)
     n, h, w = spec.n, spec.h, spec.w
 
@@ -147,24 +153,23 @@ def make_layer_case(spec: LayerSpec, dtype: torch.dtype, device: torch.device, s
         wt = weight(c_mid, c_total, 3, 3, fan_in=9 * c_total)
         p = on(_bn_params(c_mid, gen))
         scale, shift = _fold(p)
-        ref = _conv_bn_relu(f64(xin), f64(wt), f64d(p), torch.float64)
-        packed = _as_model_passes(wt, "pack_conv3x3_weight")
+        conv_ref = lambda: _conv_bn_relu(f64(xin), f64(wt), f64d(p), torch.float64)  # noqa: E731
+        w_op = _as_model_passes(wt, "pack_conv3x3_weight", packed)
         if spec.kind == "conv3x3":
             return LayerCase(
                 spec,
-                lambda: _ops.conv3x3_bn_act(x, x2, packed, scale, shift, True),
+                lambda: _ops.conv3x3_bn_act(x, x2, w_op, scale, shift, True),
                 lambda: _conv_bn_relu(xin, wt, p, dtype),
-                ref,
+                conv_ref,
                 whole,
             )
         hw = weight(spec.c_out, c_mid, 1, 1, fan_in=c_mid)
         hb = (0.1 * torch.randn(spec.c_out, generator=gen)).to(device)
-        ref = torch.sigmoid(F.conv2d(ref, f64(hw), f64(hb)))
         return LayerCase(
             spec,
-            lambda: _ops.conv3x3_bn_act_head(x, x2, packed, scale, shift, True, hw, hb, "sigmoid"),
+            lambda: _ops.conv3x3_bn_act_head(x, x2, w_op, scale, shift, True, hw, hb, "sigmoid"),
             lambda: torch.sigmoid(F.conv2d(_conv_bn_relu(xin, wt, p, dtype), hw, hb.to(dtype))),
-            ref,
+            lambda: torch.sigmoid(F.conv2d(conv_ref(), f64(hw), f64(hb))),
             whole,
         )
     if spec.kind == "upconv":
@@ -172,28 +177,28 @@ def make_layer_case(spec: LayerSpec, dtype: torch.dtype, device: torch.device, s
         skip = act(spec.c_skip, 2 * h, 2 * w)
         wt = weight(spec.c_in, spec.c_out, 2, 2, fan_in=spec.c_in)
         b = (0.1 * torch.randn(spec.c_out, generator=gen)).to(device)
-        ref = F.conv_transpose2d(f64(x), f64(wt), f64(b), stride=2)
-        packed = _as_model_passes(wt, "pack_upconv2x2_weight")
+        w_op = _as_model_passes(wt, "pack_upconv2x2_weight", packed)
         return LayerCase(
             spec,
-            lambda: _ops.upconv2x2(x, packed, b),
+            lambda: _ops.upconv2x2(x, w_op, b),
             lambda: torch.cat([F.conv_transpose2d(x, wt, b.to(dtype), stride=2), skip], 1),
-            ref,
+            lambda: F.conv_transpose2d(f64(x), f64(wt), f64(b), stride=2),
             lambda out: out[:, : spec.c_out],
         )
     if spec.kind == "maxpool":
         x = act(spec.c_in)
-        return LayerCase(spec, lambda: _ops.maxpool2x2(x), lambda: F.max_pool2d(x, 2), F.max_pool2d(f64(x), 2), whole)
+        return LayerCase(
+            spec, lambda: _ops.maxpool2x2(x), lambda: F.max_pool2d(x, 2), lambda: F.max_pool2d(f64(x), 2), whole
+        )
     if spec.kind == "head":
         x = act(spec.c_in)
         wt = weight(spec.c_out, spec.c_in, 1, 1, fan_in=spec.c_in)
         b = (0.1 * torch.randn(spec.c_out, generator=gen)).to(device)
-        ref = torch.sigmoid(F.conv2d(f64(x), f64(wt), f64(b)))
         return LayerCase(
             spec,
             lambda: _ops.head1x1(x, wt, b, "sigmoid"),
             lambda: torch.sigmoid(F.conv2d(x, wt, b.to(dtype))),
-            ref,
+            lambda: torch.sigmoid(F.conv2d(f64(x), f64(wt), f64(b))),
             whole,
         )
     raise ValueError(f"unknown layer kind {spec.kind!r}")
@@ -259,8 +264,9 @@ def bench_layer(
         if device.type != "cuda" and interpreting():
             raise RuntimeError("TRITON_INTERPRET=1 would time the Triton interpreter; unset it")
         case = make_layer_case(spec, dtype, device)
-        row["torch_err"] = output_error(case.torch_part(case.torch()), case.reference)[1]
-        row["fastunet_err"] = output_error(case.fastunet(), case.reference)[1]
+        reference = case.reference()
+        row["torch_err"] = output_error(case.torch_part(case.torch()), reference)[1]
+        row["fastunet_err"] = output_error(case.fastunet(), reference)[1]
         timings = {}
         for impl, fn in (("fastunet", case.fastunet), ("torch", case.torch)):
             t = time_op(fn, device=device, warmup=warmup, reps=reps, rep_ms=rep_ms)

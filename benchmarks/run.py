@@ -141,6 +141,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import gc
+import json
 import math
 import platform
 import subprocess
@@ -168,9 +169,29 @@ from providers import (
     model_step_flops,
 )
 from timing import measure_peaks
-from tqdm import tqdm
 
 import fastunet
+
+try:
+    from tqdm import tqdm
+except ImportError:  # an offline GPU image may lack tqdm: progress as plain lines instead of a bar
+
+    class tqdm:  # noqa: N801  (tqdm's name and the part of its interface used here)
+        def __init__(self, total: int, desc: str, file, **_):
+            self.total, self.desc, self.file, self.n = total, desc, file, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+        def set_postfix_str(self, text: str) -> None:
+            print(f"{self.desc} {self.n}/{self.total}: {text}", file=self.file, flush=True)
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Where results go unless --save or --out says otherwise: outside the repository, so a plain
@@ -283,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--providers", nargs="+", choices=PROVIDER_NAMES, metavar="NAME",
-        help=f"subset of providers, of: {', '.join(PROVIDER_NAMES)} (default: all)",
+        help=f"subset of providers, run in the order given, of: {', '.join(PROVIDER_NAMES)} (default: all)",
     )  # fmt: skip
     p.add_argument(
         "--warmup", type=int, help=f"warm-up steps per provider, after the first call {_device_defaults('warmup')}"
@@ -320,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off (CUDA)")
     p.add_argument("--threads", type=int, help=f"CPU intra-op threads {_device_defaults('threads')}")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    p.add_argument(
+        "--rows", type=Path,
+        help="also append every row (provider and layer) to this file as one JSON line the moment it is measured, "
+        "so a run cut short keeps what it measured (benchmarks/gpu_check.py uses it) (default: no such file)",
+    )  # fmt: skip
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing providers")
     return p
 
@@ -528,7 +554,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     # reference, so no output could be checked: training runs of such a preset leave it out.
     no_dropout = args.mode == "training" and preset_options.get("dropout", 0.0) > 0
     cfg = dataclasses.replace(cfg, dropout=0.0 if no_dropout else None)
-    providers = [p for p in PROVIDERS if p.name in args.providers]
+    # In the order given (a caller with a time limit puts first what it most needs measured).
+    by_name = {p.name: p for p in PROVIDERS}
+    providers = [by_name[name] for name in dict.fromkeys(args.providers)]
     info = device_info(device)
 
     notes = []
@@ -624,6 +652,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                         provider, case, warmup=args.warmup, reps=args.reps, quick=args.quick, verbose=args.verbose
                     )
                 report.add_throughput(row, flops, peaks)
+                _stream_row(args.rows, "model", row)
                 case_rows.append(row)
                 bar.update(1)
             summary = report.add_speedups(case_rows)[report.case_key(case_rows[0])]
@@ -642,6 +671,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                         rep_ms=50 if args.quick else 100,
                     )  # fmt: skip
                     report.add_layer_peak(layer_row, peaks)
+                    _stream_row(args.rows, "layer", layer_row)
                     layer_rows.append(layer_row)
                     bar.update(1)
             if cuda:
@@ -700,8 +730,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     print_report(result)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     json_path = report.write_json(result, args.out)
-    png_path = report.plot(result, json_path.with_suffix(".png"))
-    print(f"\nwrote {json_path}\nwrote {png_path}")
+    print(f"\nwrote {json_path}")
+    try:
+        print(f"wrote {report.plot(result, json_path.with_suffix('.png'))}")
+    except ImportError as exc:  # no matplotlib (an offline GPU image): the JSON has every number
+        print(f"no plot: {exc}")
     if not args.save and args.out == DEFAULT_OUT:
         print("(outside the repository; --save writes to benchmarks/results/ for committing)")
     print(f"({result['wall_s']:.1f} s)")
@@ -709,6 +742,15 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if wrong:
         print(f"\n{len(wrong)} row(s) WRONG: their outputs differ from the float64 reference beyond tolerance.")
     return 1 if wrong else 0
+
+
+def _stream_row(path: Path | None, table: str, row: dict) -> None:
+    """Append ``row`` to ``path`` (``--rows``) as one JSON line ``{"table": "model"|"layer",
+    **row}``, flushed: a run killed later keeps it. Appends only: the file is never rewritten."""
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(report._finite({"table": table, **row}), allow_nan=False) + "\n")
 
 
 def print_report(result: dict) -> None:

@@ -48,7 +48,7 @@ def test_layer(benchmark, spec, names, impl):
     fn = case.fastunet if impl == "fastunet" else case.torch
     out = fn() if impl == "fastunet" else case.torch_part(fn())
     tol = OUTPUT_TOL[compute_precision(DTYPE, DEVICE)]
-    err = output_error(out, case.reference)[1]
+    err = output_error(out, case.reference())[1]
     assert err <= tol, f"{impl} {spec.name}: max rel error {err:.3g} above {tol:g}"
 
     benchmark.group = f"{'='.join(names)} {spec.describe()} {DTYPE}"

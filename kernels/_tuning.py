@@ -241,6 +241,12 @@ def reset_stats() -> None:
     _STATS.clear()
 
 
+def forced_config(tuner: str) -> str | None:
+    """The config name ``forced`` currently holds for ``tuner`` (None when not forced): a
+    launcher whose forced config cannot run its operands raises instead of running another."""
+    return _FORCED.get(tuner)
+
+
 @contextlib.contextmanager
 def forced(picks: dict[str, str]) -> Iterator[None]:
     """Force configs by name while active: ``{tuner name: config_name(cfg)}``. A name that is not

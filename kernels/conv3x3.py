@@ -71,7 +71,7 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
-from ._tuning import Tuner, bucket, launch_meta
+from ._tuning import Tuner, bucket, config_name, forced_config, launch_meta
 from .bn_stats import bn_stats_finalize
 
 __all__ = [
@@ -1031,7 +1031,15 @@ def _launch(
                     norms=norms, partials=partials if stats is not None else None,
                 )  # fmt: skip
                 return partials
-            cfg = _Cfg(*cfg[:5])  # forced on operands TMA cannot read: the same tiles, pointer kernel
+            tuner = _TUNERS[variant].name
+            if forced_config(tuner) == config_name(cfg):
+                # A forced config is a test of that kernel: running another would pass it untested.
+                raise ValueError(
+                    f"{tuner}: forced config {config_name(cfg)} cannot run these operands (the TMA variant "
+                    f"needs 16-byte aligned NHWC operands of >= 16 channels, a packed weight, and for the "
+                    f"statistics forms a tile geometry of whole rows; {h}x{w} image, stats={stats is not None})"
+                )
+            cfg = _Cfg(*cfg[:5])  # a TMA pick reused on operands TMA cannot read: same tiles, pointer kernel
         args = (
             x, x2_t, weight, scale, shift, dst, hw, hb, xs, xt, x2s, x2t, partials, n, h, w, c1, c2, c_out,
             *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0), *geometry,

@@ -9,6 +9,11 @@ compared with the same op on float64 copies of the inputs (the op's eager compos
 On a GPU (ring 3, ``benchmarks/gpu_check.py``) every config runs, in bf16 for the 16-bit lists
 and fp32 with TF32 off for the IEEE lists. Without one, the interpreter runs the first config of
 each tuner (fp16: its bf16 dot is broken) so the probes themselves stay under test.
+
+A forced config must run its own kernel: a launcher raises when the forced config cannot run the
+probe's operands (``conv3x3``'s TMA configs on an image without a statistics tile geometry used to
+fall back to the pointer kernel silently), so each probe picks operands every config of its
+tuner can run; ``test_forced_tma_config_*`` check both sides under a simulated sm_90.
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ import fastunet  # noqa: F401  (registers torch.ops.fastunet)
 triton = pytest.importorskip("triton")
 from fastunet.kernels import _common, _tuning  # noqa: E402
 from fastunet.kernels import conv3x3 as C  # noqa: E402
+from fastunet.kernels import conv3x3_tma as T  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.gpu_check]
 
 OPS = torch.ops.fastunet
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 ARCH = _common.device_arch(DEVICE)
-HALF = torch.bfloat16 if HAS_CUDA else torch.float16
+# bf16 wherever kernels do not run in the interpreter (whose bf16 dot is broken): on a GPU, and
+# under the simulated GPU with which benchmarks/gpu_plan.py records what this file compiles.
+HALF = torch.float16 if _common.interpreting() else torch.bfloat16
 
 
 def _t(*shape, dtype=HALF, scale=1.0):
@@ -66,9 +74,15 @@ def _check_op(op, args, what, dtype=HALF):
 
 # ------------------------------------------------------------------------------ probes
 def _conv_main(cfg):
-    x, w = _nhwc(_t(2, 40, 12, 10)), _t(48, 40, 3, 3, scale=0.1)
+    # Eval on a 12x10 image: partial tiles at every edge (a TMA config clips its 2-D patch there).
+    # The weight packed as the model passes it (the TMA variant reads only that layout).
+    x, w = _nhwc(_t(2, 40, 12, 10)), C.pack_conv3x3_weight(_t(48, 40, 3, 3, scale=0.1))
     _check_op(OPS.conv3x3_bn_act, (x, None, w, _vec(48), torch.randn(48).to(DEVICE), True), "conv eval")
-    x2 = _nhwc(_t(2, 24, 12, 10))
+    # The training forms' statistics need a TMA tile to be whole image rows (``tile_geometry``):
+    # 12x10 has none for any TMA BLOCK_M, 16x16 has one for each (64, 128, 256).
+    h, wd = (16, 16) if T.is_tma_config(cfg) else (12, 10)
+    x = _nhwc(_t(2, 40, h, wd))
+    x2 = _nhwc(_t(2, 24, h, wd))
     w2 = _t(48, 64, 3, 3, scale=0.1)
     args = (x, x2, w2, torch.zeros(48, device=DEVICE), None, None, *_norm(24))
     _check_op(OPS.conv3x3_bn_stats, args, "conv train (x2, norm2, stats)")
@@ -224,7 +238,7 @@ def _params():
         for i, cfg in enumerate(tuner.config_list(ARCH)):
             cfg_name = _tuning.config_name(cfg)
             marks = []
-            if not HAS_CUDA and i > 0:
+            if _common.interpreting() and i > 0:
                 marks.append(pytest.mark.skip(reason="interpreter: the first config of each tuner; every one on a GPU"))
             out.append(pytest.param(name, cfg_name, id=f"{name}-{cfg_name}", marks=marks))
     return out

@@ -4,7 +4,8 @@ Triton's interpreter emulates host tensor descriptors (out-of-bounds zero fill o
 clipping on stores; triton 3.9 here), so ring 1 runs the kernel itself on the CPU: every variant
 (one source, the fused concat, the training forms, the persistent walk) x dtype against a
 float64 reference, into NaN-poisoned outputs, with odd H/W/C and channel-slice operands. On a
-GPU (ring 3) the same tests run every sm_90 TMA config instead of the interpreter's small tile.
+GPU (ring 3: the kernel tests carry the ``gpu_check`` mark) the same tests run every sm_90 TMA
+config instead of the interpreter's small tile.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fastunet.kernels import _common, _tuning
 from fastunet.kernels import conv3x3 as K
 from fastunet.kernels import conv3x3_tma as T
 from fastunet.kernels._common import dot_precision, interpreting
@@ -21,8 +23,18 @@ from helpers import assert_close, tolerance_name
 pytestmark = pytest.mark.conv3x3
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-RUNS = interpreting() or ON_HOPPER
-needs_tma = pytest.mark.skipif(not RUNS, reason="the TMA variant needs sm_90 or Triton's interpreter")
+DEVICE = "cuda" if ON_HOPPER else "cpu"
+# sm_90, the interpreter, or the simulated sm_90 benchmarks/gpu_plan.py records ring 3's launches on.
+RUNS = T.tma_available(torch.device(DEVICE))
+_SKIP_NO_TMA = pytest.mark.skipif(not RUNS, reason="the TMA variant needs sm_90 or Triton's interpreter")
+
+
+def needs_tma(test):
+    """The tests that run the kernel: skipped where TMA cannot run, and part of ring 3
+    (``gpu_check``: they use the module's DEVICE, not the ``device`` fixture conftest marks by)."""
+    return pytest.mark.gpu_check(_SKIP_NO_TMA(test))
+
+
 BF16_SKIP = pytest.mark.skipif(
     interpreting(), reason="Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on CUDA"
 )
@@ -33,7 +45,6 @@ DTYPES = [
 ]
 # The heavier interpreter tests run fp16 in quick mode and fp32 with the slow tests.
 DTYPES_SLOW32 = [pytest.param(torch.float32, id="fp32", marks=pytest.mark.slow), *DTYPES[1:]]
-DEVICE = "cuda" if ON_HOPPER else "cpu"
 # The interpreter runs one small tile; a GPU runs every config the tuner may pick.
 CONFIGS = [T.INTERPRETER_CONFIG] if interpreting() else list(T.TMA_CONFIGS_SM90)
 
@@ -206,7 +217,7 @@ def test_tile_geometry():
         assert bh * bw == bm
 
 
-@pytest.mark.skipif(not RUNS, reason="tma_supported is False without sm_90 or the interpreter")
+@needs_tma
 def test_tma_supported_alignment():
     """16-byte aligned NHWC operands and the packed weight are TMA-able; a slice whose start or
     pixel pitch is not 16-byte aligned, an NCHW tensor, an unpacked weight or a small-C input is not."""
@@ -289,6 +300,32 @@ def test_conv3x3_launchers_dispatch_a_tma_pick(dtype, monkeypatch):
     got = K.conv3x3_bn_act(ragged, w_r, s_r, t_r)
     assert_close(got, reference(ragged, None, w_r, s_r, t_r), tol, "pointer kernel with the TMA pick's tiles")
     assert len(launched) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not _common._INTERPRET, reason="the simulated GPU runs on CPU only")
+@pytest.mark.parametrize("cfg", [c for c in T.TMA_CONFIGS_SM90 if not c.persistent], ids=lambda c: c.name)
+def test_forced_tma_config_runs_its_kernel_or_raises(cfg):
+    """A forced TMA config (``_tuning.forced``: ``tests/test_tuned_configs.py``'s probes) runs the
+    TMA kernel, or raises when it cannot: on a 12x10 image the statistics forms have no tile
+    geometry, and running the pointer kernel instead would pass the config untested. Under a
+    simulated sm_90 (launches recorded, nothing runs), so every config is checked on the CPU."""
+    name = _tuning.config_name(cfg)
+    dtype = torch.float16
+
+    def train(h, w):
+        x = nhwc(2, 40, h, w, dtype)
+        weight, _, shift = operands(40, 48, dtype)
+        return K.conv3x3_bn_stats(x, weight, shift, x_norm=norm_params(40))
+
+    with _common.simulate_gpu() as gpu, _tuning.forced({"conv3x3.main": name}):
+        train(16, 16)  # whole rows for every TMA BLOCK_M
+        assert [f.fn.__name__ for f, *_ in gpu.launches][:1] == ["_conv3x3_tma_kernel"]
+        with pytest.raises(ValueError, match=f"forced config {name} cannot run"):
+            train(12, 10)
+        gpu.launches.clear()
+        x = nhwc(2, 40, 12, 10, dtype)
+        K.conv3x3_bn_act(x, *operands(40, 48, dtype))  # eval: a clipped 2-D patch, TMA runs
+        assert [f.fn.__name__ for f, *_ in gpu.launches] == ["_conv3x3_tma_kernel"]
 
 
 def test_compile_specs_are_16_bit_in_every_tuned_geometry():

@@ -230,6 +230,50 @@ def test_training_form(geometry, up_first, dtype, device):
     assert_close(var, zs.var((0, 2, 3), unbiased=False), tol, "var")
 
 
+def check_both_forms(skip_shape, up_shape, c_out, dtype, device, *, bilinear, up_first=False):
+    """The eval form (into a NaN-poisoned output) and the training form (both sources normalized
+    on load, z and its statistics) of one decoder conv against float64."""
+    skip, up, weight, scale, shift = operands(skip_shape, up_shape, c_out, dtype, device)
+    weight = _ordered_weight(weight, up_first, skip_shape[1])
+    packed = K.pack_conv3x3_weight(weight)
+    tol = tolerance_name(dtype)
+    what = f"{'bilinear' if bilinear else 'pad'} {tuple(up_shape)} -> {tuple(skip_shape)} {dtype}"
+    out = poisoned_like(torch.empty(skip_shape[0], c_out, *skip_shape[2:], dtype=dtype, device=device))
+    got = K.conv3x3_up_bn_act(skip, up, packed, scale, shift, up_first=up_first, bilinear=bilinear, out=out)
+    expected = reference(skip, up, weight, scale, shift, up_first=up_first, bilinear=bilinear)
+    assert_close(got, expected, tol, f"eval {what}")
+    skip_norm, up_norm = _norm(skip_shape[1], device), _norm(up_shape[1], device)
+    z, mean, var = K.conv3x3_up_bn_stats(
+        skip, up, packed, shift, up_first=up_first, bilinear=bilinear, skip_norm=skip_norm, up_norm=up_norm
+    )  # fmt: skip
+    expected = reference(
+        skip, up, weight, torch.ones_like(shift), shift, up_first=up_first, bilinear=bilinear, relu=False,
+        skip_norm=skip_norm, up_norm=up_norm,
+    )  # fmt: skip
+    assert_close(z, expected, tol, f"train z {what}")
+    zs = z.double().cpu()
+    assert_close(mean, zs.mean((0, 2, 3)), tol, f"mean {what}", scale=zs.std().item())
+    assert_close(var, zs.var((0, 2, 3), unbiased=False), tol, f"var {what}")
+
+
+# ------------------------------------------------------------------------- ring 3: real sizes
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "bilinear, skip_shape, up_shape",
+    [
+        (True, (2, 64, 128, 128), (2, 64, 64, 64)),  # milesial-bilinear's last decoder level, 128 input
+        (True, (2, 256, 33, 31), (2, 256, 16, 15)),  # an odd input: bilinear x2, then padded
+        (False, (2, 128, 65, 63), (2, 128, 64, 62)),  # the padded up-conv output of an odd input
+    ],
+    ids=["bilinear", "bilinear_odd", "pad_odd"],
+)
+@pytest.mark.parametrize("dtype", [d for _, d in _DT], ids=[i for i, _ in _DT])
+def test_real_unet_sizes(bilinear, skip_shape, up_shape, dtype):
+    check_both_forms(skip_shape, up_shape, 64, dtype, torch.device("cuda"), bilinear=bilinear)
+
+
 def test_rejects_bad_geometry(device):
     skip, up, weight, scale, shift = operands((1, 4, 5, 5), (1, 3, 3, 3), 2, torch.float32, device)
     packed = K.pack_conv3x3_weight(weight)
