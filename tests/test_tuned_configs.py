@@ -13,7 +13,8 @@ each tuner (fp16: its bf16 dot is broken) so the probes themselves stay under te
 A forced config must run its own kernel: a launcher raises when the forced config cannot run the
 probe's operands (``conv3x3``'s TMA configs on an image without a statistics tile geometry used to
 fall back to the pointer kernel silently), so each probe picks operands every config of its
-tuner can run; ``test_forced_tma_config_*`` check both sides under a simulated sm_90.
+tuner can run; ``tests/kernels/test_conv3x3_tma.py::test_forced_tma_config_runs_its_kernel_or_raises``
+checks both sides under a simulated sm_90.
 """
 
 from __future__ import annotations
@@ -74,13 +75,15 @@ def _check_op(op, args, what, dtype=HALF):
 
 # ------------------------------------------------------------------------------ probes
 def _conv_main(cfg):
-    # Eval on a 12x10 image: partial tiles at every edge (a TMA config clips its 2-D patch there).
-    # The weight packed as the model passes it (the TMA variant reads only that layout).
-    x, w = _nhwc(_t(2, 40, 12, 10)), C.pack_conv3x3_weight(_t(48, 40, 3, 3, scale=0.1))
+    # Eval with partial tiles at every edge: a 12x10 image for the pointer tiles; a TMA config
+    # runs only patches >= 32 pixels wide (``conv3x3_tma.tuned_geometry``), so 12x40, clipped at
+    # the right edge. The weight packed as the model passes it (the TMA variant reads only that).
+    tma = T.is_tma_config(cfg)
+    x, w = _nhwc(_t(2, 40, 12, 40 if tma else 10)), C.pack_conv3x3_weight(_t(48, 40, 3, 3, scale=0.1))
     _check_op(OPS.conv3x3_bn_act, (x, None, w, _vec(48), torch.randn(48).to(DEVICE), True), "conv eval")
-    # The training forms' statistics need a TMA tile to be whole image rows (``tile_geometry``):
-    # 12x10 has none for any TMA BLOCK_M, 16x16 has one for each (64, 128, 256).
-    h, wd = (16, 16) if T.is_tma_config(cfg) else (12, 10)
+    # The training forms' statistics need a TMA tile of whole image rows (``tile_geometry``): 8x32
+    # has one for each TMA BLOCK_M (64, 128, 256); a forced config that cannot run raises.
+    h, wd = (8, 32) if tma else (12, 10)
     x = _nhwc(_t(2, 40, h, wd))
     x2 = _nhwc(_t(2, 24, h, wd))
     w2 = _t(48, 64, 3, 3, scale=0.1)

@@ -306,8 +306,8 @@ def test_conv3x3_launchers_dispatch_a_tma_pick(dtype, monkeypatch):
 @pytest.mark.parametrize("cfg", [c for c in T.TMA_CONFIGS_SM90 if not c.persistent], ids=lambda c: c.name)
 def test_forced_tma_config_runs_its_kernel_or_raises(cfg):
     """A forced TMA config (``_tuning.forced``: ``tests/test_tuned_configs.py``'s probes) runs the
-    TMA kernel, or raises when it cannot: on a 12x10 image the statistics forms have no tile
-    geometry, and running the pointer kernel instead would pass the config untested. Under a
+    TMA kernel, or raises when it cannot: on a 12x40 image the statistics forms have no tile of
+    whole rows, and running the pointer kernel instead would pass the config untested. Under a
     simulated sm_90 (launches recorded, nothing runs), so every config is checked on the CPU."""
     name = _tuning.config_name(cfg)
     dtype = torch.float16
@@ -318,13 +318,13 @@ def test_forced_tma_config_runs_its_kernel_or_raises(cfg):
         return K.conv3x3_bn_stats(x, weight, shift, x_norm=norm_params(40))
 
     with _common.simulate_gpu() as gpu, _tuning.forced({"conv3x3.main": name}):
-        train(16, 16)  # whole rows for every TMA BLOCK_M
+        train(8, 32)  # whole 32-pixel rows for every TMA BLOCK_M (64, 128, 256)
         assert [f.fn.__name__ for f, *_ in gpu.launches][:1] == ["_conv3x3_tma_kernel"]
         with pytest.raises(ValueError, match=f"forced config {name} cannot run"):
-            train(12, 10)
+            train(12, 40)
         gpu.launches.clear()
-        x = nhwc(2, 40, 12, 10, dtype)
-        K.conv3x3_bn_act(x, *operands(40, 48, dtype))  # eval: a clipped 2-D patch, TMA runs
+        x = nhwc(2, 40, 12, 40, dtype)
+        K.conv3x3_bn_act(x, *operands(40, 48, dtype))  # eval: a clipped 64-pixel-wide patch, TMA runs
         assert [f.fn.__name__ for f, *_ in gpu.launches] == ["_conv3x3_tma_kernel"]
 
 
