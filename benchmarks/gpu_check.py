@@ -10,25 +10,29 @@ Stages, in the order of what a lost minute costs:
 
 1. ``environment`` (in this process, seconds): GPU, driver, versions, which optional modules are
    importable, the known limits of the installed triton. Without it no other number can be read.
-2. ``precompile``: every kernel the later stages launch (found by recording their workloads on a
-   simulated GPU of this GPU's kind: ``benchmarks/gpu_plan.py``), compiled up front by 16 worker
-   processes (``kernels/_precompile.py``, TMA kernels included). First because a minute here saves
-   ~16 minutes of serial compiling inside the timed stages, and anything it leaves undone is only
-   compiled later, never lost.
+2. ``precompile``: every kernel the later stages launch, found by recording their workloads on a
+   simulated GPU of this GPU's kind (``benchmarks/gpu_plan.py``; the cuda-only tests on the GPU
+   itself, launches recorded, nothing run), compiled up front by 16 worker processes
+   (``kernels/_precompile.py``, TMA kernels included), in the order the rest needs them: the
+   most telling tests' kernels, then tune's and the benchmarks', then the other tests'. First
+   because a minute here saves ~16 minutes of serial compiling inside the timed stages, and what
+   it leaves undone is only compiled later, never lost.
 3. ``tests``: ring 3, ``pytest -m "cuda or gpu_check"`` with ``FASTUNET_AUTOTUNE=0`` (rule picks:
-   tuning is the next stage's job): every CUDA-capable test, and ``tests/test_tuned_configs.py``,
-   which forces each tile config of each tuned kernel once against the float64 reference. Before
-   tuning and benchmarks because correctness comes first: a wrong kernel makes every figure after
-   it meaningless, and ring 3 is the one check no CPU ring can make.
+   tuning is the next stage's job) over every CUDA-capable test, file by file with the most
+   telling first (``gpu_plan.TESTS_FIRST``: ``tests/test_tuned_configs.py``, which forces each
+   tile config of each tuned kernel once against the float64 reference, the TMA variant, the
+   up-sampled-source conv, the whole model), so a cut run has done those. Before tuning and
+   benchmarks because correctness comes first: a wrong kernel makes every figure after it
+   meaningless, and ring 3 is the one check no CPU ring can make.
 4. ``tune``: ``fastunet.tune`` for the target case (classic ``UNet(3, 1)``, batch 16, 256x256,
    bf16, inference and a training step); its picks land in the tuning cache the benchmarks reuse.
    Before them so the figures are the tuned ones; if it is cut, the benchmarks tune the rest on
    first use inside their own limits.
-5. ``bench_inference``, then 6. ``bench_training``: ``benchmarks/run.py`` on the target case,
-   the providers the targets judge (``PROVIDERS``: eager fp32 NCHW, eager channels_last AMP,
-   torch.compile and fastunet's CUDA-graph path for inference; no compile for training) and the
-   per-layer table once (inference); inference first, the issue's headline target. The other
-   compile providers only with ``--full``.
+5. ``bench_inference``, then 6. ``bench_training``: ``benchmarks/run.py`` on the target case with
+   the providers the targets judge (``PROVIDERS``: fastunet first, then eager channels_last AMP,
+   for inference fastunet's CUDA-graph path and torch.compile, then eager fp32 NCHW; no compile in
+   training) and the per-layer table once (inference); inference first, the issue's headline
+   target. The other compile providers only with ``--full``.
 
 Every stage writes its own files the moment it ends, and keeps partial results when its limit
 cuts it (SIGINT to its group, then SIGKILL ``GRACE_S`` later, so compile workers and ``ptxas``
@@ -51,10 +55,10 @@ otherwise.
     python benchmarks/gpu_check.py --out /tmp/gpu [--budget 540] [--full] [--skip tests]
     python benchmarks/gpu_check.py --plan [--compile --workers 16]   # no GPU needed
 
-``--plan`` prints the stages, their limits and how many kernels each will compile (recorded as
-the precompile stage records them); with ``--compile`` it also compiles them all offline for
-sm_90 with ``--workers`` processes and reports each stage's wall and CPU time: the rehearsal of
-the GPU run's compiles on a CPU machine.
+``--plan`` prints the stages, their limits and how many kernels each launches (recorded as the
+precompile stage records them), and the precompile stage's compile order; with ``--compile`` it
+also compiles every piece offline for sm_90 with ``--workers`` processes and reports each one's
+wall and CPU seconds: the rehearsal of the GPU run's compiles on a CPU machine.
 
 Test-only switch: ``FASTUNET_GPU_CHECK_SIMULATE=1`` runs the whole script without a GPU against
 a simulated H100 (``kernels._common.simulate_gpu``) on a small case (``gpu_plan.SIM_TARGET``):
