@@ -1,7 +1,7 @@
 """Ring 2 of the test plan: compile every kernel spec offline and check what the compiler made.
 
-Every kernel module under ``kernels/`` (``fastunet.kernels.<mod>`` once installed, ``kernels.<mod>``
-from a checkout) exposes ``compile_specs(arch) -> list[KernelSpec]``: each (kernel, autotune
+Every kernel module under ``kernels/`` (imported as ``fastunet.kernels.<mod>``:
+``pip install -e .`` first) exposes ``compile_specs(arch) -> list[KernelSpec]``: each (kernel, autotune
 config, form, dtype) its launcher can run on that architecture, with a full Triton signature and
 the constexprs. The configs come from the tuners themselves (``kernels/_specs.py``: each tuner's
 candidates over every shape bucket it can be shown, its own pruning applied), and
@@ -151,7 +151,7 @@ Usage::
 
     python benchmarks/kernel_report.py --arch 90 [--json out.json] [--kernels conv3x3,upconv2x2]
         [--sample N] [--jobs N] [--quiet] [--no-cache] [--provider MODULE:FUNCTION ...] [--no-modules]
-        [--packages fastunet.kernels,kernels]
+        [--packages fastunet.kernels]
 
 From Python (in a process without TRITON_INTERPRET): ``collect_rows(arch, specs)`` compiles
 ``KernelSpec`` objects and returns ``Row`` objects; ``check_rows(rows, arch)`` returns the
@@ -193,7 +193,6 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(Path(__file__).resolve().parent) not in sys.path:  # sass_metrics sits beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sass_metrics  # noqa: E402
@@ -214,7 +213,7 @@ KERNEL_MODULES = (
     "_split_k",
     "entry",
 )
-PACKAGES = ("fastunet.kernels", "kernels")  # installed package first, then the checkout
+PACKAGES = ("fastunet.kernels",)  # the kernels' one import name
 JSON_KEYS = (
     "kernel", "config", "dtype", "regs", "spills", "smem", "smem_estimate", "hgmma", "nan_dropping",
     "global_loads", *sass_metrics.METRIC_KEYS,
@@ -769,28 +768,13 @@ class SpecRef:
     module: str = ""
 
 
-def _ensure_checkout_on_path() -> None:
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
 def _import_common():
-    for pkg in PACKAGES:
-        if pkg == "kernels":
-            _ensure_checkout_on_path()
-        try:
-            return importlib.import_module(f"{pkg}._common")
-        except Exception:  # not installed, or fastunet/__init__ is broken: try the checkout
-            continue
-    raise ImportError("neither fastunet.kernels._common nor kernels._common can be imported")
+    return importlib.import_module(f"{PACKAGES[0]}._common")
 
 
 def locate_module(name: str, packages: Sequence[str] = PACKAGES) -> str | None:
     """Dotted name of kernel module ``name`` in the first of ``packages`` that has it, or None."""
     for pkg in packages:
-        if pkg == "kernels":
-            _ensure_checkout_on_path()
         try:
             found = importlib.util.find_spec(f"{pkg}.{name}")
         except Exception:  # the parent package is missing or broken: try the next one

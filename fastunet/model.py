@@ -60,7 +60,7 @@ from ._snapshot import is_current, tensors_state
 from .backend import get_backend, use_fused
 from .distributed import group_name, sync_group
 from .guard import FusedLayers, check_fused_support, fused_layers, walk_layers, warn_unsupported
-from .ops import OpsNamespace, Tape, direct_ok, direct_ok_mutation, run_taped
+from .ops import OpsNamespace, Tape, direct_ok, direct_ok_mutation, kernel_package, run_taped
 from .ops import direct as _direct
 from .ops._common import _unit_affine
 from .reference import UNetReference
@@ -76,12 +76,6 @@ _get_eps = itemgetter("eps")
 # An activation on the training path: a tensor and the per-channel (scale, shift) of the
 # BatchNorm+ReLU its reader applies, or (tensor, None, None) for a finished tensor.
 _Act = tuple[Tensor, Tensor | None, Tensor | None]
-
-
-def _kernels():
-    from . import kernels  # deferred: the CPU fallback never imports triton
-
-    return kernels
 
 
 def _bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
@@ -391,7 +385,7 @@ class UNet(UNetReference):
         return self._eval_plan(fused_layers(self) or self._walk_layers(), dtype, x.device)
 
     def _build_eval_plan(self, layers, dtype, device, key, sources, versions, ptrs) -> _EvalPlan:
-        k = _kernels()
+        k = kernel_package()
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         entry = k.entry_channels(self.in_ch, dtype)
         convs = []
@@ -432,7 +426,7 @@ class UNet(UNetReference):
     def _training_graph(self, ops, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
         """The training forward against an ops namespace (the registered ops, or a tape)."""
         d = self.depth
-        entry = _kernels().entry_channels(self.in_ch, dtype)
+        entry = kernel_package().entry_channels(self.in_ch, dtype)
         act: _Act = (ops.pad_channels_nhwc(x, dtype, entry), None, None)
         pairs = iter(zip(layers.convs, _norms(layers), strict=True))
         drops = iter(layers.drops)

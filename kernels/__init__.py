@@ -9,6 +9,7 @@ is the fast layout), check their inputs, pick a config and launch. No ``nn.Modul
 | ``conv3x3_bn_act`` | 3x3 conv (optionally of ``cat([x, x2])``) + folded BN/bias + ReLU |
 | ``conv3x3_bn_act_head`` | the same + 1x1 head + sigmoid/softmax in the epilogue |
 | ``conv3x3_bn_stats`` | training conv: previous BN+ReLU on the loads, this BN's batch statistics in the epilogue |
+| ``conv3x3_up_bn_act``, ``conv3x3_up_bn_stats`` | the same, one source read up-sampled: odd-size pad, bilinear x2 |
 | ``bn_stats_finalize`` | merges the per-tile statistics into mean and variance (deterministic) |
 | ``bn_affine``, ``bn_affine_backward`` | BatchNorm's (scale, shift) from the statistics, fp64, and its chain rule |
 | ``bn_running_update_`` | ``nn.BatchNorm2d``'s running-statistics update, in place |
@@ -19,9 +20,15 @@ is the fast layout), check their inputs, pick a config and launch. No ``nn.Modul
 | ``head1x1_input_grad``, ``head1x1_weight_grad`` | 1x1 head backward |
 | ``conv3x3_weight_grad`` | 3x3 conv weight gradient (split over pixels, deterministic), previous BN+ReLU on load |
 | ``upconv2x2`` | ConvTranspose2d(k=2, s=2) + bias, phase-scatter epilogue |
+| ``upconv_nearest2x2`` (``_input_grad``, ``_weight_grad``) | Keras' nearest x2 + 2x2 'same' conv (+ ReLU) |
 | ``maxpool2x2`` | 2x2 max-pool, NaN-propagating |
 | ``head1x1`` | 1x1 conv + activation |
 | ``pad_cast_nhwc`` | the model's entry: cast + zero-pad to 16-byte NHWC pixels (vector loads in the first conv) |
+
+Imported everywhere as ``fastunet.kernels`` (the package, the tests, the benchmarks); the
+submodules named like a launcher (``head1x1``, ``maxpool2x2``, ``upconv2x2``,
+``upconv_nearest2x2``) are reached with ``importlib.import_module("fastunet.kernels.<name>")``,
+since the attribute is the launcher.
 
 Launchers launch on the current CUDA device and stream; ``fastunet.ops`` makes the tensors'
 device current around every op (a launcher called directly with tensors on another GPU
@@ -38,6 +45,8 @@ from .conv3x3 import (
     conv3x3_bn_act,
     conv3x3_bn_act_head,
     conv3x3_bn_stats,
+    conv3x3_up_bn_act,
+    conv3x3_up_bn_stats,
     pack_conv3x3_weight,
 )
 from .conv3x3_wgrad import conv3x3_weight_grad
@@ -48,7 +57,12 @@ from .maxpool2x2 import maxpool2x2
 from .norm_act_bwd import affine_relu_backward, maxpool2x2_backward
 from .upconv2x2 import pack_upconv2x2_weight, upconv2x2
 from .upconv2x2_bwd import upconv2x2_input_grad, upconv2x2_weight_grad
-from .upconv_nearest2x2 import pack_upconv_nearest2x2_weight, upconv_nearest2x2
+from .upconv_nearest2x2 import (
+    pack_upconv_nearest2x2_weight,
+    upconv_nearest2x2,
+    upconv_nearest2x2_input_grad,
+    upconv_nearest2x2_weight_grad,
+)
 
 #: Kernel modules that expose ``compile_specs(arch)`` for the offline compile report (ring 2).
 KERNEL_MODULES = (
@@ -91,6 +105,8 @@ __all__ = [
     "conv3x3_bn_act",
     "conv3x3_bn_act_head",
     "conv3x3_bn_stats",
+    "conv3x3_up_bn_act",
+    "conv3x3_up_bn_stats",
     "conv3x3_weight_grad",
     "entry_channels",
     "head1x1",
@@ -106,4 +122,6 @@ __all__ = [
     "upconv2x2_weight_grad",
     "pack_upconv_nearest2x2_weight",
     "upconv_nearest2x2",
+    "upconv_nearest2x2_input_grad",
+    "upconv_nearest2x2_weight_grad",
 ]

@@ -31,7 +31,7 @@ import kernel_report as kr  # noqa: E402
 
 pytestmark = pytest.mark.compile
 
-_common = kr._import_common()  # fastunet.kernels._common, else the checkout's kernels._common
+_common = kr._import_common()  # fastunet.kernels._common
 KernelSpec, smem_limit = _common.KernelSpec, _common.smem_limit
 
 

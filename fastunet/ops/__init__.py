@@ -38,7 +38,9 @@ One module per op family, named after its kernel module, so a reader goes
 | ``norm_act_bwd`` | ``affine_relu_backward``, ``maxpool2x2_backward`` |
 | ``entry`` | ``pad_channels_nhwc`` (and ``_pad_weight_in``) |
 | ``tape`` | ``direct``, ``Tape``, ``run_taped``, ``OpsNamespace``: how the model calls the ops |
-| ``_common`` | shared helpers, checks, composites, the device guard, ``direct_ok`` and the ``_bwd`` registry |
+| ``_common`` | shared helpers, checks, composites, the device guard, ``direct_ok``, ``_bwd``, ``kernel_package`` |
+
+``kernel_package()`` is the one (lazy) import of ``fastunet.kernels`` in the package.
 
 The family modules import only ``_common`` (and ``norm_act_bwd`` the pool's input check), never
 each other's ops: cross-family backward calls go through ``_bwd``, which each module fills in.
@@ -51,7 +53,7 @@ from __future__ import annotations
 from ._common import _device_guard as _device_guard
 from ._common import _on_input_device as _on_input_device
 from ._common import _uncenter as _uncenter
-from ._common import direct_ok, direct_ok_mutation
+from ._common import direct_ok, direct_ok_mutation, kernel_package
 from .bn_train import (
     bn_affine,
     bn_affine_backward,
@@ -93,6 +95,7 @@ __all__ = [
     "head1x1",
     "head1x1_input_grad",
     "head1x1_weight_grad",
+    "kernel_package",
     "maxpool2x2",
     "maxpool2x2_backward",
     "pad_channels_nhwc",

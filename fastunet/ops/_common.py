@@ -1,6 +1,6 @@
 """Helpers the op families share: dtype and layout helpers, input checks, the eager composites
 used by several families, the backward helpers, the device guard every implementation runs
-under (``_on_input_device``), the lazy ``fastunet.kernels`` import (``_kernels``: CPU-only
+under (``_on_input_device``), the lazy ``fastunet.kernels`` import (``kernel_package``: CPU-only
 installs never import triton), and the direct-call test ``direct_ok`` with the ``_bwd``
 registry the backward formulas call through (see ``_Backward``).
 """
@@ -48,8 +48,10 @@ def _use_kernels(x: Tensor) -> bool:
 _KERNELS = None
 
 
-def _kernels():
-    """``fastunet.kernels``, imported on first use: CPU-only installs never need triton."""
+def kernel_package():
+    """The ``fastunet.kernels`` package, imported on first use (CPU-only installs never need
+    triton). The one way the package reaches the kernels: every op implementation, and the
+    model's weight packing through ``fastunet.ops.kernel_package``."""
     global _KERNELS
     if _KERNELS is None:
         from .. import kernels
@@ -154,13 +156,13 @@ def _packed_conv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """The conv kernel's B operand layout in ``dtype`` (a no-op for an already packed weight)."""
     if weight.dtype == dtype and weight.stride(0) == 1:
         return weight
-    return _kernels().pack_conv3x3_weight(weight.detach(), dtype)
+    return kernel_package().pack_conv3x3_weight(weight.detach(), dtype)
 
 
 def _packed_upconv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     if weight.dtype == dtype and weight.stride(1) == 1:
         return weight
-    return _kernels().pack_upconv2x2_weight(weight.detach(), dtype)
+    return kernel_package().pack_upconv2x2_weight(weight.detach(), dtype)
 
 
 _UNIT_AFFINE: dict[tuple, tuple[Tensor, Tensor]] = {}

@@ -9,7 +9,16 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ._common import _acc_dtype, _as_nhwc, _bwd, _channel_vec, _empty_nhwc, _kernels, _on_input_device, _use_kernels
+from ._common import (
+    _acc_dtype,
+    _as_nhwc,
+    _bwd,
+    _channel_vec,
+    _empty_nhwc,
+    _on_input_device,
+    _use_kernels,
+    kernel_package,
+)
 
 # =========================================================================== BatchNorm (training)
 # What nn.BatchNorm2d does with the batch statistics of a training conv, as three ops whose
@@ -38,7 +47,7 @@ def _(mean, var, weight, bias, eps):
 @_on_input_device
 def _bn_affine_impl(mean, var, weight, bias, eps):
     if _use_kernels(mean):
-        return _kernels().bn_affine(mean, var, weight, bias, eps)
+        return kernel_package().bn_affine(mean, var, weight, bias, eps)
     scale = torch.rsqrt(var.double() + eps)
     if weight is not None:
         scale = scale * weight.double()
@@ -94,7 +103,7 @@ def _(gscale, gshift, mean, var, weight, eps):
 @_on_input_device
 def _bn_affine_backward_impl(gscale, gshift, mean, var, weight, eps):
     if _use_kernels(mean):
-        return _kernels().bn_affine_backward(gscale, gshift, mean, var, weight, eps)
+        return kernel_package().bn_affine_backward(gscale, gshift, mean, var, weight, eps)
     gs, gt = gscale.double(), gshift.double()
     rstd = torch.rsqrt(var.double() + eps)
     w = weight.double() if weight is not None else torch.ones_like(rstd)
@@ -135,7 +144,7 @@ def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count
 def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=None):
     mean, var = mean.detach(), var.detach()
     if _use_kernels(mean):
-        return _kernels().bn_running_update_(
+        return kernel_package().bn_running_update_(
             mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=count_all
         )
     factor = 0.0 if momentum is None else momentum
@@ -175,7 +184,7 @@ def _(gz, z, mean, gmean, gvar):
 @_on_input_device
 def _bn_stats_backward_impl(gz, z, mean, gmean, gvar):
     if _use_kernels(z):
-        return _kernels().bn_stats_backward(gz, z, mean, gmean, gvar)
+        return kernel_package().bn_stats_backward(gz, z, mean, gmean, gvar)
     acc = _acc_dtype(z.dtype)
     n = z.numel() // z.shape[1]
     if n == 0:  # an empty batch (a rank's, in synchronised BatchNorm): nothing reaches z

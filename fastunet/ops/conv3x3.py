@@ -34,12 +34,12 @@ from ._common import (
     _grads_for,
     _head_composite,
     _head_grads,
-    _kernels,
     _norm_arg,
     _on_input_device,
     _packed_conv_weight,
     _unit_affine,
     _use_kernels,
+    kernel_package,
 )
 
 
@@ -93,7 +93,7 @@ def _(x, x2, weight, scale, shift, relu):
 def _conv3x3_bn_act_impl(x, x2, weight, scale, shift, relu):
     # On the kernel path the launcher validates (one check per call on the hot path).
     if _use_kernels(x):
-        return _kernels().conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
+        return kernel_package().conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
     _check_conv3x3(x, x2, weight, scale, shift)
     return _as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), x.dtype)
 
@@ -148,7 +148,7 @@ def _(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
 def _conv3x3_bn_act_head_impl(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
     _check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
     if _use_kernels(x):
-        k = _kernels()
+        k = kernel_package()
         if head_weight.shape[0] <= k.MAX_HEAD_K and weight.shape[0] <= k.MAX_HEAD_C_OUT:
             return k.conv3x3_bn_act_head(
                 x, weight, scale.float(), shift.float(), head_weight, head_bias.float(),
@@ -247,7 +247,7 @@ def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
 def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
     _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count)
     if _use_kernels(x):
-        return _kernels().conv3x3_bn_stats(
+        return kernel_package().conv3x3_bn_stats(
             x, _packed_conv_weight(weight, x.dtype), bias.float(), x2=x2,
             x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift),
         )  # fmt: skip
@@ -276,7 +276,7 @@ def _conv3x3_input_grad(g: Tensor, weight: Tensor) -> Tensor:
     gradient is such a conv), so the kernels compute it and ``torch.compile`` can trace it."""
     flipped = weight.detach().to(g.dtype).transpose(0, 1).flip(2, 3)
     if _use_kernels(g):
-        flipped = _kernels().pack_conv3x3_weight(flipped)
+        flipped = kernel_package().pack_conv3x3_weight(flipped)
     ones, zeros = _unit_affine(flipped.shape[0], g, _acc_dtype(g.dtype))
     return _bwd.conv3x3_bn_act(g, None, flipped, ones, zeros, False)
 
@@ -420,7 +420,7 @@ def _(skip, up, weight, scale, shift, relu, up_first, bilinear):
 @_on_input_device
 def _conv3x3_up_bn_act_impl(skip, up, weight, scale, shift, relu, up_first, bilinear):
     if _use_kernels(skip):  # the launcher validates
-        return _kernels().conv3x3.conv3x3_up_bn_act(
+        return kernel_package().conv3x3_up_bn_act(
             skip, up, weight, scale.float(), shift.float(), up_first=up_first, bilinear=bilinear, relu=relu
         )  # fmt: skip
     _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, bilinear)
@@ -513,7 +513,7 @@ def _conv3x3_up_bn_stats_impl(
 ):
     _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count)
     if _use_kernels(skip):
-        return _kernels().conv3x3.conv3x3_up_bn_stats(
+        return kernel_package().conv3x3_up_bn_stats(
             skip, up, _packed_conv_weight(weight, skip.dtype), bias.float(), up_first=up_first, bilinear=bilinear,
             skip_norm=_norm_arg(skip_scale, skip_shift), up_norm=_norm_arg(up_scale, up_shift),
         )  # fmt: skip

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _acc_dtype, _affine_relu, _bwd, _kernels, _norm_arg, _on_input_device, _use_kernels
+from ._common import _acc_dtype, _affine_relu, _bwd, _norm_arg, _on_input_device, _use_kernels, kernel_package
 
 
 @torch.library.custom_op("fastunet::conv3x3_weight_grad", mutates_args=())
@@ -36,7 +36,7 @@ def _(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
 @_on_input_device
 def _conv3x3_weight_grad_impl(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
     if _use_kernels(x):
-        return _kernels().conv3x3_weight_grad(
+        return kernel_package().conv3x3_weight_grad(
             g.to(x.dtype), x, x2, x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift)
         )
     xin = _affine_relu(x, x_scale, x_shift)

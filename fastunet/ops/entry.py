@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import _KERNEL_DTYPES, _empty_nhwc, _kernels, _on_input_device, _use_kernels
+from ._common import _KERNEL_DTYPES, _empty_nhwc, _on_input_device, _use_kernels, kernel_package
 
 
 # =========================================================================== pad_channels_nhwc
@@ -40,7 +40,7 @@ def _(x, dtype, channels):
 def _pad_channels_nhwc_impl(x, dtype, channels):
     _check_pad(x, dtype, channels)
     if dtype in _KERNEL_DTYPES and _use_kernels(x):
-        return _kernels().pad_cast_nhwc(x, dtype, channels)
+        return kernel_package().pad_cast_nhwc(x, dtype, channels)
     out = _empty_nhwc((x.shape[0], channels, x.shape[2], x.shape[3]), x, dtype)
     out[:, x.shape[1] :].zero_()
     out[:, : x.shape[1]].copy_(x)

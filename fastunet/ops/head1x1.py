@@ -21,11 +21,11 @@ from ._common import (
     _grads_for,
     _head_composite,
     _head_grads,
-    _kernels,
     _norm_arg,
     _on_input_device,
     _use_kernels,
     _with_norm_defaults,
+    kernel_package,
 )
 
 
@@ -62,8 +62,8 @@ def _head1x1_impl(x, weight, bias, activation, in_scale=None, in_shift=None):
     if _use_kernels(x):
         weight = weight.to(x.dtype)
         if in_scale is None:
-            return _kernels().head1x1(x, weight, bias.float(), activation=activation)
-        return _kernels().head1x1(
+            return kernel_package().head1x1(x, weight, bias.float(), activation=activation)
+        return kernel_package().head1x1(
             x, weight, bias.float(), activation=activation, in_scale=in_scale, in_shift=in_shift
         )
     return _as_nhwc(_head_composite(_affine_relu(x, in_scale, in_shift), weight, bias, activation), x.dtype)
@@ -105,7 +105,7 @@ def _(gz, weight):
 @_on_input_device
 def _head1x1_input_grad_impl(gz, weight):
     if _use_kernels(gz):
-        return _kernels().head1x1_input_grad(gz, weight)
+        return kernel_package().head1x1_input_grad(gz, weight)
     return _as_nhwc(F.conv2d(gz, weight.to(gz.dtype).transpose(0, 1)), gz.dtype)
 
 
@@ -125,7 +125,7 @@ def _(gz, x, in_scale, in_shift):
 @_on_input_device
 def _head1x1_weight_grad_impl(gz, x, in_scale, in_shift):
     if _use_kernels(x):
-        gw = _kernels().head1x1_weight_grad(gz.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
+        gw = kernel_package().head1x1_weight_grad(gz.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
         return gw.reshape(gw.shape[0], gw.shape[1], 1, 1).contiguous()
     acc = _acc_dtype(gz.dtype)
     xin = _affine_relu(x, in_scale, in_shift)

@@ -19,10 +19,10 @@ from ._common import (
     _check_norm,
     _empty_nhwc,
     _grads_for,
-    _kernels,
     _on_input_device,
     _use_kernels,
     _with_norm_defaults,
+    kernel_package,
 )
 
 
@@ -62,8 +62,8 @@ def _(x, in_scale=None, in_shift=None):
 def _maxpool2x2_impl(x, in_scale=None, in_shift=None):
     if _use_kernels(x):
         if in_scale is None:
-            return _kernels().maxpool2x2(x)
-        return _kernels().maxpool2x2(x, in_scale=in_scale, in_shift=in_shift)
+            return kernel_package().maxpool2x2(x)
+        return kernel_package().maxpool2x2(x, in_scale=in_scale, in_shift=in_shift)
     _check_pool_input(x, in_scale, in_shift)
     return _as_nhwc(F.max_pool2d(_affine_relu(x, in_scale, in_shift), 2), x.dtype)
 

@@ -15,9 +15,9 @@ from ._common import (
     _bwd,
     _check_norm,
     _empty_nhwc,
-    _kernels,
     _on_input_device,
     _use_kernels,
+    kernel_package,
 )
 from .maxpool2x2 import _check_pool
 
@@ -49,7 +49,7 @@ def _affine_relu_backward_impl(g, x, scale, shift):
     if _use_kernels(x):
         # The kernels take dscale about the transform's zero crossing and add it back in fp64
         # (see _transform_center): two separate fp64 [C] sums, no aliasing between the outputs.
-        dx, ds, dt = _kernels().affine_relu_backward(g.to(x.dtype), x, scale, shift, center="transform")
+        dx, ds, dt = kernel_package().affine_relu_backward(g.to(x.dtype), x, scale, shift, center="transform")
         return dx, ds.to(scale.dtype), dt.to(shift.dtype)
     dx, ds, dt = _affine_relu_grads_composite(g, x, scale, shift)
     return _as_nhwc(dx, x.dtype), ds, dt
@@ -80,8 +80,8 @@ def _maxpool2x2_backward_impl(g, x, in_scale, in_shift):
     vec = in_scale if in_scale is not None else x
     if _use_kernels(x):
         if in_scale is None:
-            return _kernels().maxpool2x2_backward(g.to(x.dtype), x)[0], vec.new_empty(0), vec.new_empty(0)
-        dx, ds, dt = _kernels().maxpool2x2_backward(g.to(x.dtype), x, in_scale, in_shift, center="transform")
+            return kernel_package().maxpool2x2_backward(g.to(x.dtype), x)[0], vec.new_empty(0), vec.new_empty(0)
+        dx, ds, dt = kernel_package().maxpool2x2_backward(g.to(x.dtype), x, in_scale, in_shift, center="transform")
         return dx, ds.to(in_scale.dtype), dt.to(in_shift.dtype)
     xin = _affine_relu(x, in_scale, in_shift)
     # torch's own argmax, so ties and NaNs route gradients exactly as the reference does.

@@ -19,12 +19,12 @@ from ._common import (
     _check_norm,
     _empty_nhwc,
     _grads_for,
-    _kernels,
     _norm_arg,
     _on_input_device,
     _packed_upconv_weight,
     _use_kernels,
     _with_norm_defaults,
+    kernel_package,
 )
 
 
@@ -69,8 +69,8 @@ def _upconv2x2_impl(x, weight, bias, in_scale=None, in_shift=None):
     if _use_kernels(x):
         w = _packed_upconv_weight(weight, x.dtype)
         if in_scale is None:
-            return _kernels().upconv2x2(x, w, bias.float())
-        return _kernels().upconv2x2(x, w, bias.float(), in_scale=in_scale, in_shift=in_shift)
+            return kernel_package().upconv2x2(x, w, bias.float())
+        return kernel_package().upconv2x2(x, w, bias.float(), in_scale=in_scale, in_shift=in_shift)
     _check_upconv(x, weight, bias, in_scale, in_shift)
     acc = _acc_dtype(x.dtype)
     y = F.conv_transpose2d(_affine_relu(x, in_scale, in_shift), weight.to(x.dtype), stride=2)
@@ -116,7 +116,7 @@ def _(g, weight):
 @_on_input_device
 def _upconv2x2_input_grad_impl(g, weight):
     if _use_kernels(g):
-        return _kernels().upconv2x2_input_grad(g, _packed_upconv_weight(weight, g.dtype))
+        return kernel_package().upconv2x2_input_grad(g, _packed_upconv_weight(weight, g.dtype))
     return _as_nhwc(F.conv2d(g, weight.to(g.dtype), stride=2), g.dtype)
 
 
@@ -137,7 +137,7 @@ def _(g, x, in_scale, in_shift):
 @_on_input_device
 def _upconv2x2_weight_grad_impl(g, x, in_scale, in_shift):
     if _use_kernels(x):
-        return _kernels().upconv2x2_weight_grad(g.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
+        return kernel_package().upconv2x2_weight_grad(g.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
     xin = _affine_relu(x, in_scale, in_shift)
     _, gw, _ = torch.ops.aten.convolution_backward(
         g.to(x.dtype), xin, xin.new_empty((x.shape[1], g.shape[1], 2, 2)), None, [2, 2], [0, 0], [1, 1], True,

@@ -19,8 +19,6 @@ Every form works on the low-res map one output phase at a time (see the kernel m
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,10 +33,10 @@ from ._common import (
     _check_norm,
     _empty_nhwc,
     _grads_for,
-    _kernels,
     _on_input_device,
     _use_kernels,
     _with_norm_defaults,
+    kernel_package,
 )
 
 # First tap block of each phase ``di*2 + dj`` in the packed weight, and each phase's (di, dj).
@@ -78,13 +76,6 @@ def _phase_weight(packed: Tensor, phase: int) -> Tensor:
     base = _PHASE_BASE[phase]
     blocks = packed[base : base + (di + 1) * (dj + 1)]  # [taps, C_in, C_out]
     return blocks.reshape(di + 1, dj + 1, packed.shape[1], packed.shape[2]).permute(3, 2, 0, 1)
-
-
-def _kernel_module():
-    """``fastunet.kernels.upconv_nearest2x2`` (the module, not the launcher the package exports
-    under that name), imported on first use as ``_kernels`` does: CPU-only installs never import
-    triton."""
-    return importlib.import_module(f"{_kernels().__name__}.upconv_nearest2x2")
 
 
 def _c_out(weight: Tensor) -> int:
@@ -159,7 +150,7 @@ def _composite(x, weight, bias, relu, in_scale, in_shift) -> Tensor:
 @_on_input_device
 def _upconv_nearest2x2_impl(x, weight, bias, relu, in_scale=None, in_shift=None):
     if _use_kernels(x):
-        K = _kernel_module()
+        K = kernel_package()
         w = _pack(weight, x.dtype) if weight.dim() == 3 else K.pack_upconv_nearest2x2_weight(weight.detach(), x.dtype)
         b = None if bias is None else bias.float()
         return K.upconv_nearest2x2(x, w, b, relu=relu, in_scale=in_scale, in_shift=in_shift)
@@ -225,7 +216,7 @@ def _(g, weight):
 @_on_input_device
 def _input_grad_impl(g, weight):
     if _use_kernels(g):
-        K = _kernel_module()
+        K = kernel_package()
         packed = _pack(weight, g.dtype) if weight.dim() == 3 else K.pack_upconv_nearest2x2_weight(weight, g.dtype)
         # The dgrad's B rows run along C_in: store the blocks [9, C_out, C_in] (a no-op if they are).
         packed = packed.detach().transpose(1, 2).contiguous().transpose(1, 2)
@@ -269,7 +260,7 @@ def _(g, x, in_scale, in_shift):
 def _weight_grad_impl(g, x, in_scale, in_shift):
     if _use_kernels(x):
         norm = None if in_scale is None else (in_scale, in_shift)
-        return _kernel_module().upconv_nearest2x2_weight_grad(g.to(x.dtype), x, x_norm=norm)
+        return kernel_package().upconv_nearest2x2_weight_grad(g.to(x.dtype), x, x_norm=norm)
     # Composite: per phase, the wgrad of a (di + 1, dj + 1) conv over the padded low-res T(x) is
     # that phase's blocks' gradient.
     acc = _acc_dtype(g.dtype)

@@ -8,19 +8,14 @@ reference upsamples a materialized ``T(x)`` (fp32 math, rounded to x's dtype).
 """
 
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, poisoned_like, tolerance_name
 
-try:  # the installed package (pip install -e .)
-    kernel_module = importlib.import_module("fastunet.kernels.upconv2x2")
-except ModuleNotFoundError:  # a plain checkout: the kernels package sits at the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    kernel_module = importlib.import_module("kernels.upconv2x2")
+# The submodule (``fastunet.kernels.upconv2x2`` as an attribute is the launcher the package exports).
+kernel_module = importlib.import_module("fastunet.kernels.upconv2x2")
 compile_specs = kernel_module.compile_specs
 pack_upconv2x2_weight = kernel_module.pack_upconv2x2_weight
 upconv2x2 = kernel_module.upconv2x2

@@ -21,11 +21,8 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, max_rel_error, poisoned_like, tolerance_name
 
-try:  # the installed package (pip install -e .)
-    kernel_module = importlib.import_module("fastunet.kernels.upconv_nearest2x2")
-except ModuleNotFoundError:  # a plain checkout: the kernels package sits at the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    kernel_module = importlib.import_module("kernels.upconv_nearest2x2")
+# The submodule (``fastunet.kernels.upconv_nearest2x2`` as an attribute is the launcher the package exports).
+kernel_module = importlib.import_module("fastunet.kernels.upconv_nearest2x2")
 compile_specs = kernel_module.compile_specs
 pack = kernel_module.pack_upconv_nearest2x2_weight
 upconv_nearest2x2 = kernel_module.upconv_nearest2x2
