@@ -1,4 +1,4 @@
-"""When a cache of tensors derived from parameters and buffers (the fused eval plan, the CPU
+"""When a cache of tensors derived from parameters and buffers (the fused inference weights, the CPU
 fallback's folded weights) is still valid: the same tensor objects, each with the ``_version``
 and storage it had when the cache was built. An in-place update bumps ``_version``; a ``.data``
 swap or ``.to()`` changes the storage; ``load_state_dict`` or a reassigned parameter changes the

@@ -9,7 +9,7 @@ layout oneDNN's convolutions run fastest in here; ``ConvTranspose2d`` in particu
 faster channels_last at the wide levels). On one thread that is about 1.27x the module tree for ``UNet(3, 1)`` on one
 256x256 float32 image (708 vs 900 ms on a Sapphire Rapids core).
 
-The folded weights are cached per model and compute dtype, keyed like ``model._EvalPlan``: the
+The folded weights are cached per model and compute dtype, keyed like ``fused.Weights``: the
 source tensors' identity, ``_version`` and storage address, so an in-place edit,
 ``load_state_dict`` or ``.to()`` rebuilds them. The cache costs one more copy of the conv
 weights (about 124 MB in float32 for the classic model) and dies with the model.
@@ -17,11 +17,11 @@ weights (about 124 MB in float32 for the classic model) and dies with the model.
 The folded weights are detached, so ``model.py`` uses them only when no gradient has to reach a
 parameter; gradients w.r.t. the input flow through the folded forward as usual.
 
-Architecture options (``fastunet.reference``): ``norm="none"`` keeps each conv's own bias (or
-none); dropout is the identity in eval; the ups are the reference's math (``ConvTranspose2d``,
-nearest x2 + bottom/right zero row and column + 2x2 conv + ReLU, bilinear x2 with
-align_corners), then ``pad_to`` the skip for ``odd_sizes="pad"`` and the concat in the model's
-order; the pre-head conv + ReLU before the head.
+The forward is the model's plan (``fastunet.plan.execute``) run by ``CpuForm``: ``norm="none"``
+keeps each conv's own bias (or none); dropout is the identity in eval; the ups are the
+reference's math (``ConvTranspose2d``, nearest x2 + bottom/right zero row and column + 2x2 conv
++ ReLU, bilinear x2 with align_corners), then ``pad_to`` the skip for ``odd_sizes="pad"`` and
+the concat in the plan's order; the pre-head conv + activation before the head.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._snapshot import is_current, tensors_state
+from .guard import FusedLayers
+from .norm import fold_bn
+from .plan import Concat, Conv, DoubleConv, Head, Up, execute
 from .reference import apply_out_activation, pad_to
 
 _CL = torch.channels_last
@@ -44,12 +47,13 @@ _CL = torch.channels_last
 class CpuPlan:
     """The folded weights of one model for one compute dtype.
 
-    ``convs``: per 3x3 conv in call order (the pre-head conv last), ``(weight [C_out, C_in, 3, 3]
+    ``convs``: per 3x3 conv (``plan.convs`` order), ``(weight [C_out, C_in, 3, 3]
     channels_last, bias [C_out] or None)`` with BatchNorm and conv bias folded in; ``ups``: per
     transposed conv ``(weight [2C, C, 2, 2] channels_last, bias [C])`` or nearest_conv up conv
     ``(weight [C, 2C, 2, 2] channels_last, bias [C] or None)``, none for bilinear; ``head``:
-    ``(weight [K, C, 1, 1], bias [K] or None)``. ``sources``/``versions``/``ptrs``: the tensors it was built from, their
-    ``_version`` and ``data_ptr`` then (held, so none can be freed and its identity reused).
+    ``(weight [K, C, 1, 1], bias [K] or None)``. ``sources``/``versions``/``ptrs``: the tensors it
+    was built from, their ``_version`` and ``data_ptr`` then (held, so none can be freed and its
+    identity reused).
     """
 
     key: tuple
@@ -73,17 +77,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tup
     ``dtype``; derived in float64 so that the final cast is the only rounding. Detached: call
     under ``torch.no_grad``.
     """
-    f64 = torch.float64
-    scale = torch.rsqrt(bn.running_var.to(f64) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(f64)
-    shift = -bn.running_mean.to(f64)
-    if conv.bias is not None:
-        shift = shift + conv.bias.to(f64)
-    shift = shift * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(f64)
-    weight = conv.weight.to(f64) * scale[:, None, None, None]
+    scale, shift = fold_bn(conv, bn, torch.float64)
+    weight = conv.weight.to(torch.float64) * scale[:, None, None, None]
     return weight.to(dtype).contiguous(memory_format=_CL), shift.to(dtype)
 
 
@@ -93,15 +88,14 @@ def _as_is(conv: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     return conv.weight.to(dtype).contiguous(memory_format=_CL), bias
 
 
-def _build(layers, dtype: torch.dtype, key, sources, versions, ptrs) -> CpuPlan:
+def _build(layers: FusedLayers, dtype: torch.dtype, key, sources, versions, ptrs) -> CpuPlan:
     # Plain tensors even inside torch.inference_mode: the plan is reused outside it, where an
     # inference tensor could not be saved for backward (the input-gradient case).
     with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
-        # norm="none" and the pre-head conv: the conv as it is
-        bns = (*layers.bns, *(None,) * (len(layers.convs) - len(layers.bns)))
+        # no norm (norm="none", the pre-head conv): the conv as it is
         convs = [
             fold_conv_bn(conv, bn, dtype) if bn is not None else _as_is(conv, dtype)
-            for conv, bn in zip(layers.convs, bns, strict=True)
+            for conv, bn in zip(layers.convs, layers.norms, strict=True)
         ]
         ups = [_as_is(up, dtype) for up in layers.ups]
         head = layers.head
@@ -109,7 +103,7 @@ def _build(layers, dtype: torch.dtype, key, sources, versions, ptrs) -> CpuPlan:
         return CpuPlan(key, sources, versions, ptrs, convs, ups, (head.weight.to(dtype), head_b))
 
 
-def cpu_plan(model: nn.Module, layers, sources: tuple, eps: tuple, dtype: torch.dtype) -> CpuPlan | None:
+def cpu_plan(model: nn.Module, layers: FusedLayers, sources: tuple, eps: tuple, dtype: torch.dtype) -> CpuPlan | None:
     """The cached plan of ``model`` for ``dtype`` when every source tensor is unchanged, else a
     new one; None when the sources cannot be tracked (inference tensors have no version)."""
     try:
@@ -136,8 +130,24 @@ def forget(model: nn.Module) -> None:
     _PLANS.pop(model, None)
 
 
-def run(plan: CpuPlan, x: Tensor, model: nn.Module) -> Tensor:
-    """The folded forward of ``model`` (its depth and architecture options):
+def forward(model: nn.Module, x: Tensor, layers: FusedLayers) -> Tensor | None:
+    """The folded forward of ``model`` (eval mode, a tree the guard accepts) on ``x``, or None
+    when it cannot run: a gradient has to reach a parameter (the folded weights are detached),
+    or the parameters cannot be tracked. ``[N, C_in, H, W] -> [N, K, H, W]``."""
+    sources, eps = layers.sources()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return None
+    dtype = x.dtype
+    if dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    plan = cpu_plan(model, layers, sources, eps, dtype)
+    if plan is None:
+        return None
+    return run(plan, x, layers)
+
+
+def run(plan: CpuPlan, x: Tensor, layers: FusedLayers) -> Tensor:
+    """The folded forward: ``layers.plan``'s steps on ``plan``'s weights,
     ``[N, C_in, H, W] -> [N, K, H, W]``.
 
     ``x`` in any dtype (cast to the plan's); under ``torch.autocast`` the ops follow the
@@ -145,38 +155,41 @@ def run(plan: CpuPlan, x: Tensor, model: nn.Module) -> Tensor:
     format, as the module tree's would.
     """
     keep_cl = x.is_contiguous(memory_format=_CL) and not x.is_contiguous()
-    dtype = plan.convs[0][0].dtype
-    x = x.to(dtype=dtype, memory_format=_CL)
-    convs = iter(plan.convs)
-    skips = []
-    depth, upsampling = model.depth, model.upsampling
-    for _ in range(depth):  # dropout: the identity in eval
-        x = F.conv2d(x, *next(convs), padding=1).relu_()
-        x = F.conv2d(x, *next(convs), padding=1).relu_()
-        skips.append(x)
-        x = F.max_pool2d(x, 2)
-    x = F.conv2d(x, *next(convs), padding=1).relu_()
-    x = F.conv2d(x, *next(convs), padding=1).relu_()
-    classic = upsampling == "transpose" and model.odd_sizes == "error" and model.concat == "up_skip"
-    ups = iter(plan.ups)
-    for _ in range(depth):
-        skip = skips.pop()
-        if classic:
-            x = torch.cat([F.conv_transpose2d(x, *next(ups), stride=2), skip], 1)
-        else:
-            if upsampling == "transpose":
-                u = F.conv_transpose2d(x, *next(ups), stride=2)
-            elif upsampling == "nearest_conv":  # NearestConvUp: TensorFlow's 'same' pads bottom/right
-                u = F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (0, 1, 0, 1))
-                u = F.conv2d(u, *next(ups)).relu_()
-            else:
-                u = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-            if model.odd_sizes == "pad":
-                u = pad_to(u, skip)
-            x = torch.cat([u, skip] if model.concat == "up_skip" else [skip, u], 1)
-        x = F.conv2d(x, *next(convs), padding=1).relu_()
-        x = F.conv2d(x, *next(convs), padding=1).relu_()
-    if model.pre_head_channels:
-        x = F.conv2d(x, *next(convs), padding=1).relu_()
-    y = apply_out_activation(F.conv2d(x, *plan.head), model.out_activation)
+    y = execute(layers.plan, CpuForm(plan), x)
     return y if keep_cl else y.contiguous()
+
+
+class CpuForm:
+    """The plan's steps on eager ops with the folded weights; activations are channels_last
+    tensors (see ``fastunet.plan.execute``)."""
+
+    def __init__(self, plan: CpuPlan):
+        self.plan = plan
+
+    def entry(self, x: Tensor) -> Tensor:
+        return x.to(dtype=self.plan.convs[0][0].dtype, memory_format=_CL)
+
+    def conv(self, unit: Conv, x: Tensor) -> Tensor:
+        return F.conv2d(x, *self.plan.convs[unit.index], padding=1).relu_()
+
+    def dropout(self, step: DoubleConv, x: Tensor) -> Tensor:
+        return x  # the identity in eval
+
+    def pool(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(x, 2)
+
+    def up(self, step: Up, x: Tensor) -> Tensor:
+        if step.kind == "transpose":
+            return F.conv_transpose2d(x, *self.plan.ups[step.index], stride=2)
+        if step.kind == "nearest_conv":  # NearestConvUp: TensorFlow's 'same' pads bottom/right
+            x = F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (0, 1, 0, 1))
+            return F.conv2d(x, *self.plan.ups[step.index]).relu_()
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+    def concat(self, step: Concat, skip: Tensor, u: Tensor, up: Up) -> tuple:
+        if step.pad:
+            u = pad_to(u, skip)
+        return (torch.cat([u, skip] if step.up_first else [skip, u], 1),)
+
+    def head(self, step: Head, x: Tensor) -> Tensor:
+        return apply_out_activation(F.conv2d(x, *self.plan.head), step.activation)

@@ -14,11 +14,11 @@ that per input signature:
   the same tensor every call of that signature, overwritten by the next replay (``.clone()``
   it to keep it);
 * a graph reads the weights as they were packed at capture, so before a replay the runner
-  asks whether they still are: for a ``fastunet.UNet``, whether its inference plan (packed
+  asks whether they still are: for a ``fastunet.UNet``, whether its inference weights (packed
   weights, folded BatchNorm; rebuilt when any parameter or buffer changes: an optimizer step,
-  ``load_state_dict``, ``.to()``) is the one the graph captured, a check of about 50 us that
+  ``load_state_dict``, ``.to()``) are the ones the graph captured, a check of about 50 us that
   also runs the module guard; for any other model, every parameter and buffer's identity,
-  storage and version. A changed plan means a new capture: replay never runs stale weights;
+  storage and version. Changed weights mean a new capture: replay never runs stale weights;
 * a ``UNet`` that would not take the fused inference path for the input (a hook or a swapped
   module: see ``fastunet.guard``) is not captured: the call runs ``model(x)`` as is, eager, with
   the guard's warning.
@@ -42,7 +42,7 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     static_in: Tensor
     static_out: Tensor
-    weights: object  # what the graph read: a UNet's inference plan, else a weights signature
+    weights: object  # what the graph read: a UNet's inference weights, else a signature
     keepalive: list = field(default_factory=list)
 
 
@@ -139,10 +139,10 @@ class CudaGraphRunner:
 
     def _weights(self, x: Tensor):
         """What a graph for ``x`` reads now (None: no fused inference forward for ``x``), under
-        ``no_grad`` as the replay runs (with grad on, a UNet builds a differentiable plan per call)."""
-        plan_of = getattr(self.model, "_inference_plan", None)
+        ``no_grad`` as the replay runs (with grad on, a UNet prepares differentiable weights per call)."""
+        weights_of = getattr(self.model, "_inference_weights", None)
         with torch.no_grad():
-            return plan_of(x) if plan_of is not None else _signature(self.model)
+            return weights_of(x) if weights_of is not None else _signature(self.model)
 
     def _entry(self, x: Tensor) -> _Captured | None:
         self._check(x)
@@ -168,6 +168,6 @@ class CudaGraphRunner:
         with torch.no_grad(), torch.cuda.graph(graph):
             static_out = self.model(static_in)
         self.captures += 1
-        # The plan holds every tensor made outside the capture and read by it (packed weights,
-        # folded BatchNorm): kept here, it outlives the graph even when the model replaces it.
+        # The weights hold every tensor made outside the capture and read by it (packed weights,
+        # folded BatchNorm): kept here, they outlive the graph even when the model replaces them.
         return _Captured(graph, static_in, static_out, self._weights(x))

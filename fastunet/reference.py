@@ -27,6 +27,7 @@ from .validation import ODD_SIZES, validate_input
 ACTIVATIONS = ("sigmoid", "none", "softmax")
 UPSAMPLINGS = ("transpose", "nearest_conv", "bilinear")
 NORMS = ("batch", "none")
+ACTS = ("relu",)
 CONCATS = ("up_skip", "skip_up")
 INITS = ("torch", "he_normal")
 

@@ -57,9 +57,9 @@ def guard_calls(monkeypatch):
     calls = []
     original = fastunet.model.check_fused_support
 
-    def spy(model):
+    def spy(model, **kwargs):
         calls.append(1)
-        return original(model)
+        return original(model, **kwargs)
 
     monkeypatch.setattr(fastunet.model, "check_fused_support", spy)
     return calls

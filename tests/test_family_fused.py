@@ -29,7 +29,7 @@ from torch import nn
 
 import fastunet
 from fastunet import FusedPathWarning, UNet, UNetReference, check_fused_support
-from fastunet.guard import _explain
+from fastunet.guard import _explain, _fast
 
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
 
@@ -221,7 +221,8 @@ def test_guard_accepts_each_option_set(case, train):
     verdict = check_fused_support(model)
     assert verdict.supported, verdict
     assert verdict.mode == ("train" if train else "eval")
-    assert _explain(model) == verdict  # the fast check and the readable one agree
+    assert _fast(model) == verdict  # the fast check answers itself (it never hands over to _explain)
+    assert _explain(model) == verdict  # and the readable one agrees
     assert check_fused_support(model) == verdict  # the memo's answer too
 
 
@@ -377,10 +378,8 @@ def test_training_forward_runs_on_the_tape(case, monkeypatch):
     like the other ops (``fastunet.ops.run_taped``), not per op: the output's only autograd node
     is the tape's, and every one of those ops went through ``Tape._run``."""
     seen, recorded = [], []
-    original = UNet._training_graph
-    monkeypatch.setattr(
-        UNet, "_training_graph", lambda self, ops, *a: seen.append(type(ops)) or original(self, ops, *a)
-    )
+    original = fastunet.fused.train_graph
+    monkeypatch.setattr(fastunet.fused, "train_graph", lambda ops, *a: seen.append(type(ops)) or original(ops, *a))
     run = fastunet.ops.Tape._run
     monkeypatch.setattr(
         fastunet.ops.Tape, "_run", lambda self, impl, *a: recorded.append(impl.__name__) or run(self, impl, *a)
@@ -428,7 +427,7 @@ def test_inference_calls_the_ops_directly(case, expected, monkeypatch, fused_cal
     for name in ("upconv_nearest2x2", "conv3x3_up_bn_act"):
         impl = getattr(direct_cls, name)
         monkeypatch.setattr(direct_cls, name, staticmethod(lambda *a, _n=name, _f=impl: called.append(_n) or _f(*a)))
-    monkeypatch.setattr(fastunet.model, "_ops", _NoDispatcher())
+    monkeypatch.setattr(fastunet.fused, "_ops", _NoDispatcher())
     ref, model = model_pair(3, 2, **_options(case))
     ref.eval(), model.eval()
     x = torch.randn(1, 3, *(SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]), dtype=torch.float64)

@@ -94,7 +94,7 @@ def test_changed_weights_are_captured_again(fake_cuda):
     model.load_state_dict(other.state_dict())
     runner(x)
     assert fake_cuda["captures"] == 3
-    model.conv1.conv[1].eps = 1e-3  # not a tensor, still in the plan
+    model.conv1.conv[1].eps = 1e-3  # not a tensor, still part of the prepared weights
     runner(x)
     assert fake_cuda["captures"] == 4
 

@@ -295,7 +295,7 @@ def test_unmodified_model_takes_fused_path_silently(train, fused_calls):
     verdict = check_fused_support(model)
     assert verdict.supported and verdict.mode == ("train" if train else "eval")
     assert verdict.module is None and verdict.reason is None
-    assert _explain(model) == verdict
+    assert _fast(model) == _explain(model) == verdict
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -106,8 +106,8 @@ def test_auto_on_cpu_runs_the_eager_math(monkeypatch):
         def __getattr__(self, name):
             raise AssertionError(f"fused op {name} called on the CPU fallback")
 
-    monkeypatch.setattr("fastunet.model._ops", Trap())
-    monkeypatch.setattr("fastunet.model._direct", Trap())
+    monkeypatch.setattr("fastunet.fused._ops", Trap())
+    monkeypatch.setattr("fastunet.fused._direct", Trap())
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     assert torch.equal(model.eval()(x), ref.eval()(x))
     with torch.no_grad():
