@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(fastunet.PRESETS),
         default=None,
         help="architecture (fastunet.PRESETS), built by every provider: classic, keras (zhixuhao's Keras U-Net), "
-        "milesial / milesial-bilinear (milesial's Pytorch-UNet); its out_activation is the preset's (default: "
+        "milesial / milesial-bilinear (milesial's Pytorch-UNet), nnunet (nnU-Net's InstanceNorm + LeakyReLU "
+        "blocks); its out_activation is the preset's (default: "
         "classic; with --weights the checkpoint's, this only for a bare state_dict fastunet.load calls ambiguous)",
     )
     p.add_argument(

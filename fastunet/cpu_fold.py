@@ -38,7 +38,7 @@ from ._snapshot import is_current, tensors_state
 from .guard import FusedLayers
 from .norm import fold_bn
 from .plan import Concat, Conv, DoubleConv, Head, Up, execute
-from .reference import apply_out_activation, pad_to
+from .reference import LEAKY_SLOPE, apply_out_activation, pad_to
 
 _CL = torch.channels_last
 
@@ -48,7 +48,9 @@ class CpuPlan:
     """The folded weights of one model for one compute dtype.
 
     ``convs``: per 3x3 conv (``plan.convs`` order), ``(weight [C_out, C_in, 3, 3]
-    channels_last, bias [C_out] or None)`` with BatchNorm and conv bias folded in; ``ups``: per
+    channels_last, bias [C_out] or None)`` with BatchNorm and conv bias folded in; ``norms``: per
+    3x3 conv, ``(weight, bias, eps)`` of its InstanceNorm (applied after the conv: it normalizes
+    with each sample's statistics, nothing folds) or None; ``ups``: per
     transposed conv ``(weight [2C, C, 2, 2] channels_last, bias [C])`` or nearest_conv up conv
     ``(weight [C, 2C, 2, 2] channels_last, bias [C] or None)``, none for bilinear; ``head``:
     ``(weight [K, C, 1, 1], bias [K] or None)``. ``sources``/``versions``/``ptrs``: the tensors it
@@ -61,6 +63,7 @@ class CpuPlan:
     versions: tuple
     ptrs: tuple
     convs: list
+    norms: list
     ups: list
     head: tuple
 
@@ -92,15 +95,24 @@ def _build(layers: FusedLayers, dtype: torch.dtype, key, sources, versions, ptrs
     # Plain tensors even inside torch.inference_mode: the plan is reused outside it, where an
     # inference tensor could not be saved for backward (the input-gradient case).
     with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
-        # no norm (norm="none", the pre-head conv): the conv as it is
-        convs = [
-            fold_conv_bn(conv, bn, dtype) if bn is not None else _as_is(conv, dtype)
-            for conv, bn in zip(layers.convs, layers.norms, strict=True)
-        ]
+        # a BatchNorm folds; no norm (norm="none", the pre-head conv) or an InstanceNorm: the
+        # conv as it is (the InstanceNorm runs after it)
+        convs, norms = [], []
+        for unit, conv, norm in zip(layers.plan.convs, layers.convs, layers.norms, strict=True):
+            instance = unit.norm_kind == "instance"
+            convs.append(fold_conv_bn(conv, norm, dtype) if norm is not None and not instance else _as_is(conv, dtype))
+            norms.append(_instance_params(norm, dtype) if instance else None)
         ups = [_as_is(up, dtype) for up in layers.ups]
         head = layers.head
         head_b = head.bias.to(dtype) if head.bias is not None else None
-        return CpuPlan(key, sources, versions, ptrs, convs, ups, (head.weight.to(dtype), head_b))
+        return CpuPlan(key, sources, versions, ptrs, convs, norms, ups, (head.weight.to(dtype), head_b))
+
+
+def _instance_params(norm: nn.InstanceNorm2d, dtype: torch.dtype) -> tuple:
+    """``(weight, bias, eps)`` of an InstanceNorm in ``dtype`` (None for absent affine ones)."""
+    weight = None if norm.weight is None else norm.weight.to(dtype)
+    bias = None if norm.bias is None else norm.bias.to(dtype)
+    return weight, bias, norm.eps
 
 
 def cpu_plan(model: nn.Module, layers: FusedLayers, sources: tuple, eps: tuple, dtype: torch.dtype) -> CpuPlan | None:
@@ -170,7 +182,11 @@ class CpuForm:
         return x.to(dtype=self.plan.convs[0][0].dtype, memory_format=_CL)
 
     def conv(self, unit: Conv, x: Tensor) -> Tensor:
-        return F.conv2d(x, *self.plan.convs[unit.index], padding=1).relu_()
+        y = F.conv2d(x, *self.plan.convs[unit.index], padding=1)
+        norm = self.plan.norms[unit.index]
+        if norm is not None:
+            y = F.instance_norm(y, weight=norm[0], bias=norm[1], eps=norm[2])
+        return y.relu_() if unit.act_kind == "relu" else F.leaky_relu_(y, LEAKY_SLOPE)
 
     def dropout(self, step: DoubleConv, x: Tensor) -> Tensor:
         return x  # the identity in eval

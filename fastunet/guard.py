@@ -91,7 +91,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import ProcessGroup
 from .plan import ARCH_NAMES, Plan, arch_key, build_plan, key_problem, plan_of
-from .reference import DoubleConv, NearestConvUp
+from .reference import LEAKY_SLOPE, DoubleConv, NearestConvUp
 
 __all__ = ["FusedLayers", "FusedSupport", "FusedPathWarning", "check_fused_support", "fused_layers", "warn_unsupported"]
 
@@ -146,7 +146,11 @@ _CALLED = {
     nn.Conv2d: ("forward", "_conv_forward"),
     nn.BatchNorm2d: ("forward", "_check_input_dim"),
     nn.SyncBatchNorm: ("forward", "_check_input_dim", "_check_non_zero_input_channels"),
+    nn.InstanceNorm2d: (
+        "forward", "_check_input_dim", "_get_no_batch_dim", "_handle_no_batch_input", "_apply_instance_norm",
+    ),  # fmt: skip
     nn.ReLU: ("forward",),
+    nn.LeakyReLU: ("forward",),
     nn.MaxPool2d: ("forward",),
     nn.ConvTranspose2d: ("forward", "_output_padding"),
     NearestConvUp: ("forward",),
@@ -284,8 +288,15 @@ _RULES = {
     "norm:batch": _Rule(
         nn.BatchNorm2d, lambda c: (("num_features", _same, c, str(c)),), also=(nn.SyncBatchNorm,), batch=_bn_batch
     ),
+    "norm:instance": _Rule(
+        nn.InstanceNorm2d,
+        lambda c: (("num_features", _same, c, str(c)), ("track_running_stats", bool, False, "False")),
+    ),
     "norm:none": _Rule(nn.Identity),
     "act:relu": _Rule(nn.ReLU),
+    "act:leaky_relu": _Rule(
+        nn.LeakyReLU, lambda: (("negative_slope", float, LEAKY_SLOPE, f"{LEAKY_SLOPE} (nnU-Net's)"),)
+    ),
     "dropout": _Rule(nn.Dropout, batch=_dropout_active),
     "max_pool": _Rule(nn.MaxPool2d, lambda: _POOL_ROWS),
     "conv_transpose": _Rule(
@@ -303,6 +314,14 @@ _RULES = {
 def _fused_limit(plan: Plan) -> tuple[str, str] | None:
     """``(module, reason)`` for the first step of ``plan`` the fused kernels do not implement (the
     CPU fold still runs it), or None."""
+    first = plan.convs[0]
+    if plan.norm == "instance":
+        return first.norm, (
+            "is an InstanceNorm2d: the fused kernels normalize with per-channel statistics of the whole batch "
+            "(BatchNorm's), not per (sample, channel)"
+        )
+    if plan.act == "leaky_relu":
+        return first.act, "is a LeakyReLU: the fused kernels' activation on store and on load is ReLU"
     return None
 
 

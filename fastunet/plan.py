@@ -183,6 +183,7 @@ ARCH_ATTRS = (
     ("depth", None),
     ("upsampling", "transpose"),
     ("norm", "batch"),
+    ("act", "relu"),
     ("dropout", 0.0),
     ("pre_head_channels", 0),
     ("concat", "up_skip"),
@@ -199,8 +200,7 @@ def arch_key(model) -> tuple:
 
 def key_problem(key: tuple) -> str | None:
     """Why ``key`` is not an architecture the plan describes (one line), or None."""
-    in_ch, out_ch, base, d, upsampling, norm, dropout, pre_head, concat, odd_sizes, activation = key
-    act = "relu"
+    in_ch, out_ch, base, d, upsampling, norm, act, dropout, pre_head, concat, odd_sizes, activation = key
     if activation not in ACTIVATIONS:
         return f"has out_activation={activation!r}; the fused head implements {ACTIVATIONS}"
     if type(d) is not int or d < 1 or type(base) is not int or base < 1:
@@ -246,17 +246,15 @@ def build_plan(key: tuple) -> Plan | None:
 
 
 def _build(key: tuple) -> Plan:
-    in_ch, out_ch, base, d, upsampling, norm, dropout, pre_head, concat, odd_sizes, activation = key
-    act = "relu"
+    in_ch, out_ch, base, d, upsampling, norm, act, dropout, pre_head, concat, odd_sizes, activation = key
     widths = [base << i for i in range(d)]  # level i + 1
     bilinear = upsampling == "bilinear"
     steps, convs, ups, doubles, slots = [], [], [], [], []
 
     def unit(seq: str, i: int, cin: int, cout: int, has_norm: bool = True) -> Conv:
-        conv = Conv(
-            len(convs), f"{seq}.{i}", f"{seq}.{i + 1}" if has_norm else None, f"{seq}.{i + 2 if has_norm else i + 1}",
-            cin, cout, norm if has_norm else "none", act,
-        )  # fmt: skip
+        """The conv at ``seq.i``, then its norm (unless ``has_norm`` is False) and activation."""
+        norm_path, act_path = (f"{seq}.{i + 1}", f"{seq}.{i + 2}") if has_norm else (None, f"{seq}.{i + 1}")
+        conv = Conv(len(convs), f"{seq}.{i}", norm_path, act_path, cin, cout, norm if has_norm else "none", act)
         convs.append(conv)
         slots.append(Slot(conv.conv, "conv3x3", (cin, cout)))
         if has_norm:

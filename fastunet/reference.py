@@ -9,8 +9,9 @@ decoder levels of ``ConvTranspose2d(k=2, s=2)`` -> ``cat([up, skip])`` ->
 31,043,521 parameters.
 
 Architecture options (keyword-only, see ``UNetReference``) describe the other U-Nets users
-bring, without new classes: the Keras U-Net (zhixuhao's ``unet()``) and milesial's
-``Pytorch-UNet`` are the named option sets in ``PRESETS``. The classic options leave the module
+bring, without new classes: the Keras U-Net (zhixuhao's ``unet()``), milesial's
+``Pytorch-UNet`` and nnU-Net's conv -> InstanceNorm -> LeakyReLU blocks are the named option sets
+in ``PRESETS``. The classic options leave the module
 tree, the state_dict keys and the parameter order exactly as they were before options existed.
 """
 
@@ -26,8 +27,10 @@ from .validation import ODD_SIZES, validate_input
 
 ACTIVATIONS = ("sigmoid", "none", "softmax")
 UPSAMPLINGS = ("transpose", "nearest_conv", "bilinear")
-NORMS = ("batch", "none")
-ACTS = ("relu",)
+NORMS = ("batch", "instance", "none")
+ACTS = ("relu", "leaky_relu")
+#: nnU-Net's LeakyReLU slope (``nonlin_kwargs={"inplace": True}``, torch's default 0.01).
+LEAKY_SLOPE = 0.01
 CONCATS = ("up_skip", "skip_up")
 INITS = ("torch", "he_normal")
 
@@ -36,6 +39,7 @@ DEFAULT_OPTIONS = {
     "out_activation": "sigmoid",
     "upsampling": "transpose",
     "norm": "batch",
+    "act": "relu",
     "conv_bias": True,
     "concat": "up_skip",
     "dropout": 0.0,
@@ -74,6 +78,18 @@ PRESETS = {
     # convs before BatchNorm, torch.cat([x2, x1]), F.pad of the upsampled map, logits out.
     "milesial": {**_MILESIAL, "upsampling": "transpose"},
     "milesial-bilinear": {**_MILESIAL, "upsampling": "bilinear"},
+    # nnU-Net's generic U-Net blocks (dynamic_network_architectures' StackedConvBlocks): 3x3 conv
+    # with bias -> InstanceNorm2d(affine=True, eps=1e-5) -> LeakyReLU(0.01), ConvTranspose2d(k=2,
+    # s=2) up, torch.cat((up, skip)), logits out (nnU-Net applies its softmax after the network),
+    # He-normal convs with zero biases. Its stage widths cap (320/512), strided-conv downsampling
+    # and deep supervision are not options here: ``base_channels``/``depth`` set the widths.
+    "nnunet": {
+        **DEFAULT_OPTIONS,
+        "norm": "instance",
+        "act": "leaky_relu",
+        "out_activation": "none",
+        "init": "he_normal",
+    },
 }
 
 # Keras' truncated normal draws from N(0, s) cut at +-2s and divides s by the standard deviation
@@ -82,13 +98,21 @@ PRESETS = {
 _TRUNC_NORMAL_2SIGMA_STD = 0.87962566103423978
 
 
+def make_act(act: str) -> nn.Module:
+    """The activation module of ``act``: ``nn.ReLU`` or nnU-Net's ``nn.LeakyReLU(0.01)`` (in place)."""
+    return nn.ReLU(inplace=True) if act == "relu" else nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
+
+
 class DoubleConv(nn.Module):
-    """(3x3 conv pad 1 -> norm -> ReLU) x 2; ``[N, in_ch, H, W] -> [N, out_ch, H, W]``.
+    """(3x3 conv pad 1 -> norm -> activation) x 2; ``[N, in_ch, H, W] -> [N, out_ch, H, W]``.
 
     Args:
         in_ch, out_ch: input and output channels; ``mid_ch`` (default ``out_ch``): the channels
             between the two convs (milesial's bilinear decoder narrows after the first conv).
-        norm: ``"batch"`` (``nn.BatchNorm2d``) or ``"none"`` (``nn.Identity`` in its place).
+        norm: ``"batch"`` (``nn.BatchNorm2d``), ``"instance"`` (``nn.InstanceNorm2d(affine=True)``,
+            nnU-Net's: per-sample statistics in training and eval alike) or ``"none"``
+            (``nn.Identity`` in its place).
+        act: ``"relu"`` (``nn.ReLU``) or ``"leaky_relu"`` (``nn.LeakyReLU(0.01)``, nnU-Net's).
         bias: whether the two convs have a bias.
         dropout: when > 0, an ``nn.Dropout(dropout)`` on the output (index 6).
 
@@ -104,24 +128,27 @@ class DoubleConv(nn.Module):
         mid_ch: int | None = None,
         *,
         norm: str = "batch",
+        act: str = "relu",
         bias: bool = True,
         dropout: float = 0.0,
     ):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        _check_choice("norm", norm, NORMS)
+        _check_choice("act", act, ACTS)
         mid_ch = out_ch if mid_ch is None else mid_ch
 
         def make_norm(ch: int) -> nn.Module:
-            return nn.BatchNorm2d(ch) if norm == "batch" else nn.Identity()
+            if norm == "batch":
+                return nn.BatchNorm2d(ch)
+            return nn.InstanceNorm2d(ch, affine=True) if norm == "instance" else nn.Identity()
 
         layers = [
             nn.Conv2d(in_ch, mid_ch, 3, padding=1, bias=bias),
             make_norm(mid_ch),
-            nn.ReLU(inplace=True),
+            make_act(act),
             nn.Conv2d(mid_ch, out_ch, 3, padding=1, bias=bias),
             make_norm(out_ch),
-            nn.ReLU(inplace=True),
+            make_act(act),
         ]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
@@ -185,6 +212,7 @@ def _check_options(in_ch, out_ch, base_channels, depth, options: dict) -> None:
     _check_choice("out_activation", options["out_activation"], ACTIVATIONS)
     _check_choice("upsampling", options["upsampling"], UPSAMPLINGS)
     _check_choice("norm", options["norm"], NORMS)
+    _check_choice("act", options["act"], ACTS)
     _check_choice("concat", options["concat"], CONCATS)
     _check_choice("odd_sizes", options["odd_sizes"], ODD_SIZES)
     _check_choice("init", options["init"], INITS)
@@ -249,21 +277,25 @@ class UNetReference(nn.Module):
             (``nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)``, no parameters;
             widths as milesial's ``bilinear=True``: the bottleneck keeps the deepest level's
             width and each decoder conv halves its output).
-        norm: ``"batch"`` (``BatchNorm2d`` after every 3x3 conv, classic) or ``"none"``.
+        norm: ``"batch"`` (``BatchNorm2d`` after every 3x3 conv, classic), ``"instance"``
+            (``InstanceNorm2d(affine=True)``, nnU-Net) or ``"none"``.
+        act: the activation after every norm (and of the pre-head conv): ``"relu"`` (classic) or
+            ``"leaky_relu"`` (``LeakyReLU(0.01)``, nnU-Net).
         conv_bias: bias on every 3x3 conv, the pre-head conv and the nearest_conv up conv
             (transposed convs and the 1x1 head always have one).
         concat: ``"up_skip"`` (``cat([up, skip])``, classic) or ``"skip_up"`` (Keras, milesial).
         dropout: ``p`` of an ``nn.Dropout`` on the outputs of ``conv{depth}`` (before its pool and
             as its skip) and of the bottleneck ``conv{depth+1}``; 0 (classic) adds none.
         pre_head: when > 0, a 3x3 'same' conv from ``base_channels`` to ``pre_head`` channels +
-            ReLU before the head (Keras: 2).
+            the activation before the head (Keras: 2).
         odd_sizes: ``"error"`` (H, W multiples of ``2**depth``, classic) or ``"pad"`` (any H, W
             >= ``2**depth``; pooling floors and each upsampled map is zero-padded to its skip's
             size, ``diff // 2`` before and the rest after, as milesial).
         init: ``"torch"`` (torch's default initialization) or ``"he_normal"`` (Keras', see
             ``init_he_normal``).
         preset: ``None`` or a key of ``PRESETS`` (``"classic"``, ``"keras"``, ``"milesial"``,
-            ``"milesial-bilinear"``); options passed explicitly override the preset's.
+            ``"milesial-bilinear"``, ``"nnunet"``); options passed explicitly override the
+            preset's.
 
     ``model.options`` holds the value of every option (``base_channels`` and ``depth`` included,
     ``preset`` not: the options alone rebuild the model), each also an attribute of the model.
@@ -281,6 +313,7 @@ class UNetReference(nn.Module):
         out_activation: str | None = None,
         upsampling: str | None = None,
         norm: str | None = None,
+        act: str | None = None,
         conv_bias: bool | None = None,
         concat: str | None = None,
         dropout: float | None = None,
@@ -293,8 +326,8 @@ class UNetReference(nn.Module):
         # None means "the preset's value, else the classic default", so an explicit value
         # (even the classic one) always wins over the preset.
         explicit = dict(
-            out_activation=out_activation, upsampling=upsampling, norm=norm, conv_bias=conv_bias, concat=concat,
-            dropout=dropout, pre_head=pre_head, odd_sizes=odd_sizes, init=init,
+            out_activation=out_activation, upsampling=upsampling, norm=norm, act=act, conv_bias=conv_bias,
+            concat=concat, dropout=dropout, pre_head=pre_head, odd_sizes=odd_sizes, init=init,
         )  # fmt: skip
         opts = resolve_options(preset, explicit)
         _check_options(in_ch, out_ch, base_channels, depth, opts)
@@ -304,12 +337,13 @@ class UNetReference(nn.Module):
         self.preset = preset
         self.out_activation = opts["out_activation"]
         self.upsampling, self.norm, self.conv_bias = opts["upsampling"], opts["norm"], opts["conv_bias"]
+        self.act = opts["act"]
         self.concat, self.dropout, self.odd_sizes = opts["concat"], opts["dropout"], opts["odd_sizes"]
         self.init = opts["init"]
         self.pre_head_channels = opts["pre_head"]
         self._options = {"base_channels": base_channels, "depth": depth, **opts}
 
-        dc = dict(norm=self.norm, bias=self.conv_bias)
+        dc = dict(norm=self.norm, act=self.act, bias=self.conv_bias)
         widths = [base_channels * 2**i for i in range(depth)]  # level i + 1
         bilinear = self.upsampling == "bilinear"
         prev = in_ch
@@ -340,7 +374,7 @@ class UNetReference(nn.Module):
         if self.pre_head_channels:
             self.pre_head = nn.Sequential(
                 nn.Conv2d(base_channels, self.pre_head_channels, 3, padding=1, bias=self.conv_bias),
-                nn.ReLU(inplace=True),
+                make_act(self.act),
             )
         setattr(self, f"conv{2 * depth + 2}", nn.Conv2d(self.pre_head_channels or base_channels, out_ch, 1))
         if self.init == "he_normal":

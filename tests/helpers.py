@@ -79,9 +79,13 @@ def poisoned_like(t: torch.Tensor, memory_format=torch.channels_last) -> torch.T
 
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """Give every BatchNorm non-trivial affine parameters and running statistics, so eval-mode
-    folding is actually exercised (fresh BN layers are the identity)."""
+    folding is actually exercised (fresh BN layers are the identity), and every affine
+    InstanceNorm non-trivial affine parameters."""
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, torch.nn.InstanceNorm2d) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)

@@ -89,6 +89,32 @@ def test_fold_matches_float64_reference(activation, fold_runs):
     assert y.dtype == torch.float32 and y.is_contiguous()
 
 
+@pytest.mark.parametrize(
+    "options", [{"preset": "nnunet"}, {"norm": "instance", "act": "relu"}], ids=["nnunet", "instance"]
+)
+def test_nnunet_block_fold_matches_float64_reference(options, fold_runs):
+    """nnU-Net's block on the fold: the InstanceNorm runs after its conv on each sample's
+    statistics (nothing folds), then LeakyReLU(0.01); fp32 within the fp32 row."""
+    ref, model = pair(torch.float32, **options)
+    x = rand() * 2 + 0.5  # a mean the per-sample normalization has to remove
+    with torch.no_grad():
+        assert_close(model(x), ref(x.double()), "fp32", f"folded fp32 forward {options}")
+    assert fold_runs == [1]
+
+
+def _instance_without_affine(m):
+    m.conv3.conv[4] = nn.InstanceNorm2d(m.conv3.conv[4].num_features, eps=1e-3)
+
+
+def test_fold_covers_instance_norm_without_affine(fold_runs):
+    ref, model = pair(torch.float64, preset="nnunet")
+    _instance_without_affine(ref), _instance_without_affine(model)
+    x = rand(dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), "fp64", "InstanceNorm without affine, eps 1e-3")
+    assert fold_runs == [1]
+
+
 def test_float64_model_folds_in_float64(fold_runs):
     ref, model = pair(torch.float64)
     x = rand(dtype=torch.float64)

@@ -290,8 +290,95 @@ def test_guard_accepts_module_read_dropout_p(fused_calls):
     assert check_fused_support(model.train()).supported
 
 
+# ------------------------------------------------------------------ nnU-Net's block
+# conv -> InstanceNorm2d(affine) -> LeakyReLU(0.01): the plan and the guard know it, the CPU fold
+# runs it; the fused kernels do not implement it (per-(sample, channel) statistics, a leaky
+# activation on store and on load), so the fused path runs the eager math with the guard's reason.
+NNUNET = {
+    "nnunet": {"preset": "nnunet"},
+    "instance-relu": {"norm": "instance"},
+    "batch-leaky": {"act": "leaky_relu"},
+    "nnunet-options": {"preset": "nnunet", "odd_sizes": "pad", "pre_head": 3, "upsampling": "bilinear",
+                       "concat": "skip_up", "dropout": 0.25},
+}  # fmt: skip
+NNUNET_REASON = {
+    "instance": ("conv1.conv.1", "is an InstanceNorm2d: the fused kernels normalize with per-channel statistics"),
+    "leaky_relu": ("conv1.conv.2", "is a LeakyReLU: the fused kernels' activation on store and on load is ReLU"),
+}
+
+
+def _nnunet_options(case: str) -> dict:
+    return {**NARROW, **NNUNET[case]}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", list(NNUNET))
+def test_nnunet_block_runs_eager_with_the_guards_reason(case, train, fused_calls):
+    ref, model = model_pair(3, 2, **_nnunet_options(case))
+    ref.train(train), model.train(train)
+    verdict = check_fused_support(model)
+    module, reason = NNUNET_REASON["instance" if model.norm == "instance" else "leaky_relu"]
+    assert not verdict.supported and verdict.module == module and reason in verdict.reason, verdict
+    assert verdict.mode == ("train" if train else "eval")
+    assert _fast(model) == _explain(model) == verdict  # the fast check gives the refusal itself
+    tree = check_fused_support(model, kernels=False)  # the module tree is the plan's
+    assert tree.supported and tree.mode == verdict.mode
+    size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    torch.manual_seed(5)
+    with pytest.warns(FusedPathWarning, match=f"'{module}' {reason}"):
+        y = model(channels_last(x))
+    torch.manual_seed(5)
+    assert_close(y, ref(channels_last(x)), "fp64", f"{case} eager path")
+    assert fused_calls == []
+
+
+def _instance_norm_tracking(m):
+    old = m.conv2.conv[4]
+    m.conv2.conv[4] = nn.InstanceNorm2d(old.num_features, affine=True, track_running_stats=True).double()
+    m.conv2.conv[4].load_state_dict(old.state_dict(), strict=False)
+
+
+def _leaky_slope(m):
+    m.conv1.conv[5].negative_slope = 0.2
+
+
+def _relu_in_a_leaky_model(m):
+    m.conv3.conv[2] = nn.ReLU()
+
+
+NNUNET_REFUSED = [
+    (_instance_norm_tracking, "conv2.conv.4", "track_running_stats=True"),
+    (_leaky_slope, "conv1.conv.5", "negative_slope=0.2; the fused path implements negative_slope=0.01"),
+    (_relu_in_a_leaky_model, "conv3.conv.2", "ReLU, not exactly nn.LeakyReLU"),
+]
+
+
+@pytest.mark.parametrize(
+    "modify, module, words", NNUNET_REFUSED, ids=[m.__name__.lstrip("_") for m, *_ in NNUNET_REFUSED]
+)
+def test_modified_nnunet_tree_is_not_the_plan(modify, module, words, monkeypatch):
+    """A tree that is not the plan's is refused for the CPU fold too: the module tree runs."""
+    from fastunet import cpu_fold
+
+    fastunet.set_backend("auto")
+    built = []
+    original = cpu_fold._build
+    monkeypatch.setattr(cpu_fold, "_build", lambda *a: built.append(1) or original(*a))
+    ref, model = model_pair(3, 2, **_nnunet_options("nnunet"))
+    ref.eval(), model.eval()
+    modify(ref), modify(model)
+    verdict = check_fused_support(model, kernels=False)
+    assert not verdict.supported and verdict.module == module and words in verdict.reason, verdict
+    assert _fast(model, False) is None and _explain(model, False) == verdict
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    assert built == []
+
+
 # ------------------------------------------------------------------ the CPU fallback
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *NNUNET])
 def test_cpu_fold_matches_reference(case, monkeypatch):
     """The folded CPU inference (backend "auto" on CPU tensors) for each option set."""
     from fastunet import cpu_fold
@@ -300,7 +387,7 @@ def test_cpu_fold_matches_reference(case, monkeypatch):
     built = []
     original = cpu_fold._build
     monkeypatch.setattr(cpu_fold, "_build", lambda *a: built.append(1) or original(*a))
-    ref, model = model_pair(3, 2, **_options(case))
+    ref, model = model_pair(3, 2, **(_options(case) if case in CASES else _nnunet_options(case)))
     ref.eval(), model.eval()
     size = SIZES["33x20"] if model.odd_sizes == "pad" else SIZES["16x16"]
     x = torch.randn(2, 3, *size, dtype=torch.float64)

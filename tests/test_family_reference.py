@@ -317,14 +317,16 @@ def test_he_normal_statistics():
     [
         (
             {"preset": "unet++"},
-            r"unknown preset 'unet\+\+'; the presets are 'classic', 'keras', 'milesial', 'milesial-bilinear'",
+            r"unknown preset 'unet\+\+'; the presets are 'classic', 'keras', 'milesial', 'milesial-bilinear', 'nnunet'",
         ),
         ({"preset": 4}, "unknown preset 4"),
         (
             {"upsampling": "deconv"},
             r"upsampling must be one of \('transpose', 'nearest_conv', 'bilinear'\), got 'deconv'",
         ),
-        ({"norm": "group"}, r"norm must be one of \('batch', 'none'\)"),
+        ({"norm": "group"}, r"norm must be one of \('batch', 'instance', 'none'\)"),
+        ({"act": "gelu"}, r"act must be one of \('relu', 'leaky_relu'\), got 'gelu'"),
+        ({"act": None, "norm": "layer", "preset": "nnunet"}, r"norm must be one of"),
         ({"conv_bias": 1}, "conv_bias must be True or False, got 1"),
         ({"concat": "sum"}, r"concat must be one of \('up_skip', 'skip_up'\)"),
         ({"dropout": 1.0}, r"dropout must be a float in \[0, 1\)"),
@@ -347,6 +349,39 @@ def test_bad_options(kwargs, match):
 def test_double_conv_rejects_unknown_norm():
     with pytest.raises(ValueError, match="norm must be one of"):
         fastunet.DoubleConv(3, 4, norm="layer")
+    with pytest.raises(ValueError, match="act must be one of"):
+        fastunet.DoubleConv(3, 4, act="elu")
+
+
+def test_nnunet_block_is_nnunets_conv_norm_nonlin():
+    """``DoubleConv(norm="instance", act="leaky_relu")`` is two of nnU-Net's ConvDropoutNormReLU
+    (dynamic_network_architectures) as nnU-Net configures them for 2D: ``nn.Conv2d(k=3, padding
+    1, bias=True)``, no dropout, ``nn.InstanceNorm2d(eps=1e-5, affine=True)``,
+    ``nn.LeakyReLU(inplace=True)`` (slope 0.01): the same modules, the same state_dict, and per
+    sample and channel statistics in eval as in training."""
+    ours = fastunet.DoubleConv(3, 5, norm="instance", act="leaky_relu").double()
+    norm_kwargs, nonlin_kwargs = {"eps": 1e-5, "affine": True}, {"inplace": True}
+    theirs = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1, bias=True), nn.InstanceNorm2d(5, **norm_kwargs), nn.LeakyReLU(**nonlin_kwargs),
+        nn.Conv2d(5, 5, 3, padding=1, bias=True), nn.InstanceNorm2d(5, **norm_kwargs), nn.LeakyReLU(**nonlin_kwargs),
+    ).double()  # fmt: skip
+    assert [repr(m) for m in ours.conv] == [repr(m) for m in theirs]
+    randomize_batchnorm(theirs)
+    ours.conv.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64) * 3 + 1
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        y = ours(x)
+        assert_close(y, theirs(x), TOL, f"nnU-Net block, train={train}")
+    with torch.no_grad():  # in eval: sample 1's norm output is its own standardized conv output
+        z, norm = ours.conv[0](x)[1], ours.conv[1]
+        standard = (ours.conv[:2](x)[1] - norm.bias[:, None, None]) / norm.weight[:, None, None]
+        var = z.var((1, 2), unbiased=False)
+        assert_close(standard.mean((1, 2)), torch.zeros(5, dtype=torch.float64), TOL, "per-sample mean", scale=1.0)
+        assert_close(standard.var((1, 2), unbiased=False), var / (var + norm.eps), TOL, "per-sample variance")
+    model = UNetReference(3, 2, base_channels=4, depth=2, preset="nnunet")
+    assert {type(m) for m in model.modules()} >= {nn.InstanceNorm2d, nn.LeakyReLU, nn.ConvTranspose2d}
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in model.modules())
 
 
 @pytest.mark.parametrize("cls", [UNetReference, UNet])
@@ -370,9 +405,10 @@ AGREED_PRESETS = {
                      out_activation="none"),
     "milesial-bilinear": dict(upsampling="bilinear", norm="batch", conv_bias=False, concat="skip_up", odd_sizes="pad",
                               out_activation="none"),
+    "nnunet": dict(norm="instance", act="leaky_relu", out_activation="none", init="he_normal"),
 }  # fmt: skip
-CLASSIC = dict(out_activation="sigmoid", upsampling="transpose", norm="batch", conv_bias=True, concat="up_skip",
-               dropout=0.0, pre_head=0, odd_sizes="error", init="torch")  # fmt: skip
+CLASSIC = dict(out_activation="sigmoid", upsampling="transpose", norm="batch", act="relu", conv_bias=True,
+               concat="up_skip", dropout=0.0, pre_head=0, odd_sizes="error", init="torch")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -465,7 +501,7 @@ def test_pad_centres_the_upsampled_map():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["keras", "milesial", "milesial-bilinear"])
+@pytest.mark.parametrize("preset", ["keras", "milesial", "milesial-bilinear", "nnunet"])
 def test_presets_compile_fullgraph(preset):
     """Every option's forward traces as one graph (the odd-size padding included) and computes
     what the eager model does."""
