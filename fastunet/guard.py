@@ -146,9 +146,7 @@ _CALLED = {
     nn.Conv2d: ("forward", "_conv_forward"),
     nn.BatchNorm2d: ("forward", "_check_input_dim"),
     nn.SyncBatchNorm: ("forward", "_check_input_dim", "_check_non_zero_input_channels"),
-    nn.InstanceNorm2d: (
-        "forward", "_check_input_dim", "_get_no_batch_dim", "_handle_no_batch_input", "_apply_instance_norm",
-    ),  # fmt: skip
+    nn.InstanceNorm2d: ("forward", "_check_input_dim", "_get_no_batch_dim", "_apply_instance_norm"),
     nn.ReLU: ("forward",),
     nn.LeakyReLU: ("forward",),
     nn.MaxPool2d: ("forward",),
