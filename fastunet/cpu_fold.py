@@ -97,13 +97,15 @@ def _build(layers: FusedLayers, dtype: torch.dtype, key, sources, versions, ptrs
     with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
         # a BatchNorm folds; no norm (norm="none", the pre-head conv) or an InstanceNorm: the
         # conv as it is (the InstanceNorm runs after it)
+        plan, mods = layers.plan, layers.mods
         convs, norms = [], []
-        for unit, conv, norm in zip(layers.plan.convs, layers.convs, layers.norms, strict=True):
+        for unit in plan.convs:
+            conv, norm = mods[unit.conv], layers.norm(unit)
             instance = unit.norm_kind == "instance"
             convs.append(fold_conv_bn(conv, norm, dtype) if norm is not None and not instance else _as_is(conv, dtype))
             norms.append(_instance_params(norm, dtype) if instance else None)
-        ups = [_as_is(up, dtype) for up in layers.ups]
-        head = layers.head
+        ups = [_as_is(mods[u.params], dtype) for u in plan.ups if u.params is not None]
+        head = mods[plan.head.path]
         head_b = head.bias.to(dtype) if head.bias is not None else None
         return CpuPlan(key, sources, versions, ptrs, convs, norms, ups, (head.weight.to(dtype), head_b))
 

@@ -143,7 +143,9 @@ def _build_weights(model, layers: FusedLayers, dtype, device, key, sources, vers
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     entry = k.entry_channels(model.in_ch, dtype)
     convs = []
-    for unit, conv, norm in zip(layers.plan.convs, layers.convs, layers.norms, strict=True):
+    plan, mods = layers.plan, layers.mods
+    for unit in plan.convs:
+        conv, norm = mods[unit.conv], layers.norm(unit)
         weight = conv.weight.to(dtype)
         if unit.index == 0 and entry != model.in_ch:
             weight = F.pad(weight, (0, 0, 0, 0, 0, entry - model.in_ch))
@@ -153,9 +155,11 @@ def _build_weights(model, layers: FusedLayers, dtype, device, key, sources, vers
             scale = conv.weight.new_ones(conv.out_channels, dtype=acc)
             shift = conv.bias.to(acc) if conv.bias is not None else scale.new_zeros(conv.out_channels)
         convs.append((k.pack_conv3x3_weight(weight), scale, shift))
-    pack = k.pack_upconv2x2_weight if layers.plan.upsampling == "transpose" else k.pack_upconv_nearest2x2_weight
-    ups = [(pack(up.weight, dtype), None if up.bias is None else up.bias.to(acc)) for up in layers.ups]
-    head = layers.head
+    pack = k.pack_upconv2x2_weight if plan.upsampling == "transpose" else k.pack_upconv_nearest2x2_weight
+    ups = []
+    for up in (mods[u.params] for u in plan.ups if u.params is not None):
+        ups.append((pack(up.weight, dtype), None if up.bias is None else up.bias.to(acc)))
+    head = mods[plan.head.path]
     bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
     return Weights(key, sources, versions, ptrs, convs, ups, (head.weight.to(dtype), bias.to(acc)), entry)
 
@@ -204,20 +208,12 @@ class EvalForm:
 
 
 # ------------------------------------------------------------------ training
-def training_leaves(layers: FusedLayers) -> list:
-    """Every parameter the training forward reads (what its gradients flow to)."""
-    leaves = []
-    for m in (*layers.convs, *(n for n in layers.norms if n is not None), *layers.ups, layers.head):
-        leaves.extend(p for p in m._parameters.values() if p is not None)
-    return leaves
-
-
 def train_forward(model, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
     """The training form (see the module docstring): one autograd node in plain eager mode, the
     per-op path under a trace or a dispatch mode."""
     if not direct_ok_mutation(x):
         return train_graph(_ops_per_op, model, x, dtype, layers)
-    leaves = (x, *training_leaves(layers))
+    leaves = (x, *layers.parameters())
     return run_taped(lambda ops: train_graph(ops, model, x, dtype, layers), leaves)
 
 
@@ -253,7 +249,7 @@ class TrainForm:
         ``conv3x3_up_bn_stats`` (zero-padded to the skip's size, interpolated on load).
         """
         ops, acc = self.ops, self.acc
-        conv, bn = self.layers.convs[unit.index], self.layers.norms[unit.index]
+        conv, bn = self.layers.mods[unit.conv], self.layers.norm(unit)
         bias = conv.bias if conv.bias is not None else act[0].new_zeros(conv.out_channels, dtype=acc)
         weight = conv.weight
         if unit.index == 0 and self.entry_channels != weight.shape[1]:
@@ -290,7 +286,7 @@ class TrainForm:
         return z, scale, shift
 
     def dropout(self, step: DoubleConv, act: _Act) -> _Act:
-        return _dropout(self.ops, act, self.layers.drops[step.index])
+        return _dropout(self.ops, act, self.layers.mods[step.dropout])
 
     def pool(self, act: _Act) -> _Act:
         return self.ops.maxpool2x2(*act), None, None
@@ -300,7 +296,7 @@ class TrainForm:
         # parameter itself for backward instead of a packed copy per step.
         if step.kind == "bilinear":  # the conv reads the low-res map (and its transform) through it
             return act
-        up = self.layers.ups[step.index]
+        up = self.layers.mods[step.params]
         if step.kind == "transpose":
             return self.ops.upconv2x2(act[0], up.weight, up.bias, act[1], act[2]), None, None
         return self.ops.upconv_nearest2x2(act[0], up.weight, up.bias, True, act[1], act[2]), None, None
@@ -309,19 +305,19 @@ class TrainForm:
         return _sources(step, up, skip, u, lambda: u[0].shape[2:] == skip[0].shape[2:])
 
     def head(self, step: Head, act: _Act) -> Tensor:
-        head = self.layers.head
+        head = self.layers.mods[step.path]
         bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
         return self.ops.head1x1(act[0], head.weight, bias, step.activation, act[1], act[2])
 
 
-def _dropout(ops, act: _Act, drop: nn.Dropout | None) -> _Act:
+def _dropout(ops, act: _Act, drop: nn.Dropout) -> _Act:
     """The training path's ``nn.Dropout`` after a DoubleConv: ``relu(z * scale + shift)`` is
     materialized (a dropout mask needs the values) and ``F.dropout`` applied, with the module's
     ``p`` and its own training flag (an inactive Dropout leaves ``act`` as it is). Costs one
     read of z and one write of the result (plus torch's mask) per dropout level; the readers
     then load the finished tensor without a transform.
     """
-    if drop is None or not drop.training or drop.p == 0:
+    if not drop.training or drop.p == 0:
         return act
     z, scale, shift = act
     if isinstance(ops, Tape):

@@ -90,7 +90,7 @@ from torch.nn.modules import module as _module_globals
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .distributed import ProcessGroup
-from .plan import ARCH_NAMES, Plan, arch_key, build_plan, key_problem, plan_of
+from .plan import ARCH_NAMES, Conv, Plan, arch_key, build_plan, key_problem, plan_of
 from .reference import LEAKY_SLOPE, DoubleConv, NearestConvUp
 
 __all__ = ["FusedLayers", "FusedSupport", "FusedPathWarning", "check_fused_support", "fused_layers", "warn_unsupported"]
@@ -489,13 +489,13 @@ class _Compiled:
     an added module changes the length). The other attributes pick groups of ``mods`` (or of
     their ``__dict__``s): ``cfg`` the canonical values of each group of rows, ``overrides`` the
     methods a type's call runs besides ``forward``, ``requires`` the parameters that must be
-    set, ``modes`` the modules that can put the model on the training form; and the layers the
-    executors read (``layers``).
+    set, ``modes`` the modules that can put the model on the training form; ``paths``: the plan
+    path of each module of ``mods`` (what the executors look them up by).
     """
 
     __slots__ = ("plan", "parent", "top", "parents", "kid", "seqs", "lens", "types", "getters", "group_pickers", "cfg",
                  "over_pick", "over_names", "req_pick", "req_get", "mode_fns", "mode_pickers", "bns", "model_mode",
-                 "layers", "limit", "verdicts")  # fmt: skip
+                 "paths", "limit", "verdicts")  # fmt: skip
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -552,7 +552,7 @@ class _Compiled:
         self.mode_pickers = tuple(map(_group_picker, modes.values()))
         self.bns = _picker(modes.get(_bn_batch, ()))
         self.model_mode = plan.norm != "batch"
-        self.layers = _layer_pickers(plan, at, where)
+        self.paths = tuple(slots[i].path for i in order)
         self.limit = _fused_limit(plan)
         # (eval, train) with the kernels' limits, then without (``kernels=False``)
         limited = tuple(FusedSupport(False, mode, *self.limit) for mode in ("eval", "train")) if self.limit else None
@@ -645,35 +645,37 @@ def _fast(model, kernels: bool = True) -> FusedSupport | None:
 
 # ------------------------------------------------------------------ the layers the executors read
 class FusedLayers(NamedTuple):
-    """The modules the executors read, in the plan's orders, and their ``__dict__``s (parameters
-    and buffers are read from ``_parameters``/``_buffers`` there without ``nn.Module.__getattr__``).
-
-    ``plan``: the model's plan; ``convs``: the 3x3 convs (``plan.convs`` order); ``norms``: per
-    conv its norm module, None where it has none (``norm="none"``, the pre-head); ``ups``: the
-    modules holding each up-sampling's parameters (``plan.ups`` order; ``()`` for bilinear);
-    ``head``: the 1x1 conv;
-    ``drops``: per ``DoubleConv`` its ``nn.Dropout`` or None.
+    """The modules of a model the guard accepted, by the paths its plan names them: ``mods[path]``
+    and its ``__dict__`` ``dicts[path]`` (parameters and buffers are read from
+    ``_parameters``/``_buffers`` there without ``nn.Module.__getattr__``). ``conv_dicts``,
+    ``norm_dicts``, ``up_dicts``, ``head_dict``: the ``__dict__``s of the modules with weights,
+    in the plan's orders (norms only where there is one; ups only where they have weights).
     """
 
     plan: Plan
-    convs: tuple
-    norms: tuple
-    ups: tuple
-    head: nn.Module
-    drops: tuple
+    mods: dict
+    dicts: dict
     conv_dicts: tuple
     norm_dicts: tuple
     up_dicts: tuple
     head_dict: dict
 
+    def norm(self, conv: Conv) -> nn.Module | None:
+        """The norm module after ``conv`` (a ``plan.Conv``), None where there is none."""
+        return None if conv.norm_kind == "none" else self.mods[conv.norm]
+
+    def parameters(self) -> list:
+        """Every parameter the executors read (what a training forward's gradients flow to)."""
+        dicts = (*self.conv_dicts, *self.norm_dicts, *self.up_dicts, self.head_dict)
+        return [p for d in dicts for p in d["_parameters"].values() if p is not None]
+
     def sources(self) -> tuple[tuple, tuple]:
         """Every tensor the executors' prepared weights derive from, read from the layers'
         ``__dict__``s (absent ones, e.g. a bias-free conv's bias, left out), and the norms'
         epsilons: what decides whether prepared weights are still current."""
-        norm_d = tuple(d for d in self.norm_dicts if d is not None)
         conv_p = tuple(map(_params_of, self.conv_dicts))
-        norm_p = tuple(map(_params_of, norm_d))
-        norm_b = tuple(map(_buffers_of, norm_d))
+        norm_p = tuple(map(_params_of, self.norm_dicts))
+        norm_b = tuple(map(_buffers_of, self.norm_dicts))
         up_p = tuple(map(_params_of, self.up_dicts))
         head_p = _params_of(self.head_dict)
         tensors = (
@@ -683,31 +685,18 @@ class FusedLayers(NamedTuple):
         )  # fmt: skip
         if type(None) in map(type, tensors):  # rare (affine=False, bias=False, ...): drop the holes
             tensors = tuple(t for t in tensors if t is not None)
-        return tensors, tuple(map(_eps_of, norm_d))
+        return tensors, tuple(map(_eps_of, self.norm_dicts))
 
 
-def _layer_pickers(plan: Plan, at: dict, where: dict) -> tuple:
-    """Where ``fused_layers`` finds each ``FusedLayers`` field in the fast check's ``mods``."""
+def _fused_layers(plan: Plan, mods: dict) -> FusedLayers:
+    dicts = {path: m.__dict__ for path, m in mods.items()}
 
-    def pos(path):
-        return None if path is None else at[where[path]]
+    def pick(paths):
+        return tuple(dicts[p] for p in paths)
 
-    norm_pos = tuple(pos(c.norm) if c.norm_kind != "none" else None for c in plan.convs)
-    return (
-        _picker(pos(c.conv) for c in plan.convs),
-        norm_pos,
-        _picker(pos(u.params) for u in plan.ups if u.params is not None),
-        pos(plan.head.path),
-        tuple(pos(dc.dropout) for dc in plan.doubles),
-    )
-
-
-def _layers(mods, dicts, comp: _Compiled) -> FusedLayers:
-    convs, norm_pos, ups, head, drops = comp.layers
-    norms = tuple(None if i is None else mods[i] for i in norm_pos)
     return FusedLayers(
-        comp.plan, convs(mods), norms, ups(mods), mods[head], tuple(None if i is None else mods[i] for i in drops),
-        convs(dicts), tuple(None if i is None else dicts[i] for i in norm_pos), ups(dicts), dicts[head],
+        plan, mods, dicts, pick(c.conv for c in plan.convs), pick(c.norm for c in plan.convs if c.norm_kind != "none"),
+        pick(u.params for u in plan.ups if u.params is not None), dicts[plan.head.path],
     )  # fmt: skip
 
 
@@ -721,15 +710,7 @@ def walk_layers(model, plan: Plan) -> FusedLayers:
             m = getattr(m, part)
         return m
 
-    convs = tuple(get(c.conv) for c in plan.convs)
-    norms = tuple(get(c.norm) if c.norm_kind != "none" else None for c in plan.convs)
-    ups = tuple(get(u.params) for u in plan.ups if u.params is not None)
-    head = get(plan.head.path)
-    drops = tuple(None if dc.dropout is None else get(dc.dropout) for dc in plan.doubles)
-    return FusedLayers(
-        plan, convs, norms, ups, head, drops, tuple(m.__dict__ for m in convs),
-        tuple(None if m is None else m.__dict__ for m in norms), tuple(m.__dict__ for m in ups), head.__dict__,
-    )  # fmt: skip
+    return _fused_layers(plan, {slot.path: get(slot.path) for slot in plan.slots})
 
 
 # model -> (the memo's module tuple, its FusedLayers)
@@ -752,7 +733,8 @@ def fused_layers(model) -> FusedLayers | None:
     cached = _LAYERS.get(model)
     if cached is not None and cached[0] is mods:
         return cached[1]
-    layers = _layers(mods, memo[1], memo[4])
+    comp = memo[4]
+    layers = _fused_layers(comp.plan, dict(zip(comp.paths, mods, strict=True)))
     _LAYERS[model] = (mods, layers)
     return layers
 

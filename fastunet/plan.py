@@ -78,10 +78,8 @@ class Conv:
 @dataclass(frozen=True, slots=True)
 class DoubleConv:
     """``path`` (a ``DoubleConv``): ``first`` then ``second``, then the ``nn.Dropout`` at path
-    ``dropout`` (None: the block has none). ``first`` reads the pending sources; ``index``: its
-    position among the plan's double convs."""
+    ``dropout`` (None: the block has none). ``first`` reads the pending sources."""
 
-    index: int
     path: str
     first: Conv
     second: Conv
@@ -153,8 +151,8 @@ class Plan:
     """The steps of one architecture, and the views of them the executors and the guard use.
 
     ``key``: the architecture (``arch_key``); ``steps``: in call order; ``convs``: every ``Conv``
-    in call order (``convs[i].index == i``); ``ups``: every ``Up``; ``doubles``: every
-    ``DoubleConv``; ``head``: the ``Head``; ``slots``: every module in call order.
+    in call order (``convs[i].index == i``); ``ups``: every ``Up``; ``head``: the ``Head``;
+    ``slots``: every module in call order.
     ``norm``/``act``/``upsampling``: the blocks' kinds (one per network).
     """
 
@@ -163,7 +161,6 @@ class Plan:
     steps: tuple
     convs: tuple
     ups: tuple
-    doubles: tuple
     head: Head
     slots: tuple
     norm: str
@@ -249,7 +246,7 @@ def _build(key: tuple) -> Plan:
     in_ch, out_ch, base, d, upsampling, norm, act, dropout, pre_head, concat, odd_sizes, activation = key
     widths = [base << i for i in range(d)]  # level i + 1
     bilinear = upsampling == "bilinear"
-    steps, convs, ups, doubles, slots = [], [], [], [], []
+    steps, convs, ups, slots = [], [], [], []
 
     def unit(seq: str, i: int, cin: int, cout: int, has_norm: bool = True) -> Conv:
         """The conv at ``seq.i``, then its norm (unless ``has_norm`` is False) and activation."""
@@ -268,11 +265,10 @@ def _build(key: tuple) -> Plan:
         layers = ("conv", "norm", ACT_NAMES[act]) * 2 + (("Dropout",) if drop else ())
         slots.append(Slot(seq, "sequential", layers))
         first, second = unit(seq, 0, cin, mid), unit(seq, 3, mid, cout)
-        step = DoubleConv(len(doubles), name, first, second, f"{seq}.6" if drop else None)
+        step = DoubleConv(name, first, second, f"{seq}.6" if drop else None)
         if drop:
             slots.append(Slot(step.dropout, "dropout"))
         steps.append(step)
-        doubles.append(step)
 
     prev = in_ch
     for i, width in enumerate(widths, start=1):
@@ -308,9 +304,7 @@ def _build(key: tuple) -> Plan:
     head = Head(f"conv{2 * d + 2}", pre_head or base, out_ch, activation)
     slots.append(Slot(head.path, "head", (head.cin, head.cout)))
     steps.append(head)
-    return Plan(
-        key, in_ch, tuple(steps), tuple(convs), tuple(ups), tuple(doubles), head, tuple(slots), norm, act, upsampling
-    )
+    return Plan(key, in_ch, tuple(steps), tuple(convs), tuple(ups), head, tuple(slots), norm, act, upsampling)
 
 
 def execute(plan: Plan, form, x):
