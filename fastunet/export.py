@@ -124,7 +124,8 @@ def export(
 
     Raises:
         RuntimeError: ``portable=False`` and the fused path would not run for ``example``
-            (wrong backend or device, a model the fused path does not implement: the reason).
+            (wrong backend or device, a model the fused path does not implement: the reason), or
+            ``dynamic=True`` for an InstanceNorm model (its fused path loops over the samples).
     """
     if not isinstance(model, UNetReference):
         raise TypeError(f"expected a fastunet.UNet or fastunet.UNetReference, got {type(model).__name__}")
@@ -145,7 +146,7 @@ def export(
             if leaked:  # the eager path calls no fastunet op; this would be a bug
                 raise AssertionError(f"portable export holds fastunet ops: {leaked}")
             return program
-        _check_fused(model, example)
+        _check_fused(model, example, dynamic)
         with warnings.catch_warnings():
             # backend.triton_available is functools.cache'd and constant within a process.
             warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`")
@@ -158,7 +159,7 @@ def export(
     return program
 
 
-def _check_fused(model: UNetReference, example: Tensor) -> None:
+def _check_fused(model: UNetReference, example: Tensor, dynamic: bool) -> None:
     from .model import UNet  # deferred: model.py imports the ops and, on first use, triton
 
     if not isinstance(model, UNet):
@@ -177,6 +178,11 @@ def _check_fused(model: UNetReference, example: Tensor) -> None:
     if not support.supported:
         where = f"module '{support.module}' {support.reason}" if support.module else support.reason
         raise RuntimeError(f"portable=False: the fused path does not implement this model ({where}); use portable=True")
+    if dynamic and model.norm == "instance":
+        raise RuntimeError(
+            "portable=False, dynamic=True: the fused path runs an InstanceNorm model one sample at a time, so its "
+            "batch cannot be symbolic; use dynamic=False (example's shape) or portable=True"
+        )
 
 
 def export_onnx(

@@ -75,8 +75,17 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def forward(model, x: Tensor, layers: FusedLayers, batch_stats: bool) -> Tensor:
     """The fused forward of ``model`` on ``x`` (validated): the training form when some
     BatchNorm uses batch statistics, else the inference form. ``[N, C_in, H, W] -> [N, K, H, W]``
-    channels_last."""
+    channels_last.
+
+    InstanceNorm (``norm="instance"``) normalizes each sample by its own statistics, in eval as in
+    training: on one sample that is BatchNorm's training form, so such a model runs the training
+    form one sample at a time (the conv epilogue's per-channel statistics are then per (sample,
+    channel), and the readers apply that sample's normalization on load, as for BatchNorm)."""
     dtype = compute_dtype(x)
+    if layers.plan.norm == "instance":
+        if x.shape[0] == 1:
+            return train_forward(model, x, dtype, layers)
+        return torch.cat([train_forward(model, x[n : n + 1], dtype, layers) for n in range(x.shape[0])])
     if batch_stats:
         return train_forward(model, x, dtype, layers)
     weights = eval_weights(model, layers, dtype, x.device)
@@ -238,6 +247,8 @@ class TrainForm:
 
         A BatchNorm in eval mode inside a training model (frozen) uses its running statistics
         for that transform; the batch statistics the op also returns are then unused. An
+        InstanceNorm (no running statistics: this form runs one sample at a time for it) always
+        normalizes with the batch statistics, which are that sample's. An
         ``nn.SyncBatchNorm`` that synchronises (``fastunet.distributed.sync_group``) normalizes
         with the statistics of the whole group's batch (``bn_stats_sync``), and updates its
         running statistics with those and the global count. The first conv reads the padded

@@ -80,7 +80,6 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import chain, repeat
 from operator import and_, attrgetter, contains, is_, itemgetter, lt
-from types import FunctionType
 from typing import NamedTuple
 
 import torch
@@ -160,11 +159,7 @@ _MODULE_CALL = ("__call__", "_wrapped_call_impl", "_call_impl")
 _PATCHABLE = tuple((cls, name) for cls, names in _CALLED.items() for name in names) + tuple(
     (nn.Module, name) for name in _MODULE_CALL
 )
-_ORIGINAL = tuple(getattr(cls, name) for cls, name in _PATCHABLE)
-
-
-def _class_methods() -> tuple:
-    return tuple(getattr(cls, name) for cls, name in _PATCHABLE)
+_ORIGINAL_OF = {(cls, name): getattr(cls, name) for cls, name in _PATCHABLE}
 
 
 # ------------------------------------------------------------------ the rules
@@ -244,14 +239,17 @@ _UPSAMPLE_ROWS = (
 
 
 # Mode rules take the ``__dict__``s of every module of their role at once (the fast check's
-# group, or the one module ``_explain`` is at) and ``get``, a maker of key readers: the fast check
-# passes ``itemgetter`` (loops in C), ``_explain`` ``_subscript`` (which dynamo can trace).
-def _bn_batch(ds: tuple, get=itemgetter) -> bool:
+# group, or the one module ``_explain`` is at) and ``get``, the reader of a key: the fast check's
+# are ``itemgetter``s (loops in C), ``_explain`` passes ``_subscript`` (which dynamo can trace).
+_GETTERS = {key: itemgetter(key) for key in ("training", "_buffers", "running_mean", "p")}
+
+
+def _bn_batch(ds: tuple, get=_GETTERS.__getitem__) -> bool:
     """Whether some of these BatchNorms normalizes with batch statistics."""
     return any(map(get("training"), ds)) or any(map(_is_none, map(get("running_mean"), map(get("_buffers"), ds))))
 
 
-def _dropout_active(ds: tuple, get=itemgetter) -> bool:
+def _dropout_active(ds: tuple, get=_GETTERS.__getitem__) -> bool:
     """Whether some of these Dropouts is active (``training`` and ``p > 0``)."""
     return any(map(and_, map(get("training"), ds), map(_positive, map(get("p"), ds))))
 
@@ -313,13 +311,14 @@ def _fused_limit(plan: Plan) -> tuple[str, str] | None:
     """``(module, reason)`` for the first step of ``plan`` the fused kernels do not implement (the
     CPU fold still runs it), or None."""
     first = plan.convs[0]
-    if plan.norm == "instance":
-        return first.norm, (
-            "is an InstanceNorm2d: the fused kernels normalize with per-channel statistics of the whole batch "
-            "(BatchNorm's), not per (sample, channel)"
-        )
     if plan.act == "leaky_relu":
         return first.act, "is a LeakyReLU: the fused kernels' activation on store and on load is ReLU"
+    drops = [slot.path for slot in plan.slots if slot.role == "dropout"]
+    if plan.norm == "instance" and drops:
+        return drops[0], (
+            "is a Dropout in an InstanceNorm model: the fused path runs such a model one sample at a time, "
+            "which would draw the dropout masks in another order than the module tree"
+        )
     return None
 
 
@@ -379,19 +378,19 @@ def _model_problem(model, batch: list, kernels: bool) -> tuple[str, str] | None:
                 f"a global module hook is registered (torch.nn.modules.module.{register}) "
                 "and fires for every submodule call"
             )
-    if _class_methods() != _ORIGINAL:
-        for (cls, name), now, orig in zip(_PATCHABLE, _class_methods(), _ORIGINAL, strict=True):
-            if now is not orig:
-                return "", f"{_type_name(cls)}.{name} has been replaced on the class (monkey-patched)"
     key = arch_key(model)
     problem = key_problem(key)
     if problem:
         return "", problem
     plan = build_plan(key)
+    comp = _compiled(plan)
+    for cls, name, orig in zip(comp.patch_classes, comp.patch_names, comp.originals, strict=True):
+        if getattr(cls, name) is not orig:
+            return "", f"{_type_name(cls)}.{name} has been replaced on the class (monkey-patched)"
     if plan.norm != "batch" and model.training:
         batch[0] = True
     found = []  # the module in each slot so far
-    for slot, (parent, where) in zip(plan.slots, _compiled(plan).parent, strict=True):
+    for slot, (parent, where) in zip(plan.slots, comp.parent, strict=True):
         if parent is None:
             name, m = slot.path, model._modules.get(slot.path)
         elif type(where) is int:  # a Sequential's child, by position (its length is checked)
@@ -406,7 +405,7 @@ def _model_problem(model, batch: list, kernels: bool) -> tuple[str, str] | None:
         if rule.batch is not None and rule.batch((m.__dict__,), _subscript):
             batch[0] = True
         found.append(m)
-    return _compiled(plan).limit if kernels else None
+    return comp.limit if kernels else None
 
 
 def _explain(model, kernels: bool = True) -> FusedSupport:
@@ -444,15 +443,12 @@ def _explain(model, kernels: bool = True) -> FusedSupport:
 _get_hooks = itemgetter(*_HOOKS)
 _dict_of = attrgetter("__dict__")
 _modules_of = itemgetter("_modules")
-_patch_classes = tuple(cls for cls, _ in _PATCHABLE)
-_patch_names = tuple(name for _, name in _PATCHABLE)
 _FORWARD, _CALL_IMPL = repeat("forward"), repeat("_call_impl")  # endless: safe to share
 _CHECK_CHANNELS = repeat("_check_non_zero_input_channels")
 _process_group_of = itemgetter("process_group")
 _AS_PLAIN = {nn.SyncBatchNorm: nn.BatchNorm2d}  # what a SyncBatchNorm stands in for
 _get_arch = itemgetter(*ARCH_NAMES)
-# ``map(_call_getter, getters, xs)``: each getter on its x, without a Python frame
-_call_getter, _call_function = itemgetter.__call__, FunctionType.__call__
+_call_getter = itemgetter.__call__  # map(_call_getter, getters, xs): each getter on its x, in C
 
 _Handle = getattr(torch.utils.hooks, "RemovableHandle", None)
 if type(getattr(_Handle, "next_id", None)) is not int:  # another torch: no stamp, hooks always read
@@ -486,16 +482,19 @@ class _Compiled:
     The fast check gathers ``mods``: the top-level slots' modules (an ``itemgetter`` on the
     model's ``_modules``), then the named children of those (``DoubleConv.conv``,
     ``NearestConvUp.conv``), then every Sequential's children by position (``dict.values``, so
-    an added module changes the length). The other attributes pick groups of ``mods`` (or of
-    their ``__dict__``s): ``cfg`` the canonical values of each group of rows, ``overrides`` the
-    methods a type's call runs besides ``forward``, ``requires`` the parameters that must be
-    set, ``modes`` the modules that can put the model on the training form; ``paths``: the plan
-    path of each module of ``mods`` (what the executors look them up by).
+    an added module changes the length). The modules with rows form groups (one per type and
+    set of row attributes), each read with one ``itemgetter`` (``getters``) and compared with
+    what a tree as the reference builds it holds (``cfg``); ``over_groups``/``over_names``: the
+    methods a type's call runs besides ``forward``, per module of those groups, aligned with
+    ``chain`` over the groups' dicts; ``requires`` the parameters that must be set, ``modes`` the
+    modules that can put the model on the training form; ``patches``: the classes whose called
+    methods a patch would change, with the functions seen at import; ``paths``: the plan path of
+    each module of ``mods`` (what the executors look them up by).
     """
 
     __slots__ = ("plan", "parent", "top", "parents", "kid", "seqs", "lens", "types", "getters", "group_pickers", "cfg",
-                 "over_pick", "over_names", "req_pick", "req_get", "mode_fns", "mode_pickers", "bns", "model_mode",
-                 "paths", "limit", "verdicts")  # fmt: skip
+                 "over_groups", "over_names", "requires", "modes", "bns", "model_mode", "patch_classes",
+                 "patch_names", "originals", "paths", "limit", "verdicts")  # fmt: skip
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -519,39 +518,41 @@ class _Compiled:
         self.seqs = _picker(at[i] for i in seqs)
         self.lens = tuple(len(slots[i].args) for i in seqs)
         self.types = tuple(_RULES[slots[i].role].type for i in order)
-        # Per set of row attributes, the modules read with one itemgetter and what it reads from a
-        # tree as the reference builds it; flat (module, name) lists for the overrides and the
-        # required parameters (one C-level pass each); per mode rule, its modules.
-        groups: dict[tuple, tuple[list, list]] = {}
-        over_pick, over_names, req_pick, req_get = [], [], [], []
+        groups: dict[tuple, tuple[list, list]] = {}  # (type, row attributes) -> (modules, wants)
+        requires: dict[str, list] = {}
         modes: dict[Callable, list] = {}
         for i in order:
             rule = _RULES[slots[i].role]
             rows = () if rule.holds else rule.rows(*slots[i].args)
+            # every type whose call runs more than ``forward`` has rows, so its group checks those
+            assert rows or len(_CALLED[rule.type]) == 1, rule
             if rows:
-                picked, wants = groups.setdefault(tuple(r[0] for r in rows), ([], []))
+                picked, wants = groups.setdefault((rule.type, tuple(r[0] for r in rows)), ([], []))
                 picked.append(at[i])
                 wants.append({r[0]: r[2] for r in rows})
-            for name in _CALLED[rule.type][1:]:  # ``forward`` is checked on every module
-                over_pick.append(at[i])
-                over_names.append(name)
             for name, _ in rule.requires:
-                req_pick.append(at[i])
-                req_get.append(itemgetter(name))
+                requires.setdefault(name, []).append(at[i])
             if rule.batch is not None:
                 modes.setdefault(rule.batch, []).append(at[i])
-        self.getters = tuple(itemgetter(*attrs) for attrs in groups)
+        self.getters = tuple(itemgetter(*attrs) for _, attrs in groups)
+        # a lone module is read twice (_group_picker), so its wants are doubled
+        wants = [w * 2 if len(w) == 1 else w for _, w in groups.values()]
         self.group_pickers = tuple(_group_picker(picked) for picked, _ in groups.values())
-        self.cfg = tuple(
-            tuple(map(get, wants * 2 if len(wants) == 1 else wants))  # as _group_picker reads them
-            for get, (_, wants) in zip(self.getters, groups.values(), strict=True)
-        )
-        self.over_pick, self.over_names = _picker(over_pick), tuple(over_names)
-        self.req_pick, self.req_get = _picker(req_pick), tuple(req_get)
-        self.mode_fns = tuple(modes)
-        self.mode_pickers = tuple(map(_group_picker, modes.values()))
+        self.cfg = tuple(tuple(map(get, w)) for get, w in zip(self.getters, wants, strict=True))
+        over_groups, over_names = [], []
+        for g, ((cls, _), w) in enumerate(zip(groups, wants, strict=True)):
+            for name in _CALLED[cls][1:]:  # ``forward`` is checked on every module
+                over_groups.append(g)
+                over_names += [name] * len(w)
+        self.over_groups, self.over_names = _picker(over_groups), tuple(over_names)
+        self.requires = tuple((_group_picker(v), itemgetter(name)) for name, v in requires.items())
+        self.modes = tuple((fn, _group_picker(v)) for fn, v in modes.items())
         self.bns = _picker(modes.get(_bn_batch, ()))
         self.model_mode = plan.norm != "batch"
+        called = {t for s in slots for t in (*_RULES[s.role].also, _RULES[s.role].type)} | {nn.Module}
+        patches = [(cls, name) for cls, name in _PATCHABLE if cls in called]
+        self.patch_classes, self.patch_names = tuple(c for c, _ in patches), tuple(n for _, n in patches)
+        self.originals = tuple(map(_ORIGINAL_OF.get, patches))
         self.paths = tuple(slots[i].path for i in order)
         self.limit = _fused_limit(plan)
         # (eval, train) with the kernels' limits, then without (``kernels=False``)
@@ -582,7 +583,6 @@ def _fast(model, kernels: bool = True) -> FusedSupport | None:
         or g._global_forward_pre_hooks
         or g._global_backward_hooks
         or g._global_backward_pre_hooks
-        or tuple(map(getattr, _patch_classes, _patch_names)) != _ORIGINAL
     ):
         return None
     md = model.__dict__
@@ -594,6 +594,8 @@ def _fast(model, kernels: bool = True) -> FusedSupport | None:
             if plan is None:
                 return None
             comp = _compiled(plan)
+        if tuple(map(getattr, comp.patch_classes, comp.patch_names)) != comp.originals:
+            return None
         # The structure, as the forward would reach it.
         top = comp.top(md["_modules"])
         both = top + tuple(map(comp.kid, map(_modules_of, map(_dict_of, comp.parents(top)))))
@@ -613,8 +615,8 @@ def _fast(model, kernels: bool = True) -> FusedSupport | None:
             memo, dicts, hooks_seen = None, tuple(map(_dict_of, mods)), False
         if not hooks_seen and any(chain.from_iterable(map(_get_hooks, dicts))):
             return None
-        # per group of rows: its getter over its modules' dicts (nested maps: no Python loop)
-        groups = map(_call_getter, comp.group_pickers, repeat(dicts))
+        # per group of rows: its modules' dicts, read by its getter (nested maps: no Python loop)
+        groups = tuple(map(_call_getter, comp.group_pickers, repeat(dicts)))
         cfg = tuple(map(tuple, map(map, comp.getters, groups)))
         same_cfg = memo is not None and cfg == memo[3]  # identity hits: values unchanged since then
         if not same_cfg and cfg != comp.cfg:
@@ -622,10 +624,12 @@ def _fast(model, kernels: bool = True) -> FusedSupport | None:
         if (
             any(map(contains, dicts, _FORWARD))
             or any(map(contains, dicts, _CALL_IMPL))
-            or any(map(contains, comp.over_pick(dicts), comp.over_names))
-            or any(map(_is_none, map(_call_getter, comp.req_get, map(_params_of, comp.req_pick(dicts)))))
+            or any(map(contains, chain.from_iterable(comp.over_groups(groups)), comp.over_names))
         ):
             return None
+        for picker, get in comp.requires:  # a parameter the fused op needs is None
+            if any(map(_is_none, map(get, map(_params_of, picker(dicts))))):
+                return None
         if synced:
             sync_d = [d for m, d in zip(comp.bns(mods), comp.bns(dicts), strict=True) if type(m) is nn.SyncBatchNorm]
             groups = map(_process_group_of, sync_d)
@@ -635,7 +639,10 @@ def _fast(model, kernels: bool = True) -> FusedSupport | None:
                 return None
         batch = comp.model_mode and md["training"]
         if not batch:
-            batch = any(map(_call_function, comp.mode_fns, map(_call_getter, comp.mode_pickers, repeat(dicts))))
+            for fn, picker in comp.modes:
+                if fn(picker(dicts)):
+                    batch = True
+                    break
     except (KeyError, TypeError):  # a missing module, attribute or buffer: let _explain say which
         return None
     if not (same_cfg and hooks_seen):

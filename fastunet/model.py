@@ -134,7 +134,10 @@ class UNet(UNetReference):
         support = check_fused_support(self)
         if not support.supported or support.mode != "eval":
             return None
-        return fused.eval_weights(self, layers_of(self), fused.compute_dtype(x), x.device)
+        layers = layers_of(self)
+        if layers.plan.norm == "instance":  # runs the training form per sample: nothing is prepared
+            return None
+        return fused.eval_weights(self, layers, fused.compute_dtype(x), x.device)
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory) -> None:

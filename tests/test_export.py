@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import assert_close
 
 import fastunet
 from fastunet.export import fastunet_ops
@@ -150,6 +151,19 @@ def test_fused_export_refuses_a_model_the_guard_refuses(triton_backend):
     model.conv1.conv[0].register_forward_hook(lambda *args: None)
     with pytest.raises(RuntimeError, match=r"does not implement this model \(module 'conv1.conv.0' has a forward hook"):
         fastunet.export(model, torch.randn(1, 3, 8, 8), portable=False)
+
+
+def test_fused_export_of_an_instance_norm_model_fixes_the_batch(triton_backend):
+    """An InstanceNorm model's fused path runs one sample at a time: exported with the example's
+    shape (the loop unrolled), refused with a dynamic batch."""
+    model = fastunet.UNet(3, 1, **TINY, norm="instance").double().eval()
+    example = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="one sample at a time, so its batch cannot be symbolic"):
+        fastunet.export(model, example, portable=False)
+    program = fastunet.export(model, example, portable=False, dynamic=False)
+    assert "fastunet.conv3x3_bn_stats.default" in fastunet_ops(program)
+    with torch.no_grad():
+        assert_close(program.module()(example), model(example), "fp64", "fused export, fixed batch")
 
 
 def test_bad_arguments():
