@@ -330,4 +330,6 @@ class _Backward:
         """``self.<name>``: the op ``torch.ops.fastunet.<name>`` or, when ``direct_ok`` holds for
         argument ``ref``, its implementation ``impl`` called directly."""
         setattr(self, name, _OpOrImpl(getattr(torch.ops.fastunet, name), impl, ref))
+
+
 _bwd = _Backward()
