@@ -59,6 +59,22 @@ def triton_backend():
 
 
 @pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of ``UNet._fused_forward`` (0: the eager path ran)."""
+    from fastunet import UNet
+
+    calls = []
+    original = UNet._fused_forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "_fused_forward", spy)
+    return calls
+
+
+@pytest.fixture
 def device():
     """Where kernel tests run: the GPU when there is one, else CPU through the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")

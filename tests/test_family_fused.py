@@ -28,7 +28,7 @@ from helpers import assert_close, model_pair, tolerance_name
 from torch import nn
 
 import fastunet
-from fastunet import FusedPathWarning, UNet, UNetReference, check_fused_support
+from fastunet import FusedPathWarning, UNetReference, check_fused_support
 from fastunet.guard import _explain, _fast
 
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
@@ -93,20 +93,6 @@ def fp32_pair(case: str, train: bool):
     ref = UNetReference(3, 2, **options)
     ref.load_state_dict(copy.deepcopy(model.state_dict()))
     return ref.double().train(train), model
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the calls of ``UNet._fused_forward`` (0: the eager path ran)."""
-    calls = []
-    original = UNet._fused_forward
-
-    def spy(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(UNet, "_fused_forward", spy)
-    return calls
 
 
 def run_fused(model, x, fused_calls):

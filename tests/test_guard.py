@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 import fastunet
-from fastunet import FusedPathWarning, UNet, check_fused_support
+from fastunet import FusedPathWarning, check_fused_support
 from fastunet.guard import _explain, _fast
 
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
@@ -33,20 +33,6 @@ pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
 # depth 2: conv1, pool1, conv2, pool2, conv3 (bottleneck), up4, conv4, up5, conv5, head conv6
 NARROW = {"base_channels": 4, "depth": 2}
 MODES = pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the calls of ``UNet._fused_forward`` (0: the eager path ran)."""
-    calls = []
-    original = UNet._fused_forward
-
-    def spy(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(UNet, "_fused_forward", spy)
-    return calls
 
 
 def pair(train: bool):
