@@ -71,6 +71,7 @@ compiling is not seen, exactly as for any compiled ``nn.Module``.
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import warnings
@@ -448,7 +449,8 @@ _CHECK_CHANNELS = repeat("_check_non_zero_input_channels")
 _process_group_of = itemgetter("process_group")
 _AS_PLAIN = {nn.SyncBatchNorm: nn.BatchNorm2d}  # what a SyncBatchNorm stands in for
 _get_arch = itemgetter(*ARCH_NAMES)
-_call_getter = itemgetter.__call__  # map(_call_getter, getters, xs): each getter on its x, in C
+# ``map(_call, fs, xs)``: each ``fs[i](xs[i])`` in C (``operator.call`` from Python 3.11 on)
+_call = getattr(operator, "call", itemgetter.__call__)
 
 _Handle = getattr(torch.utils.hooks, "RemovableHandle", None)
 if type(getattr(_Handle, "next_id", None)) is not int:  # another torch: no stamp, hooks always read
@@ -487,9 +489,10 @@ class _Compiled:
     what a tree as the reference builds it holds (``cfg``); ``over_groups``/``over_names``: the
     methods a type's call runs besides ``forward``, per module of those groups, aligned with
     ``chain`` over the groups' dicts; ``requires`` the parameters that must be set, ``modes`` the
-    modules that can put the model on the training form; ``patches``: the classes whose called
-    methods a patch would change, with the functions seen at import; ``paths``: the plan path of
-    each module of ``mods`` (what the executors look them up by).
+    modules that can put the model on the training form (each a group's index, or a picker);
+    ``patch_classes``/``patch_names``/``originals``: the methods the plan's modules' calls run,
+    with the functions seen at import; ``paths``: the plan path of each module of ``mods`` (what
+    the executors look them up by).
     """
 
     __slots__ = ("plan", "parent", "top", "parents", "kid", "seqs", "lens", "types", "getters", "group_pickers", "cfg",
@@ -545,8 +548,16 @@ class _Compiled:
                 over_groups.append(g)
                 over_names += [name] * len(w)
         self.over_groups, self.over_names = _picker(over_groups), tuple(over_names)
-        self.requires = tuple((_group_picker(v), itemgetter(name)) for name, v in requires.items())
-        self.modes = tuple((fn, _group_picker(v)) for fn, v in modes.items())
+        # requires and modes read the dicts of their modules' group when it is exactly those
+        # modules (a BatchNorm's, a ConvTranspose2d's), else pick them
+        by_members = {tuple(picked): g for g, (picked, _) in enumerate(groups.values())}
+
+        def members(v):
+            g = by_members.get(tuple(v))
+            return g if g is not None else _group_picker(v)
+
+        self.requires = tuple((members(v), itemgetter(name)) for name, v in requires.items())
+        self.modes = tuple((fn, members(v)) for fn, v in modes.items())
         self.bns = _picker(modes.get(_bn_batch, ()))
         self.model_mode = plan.norm != "batch"
         called = {t for s in slots for t in (*_RULES[s.role].also, _RULES[s.role].type)} | {nn.Module}
@@ -570,7 +581,8 @@ def _compiled(plan: Plan) -> _Compiled:
     return comp
 
 
-# model -> (mods, their __dict__s, hook stamp, cfg, _Compiled) of its last supported verdict
+# model -> (mods, their __dict__s, hook stamp, cfg, _Compiled, the groups' dicts, the overrides'
+# dicts) of its last supported verdict
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -609,26 +621,29 @@ def _fast(model, kernels: bool = True) -> FusedSupport | None:
             return None
         stamp = _Handle.next_id if _Handle is not None else None  # read before the hooks are
         memo = _MEMO.get(model)
-        if memo is not None and memo[0] == mods:  # the same module objects (exact types: identity)
+        if memo is not None and memo[4] is comp and memo[0] == mods:  # the same plan and module objects
             dicts, hooks_seen = memo[1], memo[2] is not None and memo[2] == stamp
+            groups, over_ds = memo[5], memo[6]  # picked from the same dicts: still theirs
         else:
             memo, dicts, hooks_seen = None, tuple(map(_dict_of, mods)), False
+            # per group of rows, its modules' dicts; the dicts the overrides are looked up in
+            groups = tuple(map(_call, comp.group_pickers, repeat(dicts)))
+            over_ds = tuple(chain.from_iterable(comp.over_groups(groups)))
         if not hooks_seen and any(chain.from_iterable(map(_get_hooks, dicts))):
             return None
-        # per group of rows: its modules' dicts, read by its getter (nested maps: no Python loop)
-        groups = tuple(map(_call_getter, comp.group_pickers, repeat(dicts)))
-        cfg = tuple(map(tuple, map(map, comp.getters, groups)))
+        cfg = tuple(map(tuple, map(map, comp.getters, groups)))  # each group read by its getter, in C
         same_cfg = memo is not None and cfg == memo[3]  # identity hits: values unchanged since then
         if not same_cfg and cfg != comp.cfg:
             return None
         if (
             any(map(contains, dicts, _FORWARD))
             or any(map(contains, dicts, _CALL_IMPL))
-            or any(map(contains, chain.from_iterable(comp.over_groups(groups)), comp.over_names))
+            or any(map(contains, over_ds, comp.over_names))
         ):
             return None
-        for picker, get in comp.requires:  # a parameter the fused op needs is None
-            if any(map(_is_none, map(get, map(_params_of, picker(dicts))))):
+        for members, get in comp.requires:  # a parameter the fused op needs is None
+            ds = groups[members] if type(members) is int else members(dicts)
+            if any(map(_is_none, map(get, map(_params_of, ds)))):
                 return None
         if synced:
             sync_d = [d for m, d in zip(comp.bns(mods), comp.bns(dicts), strict=True) if type(m) is nn.SyncBatchNorm]
@@ -639,14 +654,14 @@ def _fast(model, kernels: bool = True) -> FusedSupport | None:
                 return None
         batch = comp.model_mode and md["training"]
         if not batch:
-            for fn, picker in comp.modes:
-                if fn(picker(dicts)):
+            for fn, members in comp.modes:
+                if fn(groups[members] if type(members) is int else members(dicts)):
                     batch = True
                     break
     except (KeyError, TypeError):  # a missing module, attribute or buffer: let _explain say which
         return None
     if not (same_cfg and hooks_seen):
-        _MEMO[model] = (mods, dicts, stamp, cfg, comp)
+        _MEMO[model] = (mods, dicts, stamp, cfg, comp, groups, over_ds)
     return comp.verdicts[not kernels][bool(batch)]
 
 
