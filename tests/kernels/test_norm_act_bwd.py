@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastunet.kernels import norm_act_bwd as kernel_module
+from fastunet.kernels._common import interpreting
 from helpers import assert_close, poisoned_like, tolerance_name
 
 affine_relu_backward = kernel_module.affine_relu_backward
@@ -20,7 +21,7 @@ compile_specs = kernel_module.compile_specs
 
 # Kernels run compiled, not interpreted: on a GPU, and under the simulated GPU that
 # benchmarks/gpu_plan.py records ring 3's launches with (it must parametrize as a GPU does).
-ON_GPU = not importlib.import_module(f"{kernel_module.__package__}._common").interpreting()
+ON_GPU = not interpreting()
 # bf16 only on CUDA (the interpreter's bf16 handling is unreliable); see test_unet_size_cuda.
 DTYPES = [torch.float32, torch.float16]
 SHAPES = [(2, 3, 2, 2), (1, 5, 4, 6), (2, 17, 6, 2), (3, 5, 10, 12)]

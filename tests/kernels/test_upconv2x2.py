@@ -24,7 +24,7 @@ pytestmark = pytest.mark.upconv
 
 # Kernels run compiled, not interpreted: on a GPU, and under the simulated GPU that
 # benchmarks/gpu_plan.py records ring 3's launches with (it must parametrize as a GPU does).
-ON_GPU = not importlib.import_module(f"{kernel_module.__package__}._common").interpreting()
+ON_GPU = not importlib.import_module("fastunet.kernels._common").interpreting()
 DTYPES = [
     torch.float32,
     torch.float16,
