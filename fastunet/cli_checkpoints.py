@@ -140,7 +140,9 @@ _FORMATS = {"pretrained": "{}", "classic": "state_dict in fastunet's keys, {}",
 def format_report(report: dict) -> str:
     """``describe``'s dict as the lines ``fastunet info`` prints."""
     bn = report["batchnorm"]
-    if bn["statistics"] == "none":
+    if bn["statistics"] == "none" and report["options"]["norm"] == "instance":
+        norm = "none (InstanceNorm layers: each sample normalized by its own statistics, nothing stored)"
+    elif bn["statistics"] == "none":
         norm = "none (no BatchNorm layers)"
     elif bn["statistics"] == "initial":
         norm = (f"{bn['layers']} layers, running statistics present but at their initial values (mean 0, var 1): "

@@ -120,7 +120,7 @@ def infer_options(state: dict, where: str) -> dict:
     ``[base, in_ch, 3, 3]``; the deepest ``conv{k}.conv.0.weight`` gives ``depth = (k - 1) // 2``;
     the head ``conv{2*depth+2}.weight`` ``[out_ch, ...]`` (``out_ch`` absent when there is none);
     ``up{k}.weight`` a transposed conv, ``up{k}.conv.weight`` a nearest_conv up, neither
-    bilinear; BatchNorm tensors at ``conv1.conv.1``; a bias at ``conv1.conv.0``; the
+    bilinear; the norm whose tensors ``conv1.conv.1`` holds (``_norm_of``); a bias at ``conv1.conv.0``; the
     pre-head's width from ``pre_head.0.weight``. Raises ``CheckpointError`` when
     ``conv1.conv.0.weight`` is not a conv weight or no deeper level exists."""
     first = state.get("conv1.conv.0.weight")
@@ -142,8 +142,7 @@ def infer_options(state: dict, where: str) -> dict:
         inferred["out_ch"] = int(head.shape[0])
     ups = {m.group(2) or "" for k in state if (m := _UP_KEY.fullmatch(k))}
     inferred["upsampling"] = "transpose" if "" in ups else "nearest_conv" if ".conv" in ups else "bilinear"
-    norm_keys = ("conv1.conv.1.weight", "conv1.conv.1.running_mean")
-    inferred["norm"] = "batch" if any(key in state for key in norm_keys) else "none"
+    inferred["norm"] = _norm_of({k.removeprefix("conv1.conv.1.") for k in state if k.startswith("conv1.conv.1.")})
     inferred["conv_bias"] = "conv1.conv.0.bias" in state
     pre = state.get("pre_head.0.weight")
     inferred["pre_head"] = int(pre.shape[0]) if isinstance(pre, torch.Tensor) and pre.dim() == 4 else 0
@@ -318,13 +317,30 @@ def _preset_conflict(ck: Checkpoint, preset: str) -> str | None:
 
 
 @functools.cache
-def _tensorless_norms() -> tuple[str, ...]:
-    """The ``norm`` values whose layers hold no tensors: a state_dict cannot tell them apart
-    (``("none",)`` while every other norm is BatchNorm)."""
+def _norm_tensors() -> dict[str, frozenset[str]]:
+    """``norm`` -> the names of the tensors its layer holds, from the reference's modules
+    (``"batch"``: weight, bias, the running statistics, num_batches_tracked; ``"instance"``:
+    weight, bias; ``"none"``: nothing)."""
     from .reference import NORMS, DoubleConv
 
     with torch.device("meta"):
-        return tuple(n for n in NORMS if not any(".1." in k for k in DoubleConv(1, 1, norm=n).state_dict()))
+        layers = {n: DoubleConv(1, 1, norm=n).conv[1] for n in NORMS}
+    return {n: frozenset(layer.state_dict()) for n, layer in layers.items()}
+
+
+def _norm_of(held: set[str]) -> str:
+    """The ``norm`` whose layer holds the tensors named ``held`` (names under ``conv1.conv.1``):
+    the one holding exactly those, else the one sharing most of them (the fit check then names
+    what is missing or extra: a BatchNorm saved without ``num_batches_tracked`` stays BatchNorm)."""
+    norms = _norm_tensors()
+    exact = [n for n, names in norms.items() if names == held]
+    return exact[0] if exact else max(norms, key=lambda n: (len(norms[n] & held), -len(norms[n] - held)))
+
+
+def _tensorless_norms() -> tuple[str, ...]:
+    """The ``norm`` values whose layers hold no tensors: a state_dict cannot tell them apart
+    (``("none",)`` today: BatchNorm and InstanceNorm(affine) hold tensors)."""
+    return tuple(n for n, names in _norm_tensors().items() if not names)
 
 
 def _ambiguity(ck: Checkpoint, candidate: str, options: dict) -> str | None:

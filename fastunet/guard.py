@@ -647,9 +647,9 @@ def _fast(model, kernels: bool = True) -> FusedSupport | None:
                 return None
         if synced:
             sync_d = [d for m, d in zip(comp.bns(mods), comp.bns(dicts), strict=True) if type(m) is nn.SyncBatchNorm]
-            groups = map(_process_group_of, sync_d)
+            pgs = map(_process_group_of, sync_d)  # not ``groups``: the modes below read those
             if any(map(contains, sync_d, _CHECK_CHANNELS)) or not all(
-                g is None or isinstance(g, ProcessGroup) for g in groups
+                pg is None or isinstance(pg, ProcessGroup) for pg in pgs
             ):
                 return None
         batch = comp.model_mode and md["training"]

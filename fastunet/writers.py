@@ -32,10 +32,10 @@ __all__ = ["TARGETS", "incompatibility", "unrecorded", "save_keras_h5", "save_mi
 
 #: target -> (what it is, the options its architecture must have, the preset its reader uses).
 TARGETS = {
-    "keras-h5": ("zhixuhao's Keras unet()", {"upsampling": ("nearest_conv",), "norm": ("none",),
+    "keras-h5": ("zhixuhao's Keras unet()", {"upsampling": ("nearest_conv",), "norm": ("none",), "act": ("relu",),
                  "concat": ("skip_up",)}, "keras"),
     "milesial": ("milesial's Pytorch-UNet", {"upsampling": ("transpose", "bilinear"), "norm": ("batch",),
-                 "concat": ("skip_up",), "pre_head": (0,)}, "milesial"),
+                 "act": ("relu",), "concat": ("skip_up",), "pre_head": (0,)}, "milesial"),
 }  # fmt: skip
 
 

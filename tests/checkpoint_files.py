@@ -27,6 +27,7 @@ KERAS_DATA = Path(__file__).parent / "data" / "keras_unet"
 KINDS = {
     "folder": ("saved", "save_pretrained folder (classic)"),
     "folder-keras": ("saved_keras", "save_pretrained folder (keras preset, width 4)"),
+    "folder-nnunet": ("saved_nnunet", "save_pretrained folder (nnunet preset: InstanceNorm, LeakyReLU)"),
     "pt": ("unet.pt", "classic state_dict, torch.save"),
     "safetensors": ("unet.safetensors", "classic state_dict, safetensors"),
     "pt-state_dict": ("wrapped.pth", "{'state_dict': ...} wrapper"),
@@ -42,8 +43,8 @@ KINDS = {
 
 
 def classic_model(seed: int = 3, **options) -> fastunet.UNetReference:
-    """UNetReference(3, 1, base_channels=4, depth=2) with random BatchNorm statistics (so a
-    lost buffer shows), in eval mode."""
+    """UNetReference(3, 1, base_channels=4, depth=2) with random BatchNorm statistics and
+    InstanceNorm affines (so a lost buffer or parameter shows), in eval mode."""
     torch.manual_seed(seed)
     model = fastunet.UNetReference(3, 1, base_channels=4, depth=2, **options)
     with torch.no_grad():
@@ -52,6 +53,9 @@ def classic_model(seed: int = 3, **options) -> fastunet.UNetReference:
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
                 m.num_batches_tracked.fill_(7)
+            if isinstance(m, torch.nn.InstanceNorm2d):  # affine (nnU-Net's): its parameters start at 1, 0
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
             if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
                 m.bias.normal_(0, 0.1)
     return model.eval()
@@ -133,8 +137,10 @@ def make(kind: str, folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     from safetensors.torch import save_file
 
     path = Path(folder) / KINDS[kind][0]
-    if kind in ("folder", "folder-keras"):
-        model = classic_model() if kind == "folder" else classic_model(preset="keras", out_activation="none")
+    if kind.startswith("folder"):
+        presets = {"folder": {}, "folder-keras": {"preset": "keras", "out_activation": "none"},
+                   "folder-nnunet": {"preset": "nnunet"}}  # fmt: skip
+        model = classic_model(**presets[kind])
         fastunet.save_pretrained(model, path)
         return path, _own(model)
     if kind.startswith("milesial"):

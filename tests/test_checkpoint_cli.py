@@ -180,19 +180,26 @@ def test_info_says_what_each_checkpoint_is(capsys, files, kind):
     assert report["dtype"] == "float32" and report["tensors"] == len(expected)
     has_bn = model.norm == "batch"
     assert report["batchnorm"]["statistics"] == ("present" if has_bn else "none")
-    assert report["fused"]["eval"] == {"supported": True, "module": None, "reason": None}
     status, text, _ = command(capsys, "info", path)
-    assert status == 0 and f"  model:       {report['model']}" in text and "  fused path:  inference supported" in text
+    assert status == 0 and f"  model:       {report['model']}" in text
+    if model.act == "relu":
+        assert report["fused"]["eval"] == {"supported": True, "module": None, "reason": None}
+        assert "  fused path:  inference supported" in text
+    else:  # nnU-Net's LeakyReLU: the guard's reason, the eager path
+        assert report["fused"]["eval"]["module"] == "conv1.conv.2" and "LeakyReLU" in report["fused"]["eval"]["reason"]
+        assert "  fused path:  inference NOT supported (module 'conv1.conv.2' is a LeakyReLU" in text
+    if model.norm == "instance":
+        assert "  batchnorm:   none (InstanceNorm layers: each sample normalized by its own statistics" in text
 
 
 def test_info_says_where_each_option_came_from_and_what_was_ignored(capsys, files):
     _, out, _ = command(capsys, "info", files["pt-state_dict"][0])
     assert "from the weights: in_ch=3, out_ch=1, base_channels=4, depth=2, upsampling='transpose'" in out
-    assert "classic defaults: out_activation='sigmoid', concat='up_skip'" in out
+    assert "classic defaults: out_activation='sigmoid', act='relu', concat='up_skip'" in out
     assert "note:        the state_dict under 'state_dict'" in out and "ignored: epoch" in out
     _, out, _ = command(capsys, "info", files["milesial"][0])
     assert "format:      milesial Pytorch-UNet state_dict, torch.save file" in out
-    assert "from the format: out_activation='none', concat='skip_up'" in out
+    assert "from the format: out_activation='none', act='relu', concat='skip_up'" in out
 
 
 def test_info_reports_untrained_batchnorm_and_an_unsupported_fused_path(tmp_path, capsys, monkeypatch):

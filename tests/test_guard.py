@@ -366,6 +366,19 @@ def test_equivalent_spellings_stay_fused(modify, train, fused_calls):
     assert_close(y, ref(x), "fp64", modify.__name__)
 
 
+@MODES
+@pytest.mark.parametrize("modify", [_sync_batchnorm, _some_sync_batchnorms])
+def test_the_fast_check_answers_for_sync_batchnorms_itself(modify, train):
+    """A SyncBatchNorm without a process group is the fast check's to accept (not a fall-back
+    to the readable check on every forward), the first time and from its memo."""
+    _, model = pair(train)
+    model = modify(model)
+    assert _fast(model) == _fast(model) == _explain(model) == check_fused_support(model)
+    assert _fast(model).supported
+    model.conv3.conv[1].train(not train)  # one norm's mode flipped: the memo's dicts are read again
+    assert _fast(model) == _explain(model) and _fast(model).mode == "train"
+
+
 def test_mode_follows_every_batchnorm():
     _, model = pair(False)
     assert check_fused_support(model).mode == "eval"

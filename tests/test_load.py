@@ -21,10 +21,11 @@ from fastunet import CheckpointError, LimitError
 from fastunet.formats import read
 from fastunet.writers import incompatibility, milesial_state_dict, save_keras_h5, save_milesial, unrecorded
 
-FORMAT = {"folder": "pretrained", "folder-keras": "pretrained", "milesial": "milesial",
-          "milesial-bilinear": "milesial", "keras3": "keras", "keras3-archive": "keras", "tf-keras-model": "keras",
-          "tf-keras-weights": "keras"}  # fmt: skip
-PRESET = {"folder-keras": "keras", "milesial": "milesial", "milesial-bilinear": "milesial-bilinear",
+FORMAT = {"folder": "pretrained", "folder-keras": "pretrained", "folder-nnunet": "pretrained",
+          "milesial": "milesial", "milesial-bilinear": "milesial", "keras3": "keras", "keras3-archive": "keras",
+          "tf-keras-model": "keras", "tf-keras-weights": "keras"}  # fmt: skip
+PRESET = {"folder-keras": "keras", "folder-nnunet": "nnunet", "milesial": "milesial",
+          "milesial-bilinear": "milesial-bilinear",
           **{k: "keras" for k in KINDS if k.startswith(("keras", "tf-keras"))}}  # fmt: skip
 
 
@@ -163,6 +164,30 @@ def test_a_state_dict_without_norm_tensors_is_ambiguous_once_two_norms_have_none
     assert fastunet.load(tmp_path / "w.pt", norm="none").norm == "none"
 
 
+def test_an_nnunet_state_dict_shows_its_instance_norm_and_asks_for_what_no_weight_shows(tmp_path):
+    model = classic_model(preset="nnunet")
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    assert read(tmp_path / "w.pt").inferred["norm"] == "instance"  # weight and bias, no running statistics
+    with pytest.raises(CheckpointError) as info:
+        fastunet.load(tmp_path / "w.pt")
+    text = str(info.value)
+    assert "norm='instance'" in text and "the shapes of preset 'nnunet'" in text and "\n" not in text
+    assert "act: 'leaky_relu' or 'relu'" in text and "Pass preset='nnunet' (--preset nnunet)" in text
+    for kwargs in ({"preset": "nnunet"}, {"act": "leaky_relu", "out_activation": "none", "init": "he_normal"}):
+        loaded = fastunet.load(tmp_path / "w.pt", **kwargs)
+        assert loaded.options == model.options and loaded.preset == "nnunet"
+        assert_same_state(loaded, model.state_dict())
+    with pytest.raises(CheckpointError, match=r"preset 'classic' has norm='batch' but the weights in .* have "
+                       r"norm='instance'"):  # fmt: skip
+        fastunet.load(tmp_path / "w.pt", preset="classic")
+    torch.save(classic_model().state_dict(), tmp_path / "bn.pt")
+    with pytest.raises(CheckpointError, match=r"preset 'nnunet' has norm='instance' but the weights .* norm='batch'"):
+        fastunet.load(tmp_path / "bn.pt", preset="nnunet")
+    bn = {k: v for k, v in classic_model().state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(bn, tmp_path / "old.pt")  # a BatchNorm saved without its counters is still BatchNorm
+    assert read(tmp_path / "old.pt").inferred["norm"] == "batch"
+
+
 def test_unknown_and_ambiguous_files_say_what_was_found_and_what_would_load(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(
@@ -259,10 +284,14 @@ def test_the_milesial_writer_reads_back_bit_exact_and_is_what_his_model_loads(tm
 def test_what_a_format_cannot_hold_is_said(tmp_path):
     classic = classic_model()
     assert incompatibility(classic, "keras-h5") == (
-        "zhixuhao's Keras unet() has upsampling='nearest_conv', norm='none', concat='skip_up'; this model has "
-        "upsampling='transpose', norm='batch', concat='up_skip'"
+        "zhixuhao's Keras unet() has upsampling='nearest_conv', norm='none', act='relu', concat='skip_up'; this "
+        "model has upsampling='transpose', norm='batch', concat='up_skip'"
     )
     assert "this model has concat='up_skip'" in incompatibility(classic, "milesial")
+    nnunet = classic_model(preset="nnunet")  # their code has ReLU: a LeakyReLU model is not their network
+    assert incompatibility(nnunet, "milesial").endswith(
+        "this model has norm='instance', act='leaky_relu', concat='up_skip'"
+    )
     keras = classic_model(preset="keras", out_activation="none")
     assert incompatibility(keras, "keras-h5") is None
     assert unrecorded(keras, "keras-h5") == ["out_activation='none' (read back as 'sigmoid')"]
