@@ -114,9 +114,19 @@ def _check_modes(modes) -> tuple[str, ...]:
 
 
 def _run_modes(model: nn.Module, x: torch.Tensor, modes: tuple[str, ...], dtype: torch.dtype | None) -> None:
-    """One forward per mode (a training step's forward and backward for "train")."""
+    """One forward per mode (a training step's forward and backward for "train"). Raises
+    ``RuntimeError`` (the guard's module and reason) for a mode whose forward would run the
+    eager path: nothing of it would be tuned."""
+    from .guard import check_fused_support
+
     for mode in modes:
         model.train(mode == "train")
+        support = check_fused_support(model)
+        if not support.supported:
+            where = f"module {support.module!r} " if support.module else ""
+            raise RuntimeError(
+                f"nothing to tune: in {mode} mode the model runs the eager path ({where}{support.reason})"
+            )
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             if mode == "eval":
                 with torch.no_grad():

@@ -248,6 +248,17 @@ def test_tune_rejects_what_it_cannot_tune():
         fastunet.tune(fastunet.UNet(3, 1, base_channels=4, depth=2), torch.randn(1, 3, 8, 8))
 
 
+@needs_interpreter
+def test_tune_refuses_a_model_the_guard_sends_to_the_eager_path():
+    # nnU-Net's LeakyReLU has no fused kernel: the guard's reason, before any launch
+    model = fastunet.UNet(3, 1, preset="nnunet", base_channels=4, depth=2)
+    with _common.simulate_gpu(), pytest.raises(RuntimeError) as info:
+        fastunet.tune(model, torch.randn(1, 3, 32, 32), modes=("eval", "train"))
+    text = str(info.value)
+    assert text.startswith("nothing to tune: in eval mode the model runs the eager path (module 'conv1.conv.2'")
+    assert "LeakyReLU" in text and _tuning.stats().get("tuned_keys", 0) == 0
+
+
 # What one batch of the classic model costs to tune on an H100 (the simulated GPU's config
 # lists, TMA-fed candidates included, 132 SMs): timing runs (candidates timed) and kernel shapes
 # tuned. The numbers the README quotes; a change to a config list or a pruning rule moves them,
