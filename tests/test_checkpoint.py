@@ -236,11 +236,11 @@ def test_every_torch_load_is_weights_only():
     assert not offenders, "torch.load without weights_only=True:\n" + "\n".join(offenders)
 
 
-# ---------------------------------------------------------------------------- README
-def test_readme_checkpoint_block_runs(tmp_path):
-    from test_readme import readme_blocks, run_block
+# ---------------------------------------------------------------------------- docs
+def test_docs_checkpoint_block_runs(tmp_path):
+    from test_readme import doc_blocks, run_block
 
-    (block,) = readme_blocks("checkpoint")
+    (block,) = doc_blocks("checkpoint")
     ns, _ = run_block(block, tmp_path)
     assert (tmp_path / "unet-ckpt" / CONFIG_NAME).is_file()
     assert (tmp_path / "unet-ckpt" / WEIGHTS_NAME).is_file()

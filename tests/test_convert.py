@@ -574,12 +574,12 @@ def test_accelerate_refuses_what_it_does_not_recognise():
         accelerate(m)
 
 
-def test_readme_convert_block_runs(tmp_path):
-    """README's 'Other U-Nets' example runs as written: shared tensors, one optimizer step moves
+def test_docs_convert_block_runs(tmp_path):
+    """docs/families.md's 'Other U-Nets' example runs as written: shared tensors, one optimizer step moves
     both models, and the saved state_dict loads into the original with strict=True."""
-    from test_readme import readme_blocks, run_block
+    from test_readme import doc_blocks, run_block
 
-    (code,) = readme_blocks("convert")
+    (code,) = doc_blocks("convert")
     ns, _ = run_block(code, tmp_path)
     net, fast = ns["net"], ns["fast"]
     assert all(p is q for p, q in zip(net.parameters(), fast.parameters(), strict=True))

@@ -309,10 +309,10 @@ def test_a_keras_archive_inside_a_zip_is_found_by_content_not_suffix(tmp_path):
     assert read(tmp_path / "weights.bin").container == "tf.keras .h5 model (model.save)"
 
 
-def test_readme_load_block_runs(tmp_path):
-    from test_readme import readme_blocks, run_block
+def test_docs_load_block_runs(tmp_path):
+    from test_readme import doc_blocks, run_block
 
-    (code,) = readme_blocks("load")
+    (code,) = doc_blocks("load")
     ns, _ = run_block(code, tmp_path)
     assert ns["model"].preset == "milesial"
     with pytest.raises(CheckpointError, match="ambiguous"):

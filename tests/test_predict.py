@@ -476,21 +476,12 @@ def test_benchmark_predict_mode_runs_and_reports_the_overhead(tmp_path, capsys):
     assert monai["status"] == "skipped" or monai["max_abs_diff_vs_predict"] < 1e-5
 
 
-def test_the_readme_predict_example_runs_as_written(tmp_path):
-    """The README's "## Predict" block (tagged ``readme-test: predict``), on CPU."""
-    import os
-    import re
-    from pathlib import Path
+def test_the_docs_predict_example_runs_as_written(tmp_path):
+    """docs/predict.md's block (tagged ``readme-test: predict``), on CPU."""
+    from test_readme import doc_blocks, run_block
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (code,) = re.findall(r"<!-- readme-test: predict -->\n```python\n(.*?)```", readme, re.S)
-    namespace: dict = {"__name__": "__readme__"}
-    before = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        exec(compile(code, "README.md", "exec"), namespace)
-    finally:
-        os.chdir(before)
+    (block,) = doc_blocks("predict")
+    namespace, _ = run_block(block, tmp_path)
     assert namespace["probs"].shape == (600, 800, 1) and namespace["probs"].dtype == np.float32
     assert namespace["mask"].shape == (600, 800)
 
