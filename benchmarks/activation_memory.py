@@ -8,7 +8,7 @@ Counts, with ``fastunet.memory.saved_tensor_bytes``, the distinct storages autog
 alive between forward and backward (parameters and the input excluded). Runs on CPU in float64,
 where fastunet's ops use their eager composites: the same tensors are saved as on the GPU (the
 kernels and the composites save identical inputs), so the byte count is the GPU's for a
-float64 model; see the README for how it scales to 16-bit (the reference's int64 pool indices
+float64 model; see docs/training.md for how it scales to 16-bit (the reference's int64 pool indices
 do not shrink, so the ratio only improves). No timing: nothing here needs a GPU.
 """
 

@@ -110,7 +110,7 @@ GRACE_S = 8
 # Below this many seconds of budget a stage is not started: it could not finish.
 MIN_STAGE_S = 20
 OPTIONAL_MODULES = ("pytest", "xdist", "tqdm", "matplotlib", "safetensors", "filelock")
-# What the targets judge (README "Targets"): eager channels_last AMP and the best torch.compile for
+# What the targets judge (docs/benchmarks.md "Targets"): eager channels_last AMP and the best torch.compile for
 # inference, eager channels_last AMP for training; eager fp32 NCHW costs seconds. The rest only
 # with --full: each Inductor compile (of the reference, of fastunet, of a training step) costs
 # tens of seconds of a budget that has none to spare, and no training target judges one.

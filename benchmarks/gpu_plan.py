@@ -63,7 +63,7 @@ SIMULATE_ENV = "FASTUNET_GPU_CHECK_SIMULATE"
 # ... which records and tunes a small case: it checks the orchestration, not the kernels, and the
 # target case's recording takes tens of seconds on a small CPU.
 SIM_TARGET = {"batch": 2, "size": 64, "dtype": "bf16"}
-# The tests stage (ring 3): every CUDA-capable test (see the README), file by file in the order
+# The tests stage (ring 3): every CUDA-capable test (see docs/gpu-check.md), file by file in the order
 # of what a test tells that nothing else does, so a stage cut by its limit has run the head: every
 # tile config forced once, the TMA variant, the up-sampled-source conv, the whole model; then
 # every other test file in name order.

@@ -49,7 +49,7 @@ loads through TMA (``UTMALDG``, ``tma``), and the resident CTAs per SM allowed b
 by shared memory on sm_90 (``ctas``, registers/shared memory). They are reported, never failed.
 The JSON carries them as ``loop_insts``, ``loop_hgmma``, ``insts_per_hgmma``, ``tma``,
 ``ctas_regs``, ``ctas_smem``; ``benchmarks/results/conv_main_loop_sm90.json`` holds the conv's
-before/after rows (issue 14) and ``python benchmarks/sass_metrics.py`` on it prints the README's
+before/after rows (issue 14) and ``python benchmarks/sass_metrics.py`` on it prints docs/kernels.md's
 table.
 
 ``attrs`` is ``spec.extra["attrs"]`` when the spec has one (Triton's form,

@@ -30,7 +30,7 @@ TARGETS = (
 # CPU (one thread, so a busy 2-core machine cannot turn OpenMP barriers into the result).
 CPU_TARGET_CASE = {"mode": "inference", "threads": 1, "batch": 1, "size": 256, "dtype": "fp32"}
 CPU_TARGET = ("speedup_vs_eager_nchw", ">=", 1.15, "fastunet CPU fallback >= 1.15x eager fp32 NCHW")
-GPU_TARGETS_LINE = "GPU targets (see README 'Targets'): not measured here, need an NVIDIA GPU"
+GPU_TARGETS_LINE = "GPU targets (see docs/benchmarks.md 'Targets'): not measured here, need an NVIDIA GPU"
 
 
 def slug(text: str) -> str:

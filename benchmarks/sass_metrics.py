@@ -116,7 +116,7 @@ def ctas_per_sm(regs: int, num_warps: int, smem: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Before/after table of the conv main loop (README, issue 14)
+# Before/after table of the conv main loop (docs/kernels.md, issue 14)
 # --------------------------------------------------------------------------------------------
 
 _FORMS = {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The README's predict picture: an image, the tile grid ``fastunet.predict`` lays over it, and
+"""docs/predict.md's picture: an image, the tile grid ``fastunet.predict`` lays over it, and
 the mask it returns.
 
     python examples/predict_demo.py                  # writes docs/predict_demo.png (seconds on a CPU)

@@ -4,7 +4,7 @@ Each run is its own Python process (fresh allocator, hash seed, Triton state), t
 ``UNet`` through the fused path (``"triton"`` backend: on CPU the kernels run in Triton's
 interpreter, fp32) for one SGD step and saves every parameter and BatchNorm buffer; the two
 files must be equal with ``torch.equal``. On a GPU the same check runs under
-``torch.use_deterministic_algorithms(True)`` with an empty tuning cache, the setting the README
+``torch.use_deterministic_algorithms(True)`` with an empty tuning cache, the setting docs/training.md
 names for reproducible runs (rule picks, no timing race).
 """
 

@@ -261,7 +261,7 @@ def test_tune_refuses_a_model_the_guard_sends_to_the_eager_path():
 
 # What one batch of the classic model costs to tune on an H100 (the simulated GPU's config
 # lists, TMA-fed candidates included, 132 SMs): timing runs (candidates timed) and kernel shapes
-# tuned. The numbers the README quotes; a change to a config list or a pruning rule moves them,
+# tuned. The numbers docs/tuning.md quotes; a change to a config list or a pruning rule moves them,
 # and then this test and that text change together. (117 and 298 before the simulated H100 had
 # its copy engine: the TMA candidates were not counted.)
 CLASSIC_TIMING_RUNS = {"eval": (170, 23), "train": (395, 66)}
