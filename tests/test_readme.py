@@ -85,6 +85,18 @@ def run_block(block: Block, cwd: Path) -> tuple[dict, str]:
     return namespace, out.getvalue()
 
 
+def test_the_readme_test_command_is_what_ci_runs():
+    """The README opens with the two commands; .ci/run runs the test command's steps, in order."""
+    first = _FENCE.search(README.read_text())
+    assert first.group(1) == "bash" and README.read_text().startswith("# fastunet\n\n```bash\n# main job:")
+    lines = first.group(2).splitlines()
+    assert [line.split(":")[0] for line in lines[::2]] == ["# main job", "# tests"]
+    steps = lines[3].split(" && ")
+    ci = [line.replace(" -q", "") for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    found = [ci.index(step) for step in steps]  # ValueError names a step CI does not run
+    assert found == sorted(found)
+
+
 def test_every_tagged_block_is_run_by_a_test():
     counts: dict[str, int] = {}
     for b in all_blocks():
