@@ -23,6 +23,8 @@ from pathlib import Path
 
 import report
 
+from fastunet.atomic import atomic_path
+
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 README = HERE.parent / "README.md"
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"{readme}: {exc}", file=sys.stderr)
         return 2
-    readme.write_text(updated)
+    with atomic_path(readme) as tmp:  # a cut run never leaves a half-written README
+        tmp.write_text(updated)
     print(f"updated {_display(readme)} from {_display(Path(path))}")
     return 0
 
