@@ -29,7 +29,21 @@ claimed), so a mismatch cannot hide:
 ``fastunet_compile``            ``torch.compile(fastunet.UNet)``
 ``fastunet_cudagraph``          fastunet's CUDA-graph path, ``UNet.cuda_graph`` (captured
                                 after warm-up, replayed with a static input; inference, CUDA)
+``fastunet_fast``               the CPU fallback with ``fastunet.set_cpu_fast_math(True)``
+                                (NNPACK's Winograd where it pays; fp32 inference, CPU)
+``onnxruntime``                 ONNX Runtime's CPU execution provider on the reference model
+                                exported by ``fastunet.export_onnx`` (static shapes, fp32; all
+                                graph optimizations, ``intra_op_num_threads`` = torch's threads,
+                                sequential execution; inference, CPU)
+``openvino``                    OpenVINO's CPU plugin on the same ONNX file: fp32 cases with
+                                ``INFERENCE_PRECISION_HINT=f32``, 16-bit cases with its *default*
+                                precision (bf16 on a CPU with AVX-512 BF16 or AMX, f32 without:
+                                the row's ``precision`` and label say which it ran); latency hint,
+                                one stream, ``INFERENCE_NUM_THREADS`` = torch's threads
 =============================== ============================================================
+
+The two peers are optional (``pip install 'fastunet[cpu-peers]'``): a missing package skips its
+row with one line saying so.
 
 Every provider builds the same architecture: ``ModelConfig.preset`` (``run.py --preset``) is the
 classic model by default, or a named option set of ``fastunet.PRESETS`` (keras, milesial,
@@ -51,15 +65,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
+import importlib.util
 import math
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from flops import TRAINING_FLOP_FACTOR, step_flops
-from timing import synchronize, time_steps
+from timing import summarize, synchronize, time_steps
 
 import fastunet
 from fastunet.backend import triton_available, use_fused
@@ -159,6 +177,8 @@ class Case:
     ref_out: torch.Tensor
     ref_grads: list[torch.Tensor] | None = None
     grad_probe: torch.Tensor | None = None
+    #: what providers of this case share and build lazily (the ONNX file of the CPU peers)
+    scratch: dict = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -307,6 +327,9 @@ class Runner:
     model: torch.nn.Module
     warmup_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     keepalive: tuple = field(default_factory=tuple)
+    #: what the provider really computes in, where only the built engine knows (OpenVINO's
+    #: default precision); None: ``Provider.precision``
+    precision: str | None = None
 
     @property
     def layout(self) -> str:
@@ -495,16 +518,102 @@ def build_fastunet_cudagraph(case: Case) -> Runner:
     return Runner(step, case.inputs_cl, list(model.parameters()), model, keepalive=(model, runner))
 
 
+@contextlib.contextmanager
+def _cpu_fast_math() -> Iterator[None]:
+    previous = fastunet.get_cpu_fast_math()
+    fastunet.set_cpu_fast_math(True)
+    try:
+        yield
+    finally:
+        fastunet.set_cpu_fast_math(previous)
+
+
+def build_fastunet_fast(case: Case) -> Runner:
+    """The CPU fallback with ``fastunet.set_cpu_fast_math(True)`` around every step (the switch is
+    global: the other providers, timed in between, run without it)."""
+    model = _fastunet(case)
+    params = list(model.parameters())
+    infer = _make_step(model, params, case)
+
+    def step(x):
+        with _cpu_fast_math():
+            return infer(x)
+
+    return Runner(step, _fastunet_inputs(case), params, model, keepalive=(model,))
+
+
+#: The optional peers: provider -> (module to import, pip hint).
+PEERS = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+PEERS_HINT = "pip install 'fastunet[cpu-peers]'"
+
+
+def _onnx_file(case: Case) -> Path:
+    """The reference model of ``case`` as an ONNX file (``fastunet.export_onnx``, static
+    shapes), exported once per case into a temporary folder that lives as long as the case."""
+    path = case.scratch.get("onnx")
+    if path is None:
+        folder = case.scratch["onnx_dir"] = tempfile.TemporaryDirectory(prefix="fastunet-peers-")
+        path = Path(folder.name) / "unet.onnx"
+        model = _reference(case, channels_last=False)
+        fastunet.export_onnx(model, case.inputs_nchw[0], path, dynamic=False)
+        case.scratch["onnx"] = path
+    return path
+
+
+def build_onnxruntime(case: Case) -> Runner:
+    """ONNX Runtime, CPU execution provider, all graph optimizations, torch's thread count."""
+    ort = importlib.import_module("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(_onnx_file(case)), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def step(x):
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return Runner(step, case.inputs_nchw, [], _reference(case, channels_last=False), keepalive=(session,))
+
+
+#: OpenVINO's element types -> this harness's precision names.
+_OV_PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
+
+def build_openvino(case: Case) -> Runner:
+    """OpenVINO's CPU plugin: f32 in fp32 cases, its default precision in 16-bit ones."""
+    ov = importlib.import_module("openvino")
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
+    if case.dtype_name == "fp32":
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = core.compile_model(core.read_model(str(_onnx_file(case))), "CPU", config)
+    chosen = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    if chosen not in _OV_PRECISIONS:
+        raise RuntimeError(f"OpenVINO chose inference precision {chosen!r}, which this harness has no tolerance for")
+    request = compiled.create_infer_request()
+
+    def step(x):
+        request.infer({0: x.numpy()})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    model = _reference(case, channels_last=False)
+    return Runner(step, case.inputs_nchw, [], model, keepalive=(compiled, request), precision=_OV_PRECISIONS[chosen])
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str
     build: Callable[[Case], Runner]
-    family: str  # "eager" | "compile" (torch.compile of the reference) | "fastunet"
+    family: str  # "eager" | "compile" (torch.compile of the reference) | "fastunet" | "peer" (CPU engines)
     uses_compile: bool = False
     slow_compile: bool = False  # max-autotune: minutes of autotuning, left out of --quick
     needs_cuda: bool = False
+    needs_cpu: bool = False
     inference_only: bool = False
     fixed_dtype: str | None = None  # computes in this dtype whatever the case's dtype
+    fp32_only: bool = False  # no 16-bit form: skipped in bf16/fp16 cases
 
     def precision(self, case: Case) -> str:
         return compute_precision(self.fixed_dtype or case.dtype_name, case.device)
@@ -523,6 +632,10 @@ class Provider:
             "fastunet": f"fastunet.UNet CPU fallback, {fast_in}{amp}" if cpu else f"fastunet (Triton), {fast_in}{amp}",
             "fastunet_compile": f"torch.compile(fastunet.UNet){' CPU fallback' if cpu else ''}, {fast_in}{amp}",
             "fastunet_cudagraph": f"fastunet, CUDA-graph replay, channels_last input{amp}",
+            "fastunet_fast": f"fastunet.UNet CPU fallback, set_cpu_fast_math(True), {fast_in}{amp}",
+            "onnxruntime": f"ONNX Runtime CPU EP, ONNX of the reference, NCHW input{amp}",
+            "openvino": "OpenVINO CPU, ONNX of the reference, NCHW input, "
+            + ("f32 hint" if case.dtype_name == "fp32" else "default precision"),
         }[self.name]
 
 
@@ -542,6 +655,9 @@ PROVIDERS = [
     Provider("fastunet", build_fastunet, "fastunet"),
     Provider("fastunet_compile", build_fastunet_compile, "fastunet", uses_compile=True),
     Provider("fastunet_cudagraph", build_fastunet_cudagraph, "fastunet", needs_cuda=True, inference_only=True),
+    Provider("fastunet_fast", build_fastunet_fast, "fastunet", needs_cpu=True, inference_only=True, fp32_only=True),
+    Provider("onnxruntime", build_onnxruntime, "peer", needs_cpu=True, inference_only=True, fp32_only=True),
+    Provider("openvino", build_openvino, "peer", needs_cpu=True, inference_only=True),
 ]
 PROVIDER_NAMES = [p.name for p in PROVIDERS]
 
@@ -550,8 +666,15 @@ def skip_reason(provider: Provider, case: Case, quick: bool) -> str | None:
     """Why ``provider`` does not run for ``case`` (None: it runs)."""
     if provider.needs_cuda and case.device.type != "cuda":
         return "needs an NVIDIA GPU (CUDA graphs of the Triton kernels)"
+    if provider.needs_cpu and case.device.type != "cpu":
+        return "a CPU provider"
     if provider.inference_only and case.training:
         return "inference only"
+    if provider.fp32_only and case.dtype_name != "fp32":
+        return "fp32 only"
+    package = PEERS.get(provider.name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return f"{package} is not installed ({PEERS_HINT})"
     if provider.uses_compile and quick and case.device.type != "cuda":
         return "torch.compile providers are optional on CPU and skipped in --quick"
     if provider.slow_compile and quick:
@@ -623,6 +746,7 @@ def blank_row(provider: Provider, case: Case) -> dict:
         "batch": case.batch,
         "size": case.size,
         "dtype": case.dtype_name,
+        "threads": torch.get_num_threads() if case.device.type == "cpu" else None,
         "precision": provider.precision(case),
         "status": "skipped",
         "reason": None,
@@ -647,35 +771,37 @@ def blank_row(provider: Provider, case: Case) -> dict:
         "speedup_vs_eager_nchw": None,
         "speedup_vs_eager_cl": None,
         "speedup_vs_best_compile": None,
+        "speedup_vs_best_peer": None,
     }
 
 
-def bench_provider(
-    provider: Provider, case: Case, *, warmup: int, reps: int, quick: bool, verbose: bool = False
-) -> dict:
-    """Build, warm up, check against float64, then time one provider; never raises.
+def prepare_provider(
+    provider: Provider, case: Case, *, warmup: int, quick: bool, verbose: bool = False, reset: bool = True
+) -> tuple[dict, Runner | None]:
+    """Build, warm up and check one provider against float64; never raises.
 
-    Returns a row (``blank_row``'s keys) with status ``"ok"``, ``"wrong"`` (error above the
-    tolerance: timed, but never counted as a result), ``"failed"`` (with the exception in
-    ``reason``) or ``"skipped"``. Memory (CUDA only) is counted above what the harness already
-    holds (shared inputs, float64 reference), so it is the provider's own footprint: weights,
-    caches, graphs and activations.
+    Returns its row (``blank_row``'s keys, the error fields filled) and the runner to time, or
+    ``(row, None)`` with status ``"skipped"`` or ``"failed"`` (the exception in ``reason``).
+    ``reset``: clear torch.compile's caches first (False when other compiled providers are
+    still to be timed, see ``bench_interleaved``).
     """
     row = blank_row(provider, case)
     reason = skip_reason(provider, case, quick)
     if reason is not None:
         row["reason"] = reason
-        return row
+        return row, None
     device = case.device
-    runner = None
     try:
         _release(device)
-        if provider.uses_compile:
+        if provider.uses_compile and reset:
             torch._dynamo.reset()
-        baseline = _memory(device)
         t0 = time.perf_counter()
         runner = provider.build(case)
         row["layout"] = runner.layout
+        if runner.precision is not None:
+            row["precision"] = runner.precision
+            row["tolerance"] = OUTPUT_TOL[runner.precision]
+            row["label"] += f" ({runner.precision} on this CPU)"
         inputs = runner.inputs
         with runner.warmup_context():
             runner.step(inputs[0])
@@ -691,30 +817,108 @@ def bench_provider(
             if case.training:
                 row["grad_rel_l2_err"] = grad_error(runner.params, case.ref_grads)
             synchronize(device)
-            if device.type == "cuda":
-                row["static_mem_mb"] = (_memory(device) - baseline) / 2**20
-                torch.cuda.reset_peak_memory_stats(device)
-            timing = time_steps(runner.step, inputs, device=device, warmup=0, reps=reps)
-            if device.type == "cuda":
-                row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-        row.update(ms_median=timing.median_ms, ms_p20=timing.p20_ms, ms_p80=timing.p80_ms)
-        row.update(n_reps=timing.n, timer=timing.method)
-        wrong = not row["max_rel_err"] <= row["tolerance"]
-        if case.training and not row["grad_rel_l2_err"] <= row["grad_tolerance"]:
-            wrong = True
-        row["status"] = "wrong" if wrong else "ok"
-        if wrong:
-            row["reason"] = f"error above tolerance: output {row['max_rel_err']:.3g} (tol {row['tolerance']:g})" + (
-                f", gradients {row['grad_rel_l2_err']:.3g} (tol {row['grad_tolerance']:g})" if case.training else ""
-            )
+        return row, runner
     except Exception as exc:  # one provider failing must not end the run
         row["status"] = "failed"
         row["reason"] = failure_reason(exc)
         if verbose:
             traceback.print_exc()
+        return row, None
+
+
+def finish_row(row: dict, timing) -> dict:
+    """Fill a checked row's timing fields and its status: ``"ok"``, or ``"wrong"`` (error above
+    the tolerance: timed, but never counted as a result)."""
+    row.update(ms_median=timing.median_ms, ms_p20=timing.p20_ms, ms_p80=timing.p80_ms)
+    row.update(n_reps=timing.n, timer=timing.method)
+    wrong = not row["max_rel_err"] <= row["tolerance"]
+    if row["grad_tolerance"] is not None and not row["grad_rel_l2_err"] <= row["grad_tolerance"]:
+        wrong = True
+    row["status"] = "wrong" if wrong else "ok"
+    if wrong:
+        row["reason"] = f"error above tolerance: output {row['max_rel_err']:.3g} (tol {row['tolerance']:g})" + (
+            f", gradients {row['grad_rel_l2_err']:.3g} (tol {row['grad_tolerance']:g})"
+            if row["grad_tolerance"] is not None
+            else ""
+        )
+    return row
+
+
+def bench_provider(
+    provider: Provider, case: Case, *, warmup: int, reps: int, quick: bool, verbose: bool = False
+) -> dict:
+    """Build, warm up, check against float64, then time one provider; never raises.
+
+    Returns a row (``blank_row``'s keys) with status ``"ok"``, ``"wrong"`` (error above the
+    tolerance: timed, but never counted as a result), ``"failed"`` (with the exception in
+    ``reason``) or ``"skipped"``. Memory (CUDA only) is counted above what the harness already
+    holds (shared inputs, float64 reference), so it is the provider's own footprint: weights,
+    caches, graphs and activations.
+    """
+    device = case.device
+    _release(device)
+    baseline = _memory(device)
+    row, runner = prepare_provider(provider, case, warmup=warmup, quick=quick, verbose=verbose)
+    try:
+        if runner is None:
+            return row
+        with _no_recompiles(provider.uses_compile):
+            if device.type == "cuda":
+                row["static_mem_mb"] = (_memory(device) - baseline) / 2**20
+                torch.cuda.reset_peak_memory_stats(device)
+            timing = time_steps(runner.step, runner.inputs, device=device, warmup=0, reps=reps)
+            if device.type == "cuda":
+                row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+        return finish_row(row, timing)
+    except Exception as exc:
+        row["status"] = "failed"
+        row["reason"] = failure_reason(exc)
+        if verbose:
+            traceback.print_exc()
+        return row
     finally:
         runner = None
         if provider.uses_compile:
             torch._dynamo.reset()
         _release(device)
-    return row
+
+
+def bench_interleaved(
+    providers: list[Provider], case: Case, *, warmup: int, reps: int, quick: bool, verbose: bool = False
+) -> list[dict]:
+    """Every provider built, warmed up and checked first, then timed in ``reps`` interleaved
+    rounds (one step of each provider per round, in order), so a change in the machine's load
+    during the run reaches every provider alike (CPU, where other processes share the cores).
+    Rows as ``bench_provider``'s, in ``providers`` order."""
+    torch._dynamo.reset()
+    prepared = [prepare_provider(p, case, warmup=warmup, quick=quick, verbose=verbose, reset=False) for p in providers]
+    live = [(i, runner) for i, (_, runner) in enumerate(prepared) if runner is not None]
+    times: dict[int, list[float]] = {i: [] for i, _ in live}
+    failed: dict[int, Exception] = {}
+    try:
+        with _no_recompiles(any(providers[i].uses_compile for i, _ in live)):
+            for r in range(reps):
+                for i, runner in live:
+                    if i in failed:
+                        continue
+                    x = runner.inputs[r % len(runner.inputs)]
+                    try:
+                        t0 = time.perf_counter()
+                        runner.step(x)
+                        synchronize(case.device)
+                        times[i].append((time.perf_counter() - t0) * 1e3)
+                    except Exception as exc:
+                        failed[i] = exc
+                        if verbose:
+                            traceback.print_exc()
+        rows = [row for row, _ in prepared]
+        for i, _ in live:
+            if i in failed:
+                rows[i]["status"], rows[i]["reason"] = "failed", failure_reason(failed[i])
+            else:
+                finish_row(rows[i], summarize(times[i], "perf_counter, interleaved"))
+        return rows
+    finally:
+        prepared = live = None
+        torch._dynamo.reset()
+        _release(case.device)

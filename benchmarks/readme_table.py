@@ -87,7 +87,9 @@ def provider_markdown(rows: list[dict], *, cuda: bool = True) -> str:
     cl = "eager CL fp32" if dtype == "fp32" else f"eager CL {dtype} AMP"
     cols = ["provider", "ms (p20–p80)", "img/s", "TFLOP/s"]
     cols += ["% of peak", "peak MiB"] if cuda else []
-    cols += ["max rel err", "× eager fp32 NCHW", f"× {cl}", "× best compile", "status"]
+    cols += ["max rel err", "× eager fp32 NCHW", f"× {cl}", "× best compile"]
+    cols += [] if cuda else ["× best peer"]
+    cols += ["status"]
     lines = [
         "| " + " | ".join(cols) + " |",
         "|---|" + "--:|" * (len(cols) - 2) + "---|",
@@ -102,8 +104,10 @@ def provider_markdown(rows: list[dict], *, cuda: bool = True) -> str:
             cells += [_num(frac, ".1f"), _num(r["peak_mem_mb"], ".0f")]
         cells += [
             _num(r["max_rel_err"], ".1e"), _num(r.get("speedup_vs_eager_nchw"), ".2f"),
-            _num(r.get("speedup_vs_eager_cl"), ".2f"), _num(r["speedup_vs_best_compile"], ".2f"), _status(r),
+            _num(r.get("speedup_vs_eager_cl"), ".2f"), _num(r["speedup_vs_best_compile"], ".2f"),
         ]  # fmt: skip
+        cells += [] if cuda else [_num(r.get("speedup_vs_best_peer"), ".2f")]
+        cells += [_status(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -139,15 +143,23 @@ def render(result: dict, source: str | None = None, layers: bool = False) -> str
     if cfg.get("quick"):
         header.append("`--quick`")
     out.append(" · ".join(header))
+    if dev["type"] == "cpu" and dev.get("isa"):
+        load = dev.get("load_average")
+        out.append(
+            f"\n{dev.get('cores')} cores; ISA flags: {' '.join(dev['isa'])}; torch CPU capability "
+            f"{dev.get('torch_cpu_capability')}; load average (1/5/15 min) at the start "
+            f"{'/'.join(map(str, load)) if load else 'unknown'}."
+        )
     peaks = result.get("peaks")
     if peaks:
         mm = ", ".join(f"{k} {v:.3g}" for k, v in peaks["matmul_tflops"].items())
         out.append(f"\nMeasured peaks: matmul TFLOP/s {mm}; copy {peaks['copy_gbps']:.0f} GB/s.")
     for case in result["cases"]:
-        key = (case["mode"], case["batch"], case["size"], case["dtype"])
+        key = (case["mode"], case["batch"], case["size"], case["dtype"], case.get("threads"))
         rows = [r for r in result["rows"] if report.case_key(r) == key]
+        threads = "" if key[4] is None else f", {key[4]} thread{'s' if key[4] > 1 else ''}"
         out.append(
-            f"\n#### batch {case['batch']}, {case['size']}×{case['size']}, {case['dtype']} "
+            f"\n#### batch {case['batch']}, {case['size']}×{case['size']}, {case['dtype']}{threads} "
             f"({case['gflop_per_step']:.1f} GFLOP/step)\n"
         )
         out.append(provider_markdown(rows, cuda=dev["type"] == "cuda"))

@@ -159,6 +159,7 @@ from providers import (
     PROVIDERS,
     Case,
     ModelConfig,
+    bench_interleaved,
     bench_provider,
     blank_row,
     checkpoint_config,
@@ -171,6 +172,7 @@ from providers import (
 from timing import measure_peaks
 
 import fastunet
+from fastunet.cpu_ops import cpu_features
 
 try:
     from tqdm import tqdm
@@ -205,8 +207,8 @@ _DEFAULT_KEYS = ("batch", "size", "dtype", "base_channels", "warmup", "reps", "t
 DEFAULTS = {
     ("cuda", False): dict(zip(_DEFAULT_KEYS, ([1, 16], [256, 512], ["bf16"], 64, 10, 50, None), strict=True)),
     ("cuda", True): dict(zip(_DEFAULT_KEYS, ([16], [256], ["bf16"], 64, 5, 20, None), strict=True)),
-    ("cpu", False): dict(zip(_DEFAULT_KEYS, ([1], [256], ["fp32"], 64, 3, 15, 1), strict=True)),
-    ("cpu", True): dict(zip(_DEFAULT_KEYS, ([2], [64], ["fp32", "bf16"], 8, 2, 10, 1), strict=True)),
+    ("cpu", False): dict(zip(_DEFAULT_KEYS, ([1], [256], ["fp32"], 64, 3, 15, [1]), strict=True)),
+    ("cpu", True): dict(zip(_DEFAULT_KEYS, ([2], [64], ["fp32", "bf16"], 8, 2, 10, [1]), strict=True)),
 }
 
 FLOP_CONVENTION = (
@@ -340,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-layers", action="store_true", help="skip the per-layer table (CUDA only; it is never run on CPU)"
     )
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off (CUDA)")
-    p.add_argument("--threads", type=int, help=f"CPU intra-op threads {_device_defaults('threads')}")
+    p.add_argument(
+        "--threads", type=int, nargs="+",
+        help=f"CPU intra-op thread counts, each a table of its own in one run {_device_defaults('threads')}",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     p.add_argument(
         "--rows", type=Path,
@@ -378,8 +383,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--size must be positive multiples of 2**depth = {m}, got {bad}")
     if min(args.batch) < 1 or args.reps < 1 or args.warmup < 0 or args.base_channels < 1:
         p.error("--batch, --reps and --base-channels must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
+    if args.threads is not None and min(args.threads) < 1:
         p.error("--threads must be >= 1")
+    if args.threads is not None:
+        args.threads = list(dict.fromkeys(args.threads))
     args.providers = args.providers or PROVIDER_NAMES
     if args.out is None:
         args.out = RESULTS_DIR if args.save else DEFAULT_OUT
@@ -416,6 +423,10 @@ def _predict_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpa
     """--mode predict: its own defaults (predict_case.DEFAULTS) and checks; any image size."""
     given = {k for k in ("size", "base_channels", "warmup", "reps", "threads", "batch", "dtype")
              if getattr(args, k) is not None}  # fmt: skip
+    if args.threads is not None:
+        if len(args.threads) != 1:
+            p.error("--mode predict takes one --threads count")
+        args.threads = args.threads[0]
     predict_case.apply_defaults(args, given)
     m = 2**args.depth
     if args.tile < m or args.tile % m:
@@ -445,19 +456,50 @@ def device_info(device: torch.device) -> dict:
             "memory_gib": round(props.total_memory / 2**30, 1),
             "l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
         }
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    fields = _cpuinfo()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    features = cpu_features()
     return {
         "type": "cpu",
         "name": name,
         "slug": "cpu-" + report.slug(name),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+        "isa": [flag for flag in fields.get("flags", "").split() if flag.startswith(ISA_FLAG_PREFIXES)],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fastunet_cpu_features": dataclasses.asdict(features),
+        "load_average": _load_average(),
     }
+
+
+#: The /proc/cpuinfo flags that decide what the convolutions can issue (vector width, FMA,
+#: bf16/int8 dot products, matrix units), recorded with every CPU result.
+ISA_FLAG_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx")
+
+
+def _cpuinfo() -> dict:
+    """The first processor's ``/proc/cpuinfo`` fields (empty where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none): CPU timings on a busy
+    machine are not comparable with idle ones, so every CPU result records them."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def versions() -> dict:
@@ -538,8 +580,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    # CPU: one table per thread count; CUDA: torch's setting (one table)
+    thread_counts = (args.threads or [torch.get_num_threads()]) if not cuda else [None]
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
     if args.checkpoint is not None:
         cfg, loaded = args.checkpoint
     else:
@@ -569,7 +613,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         notes.append(
             f"--quick: UNet({cfg.in_ch}, {cfg.out_ch}, base_channels={cfg.base_channels}) at batch "
             f"{args.batch}, size {args.size}, {args.warmup} warm-up and {args.reps} timed steps, "
-            f"{torch.get_num_threads()} CPU thread(s): a fast check "
+            f"{', '.join(map(str, thread_counts))} CPU thread(s): a fast check "
             "of the harness"
             + (", not a measurement of the classic 31M-parameter model." if cfg.base_channels != 64 else ".")
         )
@@ -599,7 +643,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         )
     print(
         f"fastunet benchmark on {info['name']} ({device.type}"
-        + ("" if cuda else f", {torch.get_num_threads()} thread(s)")
+        + ("" if cuda else f", {'/'.join(map(str, thread_counts))} thread(s), load average {info['load_average'][0]}")
         + f"), torch {torch.__version__}, mode {args.mode}"
     )
     for note in notes:
@@ -610,7 +654,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     cases = [(b, s, d) for d in args.dtype for b in args.batch for s in args.size]
     n_layer_rows = len(layer_specs(cfg, 1, args.size[0])) if layers_on else 0
-    total = 1 + len(cases) * (1 + len(providers) + n_layer_rows)
+    total = 1 + len(cases) * (1 + len(thread_counts) * len(providers) + n_layer_rows)
     rows: list[dict] = []
     layer_rows: list[dict] = []
     case_summaries: list[dict] = []
@@ -643,25 +687,40 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 _release(device)
             bar.update(1)
             flops = model_step_flops(cfg, args.mode, batch, size)
-            case_rows = []
-            for provider in providers:
-                bar.set_postfix_str(f"{label}: {provider.name}")
-                if case is None:
-                    row = failed_row(provider, cfg, args.mode, batch, size, dtype_name, device, case_error)
-                else:
-                    row = bench_provider(
-                        provider, case, warmup=args.warmup, reps=args.reps, quick=args.quick, verbose=args.verbose
-                    )
-                report.add_throughput(row, flops, peaks)
+
+            def measured(row: dict) -> dict:
+                # each row streamed the moment it is measured: a run cut short keeps it (--rows)
+                report.add_throughput(row, flops, peaks)  # noqa: B023  (called within this case's loop)
                 _stream_row(args.rows, "model", row)
-                case_rows.append(row)
-                bar.update(1)
-            summary = report.add_speedups(case_rows)[report.case_key(case_rows[0])]
-            case_summaries.append(
-                {"mode": args.mode, "batch": batch, "size": size, "dtype": dtype_name,
-                 "gflop_per_step": flops / 1e9, "n_inputs": n_inputs, **summary}
-            )  # fmt: skip
-            rows.extend(case_rows)
+                return row
+
+            for threads in thread_counts:
+                if threads is not None:
+                    torch.set_num_threads(threads)
+                tlabel = label if threads is None else f"{label} {threads}t"
+                if case is None:
+                    case_rows = [measured(failed_row(p, cfg, args.mode, batch, size, dtype_name, device, case_error))
+                                 for p in providers]  # fmt: skip
+                elif cuda:
+                    case_rows = []
+                    for provider in providers:
+                        bar.set_postfix_str(f"{tlabel}: {provider.name}")
+                        case_rows.append(measured(bench_provider(
+                            provider, case, warmup=args.warmup, reps=args.reps, quick=args.quick, verbose=args.verbose
+                        )))  # fmt: skip
+                        bar.update(1)
+                else:  # CPU: interleaved rounds (see the module docstring)
+                    bar.set_postfix_str(f"{tlabel}: {len(providers)} providers, interleaved")
+                    case_rows = [measured(row) for row in bench_interleaved(
+                        providers, case, warmup=args.warmup, reps=args.reps, quick=args.quick, verbose=args.verbose
+                    )]  # fmt: skip
+                    bar.update(len(providers))
+                summary = report.add_speedups(case_rows)[report.case_key(case_rows[0])]
+                case_summaries.append(
+                    {"mode": args.mode, "batch": batch, "size": size, "dtype": dtype_name, "threads": threads,
+                     "gflop_per_step": flops / 1e9, "n_inputs": n_inputs, **summary}
+                )  # fmt: skip
+                rows.extend(case_rows)
             del case
             gc.collect()
             if layers_on:
@@ -705,7 +764,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "n_inputs": args.n_inputs,
             "quick": args.quick,
             "seed": args.seed,
-            "threads": torch.get_num_threads(),
+            "threads": None if cuda else thread_counts,
             "layers": layers_on,
             "save": args.save,
             "backend": fastunet.get_backend(),
@@ -730,6 +789,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     print_report(result)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    if not cuda:
+        result["device"]["load_average_end"] = _load_average()
     json_path = report.write_json(result, args.out)
     print(f"\nwrote {json_path}")
     try:
@@ -770,10 +831,11 @@ def print_report(result: dict) -> None:
                 print(f"  {r['provider']:<30} {r['label']}{layout}")
     cfg = result["config"]
     for case in result["cases"]:
-        key = (case["mode"], case["batch"], case["size"], case["dtype"])
+        key = (case["mode"], case["batch"], case["size"], case["dtype"], case.get("threads"))
         rows = [r for r in result["rows"] if report.case_key(r) == key]
+        threads = "" if key[4] is None else f", {key[4]} thread(s)"
         print(
-            f"\n== {case['mode']}, batch {case['batch']}, {case['size']}x{case['size']}, {case['dtype']}: "
+            f"\n== {case['mode']}, batch {case['batch']}, {case['size']}x{case['size']}, {case['dtype']}{threads}: "
             f"UNet({cfg['in_ch']}, {cfg['out_ch']}, base_channels={cfg['base_channels']}"
             + (f", preset={cfg['preset']!r}" if cfg.get("preset", "classic") != "classic" else "")
             + "), "

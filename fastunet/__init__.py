@@ -6,7 +6,7 @@ builds one from any checkpoint it reads (``fastunet.formats``).
 """
 
 from . import graphs, ops  # noqa: F401  (ops registers torch.ops.fastunet.*)
-from .backend import BACKENDS, get_backend, set_backend
+from .backend import BACKENDS, get_backend, get_cpu_fast_math, set_backend, set_cpu_fast_math
 from .checkpoint import load_pretrained, save_pretrained
 from .convert import accelerate
 from .errors import CheckpointError, FastUNetError, ImageError, LimitError, NonFiniteInputWarning
@@ -35,6 +35,8 @@ __all__ = [
     "set_backend",
     "get_backend",
     "BACKENDS",
+    "set_cpu_fast_math",
+    "get_cpu_fast_math",
     "check_fused_support",
     "FusedSupport",
     "FusedPathWarning",

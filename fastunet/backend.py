@@ -6,6 +6,10 @@ Triton's interpreter (``TRITON_INTERPRET=1``), which is how the test suite runs 
 without a GPU. ``"eager"``: the reference math everywhere.
 
 The initial value comes from the ``FASTUNET_BACKEND`` environment variable.
+
+``set_cpu_fast_math(True)`` (initially the ``FASTUNET_CPU_FAST_MATH`` environment variable, off
+by default) lets the CPU fallback trade exactness for speed, as TF32 does on a GPU: see
+``fastunet.cpu_ops`` (NNPACK's Winograd for the float32 3x3 convolutions where it pays).
 """
 
 from __future__ import annotations
@@ -29,6 +33,39 @@ _backend = _parse(os.environ.get(_ENV, "auto") or "auto", f"environment variable
 # Triton decides between compiling and interpreting when ``@triton.jit`` runs, i.e. when the
 # kernels are imported: the environment at import time is what holds for the whole process.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_FAST_MATH_ENV = "FASTUNET_CPU_FAST_MATH"
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _parse_flag(value: str, source: str) -> bool:
+    flag = _FLAGS.get(value.strip().lower() or "0")
+    if flag is None:
+        raise ValueError(f"{source} must be one of {tuple(_FLAGS)}, got {value!r}")
+    return flag
+
+
+_cpu_fast_math = _parse_flag(os.environ.get(_FAST_MATH_ENV, ""), f"environment variable {_FAST_MATH_ENV}")
+
+
+def set_cpu_fast_math(enabled: bool) -> None:
+    """Let the CPU fallback's float32 inference trade exactness for speed (off by default).
+
+    On: the 3x3 convolutions where it pays run NNPACK's Winograd F(6x6, 3x3) (about 1.5-2x
+    fewer seconds for the classic model on one core; output error ~1e-5 of the output range
+    instead of ~1e-7, the ``cpu-fast-math`` row of ``fastunet.tolerances``). Changes nothing
+    where torch has no NNPACK, for other dtypes, or on the GPU path.
+    """
+    global _cpu_fast_math
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_cpu_fast_math takes True or False, got {enabled!r}")
+    _cpu_fast_math = enabled
+
+
+def get_cpu_fast_math() -> bool:
+    """Whether the CPU fallback may use its fast, less exact convolutions (``set_cpu_fast_math``)."""
+    return _cpu_fast_math
 
 
 def set_backend(name: str) -> None:

@@ -4,37 +4,49 @@ On CPU (the ``"auto"`` backend on CPU tensors) an eval-mode ``UNet`` whose modul
 classic structure (``fastunet.guard`` says so) does not call its submodules one by one. Each
 3x3 conv absorbs its conv bias and its eval BatchNorm (running statistics, eps, affine) into
 one weight and one bias, derived in float64 and then cast to the compute dtype, and the forward
-runs ``conv2d + bias -> relu_`` per layer with weights and activations in channels_last (the
-layout oneDNN's convolutions run fastest in here; ``ConvTranspose2d`` in particular is 2-6x
-faster channels_last at the wide levels). On one thread that is about 1.27x the module tree for ``UNet(3, 1)`` on one
-256x256 float32 image (708 vs 900 ms on a Sapphire Rapids core).
+runs the model's plan (``fastunet.plan.execute``) on those weights, channels_last.
+
+Which ops run the steps (``form_for``; ``fastunet.cpu_ops`` has the primitives):
+
+* ``PackedForm`` (the default wherever torch has oneDNN and no gradient is recorded): oneDNN
+  convolutions on weights reordered once per input shape, bias and activation fused as
+  post-ops, the decoder's concatenation folded into its first conv;
+* ``WinogradForm`` (opt-in, ``fastunet.set_cpu_fast_math(True)``): the same, with NNPACK's
+  Winograd for the 3x3 convs where it pays (fewer FLOPs, ~1e-5 of the output range);
+* ``PlainForm``: ``F.conv2d`` and friends (float64, input gradients, a torch without the
+  private ops).
 
 The folded weights are cached per model and compute dtype, keyed like ``fused.Weights``: the
 source tensors' identity, ``_version`` and storage address, so an in-place edit,
 ``load_state_dict`` or ``.to()`` rebuilds them. The cache costs one more copy of the conv
-weights (about 124 MB in float32 for the classic model) and dies with the model.
+weights (about 124 MB in float32 for the classic model), plus oneDNN's reordered copies
+(``cpu_ops.PACKS_KEPT`` input shapes), and dies with the model.
 
 The folded weights are detached, so ``model.py`` uses them only when no gradient has to reach a
-parameter; gradients w.r.t. the input flow through the folded forward as usual.
+parameter; gradients w.r.t. the input flow through the plain form as usual.
 
-The forward is the model's plan (``fastunet.plan.execute``) run by ``CpuForm``: ``norm="none"``
-keeps each conv's own bias (or none); dropout is the identity in eval; the ups are the
-reference's math (``ConvTranspose2d``, nearest x2 + bottom/right zero row and column + 2x2 conv
-+ ReLU, bilinear x2 with align_corners), then ``pad_to`` the skip for ``odd_sizes="pad"`` and
-the concat in the plan's order; the pre-head conv + activation before the head.
+Per step: ``norm="none"`` keeps each conv's own bias (or none); an InstanceNorm (nnU-Net's
+block) runs after its conv with each sample's statistics, then the activation (ReLU or
+LeakyReLU(0.01), a fused post-op where no InstanceNorm comes between); dropout is the identity
+in eval; the ups are the reference's math (``ConvTranspose2d``, nearest x2 + bottom/right zero
+row and column + 2x2 conv + ReLU, bilinear x2 with align_corners), then ``pad_to`` the skip for
+``odd_sizes="pad"`` and the concat in the plan's order; the pre-head conv + activation before
+the head.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import is_
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_ops
 from ._snapshot import is_current, tensors_state
+from .backend import get_cpu_fast_math
 from .guard import FusedLayers
 from .norm import fold_bn
 from .plan import Concat, Conv, DoubleConv, Head, Up, execute
@@ -66,6 +78,9 @@ class CpuPlan:
     norms: list
     ups: list
     head: tuple
+    #: the primitives of ``PackedForm``/``WinogradForm`` made from these weights, built on first
+    #: use (``_prims``): weights reordered per input shape live in them
+    prims: dict = field(default_factory=dict)
 
 
 # model -> {(compute dtype, BatchNorm eps...): CpuPlan}; weak, so the plans go with the model
@@ -154,28 +169,72 @@ def forward(model: nn.Module, x: Tensor, layers: FusedLayers) -> Tensor | None:
     dtype = x.dtype
     if dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-    plan = cpu_plan(model, layers, sources, eps, dtype)
+    compute = compute_dtype(dtype, x)
+    plan = cpu_plan(model, layers, sources, eps, compute)
     if plan is None:
         return None
-    return run(plan, x, layers)
+    return run(plan, x, layers, out_dtype=None if compute == dtype else dtype)
 
 
-def run(plan: CpuPlan, x: Tensor, layers: FusedLayers) -> Tensor:
+def compute_dtype(dtype: torch.dtype, x: Tensor) -> torch.dtype:
+    """The dtype the fold computes a forward in when the caller asks for ``dtype``.
+
+    ``dtype`` itself, except a 16-bit autocast dtype this CPU has no oneDNN convolutions for
+    (no AVX-512 BF16 / AMX: torch would run bfloat16 convolutions on its slow reference path,
+    ~12x slower than float32 here): then float32, the output cast to ``dtype`` at the end
+    (``run``). Same error bound or better (float32 products of the same weights), several times
+    faster. Only where the prepacked path runs (no gradient recorded for ``x``).
+    """
+    if dtype in (torch.bfloat16, torch.float16) and _no_autograd(x) and not cpu_ops.prepacked_ok(dtype):
+        if cpu_ops.prepacked_ok(torch.float32):
+            return torch.float32
+    return dtype
+
+
+def _no_autograd(x: Tensor) -> bool:
+    """Whether this forward records no gradient: the prepacked ops have no autograd formula."""
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def run(plan: CpuPlan, x: Tensor, layers: FusedLayers, out_dtype: torch.dtype | None = None) -> Tensor:
     """The folded forward: ``layers.plan``'s steps on ``plan``'s weights,
     ``[N, C_in, H, W] -> [N, K, H, W]``.
 
-    ``x`` in any dtype (cast to the plan's); under ``torch.autocast`` the ops follow the
-    autocast rules on weights already in the autocast dtype. The output has the input's memory
-    format, as the module tree's would.
+    ``x`` in any dtype (cast to the plan's); under ``torch.autocast`` the plain form's ops follow
+    the autocast rules on weights already in the autocast dtype. The output has the input's
+    memory format, as the module tree's would, and ``out_dtype`` (default: the plan's dtype).
+
+    Which ops run the steps (``form_for``): the prepacked oneDNN primitives of
+    ``fastunet.cpu_ops`` where they are available and no gradient is recorded, NNPACK's
+    Winograd as well with ``fastunet.set_cpu_fast_math(True)``; otherwise ``F.conv2d`` and
+    friends (float64, input gradients, a torch without the private ops).
     """
     keep_cl = x.is_contiguous(memory_format=_CL) and not x.is_contiguous()
-    y = execute(layers.plan, CpuForm(plan), x)
+    form = form_for(plan, x)
+    if type(form) is PlainForm:
+        y = execute(layers.plan, form, x)
+    else:  # the primitives run the plan's dtype; autocast has nothing to decide in them
+        with torch.autocast("cpu", enabled=False):
+            y = execute(layers.plan, form, x)
+    if out_dtype is not None:
+        y = y.to(out_dtype)
     return y if keep_cl else y.contiguous()
 
 
-class CpuForm:
-    """The plan's steps on eager ops with the folded weights; activations are channels_last
-    tensors (see ``fastunet.plan.execute``)."""
+def form_for(plan: CpuPlan, x: Tensor) -> PlainForm:
+    """The form that runs ``plan``'s steps on ``x`` (see ``run``)."""
+    dtype = plan.convs[0][0].dtype
+    if not (_no_autograd(x) and cpu_ops.prepacked_ok(dtype)):
+        return PlainForm(plan)
+    if dtype == torch.float32 and get_cpu_fast_math() and cpu_ops.cpu_features().nnpack:
+        return WinogradForm(plan)
+    return PackedForm(plan)
+
+
+class PlainForm:
+    """The plan's steps on ``F.conv2d`` and friends with the folded weights; activations are
+    channels_last tensors (see ``fastunet.plan.execute``): any dtype, autograd through the
+    input. The fallback of the faster forms below."""
 
     def __init__(self, plan: CpuPlan):
         self.plan = plan
@@ -183,8 +242,15 @@ class CpuForm:
     def entry(self, x: Tensor) -> Tensor:
         return x.to(dtype=self.plan.convs[0][0].dtype, memory_format=_CL)
 
-    def conv(self, unit: Conv, x: Tensor) -> Tensor:
-        y = F.conv2d(x, *self.plan.convs[unit.index], padding=1)
+    def conv(self, unit: Conv, first: Tensor, second: Tensor | None = None) -> Tensor:
+        """``unit`` on ``first``, or on ``cat([first, second])`` (a decoder's sources)."""
+        if second is not None:
+            first = torch.cat([first, second], 1)
+        return self.norm_act(unit, F.conv2d(first, *self.plan.convs[unit.index], padding=1))
+
+    def norm_act(self, unit: Conv, y: Tensor) -> Tensor:
+        """What follows ``unit``'s conv (bias and any BatchNorm already in it): its InstanceNorm,
+        then its activation, in place where it can."""
         norm = self.plan.norms[unit.index]
         if norm is not None:
             y = F.instance_norm(y, weight=norm[0], bias=norm[1], eps=norm[2])
@@ -196,18 +262,127 @@ class CpuForm:
     def pool(self, x: Tensor) -> Tensor:
         return F.max_pool2d(x, 2)
 
-    def up(self, step: Up, x: Tensor) -> Tensor:
+    def up(self, step: Up, x: Tensor):
+        """``step``'s up-sampling of ``x`` (what ``concat`` receives as ``u``)."""
         if step.kind == "transpose":
             return F.conv_transpose2d(x, *self.plan.ups[step.index], stride=2)
         if step.kind == "nearest_conv":  # NearestConvUp: TensorFlow's 'same' pads bottom/right
-            x = F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (0, 1, 0, 1))
-            return F.conv2d(x, *self.plan.ups[step.index]).relu_()
+            return F.conv2d(_nearest_padded(x), *self.plan.ups[step.index]).relu_()
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
 
-    def concat(self, step: Concat, skip: Tensor, u: Tensor, up: Up) -> tuple:
+    def concat(self, step: Concat, skip: Tensor, u, up: Up) -> tuple:
+        """The next conv's two sources, in the concatenation order (``conv`` joins them)."""
         if step.pad:
             u = pad_to(u, skip)
-        return (torch.cat([u, skip] if step.up_first else [skip, u], 1),)
+        return (u, skip) if step.up_first else (skip, u)
 
     def head(self, step: Head, x: Tensor) -> Tensor:
         return apply_out_activation(F.conv2d(x, *self.plan.head), step.activation)
+
+
+def _nearest_padded(x: Tensor) -> Tensor:
+    """Nearest x2, then one zero row and column at the bottom and right (``NearestConvUp``)."""
+    return F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (0, 1, 0, 1))
+
+
+def _fused_act(unit: Conv) -> tuple[str, float | None]:
+    """The oneDNN post-op (name, slope) that ends ``unit``'s conv: its activation, or none when
+    an InstanceNorm has to come between the two (it needs the whole output's statistics)."""
+    if unit.norm_kind == "instance":
+        return "none", None
+    return ("relu", None) if unit.act_kind == "relu" else ("leaky_relu", LEAKY_SLOPE)
+
+
+class PackedForm(PlainForm):
+    """The plan's steps on oneDNN with prepacked weights and fused post-ops, channels_last: bias,
+    the activation and the head's sigmoid in the convolutions' epilogues, no concatenation (the
+    decoder's first conv reads its two sources, ``cpu_ops.ConcatConv``). An InstanceNorm runs
+    between the conv and its activation (``norm_act``). float32, or bfloat16 on a CPU with
+    bfloat16 convolutions. No autograd.
+
+    The primitives (weights reordered per input shape inside them) live in the plan's
+    ``prims``, made on first use."""
+
+    def prim(self, key, make):
+        """The plan's primitive ``key``, made by ``make()`` the first time."""
+        prim = self.plan.prims.get(key)
+        if prim is None:  # two threads racing here make two equal primitives; one is kept
+            prim = self.plan.prims[key] = make()
+        return prim
+
+    def conv(self, unit: Conv, first: Tensor, second: Tensor | None = None) -> Tensor:
+        act, slope = _fused_act(unit)
+        w, b = self.plan.convs[unit.index]
+        if second is None:
+            y = self.prim(unit.index, lambda: cpu_ops.PackedConv(w, b, 1, act, slope))(first)
+        else:
+            split = first.shape[1]
+            y = self.prim((unit.index, split), lambda: cpu_ops.ConcatConv(w, b, split, act, slope))(first, second)
+        return y if act != "none" else self.norm_act(unit, y)
+
+    def up(self, step: Up, x: Tensor):
+        if step.kind == "bilinear":
+            return super().up(step, x)
+        w, b = self.plan.ups[step.index]
+        if step.kind == "transpose":
+            return self.prim(("up", step.index), lambda: cpu_ops.PackedUpConv(w, b))(x)
+        return self.prim(("up", step.index), lambda: cpu_ops.PackedConv(w, b, 0, "relu"))(_nearest_padded(x))
+
+    def head(self, step: Head, x: Tensor) -> Tensor:
+        act = "sigmoid" if step.activation == "sigmoid" else "none"
+        y = self.prim(("head", act), lambda: cpu_ops.PackedConv(*self.plan.head, 0, act))(x)
+        return y if step.activation in ("sigmoid", "none") else apply_out_activation(y, step.activation)
+
+
+class _LowRes:
+    """A transposed conv not run yet: ``WinogradForm.concat`` writes it straight into the
+    concatenation buffer."""
+
+    __slots__ = ("step", "x")
+
+    def __init__(self, step: Up, x: Tensor):
+        self.step, self.x = step, x
+
+
+class WinogradForm(PackedForm):
+    """``PackedForm`` with NNPACK's Winograd for the 3x3 convs where it pays
+    (``cpu_ops.winograd_pays``), opt-in (``fastunet.set_cpu_fast_math``). NNPACK reads and
+    writes NCHW: a Winograd level keeps its activations NCHW, and its decoder's transposed conv
+    is one GEMM written straight into an NCHW concatenation buffer, the skip copied beside it
+    (NNPACK takes one input). float32, no autograd."""
+
+    def entry(self, x: Tensor) -> Tensor:
+        return x.to(dtype=torch.float32)
+
+    def pool(self, x: Tensor) -> Tensor:
+        return cpu_ops.max_pool2x2(x) if x.is_contiguous() else F.max_pool2d(x, 2)  # NCHW: see max_pool2x2
+
+    def conv(self, unit: Conv, first: Tensor, second: Tensor | None = None) -> Tensor:
+        if second is not None or not cpu_ops.winograd_pays(first.shape[1], first.shape[2], first.shape[3]):
+            return super().conv(unit, first, second)
+        act, slope = _fused_act(unit)
+        w, b = self.plan.convs[unit.index]
+        y = self.prim(("winograd", unit.index), lambda: cpu_ops.WinogradConv(w, b, act, slope))(first)
+        return y if act != "none" else self.norm_act(unit, y)
+
+    def up(self, step: Up, x: Tensor):
+        return _LowRes(step, x) if step.kind == "transpose" else super().up(step, x)
+
+    def concat(self, step: Concat, skip: Tensor, u, up: Up) -> tuple:
+        if not isinstance(u, _LowRes):
+            return super().concat(step, skip, u, up)
+        n, c, h, w = skip.shape
+        x = u.x
+        if (step.pad and (h, w) != (2 * x.shape[2], 2 * x.shape[3])) or not cpu_ops.winograd_pays(2 * c, h, w):
+            return super().concat(step, skip, PackedForm.up(self, u.step, x), up)
+        buf = torch.empty(n, 2 * c, h, w, dtype=skip.dtype)
+        up_part, skip_part = (buf[:, :c], buf[:, c:]) if step.up_first else (buf[:, c:], buf[:, :c])
+        matrix = self.prim(("up_matrix", up.index), lambda: cpu_ops.upconv_matrix(self.plan.ups[up.index][0]))
+        cpu_ops.upconv2x2_into(x.contiguous(), matrix, self.plan.ups[up.index][1], up_part)
+        skip_part.copy_(skip)
+        return (buf,)
+
+    def head(self, step: Head, x: Tensor) -> Tensor:
+        if x.is_contiguous():  # a Winograd level's NCHW output: oneDNN reads it as it is
+            return PlainForm.head(self, step, x)
+        return super().head(step, x)

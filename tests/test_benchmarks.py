@@ -10,6 +10,7 @@ second each).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -37,7 +38,7 @@ ROW_KEYS = {
     "ms_median", "ms_p20", "ms_p80", "n_reps", "timer", "first_call_s", "images_per_s", "gflop_per_step",
     "tflops", "peak_kind", "peak_fraction", "peak_mem_mb", "static_mem_mb", "max_abs_err", "max_rel_err",
     "tolerance", "grad_rel_l2_err", "grad_tolerance", "speedup_vs_eager_nchw", "speedup_vs_eager_cl",
-    "speedup_vs_best_compile",
+    "speedup_vs_best_compile", "threads", "speedup_vs_best_peer",
 }  # fmt: skip
 # A tiny model and case for the in-process runs: a few tenths of a second each.
 TINY = ["--device", "cpu", "--batch", "1", "--size", "32", "--dtype", "fp32", "--base-channels", "4",
@@ -98,7 +99,7 @@ def test_speedups_skip_wrong_rows_and_use_fastest_correct_compile():
         _row("fastunet", "fastunet", 5.0),
         _row("fastunet_cudagraph", "fastunet", 1.0, status="wrong"),
     ]
-    summary = report.add_speedups(rows)[("inference", 4, 64, "bf16")]
+    summary = report.add_speedups(rows)[("inference", 4, 64, "bf16", None)]
     assert summary["best_compile"] == "compile_default"
     assert (summary["eager_nchw_ms"], summary["eager_cl_ms"]) == (20.0, 10.0)
     fast = rows[4]
@@ -106,6 +107,89 @@ def test_speedups_skip_wrong_rows_and_use_fastest_correct_compile():
     assert fast["speedup_vs_eager_cl"] == pytest.approx(2.0)
     assert fast["speedup_vs_best_compile"] == pytest.approx(1.6)
     assert rows[3]["speedup_vs_eager_cl"] is None and rows[5]["speedup_vs_best_compile"] is None
+
+
+def test_speedup_vs_the_fastest_correct_cpu_peer():
+    rows = [
+        _row("eager_fp32_nchw", "eager", 20.0),
+        _row("onnxruntime", "peer", 12.0),
+        _row("openvino", "peer", 6.0, status="wrong"),  # fast but wrong: never the bar
+        _row("fastunet", "fastunet", 10.0),
+    ]
+    for r in rows:
+        r["threads"] = 2
+    summary = report.add_speedups(rows)[("inference", 4, 64, "bf16", 2)]
+    assert (summary["best_peer"], summary["best_peer_ms"]) == ("onnxruntime", 12.0)
+    assert rows[3]["speedup_vs_best_peer"] == pytest.approx(1.2)
+    assert rows[2].get("speedup_vs_best_peer") is None
+    blank = providers.blank_row(providers.PROVIDERS[0], _tiny_case())
+    table = report.provider_table([{**blank, **r, "ms_p20": r["ms_median"], "ms_p80": r["ms_median"]} for r in rows],
+                                  cuda=False)  # fmt: skip
+    assert "x best peer" in table.splitlines()[0] and "1.20" in table.splitlines()[-1]
+
+
+def _tiny_case(dtype_name="fp32"):
+    cfg = providers.ModelConfig(base_channels=4, depth=2)
+    sd = providers.make_state_dict(cfg, torch.device("cpu"), seed=0)
+    return providers.make_case(
+        cfg, sd, mode="inference", batch=1, size=16, dtype_name=dtype_name, device=torch.device("cpu"), n_inputs=2,
+        seed=1,
+    )  # fmt: skip
+
+
+def test_interleaved_rounds_time_every_provider_and_keep_failures_apart():
+    """CPU timing: everything built and checked first, then one step of each provider per round;
+    a provider that fails mid-way is failed, the others still timed, a wrong one still WRONG."""
+    case = _tiny_case()
+    calls = []
+
+    def counted(c):
+        runner = providers.build_eager_fp32_nchw(c)
+        step = runner.step
+        runner.step = lambda x: calls.append("eager") or step(x)
+        return runner
+
+    def flaky(c):
+        runner = providers.build_eager_cl(c)
+        step, seen = runner.step, []
+
+        def once_then_fail(x):
+            seen.append(1)
+            if len(seen) > 3:  # first call, warm-up, check: then the timed rounds
+                raise RuntimeError("lost the engine")
+            return step(x)
+
+        runner.step = once_then_fail
+        return runner
+
+    def off(c):
+        runner = providers.build_eager_cl(c)
+        step = runner.step
+        runner.step = lambda x: step(x) * 1.01
+        return runner
+
+    rows = providers.bench_interleaved(
+        [providers.Provider("eager_fp32_nchw", counted, "eager"), providers.Provider("eager_cl", flaky, "eager"),
+         providers.Provider("fastunet", off, "fastunet"), providers.PROVIDERS[-1]],
+        case, warmup=1, reps=4, quick=True,
+    )  # fmt: skip
+    assert [r["status"] for r in rows[:3]] == ["ok", "failed", "wrong"]
+    assert rows[0]["n_reps"] == 4 and rows[0]["timer"] == "perf_counter, interleaved" and len(calls) == 3 + 4
+    assert rows[1]["reason"] == "RuntimeError: lost the engine"
+    assert rows[3]["provider"] == "openvino" and rows[3]["status"] in ("ok", "skipped")
+
+
+def test_a_missing_peer_is_skipped_with_one_line(monkeypatch):
+    case = _tiny_case()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in providers.PEERS else real(name, *a)
+    )
+    for name in providers.PEERS:
+        provider = next(p for p in providers.PROVIDERS if p.name == name)
+        reason = providers.skip_reason(provider, case, quick=False)
+        assert reason == f"{name} is not installed (pip install 'fastunet[cpu-peers]')"
+        assert "\n" not in reason
 
 
 def test_a_wrong_output_is_marked_wrong():
@@ -190,10 +274,10 @@ def _cpu_result(ratio=1.2, *, threads=1, size=256, base=64, fast_status="ok"):
          "reason": None if fast_status == "ok" else "error above tolerance"},
     ]  # fmt: skip
     for r in rows:
-        r.update(mode="inference", batch=1, size=size, dtype="fp32", family="eager")
+        r.update(mode="inference", batch=1, size=size, dtype="fp32", family="eager", threads=threads)
     return {
         "device": {"type": "cpu", "name": "Some CPU"},
-        "config": {"mode": "inference", "base_channels": base, "depth": 4, "threads": threads},
+        "config": {"mode": "inference", "base_channels": base, "depth": 4, "threads": [threads]},
         "rows": rows,
     }
 
@@ -354,8 +438,13 @@ def test_quick_run_json_schema(quick_run):
     assert {"python", "triton", "cuda", "fastunet"} <= result["versions"].keys()
     cfg = result["config"]
     assert cfg["quick"] is True and cfg["mode"] == "inference" and cfg["backend"] == "auto"
-    assert cfg["threads"] == 1
-    assert len(result["cases"]) == len(cfg["batches"]) * len(cfg["sizes"]) * len(cfg["dtypes"])
+    assert cfg["threads"] == [1]
+    assert len(result["cases"]) == len(cfg["batches"]) * len(cfg["sizes"]) * len(cfg["dtypes"]) * len(cfg["threads"])
+    device = result["device"]
+    assert "avx2" in device["isa"] or "avx2" not in Path("/proc/cpuinfo").read_text()  # the ISA flags recorded
+    assert device["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(device["fastunet_cpu_features"]) == {"prepack", "bf16", "nnpack"}
+    assert len(device["load_average"]) == len(device["load_average_end"]) == 3
     for row in result["rows"]:
         assert set(row) == ROW_KEYS, set(row) ^ ROW_KEYS
 
@@ -382,7 +471,27 @@ def test_quick_run_rows(quick_run):
         assert "fallback" in by[(dtype, "fastunet")]["label"]
         for name in ("fastunet_cudagraph", "compile_default", "fastunet_compile"):
             assert by[(dtype, name)]["status"] == "skipped" and by[(dtype, name)]["reason"]
+        assert all(by[(dtype, name)]["timer"] == "perf_counter, interleaved" for name in ("eager_cl", "fastunet"))
     assert "amp" not in " ".join(r["provider"] + r["label"] for r in rows if r["dtype"] == "fp32").lower()
+    # the opt-in fast mode and ONNX Runtime run fp32 only; OpenVINO its default precision in bf16 cases
+    assert by[("fp32", "fastunet_fast")]["status"] == "ok"
+    for name in ("fastunet_fast", "onnxruntime"):
+        assert by[("bf16", name)]["status"] == "skipped" and by[("bf16", name)]["reason"] == "fp32 only"
+    for name, package in providers.PEERS.items():
+        installed = importlib.util.find_spec(package) is not None
+        for dtype in result["config"]["dtypes"]:
+            row = by[(dtype, name)]
+            if not installed:
+                assert (
+                    row["status"] == "skipped"
+                    and row["reason"] == f"{package} is not installed (pip install 'fastunet[cpu-peers]')"
+                )
+            elif (dtype, name) != ("bf16", "onnxruntime"):
+                assert row["status"] == "ok", row
+                assert row["family"] == "peer" and math.isfinite(row["speedup_vs_best_peer"])
+    if importlib.util.find_spec("openvino") is not None:
+        ov = by[("bf16", "openvino")]
+        assert "default precision" in ov["label"] and f"({ov['precision']} on this CPU)" in ov["label"]
 
 
 def test_readme_table_renders_and_rewrites(quick_run, tmp_path):
@@ -425,7 +534,7 @@ def test_target_case_run_prints_one_pass_or_fail_line(monkeypatch, tmp_path, cap
     written = sorted((tmp_path / "default-out").glob("*.json"))
     assert len(written) == 1 and f"wrote {written[0]}" in out
     result = json.loads(written[0].read_text())
-    assert result["config"]["threads"] == 1  # the CPU default
+    assert result["config"]["threads"] == [1]  # the CPU default
     cpu_lines = [line for line in out.splitlines() if line.startswith("CPU target")]
     assert len(cpu_lines) == 1, out
     target = next(t for t in result["targets"] if t["kind"] == "cpu")
@@ -458,8 +567,9 @@ def test_default_out_is_outside_the_repository():
     args = run.parse_args(["--device", "cpu"])
     assert args.out == run.DEFAULT_OUT
     assert REPO not in args.out.resolve().parents
-    assert args.batch == [1] and args.size == [256] and args.dtype == ["fp32"] and args.threads == 1
-    assert run.parse_args(["--device", "cpu", "--threads", "2"]).threads == 2
+    assert args.batch == [1] and args.size == [256] and args.dtype == ["fp32"] and args.threads == [1]
+    assert run.parse_args(["--device", "cpu", "--threads", "2"]).threads == [2]
+    assert run.parse_args(["--device", "cpu", "--threads", "1", "2", "1"]).threads == [1, 2]
     with pytest.raises(SystemExit):
         run.parse_args(["--device", "cpu", "--save", "--out", "/tmp/x"])
 
