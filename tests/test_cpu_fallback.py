@@ -22,7 +22,7 @@ from helpers import assert_close, model_pair
 from torch import nn
 
 import fastunet
-from fastunet import cpu_fold
+from fastunet import cpu_fold, cpu_ops
 
 pytestmark = pytest.mark.model
 
@@ -174,6 +174,103 @@ def test_channels_last_input_gives_channels_last_output():
     with torch.no_grad():
         y = model(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------ which ops the fold runs
+# Option sets covering every step the forms implement differently (ups of each kind, odd sizes,
+# both concatenation orders, the pre-head conv, each head activation).
+FORM_CASES = {
+    "classic": {"out_activation": "sigmoid"},
+    "nearest-pad-prehead": {"upsampling": "nearest_conv", "odd_sizes": "pad", "pre_head": 3},
+    "bilinear-skipup-softmax": {"upsampling": "bilinear", "concat": "skip_up", "out_activation": "softmax"},
+    "transpose-pad-nobn": {"odd_sizes": "pad", "norm": "none"},
+}
+
+
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """NNPACK's Winograd for every 3x3 conv of a tiny model (the real thresholds leave a tiny
+    model none), so both Winograd levels' code paths run."""
+    monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_SIZE", 2)
+    monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_CHANNELS", 1)
+    before = fastunet.get_cpu_fast_math()
+    fastunet.set_cpu_fast_math(True)
+    yield
+    fastunet.set_cpu_fast_math(before)
+
+
+def _forms(monkeypatch) -> list:
+    """The forms ``cpu_fold.run`` picks, recorded."""
+    seen = []
+    original = cpu_fold.form_for
+    monkeypatch.setattr(cpu_fold, "form_for", lambda plan, x: seen.append(original(plan, x)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("case", list(FORM_CASES))
+@pytest.mark.skipif(not cpu_ops.cpu_features().prepack, reason="no prepacked oneDNN convolutions in this torch")
+def test_prepacked_form_matches_float64_reference(case, monkeypatch):
+    ref, model = pair(torch.float32, **FORM_CASES[case])
+    forms = _forms(monkeypatch)
+    x = rand(size=37) if model.odd_sizes == "pad" else rand()
+    with torch.no_grad():
+        y = model(x)
+    assert [type(f) for f in forms] == [cpu_fold.PackedForm]
+    expected = ref(x.double())
+    assert (y.double() - expected).abs().max().item() <= 1e-4
+    assert_close(y, expected, "fp32", f"{case}, prepacked")
+
+
+@pytest.mark.parametrize("case", list(FORM_CASES))
+@pytest.mark.skipif(not cpu_ops.cpu_features().nnpack, reason="no NNPACK in this torch")
+def test_fast_math_form_matches_float64_within_its_row(case, monkeypatch, winograd_everywhere):
+    ref, model = pair(torch.float32, **FORM_CASES[case])
+    forms = _forms(monkeypatch)
+    x = rand(size=37) if model.odd_sizes == "pad" else rand()
+    with torch.no_grad():
+        y = model(x)
+        assert [type(f) for f in forms] == [cpu_fold.WinogradForm]
+        assert_close(y, ref(x.double()), "winograd", f"{case}, fast math")
+        fastunet.set_cpu_fast_math(False)
+        model(x)
+    assert type(forms[-1]) is cpu_fold.PackedForm  # off again: the exact form
+
+
+def test_fast_math_switch_is_checked():
+    with pytest.raises(TypeError):
+        fastunet.set_cpu_fast_math(1)
+    assert fastunet.get_cpu_fast_math() in (True, False)
+
+
+def test_plain_form_where_the_primitives_cannot_run(monkeypatch):
+    """float64, a gradient for the input, mkldnn switched off, or the private ops missing: the
+    plain fold (F.conv2d), with no warning."""
+    forms = _forms(monkeypatch)
+    ref, model = pair(torch.float32)
+    model.requires_grad_(False)
+    x = rand()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x.clone().requires_grad_())  # input gradient: autograd through F.conv2d
+        with torch.no_grad():
+            monkeypatch.setattr(cpu_ops, "cpu_features", lambda: cpu_ops.CpuFeatures(False, False, False))
+            y = model(x)
+    assert [type(f) for f in forms] == [cpu_fold.PlainForm] * 2
+    assert_close(y, ref(x.double()), "fp32", "plain fold without the prepacked ops")
+
+
+def test_autocast_without_bf16_convolutions_computes_float32(fold_runs, monkeypatch):
+    """A CPU whose oneDNN has no bfloat16 convolutions: bf16 autocast runs the float32 primitives
+    (torch's own bf16 convolution would be its slow reference loop there) and returns bfloat16."""
+    monkeypatch.setattr(cpu_ops, "cpu_features", lambda: cpu_ops.CpuFeatures(True, False, False))
+    forms = _forms(monkeypatch)
+    ref, model = pair(torch.float32)
+    x = rand()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16 and type(forms[0]) is cpu_fold.PackedForm
+    assert forms[0].plan.convs[0][0].dtype == torch.float32
+    assert_close(y, ref(x.double()), "bf16", "bf16 autocast, float32 compute")
 
 
 # ------------------------------------------------------------------ when the fold is not used
