@@ -386,3 +386,55 @@ class WinogradForm(PackedForm):
         if x.is_contiguous():  # a Winograd level's NCHW output: oneDNN reads it as it is
             return PlainForm.head(self, step, x)
         return super().head(step, x)
+
+
+# --------------------------------------------------------------------------- torch.compile
+# Under torch.compile the fold runs as one opaque op: dynamo would otherwise trace the module
+# tree (the reference math, unfolded) and inductor's CPU code for it is slower than the fold's
+# prepacked oneDNN calls. The op reaches its model through a registry keyed by the model's id,
+# which dynamo bakes into the graph as a constant (``_handle`` runs at trace time); dynamo
+# guards on the module object, so another model never reuses a graph.
+_MODELS: dict[int, weakref.ref] = {}
+
+
+@torch.compiler.assume_constant_result
+def _handle(model: nn.Module) -> int:
+    _MODELS[id(model)] = weakref.ref(model)
+    return id(model)
+
+
+def compiled_forward(model: nn.Module, x: Tensor) -> Tensor | None:
+    """What a ``torch.compile`` trace of ``model`` (eval mode, CPU, the fold's conditions checked
+    by the caller) records for its forward: the ``fastunet::cpu_fold_forward`` op, or None when
+    a gradient is recorded for ``x`` (the op has no autograd: the module tree is traced then)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    dtype = x.dtype
+    if dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    return torch.ops.fastunet.cpu_fold_forward(x, _handle(model), dtype)
+
+
+def _out_format(x: Tensor) -> torch.memory_format:
+    return _CL if x.is_contiguous(memory_format=_CL) and not x.is_contiguous() else torch.contiguous_format
+
+
+@torch.library.custom_op("fastunet::cpu_fold_forward", mutates_args=())
+def _cpu_fold_forward(x: Tensor, handle: int, dtype: torch.dtype) -> Tensor:
+    """The model ``handle`` names, run eagerly on ``x``: the fold, or the module tree where the
+    fold declines (a hook added since the trace, ...). ``[N, C_in, H, W] -> [N, K, H, W]`` in
+    ``dtype``, channels_last for a channels_last ``x``, else contiguous."""
+    model = _MODELS[handle]()
+    if model is None:
+        raise RuntimeError("fastunet: the model this compiled graph was traced from no longer exists")
+    y = model._cpu_folded_forward(x)
+    if y is None:
+        y = model._reference_forward(x)
+    return y.to(dtype=dtype, memory_format=_out_format(x))
+
+
+@_cpu_fold_forward.register_fake
+def _(x: Tensor, handle: int, dtype: torch.dtype) -> Tensor:
+    model = _MODELS[handle]()
+    n, _, h, w = x.shape
+    return torch.empty((n, model.out_ch, h, w), dtype=dtype, device=x.device, memory_format=_out_format(x))

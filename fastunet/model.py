@@ -91,14 +91,14 @@ class UNet(UNetReference):
 
     def _cpu_folded_forward(self, x: Tensor) -> Tensor | None:
         """The CPU fallback with BatchNorm folded (``fastunet.cpu_fold``), or None when the module
-        tree must run: the guard refuses the tree (a hook, a swapped module, ...: those take
-        effect only when the submodules are called), some BatchNorm uses batch statistics, a
-        gradient has to reach a parameter (the folded weights are detached), or
-        ``torch.compile`` is tracing (the compiler does its own folding). No warning: the module
-        tree is the reference math.
+        tree must run: the guard refuses it (a hook, a swapped module, ...: those take effect only
+        when the submodules are called), some BatchNorm uses batch statistics, a gradient has to
+        reach a parameter (the folded weights are detached). Under ``torch.compile`` the fold is
+        one opaque op (``cpu_fold.compiled_forward``) that makes these checks when it runs.
+        No warning: the module tree is the reference math.
         """
         if torch.compiler.is_compiling():
-            return None
+            return cpu_fold.compiled_forward(self, x)
         support = check_fused_support(self, kernels=False)
         if not support.supported or support.mode != "eval":
             return None

@@ -61,3 +61,52 @@ def test_compile_reduce_overhead_inference():
         for _ in range(3):
             x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
             assert_close(compiled(x), ref(x), "fp64", "reduce-overhead output")
+
+
+# ------------------------------------------------------------------ the CPU fold under torch.compile
+def _graph_ops(store: list):
+    """A torch.compile backend that records the ops of each graph and runs it as traced."""
+
+    def backend(gm, example_inputs):
+        store.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    return backend
+
+
+def test_compile_keeps_the_cpu_fold_as_one_op():
+    """On CPU (backend "auto") an eval model compiles to one opaque fold call: the same numbers as
+    the eager fold, never the unfolded module tree inductor would run slower."""
+    fastunet.set_backend("auto")
+    torch._dynamo.reset()
+    ref, model = model_pair(3, 2, base_channels=4, depth=2, dtype=torch.float32)
+    ref.eval(), model.eval()
+    graphs = []
+    compiled = torch.compile(model, backend=_graph_ops(graphs), fullgraph=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y = compiled(x)
+        assert torch.equal(y, model(x))
+        assert_close(y, ref.double()(x.double()), "fp32", "compiled CPU fold")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert compiled(x).dtype == torch.bfloat16
+        xc = x.contiguous(memory_format=torch.channels_last)
+        assert compiled(xc).is_contiguous(memory_format=torch.channels_last)
+    assert all(
+        "fastunet.cpu_fold_forward.default" in ops and not any("convolution" in o for o in ops) for ops in graphs
+    )
+
+
+def test_compile_traces_the_module_tree_for_an_input_gradient():
+    fastunet.set_backend("auto")
+    torch._dynamo.reset()
+    ref, model = model_pair(3, 2, base_channels=4, depth=2)
+    ref.eval(), model.eval().requires_grad_(False)
+    graphs = []
+    compiled = torch.compile(model, backend=_graph_ops(graphs))
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    xc, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compiled(xc).sum().backward()
+    ref(xr).sum().backward()
+    assert_close(xc.grad, xr.grad, "fp64", "input grad through the compiled module tree")
+    assert not any("fastunet.cpu_fold_forward.default" in ops for ops in graphs)
