@@ -166,14 +166,19 @@ def forward(model: nn.Module, x: Tensor, layers: FusedLayers) -> Tensor | None:
     sources, eps = layers.sources()
     if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
         return None
-    dtype = x.dtype
-    if dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
+    dtype = requested_dtype(x)
     compute = compute_dtype(dtype, x)
     plan = cpu_plan(model, layers, sources, eps, compute)
     if plan is None:
         return None
     return run(plan, x, layers, out_dtype=None if compute == dtype else dtype)
+
+
+def requested_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a forward on ``x`` returns: ``x``'s, or CPU autocast's (float64 stays float64)."""
+    if x.dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
 
 
 def compute_dtype(dtype: torch.dtype, x: Tensor) -> torch.dtype:
@@ -393,26 +398,31 @@ class WinogradForm(PackedForm):
 # tree (the reference math, unfolded) and inductor's CPU code for it is slower than the fold's
 # prepacked oneDNN calls. The op reaches its model through a registry keyed by the model's id,
 # which dynamo bakes into the graph as a constant (``_handle`` runs at trace time); dynamo
-# guards on the module object, so another model never reuses a graph.
+# guards on the module object, so another model never reuses a graph (tested: two models of one
+# architecture compile to two graphs). An entry goes when its model does.
 _MODELS: dict[int, weakref.ref] = {}
 
 
-@torch.compiler.assume_constant_result
 def _handle(model: nn.Module) -> int:
-    _MODELS[id(model)] = weakref.ref(model)
-    return id(model)
+    key = id(model)
+    _MODELS[key] = weakref.ref(model, lambda _, key=key: _MODELS.pop(key, None))
+    return key
+
+
+# What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo (and with
+# it triton) into every ``import fastunet``; tests/test_compile.py checks that the mark is still
+# the decorator's.
+_handle._dynamo_marked_constant = True
 
 
 def compiled_forward(model: nn.Module, x: Tensor) -> Tensor | None:
-    """What a ``torch.compile`` trace of ``model`` (eval mode, CPU, the fold's conditions checked
-    by the caller) records for its forward: the ``fastunet::cpu_fold_forward`` op, or None when
-    a gradient is recorded for ``x`` (the op has no autograd: the module tree is traced then)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    """What a ``torch.compile`` trace of ``model`` (eval mode, CPU, the caller's cheap checks
+    passed) records for its forward: the ``fastunet::cpu_fold_forward`` op, or None when a
+    gradient is recorded for ``x`` or any parameter (the op has no autograd: the module tree
+    is traced then, as in eager mode where the fold's folded weights are detached)."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.parameters())):
         return None
-    dtype = x.dtype
-    if dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-    return torch.ops.fastunet.cpu_fold_forward(x, _handle(model), dtype)
+    return torch.ops.fastunet.cpu_fold_forward(x, _handle(model), requested_dtype(x))
 
 
 def _out_format(x: Tensor) -> torch.memory_format:

@@ -74,6 +74,11 @@ def _graph_ops(store: list):
     return backend
 
 
+def _has_fold(ops: set) -> bool:
+    """Whether a graph calls the fold's op (named with or without its overload, by torch version)."""
+    return any(op.split(".default")[0] == "fastunet.cpu_fold_forward" for op in ops)
+
+
 def test_compile_keeps_the_cpu_fold_as_one_op():
     """On CPU (backend "auto") an eval model compiles to one opaque fold call: the same numbers as
     the eager fold, never the unfolded module tree inductor would run slower."""
@@ -92,9 +97,7 @@ def test_compile_keeps_the_cpu_fold_as_one_op():
             assert compiled(x).dtype == torch.bfloat16
         xc = x.contiguous(memory_format=torch.channels_last)
         assert compiled(xc).is_contiguous(memory_format=torch.channels_last)
-    assert all(
-        "fastunet.cpu_fold_forward.default" in ops and not any("convolution" in o for o in ops) for ops in graphs
-    )
+    assert all(_has_fold(ops) and not any("convolution" in o for o in ops) for ops in graphs)
 
 
 def test_compile_traces_the_module_tree_for_an_input_gradient():
@@ -109,4 +112,50 @@ def test_compile_traces_the_module_tree_for_an_input_gradient():
     compiled(xc).sum().backward()
     ref(xr).sum().backward()
     assert_close(xc.grad, xr.grad, "fp64", "input grad through the compiled module tree")
-    assert not any("fastunet.cpu_fold_forward.default" in ops for ops in graphs)
+    assert graphs and not any(_has_fold(ops) for ops in graphs)
+
+
+def test_compile_gives_each_model_its_own_fold():
+    """The op names its model by a constant baked at trace time: a second model of the same
+    architecture (other weights) gets its own graph, through one compiled function too."""
+    fastunet.set_backend("auto")
+    torch._dynamo.reset()
+    _, a = model_pair(3, 2, base_channels=4, depth=2, dtype=torch.float32)
+    _, b = model_pair(3, 2, base_channels=4, depth=2, dtype=torch.float32)  # other random weights
+    a.eval(), b.eval()
+    graphs = []
+    forward = torch.compile(lambda m, x: m(x), backend=_graph_ops(graphs))
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        ya, yb = forward(a, x), forward(b, x)
+        assert not torch.equal(ya, yb)
+        assert torch.equal(ya, a(x)) and torch.equal(yb, b(x))
+    assert len(graphs) == 2 and all(_has_fold(ops) for ops in graphs)
+
+
+def test_compile_traces_the_module_tree_when_a_parameter_needs_a_gradient():
+    """Eval mode with the encoder frozen and the rest trainable (fine-tuning with frozen
+    BatchNorm statistics): the gradient reaches the trainable parameters, as in eager mode."""
+    fastunet.set_backend("auto")
+    torch._dynamo.reset()
+    ref, model = model_pair(3, 2, base_channels=4, depth=2)
+    ref.eval(), model.eval()
+    ref.conv1.requires_grad_(False), model.conv1.requires_grad_(False)
+    graphs = []
+    compiled = torch.compile(model, backend=_graph_ops(graphs))
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    compiled(x).sum().backward()
+    ref(x).sum().backward()
+    assert_close(model.conv3.conv[0].weight.grad, ref.conv3.conv[0].weight.grad, "fp64", "decoder weight grad")
+    assert model.conv1.conv[0].weight.grad is None
+    assert graphs and not any(_has_fold(ops) for ops in graphs)
+
+
+def test_the_fold_handle_carries_assume_constant_results_mark():
+    """``cpu_fold._handle`` is marked as ``torch.compiler.assume_constant_result`` marks (set by
+    hand so that ``import fastunet`` does not import torch._dynamo): the same attribute."""
+    from fastunet import cpu_fold
+
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    assert {k: v for k, v in vars(marked).items()} == {"_dynamo_marked_constant": True}
+    assert cpu_fold._handle._dynamo_marked_constant is True

@@ -184,6 +184,10 @@ FORM_CASES = {
     "nearest-pad-prehead": {"upsampling": "nearest_conv", "odd_sizes": "pad", "pre_head": 3},
     "bilinear-skipup-softmax": {"upsampling": "bilinear", "concat": "skip_up", "out_activation": "softmax"},
     "transpose-pad-nobn": {"odd_sizes": "pad", "norm": "none"},
+    # nnU-Net's block: InstanceNorm between conv and activation (no fused post-op), LeakyReLU
+    "nnunet": {"preset": "nnunet"},
+    # LeakyReLU fused as the convs' post-op (a BatchNorm folds), the decoder's sources swapped
+    "leaky-skipup": {"act": "leaky_relu", "concat": "skip_up"},
 }
 
 
