@@ -88,7 +88,9 @@ def provider_markdown(rows: list[dict], *, cuda: bool = True) -> str:
     cols = ["provider", "ms (p20–p80)", "img/s", "TFLOP/s"]
     cols += ["% of peak", "peak MiB"] if cuda else []
     cols += ["max rel err", "× eager fp32 NCHW", f"× {cl}", "× best compile"]
-    cols += [] if cuda else ["× best peer"]
+    # the peers' column where the run timed some (older results have none: their tables stay as rendered)
+    peers = any(r.get("speedup_vs_best_peer") is not None for r in rows)
+    cols += ["× best peer"] if peers else []
     cols += ["status"]
     lines = [
         "| " + " | ".join(cols) + " |",
@@ -106,7 +108,7 @@ def provider_markdown(rows: list[dict], *, cuda: bool = True) -> str:
             _num(r["max_rel_err"], ".1e"), _num(r.get("speedup_vs_eager_nchw"), ".2f"),
             _num(r.get("speedup_vs_eager_cl"), ".2f"), _num(r["speedup_vs_best_compile"], ".2f"),
         ]  # fmt: skip
-        cells += [] if cuda else [_num(r.get("speedup_vs_best_peer"), ".2f")]
+        cells += [_num(r.get("speedup_vs_best_peer"), ".2f")] if peers else []
         cells += [_status(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
