@@ -19,6 +19,13 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Under pytest-xdist (the README's `-n auto`: one worker process per core) each worker computes on
+# one thread: torch's default of one thread per core in every worker would oversubscribe the
+# cores, and the interpreter's numpy work is single-threaded anyway. A test that sets its own
+# thread count (the CPU benchmarks) still does.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
