@@ -231,6 +231,11 @@ def form_for(plan: CpuPlan, x: Tensor) -> PlainForm:
     dtype = plan.convs[0][0].dtype
     if not (_no_autograd(x) and cpu_ops.prepacked_ok(dtype)):
         return PlainForm(plan)
+    # oneDNN's fused ReLU post-op maps NaN to 0, where the module tree's ReLU keeps it: an input
+    # holding NaN or Inf takes the plain form, so it gives the reference's NaNs, never a number.
+    # One read of the input, small beside the first conv.
+    if not bool(torch.isfinite(x).all()):
+        return PlainForm(plan)
     if dtype == torch.float32 and get_cpu_fast_math() and cpu_ops.cpu_features().nnpack:
         return WinogradForm(plan)
     return PackedForm(plan)

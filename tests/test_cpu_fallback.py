@@ -440,3 +440,18 @@ def test_cpu_fallback_never_imports_triton():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTUNET_BACKEND")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_input_gives_the_module_trees_non_finite_output(bad):
+    """oneDNN's fused ReLU post-op maps NaN to 0: an input with NaN/Inf must not come out as
+    numbers where the module tree gives NaN (the fold takes its plain form for such an input)."""
+    ref, model = model_pair(3, 1, base_channels=4, depth=2, dtype=torch.float32)
+    ref.eval(), model.eval()
+    x = torch.rand(1, 3, 32, 32)
+    x[0, :, 10, 10] = bad
+    with torch.no_grad():
+        y, expected = model(x), ref(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(expected)) and torch.isnan(expected).any()
+    finite = torch.isfinite(expected)
+    assert_close(y[finite], expected[finite], "fp32", "finite part of the output")
