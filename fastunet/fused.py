@@ -8,7 +8,7 @@ Two forms, each an executor of the same plan walk (``fastunet.plan.execute``):
   weights (``Weights``: packed weights, folded BatchNorm, the padded first weight, the head's
   weight) is prepared once and reused while the parameters and buffers are the same tensors at
   the same version; under ``torch.no_grad`` the ops are called without the dispatcher
-  (``fastunet.ops.direct``).
+  (``fastunet.ops.DIRECT``).
 * **Training** (``TrainForm``; some BatchNorm uses batch statistics): a BatchNorm cannot be
   applied before the whole batch is seen, so each conv writes its raw output ``z`` and the batch
   statistics of it (``conv3x3_bn_stats``); ``scale``/``shift`` are derived from those
@@ -33,8 +33,9 @@ Both forms enter through ``pad_channels_nhwc``: the input cast to the compute dt
 NHWC, zero-padded to 16-byte pixels for a 3- to 7-channel image (the first conv's weight gets
 the matching zero input channels), so the first conv loads each tap of a pixel as one vector.
 
-The executors reach the ops through one namespace object each (``self.ops``: the registered ops,
-``fastunet.ops.direct``, a ``Tape``): how an op is called is the ops layer's business.
+The executors reach the ops through one calls object each (``self.ops``: ``fastunet.ops.DISPATCH``,
+``DIRECT`` or a ``Tape``, picked by ``fastunet.ops.calls_for`` / ``run_taped``): how an op is
+called is the ops layer's business.
 """
 
 from __future__ import annotations
@@ -49,15 +50,10 @@ from ._snapshot import is_current, tensors_state
 from .distributed import group_name, sync_group
 from .guard import FusedLayers
 from .norm import fold_bn
-from .ops import OpsNamespace, Tape, direct_ok, direct_ok_mutation, kernel_package, run_taped
-from .ops import direct as _direct
-from .ops._common import _unit_affine
+from .ops import calls_for, kernel_package, run_taped, unit_affine
 from .plan import Concat, Conv, DoubleConv, Head, Up, execute
 
 __all__ = ["EvalForm", "TrainForm", "Weights", "compute_dtype", "eval_weights", "forward", "train_graph"]
-
-_ops = torch.ops.fastunet
-_ops_per_op = OpsNamespace()
 
 # An activation on the training path: a tensor and the per-channel (scale, shift) of the
 # norm + activation its reader applies, or (tensor, None, None) for a finished tensor.
@@ -89,7 +85,7 @@ def forward(model, x: Tensor, layers: FusedLayers, batch_stats: bool) -> Tensor:
     if batch_stats:
         return train_forward(model, x, dtype, layers)
     weights = eval_weights(model, layers, dtype, x.device)
-    return execute(layers.plan, EvalForm(_direct if direct_ok(x) else _ops, weights, dtype), x)
+    return execute(layers.plan, EvalForm(calls_for(x), weights, dtype), x)
 
 
 def _sources(concat: Concat, up: Up, skip, u, same_size) -> tuple:
@@ -219,15 +215,13 @@ class EvalForm:
 # ------------------------------------------------------------------ training
 def train_forward(model, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
     """The training form (see the module docstring): one autograd node in plain eager mode, the
-    per-op path under a trace or a dispatch mode."""
-    if not direct_ok_mutation(x):
-        return train_graph(_ops_per_op, model, x, dtype, layers)
+    per-op path under a trace or a dispatch mode (``fastunet.ops.run_taped`` decides)."""
     leaves = (x, *layers.parameters())
     return run_taped(lambda ops: train_graph(ops, model, x, dtype, layers), leaves)
 
 
 def train_graph(ops, model, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
-    """The training forward against an ops namespace (the registered ops, or a tape)."""
+    """The training forward against a calls object (``fastunet.ops.DISPATCH``, ``DIRECT`` or a tape)."""
     return execute(layers.plan, TrainForm(ops, model, layers, dtype), x)
 
 
@@ -278,7 +272,7 @@ class TrainForm:
         else:
             z, mean, var = ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift, min_count)
         if bn is None:
-            return (z, *_unit_affine(conv.out_channels, z, acc))
+            return (z, *unit_affine(conv.out_channels, z, acc))
         if batch_stats:
             count = z.numel() // z.shape[1]
             count_all = None
@@ -292,7 +286,7 @@ class TrainForm:
             mean, var = bn.running_mean, bn.running_var
         # float64 vectors (C numbers): the ops then hand back the BatchNorm weight's gradient
         # pieces in float64, where its chain rule's cancellation against mean * dshift is
-        # harmless (see ops._uncenter); the kernels read them as float32.
+        # harmless (see fastunet/ops/_common.py, _uncenter); the kernels read them as float32.
         scale, shift = ops.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
         return z, scale, shift
 
@@ -322,39 +316,9 @@ class TrainForm:
 
 
 def _dropout(ops, act: _Act, drop: nn.Dropout) -> _Act:
-    """The training path's ``nn.Dropout`` after a DoubleConv: ``relu(z * scale + shift)`` is
-    materialized (a dropout mask needs the values) and ``F.dropout`` applied, with the module's
-    ``p`` and its own training flag (an inactive Dropout leaves ``act`` as it is). Costs one
-    read of z and one write of the result (plus torch's mask) per dropout level; the readers
-    then load the finished tensor without a transform.
-    """
+    """The training path's ``nn.Dropout`` after a DoubleConv, with the module's ``p`` and its own
+    training flag (an inactive Dropout leaves ``act`` as it is): ``affine_relu_dropout`` (the
+    readers then load a finished tensor)."""
     if not drop.training or drop.p == 0:
         return act
-    z, scale, shift = act
-    if isinstance(ops, Tape):
-        return ops._run(_dropout_impl, _dropout_setup, _dropout_backward, z, scale, shift, drop.p), None, None
-    # The per-op path records these plain torch ops itself; untaped, nothing needs a gradient.
-    return _dropout_impl(z, scale, shift, drop.p), None, None
-
-
-def _dropout_impl(z: Tensor, scale: Tensor, shift: Tensor, p: float) -> Tensor:
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    h = torch.relu(z.to(acc) * scale.to(acc).view(1, -1, 1, 1) + shift.to(acc).view(1, -1, 1, 1)).to(z.dtype)
-    # The mask is drawn in h's memory order (channels_last), as torch's dropout does for an NHWC
-    # activation; then the same seed gives the same mask as a channels_last eager model.
-    return F.dropout(h, p, True)
-
-
-def _dropout_setup(ctx, inputs, output) -> None:
-    z, scale, shift, p = inputs
-    ctx.p = p
-    ctx.save_for_backward(z, scale, shift, output)
-
-
-def _dropout_backward(ctx, g):
-    z, scale, shift, out = ctx.saved_tensors
-    # Kept elements are exactly the nonzero outputs where relu's output was positive; where it
-    # was 0 the ReLU's backward zeroes the gradient anyway, so ``out != 0`` is mask enough.
-    gh = torch.where(out != 0, g * (1.0 / (1.0 - ctx.p)), torch.zeros((), dtype=g.dtype, device=g.device))
-    dz, dscale, dshift = _ops.affine_relu_backward(gh.to(z.dtype), z, scale, shift)
-    return dz, dscale, dshift, None
+    return ops.affine_relu_dropout(*act, drop.p), None, None

@@ -1,5 +1,5 @@
 """Every kernel launch happens on its tensors' device: the op layer's one guard
-(``fastunet.ops._on_input_device``) makes the first tensor's device current around each op's
+(``fastunet.ops.op.on_input_device``) makes the first tensor's device current around each op's
 implementation, and Triton launches on the current device and its current stream.
 
 Without two GPUs this is checked with a mock: the guard is replaced by a recorder, the kernels
@@ -17,7 +17,7 @@ import torch
 from helpers import model_pair
 
 import fastunet
-from fastunet.ops import _common as ops  # the guard is looked up (and patched) there
+from fastunet.ops import op as ops  # the guard is looked up (and patched) there
 
 pytest.importorskip("triton")
 from fastunet.kernels import _common  # noqa: E402

@@ -464,13 +464,13 @@ def test_eval_runs_only_fastunet_kernels(case, hw, fused_calls):
 def test_training_forward_runs_on_the_tape(case, monkeypatch):
     """upconv_nearest2x2, conv3x3_up_bn_stats and the dropout are recorded on the one-node tape
     like the other ops (``fastunet.ops.run_taped``), not per op: the output's only autograd node
-    is the tape's, and every one of those ops went through ``Tape._run``."""
+    is the tape's, and every one of those ops went through ``Tape.record``."""
     seen, recorded = [], []
     original = fastunet.fused.train_graph
     monkeypatch.setattr(fastunet.fused, "train_graph", lambda ops, *a: seen.append(type(ops)) or original(ops, *a))
-    run = fastunet.ops.Tape._run
+    record = fastunet.ops.Tape.record
     monkeypatch.setattr(
-        fastunet.ops.Tape, "_run", lambda self, impl, *a: recorded.append(impl.__name__) or run(self, impl, *a)
+        fastunet.ops.Tape, "record", lambda self, op, *a: recorded.append(op.name) or record(self, op, *a)
     )
     _, model = model_pair(3, 2, **_options(case))
     x = torch.randn(2, 3, 17 if model.odd_sizes == "pad" else 16, 20, dtype=torch.float64, requires_grad=True)
@@ -481,22 +481,22 @@ def test_training_forward_runs_on_the_tape(case, monkeypatch):
         1 + len(list(model.parameters()))
     )  # the tape's inputs are the leaves themselves: no other node in between
     expected = {
-        "keras": "_upconv_nearest2x2_impl",
-        "milesial-bilinear": "_conv3x3_up_bn_stats_impl",
-        "nobias-dropout-pad": "_dropout_impl",
+        "keras": "upconv_nearest2x2",
+        "milesial-bilinear": "conv3x3_up_bn_stats",
+        "nobias-dropout-pad": "affine_relu_dropout",
     }[case]
     assert expected in recorded, sorted(set(recorded))
     if case == "nobias-dropout-pad":  # 17 rows: the odd-size up convs are on the tape too
-        assert "_conv3x3_up_bn_stats_impl" in recorded, sorted(set(recorded))
+        assert "conv3x3_up_bn_stats" in recorded, sorted(set(recorded))
     y.sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in model.parameters())
 
 
-class _NoDispatcher:
-    """Stands in for ``torch.ops.fastunet`` in the model: any op reached through it fails."""
-
-    def __getattr__(self, name):
+def _no_dispatcher(name):
+    def fail(*args):
         raise AssertionError(f"the inference forward called torch.ops.fastunet.{name} through the dispatcher")
+
+    return staticmethod(fail)
 
 
 @pytest.mark.parametrize(
@@ -509,13 +509,14 @@ class _NoDispatcher:
 )
 def test_inference_calls_the_ops_directly(case, expected, monkeypatch, fused_calls):
     """Under no_grad the inference form calls upconv_nearest2x2 and conv3x3_up_bn_act through
-    ``fastunet.ops.direct`` (the implementations, no dispatcher) like the other ops."""
+    ``fastunet.ops.DIRECT`` (the implementations, no dispatcher) like the other ops."""
     called = []
-    direct_cls = type(fastunet.ops.direct)
+    direct_cls = type(fastunet.ops.DIRECT)
     for name in ("upconv_nearest2x2", "conv3x3_up_bn_act"):
         impl = getattr(direct_cls, name)
         monkeypatch.setattr(direct_cls, name, staticmethod(lambda *a, _n=name, _f=impl: called.append(_n) or _f(*a)))
-    monkeypatch.setattr(fastunet.fused, "_ops", _NoDispatcher())
+    for name in fastunet.ops.OPS:
+        monkeypatch.setattr(type(fastunet.ops.DISPATCH), name, _no_dispatcher(name))
     ref, model = model_pair(3, 2, **_options(case))
     ref.eval(), model.eval()
     x = torch.randn(1, 3, *(SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]), dtype=torch.float64)

@@ -13,12 +13,17 @@ Implementations:
 * **float64** on any device: the eager composite (the kernels cover fp32, fp16 and bf16), which
   keeps float64 gradient checks through the op layer possible.
 
-Backward formulas call backward ops (``conv3x3_weight_grad``, ``affine_relu_backward``, ...)
-through ``_common._bwd``, not the Triton launchers: an op with a fake implementation is what
-AOTAutograd (torch.compile, opcheck) can trace through a backward. They run Triton kernels where
-the forward does and eager composites elsewhere, have no autograd of their own (no double
-backward), and recompute what is cheap (BatchNorm+ReLU of a raw input, an unstored
-intermediate) instead of saving it.
+How an op is declared and called is ``fastunet.ops.op``: each op is declared once in its family
+module (schema, fake, implementation, autograd formula: ``declare``) and every caller calls it
+as ``calls.<name>(*args)`` on a calls object: ``DISPATCH`` (the registered op, for traces and
+modes), ``DIRECT`` (the implementation, no dispatcher), ``AUTO`` (either, per call: the backward
+formulas) or a ``Tape`` (a training forward as one autograd node, ``run_taped``), all filled from
+the one registry ``OPS``. Backward formulas call backward ops (``conv3x3_weight_grad``,
+``affine_relu_backward``, ...) through ``AUTO``, not the Triton launchers: an op with a fake
+implementation is what AOTAutograd (torch.compile, opcheck) can trace through a backward. They
+run Triton kernels where the forward does and eager composites elsewhere, have no autograd of
+their own (no double backward), and recompute what is cheap (BatchNorm+ReLU of a raw input, an
+unstored intermediate) instead of saving it.
 
 Layout contract: every op returns a channels_last (NHWC) tensor; inputs may have any strides.
 Scale, shift and biases are read in float32 (float64 for float64 inputs).
@@ -36,24 +41,21 @@ One module per op family, named after its kernel module, so a reader goes
 | ``head1x1`` | ``head1x1``, ``head1x1_input_grad``, ``head1x1_weight_grad`` |
 | ``bn_train`` | ``bn_affine(_backward)``, ``bn_running_update_``, ``bn_stats_backward``, ``bn_stats_sync(_backward)`` |
 | ``norm_act_bwd`` | ``affine_relu_backward``, ``maxpool2x2_backward`` |
-| ``entry`` | ``pad_channels_nhwc`` (and ``_pad_weight_in``) |
-| ``tape`` | ``direct``, ``Tape``, ``run_taped``, ``OpsNamespace``: how the model calls the ops |
-| ``_common`` | shared helpers, checks, composites, the device guard, ``direct_ok``, ``_bwd``, ``kernel_package`` |
+| ``entry`` | ``pad_channels_nhwc``, ``pad_weight_in`` (composite) |
+| ``dropout`` | ``affine_relu_dropout`` (composite) |
+| ``op`` | ``declare``, ``OPS``, ``DISPATCH``/``DIRECT``/``AUTO``, ``calls_for``, ``direct_ok``, ``kernel_package`` |
+| ``tape`` | ``Tape``, ``run_taped`` |
+| ``_common`` | helpers the families share: dtype and layout helpers, checks, composites, backward helpers |
 
 ``kernel_package()`` is the one (lazy) import of ``fastunet.kernels`` in the package.
 
-The family modules import only ``_common`` (and ``norm_act_bwd`` the pool's input check), never
-each other's ops: cross-family backward calls go through ``_bwd``, which each module fills in.
+The family modules import ``_common`` and ``op`` (and ``norm_act_bwd`` the pool's input check),
+never each other's ops: cross-family backward calls go through ``AUTO``.
 """
 
 from __future__ import annotations
 
-# Private names tests and notes refer to as ``fastunet.ops.<name>`` (kept when the module became a
-# package; to patch one, patch it in the module that uses it, e.g. ``_common._device_guard``).
-from ._common import _device_guard as _device_guard
-from ._common import _on_input_device as _on_input_device
-from ._common import _uncenter as _uncenter
-from ._common import direct_ok, direct_ok_mutation, kernel_package
+from ._common import unit_affine
 from .bn_train import (
     bn_affine,
     bn_affine_backward,
@@ -64,26 +66,31 @@ from .bn_train import (
 )
 from .conv3x3 import conv3x3_bn_act, conv3x3_bn_act_head, conv3x3_bn_stats, conv3x3_up_bn_act, conv3x3_up_bn_stats
 from .conv3x3_wgrad import conv3x3_weight_grad
-from .entry import pad_channels_nhwc
+from .dropout import affine_relu_dropout
+from .entry import pad_channels_nhwc, pad_weight_in
 from .head1x1 import head1x1, head1x1_input_grad, head1x1_weight_grad
 from .maxpool2x2 import maxpool2x2
 from .norm_act_bwd import affine_relu_backward, maxpool2x2_backward
-from .tape import OpsNamespace, Tape, direct, run_taped
-from .tape import _Untaped as _Untaped
+from .op import AUTO, DIRECT, DISPATCH, OPS, calls_for, direct_ok, direct_ok_mutation, kernel_package
+from .tape import Tape, run_taped
 from .upconv2x2 import upconv2x2, upconv2x2_input_grad, upconv2x2_weight_grad
 from .upconv_nearest2x2 import upconv_nearest2x2, upconv_nearest2x2_input_grad, upconv_nearest2x2_weight_grad
 
 __all__ = [
-    "OpsNamespace",
+    "AUTO",
+    "DIRECT",
+    "DISPATCH",
+    "OPS",
     "Tape",
     "affine_relu_backward",
+    "affine_relu_dropout",
     "bn_affine",
     "bn_affine_backward",
     "bn_running_update_",
     "bn_stats_backward",
     "bn_stats_sync",
     "bn_stats_sync_backward",
-    "direct",
+    "calls_for",
     "direct_ok",
     "direct_ok_mutation",
     "conv3x3_bn_act",
@@ -99,6 +106,7 @@ __all__ = [
     "maxpool2x2",
     "maxpool2x2_backward",
     "pad_channels_nhwc",
+    "pad_weight_in",
     "run_taped",
     "upconv2x2",
     "upconv2x2_input_grad",
@@ -106,4 +114,5 @@ __all__ = [
     "upconv_nearest2x2",
     "upconv_nearest2x2_input_grad",
     "upconv_nearest2x2_weight_grad",
+    "unit_affine",
 ]

@@ -1,13 +1,9 @@
 """Helpers the op families share: dtype and layout helpers, input checks, the eager composites
-used by several families, the backward helpers, the device guard every implementation runs
-under (``_on_input_device``), the lazy ``fastunet.kernels`` import (``kernel_package``: CPU-only
-installs never import triton), and the direct-call test ``direct_ok`` with the ``_bwd``
-registry the backward formulas call through (see ``_Backward``).
+used by several families and the backward helpers. How an op is declared and called (the
+registry, the device guard, ``kernel_package``) is ``fastunet.ops.op``.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +12,7 @@ from torch import Tensor
 from ..backend import interpreting
 from ..reference import ACTIVATIONS, apply_out_activation
 from . import _verify
+from .op import AUTO, direct_ok_mutation, kernel_package
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,52 +40,6 @@ def _use_kernels(x: Tensor) -> bool:
     if x.dtype not in _KERNEL_DTYPES or x.numel() == 0 or (_verify._EAGER_THREADS and _verify.eager_now()):
         return False
     return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
-
-
-_KERNELS = None
-
-
-def kernel_package():
-    """The ``fastunet.kernels`` package, imported on first use (CPU-only installs never need
-    triton). The one way the package reaches the kernels: every op implementation, and the
-    model's weight packing through ``fastunet.ops.kernel_package``."""
-    global _KERNELS
-    if _KERNELS is None:
-        from .. import kernels
-
-        kernels._tuning.register_op_calls(_verify.HOOK)
-        _KERNELS = kernels
-    return _KERNELS
-
-
-def _loaded_kernels():
-    """``fastunet.kernels`` if an op has loaded it, else None (then no kernel has been tuned)."""
-    return _KERNELS
-
-
-def _device_guard(device: torch.device):
-    """The context that makes ``device`` the current CUDA device, or None when it already is (or
-    is not a CUDA device). Triton launches on the current device and its current stream, so
-    this is what sends every kernel of an op to its tensors' GPU."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return None
-    return torch.cuda.device(device)
-
-
-def _on_input_device(impl):
-    """Run an op's device implementation with its first tensor's device current (the one device
-    guard of the package: every kernel launch happens inside some op's implementation), as an op
-    call whose newly tuned kernel shapes are verified against its composite (``_verify.call``)."""
-
-    @functools.wraps(impl)
-    def guarded(*args, **kwargs):
-        guard = _device_guard(args[0].device)
-        if guard is None:
-            return _verify.call(impl, args, kwargs, _loaded_kernels)
-        with guard:
-            return _verify.call(impl, args, kwargs, _loaded_kernels)
-
-    return guarded
 
 
 def _channel_vec(v: Tensor, dtype: torch.dtype) -> Tensor:
@@ -168,7 +119,7 @@ def _packed_upconv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
 _UNIT_AFFINE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
-def _unit_affine(c: int, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def unit_affine(c: int, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(ones, zeros)`` [c]: the identity scale/shift, made once per (c, device, dtype) and only
     ever read (so sharing them across calls and streams is safe). Made fresh, not cached, when
     ``like`` is not a plain tensor (a trace's fake tensor) or a CUDA graph is being captured
@@ -209,7 +160,7 @@ def _affine_relu_grads(g: Tensor, x: Tensor, scale: Tensor | None, shift: Tensor
     ``affine_relu_backward`` op. Without a transform: ``(g, None, None)``."""
     if scale is None:
         return g.to(x.dtype), None, None
-    return _bwd.affine_relu_backward(g, x, scale, shift)
+    return AUTO.affine_relu_backward(g, x, scale, shift)
 
 
 def _transform_center(scale: Tensor, shift: Tensor) -> Tensor:
@@ -256,8 +207,8 @@ def _head_grads(grad, x, in_scale, in_shift, weight, bias, y, activation, needs)
         gz = g
     gb = gz.sum((0, 2, 3)).to(bias.dtype) if need_b else None
     gz = gz.to(x.dtype)
-    gin = _bwd.head1x1_input_grad(gz, weight) if need_in else None
-    gw = _bwd.head1x1_weight_grad(gz, x, in_scale, in_shift).to(weight.dtype) if need_w else None
+    gin = AUTO.head1x1_input_grad(gz, weight) if need_in else None
+    gw = AUTO.head1x1_weight_grad(gz, x, in_scale, in_shift).to(weight.dtype) if need_w else None
     return gin, gw, gb
 
 
@@ -269,67 +220,3 @@ def _with_norm_defaults(inputs: tuple, n: int) -> tuple:
 def _grads_for(ctx, grads: tuple) -> tuple:
     """One gradient per input the call actually passed."""
     return grads[: len(ctx.needs_input_grad)]
-
-
-# =========================================================================== direct calls
-# The dispatcher costs about 10 us per custom-op call (autograd key, redispatch, the Python
-# custom-op machinery) while a launch's own host work is a few us: 26 ops per inference forward
-# would spend more in dispatch than in launching. When nothing needs the dispatcher the model
-# calls the implementations directly (``direct``); they are the same functions the dispatcher
-# would reach, so the numbers are identical.
-
-
-def direct_ok(x: Tensor) -> bool:
-    """Whether ``direct`` may bypass the dispatcher for a forward on ``x``: no autograd graph to
-    record (grad mode off), a plain tensor (no fake, functional or subclass tensor), and nobody
-    watching at the dispatcher: no ``torch.compile`` trace, no ``TorchDispatchMode``, no functorch
-    transform, no profiler (so a profile still names every ``fastunet::`` op)."""
-    return (
-        not torch.is_grad_enabled()
-        and type(x) is Tensor
-        and not torch.compiler.is_compiling()
-        and not torch._C._len_torch_dispatch_stack()
-        and not torch._C._are_functorch_transforms_active()
-        and not torch.autograd._profiler_enabled()
-    )
-
-
-def direct_ok_mutation(x: Tensor) -> bool:
-    """``direct_ok`` for an op without a gradient (a buffer update): grad mode does not matter."""
-    return (
-        type(x) is Tensor
-        and not torch.compiler.is_compiling()
-        and not torch._C._len_torch_dispatch_stack()
-        and not torch._C._are_functorch_transforms_active()
-        and not torch.autograd._profiler_enabled()
-    )
-
-
-class _OpOrImpl:
-    """Calls ``impl`` directly when ``direct_ok`` holds for the argument at ``ref``, else the
-    registered op (through the dispatcher, which a trace or a dispatch mode must see)."""
-
-    __slots__ = ("op", "impl", "ref")
-
-    def __init__(self, op, impl, ref: int = 0):
-        self.op, self.impl, self.ref = op, impl, ref
-
-    def __call__(self, *args):
-        if direct_ok(args[self.ref]):
-            return self.impl(*args)
-        return self.op(*args)
-
-
-class _Backward:
-    """The ops backward formulas call: during ``loss.backward()`` grad mode is off, so outside a
-    trace they skip the dispatcher as the inference forward does (see ``direct_ok``). Each op
-    module registers the backward ops it defines (``register``), so a formula can call another
-    family's op without importing its module (the families do not import each other)."""
-
-    def register(self, name: str, impl, ref: int) -> None:
-        """``self.<name>``: the op ``torch.ops.fastunet.<name>`` or, when ``direct_ok`` holds for
-        argument ``ref``, its implementation ``impl`` called directly."""
-        setattr(self, name, _OpOrImpl(getattr(torch.ops.fastunet, name), impl, ref))
-
-
-_bwd = _Backward()

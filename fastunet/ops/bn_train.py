@@ -9,16 +9,8 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ._common import (
-    _acc_dtype,
-    _as_nhwc,
-    _bwd,
-    _channel_vec,
-    _empty_nhwc,
-    _on_input_device,
-    _use_kernels,
-    kernel_package,
-)
+from ._common import _acc_dtype, _as_nhwc, _channel_vec, _empty_nhwc, _use_kernels
+from .op import AUTO, declare, kernel_package
 
 # =========================================================================== BatchNorm (training)
 # What nn.BatchNorm2d does with the batch statistics of a training conv, as three ops whose
@@ -43,8 +35,6 @@ def _(mean, var, weight, bias, eps):
     return mean.new_empty(mean.shape, dtype=torch.float64), mean.new_empty(mean.shape, dtype=torch.float64)
 
 
-@bn_affine.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _bn_affine_impl(mean, var, weight, bias, eps):
     if _use_kernels(mean):
         return kernel_package().bn_affine(mean, var, weight, bias, eps)
@@ -69,14 +59,14 @@ def _bn_affine_backward(ctx, gscale, gshift):
     zeros = torch.zeros(mean.shape, dtype=torch.float64, device=mean.device)
     gscale = zeros if gscale is None else gscale
     gshift = zeros if gshift is None else gshift
-    gmean, gvar, gw, gb = _bwd.bn_affine_backward(gscale, gshift, mean, var, weight, ctx.eps)
+    gmean, gvar, gw, gb = AUTO.bn_affine_backward(gscale, gshift, mean, var, weight, ctx.eps)
     w_dtype, b_dtype = ctx.dtypes
     gw = gw.to(w_dtype) if w_dtype is not None else None
     gb = gb.to(b_dtype) if b_dtype is not None else None
     return gmean, gvar, gw, gb, None
 
 
-bn_affine.register_autograd(_bn_affine_backward, setup_context=_bn_affine_setup)
+declare(bn_affine, _bn_affine_impl, setup=_bn_affine_setup, backward=_bn_affine_backward)
 
 
 @torch.library.custom_op("fastunet::bn_affine_backward", mutates_args=())
@@ -99,8 +89,6 @@ def _(gscale, gshift, mean, var, weight, eps):
     )
 
 
-@bn_affine_backward.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _bn_affine_backward_impl(gscale, gshift, mean, var, weight, eps):
     if _use_kernels(mean):
         return kernel_package().bn_affine_backward(gscale, gshift, mean, var, weight, eps)
@@ -110,6 +98,9 @@ def _bn_affine_backward_impl(gscale, gshift, mean, var, weight, eps):
     centred = gs - gt * mean.double()
     gvar = -0.5 * w * centred * rstd.pow(3)
     return (-gt * w * rstd).to(mean.dtype), gvar.to(var.dtype), centred * rstd, gt.clone()
+
+
+declare(bn_affine_backward, _bn_affine_backward_impl, ref=2)
 
 
 @torch.library.custom_op(
@@ -139,8 +130,6 @@ def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count
     return None
 
 
-@bn_running_update_.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=None):
     mean, var = mean.detach(), var.detach()
     if _use_kernels(mean):
@@ -164,6 +153,9 @@ def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tr
     return None
 
 
+declare(bn_running_update_, _bn_running_update_impl)
+
+
 @torch.library.custom_op("fastunet::bn_stats_backward", mutates_args=())
 def bn_stats_backward(
     gz: Tensor | None, z: Tensor, mean: Tensor, gmean: Tensor | None, gvar: Tensor | None
@@ -180,8 +172,6 @@ def _(gz, z, mean, gmean, gvar):
     return _empty_nhwc(z.shape, z), z.new_empty(z.shape[1], dtype=_acc_dtype(z.dtype))
 
 
-@bn_stats_backward.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _bn_stats_backward_impl(gz, z, mean, gmean, gvar):
     if _use_kernels(z):
         return kernel_package().bn_stats_backward(gz, z, mean, gmean, gvar)
@@ -195,6 +185,9 @@ def _bn_stats_backward_impl(gz, z, mean, gmean, gvar):
     if gvar is not None:
         g = g + _channel_vec(gvar.to(acc) * (2.0 / n), acc) * (z.to(acc) - _channel_vec(mean, acc))
     return _as_nhwc(g, z.dtype), g.sum((0, 2, 3))
+
+
+declare(bn_stats_backward, _bn_stats_backward_impl, ref=1)
 
 
 # =========================================================================== synchronised BatchNorm
@@ -222,8 +215,6 @@ def _(mean, var, count, group):
     return torch.empty_like(mean), torch.empty_like(var), mean.new_empty(1, dtype=torch.float64)
 
 
-@bn_stats_sync.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _bn_stats_sync_impl(mean, var, count, group):
     return distributed.sync_stats(mean.detach(), var.detach(), count, group)
 
@@ -240,11 +231,11 @@ def _bn_stats_sync_backward(ctx, gmean, gvar, gcount):
     # Every rank must take part in the all_reduce, whatever reached it: zeros for no gradient.
     gmean = torch.zeros_like(mean_all) if gmean is None else gmean
     gvar = torch.zeros_like(mean_all) if gvar is None else gvar
-    gm, gv = _bwd.bn_stats_sync_backward(gmean, gvar, mean, mean_all, count_all, ctx.count, ctx.group)
+    gm, gv = AUTO.bn_stats_sync_backward(gmean, gvar, mean, mean_all, count_all, ctx.count, ctx.group)
     return gm, gv.to(ctx.var_dtype), None, None
 
 
-bn_stats_sync.register_autograd(_bn_stats_sync_backward, setup_context=_bn_stats_sync_setup)
+declare(bn_stats_sync, _bn_stats_sync_impl, setup=_bn_stats_sync_setup, backward=_bn_stats_sync_backward)
 
 
 @torch.library.custom_op("fastunet::bn_stats_sync_backward", mutates_args=())
@@ -270,13 +261,8 @@ def _(gmean, gvar, mean, mean_all, count_all, count, group):
     return torch.empty_like(mean), torch.empty_like(mean)
 
 
-@bn_stats_sync_backward.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _bn_stats_sync_backward_impl(gmean, gvar, mean, mean_all, count_all, count, group):
     return distributed.sync_stats_backward(gmean, gvar, mean, mean_all, count_all, count, group)
 
 
-# The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
-_bwd.register("bn_affine_backward", _bn_affine_backward_impl, 2)
-_bwd.register("bn_stats_backward", _bn_stats_backward_impl, 1)
-_bwd.register("bn_stats_sync_backward", _bn_stats_sync_backward_impl, 0)
+declare(bn_stats_sync_backward, _bn_stats_sync_backward_impl)

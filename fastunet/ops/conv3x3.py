@@ -23,7 +23,6 @@ from ._common import (
     _affine_relu,
     _affine_relu_grads,
     _as_nhwc,
-    _bwd,
     _channel_vec,
     _check_conv3x3,
     _check_head,
@@ -35,12 +34,11 @@ from ._common import (
     _head_composite,
     _head_grads,
     _norm_arg,
-    _on_input_device,
     _packed_conv_weight,
-    _unit_affine,
     _use_kernels,
-    kernel_package,
+    unit_affine,
 )
+from .op import AUTO, declare, kernel_package
 
 
 def _conv3x3_grads(grad, x, x2, weight, scale, y, relu, needs):
@@ -88,8 +86,6 @@ def _(x, x2, weight, scale, shift, relu):
     return _empty_nhwc((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x)
 
 
-@conv3x3_bn_act.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _conv3x3_bn_act_impl(x, x2, weight, scale, shift, relu):
     # On the kernel path the launcher validates (one check per call on the hot path).
     if _use_kernels(x):
@@ -110,7 +106,7 @@ def _conv3x3_backward(ctx, grad):
     return (*grads, None)
 
 
-conv3x3_bn_act.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)
+declare(conv3x3_bn_act, _conv3x3_bn_act_impl, setup=_conv3x3_setup, backward=_conv3x3_backward)
 
 
 # =========================================================================== conv3x3_bn_act_head
@@ -143,8 +139,6 @@ def _(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
     return _empty_nhwc((x.shape[0], k, x.shape[2], x.shape[3]), x)
 
 
-@conv3x3_bn_act_head.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _conv3x3_bn_act_head_impl(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
     _check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
     if _use_kernels(x):
@@ -178,7 +172,7 @@ def _conv3x3_head_backward(ctx, grad):
     return (*conv_grads, None, ghw, ghb, None)
 
 
-conv3x3_bn_act_head.register_autograd(_conv3x3_head_backward, setup_context=_conv3x3_head_setup)
+declare(conv3x3_bn_act_head, _conv3x3_bn_act_head_impl, setup=_conv3x3_head_setup, backward=_conv3x3_head_backward)
 
 
 # =========================================================================== conv3x3_bn_stats
@@ -242,8 +236,6 @@ def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
     return z, x.new_empty(c_out, dtype=acc), x.new_empty(c_out, dtype=acc)
 
 
-@conv3x3_bn_stats.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
     _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count)
     if _use_kernels(x):
@@ -277,20 +269,20 @@ def _conv3x3_input_grad(g: Tensor, weight: Tensor) -> Tensor:
     flipped = weight.detach().to(g.dtype).transpose(0, 1).flip(2, 3)
     if _use_kernels(g):
         flipped = kernel_package().pack_conv3x3_weight(flipped)
-    ones, zeros = _unit_affine(flipped.shape[0], g, _acc_dtype(g.dtype))
-    return _bwd.conv3x3_bn_act(g, None, flipped, ones, zeros, False)
+    ones, zeros = unit_affine(flipped.shape[0], g, _acc_dtype(g.dtype))
+    return AUTO.conv3x3_bn_act(g, None, flipped, ones, zeros, False)
 
 
 def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
     x, x2, weight, x_scale, x_shift, x2_scale, x2_shift, z, mean = ctx.saved_tensors
     need_x, need_x2, need_w, need_b, need_xs, need_xt, need_x2s, need_x2t = ctx.needs_input_grad[:8]
     # The statistics' gradients reach z directly: d mean/dz = 1/n, d var/dz = 2(z - mean)/n.
-    g, g_sum = _bwd.bn_stats_backward(gz.to(z.dtype) if gz is not None else None, z, mean, gmean, gvar)
+    g, g_sum = AUTO.bn_stats_backward(gz.to(z.dtype) if gz is not None else None, z, mean, gmean, gvar)
     gb = g_sum.to(ctx.bias_dtype) if need_b else None
     c1 = x.shape[1]
     gw = None
     if need_w:
-        gw = _bwd.conv3x3_weight_grad(g, x, x2, x_scale, x_shift, x2_scale, x2_shift)
+        gw = AUTO.conv3x3_weight_grad(g, x, x2, x_scale, x_shift, x2_scale, x2_shift)
         gw = gw.to(weight.dtype)
     gx = gxs = gxt = gx2 = gx2s = gx2t = None
     if need_x or need_x2 or need_xs or need_xt or need_x2s or need_x2t:
@@ -301,11 +293,7 @@ def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
     return _grads_for(ctx, (gx, gx2, gw, gb, gxs, gxt, gx2s, gx2t, None))
 
 
-conv3x3_bn_stats.register_autograd(_conv3x3_stats_backward, setup_context=_conv3x3_stats_setup)
-
-
-# The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
-_bwd.register("conv3x3_bn_act", _conv3x3_bn_act_impl, 0)
+declare(conv3x3_bn_stats, _conv3x3_bn_stats_impl, setup=_conv3x3_stats_setup, backward=_conv3x3_stats_backward)
 
 
 # =========================================================================== conv3x3_up_bn_*
@@ -416,8 +404,6 @@ def _(skip, up, weight, scale, shift, relu, up_first, bilinear):
     return _empty_nhwc((skip.shape[0], weight.shape[0], skip.shape[2], skip.shape[3]), skip)
 
 
-@conv3x3_up_bn_act.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _conv3x3_up_bn_act_impl(skip, up, weight, scale, shift, relu, up_first, bilinear):
     if _use_kernels(skip):  # the launcher validates
         return kernel_package().conv3x3_up_bn_act(
@@ -449,7 +435,7 @@ def _conv3x3_up_backward(ctx, grad):
     return gskip, gup, gw, gscale, gshift, None, None, None
 
 
-conv3x3_up_bn_act.register_autograd(_conv3x3_up_backward, setup_context=_conv3x3_up_setup)
+declare(conv3x3_up_bn_act, _conv3x3_up_bn_act_impl, setup=_conv3x3_up_setup, backward=_conv3x3_up_backward)
 
 
 @torch.library.custom_op("fastunet::conv3x3_up_bn_stats", mutates_args=())
@@ -506,8 +492,6 @@ def _(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_fir
     return z, skip.new_empty(c_out, dtype=acc), skip.new_empty(c_out, dtype=acc)
 
 
-@conv3x3_up_bn_stats.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _conv3x3_up_bn_stats_impl(
     skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_first, bilinear, min_count=2
 ):
@@ -540,16 +524,16 @@ def _conv3x3_up_stats_setup(ctx, inputs, output):
 def _conv3x3_up_stats_backward(ctx, gz, gmean, gvar):
     skip, up, weight, skip_scale, skip_shift, up_scale, up_shift, z, mean = ctx.saved_tensors
     need_skip, need_up, need_w, need_b, need_ss, need_st, need_us, need_ut = ctx.needs_input_grad[:8]
-    g, g_sum = _bwd.bn_stats_backward(gz.to(z.dtype) if gz is not None else None, z, mean, gmean, gvar)
+    g, g_sum = AUTO.bn_stats_backward(gz.to(z.dtype) if gz is not None else None, z, mean, gmean, gvar)
     gb = g_sum.to(ctx.bias_dtype) if need_b else None
     # U materialized once, already transformed (the weight gradient reads it as is).
     u = _up_map(up, ctx.bilinear, skip.shape[2:], up_scale, up_shift)
     gw = None
     if need_w:
         if ctx.up_first:
-            gw = _bwd.conv3x3_weight_grad(g, u, skip, None, None, skip_scale, skip_shift)
+            gw = AUTO.conv3x3_weight_grad(g, u, skip, None, None, skip_scale, skip_shift)
         else:
-            gw = _bwd.conv3x3_weight_grad(g, skip, u, skip_scale, skip_shift, None, None)
+            gw = AUTO.conv3x3_weight_grad(g, skip, u, skip_scale, skip_shift, None, None)
         gw = gw.to(weight.dtype)
     gskip = gss = gst = gup = gus = gut = None
     if need_skip or need_up or need_ss or need_st or need_us or need_ut:
@@ -565,4 +549,6 @@ def _conv3x3_up_stats_backward(ctx, gz, gmean, gvar):
     return _grads_for(ctx, (gskip, gup, gw, gb, gss, gst, gus, gut, None, None, None))
 
 
-conv3x3_up_bn_stats.register_autograd(_conv3x3_up_stats_backward, setup_context=_conv3x3_up_stats_setup)
+declare(
+    conv3x3_up_bn_stats, _conv3x3_up_bn_stats_impl, setup=_conv3x3_up_stats_setup, backward=_conv3x3_up_stats_backward
+)

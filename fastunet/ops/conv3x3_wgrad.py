@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _acc_dtype, _affine_relu, _bwd, _norm_arg, _on_input_device, _use_kernels, kernel_package
+from ._common import _acc_dtype, _affine_relu, _norm_arg, _use_kernels
+from .op import declare, kernel_package
 
 
 @torch.library.custom_op("fastunet::conv3x3_weight_grad", mutates_args=())
@@ -32,8 +33,6 @@ def _(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
     return g.new_empty((g.shape[1], c_in, 3, 3), dtype=_acc_dtype(g.dtype))
 
 
-@conv3x3_weight_grad.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _conv3x3_weight_grad_impl(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
     if _use_kernels(x):
         return kernel_package().conv3x3_weight_grad(
@@ -50,5 +49,4 @@ def _conv3x3_weight_grad_impl(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
     return gw.to(_acc_dtype(g.dtype)).contiguous()
 
 
-# The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
-_bwd.register("conv3x3_weight_grad", _conv3x3_weight_grad_impl, 1)
+declare(conv3x3_weight_grad, _conv3x3_weight_grad_impl, ref=1)

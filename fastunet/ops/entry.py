@@ -1,6 +1,6 @@
 """The model's entrance (``kernels/entry.py``): ``pad_channels_nhwc`` (cast + zero channel padding to
-16-byte NHWC pixels) with its autograd formula, and ``_pad_weight_in``, the first conv's weight
-padded to match (plain torch ops).
+16-byte NHWC pixels) with its autograd formula, and ``pad_weight_in``, the first conv's weight
+padded to match (a composite: plain torch ops).
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import _KERNEL_DTYPES, _empty_nhwc, _on_input_device, _use_kernels, kernel_package
+from ._common import _KERNEL_DTYPES, _empty_nhwc, _use_kernels
+from .op import declare, declare_composite, kernel_package
 
 
 # =========================================================================== pad_channels_nhwc
@@ -35,8 +36,6 @@ def _(x, dtype, channels):
     return _empty_nhwc((x.shape[0], channels, x.shape[2], x.shape[3]), x, dtype)
 
 
-@pad_channels_nhwc.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _pad_channels_nhwc_impl(x, dtype, channels):
     _check_pad(x, dtype, channels)
     if dtype in _KERNEL_DTYPES and _use_kernels(x):
@@ -56,10 +55,10 @@ def _pad_backward(ctx, grad):
     return grad[:, : ctx.in_ch].to(ctx.in_dtype), None, None
 
 
-pad_channels_nhwc.register_autograd(_pad_backward, setup_context=_pad_setup)
+declare(pad_channels_nhwc, _pad_channels_nhwc_impl, setup=_pad_setup, backward=_pad_backward)
 
 
-def _pad_weight_in(weight: Tensor, channels: int) -> Tensor:
+def pad_weight_in(weight: Tensor, channels: int) -> Tensor:
     """``weight`` ``[C_out, C_in, k, k]`` with zero input channels added up to ``channels``."""
     return F.pad(weight, (0, 0, 0, 0, 0, channels - weight.shape[1]))
 
@@ -70,3 +69,6 @@ def _pad_weight_setup(ctx, inputs, output):
 
 def _pad_weight_backward(ctx, grad):
     return grad[:, : ctx.in_ch], None
+
+
+declare_composite("pad_weight_in", pad_weight_in, setup=_pad_weight_setup, backward=_pad_weight_backward)

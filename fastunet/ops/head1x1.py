@@ -1,6 +1,6 @@
 """``head1x1`` (``kernels/head1x1.py``): the 1x1 head conv + output activation with optional
 BN+ReLU on load, its autograd formula, and its backward ops ``head1x1_input_grad`` and
-``head1x1_weight_grad`` (``kernels/head1x1_bwd.py``).
+``head1x1_weight_grad`` (``kernels/head1x1AUTO.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from ._common import (
     _affine_relu,
     _affine_relu_grads,
     _as_nhwc,
-    _bwd,
     _check_head,
     _check_norm,
     _empty_nhwc,
@@ -22,11 +21,10 @@ from ._common import (
     _head_composite,
     _head_grads,
     _norm_arg,
-    _on_input_device,
     _use_kernels,
     _with_norm_defaults,
-    kernel_package,
 )
+from .op import declare, kernel_package
 
 
 # =========================================================================== head1x1
@@ -54,8 +52,6 @@ def _(x, weight, bias, activation, in_scale=None, in_shift=None):
     return _empty_nhwc((x.shape[0], k, x.shape[2], x.shape[3]), x)
 
 
-@head1x1.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _head1x1_impl(x, weight, bias, activation, in_scale=None, in_shift=None):
     _check_head("head1x1", x.shape[1], weight, bias, activation)
     _check_norm("head1x1", x.shape[1], in_scale, in_shift)
@@ -86,7 +82,7 @@ def _head_backward(ctx, grad):
     return _grads_for(ctx, (gx, gw, gb, None, gs, gt))
 
 
-head1x1.register_autograd(_head_backward, setup_context=_head_setup)
+declare(head1x1, _head1x1_impl, setup=_head_setup, backward=_head_backward)
 
 
 @torch.library.custom_op("fastunet::head1x1_input_grad", mutates_args=())
@@ -101,12 +97,13 @@ def _(gz, weight):
     return _empty_nhwc((gz.shape[0], weight.shape[1], gz.shape[2], gz.shape[3]), gz)
 
 
-@head1x1_input_grad.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _head1x1_input_grad_impl(gz, weight):
     if _use_kernels(gz):
         return kernel_package().head1x1_input_grad(gz, weight)
     return _as_nhwc(F.conv2d(gz, weight.to(gz.dtype).transpose(0, 1)), gz.dtype)
+
+
+declare(head1x1_input_grad, _head1x1_input_grad_impl)
 
 
 @torch.library.custom_op("fastunet::head1x1_weight_grad", mutates_args=())
@@ -121,8 +118,6 @@ def _(gz, x, in_scale, in_shift):
     return gz.new_empty((gz.shape[1], x.shape[1], 1, 1), dtype=_acc_dtype(gz.dtype))
 
 
-@head1x1_weight_grad.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _head1x1_weight_grad_impl(gz, x, in_scale, in_shift):
     if _use_kernels(x):
         gw = kernel_package().head1x1_weight_grad(gz.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
@@ -133,6 +128,4 @@ def _head1x1_weight_grad_impl(gz, x, in_scale, in_shift):
     return gw.reshape(gw.shape[0], gw.shape[1], 1, 1).contiguous()
 
 
-# The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
-_bwd.register("head1x1_input_grad", _head1x1_input_grad_impl, 0)
-_bwd.register("head1x1_weight_grad", _head1x1_weight_grad_impl, 1)
+declare(head1x1_weight_grad, _head1x1_weight_grad_impl, ref=1)

@@ -12,18 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (
-    _affine_relu,
-    _as_nhwc,
-    _bwd,
-    _check_norm,
-    _empty_nhwc,
-    _grads_for,
-    _on_input_device,
-    _use_kernels,
-    _with_norm_defaults,
-    kernel_package,
-)
+from ._common import _affine_relu, _as_nhwc, _check_norm, _empty_nhwc, _grads_for, _use_kernels, _with_norm_defaults
+from .op import AUTO, declare, kernel_package
 
 
 # =========================================================================== maxpool2x2
@@ -57,8 +47,6 @@ def _(x, in_scale=None, in_shift=None):
     return _empty_nhwc((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2), x)
 
 
-@maxpool2x2.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _maxpool2x2_impl(x, in_scale=None, in_shift=None):
     if _use_kernels(x):
         if in_scale is None:
@@ -77,11 +65,11 @@ def _pool_backward(ctx, grad):
     h, w = x.shape[2], x.shape[3]
     he, we = h - h % 2, w - w % 2
     if (he, we) == (h, w):
-        gx, gs, gt = _bwd.maxpool2x2_backward(grad, x, in_scale, in_shift)
+        gx, gs, gt = AUTO.maxpool2x2_backward(grad, x, in_scale, in_shift)
     else:
         # Floor pooling: the dropped row/column never reached the output, so its gradient is 0
         # (and it adds nothing to dscale/dshift). The even part is a view; one copy places it.
-        ge, gs, gt = _bwd.maxpool2x2_backward(grad, x[:, :, :he, :we], in_scale, in_shift)
+        ge, gs, gt = AUTO.maxpool2x2_backward(grad, x[:, :, :he, :we], in_scale, in_shift)
         gx = _empty_nhwc(x.shape, ge)
         gx[:, :, he:] = 0
         gx[:, :, :he, we:] = 0
@@ -91,4 +79,4 @@ def _pool_backward(ctx, grad):
     return _grads_for(ctx, (gx, gs, gt))
 
 
-maxpool2x2.register_autograd(_pool_backward, setup_context=_pool_setup)
+declare(maxpool2x2, _maxpool2x2_impl, setup=_pool_setup, backward=_pool_backward)

@@ -1,4 +1,4 @@
-"""The BN+ReLU-on-load backward ops (``kernels/norm_act_bwd.py``): ``affine_relu_backward`` and
+"""The BN+ReLU-on-load backward ops (``kernels/norm_actAUTO.py``): ``affine_relu_backward`` and
 ``maxpool2x2_backward`` (the pool's backward with that transform's backward fused).
 """
 
@@ -8,18 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (
-    _affine_relu,
-    _affine_relu_grads_composite,
-    _as_nhwc,
-    _bwd,
-    _check_norm,
-    _empty_nhwc,
-    _on_input_device,
-    _use_kernels,
-    kernel_package,
-)
+from ._common import _affine_relu, _affine_relu_grads_composite, _as_nhwc, _check_norm, _empty_nhwc, _use_kernels
 from .maxpool2x2 import _check_pool
+from .op import declare, kernel_package
 
 # =========================================================================== backward ops
 # The autograd formulas call these (through ``_bwd``), not the Triton launchers: an op with a fake
@@ -42,8 +33,6 @@ def _(g, x, scale, shift):
     return _empty_nhwc(x.shape, x), scale.new_empty(scale.shape), shift.new_empty(shift.shape)
 
 
-@affine_relu_backward.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _affine_relu_backward_impl(g, x, scale, shift):
     _check_norm("affine_relu_backward", x.shape[1], scale, shift, "")
     if _use_kernels(x):
@@ -53,6 +42,9 @@ def _affine_relu_backward_impl(g, x, scale, shift):
         return dx, ds.to(scale.dtype), dt.to(shift.dtype)
     dx, ds, dt = _affine_relu_grads_composite(g, x, scale, shift)
     return _as_nhwc(dx, x.dtype), ds, dt
+
+
+declare(affine_relu_backward, _affine_relu_backward_impl, ref=1)
 
 
 @torch.library.custom_op("fastunet::maxpool2x2_backward", mutates_args=())
@@ -73,8 +65,6 @@ def _(g, x, in_scale, in_shift):
     return _empty_nhwc(x.shape, x), vec.new_empty(c), vec.new_empty(c)
 
 
-@maxpool2x2_backward.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _maxpool2x2_backward_impl(g, x, in_scale, in_shift):
     _check_pool(x, in_scale, in_shift)
     vec = in_scale if in_scale is not None else x
@@ -95,6 +85,4 @@ def _maxpool2x2_backward_impl(g, x, in_scale, in_shift):
     return _as_nhwc(dx, x.dtype), ds, dt
 
 
-# The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
-_bwd.register("affine_relu_backward", _affine_relu_backward_impl, 1)
-_bwd.register("maxpool2x2_backward", _maxpool2x2_backward_impl, 1)
+declare(maxpool2x2_backward, _maxpool2x2_backward_impl, ref=1)

@@ -1,6 +1,5 @@
-"""How the model calls the ops: ``direct`` (the inference implementations without the dispatcher),
-``Tape`` and ``run_taped`` (a training forward as one autograd node), ``OpsNamespace`` (the
-per-op path through ``torch.ops.fastunet`` for traces and modes).
+"""The training tape: a whole eager training forward as one autograd node (``Tape``,
+``run_taped``), recording each op's own ``setup`` and ``backward`` (``fastunet.ops.op``).
 """
 
 from __future__ import annotations
@@ -8,58 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .bn_train import (
-    _bn_affine_backward,
-    _bn_affine_impl,
-    _bn_affine_setup,
-    _bn_running_update_impl,
-    _bn_stats_sync_backward,
-    _bn_stats_sync_impl,
-    _bn_stats_sync_setup,
-)
-from .conv3x3 import (
-    _conv3x3_bn_act_head_impl,
-    _conv3x3_bn_act_impl,
-    _conv3x3_bn_stats_impl,
-    _conv3x3_stats_backward,
-    _conv3x3_stats_setup,
-    _conv3x3_up_bn_act_impl,
-    _conv3x3_up_bn_stats_impl,
-    _conv3x3_up_stats_backward,
-    _conv3x3_up_stats_setup,
-)
-from .entry import (
-    _pad_backward,
-    _pad_channels_nhwc_impl,
-    _pad_setup,
-    _pad_weight_backward,
-    _pad_weight_in,
-    _pad_weight_setup,
-)
-from .head1x1 import _head1x1_impl, _head_backward, _head_setup
-from .maxpool2x2 import _maxpool2x2_impl, _pool_backward, _pool_setup
-from .upconv2x2 import _upconv2x2_impl, _upconv_backward, _upconv_setup
-from .upconv_nearest2x2 import _backward as _upconv_nearest_backward
-from .upconv_nearest2x2 import _setup as _upconv_nearest_setup
-from .upconv_nearest2x2 import _upconv_nearest2x2_impl
-
-
-class _Direct:
-    """The inference ops' implementations, called without the dispatcher (see ``direct_ok``)."""
-
-    conv3x3_bn_act = staticmethod(_conv3x3_bn_act_impl)
-    conv3x3_bn_act_head = staticmethod(_conv3x3_bn_act_head_impl)
-    conv3x3_up_bn_act = staticmethod(_conv3x3_up_bn_act_impl)
-    upconv2x2 = staticmethod(_upconv2x2_impl)
-    upconv_nearest2x2 = staticmethod(_upconv_nearest2x2_impl)
-    maxpool2x2 = staticmethod(_maxpool2x2_impl)
-    head1x1 = staticmethod(_head1x1_impl)
-    pad_channels_nhwc = staticmethod(_pad_channels_nhwc_impl)
-    bn_running_update_ = staticmethod(_bn_running_update_impl)
-
-
-direct = _Direct()
-
+from .op import DIRECT, DISPATCH, Op, direct_ok_mutation, on_declare
 
 # =========================================================================== the tape
 # A training forward through the ops makes one autograd node per op (about 45 for the
@@ -107,15 +55,17 @@ class Tape:
         """The leaves gradients flow to (the Function's inputs that require grad)."""
         self._grad_ids.update(id(t) for t in tensors if isinstance(t, Tensor) and t.requires_grad)
 
-    def _run(self, impl, setup, backward, *args):
-        out = impl(*args)
+    def record(self, op: Op, *args):
+        """Run ``op``'s implementation on ``args``; record its backward when an argument is on the
+        tape (a leaf, or an output of a recorded op)."""
+        out = op.impl(*args)
         needs = tuple(isinstance(a, Tensor) and id(a) in self._grad_ids for a in args)
         if any(needs):
             ctx = _TapeCtx(self, needs)
-            setup(ctx, args, out)
+            op.setup(ctx, args, out)
             outs = out if isinstance(out, tuple) else (out,)
             self._grad_ids.update(id(o) for o in outs)
-            self.records.append((backward, ctx, args, outs))
+            self.records.append((op.backward, ctx, args, outs))
         return out
 
     def finish(self, output: Tensor) -> None:
@@ -124,38 +74,6 @@ class Tape:
         since it holds the autograd node that holds this tape (a reference cycle)."""
         self.pinned = [o for *_, outs in self.records for o in outs if o is not output]
         self.records = [(b, ctx, args, tuple(map(id, outs))) for b, ctx, args, outs in self.records]
-
-    def conv3x3_bn_stats(self, *args):
-        return self._run(_conv3x3_bn_stats_impl, _conv3x3_stats_setup, _conv3x3_stats_backward, *args)
-
-    def conv3x3_up_bn_stats(self, *args):
-        return self._run(_conv3x3_up_bn_stats_impl, _conv3x3_up_stats_setup, _conv3x3_up_stats_backward, *args)
-
-    def bn_affine(self, *args):
-        return self._run(_bn_affine_impl, _bn_affine_setup, _bn_affine_backward, *args)
-
-    def bn_stats_sync(self, *args):
-        return self._run(_bn_stats_sync_impl, _bn_stats_sync_setup, _bn_stats_sync_backward, *args)
-
-    def maxpool2x2(self, *args):
-        return self._run(_maxpool2x2_impl, _pool_setup, _pool_backward, *args)
-
-    def upconv2x2(self, *args):
-        return self._run(_upconv2x2_impl, _upconv_setup, _upconv_backward, *args)
-
-    def upconv_nearest2x2(self, *args):
-        return self._run(_upconv_nearest2x2_impl, _upconv_nearest_setup, _upconv_nearest_backward, *args)
-
-    def head1x1(self, *args):
-        return self._run(_head1x1_impl, _head_setup, _head_backward, *args)
-
-    def pad_channels_nhwc(self, *args):
-        return self._run(_pad_channels_nhwc_impl, _pad_setup, _pad_backward, *args)
-
-    def pad_weight_in(self, weight: Tensor, channels: int) -> Tensor:
-        return self._run(_pad_weight_in, _pad_weight_setup, _pad_weight_backward, weight, channels)
-
-    bn_running_update_ = staticmethod(_bn_running_update_impl)
 
     def backward(self, out_id: int, grad: Tensor, leaf_ids: tuple) -> tuple:
         """Gradients of the leaves (ids; None for a leaf that needs none) from ``grad`` = dL/d of
@@ -173,24 +91,21 @@ class Tape:
         return tuple(None if i is None else grads.get(i) for i in leaf_ids)
 
 
-class _Untaped(_Direct):
-    """The tape's interface without recording (nothing needs a gradient): the direct calls plus
-    the training-only ops."""
+def _add_recorder(op: Op) -> None:
+    """``Tape.<name>``: an op with a gradient is recorded; one without (a running-statistics
+    update, a backward op) runs as it is."""
+    if op.backward is None:
+        setattr(Tape, op.name, staticmethod(op.impl))
+        return
 
-    conv3x3_bn_stats = staticmethod(_conv3x3_bn_stats_impl)
-    conv3x3_up_bn_stats = staticmethod(_conv3x3_up_bn_stats_impl)
-    bn_affine = staticmethod(_bn_affine_impl)
-    bn_stats_sync = staticmethod(_bn_stats_sync_impl)
-    pad_weight_in = staticmethod(_pad_weight_in)
+    def recorded(self, *args):
+        return self.record(op, *args)
+
+    recorded.__name__ = recorded.__qualname__ = op.name
+    setattr(Tape, op.name, recorded)
 
 
-class OpsNamespace:
-    """The per-op path: the registered ops (one autograd node each), for traces and modes."""
-
-    def __getattr__(self, name):
-        if name == "pad_weight_in":
-            return _pad_weight_in  # plain torch ops: autograd records them itself
-        return getattr(torch.ops.fastunet, name)
+on_declare(_add_recorder)
 
 
 class _TapeFunction(torch.autograd.Function):
@@ -216,10 +131,14 @@ class _TapeFunction(torch.autograd.Function):
 
 
 def run_taped(fn, leaves: tuple) -> Tensor:
-    """``fn(ops)`` (a training forward written against the ops' interface) with one autograd
-    node for all of it (see the comment above). ``leaves``: every tensor gradients may flow to
-    (the input and the parameters). Without any leaf requiring grad (or grad mode off) nothing
-    is recorded."""
+    """``fn(calls)``, a training forward written against the calls interface, run the way its
+    input allows. ``leaves``: the input first, then every tensor gradients may flow to (the
+    parameters). In plain eager mode with a leaf requiring grad: on a ``Tape``, one autograd node
+    for all of it (see the comment above); with none (or grad mode off) on ``DIRECT``, nothing
+    recorded; when something watches the dispatcher (``direct_ok_mutation`` fails for the input:
+    a trace, a dispatch mode, functorch, the profiler) on ``DISPATCH``, one autograd node per op."""
+    if not direct_ok_mutation(leaves[0]):
+        return fn(DISPATCH)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in leaves):
-        return fn(_Untaped)
+        return fn(DIRECT)
     return _TapeFunction.apply(fn, *leaves)

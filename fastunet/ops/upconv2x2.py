@@ -1,6 +1,6 @@
 """``upconv2x2`` (``kernels/upconv2x2.py``): ConvTranspose2d(k=2, s=2) + bias with optional
 BN+ReLU on load, its autograd formula, and its backward ops ``upconv2x2_input_grad`` and
-``upconv2x2_weight_grad`` (``kernels/upconv2x2_bwd.py``).
+``upconv2x2_weight_grad`` (``kernels/upconv2x2AUTO.py``).
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ from ._common import (
     _affine_relu,
     _affine_relu_grads,
     _as_nhwc,
-    _bwd,
     _channel_vec,
     _check_norm,
     _empty_nhwc,
     _grads_for,
     _norm_arg,
-    _on_input_device,
     _packed_upconv_weight,
     _use_kernels,
     _with_norm_defaults,
-    kernel_package,
 )
+from .op import AUTO, declare, kernel_package
 
 
 # =========================================================================== upconv2x2
@@ -63,8 +61,6 @@ def _(x, weight, bias, in_scale=None, in_shift=None):
     return _empty_nhwc((x.shape[0], weight.shape[1], 2 * x.shape[2], 2 * x.shape[3]), x)
 
 
-@upconv2x2.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _upconv2x2_impl(x, weight, bias, in_scale=None, in_shift=None):
     if _use_kernels(x):
         w = _packed_upconv_weight(weight, x.dtype)
@@ -89,15 +85,15 @@ def _upconv_backward(ctx, grad):
     need_x, need_w, need_b, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 5)
     grad = grad.to(x.dtype)
     gb = grad.to(_acc_dtype(x.dtype)).sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
-    gw = _bwd.upconv2x2_weight_grad(grad, x, in_scale, in_shift).to(weight.dtype) if need_w else None
+    gw = AUTO.upconv2x2_weight_grad(grad, x, in_scale, in_shift).to(weight.dtype) if need_w else None
     gx = gs = gt = None
     if need_x or need_s or need_t:
-        gin = _bwd.upconv2x2_input_grad(grad, weight)
+        gin = AUTO.upconv2x2_input_grad(grad, weight)
         gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
     return _grads_for(ctx, (gx, gw, gb, gs, gt))
 
 
-upconv2x2.register_autograd(_upconv_backward, setup_context=_upconv_setup)
+declare(upconv2x2, _upconv2x2_impl, setup=_upconv_setup, backward=_upconv_backward)
 
 
 @torch.library.custom_op("fastunet::upconv2x2_input_grad", mutates_args=())
@@ -112,12 +108,13 @@ def _(g, weight):
     return _empty_nhwc((g.shape[0], weight.shape[0], g.shape[2] // 2, g.shape[3] // 2), g)
 
 
-@upconv2x2_input_grad.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _upconv2x2_input_grad_impl(g, weight):
     if _use_kernels(g):
         return kernel_package().upconv2x2_input_grad(g, _packed_upconv_weight(weight, g.dtype))
     return _as_nhwc(F.conv2d(g, weight.to(g.dtype), stride=2), g.dtype)
+
+
+declare(upconv2x2_input_grad, _upconv2x2_input_grad_impl)
 
 
 @torch.library.custom_op("fastunet::upconv2x2_weight_grad", mutates_args=())
@@ -133,8 +130,6 @@ def _(g, x, in_scale, in_shift):
     return g.new_empty((x.shape[1], g.shape[1], 2, 2), dtype=_acc_dtype(g.dtype))
 
 
-@upconv2x2_weight_grad.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _upconv2x2_weight_grad_impl(g, x, in_scale, in_shift):
     if _use_kernels(x):
         return kernel_package().upconv2x2_weight_grad(g.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
@@ -146,6 +141,4 @@ def _upconv2x2_weight_grad_impl(g, x, in_scale, in_shift):
     return gw.to(_acc_dtype(g.dtype)).contiguous()
 
 
-# The backward formulas of every family reach these through ``_bwd`` (see ``_common._Backward``).
-_bwd.register("upconv2x2_input_grad", _upconv2x2_input_grad_impl, 0)
-_bwd.register("upconv2x2_weight_grad", _upconv2x2_weight_grad_impl, 1)
+declare(upconv2x2_weight_grad, _upconv2x2_weight_grad_impl, ref=1)

@@ -28,16 +28,14 @@ from ._common import (
     _affine_relu,
     _affine_relu_grads,
     _as_nhwc,
-    _bwd,
     _channel_vec,
     _check_norm,
     _empty_nhwc,
     _grads_for,
-    _on_input_device,
     _use_kernels,
     _with_norm_defaults,
-    kernel_package,
 )
+from .op import AUTO, declare, kernel_package
 
 # First tap block of each phase ``di*2 + dj`` in the packed weight, and each phase's (di, dj).
 # Mirrors ``kernels.upconv_nearest2x2.PHASE_BASE`` (not imported: CPU-only installs never import
@@ -146,8 +144,6 @@ def _composite(x, weight, bias, relu, in_scale, in_shift) -> Tensor:
     return torch.relu(y) if relu else y
 
 
-@upconv_nearest2x2.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _upconv_nearest2x2_impl(x, weight, bias, relu, in_scale=None, in_shift=None):
     if _use_kernels(x):
         K = kernel_package()
@@ -169,7 +165,7 @@ def _weight_grad(g: Tensor, x: Tensor, weight: Tensor, in_scale, in_shift) -> Te
     """The weight's gradient from ``g`` = dL/d(conv output): the packed blocks' gradient
     (``upconv_nearest2x2_weight_grad``), mapped to the 2x2 kernel by the transposed phase matrix
     for an unpacked weight."""
-    gp = _bwd.upconv_nearest2x2_weight_grad(g, x, in_scale, in_shift)  # [9, C_in, C_out]
+    gp = AUTO.upconv_nearest2x2_weight_grad(g, x, in_scale, in_shift)  # [9, C_in, C_out]
     if weight.dim() == 3:
         return gp.to(weight.dtype)
     g_ab = torch.einsum("ka,kio->aio", _phase_matrix(gp.dtype, gp.device), gp)  # [(a, b), C_in, C_out]
@@ -187,12 +183,12 @@ def _backward(ctx, grad):
     gw = _weight_grad(g, x, weight, in_scale, in_shift) if need_w else None
     gx = gs = gt = None
     if need_x or need_s or need_t:
-        gin = _bwd.upconv_nearest2x2_input_grad(g, weight)
+        gin = AUTO.upconv_nearest2x2_input_grad(g, weight)
         gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
     return _grads_for(ctx, (gx, gw, gb, None, gs, gt))
 
 
-upconv_nearest2x2.register_autograd(_backward, setup_context=_setup)
+declare(upconv_nearest2x2, _upconv_nearest2x2_impl, setup=_setup, backward=_backward)
 
 
 @torch.library.custom_op("fastunet::upconv_nearest2x2_input_grad", mutates_args=())
@@ -212,8 +208,6 @@ def _(g, weight):
     return _empty_nhwc((g.shape[0], _c_in(weight), g.shape[2] // 2, g.shape[3] // 2), g)
 
 
-@upconv_nearest2x2_input_grad.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _input_grad_impl(g, weight):
     if _use_kernels(g):
         K = kernel_package()
@@ -238,8 +232,7 @@ def _input_grad_impl(g, weight):
     return _as_nhwc(gxp[:, :, :h, :w], g.dtype)
 
 
-# Reached through ``_bwd`` so the backward skips the dispatcher when nothing traces it.
-_bwd.register("upconv_nearest2x2_input_grad", _input_grad_impl, 0)
+declare(upconv_nearest2x2_input_grad, _input_grad_impl)
 
 
 @torch.library.custom_op("fastunet::upconv_nearest2x2_weight_grad", mutates_args=())
@@ -255,8 +248,6 @@ def _(g, x, in_scale, in_shift):
     return g.new_empty((9, x.shape[1], g.shape[1]), dtype=_acc_dtype(g.dtype))
 
 
-@upconv_nearest2x2_weight_grad.register_kernel(("cpu", "cuda"))
-@_on_input_device
 def _weight_grad_impl(g, x, in_scale, in_shift):
     if _use_kernels(x):
         norm = None if in_scale is None else (in_scale, in_shift)
@@ -278,4 +269,4 @@ def _weight_grad_impl(g, x, in_scale, in_shift):
     return torch.cat(blocks).contiguous()
 
 
-_bwd.register("upconv_nearest2x2_weight_grad", _weight_grad_impl, 1)
+declare(upconv_nearest2x2_weight_grad, _weight_grad_impl, ref=1)
