@@ -286,7 +286,7 @@ class TrainForm:
             mean, var = bn.running_mean, bn.running_var
         # float64 vectors (C numbers): the ops then hand back the BatchNorm weight's gradient
         # pieces in float64, where its chain rule's cancellation against mean * dshift is
-        # harmless (see fastunet/ops/_common.py, _uncenter); the kernels read them as float32.
+        # harmless (see fastunet/ops/norm_act_bwd.py, _uncenter); the kernels read them as float32.
         scale, shift = ops.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
         return z, scale, shift
 

@@ -49,8 +49,9 @@ One module per op family, named after its kernel module, so a reader goes
 
 ``kernel_package()`` is the one (lazy) import of ``fastunet.kernels`` in the package.
 
-The family modules import ``_common`` and ``op`` (and ``norm_act_bwd`` the pool's input check),
-never each other's ops: cross-family backward calls go through ``AUTO``.
+The family modules import only ``_common`` and ``op``, never each other: cross-family backward
+calls go through ``AUTO``. ``_common`` offers what several families use (public names of that
+package-private module); a helper one family uses lives in that family's module.
 """
 
 from __future__ import annotations

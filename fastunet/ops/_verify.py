@@ -1,10 +1,10 @@
 """Tuning that verifies itself: the op layer's half (the tuner's half and the whole story are in
 ``fastunet.kernels._tuning``).
 
-Every op implementation runs through ``call`` (via ``_common._on_input_device``). When a kernel
+Every op implementation runs through ``call`` (via ``op.on_input_device``, which ``declare`` applies). When a kernel
 shape is tuned during the call, the tuner leaves it pending; at the end of the call ``call``
 runs the op's eager composite on the same inputs (the same implementation with the kernels off:
-``_use_kernels`` is False while ``eager_now()``), then has the tuner replay the call once per
+``use_kernels`` is False while ``eager_now()``), then has the tuner replay the call once per
 candidate config, comparing each replay's outputs with the composite's through the test suite's
 tolerance table (``fastunet.tolerances``). A key whose candidates all disagree makes the op run
 the composite from then on (``NoVerifiedConfig``).
@@ -56,7 +56,7 @@ class _State(threading.local):
 _STATE = _State()
 _COUNT_LOCK = threading.Lock()
 # Threads with pending keys (at most one: they hold the tuner's lock) and threads running a
-# composite with the kernels off: each op call and ``_use_kernels`` read only these globals.
+# composite with the kernels off: each op call and ``use_kernels`` read only these globals.
 PENDING = 0
 _EAGER_THREADS = 0
 
@@ -67,7 +67,7 @@ def _bump(name: str, delta: int) -> None:
 
 
 def eager_now() -> bool:
-    """Whether this thread runs the composite instead of the kernels (see ``_use_kernels``)."""
+    """Whether this thread runs the composite instead of the kernels (see ``use_kernels``)."""
     return _EAGER_THREADS > 0 and _STATE.eager
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ._common import _acc_dtype, _as_nhwc, _channel_vec, _empty_nhwc, _use_kernels
+from ._common import acc_dtype, as_nhwc, channel_vec, empty_nhwc, use_kernels
 from .op import AUTO, declare, kernel_package
 
 # =========================================================================== BatchNorm (training)
@@ -36,7 +36,7 @@ def _(mean, var, weight, bias, eps):
 
 
 def _bn_affine_impl(mean, var, weight, bias, eps):
-    if _use_kernels(mean):
+    if use_kernels(mean):
         return kernel_package().bn_affine(mean, var, weight, bias, eps)
     scale = torch.rsqrt(var.double() + eps)
     if weight is not None:
@@ -90,7 +90,7 @@ def _(gscale, gshift, mean, var, weight, eps):
 
 
 def _bn_affine_backward_impl(gscale, gshift, mean, var, weight, eps):
-    if _use_kernels(mean):
+    if use_kernels(mean):
         return kernel_package().bn_affine_backward(gscale, gshift, mean, var, weight, eps)
     gs, gt = gscale.double(), gshift.double()
     rstd = torch.rsqrt(var.double() + eps)
@@ -132,7 +132,7 @@ def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count
 
 def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=None):
     mean, var = mean.detach(), var.detach()
-    if _use_kernels(mean):
+    if use_kernels(mean):
         return kernel_package().bn_running_update_(
             mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=count_all
         )
@@ -169,22 +169,22 @@ def bn_stats_backward(
 
 @bn_stats_backward.register_fake
 def _(gz, z, mean, gmean, gvar):
-    return _empty_nhwc(z.shape, z), z.new_empty(z.shape[1], dtype=_acc_dtype(z.dtype))
+    return empty_nhwc(z.shape, z), z.new_empty(z.shape[1], dtype=acc_dtype(z.dtype))
 
 
 def _bn_stats_backward_impl(gz, z, mean, gmean, gvar):
-    if _use_kernels(z):
+    if use_kernels(z):
         return kernel_package().bn_stats_backward(gz, z, mean, gmean, gvar)
-    acc = _acc_dtype(z.dtype)
+    acc = acc_dtype(z.dtype)
     n = z.numel() // z.shape[1]
     if n == 0:  # an empty batch (a rank's, in synchronised BatchNorm): nothing reaches z
-        return _empty_nhwc(z.shape, z), z.new_zeros(z.shape[1], dtype=acc)
+        return empty_nhwc(z.shape, z), z.new_zeros(z.shape[1], dtype=acc)
     g = gz.to(acc) if gz is not None else torch.zeros(z.shape, dtype=acc, device=z.device)
     if gmean is not None:
-        g = g + _channel_vec(gmean.to(acc) / n, acc)
+        g = g + channel_vec(gmean.to(acc) / n, acc)
     if gvar is not None:
-        g = g + _channel_vec(gvar.to(acc) * (2.0 / n), acc) * (z.to(acc) - _channel_vec(mean, acc))
-    return _as_nhwc(g, z.dtype), g.sum((0, 2, 3))
+        g = g + channel_vec(gvar.to(acc) * (2.0 / n), acc) * (z.to(acc) - channel_vec(mean, acc))
+    return as_nhwc(g, z.dtype), g.sum((0, 2, 3))
 
 
 declare(bn_stats_backward, _bn_stats_backward_impl, ref=1)

@@ -19,37 +19,73 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
-    _acc_dtype,
-    _affine_relu,
-    _affine_relu_grads,
-    _as_nhwc,
-    _channel_vec,
-    _check_conv3x3,
-    _check_head,
-    _check_norm,
-    _check_same_dtype,
-    _conv3x3_composite,
-    _empty_nhwc,
-    _grads_for,
-    _head_composite,
-    _head_grads,
-    _norm_arg,
-    _packed_conv_weight,
-    _use_kernels,
+    acc_dtype,
+    affine_relu,
+    affine_relu_grads,
+    as_nhwc,
+    channel_vec,
+    check_head,
+    check_norm,
+    empty_nhwc,
+    grads_for,
+    head_composite,
+    head_grads,
+    norm_arg,
     unit_affine,
+    use_kernels,
 )
 from .op import AUTO, declare, kernel_package
+
+
+def _check_same_dtype(op: str, **tensors: Tensor | None) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"fastunet::{op}: tensors must share one dtype, got {dtypes}")
+
+
+def _check_conv3x3(x: Tensor, x2: Tensor | None, weight: Tensor, scale: Tensor, shift: Tensor):
+    if x.dim() != 4 or (x2 is not None and x2.dim() != 4) or weight.dim() != 4:
+        raise ValueError("fastunet::conv3x3_bn_act: x, x2 and weight must be 4-D")
+    _check_same_dtype("conv3x3_bn_act", x=x, x2=x2, weight=weight)
+    c_in = x.shape[1] + (0 if x2 is None else x2.shape[1])
+    if x2 is not None and (x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]):
+        raise ValueError(
+            f"fastunet::conv3x3_bn_act: x2 {tuple(x2.shape)} must match x {tuple(x.shape)} in batch and spatial size"
+        )
+    c_out = weight.shape[0]
+    if tuple(weight.shape[1:]) != (c_in, 3, 3):
+        raise ValueError(f"fastunet::conv3x3_bn_act: weight must be [C_out, {c_in}, 3, 3], got {tuple(weight.shape)}")
+    if scale.shape != (c_out,) or shift.shape != (c_out,):
+        raise ValueError(
+            f"fastunet::conv3x3_bn_act: scale and shift must be [{c_out}], "
+            f"got {tuple(scale.shape)} and {tuple(shift.shape)}"
+        )
+
+
+def _packed_conv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The conv kernel's B operand layout in ``dtype`` (a no-op for an already packed weight)."""
+    if weight.dtype == dtype and weight.stride(0) == 1:
+        return weight
+    return kernel_package().pack_conv3x3_weight(weight.detach(), dtype)
+
+
+def _conv3x3_composite(x, x2, weight, scale, shift, relu) -> Tensor:
+    """Eager ``act(scale * conv3x3(cat([x, x2]), weight) + shift)`` in the accumulation dtype."""
+    acc = acc_dtype(x.dtype)
+    xin = x if x2 is None else torch.cat([x, x2], 1)
+    y = F.conv2d(xin, weight, padding=1).to(acc) * channel_vec(scale, acc) + channel_vec(shift, acc)
+    return torch.relu(y) if relu else y
 
 
 def _conv3x3_grads(grad, x, x2, weight, scale, y, relu, needs):
     """Gradients of ``y = act(scale * conv(cat([x, x2])) + shift)``; ``needs`` = needs_input_grad."""
     need_x, need_x2, need_w, need_scale, need_shift = needs[:5]
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     g = grad.to(acc)
     if relu:
         g = torch.where(y > 0, g, torch.zeros((), dtype=acc, device=g.device))
     xin = x if x2 is None else torch.cat([x, x2], 1)
-    gz = (g * _channel_vec(scale, acc)).to(x.dtype)
+    gz = (g * channel_vec(scale, acc)).to(x.dtype)
     gxin, gw, _ = torch.ops.aten.convolution_backward(
         gz, xin, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
         [need_x or need_x2, need_w, False],
@@ -83,15 +119,15 @@ def conv3x3_bn_act(x: Tensor, x2: Tensor | None, weight: Tensor, scale: Tensor, 
 @conv3x3_bn_act.register_fake
 def _(x, x2, weight, scale, shift, relu):
     _check_conv3x3(x, x2, weight, scale, shift)
-    return _empty_nhwc((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x)
+    return empty_nhwc((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x)
 
 
 def _conv3x3_bn_act_impl(x, x2, weight, scale, shift, relu):
     # On the kernel path the launcher validates (one check per call on the hot path).
-    if _use_kernels(x):
+    if use_kernels(x):
         return kernel_package().conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
     _check_conv3x3(x, x2, weight, scale, shift)
-    return _as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), x.dtype)
+    return as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), x.dtype)
 
 
 def _conv3x3_setup(ctx, inputs, output):
@@ -135,13 +171,13 @@ def conv3x3_bn_act_head(
 @conv3x3_bn_act_head.register_fake
 def _(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
     _check_conv3x3(x, x2, weight, scale, shift)
-    k = _check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
-    return _empty_nhwc((x.shape[0], k, x.shape[2], x.shape[3]), x)
+    k = check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
+    return empty_nhwc((x.shape[0], k, x.shape[2], x.shape[3]), x)
 
 
 def _conv3x3_bn_act_head_impl(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
-    _check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
-    if _use_kernels(x):
+    check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
+    if use_kernels(x):
         k = kernel_package()
         if head_weight.shape[0] <= k.MAX_HEAD_K and weight.shape[0] <= k.MAX_HEAD_C_OUT:
             return k.conv3x3_bn_act_head(
@@ -153,7 +189,7 @@ def _conv3x3_bn_act_head_impl(x, x2, weight, scale, shift, relu, head_weight, he
         return k.head1x1(h, head_weight, head_bias.float(), activation=activation)
     _check_conv3x3(x, x2, weight, scale, shift)
     h = _conv3x3_composite(x, x2, weight, scale, shift, relu).to(x.dtype)
-    return _as_nhwc(_head_composite(h, head_weight, head_bias, activation), x.dtype)
+    return as_nhwc(head_composite(h, head_weight, head_bias, activation), x.dtype)
 
 
 def _conv3x3_head_setup(ctx, inputs, output):
@@ -167,7 +203,7 @@ def _conv3x3_head_backward(ctx, grad):
     needs = ctx.needs_input_grad
     # The intermediate was never stored: recompute it (one conv) rather than keep N*C*H*W alive.
     h = _conv3x3_composite(x, x2, weight, scale, shift, ctx.relu).to(x.dtype)
-    gh, ghw, ghb = _head_grads(grad, h, None, None, head_weight, head_bias, y, ctx.activation, (True, *needs[6:8]))
+    gh, ghw, ghb = head_grads(grad, h, None, None, head_weight, head_bias, y, ctx.activation, (True, *needs[6:8]))
     conv_grads = _conv3x3_grads(gh, x, x2, weight, scale, h, ctx.relu, needs)
     return (*conv_grads, None, ghw, ghb, None)
 
@@ -214,11 +250,11 @@ def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shi
     if not weight.is_floating_point():
         raise TypeError(f"fastunet::conv3x3_bn_stats: weight must be floating point, got {weight.dtype}")
     _check_conv3x3(x, x2, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bias, bias)
-    _check_norm("conv3x3_bn_stats", x.shape[1], x_scale, x_shift, "x")
+    check_norm("conv3x3_bn_stats", x.shape[1], x_scale, x_shift, "x")
     if x2 is None and x2_scale is not None:
         raise ValueError("fastunet::conv3x3_bn_stats: x2_scale given without x2")
     if x2 is not None:
-        _check_norm("conv3x3_bn_stats", x2.shape[1], x2_scale, x2_shift, "x2")
+        check_norm("conv3x3_bn_stats", x2.shape[1], x2_scale, x2_shift, "x2")
     if x.shape[0] * x.shape[2] * x.shape[3] < min_count:
         # nn.BatchNorm2d's own rule: one value per channel has no variance to normalize by.
         raise ValueError(
@@ -231,23 +267,23 @@ def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shi
 def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
     _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count)
     c_out = weight.shape[0]
-    acc = _acc_dtype(x.dtype)
-    z = _empty_nhwc((x.shape[0], c_out, x.shape[2], x.shape[3]), x)
+    acc = acc_dtype(x.dtype)
+    z = empty_nhwc((x.shape[0], c_out, x.shape[2], x.shape[3]), x)
     return z, x.new_empty(c_out, dtype=acc), x.new_empty(c_out, dtype=acc)
 
 
 def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
     _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count)
-    if _use_kernels(x):
+    if use_kernels(x):
         return kernel_package().conv3x3_bn_stats(
             x, _packed_conv_weight(weight, x.dtype), bias.float(), x2=x2,
-            x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift),
+            x_norm=norm_arg(x_scale, x_shift), x2_norm=norm_arg(x2_scale, x2_shift),
         )  # fmt: skip
-    acc = _acc_dtype(x.dtype)
-    xin = _affine_relu(x, x_scale, x_shift)
+    acc = acc_dtype(x.dtype)
+    xin = affine_relu(x, x_scale, x_shift)
     if x2 is not None:
-        xin = torch.cat([xin, _affine_relu(x2, x2_scale, x2_shift)], 1)
-    z = _as_nhwc(F.conv2d(xin, weight.to(x.dtype), padding=1).to(acc) + _channel_vec(bias, acc), x.dtype)
+        xin = torch.cat([xin, affine_relu(x2, x2_scale, x2_shift)], 1)
+    z = as_nhwc(F.conv2d(xin, weight.to(x.dtype), padding=1).to(acc) + channel_vec(bias, acc), x.dtype)
     zf = z.to(acc)
     if zf.numel() == 0:  # an empty batch: no statistics (what torch.mean of nothing gives)
         nan = zf.new_full((zf.shape[1],), float("nan"))
@@ -267,9 +303,9 @@ def _conv3x3_input_grad(g: Tensor, weight: Tensor) -> Tensor:
     the forward conv op itself on the transposed, flipped weight (a 3x3 pad-1 conv's input
     gradient is such a conv), so the kernels compute it and ``torch.compile`` can trace it."""
     flipped = weight.detach().to(g.dtype).transpose(0, 1).flip(2, 3)
-    if _use_kernels(g):
+    if use_kernels(g):
         flipped = kernel_package().pack_conv3x3_weight(flipped)
-    ones, zeros = unit_affine(flipped.shape[0], g, _acc_dtype(g.dtype))
+    ones, zeros = unit_affine(flipped.shape[0], g, acc_dtype(g.dtype))
     return AUTO.conv3x3_bn_act(g, None, flipped, ones, zeros, False)
 
 
@@ -287,10 +323,10 @@ def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
     gx = gxs = gxt = gx2 = gx2s = gx2t = None
     if need_x or need_x2 or need_xs or need_xt or need_x2s or need_x2t:
         gin = _conv3x3_input_grad(g, weight)
-        gx, gxs, gxt = _affine_relu_grads(gin[:, :c1], x, x_scale, x_shift)
+        gx, gxs, gxt = affine_relu_grads(gin[:, :c1], x, x_scale, x_shift)
         if x2 is not None:
-            gx2, gx2s, gx2t = _affine_relu_grads(gin[:, c1:], x2, x2_scale, x2_shift)
-    return _grads_for(ctx, (gx, gx2, gw, gb, gxs, gxt, gx2s, gx2t, None))
+            gx2, gx2s, gx2t = affine_relu_grads(gin[:, c1:], x2, x2_scale, x2_shift)
+    return grads_for(ctx, (gx, gx2, gw, gb, gxs, gxt, gx2s, gx2t, None))
 
 
 declare(conv3x3_bn_stats, _conv3x3_bn_stats_impl, setup=_conv3x3_stats_setup, backward=_conv3x3_stats_backward)
@@ -328,13 +364,13 @@ def _up_map(up: Tensor, bilinear: bool, size, scale: Tensor | None = None, shift
     once, as the kernel does), zero-padded with ``(H - Hu) // 2`` rows on top and ``(W - Wu) // 2``
     columns on the left (milesial's ``F.pad``), the rest below / right."""
     if bilinear:
-        acc = _acc_dtype(up.dtype)
+        acc = acc_dtype(up.dtype)
         u = up.to(acc)
         if scale is not None:
-            u = torch.relu(u * _channel_vec(scale, acc) + _channel_vec(shift, acc))
+            u = torch.relu(u * channel_vec(scale, acc) + channel_vec(shift, acc))
         u = F.interpolate(u, scale_factor=2, mode="bilinear", align_corners=True).to(up.dtype)
     else:
-        u = _affine_relu(up, scale, shift)
+        u = affine_relu(up, scale, shift)
     dh, dw = size[0] - u.shape[2], size[1] - u.shape[3]
     if dh or dw:
         u = F.pad(u, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
@@ -362,7 +398,7 @@ def _up_map_backward(gu: Tensor, up: Tensor, bilinear: bool) -> Tensor:
     top, left = (gu.shape[2] - h_up) // 2, (gu.shape[3] - w_up) // 2
     g = gu[:, :, top : top + h_up, left : left + w_up]
     if bilinear:
-        g = g.to(_acc_dtype(up.dtype))
+        g = g.to(acc_dtype(up.dtype))
         a_h = _bilinear_x2_matrix(up.shape[2], g)
         a_w = _bilinear_x2_matrix(up.shape[3], g)
         g = (a_h.t() @ g @ a_w).to(up.dtype)
@@ -401,18 +437,18 @@ def _(skip, up, weight, scale, shift, relu, up_first, bilinear):
     _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, bilinear)
     x, x2 = _up_sources(skip, up.new_empty((up.shape[0], up.shape[1], *skip.shape[2:])), up_first)
     _check_conv3x3(x, x2, weight, scale, shift)
-    return _empty_nhwc((skip.shape[0], weight.shape[0], skip.shape[2], skip.shape[3]), skip)
+    return empty_nhwc((skip.shape[0], weight.shape[0], skip.shape[2], skip.shape[3]), skip)
 
 
 def _conv3x3_up_bn_act_impl(skip, up, weight, scale, shift, relu, up_first, bilinear):
-    if _use_kernels(skip):  # the launcher validates
+    if use_kernels(skip):  # the launcher validates
         return kernel_package().conv3x3_up_bn_act(
             skip, up, weight, scale.float(), shift.float(), up_first=up_first, bilinear=bilinear, relu=relu
         )  # fmt: skip
     _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, bilinear)
     x, x2 = _up_sources(skip, _up_map(up, bilinear, skip.shape[2:]), up_first)
     _check_conv3x3(x, x2, weight, scale, shift)
-    return _as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), skip.dtype)
+    return as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), skip.dtype)
 
 
 def _conv3x3_up_setup(ctx, inputs, output):
@@ -475,8 +511,8 @@ def _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_s
     _check_conv3x3_up(op, skip, up, weight, bilinear)
     x, x2 = _up_sources(skip, up.new_empty((up.shape[0], up.shape[1], *skip.shape[2:])), False)
     _check_conv3x3(x, x2, weight.to(skip.dtype) if weight.dtype != skip.dtype else weight, bias, bias)
-    _check_norm(op, skip.shape[1], skip_scale, skip_shift, "skip")
-    _check_norm(op, up.shape[1], up_scale, up_shift, "up")
+    check_norm(op, skip.shape[1], skip_scale, skip_shift, "skip")
+    check_norm(op, up.shape[1], up_scale, up_shift, "up")
     if skip.shape[0] * skip.shape[2] * skip.shape[3] < min_count:
         raise ValueError(
             f"fastunet::{op}: expected more than 1 value per channel when training, got input size {tuple(skip.shape)}"
@@ -487,8 +523,8 @@ def _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_s
 def _(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_first, bilinear, min_count=2):
     _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count)
     c_out = weight.shape[0]
-    acc = _acc_dtype(skip.dtype)
-    z = _empty_nhwc((skip.shape[0], c_out, skip.shape[2], skip.shape[3]), skip)
+    acc = acc_dtype(skip.dtype)
+    z = empty_nhwc((skip.shape[0], c_out, skip.shape[2], skip.shape[3]), skip)
     return z, skip.new_empty(c_out, dtype=acc), skip.new_empty(c_out, dtype=acc)
 
 
@@ -496,16 +532,16 @@ def _conv3x3_up_bn_stats_impl(
     skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_first, bilinear, min_count=2
 ):
     _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count)
-    if _use_kernels(skip):
+    if use_kernels(skip):
         return kernel_package().conv3x3_up_bn_stats(
             skip, up, _packed_conv_weight(weight, skip.dtype), bias.float(), up_first=up_first, bilinear=bilinear,
-            skip_norm=_norm_arg(skip_scale, skip_shift), up_norm=_norm_arg(up_scale, up_shift),
+            skip_norm=norm_arg(skip_scale, skip_shift), up_norm=norm_arg(up_scale, up_shift),
         )  # fmt: skip
-    acc = _acc_dtype(skip.dtype)
+    acc = acc_dtype(skip.dtype)
     u = _up_map(up, bilinear, skip.shape[2:], up_scale, up_shift)
-    x, x2 = _up_sources(_affine_relu(skip, skip_scale, skip_shift), u, up_first)
-    z = _as_nhwc(
-        F.conv2d(torch.cat([x, x2], 1), weight.to(skip.dtype), padding=1).to(acc) + _channel_vec(bias, acc), skip.dtype
+    x, x2 = _up_sources(affine_relu(skip, skip_scale, skip_shift), u, up_first)
+    z = as_nhwc(
+        F.conv2d(torch.cat([x, x2], 1), weight.to(skip.dtype), padding=1).to(acc) + channel_vec(bias, acc), skip.dtype
     )  # fmt: skip
     zf = z.to(acc)
     if zf.numel() == 0:  # an empty batch: no statistics (what torch.mean of nothing gives)
@@ -543,10 +579,10 @@ def _conv3x3_up_stats_backward(ctx, gz, gmean, gvar):
             gu, gs = gin[:, :c_u], gin[:, c_u:]
         else:
             gs, gu = gin[:, : skip.shape[1]], gin[:, skip.shape[1] :]
-        gskip, gss, gst = _affine_relu_grads(gs, skip, skip_scale, skip_shift)
+        gskip, gss, gst = affine_relu_grads(gs, skip, skip_scale, skip_shift)
         if need_up or need_us or need_ut:
-            gup, gus, gut = _affine_relu_grads(_up_map_backward(gu, up, ctx.bilinear), up, up_scale, up_shift)
-    return _grads_for(ctx, (gskip, gup, gw, gb, gss, gst, gus, gut, None, None, None))
+            gup, gus, gut = affine_relu_grads(_up_map_backward(gu, up, ctx.bilinear), up, up_scale, up_shift)
+    return grads_for(ctx, (gskip, gup, gw, gb, gss, gst, gus, gut, None, None, None))
 
 
 declare(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _acc_dtype, _affine_relu, _norm_arg, _use_kernels
+from ._common import acc_dtype, affine_relu, norm_arg, use_kernels
 from .op import declare, kernel_package
 
 
@@ -30,23 +30,23 @@ def conv3x3_weight_grad(
 @conv3x3_weight_grad.register_fake
 def _(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
     c_in = x.shape[1] + (0 if x2 is None else x2.shape[1])
-    return g.new_empty((g.shape[1], c_in, 3, 3), dtype=_acc_dtype(g.dtype))
+    return g.new_empty((g.shape[1], c_in, 3, 3), dtype=acc_dtype(g.dtype))
 
 
 def _conv3x3_weight_grad_impl(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
-    if _use_kernels(x):
+    if use_kernels(x):
         return kernel_package().conv3x3_weight_grad(
-            g.to(x.dtype), x, x2, x_norm=_norm_arg(x_scale, x_shift), x2_norm=_norm_arg(x2_scale, x2_shift)
+            g.to(x.dtype), x, x2, x_norm=norm_arg(x_scale, x_shift), x2_norm=norm_arg(x2_scale, x2_shift)
         )
-    xin = _affine_relu(x, x_scale, x_shift)
+    xin = affine_relu(x, x_scale, x_shift)
     if x2 is not None:
-        xin = torch.cat([xin, _affine_relu(x2, x2_scale, x2_shift)], 1)
+        xin = torch.cat([xin, affine_relu(x2, x2_scale, x2_shift)], 1)
     w_shape = [g.shape[1], xin.shape[1], 3, 3]
     _, gw, _ = torch.ops.aten.convolution_backward(
         g.to(x.dtype), xin, xin.new_empty(w_shape), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
         [False, True, False],
     )  # fmt: skip
-    return gw.to(_acc_dtype(g.dtype)).contiguous()
+    return gw.to(acc_dtype(g.dtype)).contiguous()
 
 
 declare(conv3x3_weight_grad, _conv3x3_weight_grad_impl, ref=1)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import _acc_dtype, _channel_vec
+from ._common import acc_dtype, channel_vec
 from .op import AUTO, declare_composite
 
 
@@ -22,8 +22,8 @@ def affine_relu_dropout(z: Tensor, scale: Tensor, shift: Tensor, p: float) -> Te
     format. The mask is drawn in the activation's memory order (channels_last), as torch's
     dropout does for an NHWC tensor, so the same seed gives the same mask as a channels_last
     eager model."""
-    acc = _acc_dtype(z.dtype)
-    h = torch.relu(z.to(acc) * _channel_vec(scale, acc) + _channel_vec(shift, acc)).to(z.dtype)
+    acc = acc_dtype(z.dtype)
+    h = torch.relu(z.to(acc) * channel_vec(scale, acc) + channel_vec(shift, acc)).to(z.dtype)
     return F.dropout(h, p, True)
 
 

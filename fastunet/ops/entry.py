@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import _KERNEL_DTYPES, _empty_nhwc, _use_kernels
+from ._common import KERNEL_DTYPES, empty_nhwc, use_kernels
 from .op import declare, declare_composite, kernel_package
 
 
@@ -33,14 +33,14 @@ def _check_pad(x, dtype, channels):
 @pad_channels_nhwc.register_fake
 def _(x, dtype, channels):
     _check_pad(x, dtype, channels)
-    return _empty_nhwc((x.shape[0], channels, x.shape[2], x.shape[3]), x, dtype)
+    return empty_nhwc((x.shape[0], channels, x.shape[2], x.shape[3]), x, dtype)
 
 
 def _pad_channels_nhwc_impl(x, dtype, channels):
     _check_pad(x, dtype, channels)
-    if dtype in _KERNEL_DTYPES and _use_kernels(x):
+    if dtype in KERNEL_DTYPES and use_kernels(x):
         return kernel_package().pad_cast_nhwc(x, dtype, channels)
-    out = _empty_nhwc((x.shape[0], channels, x.shape[2], x.shape[3]), x, dtype)
+    out = empty_nhwc((x.shape[0], channels, x.shape[2], x.shape[3]), x, dtype)
     out[:, x.shape[1] :].zero_()
     out[:, : x.shape[1]].copy_(x)
     return out

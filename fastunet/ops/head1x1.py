@@ -10,19 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
-    _acc_dtype,
-    _affine_relu,
-    _affine_relu_grads,
-    _as_nhwc,
-    _check_head,
-    _check_norm,
-    _empty_nhwc,
-    _grads_for,
-    _head_composite,
-    _head_grads,
-    _norm_arg,
-    _use_kernels,
-    _with_norm_defaults,
+    acc_dtype,
+    affine_relu,
+    affine_relu_grads,
+    as_nhwc,
+    check_head,
+    check_norm,
+    empty_nhwc,
+    grads_for,
+    head_composite,
+    head_grads,
+    norm_arg,
+    use_kernels,
+    with_norm_defaults,
 )
 from .op import declare, kernel_package
 
@@ -47,39 +47,39 @@ def head1x1(
 
 @head1x1.register_fake
 def _(x, weight, bias, activation, in_scale=None, in_shift=None):
-    k = _check_head("head1x1", x.shape[1], weight, bias, activation)
-    _check_norm("head1x1", x.shape[1], in_scale, in_shift)
-    return _empty_nhwc((x.shape[0], k, x.shape[2], x.shape[3]), x)
+    k = check_head("head1x1", x.shape[1], weight, bias, activation)
+    check_norm("head1x1", x.shape[1], in_scale, in_shift)
+    return empty_nhwc((x.shape[0], k, x.shape[2], x.shape[3]), x)
 
 
 def _head1x1_impl(x, weight, bias, activation, in_scale=None, in_shift=None):
-    _check_head("head1x1", x.shape[1], weight, bias, activation)
-    _check_norm("head1x1", x.shape[1], in_scale, in_shift)
-    if _use_kernels(x):
+    check_head("head1x1", x.shape[1], weight, bias, activation)
+    check_norm("head1x1", x.shape[1], in_scale, in_shift)
+    if use_kernels(x):
         weight = weight.to(x.dtype)
         if in_scale is None:
             return kernel_package().head1x1(x, weight, bias.float(), activation=activation)
         return kernel_package().head1x1(
             x, weight, bias.float(), activation=activation, in_scale=in_scale, in_shift=in_shift
         )
-    return _as_nhwc(_head_composite(_affine_relu(x, in_scale, in_shift), weight, bias, activation), x.dtype)
+    return as_nhwc(head_composite(affine_relu(x, in_scale, in_shift), weight, bias, activation), x.dtype)
 
 
 def _head_setup(ctx, inputs, output):
-    x, weight, bias, activation, in_scale, in_shift = _with_norm_defaults(inputs, 6)
+    x, weight, bias, activation, in_scale, in_shift = with_norm_defaults(inputs, 6)
     ctx.activation = activation
     ctx.save_for_backward(x, weight, bias, in_scale, in_shift, output)
 
 
 def _head_backward(ctx, grad):
     x, weight, bias, in_scale, in_shift, y = ctx.saved_tensors
-    need_x, need_w, need_b, _, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 6)
+    need_x, need_w, need_b, _, need_s, need_t = with_norm_defaults(ctx.needs_input_grad, 6)
     need_in = need_x or need_s or need_t
-    gin, gw, gb = _head_grads(grad, x, in_scale, in_shift, weight, bias, y, ctx.activation, (need_in, need_w, need_b))
+    gin, gw, gb = head_grads(grad, x, in_scale, in_shift, weight, bias, y, ctx.activation, (need_in, need_w, need_b))
     gx = gs = gt = None
     if need_in:
-        gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
-    return _grads_for(ctx, (gx, gw, gb, None, gs, gt))
+        gx, gs, gt = affine_relu_grads(gin, x, in_scale, in_shift)
+    return grads_for(ctx, (gx, gw, gb, None, gs, gt))
 
 
 declare(head1x1, _head1x1_impl, setup=_head_setup, backward=_head_backward)
@@ -94,13 +94,13 @@ def head1x1_input_grad(gz: Tensor, weight: Tensor) -> Tensor:
 
 @head1x1_input_grad.register_fake
 def _(gz, weight):
-    return _empty_nhwc((gz.shape[0], weight.shape[1], gz.shape[2], gz.shape[3]), gz)
+    return empty_nhwc((gz.shape[0], weight.shape[1], gz.shape[2], gz.shape[3]), gz)
 
 
 def _head1x1_input_grad_impl(gz, weight):
-    if _use_kernels(gz):
+    if use_kernels(gz):
         return kernel_package().head1x1_input_grad(gz, weight)
-    return _as_nhwc(F.conv2d(gz, weight.to(gz.dtype).transpose(0, 1)), gz.dtype)
+    return as_nhwc(F.conv2d(gz, weight.to(gz.dtype).transpose(0, 1)), gz.dtype)
 
 
 declare(head1x1_input_grad, _head1x1_input_grad_impl)
@@ -115,15 +115,15 @@ def head1x1_weight_grad(gz: Tensor, x: Tensor, in_scale: Tensor | None, in_shift
 
 @head1x1_weight_grad.register_fake
 def _(gz, x, in_scale, in_shift):
-    return gz.new_empty((gz.shape[1], x.shape[1], 1, 1), dtype=_acc_dtype(gz.dtype))
+    return gz.new_empty((gz.shape[1], x.shape[1], 1, 1), dtype=acc_dtype(gz.dtype))
 
 
 def _head1x1_weight_grad_impl(gz, x, in_scale, in_shift):
-    if _use_kernels(x):
-        gw = kernel_package().head1x1_weight_grad(gz.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
+    if use_kernels(x):
+        gw = kernel_package().head1x1_weight_grad(gz.to(x.dtype), x, x_norm=norm_arg(in_scale, in_shift))
         return gw.reshape(gw.shape[0], gw.shape[1], 1, 1).contiguous()
-    acc = _acc_dtype(gz.dtype)
-    xin = _affine_relu(x, in_scale, in_shift)
+    acc = acc_dtype(gz.dtype)
+    xin = affine_relu(x, in_scale, in_shift)
     gw = torch.einsum("nkhw,nchw->kc", gz.to(acc), xin.to(acc))
     return gw.reshape(gw.shape[0], gw.shape[1], 1, 1).contiguous()
 

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import _affine_relu, _as_nhwc, _check_norm, _empty_nhwc, _grads_for, _use_kernels, _with_norm_defaults
+from ._common import (
+    affine_relu,
+    as_nhwc,
+    check_pool,
+    empty_nhwc,
+    grads_for,
+    use_kernels,
+    with_norm_defaults,
+)
 from .op import AUTO, declare, kernel_package
 
 
@@ -27,37 +35,23 @@ def maxpool2x2(x: Tensor, in_scale: Tensor | None = None, in_shift: Tensor | Non
     raise AssertionError("unreachable: every device has its own implementation")
 
 
-def _check_pool(x, in_scale=None, in_shift=None):
-    """``maxpool2x2_backward``'s input rule (its kernel takes even H and W: the forward's
-    backward hands it the even part of an odd input)."""
-    if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
-        raise ValueError(f"fastunet::maxpool2x2: needs a 4-D input with even H and W, got {tuple(x.shape)}")
-    _check_norm("maxpool2x2", x.shape[1], in_scale, in_shift)
-
-
-def _check_pool_input(x, in_scale=None, in_shift=None):
-    if x.dim() != 4:
-        raise ValueError(f"fastunet::maxpool2x2: needs a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
-    _check_norm("maxpool2x2", x.shape[1], in_scale, in_shift)
-
-
 @maxpool2x2.register_fake
 def _(x, in_scale=None, in_shift=None):
-    _check_pool_input(x, in_scale, in_shift)
-    return _empty_nhwc((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2), x)
+    check_pool(x, in_scale, in_shift)
+    return empty_nhwc((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2), x)
 
 
 def _maxpool2x2_impl(x, in_scale=None, in_shift=None):
-    if _use_kernels(x):
+    if use_kernels(x):
         if in_scale is None:
             return kernel_package().maxpool2x2(x)
         return kernel_package().maxpool2x2(x, in_scale=in_scale, in_shift=in_shift)
-    _check_pool_input(x, in_scale, in_shift)
-    return _as_nhwc(F.max_pool2d(_affine_relu(x, in_scale, in_shift), 2), x.dtype)
+    check_pool(x, in_scale, in_shift)
+    return as_nhwc(F.max_pool2d(affine_relu(x, in_scale, in_shift), 2), x.dtype)
 
 
 def _pool_setup(ctx, inputs, output):
-    ctx.save_for_backward(*_with_norm_defaults(inputs, 3))
+    ctx.save_for_backward(*with_norm_defaults(inputs, 3))
 
 
 def _pool_backward(ctx, grad):
@@ -70,13 +64,13 @@ def _pool_backward(ctx, grad):
         # Floor pooling: the dropped row/column never reached the output, so its gradient is 0
         # (and it adds nothing to dscale/dshift). The even part is a view; one copy places it.
         ge, gs, gt = AUTO.maxpool2x2_backward(grad, x[:, :, :he, :we], in_scale, in_shift)
-        gx = _empty_nhwc(x.shape, ge)
+        gx = empty_nhwc(x.shape, ge)
         gx[:, :, he:] = 0
         gx[:, :, :he, we:] = 0
         gx[:, :, :he, :we] = ge
     if in_scale is None:
         gs = gt = None
-    return _grads_for(ctx, (gx, gs, gt))
+    return grads_for(ctx, (gx, gs, gt))
 
 
 declare(maxpool2x2, _maxpool2x2_impl, setup=_pool_setup, backward=_pool_backward)

@@ -10,20 +10,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
-    _acc_dtype,
-    _affine_relu,
-    _affine_relu_grads,
-    _as_nhwc,
-    _channel_vec,
-    _check_norm,
-    _empty_nhwc,
-    _grads_for,
-    _norm_arg,
-    _packed_upconv_weight,
-    _use_kernels,
-    _with_norm_defaults,
+    acc_dtype,
+    affine_relu,
+    affine_relu_grads,
+    as_nhwc,
+    channel_vec,
+    check_norm,
+    empty_nhwc,
+    grads_for,
+    norm_arg,
+    use_kernels,
+    with_norm_defaults,
 )
 from .op import AUTO, declare, kernel_package
+
+
+def _packed_upconv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    if weight.dtype == dtype and weight.stride(1) == 1:
+        return weight
+    return kernel_package().pack_upconv2x2_weight(weight.detach(), dtype)
 
 
 # =========================================================================== upconv2x2
@@ -52,45 +57,45 @@ def _check_upconv(x, weight, bias, in_scale=None, in_shift=None):
             f"fastunet::upconv2x2: weight {tuple(weight.shape)} / bias {tuple(bias.shape)} "
             f"do not fit an input with {x.shape[1]} channels"
         )
-    _check_norm("upconv2x2", x.shape[1], in_scale, in_shift)
+    check_norm("upconv2x2", x.shape[1], in_scale, in_shift)
 
 
 @upconv2x2.register_fake
 def _(x, weight, bias, in_scale=None, in_shift=None):
     _check_upconv(x, weight, bias, in_scale, in_shift)
-    return _empty_nhwc((x.shape[0], weight.shape[1], 2 * x.shape[2], 2 * x.shape[3]), x)
+    return empty_nhwc((x.shape[0], weight.shape[1], 2 * x.shape[2], 2 * x.shape[3]), x)
 
 
 def _upconv2x2_impl(x, weight, bias, in_scale=None, in_shift=None):
-    if _use_kernels(x):
+    if use_kernels(x):
         w = _packed_upconv_weight(weight, x.dtype)
         if in_scale is None:
             return kernel_package().upconv2x2(x, w, bias.float())
         return kernel_package().upconv2x2(x, w, bias.float(), in_scale=in_scale, in_shift=in_shift)
     _check_upconv(x, weight, bias, in_scale, in_shift)
-    acc = _acc_dtype(x.dtype)
-    y = F.conv_transpose2d(_affine_relu(x, in_scale, in_shift), weight.to(x.dtype), stride=2)
-    y = y.to(acc) + _channel_vec(bias, acc)
-    return _as_nhwc(y, x.dtype)
+    acc = acc_dtype(x.dtype)
+    y = F.conv_transpose2d(affine_relu(x, in_scale, in_shift), weight.to(x.dtype), stride=2)
+    y = y.to(acc) + channel_vec(bias, acc)
+    return as_nhwc(y, x.dtype)
 
 
 def _upconv_setup(ctx, inputs, output):
-    x, weight, bias, in_scale, in_shift = _with_norm_defaults(inputs, 5)
+    x, weight, bias, in_scale, in_shift = with_norm_defaults(inputs, 5)
     ctx.bias_dtype = bias.dtype
     ctx.save_for_backward(x, weight, in_scale, in_shift)
 
 
 def _upconv_backward(ctx, grad):
     x, weight, in_scale, in_shift = ctx.saved_tensors
-    need_x, need_w, need_b, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 5)
+    need_x, need_w, need_b, need_s, need_t = with_norm_defaults(ctx.needs_input_grad, 5)
     grad = grad.to(x.dtype)
-    gb = grad.to(_acc_dtype(x.dtype)).sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
+    gb = grad.to(acc_dtype(x.dtype)).sum((0, 2, 3)).to(ctx.bias_dtype) if need_b else None
     gw = AUTO.upconv2x2_weight_grad(grad, x, in_scale, in_shift).to(weight.dtype) if need_w else None
     gx = gs = gt = None
     if need_x or need_s or need_t:
         gin = AUTO.upconv2x2_input_grad(grad, weight)
-        gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
-    return _grads_for(ctx, (gx, gw, gb, gs, gt))
+        gx, gs, gt = affine_relu_grads(gin, x, in_scale, in_shift)
+    return grads_for(ctx, (gx, gw, gb, gs, gt))
 
 
 declare(upconv2x2, _upconv2x2_impl, setup=_upconv_setup, backward=_upconv_backward)
@@ -105,13 +110,13 @@ def upconv2x2_input_grad(g: Tensor, weight: Tensor) -> Tensor:
 
 @upconv2x2_input_grad.register_fake
 def _(g, weight):
-    return _empty_nhwc((g.shape[0], weight.shape[0], g.shape[2] // 2, g.shape[3] // 2), g)
+    return empty_nhwc((g.shape[0], weight.shape[0], g.shape[2] // 2, g.shape[3] // 2), g)
 
 
 def _upconv2x2_input_grad_impl(g, weight):
-    if _use_kernels(g):
+    if use_kernels(g):
         return kernel_package().upconv2x2_input_grad(g, _packed_upconv_weight(weight, g.dtype))
-    return _as_nhwc(F.conv2d(g, weight.to(g.dtype), stride=2), g.dtype)
+    return as_nhwc(F.conv2d(g, weight.to(g.dtype), stride=2), g.dtype)
 
 
 declare(upconv2x2_input_grad, _upconv2x2_input_grad_impl)
@@ -127,18 +132,18 @@ def upconv2x2_weight_grad(g: Tensor, x: Tensor, in_scale: Tensor | None, in_shif
 
 @upconv2x2_weight_grad.register_fake
 def _(g, x, in_scale, in_shift):
-    return g.new_empty((x.shape[1], g.shape[1], 2, 2), dtype=_acc_dtype(g.dtype))
+    return g.new_empty((x.shape[1], g.shape[1], 2, 2), dtype=acc_dtype(g.dtype))
 
 
 def _upconv2x2_weight_grad_impl(g, x, in_scale, in_shift):
-    if _use_kernels(x):
-        return kernel_package().upconv2x2_weight_grad(g.to(x.dtype), x, x_norm=_norm_arg(in_scale, in_shift))
-    xin = _affine_relu(x, in_scale, in_shift)
+    if use_kernels(x):
+        return kernel_package().upconv2x2_weight_grad(g.to(x.dtype), x, x_norm=norm_arg(in_scale, in_shift))
+    xin = affine_relu(x, in_scale, in_shift)
     _, gw, _ = torch.ops.aten.convolution_backward(
         g.to(x.dtype), xin, xin.new_empty((x.shape[1], g.shape[1], 2, 2)), None, [2, 2], [0, 0], [1, 1], True,
         [0, 0], 1, [False, True, False],
     )  # fmt: skip
-    return gw.to(_acc_dtype(g.dtype)).contiguous()
+    return gw.to(acc_dtype(g.dtype)).contiguous()
 
 
 declare(upconv2x2_weight_grad, _upconv2x2_weight_grad_impl, ref=1)

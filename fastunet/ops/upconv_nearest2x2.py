@@ -24,16 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
-    _acc_dtype,
-    _affine_relu,
-    _affine_relu_grads,
-    _as_nhwc,
-    _channel_vec,
-    _check_norm,
-    _empty_nhwc,
-    _grads_for,
-    _use_kernels,
-    _with_norm_defaults,
+    acc_dtype,
+    affine_relu,
+    affine_relu_grads,
+    as_nhwc,
+    channel_vec,
+    check_norm,
+    empty_nhwc,
+    grads_for,
+    use_kernels,
+    with_norm_defaults,
 )
 from .op import AUTO, declare, kernel_package
 
@@ -120,42 +120,42 @@ def _check_upconv_nearest(x, weight, bias, in_scale=None, in_shift=None):
         )
     if bias is not None and bias.shape != (_c_out(weight),):
         raise ValueError(f"{op}: bias must be [{_c_out(weight)}], got {tuple(bias.shape)}")
-    _check_norm("upconv_nearest2x2", c_in, in_scale, in_shift)
+    check_norm("upconv_nearest2x2", c_in, in_scale, in_shift)
 
 
 @upconv_nearest2x2.register_fake
 def _(x, weight, bias, relu, in_scale=None, in_shift=None):
     _check_upconv_nearest(x, weight, bias, in_scale, in_shift)
-    return _empty_nhwc((x.shape[0], _c_out(weight), 2 * x.shape[2], 2 * x.shape[3]), x)
+    return empty_nhwc((x.shape[0], _c_out(weight), 2 * x.shape[2], 2 * x.shape[3]), x)
 
 
 def _composite(x, weight, bias, relu, in_scale, in_shift) -> Tensor:
     """The eager form, one small convolution per phase in the accumulation dtype: the weights
     rounded to x's dtype (as the kernel reads them), then widened."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     n, _, h, w = x.shape
     packed = _pack(weight, x.dtype).to(acc)
-    xp = F.pad(_affine_relu(x, in_scale, in_shift).to(acc), (0, 1, 0, 1))  # TF's bottom/right 'same'
+    xp = F.pad(affine_relu(x, in_scale, in_shift).to(acc), (0, 1, 0, 1))  # TF's bottom/right 'same'
     y = torch.empty((n, packed.shape[2], 2 * h, 2 * w), dtype=acc, device=x.device)
     for p, (di, dj) in enumerate(_PHASES):
         y[:, :, di::2, dj::2] = F.conv2d(xp[:, :, : h + di, : w + dj], _phase_weight(packed, p))
     if bias is not None:
-        y = y + _channel_vec(bias, acc)
+        y = y + channel_vec(bias, acc)
     return torch.relu(y) if relu else y
 
 
 def _upconv_nearest2x2_impl(x, weight, bias, relu, in_scale=None, in_shift=None):
-    if _use_kernels(x):
+    if use_kernels(x):
         K = kernel_package()
         w = _pack(weight, x.dtype) if weight.dim() == 3 else K.pack_upconv_nearest2x2_weight(weight.detach(), x.dtype)
         b = None if bias is None else bias.float()
         return K.upconv_nearest2x2(x, w, b, relu=relu, in_scale=in_scale, in_shift=in_shift)
     _check_upconv_nearest(x, weight, bias, in_scale, in_shift)
-    return _as_nhwc(_composite(x, weight, bias, relu, in_scale, in_shift), x.dtype)
+    return as_nhwc(_composite(x, weight, bias, relu, in_scale, in_shift), x.dtype)
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, relu, in_scale, in_shift = _with_norm_defaults(inputs, 6)
+    x, weight, bias, relu, in_scale, in_shift = with_norm_defaults(inputs, 6)
     ctx.relu = relu
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(x, weight, in_scale, in_shift, output if relu else None)
@@ -174,8 +174,8 @@ def _weight_grad(g: Tensor, x: Tensor, weight: Tensor, in_scale, in_shift) -> Te
 
 def _backward(ctx, grad):
     x, weight, in_scale, in_shift, y = ctx.saved_tensors
-    need_x, need_w, need_b, _, need_s, need_t = _with_norm_defaults(ctx.needs_input_grad, 6)
-    acc = _acc_dtype(x.dtype)
+    need_x, need_w, need_b, _, need_s, need_t = with_norm_defaults(ctx.needs_input_grad, 6)
+    acc = acc_dtype(x.dtype)
     g = grad.to(x.dtype)
     if ctx.relu:  # torch's ReLU rule: no gradient where the output is <= 0
         g = torch.where(y <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
@@ -184,8 +184,8 @@ def _backward(ctx, grad):
     gx = gs = gt = None
     if need_x or need_s or need_t:
         gin = AUTO.upconv_nearest2x2_input_grad(g, weight)
-        gx, gs, gt = _affine_relu_grads(gin, x, in_scale, in_shift)
-    return _grads_for(ctx, (gx, gw, gb, None, gs, gt))
+        gx, gs, gt = affine_relu_grads(gin, x, in_scale, in_shift)
+    return grads_for(ctx, (gx, gw, gb, None, gs, gt))
 
 
 declare(upconv_nearest2x2, _upconv_nearest2x2_impl, setup=_setup, backward=_backward)
@@ -205,11 +205,11 @@ def _c_in(weight: Tensor) -> int:
 
 @upconv_nearest2x2_input_grad.register_fake
 def _(g, weight):
-    return _empty_nhwc((g.shape[0], _c_in(weight), g.shape[2] // 2, g.shape[3] // 2), g)
+    return empty_nhwc((g.shape[0], _c_in(weight), g.shape[2] // 2, g.shape[3] // 2), g)
 
 
 def _input_grad_impl(g, weight):
-    if _use_kernels(g):
+    if use_kernels(g):
         K = kernel_package()
         packed = _pack(weight, g.dtype) if weight.dim() == 3 else K.pack_upconv_nearest2x2_weight(weight, g.dtype)
         # The dgrad's B rows run along C_in: store the blocks [9, C_out, C_in] (a no-op if they are).
@@ -217,7 +217,7 @@ def _input_grad_impl(g, weight):
         return K.upconv_nearest2x2_input_grad(g, packed)
     # Composite: per phase, the dgrad of a (di + 1, dj + 1) conv over the padded low-res input;
     # the four add up on it and the padding's share is dropped (zeros are constants).
-    acc = _acc_dtype(g.dtype)
+    acc = acc_dtype(g.dtype)
     n, _, h2, w2 = g.shape
     h, w = h2 // 2, w2 // 2
     packed = _pack(weight, g.dtype).to(acc)
@@ -229,7 +229,7 @@ def _input_grad_impl(g, weight):
             [1, 1], False, [0, 0], 1, [True, False, False],
         )  # fmt: skip
         gxp[:, :, : h + di, : w + dj] += gin
-    return _as_nhwc(gxp[:, :, :h, :w], g.dtype)
+    return as_nhwc(gxp[:, :, :h, :w], g.dtype)
 
 
 declare(upconv_nearest2x2_input_grad, _input_grad_impl)
@@ -245,19 +245,19 @@ def upconv_nearest2x2_weight_grad(g: Tensor, x: Tensor, in_scale: Tensor | None,
 
 @upconv_nearest2x2_weight_grad.register_fake
 def _(g, x, in_scale, in_shift):
-    return g.new_empty((9, x.shape[1], g.shape[1]), dtype=_acc_dtype(g.dtype))
+    return g.new_empty((9, x.shape[1], g.shape[1]), dtype=acc_dtype(g.dtype))
 
 
 def _weight_grad_impl(g, x, in_scale, in_shift):
-    if _use_kernels(x):
+    if use_kernels(x):
         norm = None if in_scale is None else (in_scale, in_shift)
         return kernel_package().upconv_nearest2x2_weight_grad(g.to(x.dtype), x, x_norm=norm)
     # Composite: per phase, the wgrad of a (di + 1, dj + 1) conv over the padded low-res T(x) is
     # that phase's blocks' gradient.
-    acc = _acc_dtype(g.dtype)
+    acc = acc_dtype(g.dtype)
     n, c_in, h, w = x.shape
     ga = g.to(acc)
-    xp = F.pad(_affine_relu(x, in_scale, in_shift).to(acc), (0, 1, 0, 1))
+    xp = F.pad(affine_relu(x, in_scale, in_shift).to(acc), (0, 1, 0, 1))
     blocks = []
     for di, dj in _PHASES:
         _, gwp, _ = torch.ops.aten.convolution_backward(

@@ -385,7 +385,7 @@ def test_op_forward(dtype, packed, norm):
 
 def test_op_composite_matches_reference_without_interpreter(monkeypatch):
     # CPU without TRITON_INTERPRET (and float64 anywhere): the eager per-phase composite.
-    monkeypatch.setattr(op_module, "_use_kernels", lambda x: False)
+    monkeypatch.setattr(op_module, "use_kernels", lambda x: False)
     x, weight, b, s, t = op_args((2, 4, 3, 5), 6, torch.float32, norm=True)
     y = OP(x, weight, b, False, s, t)
     assert_close(y, reference(materialized_norm(x, s, t), weight, b), "fp32", "composite")
@@ -424,7 +424,7 @@ def test_weight_grad_op(dtype, monkeypatch):
     got = WGRAD_OP(g, x, s, t)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(got, expected, tolerance_name(dtype), f"weight grad op {dtype}")
-    monkeypatch.setattr(op_module, "_use_kernels", lambda t: False)
+    monkeypatch.setattr(op_module, "use_kernels", lambda t: False)
     assert_close(WGRAD_OP(g, x, s, t), expected, tolerance_name(dtype), f"composite {dtype}")
 
 
@@ -435,7 +435,7 @@ def test_input_grad_op(dtype, monkeypatch):
     g = torch.randn(2, 6, 6, 10).to(dtype)
     expected = reference_input_grad(g, weight.to(dtype))
     assert_close(DGRAD_OP(g, weight), expected, tolerance_name(dtype), f"input grad op {dtype}")
-    monkeypatch.setattr(op_module, "_use_kernels", lambda t: False)
+    monkeypatch.setattr(op_module, "use_kernels", lambda t: False)
     assert_close(DGRAD_OP(g, pack(weight, dtype)), expected, tolerance_name(dtype), f"composite {dtype}")
 
 
