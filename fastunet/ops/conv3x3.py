@@ -43,23 +43,36 @@ def _check_same_dtype(op: str, **tensors: Tensor | None) -> None:
         raise TypeError(f"fastunet::{op}: tensors must share one dtype, got {dtypes}")
 
 
-def _check_conv3x3(x: Tensor, x2: Tensor | None, weight: Tensor, scale: Tensor, shift: Tensor):
-    if x.dim() != 4 or (x2 is not None and x2.dim() != 4) or weight.dim() != 4:
-        raise ValueError("fastunet::conv3x3_bn_act: x, x2 and weight must be 4-D")
-    _check_same_dtype("conv3x3_bn_act", x=x, x2=x2, weight=weight)
-    c_in = x.shape[1] + (0 if x2 is None else x2.shape[1])
+def _check_conv3x3(
+    x: Tensor,
+    x2: Tensor | None,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    op: str = "conv3x3_bn_act",
+    cast: bool = False,
+) -> None:
+    """The conv's sources and weight agree (``_check_conv3x3_weight``); the weight has the sources'
+    dtype unless ``cast`` (the training forms cast the parameter inside)."""
+    if x.dim() != 4 or (x2 is not None and x2.dim() != 4):
+        raise ValueError(f"fastunet::{op}: x and x2 must be 4-D")
+    _check_same_dtype(op, x=x, x2=x2, weight=None if cast else weight)
     if x2 is not None and (x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]):
         raise ValueError(
-            f"fastunet::conv3x3_bn_act: x2 {tuple(x2.shape)} must match x {tuple(x.shape)} in batch and spatial size"
+            f"fastunet::{op}: x2 {tuple(x2.shape)} must match x {tuple(x.shape)} in batch and spatial size"
         )
+    _check_conv3x3_weight(op, x.shape[1] + (0 if x2 is None else x2.shape[1]), weight, scale, shift)
+
+
+def _check_conv3x3_weight(op: str, c_in: int, weight: Tensor, scale: Tensor, shift: Tensor) -> None:
+    """weight ``[C_out, c_in, 3, 3]``, scale and shift (the training forms: the bias twice) ``[C_out]``."""
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (c_in, 3, 3):
+        raise ValueError(f"fastunet::{op}: weight must be [C_out, {c_in}, 3, 3], got {tuple(weight.shape)}")
     c_out = weight.shape[0]
-    if tuple(weight.shape[1:]) != (c_in, 3, 3):
-        raise ValueError(f"fastunet::conv3x3_bn_act: weight must be [C_out, {c_in}, 3, 3], got {tuple(weight.shape)}")
     if scale.shape != (c_out,) or shift.shape != (c_out,):
-        raise ValueError(
-            f"fastunet::conv3x3_bn_act: scale and shift must be [{c_out}], "
-            f"got {tuple(scale.shape)} and {tuple(shift.shape)}"
-        )
+        what = "scale and shift" if scale is not shift else "bias"
+        got = f"{tuple(scale.shape)} and {tuple(shift.shape)}" if scale is not shift else f"{tuple(scale.shape)}"
+        raise ValueError(f"fastunet::{op}: {what} must be [{c_out}], got {got}")
 
 
 def _packed_conv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -246,10 +259,13 @@ def conv3x3_bn_stats(
     raise AssertionError("unreachable: every device has its own implementation")
 
 
-def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
+def _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2, shapes=True):
+    """``shapes=False`` on the kernel path: the launcher checks the sources, the weight and the bias
+    itself; the transforms' pairs and BatchNorm's count rule are the op's own."""
     if not weight.is_floating_point():
         raise TypeError(f"fastunet::conv3x3_bn_stats: weight must be floating point, got {weight.dtype}")
-    _check_conv3x3(x, x2, weight.to(x.dtype) if weight.dtype != x.dtype else weight, bias, bias)
+    if shapes:
+        _check_conv3x3(x, x2, weight, bias, bias, "conv3x3_bn_stats", cast=True)
     check_norm("conv3x3_bn_stats", x.shape[1], x_scale, x_shift, "x")
     if x2 is None and x2_scale is not None:
         raise ValueError("fastunet::conv3x3_bn_stats: x2_scale given without x2")
@@ -273,8 +289,9 @@ def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
 
 
 def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
-    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count)
-    if use_kernels(x):
+    kernels = use_kernels(x)
+    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count, shapes=not kernels)
+    if kernels:
         return kernel_package().conv3x3_bn_stats(
             x, _packed_conv_weight(weight, x.dtype), bias.float(), x2=x2,
             x_norm=norm_arg(x_scale, x_shift), x2_norm=norm_arg(x2_scale, x2_shift),
@@ -339,10 +356,14 @@ declare(conv3x3_bn_stats, _conv3x3_bn_stats_impl, setup=_conv3x3_stats_setup, ba
 # composites and the backward formulas build U with torch.
 
 
-def _check_conv3x3_up(op: str, skip: Tensor, up: Tensor, weight: Tensor, bilinear: bool) -> None:
-    if skip.dim() != 4 or up.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"fastunet::{op}: skip, up and weight must be 4-D")
-    _check_same_dtype(op, skip=skip, up=up)
+def _check_conv3x3_up(
+    op: str, skip: Tensor, up: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, bilinear: bool, cast: bool = False
+) -> None:
+    """The geometry (up fits in the skip after the optional bilinear x2) and the weight
+    (``_check_conv3x3_weight``; of the sources' dtype unless ``cast``, as ``_check_conv3x3``)."""
+    if skip.dim() != 4 or up.dim() != 4:
+        raise ValueError(f"fastunet::{op}: skip and up must be 4-D")
+    _check_same_dtype(op, skip=skip, up=up, weight=None if cast else weight)
     if up.shape[0] != skip.shape[0]:
         raise ValueError(f"fastunet::{op}: up {tuple(up.shape)} and skip {tuple(skip.shape)} differ in batch size")
     f = 2 if bilinear else 1
@@ -351,6 +372,7 @@ def _check_conv3x3_up(op: str, skip: Tensor, up: Tensor, weight: Tensor, bilinea
             f"fastunet::{op}: the {'bilinear x2 of ' if bilinear else ''}up map {tuple(up.shape[2:])} must be "
             f"non-empty and fit in the skip's {tuple(skip.shape[2:])}"
         )
+    _check_conv3x3_weight(op, skip.shape[1] + up.shape[1], weight, scale, shift)
 
 
 def _up_sources(skip: Tensor, u: Tensor, up_first: bool) -> tuple[Tensor, Tensor]:
@@ -434,9 +456,7 @@ def conv3x3_up_bn_act(
 
 @conv3x3_up_bn_act.register_fake
 def _(skip, up, weight, scale, shift, relu, up_first, bilinear):
-    _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, bilinear)
-    x, x2 = _up_sources(skip, up.new_empty((up.shape[0], up.shape[1], *skip.shape[2:])), up_first)
-    _check_conv3x3(x, x2, weight, scale, shift)
+    _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, scale, shift, bilinear)
     return empty_nhwc((skip.shape[0], weight.shape[0], skip.shape[2], skip.shape[3]), skip)
 
 
@@ -445,9 +465,8 @@ def _conv3x3_up_bn_act_impl(skip, up, weight, scale, shift, relu, up_first, bili
         return kernel_package().conv3x3_up_bn_act(
             skip, up, weight, scale.float(), shift.float(), up_first=up_first, bilinear=bilinear, relu=relu
         )  # fmt: skip
-    _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, bilinear)
+    _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, scale, shift, bilinear)
     x, x2 = _up_sources(skip, _up_map(up, bilinear, skip.shape[2:]), up_first)
-    _check_conv3x3(x, x2, weight, scale, shift)
     return as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), skip.dtype)
 
 
@@ -504,13 +523,15 @@ def conv3x3_up_bn_stats(
     raise AssertionError("unreachable: every device has its own implementation")
 
 
-def _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count):
+def _check_conv3x3_up_stats(
+    skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count, shapes=True
+):
+    """``shapes=False`` on the kernel path, as ``_check_conv3x3_stats``."""
     op = "conv3x3_up_bn_stats"
     if not weight.is_floating_point():
         raise TypeError(f"fastunet::{op}: weight must be floating point, got {weight.dtype}")
-    _check_conv3x3_up(op, skip, up, weight, bilinear)
-    x, x2 = _up_sources(skip, up.new_empty((up.shape[0], up.shape[1], *skip.shape[2:])), False)
-    _check_conv3x3(x, x2, weight.to(skip.dtype) if weight.dtype != skip.dtype else weight, bias, bias)
+    if shapes:
+        _check_conv3x3_up(op, skip, up, weight, bias, bias, bilinear, cast=True)
     check_norm(op, skip.shape[1], skip_scale, skip_shift, "skip")
     check_norm(op, up.shape[1], up_scale, up_shift, "up")
     if skip.shape[0] * skip.shape[2] * skip.shape[3] < min_count:
@@ -531,8 +552,11 @@ def _(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_fir
 def _conv3x3_up_bn_stats_impl(
     skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_first, bilinear, min_count=2
 ):
-    _check_conv3x3_up_stats(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count)
-    if use_kernels(skip):
+    kernels = use_kernels(skip)
+    _check_conv3x3_up_stats(
+        skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count, shapes=not kernels
+    )
+    if kernels:
         return kernel_package().conv3x3_up_bn_stats(
             skip, up, _packed_conv_weight(weight, skip.dtype), bias.float(), up_first=up_first, bilinear=bilinear,
             skip_norm=norm_arg(skip_scale, skip_shift), up_norm=norm_arg(up_scale, up_shift),

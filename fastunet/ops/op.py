@@ -107,7 +107,15 @@ def direct_ok(x: Tensor) -> bool:
     record (grad mode off), a plain tensor (no fake, functional or subclass tensor), and nobody
     watching at the dispatcher: no ``torch.compile`` trace, no ``TorchDispatchMode``, no functorch
     transform, no profiler (so a profile still names every ``fastunet::`` op)."""
-    return not torch.is_grad_enabled() and direct_ok_mutation(x)
+    # Spelt out rather than calling direct_ok_mutation: AUTO tests it on every backward op call.
+    return (
+        not torch.is_grad_enabled()
+        and type(x) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.autograd._profiler_enabled()
+    )
 
 
 def direct_ok_mutation(x: Tensor) -> bool:
