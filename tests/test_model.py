@@ -102,12 +102,12 @@ def test_auto_on_cpu_runs_the_eager_math(monkeypatch):
     fastunet.set_backend("auto")
     ref, model = model_pair(3, 2, **SMALL)
 
-    class Trap:
-        def __getattr__(self, name):
-            raise AssertionError(f"fused op {name} called on the CPU fallback")
+    def trap(*args):
+        raise AssertionError("the fused path ran on the CPU fallback")
 
-    monkeypatch.setattr("fastunet.fused._ops", Trap())
-    monkeypatch.setattr("fastunet.fused._direct", Trap())
+    # Every fused forward picks its calls object here: calls_for (inference) or run_taped (training).
+    monkeypatch.setattr("fastunet.fused.calls_for", trap)
+    monkeypatch.setattr("fastunet.fused.run_taped", trap)
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     assert torch.equal(model.eval()(x), ref.eval()(x))
     with torch.no_grad():
