@@ -264,7 +264,7 @@ def _read_keras_source(source) -> tuple[list[_KerasConv], str, str]:
     )
 
 
-def _keras_targets(model: UNetReference) -> list[tuple[str, nn.Module]]:
+def keras_targets(model: UNetReference) -> list[tuple[str, nn.Module]]:
     """Our modules in the order of zhixuhao's ``unet()`` conv layers: two 3x3 per encoder level
     and the bottleneck, per decoder level the 2x2 up conv then two 3x3, the pre-head, the head."""
     d = model.depth
@@ -350,7 +350,7 @@ def read_keras(source, *, map_location=None) -> Checkpoint:
     options = {k: v for k, v in arch.items() if k not in ("in_ch", "out_ch")}
     desc = f"UNet({in_ch}, {out_ch}, preset='keras', base_channels={base}, depth={depth}, pre_head={pre_head})"
     with torch.device("meta"):  # shapes only: a file's sizes are checked before a model is allocated
-        targets = _keras_targets(UNetReference(in_ch, out_ch, preset="keras", **options))
+        targets = keras_targets(UNetReference(in_ch, out_ch, preset="keras", **options))
     if len(targets) != n:  # cannot happen: depth and pre_head come from n
         raise AssertionError(f"{desc} has {len(targets)} convs but {where} holds {n} conv layers")
     state, names = {}, {}
@@ -377,7 +377,7 @@ def read_keras(source, *, map_location=None) -> Checkpoint:
 # --------------------------------------------------------------------------- milesial
 
 
-def _milesial_paths(depth: int) -> dict[str, str]:
+def milesial_paths(depth: int) -> dict[str, str]:
     """Our module path -> milesial's, for every module holding parameters or buffers and the
     pools: a key ``p.rest`` of ours is ``q.rest`` of milesial's (``rest`` as in ``0.weight``)."""
     paths = {"conv1.conv": "inc.double_conv"}
@@ -391,7 +391,7 @@ def _milesial_paths(depth: int) -> dict[str, str]:
     return paths
 
 
-def _map_key(key: str, paths: dict[str, str]) -> str | None:
+def map_key(key: str, paths: dict[str, str]) -> str | None:
     """``key`` with its module path mapped through ``paths`` (None: no path covers it)."""
     module, _, name = key.rpartition(".")
     while module:
@@ -465,7 +465,7 @@ _MILESIAL_INFERRED = {"in_ch", "out_ch", "base_channels", "depth", "preset", "up
 
 def read_milesial(sd: dict, where: str, *, bilinear: bool | None = None, owned: bool = True) -> Checkpoint:
     """milesial's state_dict ``sd`` as a ``fastunet.formats.Checkpoint``: its tensors under
-    fastunet's keys (``_milesial_paths``), the sizes, mode and conv bias from its shapes, the
+    fastunet's keys (``milesial_paths``), the sizes, mode and conv bias from its shapes, the
     milesial preset of that mode for the rest. A ``mask_values`` entry is ignored and a
     ``module.`` prefix removed. Raises ``CheckpointError`` naming the first missing,
     unexpected or mis-shaped key in milesial's names, ``LimitError`` for sizes over the limits;
@@ -505,11 +505,11 @@ def read_milesial(sd: dict, where: str, *, bilinear: bool | None = None, owned: 
     arch = dict(in_ch=in_ch, out_ch=out_ch, base_channels=base, depth=depth, upsampling=PRESETS[preset]["upsampling"],
                 norm="batch", conv_bias=conv_bias, pre_head=0)  # fmt: skip
     desc = f"milesial UNet(n_channels={in_ch}, n_classes={out_ch}, bilinear={bool(bilinear)})"
-    paths = _milesial_paths(depth)
+    paths = milesial_paths(depth)
     with torch.device("meta"):  # names and shapes first: a file's sizes are checked before allocating
         ours = UNetReference(in_ch, out_ch, preset=preset, base_channels=base, depth=depth, conv_bias=conv_bias)
     shapes = ours.state_dict()
-    expected = {_map_key(k, paths): k for k in shapes}
+    expected = {map_key(k, paths): k for k in shapes}
     if None in expected:
         raise AssertionError(f"unmapped key of ours: {expected[None]}")
     for k in expected:
@@ -601,7 +601,7 @@ def _recognise(model: nn.Module) -> tuple[int, int, dict, dict[str, str], str]:
         bilinear = isinstance(up, nn.Upsample)
         options = {"preset": "milesial-bilinear" if bilinear else "milesial", "base_channels": first.out_channels,
                    "depth": depth, "conv_bias": first.bias is not None}  # fmt: skip
-        return first.in_channels, head.out_channels, options, _milesial_paths(depth), "milesial"
+        return first.in_channels, head.out_channels, options, milesial_paths(depth), "milesial"
     if "conv1" in children and "pool1" in children:
         depth = sum(1 for name in children if re.fullmatch(r"pool\d+", name))
         try:
@@ -711,7 +711,7 @@ def accelerate(model: nn.Module, *, out_activation: str | None = None) -> UNet:
     for path, mine in ours.named_modules():
         if next(mine.children(), None) is not None:
             continue  # containers: the leaves carry the computation and the tensors
-        theirs_path = _map_key(f"{path}.x", paths)
+        theirs_path = map_key(f"{path}.x", paths)
         theirs_path = theirs_path[:-2] if theirs_path is not None else path
         other = theirs_modules.get(theirs_path)
         if other is None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .convert import _keras_targets, _map_key, _milesial_paths
+from .convert import keras_targets, map_key, milesial_paths
 from .formats import WEIGHT_OPTIONS
 from .reference import DEFAULT_OPTIONS, PRESETS
 
@@ -98,7 +98,7 @@ def save_keras_h5(model, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     names = _keras_layers(model.depth, model.pre_head_channels > 0)
-    convs = iter(module for _, module in _keras_targets(model))
+    convs = iter(module for _, module in keras_targets(model))
     weights = {}
     for name in names:
         if name.startswith("conv2d"):
@@ -138,8 +138,8 @@ def milesial_state_dict(model) -> dict[str, torch.Tensor]:
     problem = incompatibility(model, "milesial")
     if problem:
         raise ValueError(f"cannot write a milesial checkpoint: {problem}")
-    paths = _milesial_paths(model.depth)
-    return {_map_key(k, paths): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    paths = milesial_paths(model.depth)
+    return {map_key(k, paths): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
 def save_milesial(model, path: str | os.PathLike) -> Path:
