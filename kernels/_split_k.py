@@ -39,7 +39,7 @@ from ._common import (
     triton_dtype,
 )
 from ._tuning import Tuner, launch_meta
-from .norm_act_bwd import check_norm_affine
+from .norm_act import check_norm_affine
 
 # Pixel indices are int32 in the kernels; the headroom covers the last tile's lanes and the last
 # split's overshoot (at most SPLIT_K * BLOCK_K past the pixel count).

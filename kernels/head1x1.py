@@ -35,7 +35,7 @@ from ._common import (
     tuned_arch,
 )
 from ._tuning import Tuner, bucket, launch_meta
-from .norm_act_bwd import _affine_relu, check_norm_affine
+from .norm_act import affine_relu, check_norm_affine
 
 __all__ = ["head1x1", "compile_specs", "ACTIVATIONS", "MAX_CLASSES"]
 
@@ -111,7 +111,7 @@ def _head1x1_kernel(
             scale = tl.load(scale_ptr + c0 + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # [BLOCK_C]
             shift = tl.load(shift_ptr + c0 + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             # Padded C lanes become T(0) = 0 here (scale = shift = 0), and b is 0 there anyway.
-            a = _affine_relu(a, scale, shift).to(x_ptr.dtype.element_ty)
+            a = affine_relu(a, scale, shift).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_C * stride_xc
         w_ptrs += BLOCK_C * stride_wc

@@ -43,7 +43,7 @@ from ._split_k import _run as _run_tuned
 from ._split_k import _usable_configs as _usable_from
 from ._tuning import bucket
 from .head1x1 import MAX_CLASSES
-from .norm_act_bwd import _affine_relu
+from .norm_act import affine_relu
 
 __all__ = ["head1x1_weight_grad", "head1x1_input_grad", "compile_specs"]
 
@@ -131,7 +131,7 @@ def _head1x1_wgrad_kernel(
         b = tl.load(x_ptr + x_pix[:, None] + x_col[None, :], mask=b_mask, other=0.0)  # [BLOCK_P, BLOCK_C]
         if X_NORM:
             # Masked lanes are 0, not T(0) = relu(shift): a non-finite shift must not leak in.
-            b = tl.where(b_mask, _affine_relu(b, scale, shift), 0.0).to(x_ptr.dtype.element_ty)
+            b = tl.where(b_mask, affine_relu(b, scale, shift), 0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     dst_ptr = out_ptr + pid_k.to(tl.int64) * stride_os

@@ -29,7 +29,7 @@ from ._common import (
     tuned_arch,
 )
 from ._tuning import Tuner, bucket, launch_meta
-from .norm_act_bwd import _affine_relu, check_norm_affine
+from .norm_act import affine_relu, check_norm_affine
 
 __all__ = ["maxpool2x2", "compile_specs"]
 
@@ -99,10 +99,10 @@ def _maxpool2x2_kernel(
         shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         # Rounded to x's dtype before comparing: ties must be those of the materialized T(x)
         # (maxpool2x2_backward recomputes the argmax the same way).
-        v00 = _affine_relu(v00, scale, shift).to(x_ptr.dtype.element_ty)
-        v01 = _affine_relu(v01, scale, shift).to(x_ptr.dtype.element_ty)
-        v10 = _affine_relu(v10, scale, shift).to(x_ptr.dtype.element_ty)
-        v11 = _affine_relu(v11, scale, shift).to(x_ptr.dtype.element_ty)
+        v00 = affine_relu(v00, scale, shift).to(x_ptr.dtype.element_ty)
+        v01 = affine_relu(v01, scale, shift).to(x_ptr.dtype.element_ty)
+        v10 = affine_relu(v10, scale, shift).to(x_ptr.dtype.element_ty)
+        v11 = affine_relu(v11, scale, shift).to(x_ptr.dtype.element_ty)
     # Same scan order as torch (row-major over the window) so ties, including -0.0 vs +0.0,
     # resolve to the same element.
     m = _max_nan(_max_nan(_max_nan(v00, v01), v10), v11)  # [BLOCK_P, BLOCK_C]

@@ -4,7 +4,7 @@ In training a conv writes its raw pre-BatchNorm output ``z``; whoever reads ``z`
 
     T(z)[n, c, h, w] = max(z[n, c, h, w] * scale[c] + shift[c], 0)
 
-in fp32 as it loads ``z`` and rounds the result to ``z.dtype`` (``_affine_relu`` below; the
+in fp32 as it loads ``z`` and rounds the result to ``z.dtype`` (``norm_act.affine_relu``; the
 ``IN_NORM`` flag of ``maxpool2x2``, ``upconv2x2`` and ``head1x1``). Its backward, given the
 gradient ``g`` of ``T(z)`` and with ``mask = not (z*scale + shift <= 0)`` in fp32, is
 
@@ -46,51 +46,12 @@ from ._common import (
     tuned_arch,
 )
 from ._tuning import Tuner, bucket, launch_meta
+from .norm_act import affine_relu, check_norm_affine
 
-__all__ = ["affine_relu_backward", "maxpool2x2_backward", "check_norm_affine", "compile_specs"]
+__all__ = ["affine_relu_backward", "maxpool2x2_backward", "compile_specs"]
 
 # Pixel indices are int32 in the kernels; headroom keeps the last tile's lanes from wrapping.
 _MAX_PIXELS = 2**31 - 2**16
-
-
-# --------------------------------------------------------------------------------------
-# Shared by the forward kernels (IN_NORM prologue) and the backward kernels below
-# --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _affine_relu(x, scale, shift):
-    """``T`` on a ``[rows, channels]`` tile: fp32 ``max(x*scale + shift, 0)``.
-
-    ``scale``/``shift`` are fp32 ``[channels]``. ``v < 0`` rather than ``max``: NaN and -0.0 pass
-    through unchanged, as in ``torch.relu`` on CPU (a NaN-dropping max would hide a NaN).
-    """
-    v = x.to(tl.float32) * scale[None, :] + shift[None, :]
-    return tl.where(v < 0.0, 0.0, v)
-
-
-def check_norm_affine(
-    scale, shift, C: int, x: torch.Tensor, names: tuple[str, str] = ("in_scale", "in_shift")
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Validate an optional per-channel ``(scale, shift)`` pair for ``C`` channels of ``x``.
-
-    Both or neither: returns None for neither, else the pair as contiguous ``[C]`` tensors, fp32
-    or fp64 (the kernels compute in fp32 either way; the training path's BatchNorm vectors are fp64).
-    """
-    if scale is None and shift is None:
-        return None
-    if scale is None or shift is None:
-        raise ValueError(f"pass both {names[0]} and {names[1]}, or neither")
-    for name, t in zip(names, (scale, shift), strict=True):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
-        if tuple(t.shape) != (C,):
-            raise ValueError(f"{name} must be [C={C}], got shape {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    return scale.contiguous(), shift.contiguous()
 
 
 @triton.jit
@@ -210,7 +171,7 @@ def _affine_relu_bwd_kernel(
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     center = _center(center_ptr, scale, shift, offs_c, mask_c, TRANSFORM_CENTER)
 
-    gm = tl.where(_affine_relu(x, scale, shift) <= 0.0, 0.0, g.to(tl.float32))  # [BLOCK_P, BLOCK_C]
+    gm = tl.where(affine_relu(x, scale, shift) <= 0.0, 0.0, g.to(tl.float32))  # [BLOCK_P, BLOCK_C]
     tl.store(
         dx_ptr + (d_row[:, None] + offs_c[None, :] * stride_dc),
         (gm * scale[None, :]).to(dx_ptr.dtype.element_ty),
@@ -293,10 +254,10 @@ def _maxpool2x2_bwd_kernel(
     if IN_NORM:
         scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # [BLOCK_C]
         shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        r00 = _affine_relu(x00, scale, shift)  # [BLOCK_P, BLOCK_C] fp32
-        r01 = _affine_relu(x01, scale, shift)
-        r10 = _affine_relu(x10, scale, shift)
-        r11 = _affine_relu(x11, scale, shift)
+        r00 = affine_relu(x00, scale, shift)  # [BLOCK_P, BLOCK_C] fp32
+        r01 = affine_relu(x01, scale, shift)
+        r10 = affine_relu(x10, scale, shift)
+        r11 = affine_relu(x11, scale, shift)
         # The forward pooled T rounded to x's dtype: compare those values so that values tied
         # only after rounding pick the same winner.
         v00 = r00.to(x_ptr.dtype.element_ty)

@@ -40,7 +40,7 @@ from ._common import (
     tuned_arch,
 )
 from ._tuning import Tuner, bucket, launch_meta
-from .norm_act_bwd import _affine_relu, check_norm_affine
+from .norm_act import affine_relu, check_norm_affine
 
 __all__ = ["pack_upconv2x2_weight", "upconv2x2", "compile_specs"]
 
@@ -127,7 +127,7 @@ def _upconv2x2_kernel(
             scale = tl.load(scale_ptr + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BLOCK_K]
             shift = tl.load(shift_ptr + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             # Padded K lanes become T(0) = 0 here (scale = shift = 0), and b is 0 there anyway.
-            a = _affine_relu(a, scale, shift).to(x_ptr.dtype.element_ty)
+            a = affine_relu(a, scale, shift).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xc
         w_ptrs += BLOCK_K * stride_wi

@@ -45,7 +45,7 @@ from ._split_k import (
 from ._split_k import _run as _run_tuned
 from ._split_k import _usable_configs as _usable_from
 from ._tuning import bucket
-from .norm_act_bwd import _affine_relu
+from .norm_act import affine_relu
 
 __all__ = ["upconv2x2_input_grad", "upconv2x2_weight_grad", "compile_specs"]
 
@@ -229,7 +229,7 @@ def _upconv2x2_wgrad_kernel(
         b = tl.load(x_ptr + x_pix[:, None] + x_col[None, :], mask=b_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         if X_NORM:
             # Masked lanes are 0, not T(0) = relu(shift): a non-finite shift must not leak in.
-            b = tl.where(b_mask, _affine_relu(b, scale, shift), 0.0).to(x_ptr.dtype.element_ty)
+            b = tl.where(b_mask, affine_relu(b, scale, shift), 0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)  # a: [BLOCK_M, BLOCK_K]
 
     dst_ptr = out_ptr + pid_k.to(tl.int64) * stride_os

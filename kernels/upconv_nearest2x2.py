@@ -64,7 +64,7 @@ from ._common import (
 )
 from ._split_k import _MAX_SPLIT_K, _pick_split_k, _reduce_splits
 from ._tuning import Tuner, bucket, launch_meta
-from .norm_act_bwd import _affine_relu, check_norm_affine
+from .norm_act import affine_relu, check_norm_affine
 
 __all__ = [
     "PHASE_BASE",
@@ -369,7 +369,7 @@ def _upconv_nearest2x2_wgrad_kernel(
         b_mask = x_ok[:, None] & ci_mask[None, :]
         b = tl.load(x_ptr + x_pix[:, None] + x_col[None, :], mask=b_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         if X_NORM:
-            b = tl.where(b_mask, _affine_relu(b, scale, shift), 0.0).to(x_ptr.dtype.element_ty)
+            b = tl.where(b_mask, affine_relu(b, scale, shift), 0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)  # a: [BLOCK_M, BLOCK_K]
 
     dst_ptr = out_ptr + pid_k.to(tl.int64) * stride_os + blk * stride_ot
