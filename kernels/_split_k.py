@@ -44,11 +44,11 @@ from .norm_act import check_norm_affine
 # Pixel indices are int32 in the kernels; the headroom covers the last tile's lanes and the last
 # split's overshoot (at most SPLIT_K * BLOCK_K past the pixel count).
 _MAX_PIXELS = 2**31 - 2**20
-_INT32_MAX = 2**31 - 1
-# Weight-gradient splits: at most _MAX_SPLIT_K, each with at least _MIN_K_STEPS steps of 64
+INT32_MAX = 2**31 - 1
+# Weight-gradient splits: at most MAX_SPLIT_K, each with at least _MIN_K_STEPS steps of 64
 # pixels, and a workspace of at most _WS_BYTES.
-_MAX_SPLIT_K = 128
-_MAX_SPLIT_K_HEAD = 512  # the head's dW is one or a few tiles: more splits are needed to fill SMs
+MAX_SPLIT_K = 128
+MAX_SPLIT_K_HEAD = 512  # the head's dW is one or a few tiles: more splits are needed to fill SMs
 _MIN_K_STEPS = 16
 _WS_BYTES = 256 * 2**20
 # In the interpreter a fixed split of 2 keeps the workspace and reduction path under test.
@@ -103,7 +103,7 @@ def _sum_splits_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-_Cfg = GemmConfig
+Cfg = GemmConfig
 
 # 4-byte operands take twice the registers of 16-bit ones; past this many accumulator plus
 # operand words per thread ptxas spills (the forward's measured limit).
@@ -114,10 +114,10 @@ _MAX_WORDS_PER_THREAD_FP32 = 96
 _MAX_B_WORDS_PER_THREAD_FP32 = 32
 
 # The interpreter runs one small fixed tile per kernel: autotuning there would only cost time.
-_INTERPRETER_CFG = _Cfg(16, 16, 16, 4, 1)
+_INTERPRETER_CFG = Cfg(16, 16, 16, 4, 1)
 
 
-def _usable_configs(kind: str, candidates, arch: int, elem: int, block_cls: int = 16) -> list[_Cfg]:
+def usable_configs(kind: str, candidates, arch: int, elem: int, block_cls: int = 16) -> list[Cfg]:
     """The ``candidates`` (kind ``kind``'s tuned list) a device of compute capability ``arch`` may
     run for this element size: the list minus what overflows shared memory or (4-byte operands)
     the register budget. ``block_cls`` is the head weight grad's class tile. Never empty."""
@@ -139,7 +139,7 @@ def _usable_configs(kind: str, candidates, arch: int, elem: int, block_cls: int 
     return usable or [min(candidates, key=lambda c: c.smem(elem))]
 
 
-def _triton_config(kind: str, c: _Cfg) -> triton.Config:
+def triton_config(kind: str, c: Cfg) -> triton.Config:
     if kind == "head_wgrad":
         meta = {"BLOCK_C": c.BLOCK_N, "BLOCK_P": c.BLOCK_K}
     elif kind == "head_dgrad":
@@ -150,16 +150,16 @@ def _triton_config(kind: str, c: _Cfg) -> triton.Config:
 
 
 def _prune(configs, shape: dict, arch: int, *, kind: str, usable) -> list:
-    """Keep what fits ``usable`` (the family's ``_usable_configs(kind, arch, elem, precision,
+    """Keep what fits ``usable`` (the family's ``usable_configs(kind, arch, elem, precision,
     block_cls)``), minus tiles far wider than the problem. ``shape``: ``elem``,
     ``INPUT_PRECISION``, the channel counts and (head_wgrad) ``BLOCK_K``."""
     if kind == "head_dgrad":
         elem, precision, caps = 2, "ieee", {"BLOCK_C": shape["C"]}
-        usable = [_triton_config(kind, c) for c in usable(kind, arch, elem, precision)]
+        usable = [triton_config(kind, c) for c in usable(kind, arch, elem, precision)]
     else:
         elem, precision = shape["elem"], shape["INPUT_PRECISION"]
         block_cls = shape.get("BLOCK_K", 16) if kind == "head_wgrad" else 16
-        usable = [_triton_config(kind, c) for c in usable(kind, arch, elem, precision, block_cls)]
+        usable = [triton_config(kind, c) for c in usable(kind, arch, elem, precision, block_cls)]
         if kind == "dgrad":
             caps = {"BLOCK_N": shape["C_in"]}
         elif kind == "wgrad":
@@ -177,13 +177,13 @@ def _all_configs(kind: str, arch: int, config_list) -> list:
     configs = []
     for elem, precision in ((2, "ieee"), (4, "tf32"), (4, "ieee")):
         for c in config_list(kind, arch, elem, precision):
-            tc = _triton_config(kind, c)
+            tc = triton_config(kind, c)
             if not any(tc.kwargs == o.kwargs and tc.num_warps == o.num_warps for o in configs):
                 configs.append(tc)
     return configs
 
 
-def _make_tuner(kind: str, config_list, usable) -> Tuner:
+def make_tuner(kind: str, config_list, usable) -> Tuner:
     """The tuner of kernel ``kind``, named after the module that launches it (``upconv2x2_bwd.dgrad``,
     ``head1x1_bwd.wgrad``, ...): the name keys persisted tuning caches and
     ``tests/test_tuned_configs.py``."""
@@ -196,11 +196,11 @@ def _make_tuner(kind: str, config_list, usable) -> Tuner:
         {arch: _all_configs(kind, arch, config_list) for arch in (80, 90)},
         prune,
         lambda cfg, shape: math.prod(shape["tiles"](cfg.kwargs)),
-        lambda shape: _triton_config(kind, _INTERPRETER_CFG),
+        lambda shape: triton_config(kind, _INTERPRETER_CFG),
     )
 
 
-def _run(kernel, tuner: Tuner, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict) -> None:
+def run_tuned(kernel, tuner: Tuner, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict) -> None:
     """Launch ``kernel`` with ``tuner``'s config for ``key`` (see ``_tuning``); ``grid(meta)``
     gives the launch grid; ``shape`` the pruning inputs (channel counts) and ``tiles(meta)``, the
     grid at the bucketed pixel count (for the rule)."""
@@ -212,7 +212,7 @@ def _run(kernel, tuner: Tuner, ref: Tensor, key: tuple, grid, args: tuple, flags
     run(tuner.pick(ref.device, (ref.dtype, *key, *flags.values()), lambda: shape, run))
 
 
-def _pick_split_k(device: torch.device, p: int, tiles: int, slice_bytes: int, cap: int) -> int:
+def pick_split_k(device: torch.device, p: int, tiles: int, slice_bytes: int, cap: int) -> int:
     """How many pixel splits: about two programs per SM over ``tiles`` output tiles, while every
     split keeps at least _MIN_K_STEPS steps of 64 pixels and the workspace stays under _WS_BYTES."""
     if interpreting():
@@ -224,7 +224,7 @@ def _pick_split_k(device: torch.device, p: int, tiles: int, slice_bytes: int, ca
     return max(1, min(want, by_k, by_ws, cap))
 
 
-def _reduce_splits(ws: Tensor, out: Tensor, dims: tuple[int, int, int, int], out_strides: tuple) -> None:
+def reduce_splits(ws: Tensor, out: Tensor, dims: tuple[int, int, int, int], out_strides: tuple) -> None:
     """``out`` (viewed as ``dims`` with ``out_strides``) = sum of ws's slices, in order."""
     total = dims[0] * dims[1] * dims[2] * dims[3]
     launch(
@@ -238,38 +238,38 @@ def _reduce_splits(ws: Tensor, out: Tensor, dims: tuple[int, int, int, int], out
 # --------------------------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, t) -> None:
+def check_tensor(name: str, t) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _check_device(ref: Tensor, op: str) -> None:
+def check_device(ref: Tensor, op: str) -> None:
     if not can_launch(ref.device):
         raise ValueError(f"{op} runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {ref.device}")
 
 
-def _check_same_device(ref_name: str, ref: Tensor, **tensors) -> None:
+def check_same_device(ref_name: str, ref: Tensor, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != ref.device:
             raise ValueError(f"{name} is on {t.device}, {ref_name} on {ref.device}")
 
 
-def _check_activation(name: str, t, dtype: torch.dtype, dims: str) -> None:
-    _check_tensor(name, t)
+def check_activation(name: str, t, dtype: torch.dtype, dims: str) -> None:
+    check_tensor(name, t)
     if t.dtype != dtype:
         raise TypeError(f"{name} dtype {t.dtype} must match the gradient's dtype {dtype}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be {dims}, got shape {tuple(t.shape)}")
 
 
-def _check_grad(name: str, t, dims: str) -> None:
-    _check_tensor(name, t)
+def check_grad(name: str, t, dims: str) -> None:
+    check_tensor(name, t)
     triton_dtype(t.dtype)  # TypeError for anything but fp32/fp16/bf16
     if t.dim() != 4:
         raise ValueError(f"{name} must be {dims}, got shape {tuple(t.shape)}")
 
 
-def _check_norm(norm, C: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
+def check_norm(norm, C: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
     """Validate ``x_norm``: None or ``(scale, shift)`` fp32 ``[C]``; returns contiguous copies."""
     if norm is None:
         return None
@@ -280,10 +280,10 @@ def _check_norm(norm, C: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
     return check_norm_affine(norm[0], norm[1], C, x, names=("x_norm scale", "x_norm shift"))
 
 
-def _check_out(out, shape: tuple[int, ...], dtype: torch.dtype, ref: Tensor) -> None:
+def check_out(out, shape: tuple[int, ...], dtype: torch.dtype, ref: Tensor) -> None:
     if out is None:
         return
-    _check_tensor("out", out)
+    check_tensor("out", out)
     if tuple(out.shape) != shape:
         raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
     if out.dtype != dtype:
@@ -292,7 +292,7 @@ def _check_out(out, shape: tuple[int, ...], dtype: torch.dtype, ref: Tensor) -> 
         raise ValueError(f"out is on {out.device}, expected {ref.device}")
 
 
-def _check_pixels(p: int) -> None:
+def check_pixels(p: int) -> None:
     if p > _MAX_PIXELS:
         raise ValueError(f"{p} pixels exceed the int32 pixel index (at most {_MAX_PIXELS})")
 
@@ -303,7 +303,7 @@ def _check_pixels(p: int) -> None:
 
 # In the fast layout (NHWC activations, packed upconv weight, contiguous dW or workspace) these
 # strides are 1, and Triton's launcher specializes an int equal to 1 into a constexpr.
-_UNIT_STRIDES = {
+UNIT_STRIDES = {
     "dgrad": ("stride_gc", "stride_wo", "stride_oc"),
     "wgrad": ("stride_gc", "stride_xc", "stride_ow"),
     "head_wgrad": ("stride_gk", "stride_xc", "stride_oc"),
@@ -348,7 +348,7 @@ def _divisibility_attrs(fn, signature: dict[str, str], not_divisible=()) -> dict
     }
 
 
-def _spec(kind, fn, act, w_dtype, constexprs, cfg, config, *, hgmma, variant) -> KernelSpec:
+def spec(kind, fn, act, w_dtype, constexprs, cfg, config, *, hgmma, variant) -> KernelSpec:
     sig = _signature(fn, act, w_dtype, constexprs, out_act=kind in ("dgrad", "head_dgrad"))
     if constexprs.get("X_NORM"):  # the training path's BatchNorm vectors are fp64
         sig.update(scale_ptr="*fp64", shift_ptr="*fp64")
@@ -369,7 +369,7 @@ def _spec(kind, fn, act, w_dtype, constexprs, cfg, config, *, hgmma, variant) ->
     )
 
 
-def _expect_wgmma(arch: int, dtype: str, precision: str, cfg: _Cfg) -> bool:
+def expect_wgmma(arch: int, dtype: str, precision: str, cfg: Cfg) -> bool:
     """16-bit and TF32 dots with >= 64-row tiles and whole warpgroups lower to wgmma on sm_90;
     IEEE fp32 dots run on FMA units."""
     fast = dtype != "fp32" or precision == "tf32"

@@ -21,26 +21,26 @@ from torch import Tensor
 
 from ._common import KernelSpec, cdiv, dot_precision, next_pow2, tuned_arch
 from ._split_k import (
-    _MAX_SPLIT_K_HEAD,
-    _UNIT_STRIDES,
-    _Cfg,
-    _check_activation,
-    _check_device,
-    _check_grad,
-    _check_norm,
-    _check_out,
-    _check_pixels,
-    _check_same_device,
-    _check_tensor,
-    _expect_wgmma,
-    _make_tuner,
-    _pick_split_k,
-    _reduce_splits,
-    _spec,
-    _triton_config,
+    MAX_SPLIT_K_HEAD,
+    UNIT_STRIDES,
+    Cfg,
+    check_activation,
+    check_device,
+    check_grad,
+    check_norm,
+    check_out,
+    check_pixels,
+    check_same_device,
+    check_tensor,
+    expect_wgmma,
+    make_tuner,
+    pick_split_k,
+    reduce_splits,
+    run_tuned,
+    spec,
+    triton_config,
 )
-from ._split_k import _run as _run_tuned
-from ._split_k import _usable_configs as _usable_from
+from ._split_k import usable_configs as usable_from
 from ._tuning import bucket
 from .head1x1 import MAX_CLASSES
 from .norm_act import affine_relu
@@ -211,52 +211,52 @@ def _head1x1_dgrad_kernel(
 # tiles in TF32 (8 warps, 32- and 64-pixel steps alike), so it keeps 64-channel tiles.
 _HEAD_WGRAD_CONFIGS = {
     90: (
-        _Cfg(0, 64, 64, 4, 3),
-        _Cfg(0, 128, 64, 8, 3),
-        _Cfg(0, 64, 128, 4, 3),
+        Cfg(0, 64, 64, 4, 3),
+        Cfg(0, 128, 64, 8, 3),
+        Cfg(0, 64, 128, 4, 3),
     ),
     80: (
-        _Cfg(0, 64, 64, 4, 3),
-        _Cfg(0, 64, 32, 4, 3),
+        Cfg(0, 64, 64, 4, 3),
+        Cfg(0, 64, 32, 4, 3),
     ),
 }
 _HEAD_WGRAD_IEEE_CONFIGS = (
-    _Cfg(0, 64, 32, 4, 1),
-    _Cfg(0, 128, 32, 8, 1),
+    Cfg(0, 64, 32, 4, 1),
+    Cfg(0, 128, 32, 8, 1),
 )
 # Head input grad: no dot, no shared memory; BLOCK_M pixels x BLOCK_N channels. 128-channel
 # tiles (64x128 on 4 warps, 128x128 on 8) reached 255 registers and spilled on sm_90.
 _HEAD_DGRAD_CONFIGS = (
-    _Cfg(64, 64, 0, 4, 1),
-    _Cfg(128, 64, 0, 4, 1),
+    Cfg(64, 64, 0, 4, 1),
+    Cfg(128, 64, 0, 4, 1),
 )
 
 
-def _config_list(kind: str, arch: int, elem: int, precision: str) -> tuple[_Cfg, ...]:
+def _config_list(kind: str, arch: int, elem: int, precision: str) -> tuple[Cfg, ...]:
     """The tuned list of kernel ``kind`` ("head_wgrad" or "head_dgrad")."""
     if kind == "head_wgrad":
         return _HEAD_WGRAD_IEEE_CONFIGS if elem == 4 and precision == "ieee" else _HEAD_WGRAD_CONFIGS[tuned_arch(arch)]
     return _HEAD_DGRAD_CONFIGS
 
 
-def _usable_configs(kind: str, arch: int, elem: int, precision: str, block_cls: int = 16) -> list[_Cfg]:
+def _usable_configs(kind: str, arch: int, elem: int, precision: str, block_cls: int = 16) -> list[Cfg]:
     """``kind``'s configs a device of compute capability ``arch`` may run (see ``_split_k``);
     ``block_cls`` is the weight grad's class tile."""
-    return _usable_from(kind, _config_list(kind, arch, elem, precision), arch, elem, block_cls)
+    return usable_from(kind, _config_list(kind, arch, elem, precision), arch, elem, block_cls)
 
 
 _KERNELS = {"head_wgrad": _head1x1_wgrad_kernel, "head_dgrad": _head1x1_dgrad_kernel}
-_TUNERS = {kind: _make_tuner(kind, _config_list, _usable_configs) for kind in _KERNELS}
+_TUNERS = {kind: make_tuner(kind, _config_list, _usable_configs) for kind in _KERNELS}
 
 
 def _run(kind: str, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict) -> None:
-    """Launch kernel ``kind`` with its tuner's config for ``key`` (see ``_split_k._run``)."""
-    _run_tuned(_KERNELS[kind], _TUNERS[kind], ref, key, grid, args, flags, shape)
+    """Launch kernel ``kind`` with its tuner's config for ``key`` (see ``_split_k.run_tuned``)."""
+    run_tuned(_KERNELS[kind], _TUNERS[kind], ref, key, grid, args, flags, shape)
 
 
 def _head_weight_2d(weight, C: int | None) -> Tensor:
     """``weight`` as ``[K, C]`` (a view of ``[K, C, 1, 1]``)."""
-    _check_tensor("weight", weight)
+    check_tensor("weight", weight)
     if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
         w2 = weight[:, :, 0, 0]
     elif weight.dim() == 2:
@@ -304,18 +304,18 @@ def head1x1_weight_grad(
     Returns fp32 ``dW[k, c] = sum_{n,h,w} gz[n, k, h, w] * T(x)[n, c, h, w]`` (view it as
     ``[K, C, 1, 1]`` for a conv weight). Deterministic: pixel splits are summed in a fixed order.
     """
-    _check_grad("gz", gz, "[N, K, H, W]")
+    check_grad("gz", gz, "[N, K, H, W]")
     N, K, H, W = gz.shape
     _check_classes(K)
-    _check_activation("x", x, gz.dtype, "[N, C, H, W]")
+    check_activation("x", x, gz.dtype, "[N, C, H, W]")
     if (x.shape[0], x.shape[2], x.shape[3]) != (N, H, W):
         raise ValueError(f"x must be [N={N}, C, H={H}, W={W}] like gz, got {tuple(x.shape)}")
     C = x.shape[1]
-    _check_device(gz, "head1x1_weight_grad")
-    _check_same_device("gz", gz, x=x)
-    norm = _check_norm(x_norm, C, x)
-    _check_out(out, (K, C), torch.float32, gz)
-    _check_pixels(N * H * W)
+    check_device(gz, "head1x1_weight_grad")
+    check_same_device("gz", gz, x=x)
+    norm = check_norm(x_norm, C, x)
+    check_out(out, (K, C), torch.float32, gz)
+    check_pixels(N * H * W)
     if out is None:
         out = torch.empty((K, C), device=gz.device, dtype=torch.float32)
     if out.numel() == 0:
@@ -324,7 +324,7 @@ def head1x1_weight_grad(
     if P == 0:
         return out.zero_()
 
-    split_k = _pick_split_k(gz.device, P, cdiv(C, 64), 4 * K * C, _MAX_SPLIT_K_HEAD)
+    split_k = pick_split_k(gz.device, P, cdiv(C, 64), 4 * K * C, MAX_SPLIT_K_HEAD)
     ws = None
     if split_k > 1:
         ws = torch.empty((split_k, K, C), device=gz.device, dtype=torch.float32)
@@ -340,7 +340,7 @@ def head1x1_weight_grad(
 
     _run("head_wgrad", gz, (C, K, split_k), grid, args, flags, {"C": C, "tiles": grid})
     if ws is not None:
-        _reduce_splits(ws, out, (1, 1, K, C), (0, 0, *out.stride()))
+        reduce_splits(ws, out, (1, 1, K, C), (0, 0, *out.stride()))
     return out
 
 
@@ -358,17 +358,17 @@ def head1x1_input_grad(gz: Tensor, weight: Tensor, *, out: Tensor | None = None)
     classes added in order) -- the gradient of the head's input, i.e. of ``T(x)`` when the
     forward ran with a norm.
     """
-    _check_grad("gz", gz, "[N, K, H, W]")
+    check_grad("gz", gz, "[N, K, H, W]")
     N, K, H, W = gz.shape
     _check_classes(K)
     w2 = _head_weight_2d(weight, None)
     if w2.shape[0] != K:
         raise ValueError(f"weight has {w2.shape[0]} classes, gz has K={K}")
     C = w2.shape[1]
-    _check_device(gz, "head1x1_input_grad")
-    _check_same_device("gz", gz, weight=weight)
-    _check_out(out, (N, C, H, W), gz.dtype, gz)
-    _check_pixels(N * H * W)
+    check_device(gz, "head1x1_input_grad")
+    check_same_device("gz", gz, weight=weight)
+    check_out(out, (N, C, H, W), gz.dtype, gz)
+    check_pixels(N * H * W)
     if out is None:
         out = torch.empty((N, C, H, W), device=gz.device, dtype=gz.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
@@ -407,23 +407,23 @@ def compile_specs(arch: int) -> list[KernelSpec]:
             for block_cls in (16, 32, 64):
                 for cfg in _usable_configs("head_wgrad", arch, elem, precision, block_cls):
                     for x_norm in (False, True):
-                        constexprs = {n: 1 for n in _UNIT_STRIDES["head_wgrad"]}
+                        constexprs = {n: 1 for n in UNIT_STRIDES["head_wgrad"]}
                         constexprs.update(
                             X_NORM=x_norm, INPUT_PRECISION=precision, BLOCK_K=block_cls,
-                            **_triton_config("head_wgrad", cfg).kwargs,
+                            **triton_config("head_wgrad", cfg).kwargs,
                         )  # fmt: skip
                         specs.append(
-                            _spec("head_wgrad", _head1x1_wgrad_kernel, dtype, dtype, constexprs, cfg,
+                            spec("head_wgrad", _head1x1_wgrad_kernel, dtype, dtype, constexprs, cfg,
                                   cfg.name + ptag + ("_norm" if x_norm else ""),
-                                  hgmma=_expect_wgmma(arch, dtype, precision, cfg), variant="head_wgrad")
+                                  hgmma=expect_wgmma(arch, dtype, precision, cfg), variant="head_wgrad")
                         )  # fmt: skip
         # The head's weight is the model parameter: fp32, or the activations' dtype.
         for w_dtype in sorted({dtype, "fp32"}):
             for cfg in _usable_configs("head_dgrad", arch, elem, "ieee"):
-                constexprs = {n: 1 for n in _UNIT_STRIDES["head_dgrad"]}
-                constexprs.update(_triton_config("head_dgrad", cfg).kwargs)
+                constexprs = {n: 1 for n in UNIT_STRIDES["head_dgrad"]}
+                constexprs.update(triton_config("head_dgrad", cfg).kwargs)
                 specs.append(
-                    _spec("head_dgrad", _head1x1_dgrad_kernel, dtype, w_dtype, constexprs, cfg,
+                    spec("head_dgrad", _head1x1_dgrad_kernel, dtype, w_dtype, constexprs, cfg,
                           f"P{cfg.BLOCK_M}_C{cfg.BLOCK_N}_w{cfg.num_warps}_W{w_dtype}",
                           hgmma=False, variant="head_dgrad")
                 )  # fmt: skip

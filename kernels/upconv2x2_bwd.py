@@ -23,27 +23,27 @@ from torch import Tensor
 
 from ._common import KernelSpec, cdiv, dot_precision, tuned_arch
 from ._split_k import (
-    _INT32_MAX,
-    _MAX_SPLIT_K,
-    _UNIT_STRIDES,
-    _Cfg,
-    _check_activation,
-    _check_device,
-    _check_grad,
-    _check_norm,
-    _check_out,
-    _check_pixels,
-    _check_same_device,
-    _check_tensor,
-    _expect_wgmma,
-    _make_tuner,
-    _pick_split_k,
-    _reduce_splits,
-    _spec,
-    _triton_config,
+    INT32_MAX,
+    MAX_SPLIT_K,
+    UNIT_STRIDES,
+    Cfg,
+    check_activation,
+    check_device,
+    check_grad,
+    check_norm,
+    check_out,
+    check_pixels,
+    check_same_device,
+    check_tensor,
+    expect_wgmma,
+    make_tuner,
+    pick_split_k,
+    reduce_splits,
+    run_tuned,
+    spec,
+    triton_config,
 )
-from ._split_k import _run as _run_tuned
-from ._split_k import _usable_configs as _usable_from
+from ._split_k import usable_configs as usable_from
 from ._tuning import bucket
 from .norm_act import affine_relu
 
@@ -250,54 +250,54 @@ def _upconv2x2_wgrad_kernel(
 # Upconv input grad: the forward's GEMM shape (pixels x channels, K = 4*C_out), no transform.
 _DGRAD_CONFIGS = {
     90: (
-        _Cfg(128, 128, 64, 8, 3),
-        _Cfg(128, 128, 32, 8, 4),
-        _Cfg(128, 64, 64, 4, 4),
-        _Cfg(64, 128, 64, 4, 4),
-        _Cfg(64, 64, 64, 4, 3),
+        Cfg(128, 128, 64, 8, 3),
+        Cfg(128, 128, 32, 8, 4),
+        Cfg(128, 64, 64, 4, 4),
+        Cfg(64, 128, 64, 4, 4),
+        Cfg(64, 64, 64, 4, 3),
     ),
     80: (
-        _Cfg(128, 128, 32, 4, 4),
-        _Cfg(128, 128, 32, 8, 3),
-        _Cfg(128, 64, 32, 4, 4),
-        _Cfg(64, 128, 32, 4, 4),
+        Cfg(128, 128, 32, 4, 4),
+        Cfg(128, 128, 32, 8, 3),
+        Cfg(128, 64, 32, 4, 4),
+        Cfg(64, 128, 32, 4, 4),
         # 64x64x64 on 4 warps spilled 8 B in TF32 on sm_80 (168 registers): K steps of 32.
-        _Cfg(64, 64, 32, 4, 4),
+        Cfg(64, 64, 32, 4, 4),
     ),
 }
 # Upconv weight grad: conv3x3_wgrad's lists (the same GEMM orientation, with the transformed
 # operand B passing through registers).
 _WGRAD_CONFIGS = {
     90: (
-        _Cfg(128, 128, 64, 8, 3),
-        _Cfg(128, 64, 32, 4, 4),
-        _Cfg(64, 128, 64, 8, 3),
-        _Cfg(64, 64, 64, 4, 4),
+        Cfg(128, 128, 64, 8, 3),
+        Cfg(128, 64, 32, 4, 4),
+        Cfg(64, 128, 64, 8, 3),
+        Cfg(64, 64, 64, 4, 4),
     ),
     # triton 3.6's ptxas spilled 128x128x32 (16-bit, 56 B at 128 registers) and 64x128x32 (TF32,
     # 16 B at 80 registers) on 8 warps; these four compile clean on 3.6 and 3.9.
     80: (
-        _Cfg(128, 128, 64, 8, 3),
-        _Cfg(128, 64, 32, 4, 4),
-        _Cfg(64, 128, 16, 8, 4),
-        _Cfg(64, 64, 32, 4, 4),
+        Cfg(128, 128, 64, 8, 3),
+        Cfg(128, 64, 32, 4, 4),
+        Cfg(64, 128, 16, 8, 4),
+        Cfg(64, 64, 32, 4, 4),
     ),
 }
 # fp32 with allow_tf32=False: tl.dot runs on FMA units with both operand slices in registers;
 # one stage for the weight grad (its B tile passes through registers for the transform).
 _DGRAD_IEEE_CONFIGS = (
-    _Cfg(128, 128, 16, 8, 3),
-    _Cfg(128, 64, 16, 4, 3),
-    _Cfg(64, 64, 32, 4, 3),
+    Cfg(128, 128, 16, 8, 3),
+    Cfg(128, 64, 16, 4, 3),
+    Cfg(64, 64, 32, 4, 3),
 )
 _WGRAD_IEEE_CONFIGS = (
-    _Cfg(128, 128, 16, 8, 1),
-    _Cfg(128, 64, 32, 8, 1),
-    _Cfg(64, 64, 32, 4, 1),
+    Cfg(128, 128, 16, 8, 1),
+    Cfg(128, 64, 32, 8, 1),
+    Cfg(64, 64, 32, 4, 1),
 )
 
 
-def _config_list(kind: str, arch: int, elem: int, precision: str) -> tuple[_Cfg, ...]:
+def _config_list(kind: str, arch: int, elem: int, precision: str) -> tuple[Cfg, ...]:
     """The tuned list of kernel ``kind`` ("dgrad" or "wgrad")."""
     ieee32 = elem == 4 and precision == "ieee"
     arch = tuned_arch(arch)
@@ -306,18 +306,18 @@ def _config_list(kind: str, arch: int, elem: int, precision: str) -> tuple[_Cfg,
     return _WGRAD_IEEE_CONFIGS if ieee32 else _WGRAD_CONFIGS[arch]
 
 
-def _usable_configs(kind: str, arch: int, elem: int, precision: str, block_cls: int = 16) -> list[_Cfg]:
+def _usable_configs(kind: str, arch: int, elem: int, precision: str, block_cls: int = 16) -> list[Cfg]:
     """``kind``'s configs a device of compute capability ``arch`` may run (see ``_split_k``)."""
-    return _usable_from(kind, _config_list(kind, arch, elem, precision), arch, elem, block_cls)
+    return usable_from(kind, _config_list(kind, arch, elem, precision), arch, elem, block_cls)
 
 
 _KERNELS = {"dgrad": _upconv2x2_dgrad_kernel, "wgrad": _upconv2x2_wgrad_kernel}
-_TUNERS = {kind: _make_tuner(kind, _config_list, _usable_configs) for kind in _KERNELS}
+_TUNERS = {kind: make_tuner(kind, _config_list, _usable_configs) for kind in _KERNELS}
 
 
 def _run(kind: str, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict) -> None:
-    """Launch kernel ``kind`` with its tuner's config for ``key`` (see ``_split_k._run``)."""
-    _run_tuned(_KERNELS[kind], _TUNERS[kind], ref, key, grid, args, flags, shape)
+    """Launch kernel ``kind`` with its tuner's config for ``key`` (see ``_split_k.run_tuned``)."""
+    run_tuned(_KERNELS[kind], _TUNERS[kind], ref, key, grid, args, flags, shape)
 
 
 def _upconv_g_dims(g: Tensor) -> tuple[int, int, int, int]:
@@ -347,18 +347,18 @@ def upconv2x2_input_grad(g: Tensor, weight: Tensor, *, out: Tensor | None = None
     (fp32 accumulation; fp32 dots use TF32 iff ``torch.backends.cudnn.allow_tf32``). It is the
     gradient of the upconv's input, i.e. of ``T(x)`` when the forward ran with a norm.
     """
-    _check_grad("g", g, "[N, C_out, 2h, 2w]")
+    check_grad("g", g, "[N, C_out, 2h, 2w]")
     N, C_out, h, w = _upconv_g_dims(g)
-    _check_tensor("weight", weight)
+    check_tensor("weight", weight)
     if weight.dim() != 4 or weight.shape[1] != C_out or tuple(weight.shape[2:]) != (2, 2):
         raise ValueError(f"weight must be [C_in, C_out={C_out}, 2, 2], got shape {tuple(weight.shape)}")
     if weight.dtype != g.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match g dtype {g.dtype}")
     C_in = weight.shape[0]
-    _check_device(g, "upconv2x2_input_grad")
-    _check_same_device("g", g, weight=weight)
-    _check_out(out, (N, C_in, h, w), g.dtype, g)
-    _check_pixels(N * h * w)
+    check_device(g, "upconv2x2_input_grad")
+    check_same_device("g", g, weight=weight)
+    check_out(out, (N, C_in, h, w), g.dtype, g)
+    check_pixels(N * h * w)
     if out is None:
         out = torch.empty((N, C_in, h, w), device=g.device, dtype=g.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
@@ -399,18 +399,18 @@ def upconv2x2_weight_grad(
     (fp32 accumulation; fp32 dots use TF32 iff ``torch.backends.cudnn.allow_tf32``).
     Deterministic: pixel splits are summed in a fixed order.
     """
-    _check_grad("g", g, "[N, C_out, 2h, 2w]")
+    check_grad("g", g, "[N, C_out, 2h, 2w]")
     N, C_out, h, w = _upconv_g_dims(g)
-    _check_activation("x", x, g.dtype, "[N, C_in, h, w]")
+    check_activation("x", x, g.dtype, "[N, C_in, h, w]")
     if (x.shape[0], x.shape[2], x.shape[3]) != (N, h, w):
         raise ValueError(f"x must be [N={N}, C_in, h={h}, w={w}] for g of shape {tuple(g.shape)}, got {tuple(x.shape)}")
     C_in = x.shape[1]
-    _check_device(g, "upconv2x2_weight_grad")
-    _check_same_device("g", g, x=x)
-    norm = _check_norm(x_norm, C_in, x)
-    _check_out(out, (C_in, C_out, 2, 2), torch.float32, g)
-    _check_pixels(N * h * w)
-    if C_in * C_out * 4 > _INT32_MAX:
+    check_device(g, "upconv2x2_weight_grad")
+    check_same_device("g", g, x=x)
+    norm = check_norm(x_norm, C_in, x)
+    check_out(out, (C_in, C_out, 2, 2), torch.float32, g)
+    check_pixels(N * h * w)
+    if C_in * C_out * 4 > INT32_MAX:
         raise ValueError("C_in*C_out*4 must stay below 2^31 (int32 weight indices)")
     if out is None:
         out = torch.empty((C_in, C_out, 2, 2), device=g.device, dtype=torch.float32)
@@ -421,7 +421,7 @@ def upconv2x2_weight_grad(
         return out.zero_()
 
     tiles = 4 * cdiv(C_out, 64) * cdiv(C_in, 64)
-    split_k = _pick_split_k(g.device, P, tiles, 16 * C_in * C_out, _MAX_SPLIT_K)
+    split_k = pick_split_k(g.device, P, tiles, 16 * C_in * C_out, MAX_SPLIT_K)
     ws = None
     if split_k > 1:
         ws = torch.empty((split_k, C_in, C_out, 2, 2), device=g.device, dtype=torch.float32)
@@ -438,7 +438,7 @@ def upconv2x2_weight_grad(
     shape = {"C_in": C_in, "C_out": C_out, "tiles": grid}
     _run("wgrad", g, (C_in, C_out, split_k), grid, args, flags, shape)
     if ws is not None:
-        _reduce_splits(ws, out, (C_in, C_out, 2, 2), out.stride())
+        reduce_splits(ws, out, (C_in, C_out, 2, 2), out.stride())
     return out
 
 
@@ -465,19 +465,19 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         for precision in ("tf32", "ieee") if dtype == "fp32" else ("ieee",):
             ptag = f"_{precision}" if dtype == "fp32" else ""
             for cfg in _usable_configs("dgrad", arch, elem, precision):
-                constexprs = {n: 1 for n in _UNIT_STRIDES["dgrad"]}
-                constexprs.update(INPUT_PRECISION=precision, **_triton_config("dgrad", cfg).kwargs)
+                constexprs = {n: 1 for n in UNIT_STRIDES["dgrad"]}
+                constexprs.update(INPUT_PRECISION=precision, **triton_config("dgrad", cfg).kwargs)
                 specs.append(
-                    _spec("dgrad", _upconv2x2_dgrad_kernel, dtype, dtype, constexprs, cfg, cfg.name + ptag,
-                          hgmma=_expect_wgmma(arch, dtype, precision, cfg), variant="upconv_dgrad")
+                    spec("dgrad", _upconv2x2_dgrad_kernel, dtype, dtype, constexprs, cfg, cfg.name + ptag,
+                          hgmma=expect_wgmma(arch, dtype, precision, cfg), variant="upconv_dgrad")
                 )  # fmt: skip
             for cfg in _usable_configs("wgrad", arch, elem, precision):
                 for x_norm in (False, True):
-                    constexprs = {n: 1 for n in _UNIT_STRIDES["wgrad"]}
-                    constexprs.update(X_NORM=x_norm, INPUT_PRECISION=precision, **_triton_config("wgrad", cfg).kwargs)
+                    constexprs = {n: 1 for n in UNIT_STRIDES["wgrad"]}
+                    constexprs.update(X_NORM=x_norm, INPUT_PRECISION=precision, **triton_config("wgrad", cfg).kwargs)
                     specs.append(
-                        _spec("wgrad", _upconv2x2_wgrad_kernel, dtype, dtype, constexprs, cfg,
+                        spec("wgrad", _upconv2x2_wgrad_kernel, dtype, dtype, constexprs, cfg,
                               cfg.name + ptag + ("_norm" if x_norm else ""),
-                              hgmma=_expect_wgmma(arch, dtype, precision, cfg), variant="upconv_wgrad")
+                              hgmma=expect_wgmma(arch, dtype, precision, cfg), variant="upconv_wgrad")
                     )  # fmt: skip
     return specs

@@ -62,7 +62,7 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
-from ._split_k import _MAX_SPLIT_K, _pick_split_k, _reduce_splits
+from ._split_k import MAX_SPLIT_K, pick_split_k, reduce_splits
 from ._tuning import Tuner, bucket, launch_meta
 from .norm_act import affine_relu, check_norm_affine
 
@@ -869,7 +869,7 @@ def upconv_nearest2x2_weight_grad(
     if P == 0:
         return out.zero_()
 
-    split_k = _pick_split_k(g.device, P, 9 * cdiv(C_out, 64) * cdiv(C_in, 64), 36 * C_in * C_out, _MAX_SPLIT_K)
+    split_k = pick_split_k(g.device, P, 9 * cdiv(C_out, 64) * cdiv(C_in, 64), 36 * C_in * C_out, MAX_SPLIT_K)
     ws = None
     if split_k > 1:
         ws = torch.empty((split_k, 9, C_in, C_out), device=g.device, dtype=torch.float32)
@@ -894,7 +894,7 @@ def upconv_nearest2x2_weight_grad(
     tuner = _tuner("wgrad", g.element_size(), flags["INPUT_PRECISION"])
     run(tuner.pick(g.device, (g.dtype, C_in, C_out, split_k, *flags.values()), shape, run))
     if ws is not None:
-        _reduce_splits(ws, out, (1, 9, C_in, C_out), (0, *out.stride()))
+        reduce_splits(ws, out, (1, 9, C_in, C_out), (0, *out.stride()))
     return out
 
 

@@ -119,7 +119,7 @@ def test_head_input_grad_weight_dtypes_and_views(w_dtype, device):
 
 @pytest.mark.parametrize("split_k", [1, 3, 7])
 def test_head_weight_grad_splits_are_deterministic(split_k, monkeypatch, device):
-    monkeypatch.setattr(K, "_pick_split_k", lambda *args: split_k)
+    monkeypatch.setattr(K, "pick_split_k", lambda *args: split_k)
     gz, x, weight, x_norm = head_case(2, 3, 7, 4, 5, torch.float32, device, norm=True)  # 40 pixels
     _, dw_ref = head_reference(gz, x, weight, x_norm)
     out = poisoned((7, 3), device).t()  # a transposed destination

@@ -145,7 +145,7 @@ def test_upconv_weight_grad_into_packed_out(device):
 def test_upconv_weight_grad_splits_are_deterministic(split_k, dtype, monkeypatch, device):
     """Direct writes (1 split) and the workspace path (7 splits over 3 pixel steps: some empty)
     match the reference, and repeated calls give the same bits."""
-    monkeypatch.setattr(K, "_pick_split_k", lambda *args: split_k)
+    monkeypatch.setattr(K, "pick_split_k", lambda *args: split_k)
     g, x, weight, x_norm = upconv_case(2, 5, 3, 3, 6, dtype, device, norm=True)  # 36 pixels
     _, dw_ref = upconv_reference(g, x, weight, x_norm)
     got = K.upconv2x2_weight_grad(g, x, x_norm=x_norm, out=poisoned((5, 3, 2, 2), device))
