@@ -8,10 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "scratch_path", "PARTIAL_SUFFIX"]
+__all__ = ["atomic_path", "atomic_files", "scratch_path", "PARTIAL_SUFFIX"]
 
 #: The temporary files end in ``.partial`` + the final suffix (writers that go by the suffix
 #: still see it); one left behind by a killed run can be deleted.
@@ -44,6 +45,30 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(final: str | os.PathLike) -> Iterator[Path]:
+    """For a writer that may put companion files beside its output (ONNX's external weights,
+    ``NAME.data``, named after the output): a path with ``final``'s name inside a new temporary
+    folder next to it (``.NAME.<random>.partial``). On a normal exit every file the writer left
+    in that folder is flushed and renamed into ``final``'s folder, the companions first and
+    ``final`` itself last (the file that names the others appears only once they are all in
+    place); on an exception nothing is moved. The folder is removed either way."""
+    final = Path(final)
+    folder = final.parent / f".{final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+    folder.mkdir()
+    try:
+        staged = folder / final.name
+        yield staged
+        written = sorted(p for p in folder.iterdir() if p != staged)
+        if not staged.is_file():
+            raise FileNotFoundError(f"the writer did not create {final.name}")
+        for path in [*written, staged]:
+            _fsync(path)
+            os.replace(path, final.parent / path.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

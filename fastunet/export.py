@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
 from . import guard as _guard
+from .atomic import atomic_files
 from .backend import get_backend, set_backend, use_fused
 from .reference import UNetReference
 from .validation import validate_input
@@ -200,7 +201,8 @@ def export_onnx(
             portable=True, dynamic=dynamic)`` first), or a portable ``ExportedProgram`` from
             ``export`` (``example`` and ``dynamic`` are then unused).
         example: an input ``[N, in_ch, H, W]`` (see ``export``); None for a program.
-        f: the ``.onnx`` path, or None to only return the program.
+        f: the ``.onnx`` path, or None to only return the program. The file is written whole or
+            not at all: an interrupted export leaves a file already at ``f`` as it was.
         dynamic: batch, height and width as symbolic dimensions named ``batch``, ``height``,
             ``width`` (H and W multiples of ``2**depth``: the graph computes any size, the
             model is only defined for those).
@@ -232,7 +234,9 @@ def export_onnx(
     )
     _name_dims(onnx_program, ("batch", None, "height", "width"))
     if f is not None:
-        onnx_program.save(f)
+        # Written whole or not at all (with its external-weights file, for a model over 2 GB).
+        with atomic_files(f) as staged:
+            onnx_program.save(staged)
     return onnx_program
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +213,18 @@ def test_onnx_of_a_portable_program(tmp_path):
     dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 3, 8, 8]
     assert not any(node.domain.startswith("fastunet") for node in graph.node)
+
+
+@needs_onnx
+def test_an_interrupted_onnx_export_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "unet.onnx"
+    path.write_bytes(b"the user's file")
+
+    def dies_half_way(self, destination, **kwargs):
+        Path(destination).write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        fastunet.export_onnx(_model(), torch.randn(1, 3, 8, 8), path)
+    assert path.read_bytes() == b"the user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx"]

@@ -697,6 +697,32 @@ def test_atomic_path_replaces_only_when_complete(tmp_path):
     assert final.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600
 
 
+def test_atomic_files_moves_companions_first_and_nothing_on_failure(tmp_path, monkeypatch):
+    from fastunet import atomic
+
+    final = tmp_path / "m.onnx"
+    final.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_files(final) as staged:
+        staged.write_bytes(b"half")
+        (staged.parent / "m.onnx.data").write_bytes(b"weights")
+        raise KeyboardInterrupt
+    assert final.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    with pytest.raises(FileNotFoundError, match="did not create m.onnx"), atomic.atomic_files(final):
+        pass
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (moved.append(Path(b).name), real_replace(a, b)))
+    with atomic.atomic_files(final) as staged:
+        assert (
+            staged.name == "m.onnx" and staged.parent.parent == tmp_path and staged.parent.name.startswith(".m.onnx.")
+        )
+        staged.write_bytes(b"new")
+        (staged.parent / "m.onnx.data").write_bytes(b"weights")
+    assert moved == ["m.onnx.data", "m.onnx"]  # the file naming the others appears last
+    assert final.read_bytes() == b"new" and (tmp_path / "m.onnx.data").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
 def test_an_interrupted_save_pretrained_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     import safetensors.torch
 
