@@ -273,22 +273,20 @@ class TrainForm:
             z, mean, var = ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift, min_count)
         if bn is None:
             return (z, *unit_affine(conv.out_channels, z, acc))
-        if batch_stats:
-            count = z.numel() // z.shape[1]
-            count_all = None
-            if group is not None:
-                mean, var, count_all = ops.bn_stats_sync(mean, var, count, group_name(group))
-            if bn.training and bn.track_running_stats:
-                ops.bn_running_update_(
-                    mean, var, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, count, count_all
-                )
-        else:
-            mean, var = bn.running_mean, bn.running_var
         # float64 vectors (C numbers): the ops then hand back the BatchNorm weight's gradient
         # pieces in float64, where its chain rule's cancellation against mean * dshift is
         # harmless (see fastunet/ops/norm_act_bwd.py, _uncenter); the kernels read them as float32.
-        scale, shift = ops.bn_affine(mean, var, bn.weight, bn.bias, bn.eps)
-        return z, scale, shift
+        if not batch_stats:
+            return z, *ops.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        count = z.numel() // z.shape[1]
+        count_all = None
+        if group is not None:
+            mean, var, count_all = ops.bn_stats_sync(mean, var, count, group_name(group))
+        # the running-statistics update (when tracked) and the affine in one launch
+        running = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+        if not (bn.training and bn.track_running_stats):
+            running = (None, None, None)
+        return z, *ops.bn_train_fold(mean, var, bn.weight, bn.bias, bn.eps, *running, bn.momentum, count, count_all)
 
     def dropout(self, step: DoubleConv, act: _Act) -> _Act:
         return _dropout(self.ops, act, self.layers.mods[step.dropout])

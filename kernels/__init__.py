@@ -13,6 +13,7 @@ is the fast layout), check their inputs, pick a config and launch. No ``nn.Modul
 | ``bn_stats_finalize`` | merges the per-tile statistics into mean and variance (deterministic) |
 | ``bn_affine``, ``bn_affine_backward`` | BatchNorm's (scale, shift) from the statistics, fp64, and its chain rule |
 | ``bn_running_update_`` | ``nn.BatchNorm2d``'s running-statistics update, in place |
+| ``bn_train_fold_`` | both of those in one launch: the running update in place and (scale, shift) |
 | ``bn_stats_backward`` | the batch statistics' gradient reaching z, and its per-channel sum |
 | ``affine_relu_backward`` | BN+ReLU-on-load backward: dx and per-channel dscale/dshift (deterministic) |
 | ``maxpool2x2_backward`` | pool backward (torch's argmax rule), with the BN+ReLU-on-load backward |
@@ -38,7 +39,7 @@ raises instead of launching there).
 from importlib import import_module
 
 from .bn_stats import bn_stats_finalize
-from .bn_train import bn_affine, bn_affine_backward, bn_running_update_, bn_stats_backward
+from .bn_train import bn_affine, bn_affine_backward, bn_running_update_, bn_stats_backward, bn_train_fold_
 from .conv3x3 import (
     MAX_HEAD_C_OUT,
     MAX_HEAD_K,
@@ -96,6 +97,7 @@ __all__ = [
     "bn_affine",
     "bn_affine_backward",
     "bn_running_update_",
+    "bn_train_fold_",
     "bn_stats_backward",
     "MAX_HEAD_C_OUT",
     "MAX_HEAD_K",

@@ -5,14 +5,17 @@ A training conv (``conv3x3.conv3x3_bn_stats``) returns its raw output ``z`` and 
 ``mean``/``var`` of it. What a ``BatchNorm2d`` does with those is vector arithmetic over C
 channels, and elementwise arithmetic over z in the backward:
 
-* ``bn_affine``: ``scale = w * rstd``, ``shift = b - mean * scale`` with ``rstd = 1/sqrt(var +
-  eps)``, in fp64 (C numbers; the chain rule of the BatchNorm weight's gradient cancels against
-  ``mean * dshift``, which fp64 keeps harmless), so ``bn(z) = z * scale + shift``;
+* ``bn_train_fold_``: the whole forward finalize of a training BatchNorm in one launch
+  (``_bn_fold_kernel``): the affine ``scale = w * rstd``, ``shift = b - mean * scale`` with
+  ``rstd = 1/sqrt(var + eps)``, so ``bn(z) = z * scale + shift``, and ``nn.BatchNorm2d``'s
+  running-statistics update in place (momentum, or the cumulative average when momentum is
+  None, from ``num_batches_tracked``, which it increments), with the unbiased variance ``var *
+  n / (n - 1)``. All in fp64: C numbers, and the chain rule of the BatchNorm weight's gradient
+  cancels against ``mean * dshift``, which fp64 keeps harmless. ``bn_affine`` and
+  ``bn_running_update_`` are the same kernel with one half switched off (the per-op path of
+  ``torch.compile``, where autograd needs the affine as a functional op of its own);
 * ``bn_affine_backward``: from ``dL/dscale`` and ``dL/dshift`` (fp64) the gradients of mean,
-  var, w and b (the chain rule of the two lines above);
-* ``bn_running_update_``: ``nn.BatchNorm2d``'s running-statistics update in place (momentum, or
-  the cumulative average when momentum is None, from ``num_batches_tracked``, which it
-  increments), with the unbiased variance ``var * n / (n - 1)``;
+  var, w and b (the chain rule of the affine);
 * ``bn_stats_backward``: the statistics' gradients reaching z, ``g = gz + dmean/n + dvar * 2 *
   (z - mean)/n`` in fp32, stored in z's dtype, and ``sum g`` per channel (the conv bias's
   gradient) as deterministic tile partials summed in a fixed order.
@@ -31,38 +34,83 @@ from torch import Tensor
 from ._common import KernelSpec, can_launch, cdiv, interpreting, launch, next_pow2, triton_dtype
 from .norm_act_bwd import _sum_partials_kernel
 
-__all__ = ["bn_affine", "bn_affine_backward", "bn_running_update_", "bn_stats_backward", "compile_specs"]
+__all__ = [
+    "bn_affine",
+    "bn_affine_backward",
+    "bn_running_update_",
+    "bn_stats_backward",
+    "bn_train_fold_",
+    "compile_specs",
+]
 
 _BLOCK_C, _WARPS = 256, 4  # vector kernels: one program, channel blocks of this size
 _EW_BLOCK_P, _EW_BLOCK_C, _EW_WARPS = 64, 64, 4  # bn_stats_backward's tile (memory bound, fixed)
 _INTERPRETER_EW = (16, 16)
 _SUM_BLOCK_R, _SUM_BLOCK_C = 64, 32
 _MAX_PIXELS = 2**31 - 2**16
+_NBT_DTYPES = (torch.int64, torch.int32)
 
 
-@triton.jit
-def _bn_affine_kernel(
-    mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr,
+@triton.jit(do_not_specialize=("count",))
+def _bn_fold_kernel(
+    mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, count_ptr, scale_ptr, shift_ptr,
+    C, count, eps, momentum,
+    AFFINE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT_PTR: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """scale = w * rsqrt(var + eps), shift = b - mean * scale, in fp64.
+    """What ``nn.BatchNorm2d`` does in training with a batch ``mean`` and biased ``var``, in fp64:
 
-    mean_ptr, var_ptr [C] (any float dtype); w_ptr, b_ptr [C] (any float dtype, read only with
-    HAS_W / HAS_B: absent means 1 / 0); scale_ptr, shift_ptr [C] fp64 outputs. Grid: (1,).
+        AFFINE:       scale = w / sqrt(var + eps),  shift = b - mean * scale
+        HAS_NBT:      nbt += 1
+        HAS_RUNNING:  f = momentum, or 1 / nbt when CUMULATIVE (momentum=None)
+                      running_mean = (1 - f) * running_mean + f * mean
+                      running_var  = (1 - f) * running_var + f * var * n / (n - 1)
+
+    mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr [C] any float dtype (w, b read only with
+    HAS_W / HAS_B: absent means 1 / 0; running buffers keep their dtype); nbt_ptr [1] int64;
+    scale_ptr, shift_ptr [C] fp64 outputs. n: ``count`` (an integer argument, i64 past 2^31), or
+    with COUNT_PTR the fp64 at count_ptr [1] (a synchronised BatchNorm's global count, known only
+    on the device; n = 1 gives an infinite factor, as torch's). One program (grid (1,)): it
+    reads num_batches_tracked before any write, so every channel uses the same factor; no max or
+    min anywhere, so a NaN statistic stays NaN in every output.
     """
+    if HAS_NBT:
+        nbt = tl.load(nbt_ptr) + 1
+        tl.store(nbt_ptr, nbt)
+    if HAS_RUNNING:
+        one = tl.full(
+            [], 1.0, tl.float64
+        )  # scalar arguments times this: fp64 (a .to() would not run in the interpreter)
+        if CUMULATIVE:
+            f = one / nbt.to(tl.float64)
+        else:
+            f = momentum * one
+        if COUNT_PTR:
+            n = tl.load(count_ptr).to(tl.float64)
+        else:
+            n = count * one
+        unbias = n / (n - one)
     for c0 in range(0, C, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
         mask = offs < C
         mean = tl.load(mean_ptr + offs, mask=mask, other=0.0).to(tl.float64)
         var = tl.load(var_ptr + offs, mask=mask, other=1.0).to(tl.float64)
-        scale = 1.0 / tl.sqrt(var + eps)
-        if HAS_W:
-            scale = scale * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        shift = -mean * scale
-        if HAS_B:
-            shift = shift + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        tl.store(scale_ptr + offs, scale, mask=mask)
-        tl.store(shift_ptr + offs, shift, mask=mask)
+        if AFFINE:
+            scale = 1.0 / tl.sqrt(var + eps)
+            if HAS_W:
+                scale = scale * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+            shift = -mean * scale
+            if HAS_B:
+                shift = shift + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+            tl.store(scale_ptr + offs, scale, mask=mask)
+            tl.store(shift_ptr + offs, shift, mask=mask)
+        if HAS_RUNNING:
+            rm = tl.load(rm_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+            rv = tl.load(rv_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+            rm = rm * (1.0 - f) + mean * f
+            rv = rv * (1.0 - f) + (var * unbias) * f
+            tl.store(rm_ptr + offs, rm.to(rm_ptr.dtype.element_ty), mask=mask)
+            tl.store(rv_ptr + offs, rv.to(rv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -70,7 +118,7 @@ def _bn_affine_backward_kernel(
     gs_ptr, gt_ptr, mean_ptr, var_ptr, w_ptr, gmean_ptr, gvar_ptr, gw_ptr, gb_ptr, C, eps,
     HAS_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """The chain rule of ``_bn_affine_kernel`` in fp64, from gs = dL/dscale and gt = dL/dshift:
+    """The chain rule of ``_bn_fold_kernel``'s affine in fp64, from gs = dL/dscale and gt = dL/dshift:
 
         gb = gt,  gw = (gs - gt * mean) * rstd,  gmean = -gt * scale,
         gvar = -w * (gs - gt * mean) * rstd^3 / 2          (w = 1 without HAS_W)
@@ -96,47 +144,6 @@ def _bn_affine_backward_kernel(
         tl.store(gmean_ptr + offs, (-gt * w * rstd).to(gmean_ptr.dtype.element_ty), mask=mask)
         gvar = -0.5 * w * centred * rstd * rstd * rstd
         tl.store(gvar_ptr + offs, gvar.to(gvar_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bn_running_update_kernel(
-    mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, count_ptr, C, momentum, unbias,
-    HAS_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT_PTR: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """``nn.BatchNorm2d``'s training-mode update of its buffers, in place:
-
-        nbt += 1;  f = momentum, or 1 / nbt when CUMULATIVE (momentum=None)
-        running_mean = (1 - f) * running_mean + f * mean
-        running_var  = (1 - f) * running_var + f * var * unbias       (unbias = n / (n - 1))
-
-    n is the host's (``unbias`` given) or, with COUNT_PTR, the fp64 count at count_ptr [1] (a
-    synchronised BatchNorm's global count, known only on the device).
-    One program (grid (1,)): it reads num_batches_tracked before any write, so every channel
-    uses the same factor. Running buffers keep their dtype (math in fp32).
-    """
-    if HAS_NBT:
-        nbt = tl.load(nbt_ptr) + 1
-        tl.store(nbt_ptr, nbt)
-    if HAS_RUNNING:
-        if CUMULATIVE:
-            f = 1.0 / nbt.to(tl.float32)
-        else:
-            f = momentum
-        if COUNT_PTR:
-            n = tl.load(count_ptr).to(tl.float64)
-            unbias = (n / (n - 1.0)).to(tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            offs = c0 + tl.arange(0, BLOCK_C)
-            mask = offs < C
-            mean = tl.load(mean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            var = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            rm = tl.load(rm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            rv = tl.load(rv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            rm = rm * (1.0 - f) + mean * f
-            rv = rv * (1.0 - f) + (var * unbias) * f
-            tl.store(rm_ptr + offs, rm.to(rm_ptr.dtype.element_ty), mask=mask)
-            tl.store(rv_ptr + offs, rv.to(rv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=("N", "ROWS"))
@@ -224,16 +231,7 @@ def bn_affine(
 ) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` [C] fp64 with ``bn(z) = z * scale + shift`` for a BatchNorm of ``weight``,
     ``bias`` (None: 1 and 0) and ``eps`` normalizing with ``mean``, biased ``var`` [C]."""
-    mean, c = _first("mean", mean)
-    var = _vec("var", var, c, mean.device)
-    w = _vec("weight", weight, c, mean.device) if weight is not None else mean
-    b = _vec("bias", bias, c, mean.device) if bias is not None else mean
-    scale = torch.empty(c, device=mean.device, dtype=torch.float64)
-    shift = torch.empty_like(scale)
-    block = min(_BLOCK_C, next_pow2(max(c, 16)))
-    args = (mean, var, w, b, scale, shift, c, float(eps))
-    launch(_bn_affine_kernel, (1,), args, dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block))
-    return scale, shift
+    return bn_train_fold_(mean, var, weight, bias, eps, None, None, None, 0.0, 0)
 
 
 def bn_affine_backward(
@@ -267,45 +265,80 @@ def bn_running_update_(
     count_all: Tensor | None = None,
 ) -> None:
     """``nn.BatchNorm2d``'s running-statistics update from a batch ``mean`` and biased ``var``
-    over ``count`` values per channel, in place (see ``_bn_running_update_kernel``). ``momentum``
+    over ``count`` values per channel, in place (see ``_bn_fold_kernel``). ``momentum``
     None: the cumulative average over ``num_batches_tracked`` (then required). ``count_all``: a
-    one-element float64 tensor on mean's device that replaces ``count`` (read by the kernel; the
-    caller guarantees it is at least 2)."""
+    one-element float64 tensor on mean's device that replaces ``count`` (read by the kernel)."""
+    _fold(mean, var, None, None, 0.0, running_mean, running_var, num_batches_tracked, momentum, count, count_all, False)
+
+
+def bn_train_fold_(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    count: int,
+    *,
+    count_all: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``bn_running_update_`` and ``bn_affine`` in one launch: updates the running buffers (those
+    given) in place and returns ``(scale, shift)`` [C] fp64. Arguments as those two take them;
+    ``count`` (an int, any size) is only read for the running variance (>= 2 there)."""
+    return _fold(mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, count,
+                 count_all, True)  # fmt: skip
+
+
+def _fold(mean, var, weight, bias, eps, running_mean, running_var, nbt, momentum, count, count_all, affine):
+    """Check the arguments of ``bn_train_fold_`` (``affine``: scale/shift wanted) and launch
+    ``_bn_fold_kernel``; ``(scale, shift)`` or None."""
     mean, c = _first("mean", mean)
-    var = _vec("var", var, c, mean.device)
+    dev = mean.device
+    var = _vec("var", var, c, dev)
     has_running = running_mean is not None
     if has_running != (running_var is not None):
         raise ValueError("give both running_mean and running_var, or neither")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (c,) or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous [{c}] tensor")
-    if num_batches_tracked is not None and (
-        num_batches_tracked.numel() != 1 or num_batches_tracked.is_floating_point()
+        if t is not None and _vec(name, t, c, dev) is not t:
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    if nbt is not None and (
+        not isinstance(nbt, Tensor) or nbt.numel() != 1 or nbt.dtype not in _NBT_DTYPES or nbt.device != dev
     ):
-        raise ValueError("num_batches_tracked must be a one-element integer tensor")
-    if momentum is None and has_running and num_batches_tracked is None:
+        raise ValueError(f"num_batches_tracked must be a one-element int64 or int32 tensor on {dev}")
+    if momentum is None and has_running and nbt is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if count_all is not None:
         if not isinstance(count_all, Tensor) or count_all.numel() != 1 or count_all.dtype != torch.float64:
             raise ValueError("count_all must be a one-element float64 tensor")
-        if count_all.device != mean.device:
-            raise ValueError(f"count_all is on {count_all.device}, expected {mean.device}")
-    elif count < 2 and has_running:
+        if count_all.device != dev:
+            raise ValueError(f"count_all is on {count_all.device}, expected {dev}")
+    elif has_running and count < 2:
+        # nn.BatchNorm2d refuses one value per channel in training (its unbiased variance is inf)
         raise ValueError(f"the unbiased running variance needs more than 1 value per channel, got {count}")
-    if not has_running and num_batches_tracked is None:
-        return
-    unbias = count / (count - 1) if count > 1 else 1.0
-    rm = running_mean if has_running else mean
-    rv = running_var if has_running else var
-    nbt = num_batches_tracked if num_batches_tracked is not None else mean
-    n_ptr = count_all if count_all is not None else mean
-    block = min(_BLOCK_C, next_pow2(max(c, 16)))
+    scale = shift = None
+    if affine:
+        w = _vec("weight", weight, c, dev) if weight is not None else mean
+        b = _vec("bias", bias, c, dev) if bias is not None else mean
+        scale = torch.empty(c, device=dev, dtype=torch.float64)
+        shift = torch.empty_like(scale)
+    elif not has_running and nbt is None:
+        return None
     flags = dict(
-        HAS_RUNNING=has_running, HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None,
-        COUNT_PTR=count_all is not None, BLOCK_C=block,
+        AFFINE=affine, HAS_W=affine and weight is not None, HAS_B=affine and bias is not None,
+        HAS_RUNNING=has_running, HAS_NBT=nbt is not None, CUMULATIVE=momentum is None,
+        COUNT_PTR=count_all is not None, BLOCK_C=min(_BLOCK_C, next_pow2(max(c, 16))), num_warps=_WARPS,
     )  # fmt: skip
-    args = (mean, var, rm, rv, nbt, n_ptr, c, float(momentum or 0.0), unbias)
-    launch(_bn_running_update_kernel, (1,), args, flags)
+    args = (
+        mean, var, w if affine else mean, b if affine else mean, running_mean if has_running else mean,
+        running_var if has_running else mean, nbt if nbt is not None else mean,
+        count_all if count_all is not None else mean, scale if affine else mean, shift if affine else mean,
+        c, int(count), float(eps), float(momentum or 0.0),
+    )  # fmt: skip
+    launch(_bn_fold_kernel, (1,), args, flags)
+    return (scale, shift) if affine else None
 
 
 def bn_stats_backward(
@@ -375,23 +408,26 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         )  # fmt: skip
 
     vec = {"C": "i32", "eps": "fp32"}
-    sig = {n: "*fp32" for n in ("mean_ptr", "var_ptr", "w_ptr", "b_ptr")} | {"scale_ptr": "*fp64", "shift_ptr": "*fp64"}
-    specs.append(
-        spec(_bn_affine_kernel, sig | vec, dict(HAS_W=True, HAS_B=True, BLOCK_C=_BLOCK_C), "fp32", "affine", _WARPS)
-    )
+    fold = {n: "*fp32" for n in ("mean_ptr", "var_ptr", "w_ptr", "b_ptr", "rm_ptr", "rv_ptr")}
+    fold |= {"nbt_ptr": "*i64", "scale_ptr": "*fp64", "shift_ptr": "*fp64", "count": "i32", "momentum": "fp32"}
+    # (affine, running, cumulative, synced): the training fold, bn_affine alone (frozen or
+    # untracked statistics), the update alone (the per-op path), the cumulative average, and a
+    # SyncBatchNorm's, whose global count is read from an fp64 pointer; and a count past 2^31.
+    for affine, running, cumulative, synced, count in (
+        (True, True, False, False, "i32"), (True, False, False, False, "i32"), (False, True, False, False, "i32"),
+        (True, True, True, False, "i32"), (True, True, False, True, "i32"), (True, True, False, False, "i64"),
+    ):  # fmt: skip
+        sig = fold | vec | {"count_ptr": "*fp64" if synced else "*fp32", "count": count}
+        constexprs = dict(AFFINE=affine, HAS_W=affine, HAS_B=affine, HAS_RUNNING=running, HAS_NBT=running,
+                          CUMULATIVE=cumulative, COUNT_PTR=synced, BLOCK_C=_BLOCK_C)  # fmt: skip
+        config = f"fold_a{int(affine)}_r{int(running)}_cum{int(cumulative)}" + ("_synced" if synced else "")
+        config += "_n64" if count == "i64" else ""
+        specs.append(spec(_bn_fold_kernel, sig, constexprs, "fp32", config, _WARPS))
     sig = {"gs_ptr": "*fp64", "gt_ptr": "*fp64", "mean_ptr": "*fp32", "var_ptr": "*fp32", "w_ptr": "*fp32"}
     sig |= {"gmean_ptr": "*fp32", "gvar_ptr": "*fp32", "gw_ptr": "*fp64", "gb_ptr": "*fp64"}
     specs.append(
         spec(_bn_affine_backward_kernel, sig | vec, dict(HAS_W=True, BLOCK_C=_BLOCK_C), "fp32", "affine_bwd", _WARPS)
     )
-    sig = {n: "*fp32" for n in ("mean_ptr", "var_ptr", "rm_ptr", "rv_ptr")} | {"nbt_ptr": "*i64"}
-    sig |= {"C": "i32", "momentum": "fp32", "unbias": "fp32"}
-    for cumulative, synced in ((False, False), (True, False), (False, True)):
-        # synced: a SyncBatchNorm's update, the global count read from an fp64 pointer
-        sig_n = sig | {"count_ptr": "*fp64" if synced else "*fp32"}
-        constexprs = dict(HAS_RUNNING=True, HAS_NBT=True, CUMULATIVE=cumulative, COUNT_PTR=synced, BLOCK_C=_BLOCK_C)
-        config = f"running_cum{int(cumulative)}" + ("_synced" if synced else "")
-        specs.append(spec(_bn_running_update_kernel, sig_n, constexprs, "fp32", config, _WARPS))
     ints = ("N", "C", "H", "W", "ROWS") + tuple(
         f"stride_{t}{d}" for t in ("gz", "z", "g") for d in ("n", "c", "h", "w")
     )

@@ -40,6 +40,7 @@ One module per op family, named after its kernel module, so a reader goes
 | ``maxpool2x2`` | ``maxpool2x2`` |
 | ``head1x1`` | ``head1x1``, ``head1x1_input_grad``, ``head1x1_weight_grad`` |
 | ``bn_train`` | ``bn_affine(_backward)``, ``bn_running_update_``, ``bn_stats_backward``, ``bn_stats_sync(_backward)`` |
+| | ``bn_train_fold`` (composite: ``bn_train_fold_``, or the affine and the update apart under autograd) |
 | ``norm_act_bwd`` | ``affine_relu_backward``, ``maxpool2x2_backward`` |
 | ``entry`` | ``pad_channels_nhwc``, ``pad_weight_in`` (composite) |
 | ``dropout`` | ``affine_relu_dropout`` (composite) |
@@ -64,6 +65,8 @@ from .bn_train import (
     bn_stats_backward,
     bn_stats_sync,
     bn_stats_sync_backward,
+    bn_train_fold,
+    bn_train_fold_,
 )
 from .conv3x3 import conv3x3_bn_act, conv3x3_bn_act_head, conv3x3_bn_stats, conv3x3_up_bn_act, conv3x3_up_bn_stats
 from .conv3x3_wgrad import conv3x3_weight_grad
@@ -91,6 +94,8 @@ __all__ = [
     "bn_stats_backward",
     "bn_stats_sync",
     "bn_stats_sync_backward",
+    "bn_train_fold",
+    "bn_train_fold_",
     "calls_for",
     "direct_ok",
     "direct_ok_mutation",

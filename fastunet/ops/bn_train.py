@@ -1,6 +1,7 @@
-"""BatchNorm in training (``kernels/bn_train.py``): ``bn_affine`` and ``bn_affine_backward``,
-``bn_running_update_``, ``bn_stats_backward``, and synchronised BatchNorm's ``bn_stats_sync``
-and ``bn_stats_sync_backward`` (collectives of ``fastunet.distributed``, no kernel).
+"""BatchNorm in training (``kernels/bn_train.py``): ``bn_train_fold`` (the forward finalize in
+one launch: ``bn_train_fold_``), ``bn_affine`` and ``bn_affine_backward``, ``bn_running_update_``,
+``bn_stats_backward``, and synchronised BatchNorm's ``bn_stats_sync`` and
+``bn_stats_sync_backward`` (collectives of ``fastunet.distributed``, no kernel).
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from torch import Tensor
 
 from .. import distributed
 from ._common import acc_dtype, as_nhwc, channel_vec, empty_nhwc, use_kernels
-from .op import AUTO, declare, kernel_package
+from .op import AUTO, DIRECT, DISPATCH, declare, declare_composite, direct_ok_mutation, kernel_package
 
 # =========================================================================== BatchNorm (training)
-# What nn.BatchNorm2d does with the batch statistics of a training conv, as three ops whose
-# kernels each replace a dozen tiny torch ops per layer (see kernels/bn_train.py). The affine
-# and the statistics' backward are functional with autograd; the running-statistics update
-# mutates the module's buffers and has no gradient (torch.library allows autograd only on
-# functional ops, hence the split).
+# What nn.BatchNorm2d does with the batch statistics of a training conv (see kernels/bn_train.py).
+# The affine and the statistics' backward are functional with autograd; the running-statistics
+# update mutates the module's buffers and has no gradient. torch.library allows autograd only on
+# functional ops, so the registered ops are split that way, and ``bn_train_fold`` (what the
+# training forward calls) joins them into one launch (``bn_train_fold_``) wherever autograd does
+# not record the call: on the tape (which records the affine's formula itself) and without grad.
 
 
 @torch.library.custom_op("fastunet::bn_affine", mutates_args=())
@@ -144,6 +146,8 @@ def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tr
     if running_mean is None:
         return None
     if count_all is None:
+        if count < 2:  # as nn.BatchNorm2d (and the kernel's launcher) refuses it
+            raise ValueError(f"the unbiased running variance needs more than 1 value per channel, got {count}")
         unbiased = var * (count / (count - 1))
     else:
         n = count_all.to(torch.float64)
@@ -154,6 +158,90 @@ def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tr
 
 
 declare(bn_running_update_, _bn_running_update_impl)
+
+
+_FOLD_MUTATES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@torch.library.custom_op("fastunet::bn_train_fold_", mutates_args=_FOLD_MUTATES)
+def bn_train_fold_(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    count: int,
+    count_all: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``bn_running_update_`` then ``bn_affine`` in one launch: the buffers given (None: not
+    updated) updated in place as ``bn_running_update_`` does, and ``(scale, shift)`` ``[C]``
+    float64 as ``bn_affine`` returns. No gradient (a mutating op cannot have one: the
+    differentiable entry is ``bn_train_fold``)."""
+    raise AssertionError("unreachable: every device has its own implementation")
+
+
+@bn_train_fold_.register_fake
+def _(mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, count, count_all=None):
+    return mean.new_empty(mean.shape, dtype=torch.float64), mean.new_empty(mean.shape, dtype=torch.float64)
+
+
+def _bn_train_fold_impl(mean, var, weight, bias, eps, running_mean, running_var, nbt, momentum, count, count_all=None):
+    if use_kernels(mean):
+        return kernel_package().bn_train_fold_(
+            mean, var, weight, bias, eps, running_mean, running_var, nbt, momentum, count, count_all=count_all
+        )
+    if running_mean is not None or nbt is not None:
+        _bn_running_update_impl(mean, var, running_mean, running_var, nbt, momentum, count, count_all)
+    return _bn_affine_impl(mean, var, weight, bias, eps)
+
+
+declare(bn_train_fold_, _bn_train_fold_impl)
+
+
+def bn_train_fold(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    count: int,
+    count_all: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A training BatchNorm's forward finalize: ``(scale, shift)`` ``[C]`` float64 of
+    ``bn_affine(mean, var, weight, bias, eps)``, differentiable in mean, var, weight and bias,
+    and ``bn_running_update_`` of the buffers given (all None: no update). One launch
+    (``bn_train_fold_``) unless autograd records this call (grad mode on and an input requiring
+    grad: the per-op path under torch.compile or a dispatch mode), where the update and the
+    affine run as their two registered ops so that autograd sees a functional affine."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (mean, var, weight, bias)):
+        if running_mean is not None or num_batches_tracked is not None:
+            DISPATCH.bn_running_update_(
+                mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all
+            )
+        return DISPATCH.bn_affine(mean, var, weight, bias, eps)
+    calls = DIRECT if direct_ok_mutation(mean) else DISPATCH
+    return calls.bn_train_fold_(
+        mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, count, count_all
+    )
+
+
+def _bn_train_fold_setup(ctx, inputs, output):
+    _bn_affine_setup(ctx, inputs[:5], output)
+
+
+def _bn_train_fold_backward(ctx, gscale, gshift):
+    return (*_bn_affine_backward(ctx, gscale, gshift), None, None, None, None, None, None)
+
+
+declare_composite("bn_train_fold", bn_train_fold, setup=_bn_train_fold_setup, backward=_bn_train_fold_backward)
 
 
 @torch.library.custom_op("fastunet::bn_stats_backward", mutates_args=())
