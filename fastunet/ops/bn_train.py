@@ -202,35 +202,21 @@ def _bn_train_fold_impl(mean, var, weight, bias, eps, running_mean, running_var,
 declare(bn_train_fold_, _bn_train_fold_impl)
 
 
-def bn_train_fold(
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-    count: int,
-    count_all: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def bn_train_fold(mean, var, weight, bias, eps, *update) -> tuple[Tensor, Tensor]:
     """A training BatchNorm's forward finalize: ``(scale, shift)`` ``[C]`` float64 of
     ``bn_affine(mean, var, weight, bias, eps)``, differentiable in mean, var, weight and bias,
-    and ``bn_running_update_`` of the buffers given (all None: no update). One launch
-    (``bn_train_fold_``) unless autograd records this call (grad mode on and an input requiring
-    grad: the per-op path under torch.compile or a dispatch mode), where the update and the
-    affine run as their two registered ops so that autograd sees a functional affine."""
+    and ``bn_running_update_`` with ``update = (running_mean, running_var, num_batches_tracked,
+    momentum, count[, count_all])`` (the buffers all None: no update), arguments as
+    ``bn_train_fold_`` takes them. One launch (``bn_train_fold_``) unless autograd records this
+    call (grad mode on and an input requiring grad: the per-op path under torch.compile or a
+    dispatch mode), where the update and the affine run as their two registered ops so that
+    autograd sees a functional affine."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (mean, var, weight, bias)):
-        if running_mean is not None or num_batches_tracked is not None:
-            DISPATCH.bn_running_update_(
-                mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all
-            )
+        if update[0] is not None or update[2] is not None:
+            DISPATCH.bn_running_update_(mean, var, *update)
         return DISPATCH.bn_affine(mean, var, weight, bias, eps)
     calls = DIRECT if direct_ok_mutation(mean) else DISPATCH
-    return calls.bn_train_fold_(
-        mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, count, count_all
-    )
+    return calls.bn_train_fold_(mean, var, weight, bias, eps, *update)
 
 
 def _bn_train_fold_setup(ctx, inputs, output):
