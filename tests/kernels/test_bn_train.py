@@ -305,3 +305,27 @@ def test_bn_train_fold_launches_once_without_autograd(device, monkeypatch):
         ops.DIRECT.bn_train_fold(*head, *state, 0.1, 30)
     assert seen == ["bn_train_fold_"]
     assert state[2].item() == 3
+
+
+def test_training_step_folds_each_batchnorm_in_one_launch(monkeypatch, tmp_path):
+    """A training step of the classic structure (launches recorded on a simulated H100, nothing
+    run): each BatchNorm's finalize is one launch of the fold with both halves on, nothing else
+    of this module's forward kernels, and the buffers' update is in it."""
+    import fastunet
+
+    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path))  # simulated timings stay out of the real cache
+    model = fastunet.UNet(3, 1, base_channels=4).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = fastunet.get_backend()
+    fastunet.set_backend("triton")
+    gpu = _common.SimulatedGPU()
+    fastunet.kernels._tuning.clear_memory()
+    try:
+        with _common.simulate_gpu(gpu):
+            model(torch.randn(1, 3, 32, 32)).sum().backward()
+    finally:
+        fastunet.set_backend(before)
+        fastunet.kernels._tuning.clear_memory()
+    folds = [meta for fn, _, _, meta in gpu.launches if fn is bn_train_kernels._bn_fold_kernel]
+    assert len(folds) == len(bns) == 18
+    assert all(meta["AFFINE"] and meta["HAS_RUNNING"] and meta["HAS_NBT"] for meta in folds)
