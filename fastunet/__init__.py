@@ -12,7 +12,7 @@ from .convert import accelerate
 from .errors import CheckpointError, FastUNetError, ImageError, LimitError, NonFiniteInputWarning
 from .export import export, export_dynamic_shapes, export_onnx
 from .formats import load
-from .graphs import CudaGraphRunner
+from .graphs import CudaGraphRunner, GraphCaptureError, TrainStep, graph_train_step
 from .guard import FusedPathWarning, FusedSupport, check_fused_support
 from .limits import get_limit, set_limits
 from .memory import saved_tensor_bytes
@@ -42,6 +42,9 @@ __all__ = [
     "FusedPathWarning",
     "saved_tensor_bytes",
     "CudaGraphRunner",
+    "graph_train_step",
+    "TrainStep",
+    "GraphCaptureError",
     "tune",
     "TuneReport",
     "export",
