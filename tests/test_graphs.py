@@ -1,23 +1,35 @@
 """``UNet.cuda_graph`` / ``CudaGraphRunner``: one graph per input signature, replays equal the
 model's own forward (GPU), weights changed after a capture are never replayed stale, and a model
-the fused path refuses runs as is.
+the fused path refuses runs as is. ``graph_train_step``: the whole training step as one graph.
 
-Without a GPU the runner's bookkeeping runs against stand-ins for the CUDA-graph API (a graph
-whose replay does nothing): what is checked there is when it captures, what it returns and when
-it captures again, not the numbers (those are the ring-3 tests at the bottom).
+Without a GPU the bookkeeping runs against stand-ins for the CUDA-graph API (a graph whose replay
+does nothing, a capture that runs its body once): what is checked there is when it captures, what
+it returns and when it captures again or refuses, not the numbers (those are the ring-3 tests at
+the bottom). The training step itself is checked to be capture-safe on CPU by watching every
+aten op it runs (``_StepWatch``) on the fused path's GPU host code (a simulated GPU): no host
+synchronisation (which also rules out a Python branch on a tensor's value), no tensor made from
+host data, the same ops every step, and no tensor it allocates outliving it but the gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
+import sys
+import traceback
 import warnings
+import weakref
 
 import pytest
 import torch
 from helpers import HAS_CUDA, assert_close, model_pair
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import fastunet
-from fastunet import FusedPathWarning, graphs
+from fastunet import FusedPathWarning, GraphCaptureError, graphs
 
 NARROW = {"base_channels": 4, "depth": 2}
 pytestmark = pytest.mark.usefixtures("triton_backend")
@@ -30,10 +42,56 @@ class _Graph:
         _Graph.replays += 1
 
 
+# Python-level reads of a tensor's values: on a GPU each copies to the host and waits. On CPU
+# tensors some never reach the dispatcher (printing turns dispatch modes off, .cpu() and .tolist()
+# read memory directly), so they are watched at the torch-function level too.
+_HOST_READS = {
+    "item", "tolist", "cpu", "numpy", "__array__", "__repr__", "__str__", "__format__", "__bool__",
+    "__float__", "__int__", "__index__",
+}  # fmt: skip
+
+
+def _host_read(func, args, kwargs) -> str | None:
+    """The name of the host read ``func`` is, or None. (``.to("cpu")`` is not among them: on CPU
+    tensors it cannot be told from a move to the step's own device, which GradScaler makes.)"""
+    name = getattr(func, "__name__", "")
+    return name if name in _HOST_READS else None
+
+
+class _CudaSyncError(TorchDispatchMode):
+    """What ``torch.cuda.set_sync_debug_mode("error")`` does on a GPU, for CPU tensors: an op that
+    synchronises the host fails with CUDA's message (``_PythonReadError`` does it for the reads
+    that never reach the dispatcher on CPU)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in _SYNC_OPS:
+            raise RuntimeError(f"called a synchronizing CUDA operation ({func})")
+        return func(*args, **(kwargs or {}))
+
+
+class _PythonReadError(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _host_read(func, args, kwargs):
+            raise RuntimeError(f"called a synchronizing CUDA operation ({_host_read(func, args, kwargs)})")
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """Stand-ins for the CUDA pieces the runner touches, so its logic runs on CPU tensors."""
+    """Stand-ins for the CUDA pieces the runner and the training step touch, so their logic runs
+    on CPU tensors: a capture runs its body once (recording nothing), a replay runs nothing."""
     counts = {"captures": 0}
+    sync_mode = {"mode": "default", "watch": None}
+
+    def set_sync_debug_mode(mode):
+        if sync_mode["watch"] is not None:
+            sync_mode["watch"].close()
+            sync_mode["watch"] = None
+        if mode == "error":
+            sync_mode["watch"] = contextlib.ExitStack()
+            sync_mode["watch"].enter_context(_CudaSyncError())
+            sync_mode["watch"].enter_context(_PythonReadError())
+        sync_mode["mode"] = mode
 
     @contextlib.contextmanager
     def graph(g):
@@ -53,7 +111,10 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(graphs.CudaGraphRunner, "_check_device", staticmethod(lambda x: None))
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_sync_debug_mode)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: sync_mode["mode"])
+    monkeypatch.setattr(graphs, "_check_cuda_tensor", lambda x: None)
+    _Graph.replays = 0
     return counts
 
 
@@ -148,6 +209,392 @@ def test_arguments_are_checked(monkeypatch):
     runner = graphs.CudaGraphRunner(model.eval())
     with pytest.raises(ValueError, match="CUDA input"):
         runner(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ the training step
+aten = torch.ops.aten
+# Ops that make the host wait for the device (read a value, or size an output by the values):
+# item/bool/float/int/tolist/print of a tensor all end in _local_scalar_dense. lift_fresh is a
+# tensor made from host data (torch.tensor(...)): on a GPU a synchronising copy, in a graph a
+# copy of data the capture bakes in.
+_SYNC_OPS = {
+    aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.equal, aten.masked_select,
+    aten.unique_consecutive, aten._unique2, aten.lift_fresh,
+}  # fmt: skip
+
+
+def _narrow_train_model(dtype=torch.float64, **options):
+    _, model = model_pair(3, 2, dtype=dtype, out_activation="none", **NARROW, **options)
+    return model.train()
+
+
+def _batches(n, dtype=torch.float64, size=8):
+    return [(torch.randn(2, 3, size, size, dtype=dtype), torch.rand(2, 2, size, size, dtype=dtype)) for _ in range(n)]
+
+
+def _eager_losses(model, loss_fn, optimizer, batches, scaler=None):
+    """The training loop graph_train_step stands for, written the ordinary way."""
+    losses = []
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        losses.append(loss.detach())
+    return losses
+
+
+def _state(model, optimizer):
+    tensors = dict(model.state_dict())
+    for i, state in enumerate(optimizer.state.values()):
+        tensors.update({f"opt{i}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return tensors
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
+        lambda p: torch.optim.AdamW(p, lr=1e-2),
+    ],
+    ids=["sgd", "adamw"],
+)
+def test_uncaptured_step_equals_eager_over_five_steps(make_opt):
+    """``capture=False`` runs the step the graph captures: the same losses, weights, BatchNorm
+    statistics and optimizer state as the eager loop, bit for bit, over 5 steps (float64, the
+    fused path's composites)."""
+    model = _narrow_train_model(dropout=0.2)  # the same seed draws the same masks
+    twin = copy.deepcopy(model)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    opt, twin_opt = make_opt(model.parameters()), make_opt(twin.parameters())
+    batches = _batches(5)
+    step = fastunet.graph_train_step(model, loss_fn, opt, *batches[0], capture=False)
+    torch.manual_seed(1)
+    got = [step(x, y).clone() for x, y in batches]
+    torch.manual_seed(1)
+    expected = _eager_losses(twin, loss_fn, twin_opt, batches)
+    assert [v.item() for v in got] == [v.item() for v in expected]
+    a, b = _state(model, opt), _state(twin, twin_opt)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights, BN and optimizer state"
+    assert model.conv1.conv[1].num_batches_tracked.item() == twin.conv1.conv[1].num_batches_tracked.item()
+    assert step.graph is None and step.captures == 0 and step.calls == 5
+
+
+def test_uncaptured_step_with_a_grad_scaler_equals_eager():
+    """The scaler's scale, its skip of a non-finite step and its update run as in the eager loop
+    (CPU GradScaler, fused Adam: the combination a graph captures)."""
+    model = _narrow_train_model(torch.float32)
+    twin = copy.deepcopy(model)
+    loss_fn = torch.nn.MSELoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2, fused=True)
+    scaler, twin_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in range(2))
+    batches = _batches(5, torch.float32)
+    batches[2] = (batches[2][0], torch.full_like(batches[2][1], float("inf")))  # this step is skipped
+    fastunet.set_backend("eager")  # the fused kernels in the interpreter: minutes for 5 fp32 steps
+    try:
+        step = fastunet.graph_train_step(model, loss_fn, opt, *batches[0], scaler=scaler, capture=False)
+        got = [step(x, y).clone() for x, y in batches]
+        expected = _eager_losses(twin, loss_fn, twin_opt, batches, twin_scaler)
+    finally:
+        fastunet.set_backend("triton")
+    assert [v.item() for v in got] == [v.item() for v in expected]
+    assert scaler.get_scale() == twin_scaler.get_scale()
+    a, b = _state(model, opt), _state(twin, twin_opt)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _where() -> str:
+    watcher = ("_where", "__torch_dispatch__", "__torch_function__")
+    frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.name not in watcher][-2:]
+    return " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in reversed(frames))
+
+
+class _StepWatch(TorchDispatchMode):
+    """Every aten op run while active: host synchronisations (with where they came from), the op
+    sequence, and a weak reference to every tensor an op returns; with ``_PythonReads``, the reads
+    that do not reach the dispatcher on CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+        self.ops: list[str] = []
+        self.outputs: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in _SYNC_OPS:
+            self.syncs.append(f"{func} at {_where()}")
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(f"{func}")
+        self.outputs.extend(weakref.ref(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+class _PythonReads(TorchFunctionMode):
+    def __init__(self, syncs: list):
+        super().__init__()
+        self.syncs = syncs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _host_read(func, args, kwargs):
+            self.syncs.append(f"Tensor.{_host_read(func, args, kwargs)} at {_where()}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _watching():
+    with _StepWatch() as watch, _PythonReads(watch.syncs):
+        yield watch
+
+
+@pytest.fixture
+def taped_under_watch(monkeypatch):
+    """The training forward's path choice without the dispatch-mode test: with ``_StepWatch``
+    active the step still runs the taped path that a capture records (the kernels' direct calls
+    under one autograd node), not the per-op path a dispatch mode otherwise selects."""
+    from fastunet.ops import op as op_module
+
+    def direct_ok_mutation(x):
+        return type(x) is torch.Tensor and not torch.compiler.is_compiling()
+
+    def direct_ok(x):
+        return not torch.is_grad_enabled() and direct_ok_mutation(x)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fastunet.ops"):
+            for attr, fn in (("direct_ok", direct_ok), ("direct_ok_mutation", direct_ok_mutation)):
+                if getattr(module, attr, None) is getattr(op_module, attr):
+                    monkeypatch.setattr(module, attr, fn)
+
+
+def _storages(tensors) -> set:
+    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "sgd-fp32",
+        "fused-adam-fp16-scaler",
+        "sgd-fp32-dropout-bilinear",
+        pytest.param(
+            "sgd-fp32-nearest_conv",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the nearest_conv up builds its [9, 4] phase matrix with torch.tensor(list, device=...) every "
+                "step (kernels/upconv_nearest2x2.py:611 in the forward's packing, fastunet/ops/upconv_nearest2x2.py:57 "
+                "in the backward): a host-to-device copy that synchronises and that a capture cannot hold",
+            ),
+        ),
+    ],
+)
+def test_the_training_step_is_capture_safe(setup, taped_under_watch, fused_calls):
+    """The step that ``graph_train_step`` captures, on the fused path as it runs for a GPU (a
+    simulated H100: the GPU's configs, tuner and launchers, launches not run), watched op by op
+    after one warm-up step: no host synchronisation, no tensor made from host data, the same ops
+    in two consecutive steps (so no Python branch on anything that changes between steps), and no
+    tensor allocated by a step alive after it but the parameters' gradients."""
+    from fastunet.kernels import _common
+
+    options = {"dropout": 0.1, "upsampling": "bilinear"} if "dropout" in setup else {}
+    if "nearest_conv" in setup:
+        options = {"upsampling": "nearest_conv"}
+    model = _narrow_train_model(torch.float32, **options)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    scaler, autocast = None, None
+    if "adam" in setup:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        scaler, autocast = torch.amp.GradScaler("cpu"), torch.float16
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _batches(1, torch.float32, size=16)[0]
+    with _common.simulate_gpu(_common.SimulatedGPU(record=False)) as gpu:
+        step = fastunet.graph_train_step(model, loss_fn, opt, x, y, scaler=scaler, autocast=autocast, capture=False)
+        step(x, y)  # the warm-up: tunes, creates the optimizer's and the scaler's state
+        watches = []
+        for _ in range(2):
+            with _watching() as watch:
+                loss = step(x, y)
+            watches.append(watch)
+            del loss
+    assert gpu.sms == 132
+    for watch in watches:
+        assert watch.syncs == [], "host synchronisations in the step:\n" + "\n".join(watch.syncs)
+    assert len(fused_calls) == 3, "the fused training path ran"
+    assert watches[0].ops == watches[1].ops, "two steps ran different ops: a branch on something that changed"
+    gc.collect()
+    state = [*model.parameters(), *model.buffers(), x, y, step.static_x, step.static_y]
+    state += [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    if scaler is not None:
+        state += [scaler._scale, scaler._growth_tracker]
+    owned = _storages(state)
+    grads = _storages(p.grad for p in model.parameters())
+    escaped = [t for ref in watches[1].outputs if (t := ref()) is not None]
+    escaped = [t for t in escaped if t.untyped_storage().data_ptr() not in owned | grads]
+    assert escaped == [], f"tensors made by the step outlive it: {[(tuple(t.shape), t.dtype) for t in escaped]}"
+    new_grads = [ref() for ref in watches[1].outputs if ref() is not None]
+    assert grads <= _storages(new_grads), "each step's backward allocates the gradients (captured: in the pool)"
+
+
+def test_the_watch_sees_what_breaks_a_capture(taped_under_watch):
+    """The watch is not blind: a loss that reads a value, and a model op made from host data,
+    are caught."""
+    model = _narrow_train_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batches(1)[0]
+
+    def loss_fn(out, target):
+        loss = torch.nn.functional.mse_loss(out, target)
+        if loss > 10:  # a Python branch on a value
+            loss = loss + torch.tensor(0.0)
+        print(f"loss {loss.item():.3f}", file=open("/dev/null", "w"))
+        return loss
+
+    step = fastunet.graph_train_step(model, loss_fn, opt, x, y, capture=False)
+    step(x, y)
+    with _watching() as watch:
+        step(x, y)
+    assert len(watch.syncs) >= 2 and all("test_graphs.py" in s for s in watch.syncs[:2]), watch.syncs
+
+
+def test_training_step_warms_up_then_captures_once_and_replays(fake_cuda):
+    model = _narrow_train_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = _batches(6)
+    step = fastunet.graph_train_step(model, torch.nn.MSELoss(), opt, *batches[0], warmup=2)
+    tracked = model.conv1.conv[1].num_batches_tracked.item()
+    losses = [step(x, y) for x, y in batches[:2]]
+    assert fake_cuda["captures"] == 0 and step.graph is None
+    assert losses[0] is not losses[1], "warm-up calls are eager steps, each with its own loss"
+    assert model.conv1.conv[1].num_batches_tracked.item() == tracked + 2, (
+        "warm-up calls are training steps on the batches given"
+    )
+    grads_before = [p.grad for p in model.parameters()]
+    loss = step(*batches[2])  # captures (the stand-in runs the body once) and replays
+    assert fake_cuda["captures"] == 1 and _Graph.replays == 1 and loss is step.static_loss
+    assert all(a is not b for a, b in zip(grads_before, (p.grad for p in model.parameters()), strict=True)), (
+        "the capture's backward allocates new gradients (in the graph's pool)"
+    )
+    for x, y in batches[3:]:
+        assert step(x, y) is loss
+        assert torch.equal(step.static_x, x) and torch.equal(step.static_y, y), "copied in before the replay"
+    assert fake_cuda["captures"] == 1 and _Graph.replays == 4 and step.captures == 1 and step.calls == 6
+
+
+def test_training_step_refuses_another_batch_signature(fake_cuda):
+    model = _narrow_train_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batches(1)[0]
+    step = fastunet.graph_train_step(model, torch.nn.MSELoss(), opt, x, y)
+    with pytest.raises(ValueError, match=r"step\(x\): shape \[1, 3, 8, 8\] differs from the captured \[2, 3, 8, 8\]"):
+        step(x[:1], y[:1])
+    with pytest.raises(ValueError, match=r"step\(y\): dtype torch.float32 differs"):
+        step(x, y.float())
+    with pytest.raises(ValueError, match=r"step\(x\): on meta"):
+        step(x.to("meta"), y)
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        step(x.numpy(), y)
+    assert step.calls == 0, "nothing ran"
+
+
+def test_training_step_refuses_what_a_capture_cannot_hold(fake_cuda):
+    model = _narrow_train_model()
+    x, y = _batches(1)[0]
+    loss_fn = torch.nn.MSELoss()
+    with pytest.raises(GraphCaptureError, match="capturable=True"):
+        fastunet.graph_train_step(model, loss_fn, torch.optim.AdamW(model.parameters()), x, y)
+    fastunet.graph_train_step(model, loss_fn, torch.optim.AdamW(model.parameters(), capturable=True), x, y)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(GraphCaptureError, match="fused=True"):
+        fastunet.graph_train_step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), x, y, scaler=scaler)
+    fused = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    fastunet.graph_train_step(model, loss_fn, fused, x, y, scaler=scaler)
+    with pytest.raises(GraphCaptureError, match="closure"):
+        fastunet.graph_train_step(model, loss_fn, torch.optim.LBFGS(model.parameters()), x, y)
+    with pytest.raises(ValueError, match="warmup"):
+        fastunet.graph_train_step(model, loss_fn, fused, x, y, warmup=0)
+    with pytest.raises(ValueError, match="autocast"):
+        fastunet.graph_train_step(model, loss_fn, fused, x, y, autocast=torch.float64)
+    with pytest.raises(ValueError, match="one device"):
+        fastunet.graph_train_step(model, loss_fn, fused, x, y.to("meta"))
+
+
+def test_training_step_without_a_gpu_says_capture_false(monkeypatch):
+    model = _narrow_train_model()
+    x, y = _batches(1)[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="capture=False"):
+        fastunet.graph_train_step(model, torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.1), x, y)
+
+
+@pytest.mark.parametrize("how", ["item", "print", "if", "cpu"])
+def test_a_loss_that_syncs_is_a_clear_error_before_the_capture(fake_cuda, how):
+    """From the second warm-up call on, the step runs with host syncs as errors (mocked here as CUDA
+    does it): a loss that reads a value fails there, in one line, not in the capture."""
+    model = _narrow_train_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss_fn(out, target):
+        loss = torch.nn.functional.mse_loss(out, target)
+        if how == "item":
+            loss.item()
+        elif how == "print":
+            str(loss)
+        elif how == "if" and loss > 1e9:
+            loss = loss * 0
+        elif how == "cpu":
+            loss = loss.cpu().tolist() and loss
+        return loss
+
+    batches = _batches(2)
+    step = fastunet.graph_train_step(model, loss_fn, opt, *batches[0])
+    step(*batches[0])  # the first warm-up call is not checked (it tunes, which times on the host)
+    with pytest.raises(GraphCaptureError, match="synchronises with the host") as err:
+        step(*batches[1])
+    assert "\n" not in str(err.value)
+    assert torch.cuda.get_sync_debug_mode() == "default", "the debug mode is put back"
+    assert fake_cuda["captures"] == 0
+
+
+def test_a_failed_capture_is_a_clear_error(fake_cuda, monkeypatch):
+    model = _narrow_train_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batches(1)[0]
+
+    @contextlib.contextmanager
+    def failing_graph(g):
+        yield
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    step = fastunet.graph_train_step(model, torch.nn.MSELoss(), opt, x, y, warmup=1)
+    step(x, y)
+    with pytest.raises(GraphCaptureError, match=r"capturing the training step failed \(RuntimeError: CUDA error"):
+        step(x, y)
+    assert step.graph is None
+
+
+def test_a_changed_hyperparameter_or_mode_is_refused_until_reset(fake_cuda):
+    model = _narrow_train_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batches(1)[0]
+    step = fastunet.graph_train_step(model, torch.nn.MSELoss(), opt, x, y, warmup=1)
+    step(x, y)
+    step(x, y)
+    opt.param_groups[0]["lr"] = 0.01
+    with pytest.raises(GraphCaptureError, match="param group 0's lr changed from 0.1 to 0.01"):
+        step(x, y)
+    step.reset()
+    step(x, y)
+    assert fake_cuda["captures"] == 2
+    model.eval()
+    with pytest.raises(GraphCaptureError, match="switched to eval mode"):
+        step(x, y)
 
 
 # ------------------------------------------------------------------ ring 3: real graphs
