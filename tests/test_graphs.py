@@ -23,7 +23,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import HAS_CUDA, assert_close, model_pair
+from helpers import HAS_CUDA, assert_close, model_pair, tolerance_name
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -631,3 +631,60 @@ def test_capture_before_any_tuning_works(tmp_path, monkeypatch):
         warnings.simplefilter("error")  # no "new shape inside a capture" warning
         y = model.eval().cuda_graph(x)(x).clone()
         assert torch.equal(y, model(x))
+
+
+def _gpu_train_setup(kind: str):
+    """(model, optimizer, scaler, autocast) for one of the captured configurations."""
+    _, model = model_pair(3, 1, dtype=torch.float32, device="cuda", out_activation="none", base_channels=8)
+    model.train()
+    if kind == "fp32-sgd":
+        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), None, None
+    if kind == "bf16-adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True), None, torch.bfloat16
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+    return model, opt, torch.amp.GradScaler("cuda", init_scale=2.0**12), torch.float16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["fp32-sgd", "bf16-adamw", "fp16-fused-adamw-scaler"])
+def test_captured_training_equals_the_uncaptured_step_on_gpu(kind):
+    """Six steps (3 warm-up, the capture, 2 replays) of the graph against the same step without a
+    graph from the same start: the same losses, weights, BatchNorm statistics and scale."""
+    runs = []
+    batches = [(torch.randn(2, 3, 64, 64, device="cuda"), torch.rand(2, 1, 64, 64, device="cuda")) for _ in range(6)]
+    for capture in (True, False):
+        torch.manual_seed(0)
+        model, opt, scaler, autocast = _gpu_train_setup(kind)
+        step = fastunet.graph_train_step(
+            model, torch.nn.BCEWithLogitsLoss(), opt, *batches[0], scaler=scaler, autocast=autocast, capture=capture
+        )
+        losses = [step(x, y).clone() for x, y in batches]
+        runs.append((losses, model.state_dict(), scaler.get_scale() if scaler else None, step.captures))
+    (graphed, g_state, g_scale, captures), (eager, e_state, e_scale, _) = runs
+    assert captures == 1
+    tol = tolerance_name(torch.float32) if kind == "fp32-sgd" else ("bf16" if kind.startswith("bf16") else "fp16")
+    for a, b in zip(graphed, eager, strict=True):
+        assert_close(a, b, tol, "loss", scale=1.0)
+    for name in e_state:
+        if e_state[name].is_floating_point():
+            assert_close(g_state[name], e_state[name], tol, name)
+        else:
+            assert torch.equal(g_state[name], e_state[name]), name
+    assert g_scale == e_scale
+
+
+@pytest.mark.cuda
+def test_a_loss_that_syncs_is_refused_on_gpu():
+    model, opt, _, _ = _gpu_train_setup("fp32-sgd")
+    x, y = torch.randn(1, 3, 32, 32, device="cuda"), torch.rand(1, 1, 32, 32, device="cuda")
+
+    def loss_fn(out, target):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, target)
+        print(f"loss {loss.item():.3f}")
+        return loss
+
+    step = fastunet.graph_train_step(model, loss_fn, opt, x, y)
+    step(x, y)
+    with pytest.raises(GraphCaptureError, match="synchronises with the host"):
+        step(x, y)
+    assert torch.cuda.get_sync_debug_mode() == 0
