@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import re
 import sys
 import traceback
 import warnings
@@ -688,3 +689,18 @@ def test_a_loss_that_syncs_is_refused_on_gpu():
     with pytest.raises(GraphCaptureError, match="synchronises with the host"):
         step(x, y)
     assert torch.cuda.get_sync_debug_mode() == 0
+
+
+def test_the_training_guide_example_runs(tmp_path):
+    """docs/training.md's graph_train_step example as a user runs it on a CPU (capture=False, the
+    module tree on the "auto" backend)."""
+    from test_readme import doc_blocks, run_block
+
+    (block,) = doc_blocks("graph-train")
+    fastunet.set_backend("auto")  # the triton_backend fixture puts the forced backend back after
+    ns, out = run_block(block, tmp_path)
+    step = ns["step"]
+    assert re.fullmatch(r"loss \d+\.\d{3}\n", out)
+    assert step.calls == 6 and step.graph is None and not step.capture
+    assert step.static_loss is None and torch.isfinite(ns["loss"])
+    assert all(p.grad is not None for p in ns["model"].parameters()), "a training step ran"

@@ -34,7 +34,10 @@ DOC_FILES = [README, *sorted((REPO / "docs").glob("*.md"))]
 # Every tagged block, by kind, and how many there are across README.md and docs/*.md. A block that
 # lost its tag in a move, a new tag, or a kind that no test asks for fails
 # test_every_tagged_block_is_run_by_a_test.
-TAGGED = {"cpu": 2, "load-quick": 1, "cli": 1, "export": 1, "convert": 1, "checkpoint": 1, "load": 1, "predict": 1}
+TAGGED = {
+    "cpu": 2, "load-quick": 1, "cli": 1, "export": 1, "convert": 1, "checkpoint": 1, "load": 1, "predict": 1,
+    "graph-train": 1,
+}  # fmt: skip
 
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 _TAG = re.compile(r"<!-- readme-test: ([\w-]+) -->\n$")
