@@ -704,3 +704,29 @@ def test_the_training_guide_example_runs(tmp_path):
     assert step.calls == 6 and step.graph is None and not step.capture
     assert step.static_loss is None and torch.isfinite(ns["loss"])
     assert all(p.grad is not None for p in ns["model"].parameters()), "a training step ran"
+
+
+@pytest.mark.slow
+def test_reduce_overhead_compile_trains_like_eager():
+    """``torch.compile(model, mode="reduce-overhead")`` in training: the fused training forward is one
+    graph without breaks (the ops are opaque with fake implementations), and two SGD steps give
+    eager's losses, weights and BatchNorm buffers (on CPU inductor makes no CUDA graphs; the
+    compiled forward and backward must still be right)."""
+    torch._dynamo.reset()
+    model = _narrow_train_model()
+    twin = copy.deepcopy(model)
+    explained = torch._dynamo.explain(copy.deepcopy(model))(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(model, mode="reduce-overhead")
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    batches = _batches(2)
+    got = _eager_losses(compiled, loss_fn, opt, batches)
+    expected = _eager_losses(twin, loss_fn, twin_opt, batches)
+    for a, b in zip(got, expected, strict=True):
+        assert_close(a, b, "fp64", "loss", scale=1.0)
+    a, b = model.state_dict(), twin.state_dict()
+    for name in a:
+        assert_close(a[name], b[name], "fp64", name, scale=1.0) if a[name].is_floating_point() else None
+        assert torch.equal(a[name], b[name]) or a[name].is_floating_point(), name
