@@ -190,24 +190,11 @@ class GraphCaptureError(RuntimeError):
     decides on the host, changed hyperparameters): the message says which and what to do."""
 
 
-def graph_train_step(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    optimizer: torch.optim.Optimizer,
-    example_x: Tensor,
-    example_y: Tensor,
-    *,
-    scaler=None,
-    autocast: torch.dtype | None = None,
-    warmup: int = 3,
-    capture: bool = True,
-) -> TrainStep:
+def graph_train_step(model, loss_fn, optimizer, example_x, example_y, **options) -> TrainStep:
     """A ``TrainStep``: forward, loss, backward and optimizer step of ``model`` as one CUDA graph,
-    replayed by ``step(x, y)`` (see ``TrainStep`` for the arguments and the rules)."""
-    return TrainStep(
-        model, loss_fn, optimizer, example_x, example_y, scaler=scaler, autocast=autocast, warmup=warmup,
-        capture=capture,
-    )  # fmt: skip
+    replayed by ``step(x, y)``. ``options``: ``scaler``, ``autocast``, ``warmup``, ``capture`` (see
+    ``TrainStep`` for them and the rules)."""
+    return TrainStep(model, loss_fn, optimizer, example_x, example_y, **options)
 
 
 class TrainStep:
