@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _specs
 from ._common import (
@@ -596,19 +597,34 @@ def _tuned_configs(kind: str, arch: int, elem_bytes: int, precision: str, in_nor
 # --------------------------------------------------------------------------------------
 
 
-def _phase_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+_PHASE_MATRICES: dict = {}
+
+
+def _phase_matrix(dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """``[9, 4]`` 0/1: tap block k of the packed weight is ``sum_ab P[k, a*2 + b] * W[:, :, a, b]``.
 
     Phase ``(di, dj)``'s tap ``(dr, dc)`` collects kernel row a iff ``a*di == dr`` (di = 0: every
-    row lands on low-res row r) and kernel column b iff ``b*dj == dc``.
+    row lands on low-res row r) and kernel column b iff ``b*dj == dc``. Made once per dtype and
+    device: building it from a Python list is a host-to-device copy that waits for the GPU, which
+    a training step must not do every time (nor could a captured CUDA graph hold it). Made
+    outside inference mode, so that a packing autograd records can save it.
     """
-    rows = []
-    for di in (0, 1):
-        for dj in (0, 1):
-            for dr in range(di + 1):
-                for dc in range(dj + 1):
-                    rows.append([float(a * di == dr and b * dj == dc) for a in (0, 1) for b in (0, 1)])
-    return torch.tensor(rows, dtype=dtype, device=device)
+    device = like.device
+    # Under a trace (fake tensors) a constant is made in the trace's mode, never kept.
+    traced = is_fake(like)
+    matrix = None if traced else _PHASE_MATRICES.get((dtype, device))
+    if matrix is None:
+        rows = []
+        for di in (0, 1):
+            for dj in (0, 1):
+                for dr in range(di + 1):
+                    for dc in range(dj + 1):
+                        rows.append([float(a * di == dr and b * dj == dc) for a in (0, 1) for b in (0, 1)])
+        if traced:
+            return torch.tensor(rows, dtype=dtype, device=device)
+        with torch.inference_mode(False), torch.no_grad():
+            matrix = _PHASE_MATRICES[(dtype, device)] = torch.tensor(rows, dtype=dtype, device=device)
+    return matrix
 
 
 def pack_upconv_nearest2x2_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -629,7 +645,7 @@ def pack_upconv_nearest2x2_weight(weight: torch.Tensor, dtype: torch.dtype | Non
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     c_out, c_in = weight.shape[:2]
     w_ab = weight.to(acc).permute(2, 3, 1, 0).reshape(4, c_in, c_out)  # [(a, b), C_in, C_out]
-    packed = torch.einsum("ka,aio->kio", _phase_matrix(acc, weight.device), w_ab)
+    packed = torch.einsum("ka,aio->kio", _phase_matrix(acc, weight), w_ab)
     return packed.to(dtype or weight.dtype).contiguous()
 
 

@@ -383,15 +383,7 @@ def _storages(tensors) -> set:
         "sgd-fp32",
         "fused-adam-fp16-scaler",
         "sgd-fp32-dropout-bilinear",
-        pytest.param(
-            "sgd-fp32-nearest_conv",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the nearest_conv up builds its [9, 4] phase matrix with torch.tensor(list, device=...) every "
-                "step (kernels/upconv_nearest2x2.py:611 in the forward's packing, fastunet/ops/upconv_nearest2x2.py:57 "
-                "in the backward): a host-to-device copy that synchronises and that a capture cannot hold",
-            ),
-        ),
+        "sgd-fp32-nearest_conv",
     ],
 )
 def test_the_training_step_is_capture_safe(setup, taped_under_watch, fused_calls):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from ._common import (
     acc_dtype,
@@ -44,17 +45,31 @@ _PHASE_BASE = (0, 1, 3, 5)
 _PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
-def _phase_matrix(dtype: torch.dtype, device: torch.device) -> Tensor:
+_PHASE_MATRICES: dict = {}
+
+
+def _phase_matrix(dtype: torch.dtype, like: Tensor) -> Tensor:
     """``[9, 4]`` 0/1: packed tap block k is ``sum_ab P[k, a*2 + b] * W[:, :, a, b]`` (the same
-    matrix as ``kernels.upconv_nearest2x2._phase_matrix``): phase ``(di, dj)``'s tap ``(dr, dc)``
-    collects kernel row a iff ``a*di == dr`` and column b iff ``b*dj == dc``."""
-    rows = [
-        [float(a * di == dr and b * dj == dc) for a in (0, 1) for b in (0, 1)]
-        for di, dj in _PHASES
-        for dr in range(di + 1)
-        for dc in range(dj + 1)
-    ]
-    return torch.tensor(rows, dtype=dtype, device=device)
+    matrix as ``kernels.upconv_nearest2x2._phase_matrix``, kept here so the op layer needs no
+    triton): phase ``(di, dj)``'s tap ``(dr, dc)`` collects kernel row a iff ``a*di == dr`` and
+    column b iff ``b*dj == dc``. Made once per dtype and device, outside inference mode: a
+    host-to-device copy per step would wait for the GPU and break a CUDA graph capture."""
+    device = like.device
+    # Under a trace (fake tensors) a constant is made in the trace's mode, never kept.
+    traced = is_fake(like)
+    matrix = None if traced else _PHASE_MATRICES.get((dtype, device))
+    if matrix is None:
+        rows = [
+            [float(a * di == dr and b * dj == dc) for a in (0, 1) for b in (0, 1)]
+            for di, dj in _PHASES
+            for dr in range(di + 1)
+            for dc in range(dj + 1)
+        ]
+        if traced:
+            return torch.tensor(rows, dtype=dtype, device=device)
+        with torch.inference_mode(False), torch.no_grad():
+            matrix = _PHASE_MATRICES[(dtype, device)] = torch.tensor(rows, dtype=dtype, device=device)
+    return matrix
 
 
 def _pack(weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -65,7 +80,7 @@ def _pack(weight: Tensor, dtype: torch.dtype) -> Tensor:
         return weight.to(dtype)
     acc = torch.float64 if torch.float64 in (weight.dtype, dtype) else torch.float32
     w_ab = weight.to(acc).permute(2, 3, 1, 0).reshape(4, weight.shape[1], weight.shape[0])
-    return torch.einsum("ka,aio->kio", _phase_matrix(acc, weight.device), w_ab).to(dtype)
+    return torch.einsum("ka,aio->kio", _phase_matrix(acc, weight), w_ab).to(dtype)
 
 
 def _phase_weight(packed: Tensor, phase: int) -> Tensor:
@@ -168,7 +183,7 @@ def _weight_grad(g: Tensor, x: Tensor, weight: Tensor, in_scale, in_shift) -> Te
     gp = AUTO.upconv_nearest2x2_weight_grad(g, x, in_scale, in_shift)  # [9, C_in, C_out]
     if weight.dim() == 3:
         return gp.to(weight.dtype)
-    g_ab = torch.einsum("ka,kio->aio", _phase_matrix(gp.dtype, gp.device), gp)  # [(a, b), C_in, C_out]
+    g_ab = torch.einsum("ka,kio->aio", _phase_matrix(gp.dtype, gp), gp)  # [(a, b), C_in, C_out]
     return g_ab.reshape(2, 2, x.shape[1], -1).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
 
 

@@ -548,3 +548,17 @@ def test_keras_sizes_cuda(c_in, c_out, h, w, dtype, norm):
     x_norm = make_norm(c_in, device) if norm else None
     xin = materialized_norm(x, *x_norm) if norm else x
     assert_close(weight_grad(g, x, x_norm=x_norm), reference_block_grad(g, xin), tolerance_name(dtype), "wgrad")
+
+
+def test_the_phase_matrix_is_made_once_and_usable_by_autograd():
+    # A per-step torch.tensor(list, device=cuda) waits for the GPU and breaks a CUDA graph
+    # capture: both layers keep one matrix per dtype and device.
+    for make in (kernel_module._phase_matrix, op_module._phase_matrix):
+        with torch.inference_mode():
+            first = make(torch.float64, torch.empty(0))
+        assert make(torch.float64, torch.empty(0)) is first and not first.is_inference()
+        assert torch.equal(first, kernel_module._phase_matrix(torch.float64, torch.empty(0)))
+        assert first.shape == (9, 4) and first.sum(1).tolist() == [4, 2, 2, 2, 2, 1, 1, 1, 1]
+    w = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    pack(w).sum().backward()  # the cached matrix, made under inference mode, saved for backward
+    assert w.grad is not None and torch.isfinite(w.grad).all()
