@@ -16,6 +16,10 @@ safetensors file is tensors and a JSON header, nothing else. The weights are the
      "class": "UNet", "in_ch": 3, "out_ch": 1, "base_channels": 64, "depth": 4,
      "out_activation": "sigmoid", "dtype": "float32"}
 
+A ``UNet`` built with ``recompute=True`` (``fastunet.recompute``) adds ``"recompute": true``: how it
+trains, not its architecture, so a top-level key that ``UNet.from_pretrained`` restores and a
+``UNetReference`` (or an older fastunet) ignores.
+
 A model with architecture options other than the classic ones (``model.options``, e.g. a
 ``preset="keras"`` model) adds them all under ``"options"``::
 
@@ -103,6 +107,10 @@ def model_config(model: UNetReference) -> dict:
     if options != {key: DEFAULT_OPTIONS[key] for key in _OPTION_KEYS}:
         config["options"] = options  # all of them: the file says what it is, whatever the defaults become
     config["dtype"] = str(first.dtype).removeprefix("torch.")
+    if getattr(model, "recompute", False):
+        # How the model trains, not what it is: a top-level key (a reader that does not know it
+        # loads the same model), never under "options" (which an older reader refuses).
+        config["recompute"] = True
     return config
 
 
@@ -177,6 +185,8 @@ def read_config(directory: str | os.PathLike) -> dict:
             f"{path} has the architecture option(s) {', '.join(unknown)}, which this fastunet ({_version()}) does not "
             f"know (it knows {', '.join(_OPTION_KEYS)}): upgrade fastunet to load it"
         )
+    if not isinstance(config.get("recompute", False), bool):
+        raise CheckpointError(f'{path}: "recompute" must be true or false, got {config["recompute"]!r}')
     return config
 
 

@@ -86,7 +86,8 @@ class Checkpoint:
     implies (its preset's); None for a bare state_dict. ``preset``: the preset the format
     implies. ``names``: fastunet key -> the file's own name, where they differ (errors name the
     file's). ``notes``: what was taken off or ignored while reading. ``owned``: the tensors were
-    read from a file for this load (an in-memory source's are copied, never shared).
+    read from a file for this load (an in-memory source's are copied, never shared). ``recompute``:
+    the config's ``"recompute"`` (a ``save_pretrained`` folder of a ``UNet(..., recompute=True)``).
     """
 
     path: str
@@ -100,6 +101,7 @@ class Checkpoint:
     names: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     owned: bool = True
+    recompute: bool = False
 
 
 @dataclass
@@ -192,7 +194,7 @@ def read_pretrained(directory: str | os.PathLike, map_location=None) -> Checkpoi
     return Checkpoint(
         path=str(directory), where=str(weights), format="pretrained",
         container=f"save_pretrained folder ({CONFIG_NAME} + {WEIGHTS_NAME})", state=state,
-        inferred=_infer_lenient(state, str(weights)), recorded=recorded,
+        inferred=_infer_lenient(state, str(weights)), recorded=recorded, recompute=config.get("recompute", False),
     )  # fmt: skip
 
 
@@ -486,6 +488,8 @@ def build(ck: Checkpoint, *, cls: type | None = None, preset: str | None = None,
         # An in-memory source keeps its tensors; a file's are the model's own.
         state[key] = tensor.contiguous() if ck.owned else tensor.clone(memory_format=torch.contiguous_format)
     model.load_state_dict(state, strict=True, assign=True)
+    if ck.recompute and isinstance(model, UNet):  # the reference has no fused path to recompute on
+        model.recompute = True
     return model.eval()
 
 

@@ -52,6 +52,7 @@ from .guard import FusedLayers
 from .norm import fold_bn
 from .ops import calls_for, kernel_package, run_taped, unit_affine
 from .plan import Concat, Conv, DoubleConv, Head, Up, execute
+from .recompute import deferred_for
 
 __all__ = ["EvalForm", "TrainForm", "Weights", "compute_dtype", "eval_weights", "forward", "train_graph"]
 
@@ -222,7 +223,11 @@ def train_forward(model, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> 
 
 def train_graph(ops, model, x: Tensor, dtype: torch.dtype, layers: FusedLayers) -> Tensor:
     """The training forward against a calls object (``fastunet.ops.DISPATCH``, ``DIRECT`` or a tape)."""
-    return execute(layers.plan, TrainForm(ops, model, layers, dtype), x)
+    form = TrainForm(ops, model, layers, dtype)
+    out = execute(layers.plan, form, x)
+    if form.deferred is not None:  # recompute=True on a tape: drop what backward recomputes
+        form.deferred.apply()
+    return out
 
 
 class TrainForm:
@@ -232,6 +237,7 @@ class TrainForm:
         self.ops, self.layers, self.dtype = ops, layers, dtype
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
         self.entry_channels = kernel_package().entry_channels(model.in_ch, dtype)
+        self.deferred = deferred_for(ops, model, layers.plan)  # fastunet.recompute
 
     def entry(self, x: Tensor) -> _Act:
         return self.ops.pad_channels_nhwc(x, self.dtype, self.entry_channels), None, None
@@ -271,6 +277,8 @@ class TrainForm:
             )
         else:
             z, mean, var = ops.conv3x3_bn_stats(act[0], x2, weight, bias, act[1], act[2], x2_scale, x2_shift, min_count)
+        if self.deferred is not None:
+            self.deferred.note(unit.index, z)
         if bn is None:
             return (z, *unit_affine(conv.out_channels, z, acc))
         # float64 vectors (C numbers): the ops then hand back the BatchNorm weight's gradient

@@ -28,6 +28,7 @@ from .backend import get_backend, use_fused
 from .distributed import sync_group
 from .guard import check_fused_support, layers_of, warn_unsupported
 from .plan import plan_of
+from .recompute import check_recompute
 from .reference import UNetReference
 from .validation import validate_input
 
@@ -44,14 +45,30 @@ class UNet(UNetReference):
     Inference prepares the weights once (packed layouts, folded BatchNorm; on CPU the folded
     channels_last weights of ``fastunet.cpu_fold``) and reuses them while every parameter and
     buffer is unchanged; in training the ops take the parameters as they are and pack inside (so
-    autograd saves no packed copies). ``cuda_graph(example)`` gives a CUDA-graph replay of the
+    autograd saves no packed copies). ``recompute=True`` (keyword, also a settable attribute): fused
+    training keeps about a third less for backward and reruns each block's first conv in backward
+    (``fastunet.recompute``; docs/training.md). ``cuda_graph(example)`` gives a CUDA-graph replay of the
     inference forward for small batches.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, **options):
+    def __init__(self, in_ch: int, out_ch: int, *, recompute: bool = False, **options):
         super().__init__(in_ch, out_ch, **options)
+        self.recompute = recompute
         self._eval_plans: dict[tuple, fused.Weights] = {}  # the inference form's, per dtype/device
         plan_of(self)  # built now, outside any torch.compile trace (one per architecture)
+
+    @property
+    def recompute(self) -> bool:
+        """Whether fused training recomputes each DoubleConv's middle activation in backward instead
+        of keeping it (``fastunet.recompute``; settable; not part of the architecture)."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        self._recompute = check_recompute(value)
+
+    def extra_repr(self) -> str:
+        return "recompute=True" if self._recompute else ""
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
