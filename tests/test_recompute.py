@@ -82,7 +82,7 @@ def test_float64_recompute_matches_default(options, size):
 
 def test_float32_kernels_recompute_matches_default():
     model, other = pair(torch.float32, **NARROW)
-    x = torch.randn(2, 3, 8, 12)
+    x = torch.randn(2, 3, 4, 8)  # the interpreter: the smallest batch BatchNorm allows at the bottleneck
     assert_same_step(model, other, x, tolerance_name(torch.float32), "recompute float32")
 
 
