@@ -195,3 +195,24 @@ def test_option_constructor_attribute_repr_checkpoint(tmp_path):
     assert not hasattr(load_pretrained(tmp_path / "rc", cls=fastunet.UNetReference), "recompute")
     fastunet.UNet(3, 1, **NARROW).save_pretrained(tmp_path / "plain")
     assert fastunet.UNet.from_pretrained(tmp_path / "plain").recompute is False
+
+
+def test_recomputed_convs_are_each_double_convs_first():
+    from fastunet.plan import plan_of
+
+    plan = plan_of(fastunet.UNet(3, 1, pre_head=2, **NARROW))
+    firsts = recompute.recomputed_convs(plan)
+    assert firsts == {0, 2, 4, 6, 8}  # conv1..conv5's first convs; the pre-head conv (10) is not one
+    assert len(plan.convs) == 11
+
+
+def test_activation_memory_benchmark_rows():
+    """``benchmarks/activation_memory.py``'s row at a tiny size: the recompute column and its FLOPs."""
+    import activation_memory
+
+    row = activation_memory.measure(2, 16, 4, 2)
+    assert row["recompute_bytes"] < row["fastunet_bytes"] < row["reference_bytes"]
+    assert row["recompute_ratio"] == row["recompute_bytes"] / row["reference_bytes"]
+    layers = unet_layers(3, 1, batch=2, height=16, **NARROW)
+    assert row["training_flops"] == 3 * sum(spec.flops for spec in layers)
+    assert 1.0 < row["recompute_flops_ratio"] <= 1.2
