@@ -76,7 +76,7 @@ class _Dropped:
 class Deferred:
     """The tensors of one taped forward that backward recomputes instead of keeping.
 
-    ``convs``: the conv indices whose outputs are dropped (``recomputed_convs``). ``note(unit, z)``
+    ``convs``: the conv indices whose outputs are dropped (``recomputed_convs``). ``note(index, z)``
     during the forward, ``apply()`` after it (before ``Tape.finish``)."""
 
     def __init__(self, tape: Tape, convs: frozenset):
