@@ -34,6 +34,7 @@ from ._common import (
     unit_affine,
     use_kernels,
 )
+from .derived import derived
 from .op import AUTO, declare, kernel_package
 
 
@@ -76,10 +77,17 @@ def _check_conv3x3_weight(op: str, c_in: int, weight: Tensor, scale: Tensor, shi
 
 
 def _packed_conv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """The conv kernel's B operand layout in ``dtype`` (a no-op for an already packed weight)."""
+    """The conv kernel's B operand layout in ``dtype`` (a no-op for an already packed weight), made
+    once per parameter version (``derived``)."""
     if weight.dtype == dtype and weight.stride(0) == 1:
         return weight
-    return kernel_package().pack_conv3x3_weight(weight.detach(), dtype)
+    return derived(weight, ("conv3x3", dtype), lambda w: kernel_package().pack_conv3x3_weight(w.detach(), dtype))
+
+
+def _flipped_weight(w: Tensor, dtype: torch.dtype, packed: bool) -> Tensor:
+    """``w`` in ``dtype``, transposed and flipped: the input gradient's conv weight (packed for the kernels)."""
+    flipped = w.detach().to(dtype).transpose(0, 1).flip(2, 3)
+    return kernel_package().pack_conv3x3_weight(flipped) if packed else flipped
 
 
 def _conv3x3_composite(x, x2, weight, scale, shift, relu) -> Tensor:
@@ -319,9 +327,8 @@ def _conv3x3_input_grad(g: Tensor, weight: Tensor) -> Tensor:
     """dL/d(conv input) ``[N, C_in, H, W]`` of a pad-1 3x3 conv, from g = dL/dz ``[N, C_out, H, W]``:
     the forward conv op itself on the transposed, flipped weight (a 3x3 pad-1 conv's input
     gradient is such a conv), so the kernels compute it and ``torch.compile`` can trace it."""
-    flipped = weight.detach().to(g.dtype).transpose(0, 1).flip(2, 3)
-    if use_kernels(g):
-        flipped = kernel_package().pack_conv3x3_weight(flipped)
+    packed = use_kernels(g)
+    flipped = derived(weight, ("conv3x3_flipped", g.dtype, packed), lambda w: _flipped_weight(w, g.dtype, packed))
     ones, zeros = unit_affine(flipped.shape[0], g, acc_dtype(g.dtype))
     return AUTO.conv3x3_bn_act(g, None, flipped, ones, zeros, False)
 

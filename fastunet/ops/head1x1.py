@@ -24,6 +24,7 @@ from ._common import (
     use_kernels,
     with_norm_defaults,
 )
+from .derived import derived
 from .op import declare, kernel_package
 
 
@@ -56,7 +57,7 @@ def _head1x1_impl(x, weight, bias, activation, in_scale=None, in_shift=None):
     check_head("head1x1", x.shape[1], weight, bias, activation)
     check_norm("head1x1", x.shape[1], in_scale, in_shift)
     if use_kernels(x):
-        weight = weight.to(x.dtype)
+        weight = derived(weight, ("cast", x.dtype), lambda w: w.detach().to(x.dtype))
         if in_scale is None:
             return kernel_package().head1x1(x, weight, bias.float(), activation=activation)
         return kernel_package().head1x1(

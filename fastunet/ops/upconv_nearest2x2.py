@@ -36,6 +36,7 @@ from ._common import (
     use_kernels,
     with_norm_defaults,
 )
+from .derived import derived
 from .op import AUTO, declare, kernel_package
 
 # First tap block of each phase ``di*2 + dj`` in the packed weight, and each phase's (di, dj).
@@ -81,6 +82,12 @@ def _pack(weight: Tensor, dtype: torch.dtype) -> Tensor:
     acc = torch.float64 if torch.float64 in (weight.dtype, dtype) else torch.float32
     w_ab = weight.to(acc).permute(2, 3, 1, 0).reshape(4, weight.shape[1], weight.shape[0])
     return torch.einsum("ka,aio->kio", _phase_matrix(acc, weight), w_ab).to(dtype)
+
+
+def _kernel_weight(K, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The kernels' packed blocks in ``dtype``, made once per parameter version (``derived``)."""
+    pack = _pack if weight.dim() == 3 else K.pack_upconv_nearest2x2_weight
+    return derived(weight, ("upconv_nearest2x2", dtype), lambda w: pack(w.detach(), dtype))
 
 
 def _phase_weight(packed: Tensor, phase: int) -> Tensor:
@@ -162,7 +169,7 @@ def _composite(x, weight, bias, relu, in_scale, in_shift) -> Tensor:
 def _upconv_nearest2x2_impl(x, weight, bias, relu, in_scale=None, in_shift=None):
     if use_kernels(x):
         K = kernel_package()
-        w = _pack(weight, x.dtype) if weight.dim() == 3 else K.pack_upconv_nearest2x2_weight(weight.detach(), x.dtype)
+        w = _kernel_weight(K, weight, x.dtype)
         b = None if bias is None else bias.float()
         return K.upconv_nearest2x2(x, w, b, relu=relu, in_scale=in_scale, in_shift=in_shift)
     _check_upconv_nearest(x, weight, bias, in_scale, in_shift)
@@ -226,7 +233,7 @@ def _(g, weight):
 def _input_grad_impl(g, weight):
     if use_kernels(g):
         K = kernel_package()
-        packed = _pack(weight, g.dtype) if weight.dim() == 3 else K.pack_upconv_nearest2x2_weight(weight, g.dtype)
+        packed = _kernel_weight(K, weight, g.dtype)
         # The dgrad's B rows run along C_in: store the blocks [9, C_out, C_in] (a no-op if they are).
         packed = packed.detach().transpose(1, 2).contiguous().transpose(1, 2)
         return K.upconv_nearest2x2_input_grad(g, packed)
