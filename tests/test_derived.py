@@ -109,11 +109,12 @@ def _assert_same(a, b):
         torch.testing.assert_close(ga, gb, rtol=0, atol=0)
 
 
+@pytest.mark.model
 @pytest.mark.usefixtures("triton_backend")
 def test_training_steps_bit_identical_and_follow_optimizer(monkeypatch):
     """The fused training step with the cache equals one without it (a twin model whose every
     derivation is made afresh) bit for bit: on a hit, and after an optimizer's in-place update."""
-    model = fastunet.UNet(3, 2, base_channels=4, depth=2).train()
+    model = fastunet.UNet(3, 2, base_channels=4, depth=1).train()
     twin = copy.deepcopy(model)
     x = torch.randn(2, 3, 8, 8)
     opt, opt_twin = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, twin))
