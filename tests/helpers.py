@@ -8,17 +8,25 @@ kernel under test, not input rounding.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fastunet.tolerances import DTYPE_NAMES, TOLERANCES, error_ratios, tolerance_name
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Ring 2 (offline compiles) of every spec costs CPU-minutes per kernel module from a cold Triton
+# cache: the default run compiles a spread sample of each kernel's specs (every dtype and form),
+# FASTUNET_RING2_FULL=1 every spec (as `benchmarks/kernel_report.py --arch N` does).
+RING2_FULL = os.environ.get("FASTUNET_RING2_FULL") == "1"
+
 # The table and the dtype -> row rule live in the package (tuning verification uses them too);
 # tests keep importing them from here.
 __all__ = [
     "DTYPE_NAMES",
     "HAS_CUDA",
+    "RING2_FULL",
     "TOLERANCES",
     "assert_close",
     "max_rel_error",

@@ -28,6 +28,7 @@ if str(BENCH) not in sys.path:
     sys.path.append(str(BENCH))
 
 import kernel_report as kr  # noqa: E402
+from helpers import RING2_FULL  # noqa: E402
 
 pytestmark = pytest.mark.compile
 
@@ -563,7 +564,7 @@ def test_cli_reports_a_module_that_does_not_import(tmp_path):
 # (FASTUNET_RING2_FULL=1) and .ci/run compiles a spread sample on the newest triton and on 3.6.
 # Quick mode runs one spec per kernel and dtype.
 _FULL_REPORT = pytest.mark.skipif(
-    os.environ.get("FASTUNET_RING2_FULL") != "1",
+    not RING2_FULL,
     reason="the full ring-2 report: FASTUNET_RING2_FULL=1, or benchmarks/kernel_report.py --arch N",
 )
 
