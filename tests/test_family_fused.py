@@ -12,9 +12,10 @@ against ``UNetReference`` holding the same weights in float64.
 * ``torch.compile(fullgraph=True)`` of a preset (slow);
 * the CPU fallback's folded inference (``fastunet.cpu_fold``) for each option set.
 
-Sizes: 16x16 (every model), 17x23 and 33x20 (``odd_sizes="pad"`` models: every level's skip is
+Sizes: 8x8 (every model), 9x15 and 9x12 (``odd_sizes="pad"`` models: every level's skip is
 one row or column wider than the upsampled map somewhere). Widths are tiny (base 4, depth 2; one
-depth-3 case) so the interpreter runs a whole model in about a second.
+depth-3 case) and the sizes the smallest that reach every padding pattern (``PAD_PATTERNS``), so
+the interpreter runs a whole model in seconds.
 """
 
 from __future__ import annotations
@@ -63,7 +64,16 @@ CASES = {
         "pre_head": 3,
     },
 }
-SIZES = {"16x16": (16, 16), "17x23": (17, 23), "33x20": (33, 20)}
+SIZES = {"8x8": (8, 8), "9x15": (9, 15), "9x12": (9, 12)}
+EVEN, PAD, PAD_DEEP = "8x8", "9x15", "9x12"
+# Which levels' skips are wider than the upsampled map (a 1-row/column pad), per dimension, at
+# depth 2 and 3: 9 at the top level only, 15 at every level, 12 at none at depth 2 and at the
+# deepest level at depth 3. The sizes these replaced (17x23, 33x20: 3x and 6x the pixels through the
+# interpreter) have the same patterns: test_pad_sizes_reach_every_pattern.
+PAD_PATTERNS = {
+    2: {PAD: ((0,), (0, 1)), PAD_DEEP: ((0,), ())},
+    3: {PAD: ((0,), (0, 1, 2)), PAD_DEEP: ((0,), (2,))},
+}
 # The fp32 cases quick mode runs (the rest are slow tests, run by CI's full suite): the
 # interpreter takes tens of seconds per fp32 model here, so quick mode relies on the float64
 # decomposition tests (the ops' composites, same wiring) and the guard/fold tests instead.
@@ -79,10 +89,33 @@ def _params(quick: set) -> list:
     out = []
     for case, options in CASES.items():
         pad = options.get("odd_sizes", fastunet.PRESETS.get(options.get("preset"), {}).get("odd_sizes")) == "pad"
-        for size in SIZES if pad else ("16x16",):
+        for size in (PAD, PAD_DEEP) if pad else (EVEN,):
             marks = () if (case, size) in quick else (pytest.mark.slow,)
             out.append(pytest.param(case, size, marks=marks, id=f"{case}-{size}"))
     return out
+
+
+def padded_levels(n: int, depth: int) -> tuple[int, ...]:
+    """The levels (0: the top) whose skip of length ``n`` is longer than its upsampled map."""
+    sizes = [n]
+    for _ in range(depth):
+        sizes.append(sizes[-1] // 2)
+    return tuple(level for level in range(depth) if sizes[level] != 2 * sizes[level + 1])
+
+
+def test_pad_sizes_reach_every_pattern():
+    """The odd sizes pad at the levels PAD_PATTERNS says, as 17x23 and 33x20 did, and leave an
+    InstanceNorm more than one value per channel at the bottleneck of a depth-2 model."""
+    for depth, wanted in PAD_PATTERNS.items():
+        old = {PAD: (17, 23), PAD_DEEP: (33, 20)}
+        for size, pattern in wanted.items():
+            assert tuple(padded_levels(n, depth) for n in SIZES[size]) == pattern, (depth, size)
+            assert tuple(padded_levels(n, depth) for n in old[size]) == pattern, (depth, size, "old")
+    assert padded_levels(SIZES[EVEN][0], 2) == ()
+    for size in (EVEN, PAD, PAD_DEEP):
+        h, w = SIZES[size]
+        assert (h // 4) * (w // 4) > 1, size
+    assert {c.get("depth", 2) for c in CASES.values()} == set(PAD_PATTERNS)
 
 
 def fp32_pair(case: str, train: bool):
@@ -126,7 +159,7 @@ def test_eval_float64_decomposition(case, fused_calls):
     """float64 runs the ops' composites: the wiring (orders, pads, transforms) to ~1e-15."""
     ref, model = model_pair(3, 2, **_options(case))
     ref.eval(), model.eval()
-    size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    size = SIZES[PAD if model.odd_sizes == "pad" else EVEN]
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     with torch.no_grad():
         assert_close(run_fused(model, x, fused_calls), ref(x), "fp64", f"{case} float64 eval")
@@ -178,7 +211,7 @@ QUICK_FLOAT64_TRAIN = ("keras", "milesial", "milesial-bilinear", "nobias-dropout
 def test_train_float64_decomposition(case, fused_calls):
     ref, model = model_pair(3, 2, **_options(case))
     ref.train(), model.train()
-    size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    size = SIZES[PAD if model.odd_sizes == "pad" else EVEN]
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FusedPathWarning)
@@ -271,7 +304,7 @@ def test_guard_refuses_modified_option_tree(case, modify, module, words, fused_c
     modify(model)
     verdict = check_fused_support(model)
     assert not verdict.supported and verdict.module == module and words in verdict.reason, verdict
-    size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    size = SIZES[PAD if model.odd_sizes == "pad" else EVEN]
     x = torch.randn(1, 3, *size, dtype=torch.float64)
     with pytest.warns(FusedPathWarning, match=module.replace(".", r"\.")):
         y = model(x)
@@ -320,7 +353,7 @@ def test_nnunet_block_runs_eager_with_the_guards_reason(case, train, fused_calls
     assert _fast(model) == _explain(model) == verdict  # the fast check gives the refusal itself
     tree = check_fused_support(model, kernels=False)  # the module tree is the plan's
     assert tree.supported and tree.mode == verdict.mode
-    size = SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    size = SIZES[PAD if model.odd_sizes == "pad" else EVEN]
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     torch.manual_seed(5)
     with pytest.warns(FusedPathWarning, match=f"'{module}' {reason}"):
@@ -386,7 +419,7 @@ def test_cpu_fold_matches_reference(case, monkeypatch):
     monkeypatch.setattr(cpu_fold, "_build", lambda *a: built.append(1) or original(*a))
     ref, model = model_pair(3, 2, **(_options(case) if case in CASES else _nnunet_options(case)))
     ref.eval(), model.eval()
-    size = SIZES["33x20"] if model.odd_sizes == "pad" else SIZES["16x16"]
+    size = SIZES[PAD_DEEP if model.odd_sizes == "pad" else EVEN]
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     with torch.no_grad():
         assert_close(model(x), ref(x), "fp64", f"{case} cpu fold")
@@ -519,7 +552,7 @@ def test_inference_calls_the_ops_directly(case, expected, monkeypatch, fused_cal
         monkeypatch.setattr(type(fastunet.ops.DISPATCH), name, _no_dispatcher(name))
     ref, model = model_pair(3, 2, **_options(case))
     ref.eval(), model.eval()
-    x = torch.randn(1, 3, *(SIZES["17x23"] if model.odd_sizes == "pad" else SIZES["16x16"]), dtype=torch.float64)
+    x = torch.randn(1, 3, *(SIZES[PAD if model.odd_sizes == "pad" else EVEN]), dtype=torch.float64)
     with torch.no_grad():
         y = run_fused(model, x, fused_calls)
         assert_close(y, ref(x), "fp64", f"{case} direct inference")
