@@ -25,10 +25,25 @@ class _Counting:
 
 
 @pytest.fixture(autouse=True)
-def _empty_cache():
+def _empty_cache(monkeypatch):
     D.clear()
+    monkeypatch.setattr(D, "ENABLED", True)  # opt-in: these tests are about the cache itself
     yield
     D.clear()
+
+
+def test_off_by_default_so_an_update_through_data_is_seen(monkeypatch):
+    # p.data.sub_(...) changes neither _version nor the storage: a kept pack would be stale.
+    monkeypatch.undo()
+    assert D.ENABLED is False
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    version = w._version
+    first = D.derived(w, "k", _Counting())
+    w.data.add_(1.0)
+    assert w._version == version  # invisible to the version counter
+    again = D.derived(w, "k", _Counting())
+    assert torch.equal(again, (w.detach().to(torch.bfloat16) * 1)) and not torch.equal(again, first)
+    assert D.cache_size() == 0
 
 
 def test_hit_while_unchanged_and_per_key():

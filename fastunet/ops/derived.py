@@ -15,6 +15,13 @@ under a ``torch.compile`` trace, a ``TorchDispatchMode``, a functorch transform 
 capture: a captured graph must replay the derivation, since the parameter changes in place
 between replays without anyone checking its version.
 
+**Off by default** (``ENABLED``): an in-place update made through ``.data`` (``p.data.sub_(lr *
+p.grad)``, the manual SGD of many tutorials, ``p.data.clamp_()``, ``p.data.normal_()``) changes
+neither ``_version`` nor the storage, so a kept pack would silently run the old weights. Turn it on
+(``fastunet.ops.derived.ENABLED = True``) only where every update goes through the parameter
+itself (``torch.optim``, ``load_state_dict``, ``copy_`` under ``no_grad``): it then saves the
+copies per step when the weights do not change between steps (gradient accumulation, frozen layers).
+
 Each entry holds its tensor weakly (it goes when the parameter does) and the derived tensors
 strongly: for a bf16 training model, about the parameters' own size again.
 """
@@ -30,6 +37,9 @@ __all__ = ["cache_size", "clear", "derived"]
 
 _PLAIN = (Tensor, nn.Parameter)
 
+#: Whether ``derived`` keeps what it makes (see the module docstring for why it is off by default).
+ENABLED = False
+
 
 class _Entry:
     __slots__ = ("ref", "version", "ptr", "device", "made")
@@ -44,7 +54,7 @@ _ENTRIES: dict[int, _Entry] = {}
 
 
 def _cacheable(t: Tensor) -> bool:
-    if type(t) not in _PLAIN or t.is_inference():
+    if not ENABLED or type(t) not in _PLAIN or t.is_inference():
         return False
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
@@ -55,7 +65,7 @@ def _cacheable(t: Tensor) -> bool:
 
 def derived(t: Tensor, key, make):
     """``make(t)`` (a tensor computed from ``t`` alone, never written to by its users), cached per
-    ``(t, key)`` while ``t`` is unchanged (see the module docstring). ``key``: hashable, what
+    ``(t, key)`` while ``t`` is unchanged when ``ENABLED`` (see the module docstring). ``key``: hashable, what
     ``make`` derives (e.g. ``("conv3x3", torch.bfloat16)``)."""
     if not _cacheable(t):
         return make(t)
