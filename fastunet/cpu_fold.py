@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_ops
-from ._snapshot import is_current, tensors_state
+from ._snapshot import is_current, take_samples, tensors_state
 from .backend import get_cpu_fast_math
 from .guard import FusedLayers
 from .norm import fold_bn
@@ -65,15 +65,16 @@ class CpuPlan:
     with each sample's statistics, nothing folds) or None; ``ups``: per
     transposed conv ``(weight [2C, C, 2, 2] channels_last, bias [C])`` or nearest_conv up conv
     ``(weight [C, 2C, 2, 2] channels_last, bias [C] or None)``, none for bilinear; ``head``:
-    ``(weight [K, C, 1, 1], bias [K] or None)``. ``sources``/``versions``/``ptrs``: the tensors it
-    was built from, their ``_version`` and ``data_ptr`` then (held, so none can be freed and its
-    identity reused).
+    ``(weight [K, C, 1, 1], bias [K] or None)``. ``sources``/``versions``/``ptrs``/``samples``: the
+    tensors it was built from, their ``_version``, ``data_ptr`` and sampled values then
+    (``fastunet._snapshot``; held, so none can be freed and its identity reused).
     """
 
     key: tuple
     sources: tuple
     versions: tuple
     ptrs: tuple
+    samples: tuple | None
     convs: list
     norms: list
     ups: list
@@ -106,7 +107,7 @@ def _as_is(conv: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     return conv.weight.to(dtype).contiguous(memory_format=_CL), bias
 
 
-def _build(layers: FusedLayers, dtype: torch.dtype, key, sources, versions, ptrs) -> CpuPlan:
+def _build(layers: FusedLayers, dtype: torch.dtype, key, sources, versions, ptrs, samples) -> CpuPlan:
     # Plain tensors even inside torch.inference_mode: the plan is reused outside it, where an
     # inference tensor could not be saved for backward (the input-gradient case).
     with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -122,7 +123,7 @@ def _build(layers: FusedLayers, dtype: torch.dtype, key, sources, versions, ptrs
         ups = [_as_is(mods[u.params], dtype) for u in plan.ups if u.params is not None]
         head = mods[plan.head.path]
         head_b = head.bias.to(dtype) if head.bias is not None else None
-        return CpuPlan(key, sources, versions, ptrs, convs, norms, ups, (head.weight.to(dtype), head_b))
+        return CpuPlan(key, sources, versions, ptrs, samples, convs, norms, ups, (head.weight.to(dtype), head_b))
 
 
 def _instance_params(norm: nn.InstanceNorm2d, dtype: torch.dtype) -> tuple:
@@ -150,7 +151,7 @@ def cpu_plan(model: nn.Module, layers: FusedLayers, sources: tuple, eps: tuple, 
     # let their weights go before the new ones are made.
     for k in [k for k, p in plans.items() if k == key or not all(map(is_, p.sources, sources))]:
         del plans[k]
-    plan = plans[key] = _build(layers, dtype, key, sources, versions, ptrs)
+    plan = plans[key] = _build(layers, dtype, key, sources, versions, ptrs, take_samples(sources))
     return plan
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._snapshot import is_current, tensors_state
+from ._snapshot import is_current, take_samples, tensors_state
 from .distributed import group_name, sync_group
 from .guard import FusedLayers
 from .norm import fold_bn
@@ -108,15 +108,17 @@ class Weights:
     ``convs``: per 3x3 conv (``plan.convs`` order) ``(packed weight, scale, shift)`` (eval
     BatchNorm and conv bias folded); ``ups``: per up-sampling with weights ``(packed weight,
     fp32 bias or None)``; ``head``: ``(weight in the compute dtype, fp32 bias)``; ``entry``:
-    channels of the padded input. ``sources``/``versions``/``ptrs``: the parameters and buffers
-    it was built from, their ``_version`` and storage then (it holds them, so none can be freed
-    and its address or identity reused while it lives).
+    channels of the padded input. ``sources``/``versions``/``ptrs``/``samples``: the parameters
+    and buffers it was built from, their ``_version``, storage and sampled values then
+    (``fastunet._snapshot``; it holds them, so none can be freed and its address or identity
+    reused while it lives).
     """
 
     key: tuple
     sources: tuple
     versions: tuple
     ptrs: tuple
+    samples: tuple | None
     convs: list
     ups: list
     head: tuple
@@ -130,21 +132,22 @@ def eval_weights(model, layers: FusedLayers, dtype: torch.dtype, device: torch.d
     or under ``torch.compile`` (the compiler traces, and can constant-fold, it).
     """
     if torch.compiler.is_compiling():
-        return _build_weights(model, layers, dtype, device, (), (), (), ())
+        return _build_weights(model, layers, dtype, device, (), (), (), (), None)
     sources, eps = layers.sources()
     if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-        return _build_weights(model, layers, dtype, device, (), (), (), ())
+        return _build_weights(model, layers, dtype, device, (), (), (), (), None)
     key = (dtype, device, torch.is_inference_mode_enabled(), eps)
     cache = model._eval_plans
     weights = cache.get(key)
     versions, ptrs = tensors_state(sources)
     if weights is not None and is_current(weights, sources, versions, ptrs):
         return weights
-    weights = cache[key] = _build_weights(model, layers, dtype, device, key, sources, versions, ptrs)
+    samples = take_samples(sources)
+    weights = cache[key] = _build_weights(model, layers, dtype, device, key, sources, versions, ptrs, samples)
     return weights  # one per (dtype, device, ...): a few at most
 
 
-def _build_weights(model, layers: FusedLayers, dtype, device, key, sources, versions, ptrs) -> Weights:
+def _build_weights(model, layers: FusedLayers, dtype, device, key, sources, versions, ptrs, samples) -> Weights:
     k = kernel_package()
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     entry = k.entry_channels(model.in_ch, dtype)
@@ -167,7 +170,7 @@ def _build_weights(model, layers: FusedLayers, dtype, device, key, sources, vers
         ups.append((pack(up.weight, dtype), None if up.bias is None else up.bias.to(acc)))
     head = mods[plan.head.path]
     bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
-    return Weights(key, sources, versions, ptrs, convs, ups, (head.weight.to(dtype), bias.to(acc)), entry)
+    return Weights(key, sources, versions, ptrs, samples, convs, ups, (head.weight.to(dtype), bias.to(acc)), entry)
 
 
 class EvalForm:

@@ -27,6 +27,7 @@ from . import cpu_fold, fused
 from .backend import get_backend, use_fused
 from .distributed import sync_group
 from .guard import check_fused_support, layers_of, warn_unsupported
+from .ops import derived
 from .plan import plan_of
 from .recompute import check_recompute
 from .reference import UNetReference
@@ -126,6 +127,22 @@ class UNet(UNetReference):
         # ones would only hold memory until the next CPU forward noticed.
         cpu_fold.forget(self)
         return super()._apply(fn, *args, **kwargs)
+
+    def refresh(self) -> None:
+        """Drop every copy of the weights this model prepared (the inference weights of each
+        dtype/device, the CPU fold's folded and prepacked weights, opt-in training packs): the next
+        forward derives them from the parameters and buffers as they are then.
+
+        Needed only after editing parameters or buffers in place through ``.data`` (e.g.
+        ``p.data.mul_(a).add_(q.data, alpha=1 - a)``) on a GPU, or partially on the CPU: such an
+        edit leaves the tensor's version counter unchanged, so the caches cannot see it
+        (``fastunet._snapshot``). Optimizer steps, ``load_state_dict``, ``.to()``, assignments and
+        in-place updates under ``torch.no_grad()`` are seen without it. A ``cuda_graph`` runner
+        re-captures on its next call.
+        """
+        self._eval_plans.clear()
+        cpu_fold.forget(self)
+        derived.clear()
 
     def _fused_forward(self, x: Tensor, batch_stats: bool) -> Tensor:
         """The fused path (``fastunet.fused``): the training form when some BatchNorm uses batch

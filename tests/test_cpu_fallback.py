@@ -414,6 +414,48 @@ def test_folded_weights_cached_until_a_source_changes(fold_runs):
     assert fold_runs == [1] * 6
 
 
+def test_data_edits_seen_or_refreshed(fold_runs):
+    """An in-place edit through ``.data`` leaves the version counter alone: a whole-tensor rewrite
+    (the mean-teacher EMA, a clamp) is caught by the sampled values; a single-element edit may not
+    be, and ``refresh()`` is the documented way to make it visible."""
+    ref, model = pair(torch.float64)
+    x = rand(dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+        plan = cpu_fold._PLANS[model][(torch.float64, (1e-5,) * 10)]
+        model(x)
+        assert cpu_fold._PLANS[model][plan.key] is plan  # unchanged values: reused
+
+        for m in (model, ref):  # EMA through .data on every parameter
+            for p in m.parameters():
+                p.data.mul_(0.9).add_(torch.ones_like(p.data), alpha=0.1)
+        assert_close(model(x), ref(x), "fp64", "after an EMA update through .data")
+        assert cpu_fold._PLANS[model][plan.key] is not plan
+
+        for m in (model, ref):  # a BatchNorm buffer through .data
+            m.conv2.conv[1].running_mean.data.add_(0.5)
+        assert_close(model(x), ref(x), "fp64", "after a running_mean edit through .data")
+
+        model.conv1.conv[0].weight.data[1, 1, 1, 1] += 1.0  # one element: maybe not sampled
+        ref.conv1.conv[0].weight.data[1, 1, 1, 1] += 1.0
+        model.refresh()
+        assert model not in cpu_fold._PLANS
+        assert_close(model(x), ref(x), "fp64", "after refresh()")
+    assert fold_runs == [1] * 5
+
+
+def test_nan_weights_keep_their_plan(fold_runs):
+    """Sampled values compare bit for bit: a NaN weight does not rebuild the plan on every call."""
+    _, model = pair(torch.float64)
+    x = rand(dtype=torch.float64)
+    with torch.no_grad():
+        model.conv1.conv[0].weight.fill_(float("nan"))
+        assert torch.isnan(model(x)).all()
+        plan = cpu_fold._PLANS[model][(torch.float64, (1e-5,) * 10)]
+        model(x)
+        assert cpu_fold._PLANS[model][plan.key] is plan
+
+
 def test_plan_built_in_inference_mode_serves_autograd_later(fold_runs):
     """Built under torch.inference_mode, the folded weights are still plain tensors: a later
     forward that records autograd (for the input) can save them."""

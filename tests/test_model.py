@@ -129,6 +129,15 @@ def test_prepared_weights_follow_new_parameters():
         model.conv1.conv[1].running_var.mul_(2)  # in-place buffer change bumps its version
         ref2.conv1.conv[1].running_var.mul_(2)
         assert_close(model(x), ref2(x), "fp64", "after in-place BN change")
+        for m in (model, ref2):  # an EMA through .data: no version moves, the CPU samples see it
+            for p in m.parameters():
+                p.data.mul_(0.5).add_(0.25)
+        assert_close(model(x), ref2(x), "fp64", "after an update through .data")
+        model.conv1.conv[0].weight.data[0, 0, 0, 0] += 1.0
+        ref2.conv1.conv[0].weight.data[0, 0, 0, 0] += 1.0
+        model.refresh()
+        assert model._eval_plans == {}
+        assert_close(model(x), ref2(x), "fp64", "after refresh()")
 
 
 # ------------------------------------------------------------------ bad input
