@@ -70,10 +70,12 @@ def simulate_gpu(gpu: SimulatedGPU | None = None) -> Iterator[SimulatedGPU]:
     if not _INTERPRET:
         raise RuntimeError("simulate_gpu needs TRITON_INTERPRET=1 (set before triton is imported)")
     previous, _SIMULATED = _SIMULATED, gpu or SimulatedGPU()
+    invalidate_plans()  # arch, SM count and config lists change with the GPU
     try:
         yield _SIMULATED
     finally:
         _SIMULATED = previous
+        invalidate_plans()
 
 
 def simulated_gpu() -> SimulatedGPU | None:
@@ -93,14 +95,31 @@ def recording_launches() -> Iterator[list]:
     rule, without remembering it). Outputs are garbage; only the list is the point."""
     global _RECORDING
     previous, _RECORDING = _RECORDING, []
+    invalidate_plans()
     try:
         yield _RECORDING
     finally:
         _RECORDING = previous
+        invalidate_plans()
 
 
 def recording() -> list | None:
     return _RECORDING
+
+
+# Launch plans (``_tuning.Plans``) are valid for one generation: a change of the simulated GPU,
+# of recording, of forced configs or a cleared tuning memory starts a new one.
+_PLAN_GENERATION = 0
+
+
+def invalidate_plans() -> None:
+    """Make every launcher's cached launch plan stale (see ``_tuning.Plans``)."""
+    global _PLAN_GENERATION
+    _PLAN_GENERATION += 1
+
+
+def plan_generation() -> int:
+    return _PLAN_GENERATION
 
 
 def cdiv(a: int, b: int) -> int:

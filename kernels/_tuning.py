@@ -87,6 +87,7 @@ from ._tuning_cache import cache_dir, cache_file
 __all__ = [
     "NoVerifiedConfig",
     "OpCalls",
+    "Plans",
     "Tuner",
     "TUNERS",
     "bucket",
@@ -221,6 +222,7 @@ def clear_memory() -> None:
         _MEMORY.clear()
         _DISK.clear()
         _EAGER.clear()
+        _common.invalidate_plans()
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,12 +259,14 @@ def forced(picks: dict[str, str]) -> Iterator[None]:
                 raise KeyError(f"no tuner named {name!r}; known: {sorted(TUNERS)}")
         previous = dict(_FORCED)
         _FORCED.update(picks)
+        _common.invalidate_plans()
     try:
         yield
     finally:
         with _LOCK:
             _FORCED.clear()
             _FORCED.update(previous)
+            _common.invalidate_plans()
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,6 +465,63 @@ class Tuner:
         _STATS["unverified_keys"] += 1
         _write_disk(device_name, {text_key: pending.record(verified=False)})
         return pending.pick, True
+
+
+# --------------------------------------------------------------------------------------------
+# Launch plans: what a launcher derives from its operands' metadata, decided once per key
+# --------------------------------------------------------------------------------------------
+
+
+class Plans:
+    """One launcher's cached launch plans: what it derives from its operands' metadata alone
+    (the tuner's pick, constexpr flags, grid, integer arguments, workspace sizes), kept under a
+    key the launcher builds from everything that decides them (dtypes, sizes, strides, flags,
+    device), so a steady-state launch skips the pick and the arithmetic.
+
+    A plan is kept only when its pick is a settled one: held in this process's memory (or, in
+    the interpreter, the fixed interpreter config, a function of the key). Never a forced pick, a
+    pick pending verification, a verification replay's candidate, a recording pass's rule pick or
+    a capture-time rule pick: those launches take the tuner's path every time, as before. A kept
+    plan is used while (checked per hit) the plan generation is the same (``simulate_gpu``,
+    ``recording_launches``, ``forced`` and ``clear_memory`` start a new one), no config is forced,
+    and the tuner's memory still holds the same pick for its key.
+    """
+
+    __slots__ = ("_entries", "limit")
+
+    def __init__(self, limit: int = 512):
+        self._entries: dict = {}
+        self.limit = limit  # shapes seen by one launcher; past it, start over (never grows unbounded)
+
+    def get(self, key):
+        """The plan kept for ``key`` if it is still valid, else None."""
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        generation, memo, cfg, plan = hit
+        if generation != _common._PLAN_GENERATION or _FORCED or (memo is not None and _MEMORY.get(memo) is not cfg):
+            return None
+        return plan
+
+    def put(self, key, tuner: Tuner, device: torch.device, tuning_key: tuple, cfg, plan) -> None:
+        """Keep ``plan`` for ``key`` if ``cfg``, what ``tuner.pick(device, tuning_key, ...)``
+        returned, is a settled pick (see the class docstring)."""
+        if _FORCED:
+            return
+        memo = None
+        if not _common.interpreting():
+            memo = (device.index, tuner.name, tuning_key)
+            if _MEMORY.get(memo) is not cfg:
+                return
+        if len(self._entries) >= self.limit:
+            self._entries.clear()
+        self._entries[key] = (_common._PLAN_GENERATION, memo, cfg, plan)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 # --------------------------------------------------------------------------------------------

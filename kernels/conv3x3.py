@@ -71,7 +71,7 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
-from ._tuning import Tuner, bucket, config_name, forced_config, launch_meta
+from ._tuning import Plans, Tuner, bucket, config_name, forced_config, launch_meta
 from .bn_stats import bn_stats_finalize
 
 __all__ = [
@@ -952,6 +952,24 @@ def _pick_split_k(device: torch.device, m: int, c_out: int, k_iters: int) -> int
     return 1 << (split.bit_length() - 1)  # a power of two: one of _SPLIT_COUNTS (or 1)
 
 
+# Launch plans per operand signature (``_tuning.Plans``): the pick, flags, grid and integer
+# arguments of a pointer-kernel launch; a TMA pick is never planned (whether it can run depends
+# on the operands' addresses, see ``_tma.runnable``).
+_PLANS = Plans()
+
+
+class _Plan(NamedTuple):
+    """What a pointer-kernel launch of ``_launch`` derives from metadata (see ``_PLANS``)."""
+
+    cfg: _Cfg
+    grid: tuple
+    meta: dict
+    ints: tuple  # the kernel's integer arguments after the tensors
+    rows: int  # BatchNorm partial rows (one per BLOCK_M rows of pixels)
+    workspace: tuple | None  # split-K partial sums' shape, else None
+    epilogue: tuple | None  # split-K epilogue (grid, integer arguments, meta), else None
+
+
 def _launch(
     x, x2, weight, scale, shift, out, dims, *, relu, head=None, split_k=None, norms=(None, None), stats=None, up=None
 ):
@@ -970,19 +988,28 @@ def _launch(
     if m == 0:
         return out
     device = x.device
+    norm1, norm2 = norms
+    hw = head[0] if head is not None else scale
+    plan_key = (
+        x.dtype, device, dims, x.stride(), None if x2 is None else x2.stride(), weight.stride(), out.stride(),
+        hw.stride(0), relu, None if head is None else head[2:], split_k, norm1 is None, norm2 is None, stats is None,
+        up, x.dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32,
+    )  # fmt: skip
+    plan = _PLANS.get(plan_key)
+    if plan is not None:
+        return _run_plan(plan, x, x2, weight, scale, shift, out, head, norms, stats)
     # The geometry is read per pixel row in the general K mode only (channel runs per tap).
     small_c = up is None and _use_small_c(c1, c2 if x2 is not None else 0)
     if up is None:
         up_src, up_mode, geometry = 0, 0, (h, w, 0, 0, h, w)
     else:
         up_src, up_mode, geometry = up[0], up[1], up[2:]
-    x2_t = x2 if x2 is not None else x
     x2_strides = x2.stride() if x2 is not None else (0, 0, 0, 0)
     if head is not None:
-        hw, hb, head_k, head_act = head
+        head_k, head_act = head[2], head[3]
         split_k = 1
     else:
-        hw, hb, head_k, head_act = scale, shift, 0, 0
+        head_k, head_act = 0, 0
     if stats is not None:
         split_k = 1  # the partial statistics are taken in the main kernel's epilogue
     if up is not None:
@@ -994,15 +1021,20 @@ def _launch(
         variant = "head"
     else:
         variant = "split" if split_k > 1 else ("smallc" if small_c else ("up" if up is not None else "main"))
-    norm1, norm2 = norms
-    xs, xt = norm1 if norm1 is not None else (scale, shift)
-    x2s, x2t = norm2 if norm2 is not None else (scale, shift)
-    ws = None
+    workspace = epilogue = None
     if split_k > 1:
-        ws = torch.empty((split_k, m, c_out), device=device, dtype=torch.float32)
-        dst, dst_strides, stride_os = ws, (h * w * c_out, 1, w * c_out, c_out), m * c_out
+        workspace = (split_k, m, c_out)
+        dst_strides, stride_os = (h * w * c_out, 1, w * c_out, c_out), m * c_out
+        epilogue = (
+            (cdiv(m, _EPI_BLOCK_M), cdiv(c_out, _EPI_BLOCK_N)),
+            (m, h, w, c_out, stride_os, *out.stride()),
+            dict(
+                SPLIT_K=split_k, RELU=relu, BLOCK_M=_EPI_BLOCK_M, BLOCK_N=_EPI_BLOCK_N, num_warps=_EPI_WARPS,
+                num_stages=_EPI_STAGES,
+            ),
+        )  # fmt: skip
     else:
-        dst, dst_strides, stride_os = out, out.stride(), 0
+        dst_strides, stride_os = out.stride(), 0
     flags = dict(
         HAS_X2=x2 is not None, SMALL_C=small_c, DENSE_C=_dense_channels(x, c1, small_c and x2 is None),
         NORM1=norm1 is not None, NORM2=norm2 is not None,
@@ -1011,7 +1043,16 @@ def _launch(
         DOT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M,
     )  # fmt: skip
     up_flags = {"UP1": up_mode if up_src == 1 else 0, "UP2": up_mode if up_src == 2 else 0}
+    ints = (
+        n, h, w, c1, c2, c_out, *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0),
+        *geometry,
+    )  # fmt: skip
     m_bucket = bucket(m)
+
+    def plan_for(cfg) -> _Plan:
+        grid = (cdiv(m, cfg.BLOCK_M) * cdiv(c_out, cfg.BLOCK_N), split_k)
+        meta = {**flags, **up_flags, **launch_meta(cfg)}
+        return _Plan(cfg, grid, meta, ints, cdiv(m, cfg.BLOCK_M), workspace, epilogue)
 
     def shape():
         return {
@@ -1021,14 +1062,16 @@ def _launch(
             **_tma.shape_fields(variant == "main" and up is None, x, x2, weight, out, norms, stats is not None),
         }  # fmt: skip
 
-    def run(cfg, partials=None):
-        if partials is None:
-            partials = stats(cdiv(m, cfg.BLOCK_M)) if stats is not None else scale
+    timing_ws = []  # the split-K workspace the timed candidates write (made on the first)
+
+    def run(cfg):
+        """A launch of the main kernel with ``cfg`` (the tuner times candidates through this)."""
         if _tma.is_tma_config(cfg):
             if up is None and _tma.runnable(cfg, x, x2, weight, out, stats is not None):
+                partials = stats(cdiv(m, cfg.BLOCK_M)) if stats is not None else None
                 _tma.conv3x3_tma_launch(
                     cfg, x, x2, weight, scale, shift, out, relu=relu, dot_precision=flags["DOT_PRECISION"],
-                    norms=norms, partials=partials if stats is not None else None,
+                    norms=norms, partials=partials,
                 )  # fmt: skip
                 return partials
             tuner = _TUNERS[variant].name
@@ -1040,31 +1083,51 @@ def _launch(
                     f"statistics forms a tile geometry of whole rows; {h}x{w} image, stats={stats is not None})"
                 )
             cfg = _Cfg(*cfg[:5])  # a TMA pick reused on operands TMA cannot read: same tiles, pointer kernel
-        args = (
-            x, x2_t, weight, scale, shift, dst, hw, hb, xs, xt, x2s, x2t, partials, n, h, w, c1, c2, c_out,
-            *x.stride(), *x2_strides, *weight.stride(), *dst_strides, stride_os, hw.stride(0), *geometry,
-        )  # fmt: skip
-        grid = (cdiv(m, cfg.BLOCK_M) * cdiv(c_out, cfg.BLOCK_N), split_k)
-        launch(_conv3x3_bn_act_kernel, grid, args, {**flags, **up_flags, **launch_meta(cfg)})
-        return partials
+        if workspace is not None and not timing_ws:
+            timing_ws.append(torch.empty(workspace, device=device, dtype=torch.float32))
+        dst = timing_ws[0] if workspace is not None else out
+        return _launch_main(plan_for(cfg), x, x2, weight, scale, shift, head, norms, stats, dst)
 
     key = (x.dtype, m_bucket, c1, c2, c_out, *flags.values())
     if up is not None:  # the plain convs keep their tuning keys
         key += (f"up{up_src}.{up_mode}",)
-    cfg = _TUNERS[variant].pick(device, key, shape, run)
-    partials = run(cfg)
-    if ws is not None:
-        epi_grid = (cdiv(m, _EPI_BLOCK_M), cdiv(c_out, _EPI_BLOCK_N))
-        launch(
-            _conv3x3_splitk_epilogue_kernel, epi_grid,
-            (ws, scale, shift, out, m, h, w, c_out, stride_os, *out.stride()),
-            dict(
-                SPLIT_K=split_k, RELU=relu, BLOCK_M=_EPI_BLOCK_M, BLOCK_N=_EPI_BLOCK_N, num_warps=_EPI_WARPS,
-                num_stages=_EPI_STAGES,
-            ),
-        )  # fmt: skip
+    tuner = _TUNERS[variant]
+    cfg = tuner.pick(device, key, shape, run)
+    if _tma.is_tma_config(cfg):
+        partials = run(cfg)
+        return (out, partials, cfg.BLOCK_M) if stats is not None else out
+    plan = plan_for(cfg)
+    _PLANS.put(plan_key, tuner, device, key, cfg, plan)
+    return _run_plan(plan, x, x2, weight, scale, shift, out, head, norms, stats)
+
+
+def _launch_main(plan: _Plan, x, x2, weight, scale, shift, head, norms, stats, dst):
+    """The main kernel's launch of ``plan`` into ``dst`` (the output, or the split-K workspace);
+    returns the BatchNorm partials it wrote (``scale`` when there are none: unread)."""
+    norm1, norm2 = norms
+    xs, xt = norm1 if norm1 is not None else (scale, shift)
+    x2s, x2t = norm2 if norm2 is not None else (scale, shift)
+    hw, hb = (head[0], head[1]) if head is not None else (scale, shift)
+    partials = stats(plan.rows) if stats is not None else scale
+    args = (
+        x, x2 if x2 is not None else x, weight, scale, shift, dst, hw, hb, xs, xt, x2s, x2t, partials, *plan.ints
+    )  # fmt: skip
+    launch(_conv3x3_bn_act_kernel, plan.grid, args, plan.meta)
+    return partials
+
+
+def _run_plan(plan: _Plan, x, x2, weight, scale, shift, out, head, norms, stats):
+    """``_launch``'s launches of a pointer-kernel ``plan``: the main kernel (into the split-K
+    workspace when there is one, then the split-K epilogue) and ``_launch``'s return value."""
+    if plan.workspace is None:
+        partials = _launch_main(plan, x, x2, weight, scale, shift, head, norms, stats, out)
+    else:
+        ws = torch.empty(plan.workspace, device=x.device, dtype=torch.float32)
+        partials = _launch_main(plan, x, x2, weight, scale, shift, head, norms, stats, ws)
+        grid, ints, meta = plan.epilogue
+        launch(_conv3x3_splitk_epilogue_kernel, grid, (ws, scale, shift, out, *ints), meta)
     if stats is not None:
-        return out, partials, cfg.BLOCK_M
+        return out, partials, plan.cfg.BLOCK_M
     return out
 
 

@@ -45,7 +45,7 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
-from ._tuning import Tuner, bucket, launch_meta
+from ._tuning import Plans, Tuner, bucket, launch_meta
 from .norm_act import affine_relu, check_norm_affine
 
 __all__ = ["affine_relu_backward", "maxpool2x2_backward", "compile_specs"]
@@ -455,6 +455,10 @@ def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=torch.float32)
 
 
+# Launch plans per operand signature (``_tuning.Plans``): pick, grids, workspace rows.
+_PLANS = Plans()
+
+
 def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: bool, transform: bool, **flags):
     """Run kernel ``kind`` on ``tensors = (g, x, scale, shift, center, dx)`` with sizes ``dims`` (its
     ``N, C`` and two pixel dims) and the g, x, dx ``strides``. Returns ``(dscale, dshift)`` [C] if
@@ -464,26 +468,36 @@ def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: b
     The workspace is allocated here: its row count follows the grain of the config list in use.
     """
     device = tensors[1].device
-    N, C, d2, d3 = dims
-    P = N * d2 * d3
-    arch = tuned_arch(device_arch(device))
-    grain = _INTERPRETER_GRAIN if interpreting() else _grain(kind, arch)
-    rows = cdiv(P, grain) if with_sums else 0
-    part = _workspace((2, rows, C), device) if with_sums else None
-    dx = tensors[5]
-    parts = (part[0], part[1]) if with_sums else (dx, dx)  # never touched without the sums
-    args = (*tensors, *parts, *dims, rows, *strides)
-    p_bucket = bucket(P)
     flags["TRANSFORM_CENTER"] = transform
+    plan_key = (kind, tensors[1].dtype, device, dims, strides, with_sums, *flags.values())
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        N, C, d2, d3 = dims
+        P = N * d2 * d3
+        arch = tuned_arch(device_arch(device))
+        grain = _INTERPRETER_GRAIN if interpreting() else _grain(kind, arch)
+        rows = cdiv(P, grain) if with_sums else 0
+        p_bucket = bucket(P)
 
-    def run(cfg):
-        grid = (cdiv(P, cfg.kwargs["BLOCK_P"]), cdiv(C, cfg.kwargs["BLOCK_C"]))
-        launch(_KERNELS[kind], grid, args, {**flags, "P_GRAIN": grain, **launch_meta(cfg)})
+        def plan_for(cfg):
+            grid = (cdiv(P, cfg.kwargs["BLOCK_P"]), cdiv(C, cfg.kwargs["BLOCK_C"]))
+            return grid, {**flags, "P_GRAIN": grain, **launch_meta(cfg)}, rows
 
-    key = (tensors[1].dtype, p_bucket, C, with_sums, *flags.values())
-    run(_TUNERS[kind].pick(device, key, lambda: {"P": p_bucket, "C": C}, run))
+        def run(cfg):
+            _launch_main(kind, plan_for(cfg), tensors, dims, strides, part)
+
+        part = _workspace((2, rows, C), device) if with_sums else None
+        key = (tensors[1].dtype, p_bucket, C, with_sums, *flags.values())
+        tuner = _TUNERS[kind]
+        cfg = tuner.pick(device, key, lambda: {"P": p_bucket, "C": C}, run)
+        plan = plan_for(cfg)
+        _PLANS.put(plan_key, tuner, device, key, cfg, plan)
+    else:
+        part = _workspace((2, plan[2], dims[1]), device) if with_sums else None
+    _launch_main(kind, plan, tensors, dims, strides, part)
     if not with_sums:
         return None
+    C, rows = dims[1], plan[2]
     cfg = _INTERPRETER_SUM_CONFIG if interpreting() else _SUM_CONFIG
     meta = {**cfg, "num_warps": _SUM_WARPS}
     if transform:
@@ -495,6 +509,15 @@ def _launch(kind: str, tensors: tuple, dims: tuple, strides: tuple, with_sums: b
     sums = torch.empty((2, C), device=device, dtype=torch.float32)
     launch(_sum_partials_kernel, (cdiv(C, cfg["BLOCK_C"]), 2), (part, sums, rows, C), meta)
     return sums[0], sums[1]
+
+
+def _launch_main(kind: str, plan: tuple, tensors: tuple, dims: tuple, strides: tuple, part) -> None:
+    """The main kernel's launch of ``plan`` ``(grid, meta, rows)``, writing its partial sums to
+    ``part`` ([2, rows, C] fp32, or None without the sums)."""
+    grid, meta, rows = plan
+    dx = tensors[5]
+    parts = (part[0], part[1]) if part is not None else (dx, dx)  # never touched without the sums
+    launch(_KERNELS[kind], grid, (*tensors, *parts, *dims, rows, *strides), meta)
 
 
 # --------------------------------------------------------------------------------------
