@@ -26,6 +26,8 @@ Launcher: ``conv3x3_weight_grad``; the offline compile report uses ``compile_spe
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -46,7 +48,7 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
-from ._tuning import Tuner, launch_meta
+from ._tuning import Plans, Tuner, launch_meta
 
 __all__ = ["compile_specs", "conv3x3_weight_grad"]
 
@@ -559,27 +561,65 @@ def conv3x3_weight_grad(
     p = n * h * w
     if p == 0:
         return out.zero_()
-
-    small_c = _use_small_c(c1, c2)
-    split_k = _pick_split_k(dy.device, p, c_out, c1, c2, small_c)
-    ws = None
-    if split_k > 1:
-        ws = torch.empty((split_k, c_out, c_in, 3, 3), device=dy.device, dtype=torch.float32)
-        dst, dst_strides, stride_os = ws, ws.stride()[1:], ws.stride(0)
-    else:
-        dst, dst_strides, stride_os = out, out.stride(), 0
-    # Absent operands alias present ones (never read): the signature, strides included, then
-    # matches the fast-path specialization whatever is missing.
-    x2_t = x2 if x2 is not None else x
     # The kernel picks a source's vectors with a select, so both pairs share one dtype.
     if x_norm is not None and x2_norm is not None and len({t.dtype for t in (*x_norm, *x2_norm)}) > 1:
         x_norm = tuple(t.float() for t in x_norm)
         x2_norm = tuple(t.float() for t in x2_norm)
-    scale1, shift1 = x_norm if x_norm is not None else (x2_norm if x2_norm is not None else (dst, dst))
-    scale2, shift2 = x2_norm if x2_norm is not None else (scale1, shift1)
-    args = (
-        dy, x, x2_t, scale1, shift1, scale2, shift2, dst, n, h, w, c1, c2, c_out, split_k,
-        *dy.stride(), *x.stride(), *x2_t.stride(), *dst_strides, stride_os,
+    plan_key = (
+        dy.dtype, dy.device, (n, c1, c2, h, w, c_out), dy.stride(), x.stride(), None if x2 is None else x2.stride(),
+        out.stride(), x_norm is None, x2_norm is None,
+        dy.dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32,
+    )  # fmt: skip
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        plan = _plan(plan_key, dy, x, x2, x_norm, x2_norm, out)
+    ws = None
+    if plan.workspace is not None:
+        ws = torch.empty(plan.workspace, device=dy.device, dtype=torch.float32)
+    _launch_main(plan, dy, x, x2, x_norm, x2_norm, ws if ws is not None else out)
+    if ws is not None:
+        grid, ints, meta = plan.reduce
+        launch(_conv3x3_wgrad_reduce_kernel, grid, (ws, out, *ints), meta)
+    return out
+
+
+# Launch plans per operand signature (``_tuning.Plans``): split count, pick, grid, integers.
+_PLANS = Plans()
+
+
+class _Plan(NamedTuple):
+    """What a launch of ``conv3x3_weight_grad`` derives from metadata (see ``_PLANS``)."""
+
+    grid: tuple
+    meta: dict
+    ints: tuple  # the kernel's integer arguments after the tensors
+    workspace: tuple | None  # the pixel splits' partial sums' shape, else None
+    reduce: tuple | None  # the splits' reduction launch (grid, integer arguments, meta), else None
+
+
+def _plan(plan_key: tuple, dy, x, x2, x_norm, x2_norm, out) -> _Plan:
+    """The launch plan of ``conv3x3_weight_grad`` on these (checked) operands: the tuner's pick
+    (timing candidates on them when it must), kept in ``_PLANS`` when the pick is settled."""
+    n, c1, c2, h, w, c_out = plan_key[2]
+    c_in = c1 + c2
+    p = n * h * w
+    small_c = _use_small_c(c1, c2)
+    split_k = _pick_split_k(dy.device, p, c_out, c1, c2, small_c)
+    workspace = reduce = None
+    if split_k > 1:
+        workspace = (split_k, c_out, c_in, 3, 3)
+        dst_strides, stride_os = (c_in * 9, 9, 3, 1), c_out * c_in * 9
+        reduce = (
+            (cdiv(c_out * c_in * 9, _RED_BLOCK),), (c_out, c_in, split_k, stride_os, *out.stride()),
+            dict(BLOCK=_RED_BLOCK, num_warps=_RED_WARPS),
+        )  # fmt: skip
+    else:
+        dst_strides, stride_os = out.stride(), 0
+    # Absent operands alias present ones (never read): the signature, strides included, then
+    # matches the fast-path specialization whatever is missing.
+    x2_t = x2 if x2 is not None else x
+    ints = (
+        n, h, w, c1, c2, c_out, split_k, *dy.stride(), *x.stride(), *x2_t.stride(), *dst_strides, stride_os,
     )  # fmt: skip
     precision = dot_precision(dy.dtype)
     flags = dict(
@@ -588,25 +628,36 @@ def conv3x3_weight_grad(
     )  # fmt: skip
     variant = _variant(small_c, precision, dy.element_size())
 
+    def plan_for(cfg) -> _Plan:
+        grid = (cdiv(c_out, cfg.BLOCK_M) * _col_tiles(c1, c2, small_c, cfg.BLOCK_N), split_k)
+        return _Plan(grid, {**flags, **launch_meta(cfg)}, ints, workspace, reduce)
+
     def shape():
         return {"elem": dy.element_size(), "C1": c1, "C2": c2, "C_out": c_out, "SMALL_C": small_c, "SPLIT_K": split_k}
 
+    timing_dst = []  # what the timed candidates write: the workspace (made on the first) or out
+
     def run(cfg):
-        rows = cdiv(c_out, cfg.BLOCK_M)
-        grid = (rows * _col_tiles(c1, c2, small_c, cfg.BLOCK_N), split_k)
-        launch(_conv3x3_wgrad_kernel, grid, args, {**flags, **launch_meta(cfg)})
+        if not timing_dst:
+            timing_dst.append(out if workspace is None else torch.empty(workspace, device=dy.device, dtype=out.dtype))
+        _launch_main(plan_for(cfg), dy, x, x2, x_norm, x2_norm, timing_dst[0])
 
     # The pixel count only sets the split count (part of the key): the tile is chosen by the
     # GEMM's M and N, which are channel counts.
     key = (dy.dtype, c1, c2, c_out, split_k, *flags.values())
-    run(_TUNERS[variant].pick(dy.device, key, shape, run))
-    if ws is not None:
-        launch(
-            _conv3x3_wgrad_reduce_kernel, (cdiv(c_out * c_in * 9, _RED_BLOCK),),
-            (ws, out, c_out, c_in, split_k, ws.stride(0), *out.stride()),
-            dict(BLOCK=_RED_BLOCK, num_warps=_RED_WARPS),
-        )  # fmt: skip
-    return out
+    tuner = _TUNERS[variant]
+    cfg = tuner.pick(dy.device, key, shape, run)
+    plan = plan_for(cfg)
+    _PLANS.put(plan_key, tuner, dy.device, key, cfg, plan)
+    return plan
+
+
+def _launch_main(plan: _Plan, dy, x, x2, x_norm, x2_norm, dst) -> None:
+    """The weight-gradient kernel's launch of ``plan``, writing ``dst`` (dW or the workspace)."""
+    scale1, shift1 = x_norm if x_norm is not None else (x2_norm if x2_norm is not None else (dst, dst))
+    scale2, shift2 = x2_norm if x2_norm is not None else (scale1, shift1)
+    args = (dy, x, x2 if x2 is not None else x, scale1, shift1, scale2, shift2, dst, *plan.ints)
+    launch(_conv3x3_wgrad_kernel, plan.grid, args, plan.meta)
 
 
 # --------------------------------------------------------------------------------------------

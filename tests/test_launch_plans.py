@@ -16,12 +16,13 @@ import fastunet
 pytest.importorskip("triton")
 from fastunet.kernels import _common, _tuning, _tuning_cache, conv3x3_tma  # noqa: E402
 from fastunet.kernels import conv3x3 as C  # noqa: E402
+from fastunet.kernels import conv3x3_wgrad as WG  # noqa: E402
 from fastunet.kernels import norm_act_bwd as NB  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(
     torch.cuda.is_available() or not _common._INTERPRET, reason="the simulated GPU runs on CPU tensors only"
 )
-PLANNED = {C._PLANS, NB._PLANS}  # the launchers that plan so far
+PLANNED = {C._PLANS, NB._PLANS, WG._PLANS}  # the launchers that plan so far
 
 
 @pytest.fixture(autouse=True)
@@ -116,12 +117,12 @@ def test_planned_launches_are_the_tuners(monkeypatch, picks, tma):
             assert planned == unplanned, name
             kernels = {record[0] for record in planned}
             assert "_conv3x3_bn_act_kernel" in kernels
-            assert not [p for p in planned_picks if p.startswith("norm_act_bwd.")], planned_picks
+            assert not [p for p in planned_picks if p.startswith(("norm_act_bwd.", "conv3x3_wgrad."))], planned_picks
             if tma:  # TMA picks are never planned: those convs ask the tuner every time
                 assert "_conv3x3_tma_kernel" in kernels
             else:
                 assert not [p for p in planned_picks if p.startswith("conv3x3.")], planned_picks
-    assert len(C._PLANS) and len(NB._PLANS)
+    assert all(len(plans) for plans in PLANNED)
 
 
 @needs_interpreter
