@@ -66,6 +66,27 @@ def triton_backend():
 
 
 @pytest.fixture
+def fresh_tuning(tmp_path, monkeypatch):
+    """A tuner test's setting: its own cache directory, no picks in memory, zeroed counters, the
+    settings at their defaults, the fused backend."""
+    from fastunet.kernels import _tuning, _tuning_cache
+
+    import fastunet
+
+    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTUNET_AUTOTUNE", raising=False)
+    monkeypatch.delenv("FASTUNET_VERIFY", raising=False)
+    monkeypatch.setattr(_tuning_cache, "_WARNED", set())
+    _tuning.clear_memory()
+    _tuning.reset_stats()
+    before = fastunet.get_backend()
+    fastunet.set_backend("triton")
+    yield
+    fastunet.set_backend(before)
+    _tuning.clear_memory()
+
+
+@pytest.fixture
 def fused_calls(monkeypatch):
     """Counts the calls of ``UNet._fused_forward`` (0: the eager path ran)."""
     from fastunet import UNet

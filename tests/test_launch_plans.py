@@ -14,7 +14,7 @@ import torch
 import fastunet
 
 pytest.importorskip("triton")
-from fastunet.kernels import _common, _tuning, _tuning_cache, conv3x3_tma  # noqa: E402
+from fastunet.kernels import _common, _tuning, conv3x3_tma  # noqa: E402
 from fastunet.kernels import conv3x3 as C  # noqa: E402
 from fastunet.kernels import conv3x3_wgrad as WG  # noqa: E402
 from fastunet.kernels import norm_act_bwd as NB  # noqa: E402
@@ -26,20 +26,11 @@ PLANNED = {C._PLANS, NB._PLANS, WG._PLANS}  # the launchers that plan so far
 
 
 @pytest.fixture(autouse=True)
-def _fresh(tmp_path, monkeypatch):
-    """Each test: its own tuning cache directory, no picks or plans, the fused backend."""
-    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("FASTUNET_AUTOTUNE", raising=False)
-    monkeypatch.delenv("FASTUNET_VERIFY", raising=False)
-    monkeypatch.setattr(_tuning_cache, "_WARNED", set())
-    _tuning.clear_memory()
+def _fresh(fresh_tuning):
+    """Each test: the tuner's fresh setting (``fresh_tuning``) and no plans."""
     for plans in PLANNED:
         plans.clear()
-    before = fastunet.get_backend()
-    fastunet.set_backend("triton")
     yield
-    fastunet.set_backend(before)
-    _tuning.clear_memory()
 
 
 @pytest.fixture

@@ -30,19 +30,9 @@ needs_interpreter = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def _fresh_tuning(tmp_path, monkeypatch):
+def _fresh_tuning(fresh_tuning):
     """Each test: its own cache directory, no picks in memory, zeroed counters, fused backend."""
-    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("FASTUNET_AUTOTUNE", raising=False)
-    monkeypatch.delenv("FASTUNET_VERIFY", raising=False)
-    monkeypatch.setattr(_tuning_cache, "_WARNED", set())
-    _tuning.clear_memory()
-    _tuning.reset_stats()
-    before = fastunet.get_backend()
-    fastunet.set_backend("triton")
     yield
-    fastunet.set_backend(before)
-    _tuning.clear_memory()
 
 
 def _conv(n=2, c_in=32, c_out=64, hw=16, dtype=torch.float16, stats=False):
