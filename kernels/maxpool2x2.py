@@ -28,7 +28,7 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
-from ._tuning import Tuner, bucket, launch_meta
+from ._tuning import Plans, Tuner, bucket, launch_meta
 from .norm_act import affine_relu, check_norm_affine
 
 __all__ = ["maxpool2x2", "compile_specs"]
@@ -145,6 +145,8 @@ def _tiles(cfg, shape: dict) -> int:
     return cdiv(shape["P"], cfg.kwargs["BLOCK_P"]) * cdiv(shape["C"], cfg.kwargs["BLOCK_C"])
 
 
+# Launch plans per operand signature (``_tuning.Plans``): the pick's grid and meta-parameters.
+_PLANS = Plans()
 _TUNER = Tuner(
     "maxpool2x2",
     _CONFIGS,
@@ -214,16 +216,25 @@ def maxpool2x2(
     P = N * H_out * W_out
     scale, shift = norm if norm is not None else (x, x)  # never read without IN_NORM
     args = (x, out, scale, shift, N, C, H_out, W_out, *x.stride(), *out.stride())
-    flags = {"IN_NORM": norm is not None}
+    plan_key = (x.dtype, x.device, P, C, norm is None)
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        flags = {"IN_NORM": norm is not None}
+        p_bucket = bucket(P)
 
-    p_bucket = bucket(P)
+        def plan_for(cfg):
+            grid = (cdiv(P, cfg.kwargs["BLOCK_P"]), cdiv(C, cfg.kwargs["BLOCK_C"]))
+            return grid, {**flags, **launch_meta(cfg)}
 
-    def run(cfg):
-        grid = (cdiv(P, cfg.kwargs["BLOCK_P"]), cdiv(C, cfg.kwargs["BLOCK_C"]))
-        launch(_maxpool2x2_kernel, grid, args, {**flags, **launch_meta(cfg)})
+        def run(cfg):
+            grid, meta = plan_for(cfg)
+            launch(_maxpool2x2_kernel, grid, args, meta)
 
-    key = (x.dtype, p_bucket, C, *flags.values())
-    run(_TUNER.pick(x.device, key, lambda: {"P": p_bucket, "C": C}, run))
+        key = (x.dtype, p_bucket, C, *flags.values())
+        cfg = _TUNER.pick(x.device, key, lambda: {"P": p_bucket, "C": C}, run)
+        plan = plan_for(cfg)
+        _PLANS.put(plan_key, _TUNER, x.device, key, cfg, plan)
+    launch(_maxpool2x2_kernel, plan[0], args, plan[1])
     return out
 
 

@@ -34,12 +34,13 @@ from ._common import (
     check_out,
     dot_precision,
     gemm_smem,
+    interpreting,
     launch,
     smem_limit,
     triton_dtype,
     tuned_arch,
 )
-from ._tuning import Tuner, bucket, launch_meta
+from ._tuning import Plans, Tuner, bucket, launch_meta
 from .norm_act import affine_relu, check_norm_affine
 
 __all__ = ["pack_upconv2x2_weight", "upconv2x2", "compile_specs"]
@@ -374,13 +375,35 @@ def upconv2x2(
         *weight.stride(),
         *out.stride(),
     )
-    flags = {"HAS_BIAS": bias is not None, "IN_NORM": norm is not None, "INPUT_PRECISION": dot_precision(x.dtype)}
+    plan_key = (
+        x.dtype, x.device, M, C_in, C_out, bias is None, norm is None,
+        x.dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32,
+    )  # fmt: skip
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        plan = _plan(plan_key, x, args)
+    launch(_upconv2x2_kernel, plan[0], args, plan[1])
+    return out
 
+
+# Launch plans per operand signature (``_tuning.Plans``): the pick's grid and meta-parameters.
+_PLANS = Plans()
+
+
+def _plan(plan_key: tuple, x: torch.Tensor, args: tuple) -> tuple:
+    """``(grid, meta)`` of ``upconv2x2``'s launch on ``args`` (the tuner times candidates on
+    them when it must), kept in ``_PLANS`` when the pick is settled."""
+    _, _, M, C_in, C_out, no_bias, no_norm, _ = plan_key
+    flags = {"HAS_BIAS": not no_bias, "IN_NORM": not no_norm, "INPUT_PRECISION": dot_precision(x.dtype)}
     m_bucket = bucket(M)
 
-    def run(cfg):
+    def plan_for(cfg):
         grid = (cdiv(M, cfg.kwargs["BLOCK_M"]) * 4 * cdiv(C_out, cfg.kwargs["BLOCK_N"]),)
-        launch(_upconv2x2_kernel, grid, args, {**flags, **launch_meta(cfg)})
+        return grid, {**flags, **launch_meta(cfg)}
+
+    def run(cfg):
+        grid, meta = plan_for(cfg)
+        launch(_upconv2x2_kernel, grid, args, meta)
 
     def shape():
         return {
@@ -389,8 +412,11 @@ def upconv2x2(
         }  # fmt: skip
 
     key = (x.dtype, m_bucket, C_in, C_out, *flags.values())
-    run(_tuner(x.element_size(), flags["INPUT_PRECISION"]).pick(x.device, key, shape, run))
-    return out
+    tuner = _tuner(x.element_size(), flags["INPUT_PRECISION"])
+    cfg = tuner.pick(x.device, key, shape, run)
+    plan = plan_for(cfg)
+    _PLANS.put(plan_key, tuner, x.device, key, cfg, plan)
+    return plan
 
 
 # --------------------------------------------------------------------------------------

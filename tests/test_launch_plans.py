@@ -7,6 +7,7 @@ arguments), its results bit-identical, and a plan must never outlive what it was
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -19,10 +20,14 @@ from fastunet.kernels import conv3x3 as C  # noqa: E402
 from fastunet.kernels import conv3x3_wgrad as WG  # noqa: E402
 from fastunet.kernels import norm_act_bwd as NB  # noqa: E402
 
+# ``fastunet.kernels.maxpool2x2`` and ``.upconv2x2`` are the package's functions; these are the modules.
+MP = importlib.import_module("fastunet.kernels.maxpool2x2")
+UP = importlib.import_module("fastunet.kernels.upconv2x2")
+
 needs_interpreter = pytest.mark.skipif(
     torch.cuda.is_available() or not _common._INTERPRET, reason="the simulated GPU runs on CPU tensors only"
 )
-PLANNED = {C._PLANS, NB._PLANS, WG._PLANS}  # the launchers that plan so far
+PLANNED = {C._PLANS, NB._PLANS, WG._PLANS, MP._PLANS, UP._PLANS}  # the launchers that plan so far
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +50,15 @@ def picks(monkeypatch):
 
     monkeypatch.setattr(_tuning.Tuner, "pick", spy)
     return asked
+
+
+def _planned(tuner: str) -> bool:
+    """Whether a warm launch of ``tuner``'s kernel replays a plan (conv3x3's do unless TMA)."""
+    return tuner.startswith(("conv3x3_wgrad.", "norm_act_bwd.")) or tuner in (
+        "maxpool2x2",
+        "upconv2x2",
+        "upconv2x2.ieee",
+    )
 
 
 def _no_plans(monkeypatch):
@@ -108,7 +122,7 @@ def test_planned_launches_are_the_tuners(monkeypatch, picks, tma):
             assert planned == unplanned, name
             kernels = {record[0] for record in planned}
             assert "_conv3x3_bn_act_kernel" in kernels
-            assert not [p for p in planned_picks if p.startswith(("norm_act_bwd.", "conv3x3_wgrad."))], planned_picks
+            assert not [p for p in planned_picks if _planned(p)], planned_picks
             if tma:  # TMA picks are never planned: those convs ask the tuner every time
                 assert "_conv3x3_tma_kernel" in kernels
             else:
