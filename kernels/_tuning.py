@@ -484,7 +484,8 @@ class Plans:
     a capture-time rule pick: those launches take the tuner's path every time, as before. A kept
     plan is used while (checked per hit) the plan generation is the same (``simulate_gpu``,
     ``recording_launches``, ``forced`` and ``clear_memory`` start a new one), no config is forced,
-    and the tuner's memory still holds the same pick for its key.
+    and the tuner's memory still holds the same pick for its key. A plan (its meta-parameter dict
+    included) is shared by every launch that replays it: read-only, like ``launch_meta``'s dicts.
     """
 
     __slots__ = ("_entries", "limit")
