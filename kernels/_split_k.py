@@ -38,7 +38,7 @@ from ._common import (
     smem_limit,
     triton_dtype,
 )
-from ._tuning import Tuner, launch_meta
+from ._tuning import Plans, Tuner, launch_meta
 from .norm_act import check_norm_affine
 
 # Pixel indices are int32 in the kernels; the headroom covers the last tile's lanes and the last
@@ -200,16 +200,35 @@ def make_tuner(kind: str, config_list, usable) -> Tuner:
     )
 
 
-def run_tuned(kernel, tuner: Tuner, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict) -> None:
+def run_tuned(
+    kernel, tuner: Tuner, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict, exact: tuple = ()
+) -> None:
     """Launch ``kernel`` with ``tuner``'s config for ``key`` (see ``_tuning``); ``grid(meta)``
     gives the launch grid; ``shape`` the pruning inputs (channel counts) and ``tiles(meta)``, the
-    grid at the bucketed pixel count (for the rule)."""
-    shape = {**shape, "elem": ref.element_size(), **flags}
+    grid at the bucketed pixel count (for the rule). ``exact``: the sizes ``grid`` reads that
+    ``key`` only buckets (the pixel count); with the key, dtype, device and flags they decide the
+    launch plan (grid and meta-parameters, ``_PLANS``)."""
+    tuning_key = (ref.dtype, *key, *flags.values())
+    plan_key = (tuner.name, ref.device, tuning_key, exact)
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        shape = {**shape, "elem": ref.element_size(), **flags}
 
-    def run(cfg):
-        launch(kernel, grid(cfg.kwargs), args, {**flags, **launch_meta(cfg)})
+        def plan_for(cfg):
+            return grid(cfg.kwargs), {**flags, **launch_meta(cfg)}
 
-    run(tuner.pick(ref.device, (ref.dtype, *key, *flags.values()), lambda: shape, run))
+        def run(cfg):
+            cfg_grid, meta = plan_for(cfg)
+            launch(kernel, cfg_grid, args, meta)
+
+        cfg = tuner.pick(ref.device, tuning_key, lambda: shape, run)
+        plan = plan_for(cfg)
+        _PLANS.put(plan_key, tuner, ref.device, tuning_key, cfg, plan)
+    launch(kernel, plan[0], args, plan[1])
+
+
+# Launch plans per operand signature (``_tuning.Plans``) of every kernel launched by ``run_tuned``.
+_PLANS = Plans()
 
 
 def pick_split_k(device: torch.device, p: int, tiles: int, slice_bytes: int, cap: int) -> int:

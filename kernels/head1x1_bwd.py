@@ -249,9 +249,9 @@ _KERNELS = {"head_wgrad": _head1x1_wgrad_kernel, "head_dgrad": _head1x1_dgrad_ke
 _TUNERS = {kind: make_tuner(kind, _config_list, _usable_configs) for kind in _KERNELS}
 
 
-def _run(kind: str, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict) -> None:
+def _run(kind: str, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict, exact: tuple = ()) -> None:
     """Launch kernel ``kind`` with its tuner's config for ``key`` (see ``_split_k.run_tuned``)."""
-    run_tuned(_KERNELS[kind], _TUNERS[kind], ref, key, grid, args, flags, shape)
+    run_tuned(_KERNELS[kind], _TUNERS[kind], ref, key, grid, args, flags, shape, exact)
 
 
 def _head_weight_2d(weight, C: int | None) -> Tensor:
@@ -381,7 +381,7 @@ def head1x1_input_grad(gz: Tensor, weight: Tensor, *, out: Tensor | None = None)
 
     p_bucket = bucket(P)
     shape = {"C": C, "tiles": lambda meta: grid(meta, p_bucket)}
-    _run("head_dgrad", gz, (p_bucket, C, K), grid, args, {}, shape)
+    _run("head_dgrad", gz, (p_bucket, C, K), grid, args, {}, shape, (P,))
     return out
 
 

@@ -315,9 +315,9 @@ _KERNELS = {"dgrad": _upconv2x2_dgrad_kernel, "wgrad": _upconv2x2_wgrad_kernel}
 _TUNERS = {kind: make_tuner(kind, _config_list, _usable_configs) for kind in _KERNELS}
 
 
-def _run(kind: str, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict) -> None:
+def _run(kind: str, ref: Tensor, key: tuple, grid, args: tuple, flags: dict, shape: dict, exact: tuple = ()) -> None:
     """Launch kernel ``kind`` with its tuner's config for ``key`` (see ``_split_k.run_tuned``)."""
-    run_tuned(_KERNELS[kind], _TUNERS[kind], ref, key, grid, args, flags, shape)
+    run_tuned(_KERNELS[kind], _TUNERS[kind], ref, key, grid, args, flags, shape, exact)
 
 
 def _upconv_g_dims(g: Tensor) -> tuple[int, int, int, int]:
@@ -374,7 +374,7 @@ def upconv2x2_input_grad(g: Tensor, weight: Tensor, *, out: Tensor | None = None
     flags = {"INPUT_PRECISION": dot_precision(g.dtype)}
     m = bucket(M)
     shape = {"C_in": C_in, "C_out": C_out, "tiles": lambda meta: grid(meta, m)}
-    _run("dgrad", g, (m, C_in, C_out), grid, args, flags, shape)
+    _run("dgrad", g, (m, C_in, C_out), grid, args, flags, shape, (M,))
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 import fastunet
 
 pytest.importorskip("triton")
-from fastunet.kernels import _common, _tuning, conv3x3_tma  # noqa: E402
+from fastunet.kernels import _common, _split_k, _tuning, conv3x3_tma  # noqa: E402
 from fastunet.kernels import conv3x3 as C  # noqa: E402
 from fastunet.kernels import conv3x3_wgrad as WG  # noqa: E402
 from fastunet.kernels import norm_act_bwd as NB  # noqa: E402
@@ -27,7 +27,7 @@ UP = importlib.import_module("fastunet.kernels.upconv2x2")
 needs_interpreter = pytest.mark.skipif(
     torch.cuda.is_available() or not _common._INTERPRET, reason="the simulated GPU runs on CPU tensors only"
 )
-PLANNED = {C._PLANS, NB._PLANS, WG._PLANS, MP._PLANS, UP._PLANS}  # the launchers that plan so far
+PLANNED = {C._PLANS, NB._PLANS, WG._PLANS, MP._PLANS, UP._PLANS, _split_k._PLANS}  # the launchers that plan so far
 
 
 @pytest.fixture(autouse=True)
