@@ -210,21 +210,17 @@ def run_tuned(
     launch plan (grid and meta-parameters, ``_PLANS``)."""
     tuning_key = (ref.dtype, *key, *flags.values())
     plan_key = (tuner.name, ref.device, tuning_key, exact)
-    plan = _PLANS.get(plan_key)
-    if plan is None:
-        shape = {**shape, "elem": ref.element_size(), **flags}
+
+    def make():
+        pruning = {**shape, "elem": ref.element_size(), **flags}
 
         def plan_for(cfg):
             return grid(cfg.kwargs), {**flags, **launch_meta(cfg)}
 
-        def run(cfg):
-            cfg_grid, meta = plan_for(cfg)
-            launch(kernel, cfg_grid, args, meta)
+        return _PLANS.make(plan_key, tuner, ref.device, tuning_key, lambda: pruning, kernel, args, plan_for)
 
-        cfg = tuner.pick(ref.device, tuning_key, lambda: shape, run)
-        plan = plan_for(cfg)
-        _PLANS.put(plan_key, tuner, ref.device, tuning_key, cfg, plan)
-    launch(kernel, plan[0], args, plan[1])
+    grid_now, meta = _PLANS.get(plan_key) or make()
+    launch(kernel, grid_now, args, meta)
 
 
 # Launch plans per operand signature (``_tuning.Plans``) of every kernel launched by ``run_tuned``.

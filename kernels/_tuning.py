@@ -518,6 +518,20 @@ class Plans:
             self._entries.clear()
         self._entries[key] = (_common._PLAN_GENERATION, memo, cfg, plan)
 
+    def make(self, key, tuner: Tuner, device: torch.device, tuning_key: tuple, shape, kernel, args: tuple, plan_for):
+        """The plan ``plan_for(cfg) -> (grid, meta)`` of ``tuner``'s pick for ``tuning_key``
+        (``shape()``: its pruning dict; candidates are timed by launching ``kernel`` on ``args``),
+        kept for ``key`` when the pick is settled (``put``)."""
+
+        def run(cfg):
+            grid, meta = plan_for(cfg)
+            _common.launch(kernel, grid, args, meta)
+
+        cfg = tuner.pick(device, tuning_key, shape, run)
+        plan = plan_for(cfg)
+        self.put(key, tuner, device, tuning_key, cfg, plan)
+        return plan
+
     def clear(self) -> None:
         self._entries.clear()
 

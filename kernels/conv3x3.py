@@ -993,7 +993,7 @@ def _launch(
     plan_key = (
         x.dtype, device, dims, x.stride(), None if x2 is None else x2.stride(), weight.stride(), out.stride(),
         hw.stride(0), relu, None if head is None else head[2:], split_k, norm1 is None, norm2 is None, stats is None,
-        up, x.dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32,
+        up, dot_precision(x.dtype),
     )  # fmt: skip
     plan = _PLANS.get(plan_key)
     if plan is not None:

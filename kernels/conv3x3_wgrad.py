@@ -568,7 +568,7 @@ def conv3x3_weight_grad(
     plan_key = (
         dy.dtype, dy.device, (n, c1, c2, h, w, c_out), dy.stride(), x.stride(), None if x2 is None else x2.stride(),
         out.stride(), x_norm is None, x2_norm is None,
-        dy.dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32,
+        dot_precision(dy.dtype),
     )  # fmt: skip
     plan = _PLANS.get(plan_key)
     if plan is None:

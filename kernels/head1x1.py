@@ -34,7 +34,7 @@ from ._common import (
     triton_dtype,
     tuned_arch,
 )
-from ._tuning import Tuner, bucket, launch_meta
+from ._tuning import Plans, Tuner, bucket, launch_meta
 from .norm_act import affine_relu, check_norm_affine
 
 __all__ = ["head1x1", "compile_specs", "ACTIVATIONS", "MAX_CLASSES"]
@@ -328,22 +328,40 @@ def head1x1(
         weight.stride(1),
         *out.stride(),
     )
+    plan_key = (
+        x.dtype, x.device, M, C, K, bias is None, activation, norm is None,
+        dot_precision(x.dtype),
+    )  # fmt: skip
+    grid, meta = _PLANS.get(plan_key) or _plan(plan_key, x, args)
+    launch(_head1x1_kernel, grid, args, meta)
+    return out
+
+
+# Launch plans per operand signature (``_tuning.Plans``): the pick's grid and meta-parameters.
+_PLANS = Plans()
+
+
+def _plan(plan_key: tuple, x: torch.Tensor, args: tuple) -> tuple:
+    """``(grid, meta)`` of ``head1x1``'s launch on ``args`` (the tuner times candidates on them
+    when it must), kept in ``_PLANS`` when the pick is settled."""
+    _, _, M, C, K, no_bias, activation, no_norm, precision = plan_key
     flags = {
-        "HAS_BIAS": bias is not None,
+        "HAS_BIAS": not no_bias,
         "ACTIVATION": activation,
-        "IN_NORM": norm is not None,
-        "INPUT_PRECISION": dot_precision(x.dtype),
+        "IN_NORM": not no_norm,
+        "INPUT_PRECISION": precision,
         "BLOCK_K": _block_k(K),
     }
-
     m_bucket = bucket(M)
 
-    def run(cfg):
-        launch(_head1x1_kernel, (cdiv(M, cfg.kwargs["BLOCK_M"]),), args, {**flags, **launch_meta(cfg)})
+    def plan_for(cfg):
+        return (cdiv(M, cfg.kwargs["BLOCK_M"]),), {**flags, **launch_meta(cfg)}
+
+    def shape():
+        return {"M": m_bucket, "elem": x.element_size(), "BLOCK_K": flags["BLOCK_K"]}
 
     key = (x.dtype, m_bucket, C, *flags.values())
-    run(_TUNER.pick(x.device, key, lambda: {"M": m_bucket, "elem": x.element_size(), "BLOCK_K": flags["BLOCK_K"]}, run))
-    return out
+    return _PLANS.make(plan_key, _TUNER, x.device, key, shape, _head1x1_kernel, args, plan_for)
 
 
 # --------------------------------------------------------------------------------------

@@ -217,8 +217,8 @@ def maxpool2x2(
     scale, shift = norm if norm is not None else (x, x)  # never read without IN_NORM
     args = (x, out, scale, shift, N, C, H_out, W_out, *x.stride(), *out.stride())
     plan_key = (x.dtype, x.device, P, C, norm is None)
-    plan = _PLANS.get(plan_key)
-    if plan is None:
+
+    def make():
         flags = {"IN_NORM": norm is not None}
         p_bucket = bucket(P)
 
@@ -226,15 +226,12 @@ def maxpool2x2(
             grid = (cdiv(P, cfg.kwargs["BLOCK_P"]), cdiv(C, cfg.kwargs["BLOCK_C"]))
             return grid, {**flags, **launch_meta(cfg)}
 
-        def run(cfg):
-            grid, meta = plan_for(cfg)
-            launch(_maxpool2x2_kernel, grid, args, meta)
-
         key = (x.dtype, p_bucket, C, *flags.values())
-        cfg = _TUNER.pick(x.device, key, lambda: {"P": p_bucket, "C": C}, run)
-        plan = plan_for(cfg)
-        _PLANS.put(plan_key, _TUNER, x.device, key, cfg, plan)
-    launch(_maxpool2x2_kernel, plan[0], args, plan[1])
+        shape = lambda: {"P": p_bucket, "C": C}  # noqa: E731
+        return _PLANS.make(plan_key, _TUNER, x.device, key, shape, _maxpool2x2_kernel, args, plan_for)
+
+    grid, meta = _PLANS.get(plan_key) or make()
+    launch(_maxpool2x2_kernel, grid, args, meta)
     return out
 
 

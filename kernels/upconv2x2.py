@@ -34,7 +34,6 @@ from ._common import (
     check_out,
     dot_precision,
     gemm_smem,
-    interpreting,
     launch,
     smem_limit,
     triton_dtype,
@@ -377,12 +376,10 @@ def upconv2x2(
     )
     plan_key = (
         x.dtype, x.device, M, C_in, C_out, bias is None, norm is None,
-        x.dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32,
+        dot_precision(x.dtype),
     )  # fmt: skip
-    plan = _PLANS.get(plan_key)
-    if plan is None:
-        plan = _plan(plan_key, x, args)
-    launch(_upconv2x2_kernel, plan[0], args, plan[1])
+    grid, meta = _PLANS.get(plan_key) or _plan(plan_key, x, args)
+    launch(_upconv2x2_kernel, grid, args, meta)
     return out
 
 
@@ -393,17 +390,13 @@ _PLANS = Plans()
 def _plan(plan_key: tuple, x: torch.Tensor, args: tuple) -> tuple:
     """``(grid, meta)`` of ``upconv2x2``'s launch on ``args`` (the tuner times candidates on
     them when it must), kept in ``_PLANS`` when the pick is settled."""
-    _, _, M, C_in, C_out, no_bias, no_norm, _ = plan_key
-    flags = {"HAS_BIAS": not no_bias, "IN_NORM": not no_norm, "INPUT_PRECISION": dot_precision(x.dtype)}
+    _, _, M, C_in, C_out, no_bias, no_norm, precision = plan_key
+    flags = {"HAS_BIAS": not no_bias, "IN_NORM": not no_norm, "INPUT_PRECISION": precision}
     m_bucket = bucket(M)
 
     def plan_for(cfg):
         grid = (cdiv(M, cfg.kwargs["BLOCK_M"]) * 4 * cdiv(C_out, cfg.kwargs["BLOCK_N"]),)
         return grid, {**flags, **launch_meta(cfg)}
-
-    def run(cfg):
-        grid, meta = plan_for(cfg)
-        launch(_upconv2x2_kernel, grid, args, meta)
 
     def shape():
         return {
@@ -413,10 +406,7 @@ def _plan(plan_key: tuple, x: torch.Tensor, args: tuple) -> tuple:
 
     key = (x.dtype, m_bucket, C_in, C_out, *flags.values())
     tuner = _tuner(x.element_size(), flags["INPUT_PRECISION"])
-    cfg = tuner.pick(x.device, key, shape, run)
-    plan = plan_for(cfg)
-    _PLANS.put(plan_key, tuner, x.device, key, cfg, plan)
-    return plan
+    return _PLANS.make(plan_key, tuner, x.device, key, shape, _upconv2x2_kernel, args, plan_for)
 
 
 # --------------------------------------------------------------------------------------

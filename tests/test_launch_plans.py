@@ -20,14 +20,23 @@ from fastunet.kernels import conv3x3 as C  # noqa: E402
 from fastunet.kernels import conv3x3_wgrad as WG  # noqa: E402
 from fastunet.kernels import norm_act_bwd as NB  # noqa: E402
 
-# ``fastunet.kernels.maxpool2x2`` and ``.upconv2x2`` are the package's functions; these are the modules.
+# ``fastunet.kernels.maxpool2x2`` and ``.upconv2x2`` (and ``.head1x1``) are the package's functions; these are the modules.
+HD = importlib.import_module("fastunet.kernels.head1x1")
 MP = importlib.import_module("fastunet.kernels.maxpool2x2")
 UP = importlib.import_module("fastunet.kernels.upconv2x2")
 
 needs_interpreter = pytest.mark.skipif(
     torch.cuda.is_available() or not _common._INTERPRET, reason="the simulated GPU runs on CPU tensors only"
 )
-PLANNED = {C._PLANS, NB._PLANS, WG._PLANS, MP._PLANS, UP._PLANS, _split_k._PLANS}  # the launchers that plan so far
+PLANNED = {
+    C._PLANS,
+    NB._PLANS,
+    WG._PLANS,
+    MP._PLANS,
+    UP._PLANS,
+    HD._PLANS,
+    _split_k._PLANS,
+}  # the launchers that plan so far
 
 
 @pytest.fixture(autouse=True)
@@ -50,15 +59,6 @@ def picks(monkeypatch):
 
     monkeypatch.setattr(_tuning.Tuner, "pick", spy)
     return asked
-
-
-def _planned(tuner: str) -> bool:
-    """Whether a warm launch of ``tuner``'s kernel replays a plan (conv3x3's do unless TMA)."""
-    return tuner.startswith(("conv3x3_wgrad.", "norm_act_bwd.")) or tuner in (
-        "maxpool2x2",
-        "upconv2x2",
-        "upconv2x2.ieee",
-    )
 
 
 def _no_plans(monkeypatch):
@@ -94,7 +94,7 @@ def _train_step(model, x):
 def test_planned_launches_are_the_tuners(monkeypatch, picks, tma):
     """On a simulated H100 (the configs, split-K and TMA choices of that GPU), a training step and
     an inference forward of the classic structure launch exactly what they launch with plans
-    disabled, and the planned launchers ask the tuner nothing once warm."""
+    disabled, and once warm no launcher asks the tuner anything (but the TMA convs)."""
     model = fastunet.UNet(3, 1, base_channels=16)
     x = torch.randn(1, 3, 32, 32)
     gpu = _common.SimulatedGPU()
@@ -122,11 +122,11 @@ def test_planned_launches_are_the_tuners(monkeypatch, picks, tma):
             assert planned == unplanned, name
             kernels = {record[0] for record in planned}
             assert "_conv3x3_bn_act_kernel" in kernels
-            assert not [p for p in planned_picks if _planned(p)], planned_picks
             if tma:  # TMA picks are never planned: those convs ask the tuner every time
                 assert "_conv3x3_tma_kernel" in kernels
-            else:
-                assert not [p for p in planned_picks if p.startswith("conv3x3.")], planned_picks
+                assert planned_picks and all(p.startswith("conv3x3.") for p in planned_picks), planned_picks
+            else:  # every tuned launcher replays its plan once warm
+                assert planned_picks == [], planned_picks
     assert all(len(plans) for plans in PLANNED)
 
 
