@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import interpreting
+from .. import backend
 from ..reference import ACTIVATIONS, apply_out_activation
 from . import _verify
 from .op import AUTO, direct_ok_mutation
@@ -39,7 +39,9 @@ def use_kernels(x: Tensor) -> bool:
     composites return the empty results and zero sums."""
     if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or (_verify._EAGER_THREADS and _verify.eager_now()):
         return False
-    return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
+    kind = x.device.type
+    # backend._INTERPRETING is interpreting()'s answer, read here without the call (every op call).
+    return kind == "cuda" or (kind == "cpu" and backend._INTERPRETING)
 
 
 def channel_vec(v: Tensor, dtype: torch.dtype) -> Tensor:

@@ -29,6 +29,7 @@ choice costs a few C calls, the attribute lookup per op is what ``DIRECT`` cost 
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,19 @@ class Auto(_Calls):
     registered op (the backward formulas' calls: during ``loss.backward()`` grad mode is off)."""
 
 
+class _AutoState(threading.local):
+    """``direct``: set by a caller that has tested ``direct_ok``'s thread and global conditions
+    once for a stretch of ``AUTO`` calls in which none of them can change (``Tape.backward``: grad
+    mode, compile, dispatch modes, functorch and the profiler are fixed while it runs its
+    formulas); ``AUTO`` then tests only each call's own tensor type. Thread-local: another
+    thread's backward may run under a dispatch mode of its own."""
+
+    direct = False
+
+
+AUTO_STATE = _AutoState()
+
+
 class _OpOrImpl:
     __slots__ = ("op", "impl", "ref")
 
@@ -181,7 +195,8 @@ class _OpOrImpl:
         self.op, self.impl, self.ref = op.dispatch, op.impl, op.ref
 
     def __call__(self, *args):
-        if direct_ok(args[self.ref]):
+        x = args[self.ref]
+        if (AUTO_STATE.direct and type(x) is Tensor) or direct_ok(x):
             return self.impl(*args)
         return self.op(*args)
 

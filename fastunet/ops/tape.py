@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .op import DIRECT, DISPATCH, Op, direct_ok_mutation, on_declare
+from .op import AUTO_STATE, DIRECT, DISPATCH, Op, direct_ok, direct_ok_mutation, on_declare
 
 # =========================================================================== the tape
 # A training forward through the ops makes one autograd node per op (about 45 for the
@@ -53,20 +53,12 @@ class Tape:
 
     def mark(self, tensors) -> None:
         """The leaves gradients flow to (the Function's inputs that require grad)."""
-        self._grad_ids.update(id(t) for t in tensors if isinstance(t, Tensor) and t.requires_grad)
+        self._grad_ids.update([id(t) for t in tensors if isinstance(t, Tensor) and t.requires_grad])
 
     def record(self, op: Op, *args):
         """Run ``op``'s implementation on ``args``; record its backward when an argument is on the
-        tape (a leaf, or an output of a recorded op)."""
-        out = op.impl(*args)
-        needs = tuple(isinstance(a, Tensor) and id(a) in self._grad_ids for a in args)
-        if any(needs):
-            ctx = _TapeCtx(self, needs)
-            op.setup(ctx, args, out)
-            outs = out if isinstance(out, tuple) else (out,)
-            self._grad_ids.update(id(o) for o in outs)
-            self.records.append((op.backward, ctx, args, outs))
-        return out
+        tape (a leaf, or an output of a recorded op). ``tape.<name>(*args)`` is the same call."""
+        return getattr(self, op.name)(*args)
 
     def finish(self, output: Tensor) -> None:
         """After the forward: outputs are kept by id, and every one but ``output`` stays pinned
@@ -77,29 +69,53 @@ class Tape:
 
     def backward(self, out_id: int, grad: Tensor, leaf_ids: tuple) -> tuple:
         """Gradients of the leaves (ids; None for a leaf that needs none) from ``grad`` = dL/d of
-        the output ``out_id``, through the records in reverse."""
+        the output ``out_id``, through the records in reverse. ``AUTO``'s watcher tests are made
+        once here for every formula (``op.AUTO_STATE``): nothing in between can change them."""
         grads = {out_id: grad}
-        for backward, ctx, args, out_ids in reversed(self.records):
-            gouts = [grads.pop(i, None) for i in out_ids]
-            if all(g is None for g in gouts):
-                continue
-            for g_in, a, need in zip(backward(ctx, *gouts), args, ctx.needs_input_grad, strict=False):
-                if g_in is None or not need:  # only tensors on the tape (or leaves) get gradients
+        pop = grads.pop
+        state = AUTO_STATE
+        was = state.direct
+        state.direct = direct_ok(grad)
+        try:
+            for backward, ctx, args, out_ids in reversed(self.records):
+                gouts = [pop(i, None) for i in out_ids]
+                for g in gouts:
+                    if g is not None:
+                        break
+                else:
                     continue
-                key = id(a)
-                grads[key] = g_in if key not in grads else grads[key] + g_in
-        return tuple(None if i is None else grads.get(i) for i in leaf_ids)
+                for g_in, a, need in zip(backward(ctx, *gouts), args, ctx.needs_input_grad, strict=False):
+                    if g_in is None or not need:  # only tensors on the tape (or leaves) get gradients
+                        continue
+                    key = id(a)
+                    grads[key] = g_in if key not in grads else grads[key] + g_in
+        finally:
+            state.direct = was
+        return tuple([grads.get(i) for i in leaf_ids])  # a None id (no gradient) is never a key
 
 
 def _add_recorder(op: Op) -> None:
     """``Tape.<name>``: an op with a gradient is recorded; one without (a running-statistics
-    update, a backward op) runs as it is."""
+    update, a backward op) runs as it is. The recorder is the op's whole per-call tape work in
+    one frame (about 100 recorded calls per training step)."""
     if op.backward is None:
         setattr(Tape, op.name, staticmethod(op.impl))
         return
+    impl, setup, backward = op.impl, op.setup, op.backward
 
     def recorded(self, *args):
-        return self.record(op, *args)
+        out = impl(*args)
+        grad_ids = self._grad_ids
+        # Every id in grad_ids is a live tensor's (a leaf, or an output the records hold), so no
+        # other live argument has one: the id test alone says "a tensor on the tape".
+        needs = tuple([id(a) in grad_ids for a in args])
+        if True in needs:
+            ctx = _TapeCtx(self, needs)
+            setup(ctx, args, out)
+            outs = out if isinstance(out, tuple) else (out,)
+            grad_ids.update(map(id, outs))
+            self.records.append((backward, ctx, args, outs))
+        return out
 
     recorded.__name__ = recorded.__qualname__ = op.name
     setattr(Tape, op.name, recorded)
@@ -118,7 +134,7 @@ class _TapeFunction(torch.autograd.Function):
         ctx.save_for_backward(*tape.saved)
         tape.saved = []  # autograd holds them now (through any saved-tensor hooks)
         ctx.tape, ctx.out_id = tape, id(out)
-        ctx.leaf_ids = tuple(id(t) if isinstance(t, Tensor) and t.requires_grad else None for t in leaves)
+        ctx.leaf_ids = tuple([id(t) if isinstance(t, Tensor) and t.requires_grad else None for t in leaves])
         return out
 
     @staticmethod
