@@ -143,3 +143,25 @@ def test_auto_with_the_decision_made_still_tests_the_tensor_type(monkeypatch):
     assert direct_calls == [torch.Tensor], direct_calls
     for a, b in zip(plain, sub, strict=True):
         assert torch.equal(a, b.as_subclass(torch.Tensor))
+
+
+def test_the_tape_marks_exactly_the_tensors_on_it():
+    """``needs`` is an id test against the tape's live tensors: with some parameters frozen, the
+    taped step's gradients equal the per-op path's bit for bit, frozen ones None."""
+    model = _model()
+    frozen = [p for name, p in model.named_parameters() if name.endswith("bias")][:2]
+    frozen.append(next(iter(model.parameters())))
+    for p in frozen:
+        p.requires_grad_(False)
+    twin = copy.deepcopy(model)
+    _taped_forward(model).sum().backward()
+    with _Watch():
+        torch.manual_seed(0)
+        y = twin(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+        assert type(y.grad_fn).__name__ != "_TapeFunctionBackward"
+        y.sum().backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if not a.requires_grad:
+            assert a.grad is None and b.grad is None, name
+        else:
+            assert torch.equal(a.grad, b.grad), name
