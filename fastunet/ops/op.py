@@ -18,7 +18,8 @@ filled from ``OPS`` as ops are declared (no per-op list anywhere):
 * ``DIRECT``: the implementation, skipping the dispatcher (about 10 us per call that a launch's
   own few us of host work would not survive) when nothing watches (``direct_ok``);
 * ``AUTO``: ``DIRECT`` or ``DISPATCH`` decided per call, for the backward formulas (one formula
-  runs under the training tape and under per-op autograd alike);
+  runs under the training tape and under per-op autograd alike; the tape's backward tests the
+  thread's watchers once for all its formulas, ``AUTO_STATE``);
 * a ``Tape`` (``fastunet.ops.tape``): records each op's ``setup``/``backward`` so a whole
   training forward is one autograd node.
 
@@ -172,7 +173,8 @@ class Direct(_Calls):
 
 class Auto(_Calls):
     """Per call: the implementation when ``direct_ok`` holds for the op's ``ref`` argument, else the
-    registered op (the backward formulas' calls: during ``loss.backward()`` grad mode is off)."""
+    registered op (the backward formulas' calls: during ``loss.backward()`` grad mode is off).
+    Within a tape's backward only the argument's type is tested per call (``AUTO_STATE``)."""
 
 
 class _AutoState(threading.local):
