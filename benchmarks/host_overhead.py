@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastunet
+from fastunet import _snapshot
 
 TARGET_MS = {"inference": 0.35, "training": 1.5}
 
@@ -167,6 +168,10 @@ def measure(
     # one, and the TMA rows must not reuse the pointer rows' picks.
     os.environ["FASTUNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastunet-host-overhead-")
     _tuning.clear_memory()
+    sampled = _snapshot.SAMPLED_DEVICES
+    # The prepared weights' value samples are taken for CPU tensors only: the simulated GPU's
+    # tensors are CPU tensors, a real GPU's would not be sampled.
+    _snapshot.SAMPLED_DEVICES = ()
     try:
         gpu = _common.SimulatedGPU()
         if tma:
@@ -191,6 +196,7 @@ def measure(
                 step()
                 times.append(time.perf_counter() - t0)
     finally:
+        _snapshot.SAMPLED_DEVICES = sampled
         fastunet.set_backend(before)
         _tuning.clear_memory()
         if cache_env is None:

@@ -27,6 +27,10 @@ _version_of = attrgetter("_version")
 #: a few dozen elements make a whole-tensor rewrite that keeps them all bit-identical implausible
 SAMPLES = 64
 
+#: device types whose tensors are sampled (``benchmarks/host_overhead.py`` empties it: its
+#: simulated GPU computes on CPU tensors, and a real GPU's are never sampled)
+SAMPLED_DEVICES = ("cpu",)
+
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -61,7 +65,7 @@ def _current_sample(t: Tensor, view: Tensor | None) -> Tensor:
 def take_samples(sources: Sequence[Tensor]) -> tuple | None:
     """``(views, saved)`` for CPU ``sources``: the live sample views and a copy of their values now;
     None when a source is not on the CPU (nothing is sampled there: see the module docstring)."""
-    if not all(t.device.type == "cpu" for t in sources):
+    if not all(t.device.type in SAMPLED_DEVICES for t in sources):
         return None
     views = tuple(map(_sample_view, sources))
     saved = tuple(_current_sample(t, v).clone() for t, v in zip(sources, views, strict=True))

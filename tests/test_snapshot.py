@@ -93,3 +93,9 @@ def test_is_current_checks_every_rule():
     assert _snapshot.is_current(Plan, (a, b), *_snapshot.tensors_state([a, b]))
     b.data.mul_(3)  # through .data: only the samples see it
     assert not _snapshot.is_current(Plan, (a, b), *_snapshot.tensors_state([a, b]))
+
+
+def test_sampled_devices_is_the_switch(monkeypatch):
+    """``host_overhead.py`` empties it so that its simulated GPU's CPU tensors cost what a GPU's would."""
+    monkeypatch.setattr(_snapshot, "SAMPLED_DEVICES", ())
+    assert take_samples([torch.randn(4)]) is None
