@@ -68,6 +68,7 @@ import gc
 import importlib
 import importlib.util
 import math
+import statistics
 import tempfile
 import time
 import traceback
@@ -77,7 +78,7 @@ from pathlib import Path
 
 import torch
 from flops import TRAINING_FLOP_FACTOR, step_flops
-from timing import summarize, synchronize, time_steps
+from timing import minor_faults, summarize, synchronize, time_steps
 
 import fastunet
 from fastunet.backend import triton_available, use_fused
@@ -763,6 +764,7 @@ def blank_row(provider: Provider, case: Case) -> dict:
         "peak_fraction": None,
         "peak_mem_mb": None,
         "static_mem_mb": None,
+        "minor_faults_per_step": None,
         "max_abs_err": None,
         "max_rel_err": None,
         "tolerance": OUTPUT_TOL[provider.precision(case)],
@@ -894,6 +896,7 @@ def bench_interleaved(
     prepared = [prepare_provider(p, case, warmup=warmup, quick=quick, verbose=verbose, reset=False) for p in providers]
     live = [(i, runner) for i, (_, runner) in enumerate(prepared) if runner is not None]
     times: dict[int, list[float]] = {i: [] for i, _ in live}
+    faults: dict[int, list[int]] = {i: [] for i, _ in live}
     failed: dict[int, Exception] = {}
     try:
         with _no_recompiles(any(providers[i].uses_compile for i, _ in live)):
@@ -903,10 +906,12 @@ def bench_interleaved(
                         continue
                     x = runner.inputs[r % len(runner.inputs)]
                     try:
-                        t0 = time.perf_counter()
+                        f0, t0 = minor_faults(), time.perf_counter()
                         runner.step(x)
                         synchronize(case.device)
                         times[i].append((time.perf_counter() - t0) * 1e3)
+                        if f0 is not None:
+                            faults[i].append(minor_faults() - f0)
                     except Exception as exc:
                         failed[i] = exc
                         if verbose:
@@ -917,6 +922,8 @@ def bench_interleaved(
                 rows[i]["status"], rows[i]["reason"] = "failed", failure_reason(failed[i])
             else:
                 finish_row(rows[i], summarize(times[i], "perf_counter, interleaved"))
+                if faults[i]:
+                    rows[i]["minor_faults_per_step"] = int(statistics.median(faults[i]))
         return rows
     finally:
         prepared = live = None

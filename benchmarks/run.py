@@ -94,7 +94,8 @@ ok), ``ms_median``/``ms_p20``/``ms_p80`` (per step), ``n_reps``, ``timer`` ("cud
 "perf_counter"), ``first_call_s`` (build + first step: compile time), ``images_per_s``,
 ``gflop_per_step``, ``tflops`` (achieved), ``peak_kind`` and ``peak_fraction`` (tflops over the
 measured matmul peak of that precision; null on CPU), ``peak_mem_mb`` and ``static_mem_mb`` (MiB; CUDA
-only), ``max_abs_err``, ``max_rel_err`` and ``tolerance`` (output vs float64),
+only), ``minor_faults_per_step`` (CPU, interleaved runs: median minor page faults of the whole
+process per timed step, null elsewhere), ``max_abs_err``, ``max_rel_err`` and ``tolerance`` (output vs float64),
 ``grad_rel_l2_err`` and ``grad_tolerance`` (training only), ``speedup_vs_eager_nchw`` (vs
 ``eager_fp32_nchw``), ``speedup_vs_eager_cl`` (vs ``eager_cl``: channels_last, autocast in
 16-bit cases) and ``speedup_vs_best_compile`` (vs the fastest correct torch.compile of the

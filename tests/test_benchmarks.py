@@ -38,7 +38,7 @@ ROW_KEYS = {
     "ms_median", "ms_p20", "ms_p80", "n_reps", "timer", "first_call_s", "images_per_s", "gflop_per_step",
     "tflops", "peak_kind", "peak_fraction", "peak_mem_mb", "static_mem_mb", "max_abs_err", "max_rel_err",
     "tolerance", "grad_rel_l2_err", "grad_tolerance", "speedup_vs_eager_nchw", "speedup_vs_eager_cl",
-    "speedup_vs_best_compile", "threads", "speedup_vs_best_peer",
+    "speedup_vs_best_compile", "threads", "speedup_vs_best_peer", "minor_faults_per_step",
 }  # fmt: skip
 # A tiny model and case for the in-process runs: a few tenths of a second each.
 TINY = ["--device", "cpu", "--batch", "1", "--size", "32", "--dtype", "fp32", "--base-channels", "4",
@@ -461,6 +461,7 @@ def test_quick_run_rows(quick_run):
             assert r["ms_p20"] <= r["ms_median"] <= r["ms_p80"]
             assert r["images_per_s"] == pytest.approx(r["batch"] / (r["ms_median"] / 1e3))
             assert r["peak_mem_mb"] is None  # no CUDA memory counters on CPU
+            assert isinstance(r["minor_faults_per_step"], int) and r["minor_faults_per_step"] >= 0
             assert math.isfinite(r["speedup_vs_eager_nchw"]) and math.isfinite(r["speedup_vs_eager_cl"])
             assert r["speedup_vs_best_compile"] is None  # compile providers skipped in --quick
         assert by[(dtype, "eager_fp32_nchw")]["speedup_vs_eager_nchw"] == pytest.approx(1.0)
