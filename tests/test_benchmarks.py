@@ -514,6 +514,27 @@ def test_readme_table_renders_and_rewrites(quick_run, tmp_path):
     assert no_markers.read_text() == "# nothing to replace\n"
 
 
+def test_readme_table_cpu_section_and_dtype_filter(quick_run, tmp_path):
+    _, path, result = quick_run
+    dtypes = {c["dtype"] for c in result["cases"]}
+    one = sorted(dtypes)[0]
+    md = readme_table.render(result, source="x.json", dtypes=(one,))
+    assert md.count("\n#### ") == sum(c["dtype"] == one for c in result["cases"]) >= 1
+    headers = [line for line in md.splitlines() if line.startswith("#### ")]
+    kept = [c for c in result["cases"] if c["dtype"] == one]
+    assert all(f"×{c['size']}, {one}" in h for h, c in zip(headers, kept, strict=True))
+    assert f"(cases: {one})" in md  # the generated line says what was left out
+    start, end = readme_table.SECTIONS["cpu"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\n{start}\nold\n{end}\n{readme_table.MARK_START}\ngpu\n{readme_table.MARK_END}\n")
+    args = [str(path), "--write-readme", str(readme), "--section", "cpu", "--dtype", one]
+    assert readme_table.main(args) == 0
+    text = readme.read_text()
+    assert "old" not in text and f"\n{readme_table.MARK_START}\ngpu\n" in text  # the GPU section untouched
+    assert readme_table.main([str(path), "--write-readme", str(readme)]) == 0  # default: the GPU section
+    assert "\ngpu\n" not in readme.read_text()
+
+
 # --------------------------------------------------------------------------- in-process runs
 def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir()} if directory.exists() else {}
