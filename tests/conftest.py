@@ -14,9 +14,9 @@ if not torch.cuda.is_available():
 
 import re  # noqa: E402
 
+import _interpreter_options  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from _interpreter_options import skip_dead_overflow_checks  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -48,8 +48,8 @@ def _interpreter_numpy_bug() -> bool:
 INTERPRETER_NUMPY_BUG = _interpreter_numpy_bug()
 
 
-# Triton's interpreter computes int32 overflow checks and throws them away (_interpreter_options.py).
-skip_dead_overflow_checks()
+# Work Triton's interpreter does for nothing, skipped (_interpreter_options.py).
+_interpreter_options.speed_up()
 _BUG_TEXT = "only 0-dimensional arrays can be converted to Python scalars"
 
 

@@ -64,3 +64,34 @@ def test_with_debug_the_overflow_check_fires(monkeypatch):
     assert torch.equal(
         _square_int32(torch.tensor([3, -7], dtype=torch.int32)), torch.tensor([9, 49], dtype=torch.int32)
     )
+
+
+def test_the_cached_lookups_answer_as_the_originals():
+    """conftest's two caches are installed, and give what the interpreter's own functions give:
+    the same NumPy dtypes for every Triton type a kernel meets, and the same members patched."""
+    import _interpreter_options
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    assert getattr(interpreter._patch_builtin, "_fastunet_cached", False)
+    assert _interpreter_options.cache_interpreter_lookups()  # a second call keeps the first's
+    original = {f: getattr(interpreter, f).__wrapped__ for f in ("_get_np_dtype", "_patch_builtin")}
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.uint16, tl.int32, tl.uint32, tl.int64, tl.uint64,
+               tl.float16, tl.bfloat16, tl.float32, tl.float64]  # fmt: skip
+    types = [*scalars, tl.pointer_type(tl.float16), *(tl.block_type(t, [4, 8]) for t in scalars)]
+    types.append(tl.block_type(tl.pointer_type(tl.float32), [16]))
+    for t in types * 2:  # the second round from the cache
+        assert interpreter._get_np_dtype(t) == original["_get_np_dtype"](t), t
+
+    class Scope:
+        def __init__(self):
+            self.names = []
+
+        def set_attr(self, obj, name, value):
+            self.names.append((obj, name))
+
+    for pkg in (tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base):
+        ours, theirs = Scope(), Scope()
+        interpreter._patch_builtin(pkg, None, ours)
+        original["_patch_builtin"](pkg, None, theirs)
+        assert ours.names and sorted(ours.names, key=str) == sorted(theirs.names, key=str), pkg
