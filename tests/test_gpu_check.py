@@ -118,7 +118,11 @@ def test_run_streams_one_json_line_per_row(tmp_path):
 def _simulated(tmp_path, *args, timeout=1800):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(FASTUNET_GPU_CHECK_SIMULATE="1", FASTUNET_CACHE_DIR=str(tmp_path / "cache"))
-    cmd = [sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path / "out"), "--workers", "2", *args]
+    # Two compile workers and two pytest-xdist workers (the script's defaults, 16 and 8, are the
+    # GPU machine's): still xdist's path through the tests stage, without six more interpreters
+    # starting on two cores.
+    cmd = [sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path / "out"), "--workers", "2"]
+    cmd += ["--xdist", "2", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     return proc, report, {s["stage"]: s for s in report["stages"]}
