@@ -16,15 +16,23 @@ import dataclasses
 import os
 
 
+def _interpreter():
+    """``triton.runtime.interpreter`` when the kernels run in it (``TRITON_INTERPRET``), else None."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return None
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return None
+    return interpreter
+
+
 def skip_dead_overflow_checks() -> bool:
     """Turn the interpreter's ``sanitize_overflow`` off where ``debug`` is off (a no-op without
     ``TRITON_INTERPRET`` or with another triton layout). Call after ``TRITON_INTERPRET`` is set.
     Returns whether the options changed."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return False
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
+    interpreter = _interpreter()
+    if interpreter is None:
         return False
     builder = getattr(interpreter, "interpreter_builder", None)
     options = getattr(builder, "options", None)
@@ -50,15 +58,13 @@ def cache_interpreter_lookups() -> bool:
 
     A no-op without ``TRITON_INTERPRET`` or with a triton whose interpreter is laid out otherwise.
     Returns whether both were installed."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    interpreter = _interpreter()
+    if interpreter is None:
         return False
-    try:
-        import inspect
+    import inspect
 
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
+    import triton.language as tl
+
     patch_builtin, patch_attr = getattr(interpreter, "_patch_builtin", None), getattr(interpreter, "_patch_attr", None)
     get_np_dtype = getattr(interpreter, "_get_np_dtype", None)
     if getattr(patch_builtin, "_fastunet_cached", False):
