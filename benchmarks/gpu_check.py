@@ -506,6 +506,20 @@ def stage_main(name: str, args) -> int:
     return 0 if result["status"] == "passed" else 1
 
 
+def settle_stage_file(path: Path, ended: str) -> dict:
+    """The stage's own ``DIR/<stage>.json`` after its process ended as ``ended`` (``run_stage``'s
+    status). A stage cut or killed between its last progress write and its final one (SIGINT
+    landing in that write, SIGKILL at the limit) leaves ``"running"`` there: the file is then
+    rewritten with what the parent saw (``"cut"`` at the limit, else ``"failed"``), so no stage
+    file of a finished run says it is still running."""
+    result = json.loads(path.read_text())
+    if isinstance(result, dict) and result.get("status") == "running":
+        result["status"] = "cut" if ended == "timeout" else "failed"
+        result["settled_by"] = f"gpu_check: the stage process ended ({ended}) before its final write"
+        write_json(path, result)
+    return result
+
+
 # ------------------------------------------------------------------------------ the report
 def write_report(out: Path, report: dict) -> None:
     """gpu_check.json and gpu_check.md, both atomically (called after every stage)."""
@@ -582,7 +596,7 @@ def run_all(args) -> int:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, *passthrough]
         entry = {"stage": name, "limit": round(limit, 1), **run_stage(cmd, limit, args.out / f"{name}.log", stage_env)}
         with contextlib.suppress(OSError, ValueError):
-            entry["result"] = json.loads((args.out / f"{name}.json").read_text())
+            entry["result"] = settle_stage_file(args.out / f"{name}.json", entry["status"])
         if entry["status"] == "failed" and entry.get("result", {}).get("status") == "cut":
             entry["status"] = "timeout"
         if name.startswith("bench_"):

@@ -155,6 +155,19 @@ def test_simulated_run_writes_every_file(tmp_path):
 
 
 @pytest.mark.slow  # two stages of the script (~40 s on a 2-core machine)
+@pytest.mark.parametrize("ended, expected", [("timeout", "cut"), ("failed", "failed"), ("passed", "failed")])
+def test_a_stage_file_left_running_is_settled(tmp_path, ended, expected):
+    """A stage cut inside its final write leaves "running" in its file: the parent settles it."""
+    path = tmp_path / "tests.json"
+    path.write_text(json.dumps({"stage": "tests", "status": "running", "ran": 3}))
+    result = gpu_check.settle_stage_file(path, ended)
+    assert result["status"] == expected and result["ran"] == 3 and ended in result["settled_by"]
+    assert json.loads(path.read_text()) == result
+    done = {"stage": "tests", "status": "cut"}
+    path.write_text(json.dumps(done))
+    assert gpu_check.settle_stage_file(path, ended) == done  # a final status is left as it is
+
+
 def test_a_cut_stage_keeps_its_files_and_the_next_stage_runs(tmp_path):
     # Far more than the limit of interpreter tests (test_conv3x3_up's alone, ~15 s before the
     # interpreter's dead work was skipped, came to about the limit: the cut raced the end).
