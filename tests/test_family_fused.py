@@ -493,6 +493,16 @@ def test_eval_runs_only_fastunet_kernels(case, hw, fused_calls):
 
 
 # ------------------------------------------------------------------ how the ops are reached
+def _spy_recorder(name: str, recorder, recorded: list):
+    """``Tape.<name>`` that notes ``name`` in ``recorded`` and records as ``recorder`` does."""
+
+    def spy(self, *args):
+        recorded.append(name)
+        return recorder(self, *args)
+
+    return spy
+
+
 @pytest.mark.parametrize("case", ["keras", "milesial-bilinear", "nobias-dropout-pad"])
 def test_training_forward_runs_on_the_tape(case, monkeypatch):
     """upconv_nearest2x2, conv3x3_up_bn_stats and the dropout are recorded on the one-node tape
@@ -501,10 +511,11 @@ def test_training_forward_runs_on_the_tape(case, monkeypatch):
     seen, recorded = [], []
     original = fastunet.fused.train_graph
     monkeypatch.setattr(fastunet.fused, "train_graph", lambda ops, *a: seen.append(type(ops)) or original(ops, *a))
-    record = fastunet.ops.Tape.record
-    monkeypatch.setattr(
-        fastunet.ops.Tape, "record", lambda self, op, *a: recorded.append(op.name) or record(self, op, *a)
-    )
+    for name, op in fastunet.ops.OPS.items():  # each op's recorder, ``Tape.<name>``
+        if op.backward is not None:
+            monkeypatch.setattr(
+                fastunet.ops.Tape, name, _spy_recorder(name, getattr(fastunet.ops.Tape, name), recorded)
+            )
     _, model = model_pair(3, 2, **_options(case))
     x = torch.randn(2, 3, 17 if model.odd_sizes == "pad" else 16, 20, dtype=torch.float64, requires_grad=True)
     y = model.train()(x)
