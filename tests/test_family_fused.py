@@ -507,7 +507,7 @@ def _spy_recorder(name: str, recorder, recorded: list):
 def test_training_forward_runs_on_the_tape(case, monkeypatch):
     """upconv_nearest2x2, conv3x3_up_bn_stats and the dropout are recorded on the one-node tape
     like the other ops (``fastunet.ops.run_taped``), not per op: the output's only autograd node
-    is the tape's, and every one of those ops went through ``Tape.record``."""
+    is the tape's, and every one of those ops went through its recorder (``Tape.<name>``)."""
     seen, recorded = [], []
     original = fastunet.fused.train_graph
     monkeypatch.setattr(fastunet.fused, "train_graph", lambda ops, *a: seen.append(type(ops)) or original(ops, *a))
