@@ -126,6 +126,9 @@ def test_an_existing_output_is_refused_before_any_work_unless_overwrite(tmp_path
 
 _KILL_SCRIPT = """
 import os, signal, sys
+# A suite started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT
+# ignored, and Python then installs no handler: restore the one an interactive run has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import torch
 import fastunet
 from fastunet import cli
