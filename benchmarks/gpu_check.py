@@ -481,9 +481,18 @@ STAGE_BODIES = {
 }
 
 
+def catch_sigint() -> None:
+    """Make SIGINT raise KeyboardInterrupt in this stage process (and so, after exec, in what it
+    starts): a run started in the background by a non-interactive shell (``nohup ... &``, the way
+    a remote GPU box is often used) inherits SIGINT ignored, and the cut at a stage's limit would
+    then never reach pytest or run.py, losing their summaries to the SIGKILL that follows."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def stage_main(name: str, args) -> int:
     """The body of stage ``name`` (``--stage NAME``): DIR/<name>.json written as it goes and at
     the end, whatever the end is."""
+    catch_sigint()
     path = args.out / f"{name}.json"
     result: dict = {"stage": name, "status": "running", "started": dt.datetime.now().isoformat(timespec="seconds")}
     t0 = time.perf_counter()

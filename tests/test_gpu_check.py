@@ -168,6 +168,23 @@ def test_a_stage_file_left_running_is_settled(tmp_path, ended, expected):
     assert gpu_check.settle_stage_file(path, ended) == done  # a final status is left as it is
 
 
+def test_a_stage_catches_sigint_even_if_started_with_it_ignored():
+    """``nohup gpu_check.py ... &`` hands every stage SIGINT ignored: the stage restores it, so the
+    cut at its limit arrives as KeyboardInterrupt (in it and in the pytest it starts)."""
+    script = (
+        "import signal, subprocess, sys; sys.path.insert(0, sys.argv[1]); import gpu_check;"
+        "gpu_check.catch_sigint();"
+        "child = 'import os, signal; os.kill(os.getpid(), signal.SIGINT)';"
+        "sys.exit(subprocess.run([sys.executable, '-c', child]).returncode)"
+    )
+    ignoring = subprocess.run(  # the parent ignores SIGINT, as a background job's does
+        [sys.executable, "-c", "import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_IGN);"
+         "sys.exit(subprocess.run(sys.argv[1:]).returncode)", sys.executable, "-c", script, str(BENCH)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ignoring.returncode != 0 and "KeyboardInterrupt" in ignoring.stderr, ignoring.stderr[-2000:]
+
+
 def test_a_cut_stage_keeps_its_files_and_the_next_stage_runs(tmp_path):
     # Far more than the limit of interpreter tests (test_conv3x3_up's alone, ~15 s before the
     # interpreter's dead work was skipped, came to about the limit: the cut raced the end).
