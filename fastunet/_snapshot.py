@@ -59,7 +59,9 @@ def _current_sample(t: Tensor, view: Tensor | None) -> Tensor:
     if view is not None:
         return view
     flat = t.detach().reshape(-1)
-    return flat[:: max(1, -(-flat.numel() // SAMPLES))].clone()
+    sample = flat[:: max(1, -(-flat.numel() // SAMPLES))].clone()
+    size = sample.element_size()  # compared as integers too, as the views are
+    return sample.view(_INT_OF_SIZE[size]) if size in _INT_OF_SIZE and not sample.is_complex() else sample
 
 
 def take_samples(sources: Sequence[Tensor]) -> tuple | None:

@@ -45,11 +45,16 @@ def test_data_edit_leaves_the_version_alone():
     assert p._version == version
 
 
-def test_nan_and_signed_zero_compare_bitwise():
-    t = torch.full((100,), float("nan"))
+@pytest.mark.parametrize("dense", [True, False], ids=["view", "copy"])
+def test_nan_and_signed_zero_compare_bitwise(dense):
+    def make(value):
+        t = torch.full((100, 2), value)
+        return t if dense else t[:, 0]  # a column: not dense, sampled by a copy
+
+    t = make(float("nan"))
     samples = take_samples([t])
     assert samples_unchanged([t], samples)  # NaN equals its own bits: no rebuild per call
-    z = torch.zeros(100)
+    z = make(0.0)
     samples = take_samples([z])
     z.data.neg_()  # -0.0 == 0.0 numerically, but the folded copies would hold +0.0
     assert not samples_unchanged([z], samples)
