@@ -8,7 +8,9 @@ kernel under test, not input rounding.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,24 @@ HAS_CUDA = torch.cuda.is_available()
 # cache: the default run compiles a spread sample of each kernel's specs (every dtype and form),
 # FASTUNET_RING2_FULL=1 every spec (as `benchmarks/kernel_report.py --arch N` does).
 RING2_FULL = os.environ.get("FASTUNET_RING2_FULL") == "1"
+
+
+@contextlib.contextmanager
+def ring2_lock():
+    """Held around an offline compile whose specs another test compiles too (the report CLI's
+    real-kernel run and the nearest up-conv's sample share 9 specs): under pytest-xdist the second
+    waits, then finds them in Triton's cache and their measurements in kernel_report's (both in
+    Triton's cache folder, which the workers share), instead of compiling them again at the same
+    time. The compile children use every core (kernel_report's ``--jobs`` default), so the wait
+    leaves no core idle."""
+    from filelock import FileLock
+    from triton import knobs
+
+    root = Path(knobs.cache.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / "fastunet_ring2.lock")):
+        yield
+
 
 # The table and the dtype -> row rule live in the package (tuning verification uses them too);
 # tests keep importing them from here.
@@ -33,6 +53,7 @@ __all__ = [
     "model_pair",
     "poisoned_like",
     "randomize_batchnorm",
+    "ring2_lock",
     "tolerance_name",
 ]
 

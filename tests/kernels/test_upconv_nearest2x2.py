@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import RING2_FULL, assert_close, max_rel_error, poisoned_like, tolerance_name
+from helpers import RING2_FULL, assert_close, max_rel_error, poisoned_like, ring2_lock, tolerance_name
 
 # The submodule (``fastunet.kernels.upconv_nearest2x2`` as an attribute is the launcher the package exports).
 kernel_module = importlib.import_module("fastunet.kernels.upconv_nearest2x2")
@@ -521,7 +521,8 @@ def test_offline_compile_sm90(tmp_path):
         sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--arch", "90", "--quiet", "--no-modules",
         "--provider", f"{kernel_module.__name__}:compile_specs", "--json", str(out), "--sample", "0" if RING2_FULL else "2",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=ROOT)
+    with ring2_lock():  # test_kernel_report's real-kernel run compiles 9 of these specs too
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=ROOT)
     assert proc.returncode == 0, f"{proc.stderr[-4000:]}\n{proc.stdout[-1000:]}"
     rows = json.loads(out.read_text())
     specs = compile_specs(90)
