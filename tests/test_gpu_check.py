@@ -131,7 +131,10 @@ def test_simulated_run_writes_every_file(tmp_path):
     # Two pytest-xdist workers for the one test of the tests stage (the script's default, 8, is
     # the GPU machine's): still xdist's path, without six more torch imports on two cores.
     tests = ["--xdist", "2", "--tests-args", "tests/test_precompile.py", "-k", "nothing_to_do"]
-    proc, report, stages = _simulated(tmp_path, "--budget", "5000", *roomy, *tests)
+    # One precompile worker (argparse: the last --workers wins): simulated, a worker only resolves
+    # each kernel, and each piece's workers are fresh Pythons importing torch (~4 CPU-s each);
+    # workers sharing one job list are test_precompile.py's test_workers_compile_each_distinct_launch_once.
+    proc, report, stages = _simulated(tmp_path, "--budget", "5000", "--workers", "1", *roomy, *tests)
     out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert report["result"] == "passed" and list(stages) == list(gpu_check.STAGES)
