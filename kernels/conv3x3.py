@@ -612,7 +612,10 @@ _CONFIGS_SM80 = (
     _Cfg(128, 256, 32, 8, 3),
     _Cfg(128, 128, 32, 8, 4),
     _Cfg(128, 128, 64, 8, 3),
-    _Cfg(128, 64, 32, 4, 4),
+    # 8 warps: on 4, ptxas held this tile at 168 registers and spilled 8-16 B in the 16-bit
+    # training forms (triton 3.6, offline sm_80 report; with 3 stages too). On 8 it used at most
+    # 128 (3.6) and 140 (3.9) registers in every form, no spill.
+    _Cfg(128, 64, 32, 8, 4),
     _Cfg(64, 128, 32, 4, 4),
     _Cfg(64, 64, 64, 4, 3),
     _Cfg(64, 64, 32, 4, 4),
@@ -628,6 +631,15 @@ _SMALLC_CONFIGS = (
     _Cfg(64, 64, 32, 4, 3),
     _Cfg(64, 128, 32, 4, 2),
 )
+# Ampere: the 8-warp tile with K steps of 16, not 32: at 32 triton 3.6's ptxas held it at 128
+# registers and spilled 16 B (16-bit, both sources small-C; offline sm_80 report), at 16 it did not.
+_SMALLC_CONFIGS_SM80 = (
+    _Cfg(128, 64, 32, 4, 2),
+    _Cfg(128, 64, 16, 4, 2),
+    _Cfg(128, 128, 16, 8, 2),
+    _Cfg(64, 64, 32, 4, 3),
+    _Cfg(64, 128, 32, 4, 2),
+)
 # Split-K partial kernel: only chosen when even 64x64 tiles leave most SMs idle.
 _SPLIT_CONFIGS_SM90 = (
     _Cfg(64, 64, 64, 4, 4),
@@ -635,7 +647,9 @@ _SPLIT_CONFIGS_SM90 = (
     _Cfg(128, 64, 64, 4, 4),
 )
 _SPLIT_CONFIGS_SM80 = (
-    _Cfg(64, 64, 64, 4, 3),
+    # 2 stages: on 3, triton 3.6's ptxas held it at 128 registers and spilled 20 B (16-bit, two
+    # sources); 64x64x32 on 4 warps spilled 24 B in fp32 with triton 3.9 (offline sm_80 reports).
+    _Cfg(64, 64, 64, 4, 2),
     _Cfg(64, 128, 32, 4, 4),
     _Cfg(128, 64, 32, 4, 4),
 )
@@ -670,7 +684,7 @@ _CONFIGS = {
     ("up", 90): _CONFIGS_SM90 + _UP_EXTRA,
     ("up", 80): tuple(c for c in _CONFIGS_SM80 if c.BLOCK_K < 64) + _UP_EXTRA,
     ("smallc", 90): _SMALLC_CONFIGS,
-    ("smallc", 80): _SMALLC_CONFIGS,
+    ("smallc", 80): _SMALLC_CONFIGS_SM80,
     ("split", 90): _SPLIT_CONFIGS_SM90,
     ("split", 80): _SPLIT_CONFIGS_SM80,
     ("head", 90): _HEAD_CONFIGS_SM90,

@@ -325,7 +325,9 @@ _CONFIGS_SM80 = (
     _Cfg(128, 128, 32, 8, 4),
     _Cfg(128, 128, 32, 8, 3),
     _Cfg(128, 64, 32, 4, 4),
-    _Cfg(64, 128, 32, 8, 4),
+    # K steps of 16 here: at 32, triton 3.6's ptxas held this tile at 80 registers and spilled
+    # 16 B in TF32 with two sources (offline sm_80 report), as upconv2x2_bwd's weight grad did.
+    _Cfg(64, 128, 16, 8, 4),
     _Cfg(64, 64, 32, 4, 4),
 )
 # Small-C mode (fewer than 16 channels per source, e.g. the RGB input): N = 9*C is 9 to 135
@@ -339,7 +341,8 @@ _SMALLC_CONFIGS_SM90 = (
     _Cfg(128, 64, 32, 8, 3),
 )
 _SMALLC_CONFIGS_SM80 = (
-    _Cfg(64, 32, 32, 4, 3),
+    # 2 stages: at 3, triton 3.6's ptxas spilled 12 B (128 registers) in TF32 with two sources.
+    _Cfg(64, 32, 32, 4, 2),
     _Cfg(64, 16, 32, 4, 3),
     _Cfg(128, 32, 32, 8, 3),
     _Cfg(64, 64, 16, 4, 3),
@@ -355,18 +358,28 @@ _SMALL_C_B_WORDS, _SMALL_C_ACC_WORDS = 8, 32
 # One stage: the B tile passes through registers for the transform, so deeper pipelines hold
 # the prefetched tiles there too and spill (64x64x32 with a norm: 90 registers at 1 stage,
 # 1 KiB of spills at 2, on sm_90).
-_IEEE_CONFIGS = (
+_IEEE_CONFIGS_SM90 = (
     _Cfg(128, 128, 16, 8, 1),
     _Cfg(128, 64, 32, 8, 1),
     _Cfg(64, 64, 32, 4, 1),
+)
+# Ampere without the 128x64 tile: ptxas held it at 80 registers on 8 warps and spilled (K steps
+# of 32: 8 B with a norm, triton 3.6; of 16: 16-44 B without, 3.6 and 3.9), and on 4 warps it
+# sat at the 255-register cap with 48-612 B of spills (offline sm_80 reports). 64x32 is the
+# tile that fits the small-C budgets in its place (without one every tile was tried there, and
+# 128x128x16 spilled 16 B at 253 registers with triton 3.6).
+_IEEE_CONFIGS_SM80 = (
+    _Cfg(128, 128, 16, 8, 1),
+    _Cfg(64, 64, 32, 4, 1),
+    _Cfg(64, 32, 32, 4, 1),
 )
 _CONFIGS = {
     ("main", 90): _CONFIGS_SM90,
     ("main", 80): _CONFIGS_SM80,
     ("smallc", 90): _SMALLC_CONFIGS_SM90,
     ("smallc", 80): _SMALLC_CONFIGS_SM80,
-    ("ieee", 90): _IEEE_CONFIGS,
-    ("ieee", 80): _IEEE_CONFIGS,
+    ("ieee", 90): _IEEE_CONFIGS_SM90,
+    ("ieee", 80): _IEEE_CONFIGS_SM80,
 }
 # The interpreter runs one small fixed tile: autotuning there would only cost time.
 _INTERPRETER_CFG = _Cfg(16, 16, 16, 4, 1)

@@ -202,6 +202,11 @@ _MAX_WORDS_PER_THREAD_FP32 = 96
 # per thread (BLOCK_M=128, BLOCK_K=64, 4 warps) ptxas spilled on sm_90 for 16-bit inputs.
 _MAX_NORM_A_WORDS_PER_THREAD = 32
 
+# IN_NORM tiles the sm_80 compile report (triton 3.6) found at the 255-register limit with
+# spills (32 B for 16-bit at 128x128x32 on 4 warps; 48 B for TF32 at 64x64x64), as (tuned arch,
+# config name, element bytes). upconv_nearest2x2 excludes the same tiles.
+_NORM_SPILLS = {(80, "BM128_BN128_BK32_w4_s4", 2), (80, "BM64_BN64_BK64_w4_s3", 4)}
+
 # The interpreter does not autotune: one small config keeps CPU runs quick.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
 
@@ -232,6 +237,8 @@ def _usable_configs(arch: int, elem_bytes: int, precision: str, in_norm: bool = 
         if elem_bytes == 4 and words > _MAX_WORDS_PER_THREAD_FP32:
             continue
         if in_norm and k["BLOCK_M"] * k["BLOCK_K"] > _MAX_NORM_A_WORDS_PER_THREAD * 32 * c.num_warps:
+            continue
+        if in_norm and (tuned_arch(arch), _config_name(c), elem_bytes) in _NORM_SPILLS:
             continue
         usable.append(c)
     return usable or [min(candidates, key=lambda c: _smem_bytes(c, elem_bytes))]
