@@ -122,6 +122,7 @@ class _FakeCuda:
 class _FakeCudaTensor:
     def __init__(self, index: int):
         self.device = torch.device("cuda", index)
+        self.is_cuda = True
 
 
 @pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])

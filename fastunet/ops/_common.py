@@ -40,9 +40,9 @@ def use_kernels(x: Tensor):
     for: the composites return the empty results and zero sums."""
     if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or (_verify._EAGER_THREADS and _verify.eager_now()):
         return None
-    kind = x.device.type
-    # backend._INTERPRETING is interpreting()'s answer, read here without the call (every op call).
-    if kind == "cuda" or (kind == "cpu" and backend._INTERPRETING):
+    # backend._INTERPRETING is interpreting()'s answer, read here without the call (every op call);
+    # the device flags, not ``x.device.type`` (about a microsecond: a new string each read).
+    if x.is_cuda or (backend._INTERPRETING and x.is_cpu):
         return op._KERNELS or kernel_package()  # the package once loaded, without the call
     return None
 
@@ -102,7 +102,7 @@ def unit_affine(c: int, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
     ``like`` is not a plain tensor (a trace's fake tensor) or a CUDA graph is being captured
     (the graph's memory pool would own them)."""
     device = like.device
-    fresh = not direct_ok_mutation(like) or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    fresh = not direct_ok_mutation(like) or (like.is_cuda and torch.cuda.is_current_stream_capturing())
     key = (c, device, dtype)
     hit = None if fresh else _UNIT_AFFINE.get(key)
     if hit is None:
