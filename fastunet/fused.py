@@ -64,8 +64,10 @@ _Act = tuple[Tensor, Tensor | None, Tensor | None]
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the forward computes in: x's, or the autocast dtype of x's device (not for
     float64, which autocast leaves alone)."""
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype != torch.float64:
+        kind = x.device.type  # read once: each read makes a new string (about a microsecond)
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
     return x.dtype
 
 
