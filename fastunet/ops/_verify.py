@@ -4,7 +4,7 @@
 Every op implementation runs as an ``op_call`` (via ``op.on_input_device``, which ``declare`` applies). When a
 kernel shape is tuned during the call, the tuner leaves it pending; at the end of the call it
 runs the op's eager composite on the same inputs (the same implementation with the kernels off:
-``use_kernels`` is False while ``eager_now()``), then has the tuner replay the call once per
+``use_kernels`` answers None while ``eager_now()``), then has the tuner replay the call once per
 candidate config, comparing each replay's outputs with the composite's through the test suite's
 tolerance table (``fastunet.tolerances``). A key whose candidates all disagree makes the op run
 the composite from then on (``NoVerifiedConfig``).
