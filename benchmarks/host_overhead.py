@@ -23,8 +23,9 @@ head; the same ops and launches as ``UNet(3, 1)``) at ``--base-channels 16`` (ev
 takes the same kernel variants as the classic widths, and the torch ops on weights and
 statistics that run on the CPU here, as separate small GPU kernels there, cost microseconds as
 they would to launch) on one 32x32 image. Counted per step: kernel launches, torch (aten) ops
-(each a small kernel or an allocation on a GPU; by name in the JSON), ``os.environ`` reads,
-``torch.cuda.get_device_properties`` calls and walks over the module tree.
+(each a small kernel or an allocation on a GPU; by name in the JSON), Python and C function
+calls (cProfile's primitive calls: deterministic, unlike the times on a loaded machine),
+``os.environ`` reads, ``torch.cuda.get_device_properties`` calls and walks over the module tree.
 
 Targets (issue 24): inference <= 0.35 ms, training step <= 1.5 ms (the TMA rows have the same
 targets).
@@ -40,6 +41,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors reach the launchers; nothing is interpreted
 
 import argparse
+import cProfile
 import json
 import statistics
 import sys
@@ -136,6 +138,26 @@ def _count_torch_ops() -> Counter:
             torch._C._len_torch_dispatch_stack = stack_len
 
 
+def call_counts(fn) -> tuple[int, int]:
+    """``(Python calls, C calls)`` of one ``fn()``: cProfile's primitive calls (a recursive call
+    counts once per outermost entry, a generator once per resumption), the profiler's own
+    ``disable`` left out. The same code on the same inputs gives the same counts."""
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+    prof.create_stats()
+    python = c = 0
+    for (file, _, name), (primitive, *_) in prof.stats.items():
+        if file != "~":
+            python += primitive
+        elif "_lsprof.Profiler" not in name:
+            c += primitive
+    return python, c
+
+
 def _prefer_tma(cfg) -> float:
     """Simulated timing that makes every TMA candidate the fastest."""
     return 0.5 if conv3x3_tma.is_tma_config(cfg) else 1.0
@@ -190,6 +212,7 @@ def measure(
                 raise RuntimeError(f"{len(gpu.launches)} launches while counting torch ops, {launches} without")
             tma_launches = sum(fn is conv3x3_tma._conv3x3_tma_kernel for fn, *_ in gpu.launches)
             gpu.record = False
+            python_calls, c_calls = call_counts(step)  # the timed step's work
             times = []
             for _ in range(reps):
                 t0 = time.perf_counter()
@@ -214,6 +237,8 @@ def measure(
         "tma_launches": tma_launches,
         "torch_ops": sum(torch_ops.values()),
         "torch_ops_by_name": dict(torch_ops.most_common()),
+        "python_calls": python_calls,
+        "c_calls": c_calls,
         "environ_reads": counts["environ_reads"],
         "get_device_properties": counts["get_device_properties"],
         "module_walks": counts["module_walks"],
@@ -258,14 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host time per step, kernel launches stubbed ({rows[0]['model']}, input {rows[0]['input']}, bf16):")
     print(
         f"{'mode':<16} {'median ms':>9} {'p20-p80 ms':>13} {'target':>7} {'launches':>8} {'TMA':>4} {'torch ops':>9} "
-        f"{'env reads':>9} "
-        f"{'dev props':>9} {'walks':>5}"
+        f"{'py calls':>8} {'C calls':>7} {'env reads':>9} {'dev props':>9} {'walks':>5}"
     )
     for r in rows:
         print(
             f"{r['mode']:<16} {r['ms_median']:>9.3f} {r['ms_p20']:>6.3f}-{r['ms_p80']:<6.3f} "
             f"{'<=' + str(r['target_ms']):>7} {r['launches']:>8} {r['tma_launches']:>4} {r['torch_ops']:>9} "
-            f"{r['environ_reads']:>9} "
+            f"{r['python_calls']:>8} {r['c_calls']:>7} {r['environ_reads']:>9} "
             f"{r['get_device_properties']:>9} {r['module_walks']:>5}"
         )
     launch_us = {"one source": tma_launch_us(), "two sources": tma_launch_us(concat=True)}

@@ -64,8 +64,10 @@ _Act = tuple[Tensor, Tensor | None, Tensor | None]
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the forward computes in: x's, or the autocast dtype of x's device (not for
     float64, which autocast leaves alone)."""
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype != torch.float64:
+        kind = x.device.type  # read once: each read makes a new string (about a microsecond)
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
     return x.dtype
 
 
@@ -262,10 +264,14 @@ class TrainForm:
         up-sampling's output (bilinear: its low-res input), read through
         ``conv3x3_up_bn_stats`` (zero-padded to the skip's size, interpolated on load).
         """
-        ops, acc = self.ops, self.acc
-        conv, bn = self.layers.mods[unit.conv], self.layers.norm(unit)
-        bias = conv.bias if conv.bias is not None else act[0].new_zeros(conv.out_channels, dtype=acc)
-        weight = conv.weight
+        ops, acc, layers = self.ops, self.acc, self.layers
+        conv, bn = layers.mods[unit.conv], layers.norm(unit)
+        # Parameters and buffers are read from the modules' dicts (as the guard's checks do):
+        # ``conv.weight`` is ``nn.Module.__getattr__``, a Python call per read.
+        params = layers.dicts[unit.conv]["_parameters"]
+        weight, bias = params["weight"], params["bias"]
+        if bias is None:
+            bias = act[0].new_zeros(conv.out_channels, dtype=acc)
         if unit.index == 0 and self.entry_channels != weight.shape[1]:
             weight = ops.pad_weight_in(weight, self.entry_channels)
         x2, x2_scale, x2_shift = skip if skip is not None else (None, None, None)
@@ -287,17 +293,22 @@ class TrainForm:
         # float64 vectors (C numbers): the ops then hand back the BatchNorm weight's gradient
         # pieces in float64, where its chain rule's cancellation against mean * dshift is
         # harmless (see fastunet/ops/norm_act_bwd.py, _uncenter); the kernels read them as float32.
+        d = layers.dicts[unit.norm]
+        params, buffers = d["_parameters"], d["_buffers"]
         if not batch_stats:
-            return z, *ops.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+            stats = (buffers["running_mean"], buffers["running_var"])
+            return z, *ops.bn_affine(*stats, params["weight"], params["bias"], bn.eps)
         count = z.numel() // z.shape[1]
         count_all = None
         if group is not None:
             mean, var, count_all = ops.bn_stats_sync(mean, var, count, group_name(group))
         # the running-statistics update (when tracked) and the affine in one launch
-        running = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-        if not (bn.training and bn.track_running_stats):
-            running = (None, None, None)
-        return z, *ops.bn_train_fold(mean, var, bn.weight, bn.bias, bn.eps, *running, bn.momentum, count, count_all)
+        running = (None, None, None)
+        if bn.training and bn.track_running_stats:
+            running = (buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"])
+        return z, *ops.bn_train_fold(
+            mean, var, params["weight"], params["bias"], bn.eps, *running, bn.momentum, count, count_all
+        )
 
     def dropout(self, step: DoubleConv, act: _Act) -> _Act:
         return _dropout(self.ops, act, self.layers.mods[step.dropout])
@@ -310,18 +321,20 @@ class TrainForm:
         # parameter itself for backward instead of a packed copy per step.
         if step.kind == "bilinear":  # the conv reads the low-res map (and its transform) through it
             return act
-        up = self.layers.mods[step.params]
+        params = self.layers.dicts[step.params]["_parameters"]
         if step.kind == "transpose":
-            return self.ops.upconv2x2(act[0], up.weight, up.bias, act[1], act[2]), None, None
-        return self.ops.upconv_nearest2x2(act[0], up.weight, up.bias, True, act[1], act[2]), None, None
+            return self.ops.upconv2x2(act[0], params["weight"], params["bias"], act[1], act[2]), None, None
+        return self.ops.upconv_nearest2x2(act[0], params["weight"], params["bias"], True, act[1], act[2]), None, None
 
     def concat(self, step: Concat, skip: _Act, u: _Act, up: Up) -> tuple:
         return _sources(step, up, skip, u, lambda: u[0].shape[2:] == skip[0].shape[2:])
 
     def head(self, step: Head, act: _Act) -> Tensor:
-        head = self.layers.mods[step.path]
-        bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_channels)
-        return self.ops.head1x1(act[0], head.weight, bias, step.activation, act[1], act[2])
+        params = self.layers.dicts[step.path]["_parameters"]
+        weight, bias = params["weight"], params["bias"]
+        if bias is None:
+            bias = weight.new_zeros(self.layers.mods[step.path].out_channels)
+        return self.ops.head1x1(act[0], weight, bias, step.activation, act[1], act[2])
 
 
 def _dropout(ops, act: _Act, drop: nn.Dropout) -> _Act:

@@ -2,57 +2,47 @@
 (``fastunet.ops.op.on_input_device``) makes the first tensor's device current around each op's
 implementation, and Triton launches on the current device and its current stream.
 
-Without two GPUs this is checked with a mock: the guard is replaced by a recorder, the kernels
-run against the simulated GPU (launches recorded, nothing executed), and each recorded launch
-must have happened inside a guard for the device of the op's tensors. On a machine with two or
-more GPUs the last test runs the whole model on the second one.
+Without two GPUs this is checked in two halves: the whole model against the simulated GPU
+(launches recorded, nothing executed) must launch every kernel inside an op call whose first
+tensor is on the launch's device (the op call is where the guard is), and an op call on a
+(fake) CUDA tensor of a non-current device must run its implementation with that device
+current and restore the previous one after, also when it raises. On a machine with two or more
+GPUs the last test runs the whole model on the second one.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 import torch
 from helpers import model_pair
 
 import fastunet
-from fastunet.ops import op as ops  # the guard is looked up (and patched) there
+from fastunet.ops import _verify
+from fastunet.ops import op as ops  # the guard lives there
 
 pytest.importorskip("triton")
 from fastunet.kernels import _common  # noqa: E402
 
 
 class _Recorder:
-    """Stands in for ``ops._device_guard``: remembers which device is "current" while a guard
-    is active, and checks every launch against it."""
+    """Checks every launch against the innermost op call on the stack (``_verify._op_frame``):
+    there must be one, and its first argument must be on the launch's tensors' device."""
 
     def __init__(self):
-        self.current: list[torch.device] = []
-        self.entered = 0
         self.launches = 0
         self.bad: list[str] = []
-
-    def guard(self, device):
-        @contextlib.contextmanager
-        def ctx():
-            self.entered += 1
-            self.current.append(device)
-            try:
-                yield
-            finally:
-                self.current.pop()
-
-        return ctx()
 
     def record(self, launch):
         fn, grid, args, meta = launch
         self.launches += 1
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not self.current:
-            self.bad.append(f"{fn.__name__}: launched outside any device guard")
-        elif any(t.device != self.current[-1] for t in tensors):
-            self.bad.append(f"{fn.__name__}: tensors on {tensors[0].device}, guard on {self.current[-1]}")
+        frame = _verify._op_frame()
+        if frame is None:
+            self.bad.append(f"{fn.__name__}: launched outside any op call")
+            return
+        device = frame.f_locals["args"][0].device
+        if any(t.device != device for t in tensors):
+            self.bad.append(f"{fn.__name__}: tensors on {tensors[0].device}, the op call's on {device}")
 
 
 class _Launches(list):
@@ -72,10 +62,9 @@ needs_interpreter = pytest.mark.skipif(
 
 @needs_interpreter
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_every_launch_is_inside_a_guard_for_its_device(monkeypatch, train):
-    """The whole model, forward and (train) backward: every kernel of every op, guarded."""
+def test_every_launch_is_inside_an_op_call_on_its_device(train):
+    """The whole model, forward and (train) backward: every kernel of every op inside its op call."""
     recorder = _Recorder()
-    monkeypatch.setattr(ops, "_device_guard", recorder.guard)
     before = fastunet.get_backend()
     fastunet.set_backend("triton")
     try:
@@ -93,7 +82,6 @@ def test_every_launch_is_inside_a_guard_for_its_device(monkeypatch, train):
         fastunet.set_backend(before)
     assert recorder.launches > (40 if train else 10), "the simulation recorded too few launches"
     assert not recorder.bad, "\n".join(recorder.bad[:10])
-    assert recorder.entered >= 1
 
 
 def test_the_guard_switches_only_when_needed(monkeypatch):
@@ -104,6 +92,64 @@ def test_the_guard_switches_only_when_needed(monkeypatch):
     assert ops._device_guard(torch.device("cuda", 0)) is None
     guard = ops._device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+class _FakeCuda:
+    """The current CUDA device of a machine without one: ``torch.cuda.current_device`` and the
+    context ``torch.cuda.device(d)`` (what ``ops._device_guard`` enters) read and switch it."""
+
+    def __init__(self, monkeypatch, current: int):
+        self.current = current
+        self.switches: list[int] = []
+        fake = self
+
+        class Device:
+            def __init__(self, device):
+                self.idx = torch.device(device).index
+
+            def __enter__(self):
+                self.prev, fake.current = fake.current, self.idx
+                fake.switches.append(self.idx)
+
+            def __exit__(self, *exc):
+                fake.current = self.prev
+                return False
+
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
+        monkeypatch.setattr(torch.cuda, "device", Device)
+
+
+class _FakeCudaTensor:
+    def __init__(self, index: int):
+        self.device = torch.device("cuda", index)
+        self.is_cuda = True
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+def test_an_op_call_runs_on_its_tensors_device(monkeypatch, raises):
+    """An op implementation (``on_input_device``, as ``declare`` applies it) called with a tensor of
+    a non-current CUDA device runs with that device current, once, and the previous device is
+    current again after (also when the implementation raises); on the current device, or for a
+    CPU tensor, nothing is switched."""
+    cuda = _FakeCuda(monkeypatch, current=0)
+    seen = []
+
+    def impl(x, y, *, z=None):
+        seen.append((cuda.current, y, z))
+        if raises:
+            raise ValueError("from the implementation")
+        return "out"
+
+    call = ops.on_input_device(impl)
+    for arg, current in ((_FakeCudaTensor(1), 1), (_FakeCudaTensor(0), 0), (torch.zeros(1), 0)):
+        if raises:
+            with pytest.raises(ValueError, match="from the implementation"):
+                call(arg, 2, z=3)
+        else:
+            assert call(arg, 2, z=3) == "out"
+        assert seen.pop() == (current, 2, 3) and not seen
+        assert cuda.current == 0
+    assert cuda.switches == [1]
 
 
 def test_a_launcher_refuses_tensors_of_another_device(monkeypatch):

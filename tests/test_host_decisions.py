@@ -4,12 +4,17 @@ give the per-call answer whenever it could differ, and leave no state behind.
 - ``Tape.backward`` tests ``AUTO``'s watchers once per backward (``op.AUTO_STATE``): a backward
   run under a dispatch mode or the profiler (the forward was not) still dispatches every
   backward op; the decision is per thread and undone after the backward, also when it raises.
+
+Also here: ``benchmarks/host_overhead.py``'s per-step Python/C call counts, the deterministic
+measure these changes are judged by.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,7 @@ from fastunet.ops import tape as tape_module
 
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("triton_backend")]
 NARROW = {"base_channels": 4, "depth": 1}
+REPO = Path(__file__).resolve().parents[1]
 
 
 class _Watch(TorchDispatchMode):
@@ -165,3 +171,27 @@ def test_the_tape_marks_exactly_the_tensors_on_it():
             assert a.grad is None and b.grad is None, name
         else:
             assert torch.equal(a.grad, b.grad), name
+
+
+def _host_overhead():
+    spec = importlib.util.spec_from_file_location("host_overhead", REPO / "benchmarks" / "host_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_call_counts_count_python_and_c_calls():
+    """``benchmarks/host_overhead.py``'s per-step call counts: every Python frame entered and
+    every C function called once each, nothing of the profiler's own."""
+    count = _host_overhead().call_counts
+
+    def helper(x):
+        return len(x)
+
+    def fn():
+        for _ in range(3):
+            helper("ab")
+        sorted([2, 1])
+
+    assert count(fn) == (4, 4)  # fn + 3 helper; 3 len + sorted
+    assert count(fn) == count(fn)

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from .. import backend
 from ..reference import ACTIVATIONS, apply_out_activation
-from . import _verify
-from .op import AUTO, direct_ok_mutation
+from . import _verify, op
+from .op import AUTO, direct_ok_mutation, kernel_package
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -33,15 +33,18 @@ def as_nhwc(t: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def use_kernels(x: Tensor) -> bool:
-    """Whether this call runs the Triton kernels (see the module docstring). An empty tensor
-    (a rank's empty batch in synchronised BatchNorm training) has nothing to launch for: the
-    composites return the empty results and zero sums."""
+def use_kernels(x: Tensor):
+    """The ``fastunet.kernels`` package when this call runs the Triton kernels, else None (an op
+    implementation's one question: ``k = use_kernels(x)``, then ``if k: k.<launcher>(...)``). An
+    empty tensor (a rank's empty batch in synchronised BatchNorm training) has nothing to launch
+    for: the composites return the empty results and zero sums."""
     if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or (_verify._EAGER_THREADS and _verify.eager_now()):
-        return False
-    kind = x.device.type
-    # backend._INTERPRETING is interpreting()'s answer, read here without the call (every op call).
-    return kind == "cuda" or (kind == "cpu" and backend._INTERPRETING)
+        return None
+    # backend._INTERPRETING is interpreting()'s answer, read here without the call (every op call);
+    # the device flags, not ``x.device.type`` (about a microsecond: a new string each read).
+    if x.is_cuda or (backend._INTERPRETING and x.is_cpu):
+        return op._KERNELS or kernel_package()  # the package once loaded, without the call
+    return None
 
 
 def channel_vec(v: Tensor, dtype: torch.dtype) -> Tensor:
@@ -99,7 +102,7 @@ def unit_affine(c: int, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
     ``like`` is not a plain tensor (a trace's fake tensor) or a CUDA graph is being captured
     (the graph's memory pool would own them)."""
     device = like.device
-    fresh = not direct_ok_mutation(like) or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    fresh = not direct_ok_mutation(like) or (like.is_cuda and torch.cuda.is_current_stream_capturing())
     key = (c, device, dtype)
     hit = None if fresh else _UNIT_AFFINE.get(key)
     if hit is None:

@@ -1,16 +1,16 @@
 """Tuning that verifies itself: the op layer's half (the tuner's half and the whole story are in
 ``fastunet.kernels._tuning``).
 
-Every op implementation runs through ``call`` (via ``op.on_input_device``, which ``declare`` applies). When a kernel
-shape is tuned during the call, the tuner leaves it pending; at the end of the call ``call``
+Every op implementation runs as an ``op_call`` (via ``op.on_input_device``, which ``declare`` applies). When a
+kernel shape is tuned during the call, the tuner leaves it pending; at the end of the call it
 runs the op's eager composite on the same inputs (the same implementation with the kernels off:
-``use_kernels`` is False while ``eager_now()``), then has the tuner replay the call once per
+``use_kernels`` answers None while ``eager_now()``), then has the tuner replay the call once per
 candidate config, comparing each replay's outputs with the composite's through the test suite's
 tolerance table (``fastunet.tolerances``). A key whose candidates all disagree makes the op run
 the composite from then on (``NoVerifiedConfig``).
 
 Every op call pays one global read for this (``PENDING``): which op call a tuning miss belongs
-to is found only on the miss, by walking this thread's stack to the innermost ``call`` frame
+to is found only on the miss, by walking this thread's stack to the innermost op-call frame
 (``_op_frame``). A thread-local depth counter kept per call cost ten times as much per op.
 
 The composite runs in the op's own dtype, not float64: it rounds where the kernels round (the
@@ -34,6 +34,7 @@ next process, verifies).
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -50,7 +51,7 @@ class _State(threading.local):
 
     replaying = False  # the composite or a candidate is being run for verification
     eager = False  # the kernels are off (the composite runs)
-    owner = None  # the ``call`` frame that settles this thread's pending keys
+    owner = None  # the op-call frame that settles this thread's pending keys
 
 
 _STATE = _State()
@@ -87,7 +88,7 @@ HOOK = _TunerHook()
 
 
 def _op_frame():
-    """The innermost ``call`` frame on this thread's stack (None outside op calls)."""
+    """The innermost op-call frame (``op_call``) on this thread's stack (None outside op calls)."""
     f = sys._getframe(1)
     while f is not None and f.f_code is not _CALL_CODE:
         f = f.f_back
@@ -106,30 +107,46 @@ def _release(tuning, settle_with=None, spent_s: float = 0.0) -> bool:
     return tuning.settle(settle_with, spent_s)
 
 
-def call(impl, args: tuple, kwargs: dict, kernels):
-    """``impl(*args, **kwargs)`` as an op call: verify what it tuned, fall back to the composite
-    for shapes without a verified config. ``kernels``: a zero-argument function returning
-    ``fastunet.kernels`` or None when it has not been imported (then nothing can have tuned)."""
-    try:
-        out = impl(*args, **kwargs)
-        if PENDING and _STATE.owner is sys._getframe(0):
-            out = _settle(impl, args, kwargs, out, kernels()._tuning)
-        return out
-    except BaseException as exc:  # re-raised below; an interrupted call must release the tuner
-        k = kernels()
-        if k is None:
-            raise
-        eager = isinstance(exc, k._tuning.NoVerifiedConfig)
-        if PENDING and _STATE.owner is sys._getframe(0):
-            # A failed call's keys are forgotten; those of a call going eager (another key of it
-            # has no verified config) are kept unchecked: it would otherwise time them every call.
-            _release(k._tuning, settle_with=None if eager else False)
-        if not eager:
-            raise
-        return _composite(impl, args, kwargs)
+def op_call(impl, device_guard, kernels):
+    """``impl`` as an op call (what ``op.on_input_device`` makes of an op's implementation): run
+    with its first tensor's CUDA device current, verify what it tuned, fall back to the composite
+    for shapes without a verified config. ``device_guard(device)``: the context that makes a CUDA
+    ``device`` current, or None when it is already (asked for CUDA tensors only); ``kernels``: a
+    zero-argument function returning ``fastunet.kernels`` or None when it has not been imported
+    (then nothing can have tuned). Every op call is one frame of this code (``_op_frame`` looks
+    for it): the device test and the verification share it."""
+
+    def call(*args, **kwargs):
+        # ``is_cuda``, not ``device.type == "cuda"``: reading a device's ``type`` costs about a
+        # microsecond (a new string), ten times the flag.
+        if args[0].is_cuda:
+            guard = device_guard(args[0].device)
+            if guard is not None:
+                with guard:  # the device is current inside: this nested call gets no guard
+                    return call(*args, **kwargs)
+        try:
+            out = impl(*args, **kwargs)
+            if PENDING and _STATE.owner is sys._getframe(0):
+                out = _settle(impl, args, kwargs, out, kernels()._tuning)
+            return out
+        except BaseException as exc:  # re-raised below; an interrupted call must release the tuner
+            k = kernels()
+            if k is None:
+                raise
+            eager = isinstance(exc, k._tuning.NoVerifiedConfig)
+            if PENDING and _STATE.owner is sys._getframe(0):
+                # A failed call's keys are forgotten; those of a call going eager (another key of
+                # it has no verified config) are kept unchecked: it would otherwise time them
+                # every call.
+                _release(k._tuning, settle_with=None if eager else False)
+            if not eager:
+                raise
+            return _composite(impl, args, kwargs)
+
+    return functools.wraps(impl)(call)
 
 
-_CALL_CODE = call.__code__
+_CALL_CODE = op_call(len, None, None).__code__
 
 
 def _composite(impl, args, kwargs):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import distributed
 from ._common import acc_dtype, as_nhwc, channel_vec, empty_nhwc, use_kernels
-from .op import AUTO, DIRECT, DISPATCH, declare, declare_composite, direct_ok_mutation, kernel_package
+from .op import AUTO, DIRECT, DISPATCH, declare, declare_composite, direct_ok_mutation
 
 # =========================================================================== BatchNorm (training)
 # What nn.BatchNorm2d does with the batch statistics of a training conv (see kernels/bn_train.py).
@@ -38,8 +38,9 @@ def _(mean, var, weight, bias, eps):
 
 
 def _bn_affine_impl(mean, var, weight, bias, eps):
-    if use_kernels(mean):
-        return kernel_package().bn_affine(mean, var, weight, bias, eps)
+    k = use_kernels(mean)
+    if k:
+        return k.bn_affine(mean, var, weight, bias, eps)
     scale = torch.rsqrt(var.double() + eps)
     if weight is not None:
         scale = scale * weight.double()
@@ -92,8 +93,9 @@ def _(gscale, gshift, mean, var, weight, eps):
 
 
 def _bn_affine_backward_impl(gscale, gshift, mean, var, weight, eps):
-    if use_kernels(mean):
-        return kernel_package().bn_affine_backward(gscale, gshift, mean, var, weight, eps)
+    k = use_kernels(mean)
+    if k:
+        return k.bn_affine_backward(gscale, gshift, mean, var, weight, eps)
     gs, gt = gscale.double(), gshift.double()
     rstd = torch.rsqrt(var.double() + eps)
     w = weight.double() if weight is not None else torch.ones_like(rstd)
@@ -134,8 +136,9 @@ def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count
 
 def _bn_running_update_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=None):
     mean, var = mean.detach(), var.detach()
-    if use_kernels(mean):
-        return kernel_package().bn_running_update_(
+    k = use_kernels(mean)
+    if k:
+        return k.bn_running_update_(
             mean, var, running_mean, running_var, num_batches_tracked, momentum, count, count_all=count_all
         )
     factor = 0.0 if momentum is None else momentum
@@ -190,8 +193,9 @@ def _(mean, var, weight, bias, eps, running_mean, running_var, num_batches_track
 
 
 def _bn_train_fold_impl(mean, var, weight, bias, eps, running_mean, running_var, nbt, momentum, count, count_all=None):
-    if use_kernels(mean):
-        return kernel_package().bn_train_fold_(
+    k = use_kernels(mean)
+    if k:
+        return k.bn_train_fold_(
             mean, var, weight, bias, eps, running_mean, running_var, nbt, momentum, count, count_all=count_all
         )
     if running_mean is not None or nbt is not None:
@@ -247,8 +251,9 @@ def _(gz, z, mean, gmean, gvar):
 
 
 def _bn_stats_backward_impl(gz, z, mean, gmean, gvar):
-    if use_kernels(z):
-        return kernel_package().bn_stats_backward(gz, z, mean, gmean, gvar)
+    k = use_kernels(z)
+    if k:
+        return k.bn_stats_backward(gz, z, mean, gmean, gvar)
     acc = acc_dtype(z.dtype)
     n = z.numel() // z.shape[1]
     if n == 0:  # an empty batch (a rank's, in synchronised BatchNorm): nothing reaches z

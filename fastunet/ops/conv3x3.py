@@ -145,8 +145,9 @@ def _(x, x2, weight, scale, shift, relu):
 
 def _conv3x3_bn_act_impl(x, x2, weight, scale, shift, relu):
     # On the kernel path the launcher validates (one check per call on the hot path).
-    if use_kernels(x):
-        return kernel_package().conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
+    k = use_kernels(x)
+    if k:
+        return k.conv3x3_bn_act(x, weight, scale.float(), shift.float(), x2=x2, relu=relu)
     _check_conv3x3(x, x2, weight, scale, shift)
     return as_nhwc(_conv3x3_composite(x, x2, weight, scale, shift, relu), x.dtype)
 
@@ -198,8 +199,8 @@ def _(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
 
 def _conv3x3_bn_act_head_impl(x, x2, weight, scale, shift, relu, head_weight, head_bias, activation):
     check_head("conv3x3_bn_act_head", weight.shape[0], head_weight, head_bias, activation)
-    if use_kernels(x):
-        k = kernel_package()
+    k = use_kernels(x)
+    if k:
         if head_weight.shape[0] <= k.MAX_HEAD_K and weight.shape[0] <= k.MAX_HEAD_C_OUT:
             return k.conv3x3_bn_act_head(
                 x, weight, scale.float(), shift.float(), head_weight, head_bias.float(),
@@ -297,10 +298,10 @@ def _(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
 
 
 def _conv3x3_bn_stats_impl(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count=2):
-    kernels = use_kernels(x)
-    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count, shapes=not kernels)
-    if kernels:
-        return kernel_package().conv3x3_bn_stats(
+    k = use_kernels(x)
+    _check_conv3x3_stats(x, x2, weight, bias, x_scale, x_shift, x2_scale, x2_shift, min_count, shapes=not k)
+    if k:
+        return k.conv3x3_bn_stats(
             x, _packed_conv_weight(weight, x.dtype), bias.float(), x2=x2,
             x_norm=norm_arg(x_scale, x_shift), x2_norm=norm_arg(x2_scale, x2_shift),
         )  # fmt: skip
@@ -327,7 +328,7 @@ def _conv3x3_input_grad(g: Tensor, weight: Tensor) -> Tensor:
     """dL/d(conv input) ``[N, C_in, H, W]`` of a pad-1 3x3 conv, from g = dL/dz ``[N, C_out, H, W]``:
     the forward conv op itself on the transposed, flipped weight (a 3x3 pad-1 conv's input
     gradient is such a conv), so the kernels compute it and ``torch.compile`` can trace it."""
-    packed = use_kernels(g)
+    packed = bool(use_kernels(g))  # in the cache key: whether the flipped weight is packed
     flipped = derived(weight, ("conv3x3_flipped", g.dtype, packed), lambda w: _flipped_weight(w, g.dtype, packed))
     ones, zeros = unit_affine(flipped.shape[0], g, acc_dtype(g.dtype))
     return AUTO.conv3x3_bn_act(g, None, flipped, ones, zeros, False)
@@ -468,8 +469,9 @@ def _(skip, up, weight, scale, shift, relu, up_first, bilinear):
 
 
 def _conv3x3_up_bn_act_impl(skip, up, weight, scale, shift, relu, up_first, bilinear):
-    if use_kernels(skip):  # the launcher validates
-        return kernel_package().conv3x3_up_bn_act(
+    k = use_kernels(skip)
+    if k:  # the launcher validates
+        return k.conv3x3_up_bn_act(
             skip, up, weight, scale.float(), shift.float(), up_first=up_first, bilinear=bilinear, relu=relu
         )  # fmt: skip
     _check_conv3x3_up("conv3x3_up_bn_act", skip, up, weight, scale, shift, bilinear)
@@ -559,12 +561,12 @@ def _(skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_fir
 def _conv3x3_up_bn_stats_impl(
     skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, up_first, bilinear, min_count=2
 ):
-    kernels = use_kernels(skip)
+    k = use_kernels(skip)
     _check_conv3x3_up_stats(
-        skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count, shapes=not kernels
+        skip, up, weight, bias, skip_scale, skip_shift, up_scale, up_shift, bilinear, min_count, shapes=not k
     )
-    if kernels:
-        return kernel_package().conv3x3_up_bn_stats(
+    if k:
+        return k.conv3x3_up_bn_stats(
             skip, up, _packed_conv_weight(weight, skip.dtype), bias.float(), up_first=up_first, bilinear=bilinear,
             skip_norm=norm_arg(skip_scale, skip_shift), up_norm=norm_arg(up_scale, up_shift),
         )  # fmt: skip

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._common import acc_dtype, affine_relu, norm_arg, use_kernels
-from .op import declare, kernel_package
+from .op import declare
 
 
 @torch.library.custom_op("fastunet::conv3x3_weight_grad", mutates_args=())
@@ -34,8 +34,9 @@ def _(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
 
 
 def _conv3x3_weight_grad_impl(g, x, x2, x_scale, x_shift, x2_scale, x2_shift):
-    if use_kernels(x):
-        return kernel_package().conv3x3_weight_grad(
+    k = use_kernels(x)
+    if k:
+        return k.conv3x3_weight_grad(
             g.to(x.dtype), x, x2, x_norm=norm_arg(x_scale, x_shift), x2_norm=norm_arg(x2_scale, x2_shift)
         )
     xin = affine_relu(x, x_scale, x_shift)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import KERNEL_DTYPES, empty_nhwc, use_kernels
-from .op import declare, declare_composite, kernel_package
+from .op import declare, declare_composite
 
 
 # =========================================================================== pad_channels_nhwc
@@ -38,8 +38,9 @@ def _(x, dtype, channels):
 
 def _pad_channels_nhwc_impl(x, dtype, channels):
     _check_pad(x, dtype, channels)
-    if dtype in KERNEL_DTYPES and use_kernels(x):
-        return kernel_package().pad_cast_nhwc(x, dtype, channels)
+    k = use_kernels(x) if dtype in KERNEL_DTYPES else None
+    if k:
+        return k.pad_cast_nhwc(x, dtype, channels)
     out = empty_nhwc((x.shape[0], channels, x.shape[2], x.shape[3]), x, dtype)
     out[:, x.shape[1] :].zero_()
     out[:, : x.shape[1]].copy_(x)

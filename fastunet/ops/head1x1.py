@@ -25,7 +25,7 @@ from ._common import (
     with_norm_defaults,
 )
 from .derived import derived
-from .op import declare, kernel_package
+from .op import declare
 
 
 # =========================================================================== head1x1
@@ -56,13 +56,12 @@ def _(x, weight, bias, activation, in_scale=None, in_shift=None):
 def _head1x1_impl(x, weight, bias, activation, in_scale=None, in_shift=None):
     check_head("head1x1", x.shape[1], weight, bias, activation)
     check_norm("head1x1", x.shape[1], in_scale, in_shift)
-    if use_kernels(x):
+    k = use_kernels(x)
+    if k:
         weight = derived(weight, ("cast", x.dtype), lambda w: w.detach().to(x.dtype))
         if in_scale is None:
-            return kernel_package().head1x1(x, weight, bias.float(), activation=activation)
-        return kernel_package().head1x1(
-            x, weight, bias.float(), activation=activation, in_scale=in_scale, in_shift=in_shift
-        )
+            return k.head1x1(x, weight, bias.float(), activation=activation)
+        return k.head1x1(x, weight, bias.float(), activation=activation, in_scale=in_scale, in_shift=in_shift)
     return as_nhwc(head_composite(affine_relu(x, in_scale, in_shift), weight, bias, activation), x.dtype)
 
 
@@ -99,8 +98,9 @@ def _(gz, weight):
 
 
 def _head1x1_input_grad_impl(gz, weight):
-    if use_kernels(gz):
-        return kernel_package().head1x1_input_grad(gz, weight)
+    k = use_kernels(gz)
+    if k:
+        return k.head1x1_input_grad(gz, weight)
     return as_nhwc(F.conv2d(gz, weight.to(gz.dtype).transpose(0, 1)), gz.dtype)
 
 
@@ -120,8 +120,9 @@ def _(gz, x, in_scale, in_shift):
 
 
 def _head1x1_weight_grad_impl(gz, x, in_scale, in_shift):
-    if use_kernels(x):
-        gw = kernel_package().head1x1_weight_grad(gz.to(x.dtype), x, x_norm=norm_arg(in_scale, in_shift))
+    k = use_kernels(x)
+    if k:
+        gw = k.head1x1_weight_grad(gz.to(x.dtype), x, x_norm=norm_arg(in_scale, in_shift))
         return gw.reshape(gw.shape[0], gw.shape[1], 1, 1).contiguous()
     acc = acc_dtype(gz.dtype)
     xin = affine_relu(x, in_scale, in_shift)

@@ -21,7 +21,7 @@ from ._common import (
     use_kernels,
     with_norm_defaults,
 )
-from .op import AUTO, declare, kernel_package
+from .op import AUTO, declare
 
 
 # =========================================================================== maxpool2x2
@@ -42,10 +42,11 @@ def _(x, in_scale=None, in_shift=None):
 
 
 def _maxpool2x2_impl(x, in_scale=None, in_shift=None):
-    if use_kernels(x):
+    k = use_kernels(x)
+    if k:
         if in_scale is None:
-            return kernel_package().maxpool2x2(x)
-        return kernel_package().maxpool2x2(x, in_scale=in_scale, in_shift=in_shift)
+            return k.maxpool2x2(x)
+        return k.maxpool2x2(x, in_scale=in_scale, in_shift=in_shift)
     check_pool(x, in_scale, in_shift)
     return as_nhwc(F.max_pool2d(affine_relu(x, in_scale, in_shift), 2), x.dtype)
 

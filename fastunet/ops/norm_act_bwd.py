@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import acc_dtype, affine_relu, as_nhwc, channel_vec, check_norm, check_pool, empty_nhwc, use_kernels
-from .op import declare, kernel_package
+from .op import declare
 
 
 def _transform_center(scale: Tensor, shift: Tensor) -> Tensor:
@@ -64,10 +64,11 @@ def _(g, x, scale, shift):
 
 def _affine_relu_backward_impl(g, x, scale, shift):
     check_norm("affine_relu_backward", x.shape[1], scale, shift, "")
-    if use_kernels(x):
+    k = use_kernels(x)
+    if k:
         # The kernels take dscale about the transform's zero crossing and add it back in fp64
         # (see _transform_center): two separate fp64 [C] sums, no aliasing between the outputs.
-        dx, ds, dt = kernel_package().affine_relu_backward(g.to(x.dtype), x, scale, shift, center="transform")
+        dx, ds, dt = k.affine_relu_backward(g.to(x.dtype), x, scale, shift, center="transform")
         return dx, ds.to(scale.dtype), dt.to(shift.dtype)
     dx, ds, dt = _affine_relu_grads_composite(g, x, scale, shift)
     return as_nhwc(dx, x.dtype), ds, dt
@@ -97,10 +98,11 @@ def _(g, x, in_scale, in_shift):
 def _maxpool2x2_backward_impl(g, x, in_scale, in_shift):
     check_pool(x, in_scale, in_shift, even=True)
     vec = in_scale if in_scale is not None else x
-    if use_kernels(x):
+    k = use_kernels(x)
+    if k:
         if in_scale is None:
-            return kernel_package().maxpool2x2_backward(g.to(x.dtype), x)[0], vec.new_empty(0), vec.new_empty(0)
-        dx, ds, dt = kernel_package().maxpool2x2_backward(g.to(x.dtype), x, in_scale, in_shift, center="transform")
+            return k.maxpool2x2_backward(g.to(x.dtype), x)[0], vec.new_empty(0), vec.new_empty(0)
+        dx, ds, dt = k.maxpool2x2_backward(g.to(x.dtype), x, in_scale, in_shift, center="transform")
         return dx, ds.to(in_scale.dtype), dt.to(in_shift.dtype)
     xin = affine_relu(x, in_scale, in_shift)
     # torch's own argmax, so ties and NaNs route gradients exactly as the reference does.

@@ -29,7 +29,6 @@ choice costs a few C calls, the attribute lookup per op is what ``DIRECT`` cost 
 
 from __future__ import annotations
 
-import functools
 import threading
 from dataclasses import dataclass
 
@@ -89,18 +88,10 @@ def _device_guard(device: torch.device):
 def on_input_device(impl):
     """Run an op's device implementation with its first tensor's device current (the one device
     guard of the package: every kernel launch happens inside some op's implementation), as an op
-    call whose newly tuned kernel shapes are verified against its composite (``_verify.call``).
-    ``declare`` applies it; a module calls it only for a helper that is not an op."""
-
-    @functools.wraps(impl)
-    def guarded(*args, **kwargs):
-        guard = _device_guard(args[0].device)
-        if guard is None:
-            return _verify.call(impl, args, kwargs, _loaded_kernels)
-        with guard:
-            return _verify.call(impl, args, kwargs, _loaded_kernels)
-
-    return guarded
+    call whose newly tuned kernel shapes are verified against its composite (``_verify.op_call``:
+    one frame per op call; ``_device_guard`` is asked for CUDA tensors only). ``declare`` applies
+    it; a module calls it only for a helper that is not an op."""
+    return _verify.op_call(impl, _device_guard, _loaded_kernels)
 
 
 # =========================================================================== who is watching

@@ -68,11 +68,12 @@ def _(x, weight, bias, in_scale=None, in_shift=None):
 
 
 def _upconv2x2_impl(x, weight, bias, in_scale=None, in_shift=None):
-    if use_kernels(x):
+    k = use_kernels(x)
+    if k:
         w = _packed_upconv_weight(weight, x.dtype)
         if in_scale is None:
-            return kernel_package().upconv2x2(x, w, bias.float())
-        return kernel_package().upconv2x2(x, w, bias.float(), in_scale=in_scale, in_shift=in_shift)
+            return k.upconv2x2(x, w, bias.float())
+        return k.upconv2x2(x, w, bias.float(), in_scale=in_scale, in_shift=in_shift)
     _check_upconv(x, weight, bias, in_scale, in_shift)
     acc = acc_dtype(x.dtype)
     y = F.conv_transpose2d(affine_relu(x, in_scale, in_shift), weight.to(x.dtype), stride=2)
@@ -115,8 +116,9 @@ def _(g, weight):
 
 
 def _upconv2x2_input_grad_impl(g, weight):
-    if use_kernels(g):
-        return kernel_package().upconv2x2_input_grad(g, _packed_upconv_weight(weight, g.dtype))
+    k = use_kernels(g)
+    if k:
+        return k.upconv2x2_input_grad(g, _packed_upconv_weight(weight, g.dtype))
     return as_nhwc(F.conv2d(g, weight.to(g.dtype), stride=2), g.dtype)
 
 
@@ -137,8 +139,9 @@ def _(g, x, in_scale, in_shift):
 
 
 def _upconv2x2_weight_grad_impl(g, x, in_scale, in_shift):
-    if use_kernels(x):
-        return kernel_package().upconv2x2_weight_grad(g.to(x.dtype), x, x_norm=norm_arg(in_scale, in_shift))
+    k = use_kernels(x)
+    if k:
+        return k.upconv2x2_weight_grad(g.to(x.dtype), x, x_norm=norm_arg(in_scale, in_shift))
     xin = affine_relu(x, in_scale, in_shift)
     _, gw, _ = torch.ops.aten.convolution_backward(
         g.to(x.dtype), xin, xin.new_empty((x.shape[1], g.shape[1], 2, 2)), None, [2, 2], [0, 0], [1, 1], True,

@@ -37,7 +37,7 @@ from ._common import (
     with_norm_defaults,
 )
 from .derived import derived
-from .op import AUTO, declare, kernel_package
+from .op import AUTO, declare
 
 # First tap block of each phase ``di*2 + dj`` in the packed weight, and each phase's (di, dj).
 # Mirrors ``kernels.upconv_nearest2x2.PHASE_BASE`` (not imported: CPU-only installs never import
@@ -167,11 +167,11 @@ def _composite(x, weight, bias, relu, in_scale, in_shift) -> Tensor:
 
 
 def _upconv_nearest2x2_impl(x, weight, bias, relu, in_scale=None, in_shift=None):
-    if use_kernels(x):
-        K = kernel_package()
-        w = _kernel_weight(K, weight, x.dtype)
+    k = use_kernels(x)
+    if k:
+        w = _kernel_weight(k, weight, x.dtype)
         b = None if bias is None else bias.float()
-        return K.upconv_nearest2x2(x, w, b, relu=relu, in_scale=in_scale, in_shift=in_shift)
+        return k.upconv_nearest2x2(x, w, b, relu=relu, in_scale=in_scale, in_shift=in_shift)
     _check_upconv_nearest(x, weight, bias, in_scale, in_shift)
     return as_nhwc(_composite(x, weight, bias, relu, in_scale, in_shift), x.dtype)
 
@@ -231,12 +231,12 @@ def _(g, weight):
 
 
 def _input_grad_impl(g, weight):
-    if use_kernels(g):
-        K = kernel_package()
-        packed = _kernel_weight(K, weight, g.dtype)
+    k = use_kernels(g)
+    if k:
+        packed = _kernel_weight(k, weight, g.dtype)
         # The dgrad's B rows run along C_in: store the blocks [9, C_out, C_in] (a no-op if they are).
         packed = packed.detach().transpose(1, 2).contiguous().transpose(1, 2)
-        return K.upconv_nearest2x2_input_grad(g, packed)
+        return k.upconv_nearest2x2_input_grad(g, packed)
     # Composite: per phase, the dgrad of a (di + 1, dj + 1) conv over the padded low-res input;
     # the four add up on it and the padding's share is dropped (zeros are constants).
     acc = acc_dtype(g.dtype)
@@ -271,9 +271,10 @@ def _(g, x, in_scale, in_shift):
 
 
 def _weight_grad_impl(g, x, in_scale, in_shift):
-    if use_kernels(x):
+    k = use_kernels(x)
+    if k:
         norm = None if in_scale is None else (in_scale, in_shift)
-        return kernel_package().upconv_nearest2x2_weight_grad(g.to(x.dtype), x, x_norm=norm)
+        return k.upconv_nearest2x2_weight_grad(g.to(x.dtype), x, x_norm=norm)
     # Composite: per phase, the wgrad of a (di + 1, dj + 1) conv over the padded low-res T(x) is
     # that phase's blocks' gradient.
     acc = acc_dtype(g.dtype)
