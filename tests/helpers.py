@@ -49,6 +49,7 @@ __all__ = [
     "RING2_FULL",
     "TOLERANCES",
     "assert_close",
+    "assert_live",
     "max_rel_error",
     "model_pair",
     "poisoned_like",
@@ -106,10 +107,18 @@ def poisoned_like(t: torch.Tensor, memory_format=torch.channels_last) -> torch.T
     return out.fill_(float("nan"))
 
 
-def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+def randomize_batchnorm(model: torch.nn.Module, sample: torch.Tensor | None = None) -> torch.nn.Module:
     """Give every BatchNorm non-trivial affine parameters and running statistics, so eval-mode
     folding is actually exercised (fresh BN layers are the identity), and every affine
-    InstanceNorm non-trivial affine parameters."""
+    InstanceNorm non-trivial affine parameters.
+
+    With ``sample`` (an input batch, N x C x H x W) the network is also made live: PyTorch's
+    default conv init shrinks the activations layer by layer, so fixed O(0.5) BN shifts turned
+    every ReLU of a narrow model off and its output into the head's bias for any input. One eval
+    forward of ``sample`` scales each conv's weight to unit output spread and sets each BN's
+    running statistics to those of its input, perturbed (mean by up to 0.2 std, variance by a
+    factor 0.7..1.4) so the statistics stay non-trivial. Without ``sample`` (a model whose input
+    the caller does not describe) the running statistics are drawn at fixed scales."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.InstanceNorm2d) and m.affine:
@@ -121,14 +130,70 @@ def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
                 m.num_batches_tracked.fill_(3)
+        if sample is not None:
+            _calibrate(model, sample)
     return model
 
 
+def _calibrate(model: torch.nn.Module, sample: torch.Tensor) -> None:
+    """One eval forward of ``sample`` in which each conv's output and each BN's input set that
+    layer's scale (hooks fire in execution order, so every layer sees its calibrated inputs)."""
+
+    def conv_hook(conv, args, out):
+        bias = 0 if conv.bias is None else conv.bias.view(1, -1, 1, 1)
+        factor = 1 / (out - bias).std().clamp_min(1e-12)
+        conv.weight.mul_(factor)
+        return (out - bias) * factor + bias
+
+    def bn_hook(bn, args):
+        x = args[0].transpose(0, 1).flatten(1)
+        mean, var = x.mean(1), x.var(1)
+        bn.running_mean.copy_(mean + torch.empty_like(mean).uniform_(-0.2, 0.2) * var.sqrt())
+        bn.running_var.copy_(var * torch.empty_like(var).uniform_(0.7, 1.4))
+
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, convs)]
+    hooks += [m.register_forward_pre_hook(bn_hook) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    training = model.training
+    try:
+        model.eval()(sample.to(next(model.parameters())))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+
+
+def assert_live(model: torch.nn.Module, in_ch: int, size: int) -> None:
+    """The eval-mode output depends on the input (two random ``in_ch`` x ``size`` x ``size``
+    inputs in the model's dtype): a dead network gives the same output for any input, and a comparison of
+    two of them checks nothing. Leaves the RNG and the model's mode as they were."""
+    training = model.training
+    with torch.no_grad(), torch.random.fork_rng():
+        p = next(model.parameters())
+        a, b = (model.eval()(torch.randn(1, in_ch, size, size, dtype=p.dtype, device=p.device)) for _ in range(2))
+    model.train(training)
+    spread = ((a - b).abs().max() / a.abs().max().clamp_min(1e-300)).item()
+    assert spread > LIVE_SPREAD, f"the test model's output hardly depends on its input (relative spread {spread:.2g})"
+
+
+# model_pair's models at seeds 0..19 spread by >= 0.1 (livenet's measure_liveness.py); the dead
+# ones this catches spread by 0 to 1e-2.
+LIVE_SPREAD = 0.03
+
+
 def model_pair(in_ch=3, out_ch=2, *, dtype=torch.float64, device="cpu", **options):
-    """A reference model and a ``fastunet.UNet`` holding the same random weights and BN state."""
+    """A reference model and a ``fastunet.UNet`` holding the same random weights and BN state,
+    calibrated so that every layer's activations are O(1) and input-dependent (``randomize_batchnorm``
+    with a sample); raises if the reference's output does not depend on its input."""
     from fastunet import UNet, UNetReference
 
-    ref = randomize_batchnorm(UNetReference(in_ch, out_ch, **options)).to(device=device, dtype=dtype)
+    ref = UNetReference(in_ch, out_ch, **options)
+    depth = ref.options["depth"]
+    # 4 x 4 at the bottleneck: at 1 x 1 the few output elements make the spread a noisy measure
+    size = 4 * 2**depth
+    randomize_batchnorm(ref, torch.randn(2, in_ch, size, size))
+    assert_live(ref.double(), in_ch, size)
+    ref.to(device=device, dtype=dtype)
     model = UNet(in_ch, out_ch, **options).to(device=device, dtype=dtype)
     model.load_state_dict(ref.state_dict(), strict=True)
     return ref, model
