@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, max_rel_error, randomize_batchnorm
+from helpers import assert_close, assert_live, max_rel_error, randomize_batchnorm
 from milesial_unet import MilesialUNet
 from torch import nn
 
@@ -50,7 +50,9 @@ def milesial_name(ours: str) -> str:
 
 def _milesial_pair(bilinear: bool, base: int):
     preset = "milesial-bilinear" if bilinear else "milesial"
-    ours = randomize_batchnorm(UNetReference(3, 2, preset=preset, base_channels=base)).double()
+    # calibrated on a 64 x 64 batch (4 x 4 at the bottleneck): live in eval too, see model_pair
+    ours = randomize_batchnorm(UNetReference(3, 2, preset=preset, base_channels=base), torch.randn(2, 3, 64, 64))
+    assert_live(ours.double(), 3, 64)
     theirs = MilesialUNet(3, 2, bilinear=bilinear, base=base).double()
     theirs.load_state_dict({milesial_name(k): v for k, v in ours.state_dict().items()}, strict=True)
     return ours, theirs
