@@ -195,7 +195,13 @@ def assert_same_training_step(ref, model, x, tol, what):
 @pytest.mark.parametrize("case, size", _params(QUICK_TRAIN))
 def test_train_matches_reference(case, size, fused_calls):
     ref, model = fp32_pair(case, train=True)
-    x = torch.randn(2, 3, *SIZES[size])
+    # A training BatchNorm over two values (a 1 x 1 bottleneck at batch 2) is ill-conditioned when
+    # they nearly agree: bilinear-upskip-d3 9x12 at seed 0 has a channel of batch variance 6e-7
+    # (eps 1e-5) and eager PyTorch fp32 misses the input gradient by 11x the tolerance there (the
+    # fused path 2.7x; /work/notes/livenet.md). Four values per channel make that vanishingly rare.
+    h, w = SIZES[size]
+    depth = _options(case)["depth"]
+    x = torch.randn(2 if (h >> depth) * (w >> depth) > 1 else 4, 3, h, w)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FusedPathWarning)
         assert_same_training_step(ref, model, x, tolerance_name(torch.float32), f"{case} {size} train")
