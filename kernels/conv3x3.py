@@ -632,7 +632,7 @@ _SMALLC_CONFIGS = (
     _Cfg(64, 128, 32, 4, 2),
 )
 # Ampere: the 8-warp tile with K steps of 16, not 32: at 32 triton 3.6's ptxas held it at 128
-# registers and spilled 16 B (16-bit, both sources small-C; offline sm_80 report), at 16 it did not.
+# registers and spilled 16 B (16-bit, one small-C source; offline sm_80 report), at 16 it did not.
 _SMALLC_CONFIGS_SM80 = (
     _Cfg(128, 64, 32, 4, 2),
     _Cfg(128, 64, 16, 4, 2),

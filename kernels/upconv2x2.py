@@ -203,7 +203,7 @@ _MAX_WORDS_PER_THREAD_FP32 = 96
 _MAX_NORM_A_WORDS_PER_THREAD = 32
 
 # IN_NORM tiles the sm_80 compile report (triton 3.6) found at the 255-register limit with
-# spills (32 B for 16-bit at 128x128x32 on 4 warps; 48 B for TF32 at 64x64x64), as (tuned arch,
+# spills (8-32 B for 16-bit at 128x128x32 on 4 warps; 48 B for TF32 at 64x64x64), as (tuned arch,
 # config name, element bytes). upconv_nearest2x2 excludes the same tiles.
 _NORM_SPILLS = {(80, "BM128_BN128_BK32_w4_s4", 2), (80, "BM64_BN64_BK64_w4_s3", 4)}
 
