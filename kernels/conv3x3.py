@@ -623,8 +623,8 @@ _CONFIGS_SM80 = (
 # Small-C mode (fewer than 16 input channels, e.g. the RGB input): K = 9*C fits in one or a few
 # BLOCK_K steps and every A element is a separate gather (the per-k tap decode defeats vector
 # loads), so the A tile, not the accumulator, sets the register budget: short K steps, few stages.
-# The same tiles serve both architectures: the gather, not the MMA, bounds them.
-_SMALLC_CONFIGS = (
+# The gather, not the MMA, bounds them, so both architectures take the same tiles but one.
+_SMALLC_CONFIGS_SM90 = (
     _Cfg(128, 64, 32, 4, 2),
     _Cfg(128, 64, 16, 4, 2),
     _Cfg(128, 128, 32, 8, 2),
@@ -683,7 +683,7 @@ _CONFIGS = {
     ("main", 80): _CONFIGS_SM80,
     ("up", 90): _CONFIGS_SM90 + _UP_EXTRA,
     ("up", 80): tuple(c for c in _CONFIGS_SM80 if c.BLOCK_K < 64) + _UP_EXTRA,
-    ("smallc", 90): _SMALLC_CONFIGS,
+    ("smallc", 90): _SMALLC_CONFIGS_SM90,
     ("smallc", 80): _SMALLC_CONFIGS_SM80,
     ("split", 90): _SPLIT_CONFIGS_SM90,
     ("split", 80): _SPLIT_CONFIGS_SM80,
