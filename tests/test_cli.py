@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import assert_live, randomize_batchnorm
 
 from fastunet import cli
 
@@ -84,10 +85,18 @@ def checkpoint(tmp_path_factory):
     import fastunet
 
     torch.manual_seed(3)
-    model = fastunet.UNet(3, 1, base_channels=4, depth=2)
+    model = live_model(fastunet.UNet(3, 1, base_channels=4, depth=2))
     path = tmp_path_factory.mktemp("ckpt") / "unet.pt"
     torch.save({"state_dict": model.state_dict()}, path)  # the common wrapper
     return path, model.eval()
+
+
+def live_model(model):
+    """Calibrated BatchNorm statistics and O(1) activations (``randomize_batchnorm`` with a sample):
+    the output depends on the input, so comparing the CLI's files with the API checks something."""
+    randomize_batchnorm(model, torch.rand(2, model.in_ch, 32, 32))
+    assert_live(model, model.in_ch, 32)
+    return model.eval()
 
 
 def _predict_cli(*args):
@@ -135,7 +144,7 @@ def test_predict_multiclass_tiff_probs_argmax_mask_and_gray_input(tmp_path):
     import fastunet
 
     torch.manual_seed(4)
-    model = fastunet.UNet(3, 3, base_channels=4, depth=2, out_activation="softmax").eval()
+    model = live_model(fastunet.UNet(3, 3, base_channels=4, depth=2, out_activation="softmax"))
     torch.save(model.state_dict(), tmp_path / "m.pt")
     gray = np.random.default_rng(1).integers(0, 256, size=(30, 41), dtype=np.uint8)
     Image.fromarray(gray).save(tmp_path / "g.png")  # gray: repeated to RGB for a 3-channel model
