@@ -384,10 +384,10 @@ def bn_stats_backward(
     launch(_bn_stats_backward_kernel, (rows, cdiv(c, block_c)), args, flags)
     if not with_sum:
         return g, None
-    total = torch.empty((1, c), device=z.device, dtype=torch.float32)
+    total = torch.empty(c, device=z.device, dtype=torch.float32)  # the kernel's [1, C] out plane
     sum_cfg = dict(BLOCK_R=_SUM_BLOCK_R, BLOCK_C=_SUM_BLOCK_C, num_warps=4)
     launch(_sum_partials_kernel, (cdiv(c, _SUM_BLOCK_C), 1), (part, total, rows, c), sum_cfg)
-    return g, total[0]
+    return g, total
 
 
 # --------------------------------------------------------------------------------------------

@@ -858,9 +858,12 @@ def pack_conv3x3_weight(weight: Tensor, dtype: torch.dtype | None = None) -> Ten
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"expected a [C_out, C_in, 3, 3] weight, got {tuple(weight.shape)}")
     c_out, c_in = weight.shape[:2]
-    packed = weight.new_empty((3, 3, c_in, c_out), dtype=dtype or weight.dtype)
-    packed.copy_(weight.permute(2, 3, 1, 0))
-    return packed.permute(3, 2, 0, 1)
+    # The strides of a contiguous [3, 3, C_in, C_out] seen as [C_out, C_in, 3, 3]: two torch ops
+    # (an allocation and the copy) where allocating the storage order and permuting it took four.
+    packed = weight.new_empty_strided(
+        (c_out, c_in, 3, 3), (1, c_out, 3 * c_in * c_out, c_in * c_out), dtype=dtype or weight.dtype
+    )
+    return packed.copy_(weight)
 
 
 def _check_conv_inputs(x, weight, scale, shift, x2, hw=None):
@@ -1224,14 +1227,23 @@ def conv3x3_bn_act_head(
         raise ValueError(f"head_bias must be [K] = [{k}], got {tuple(head_bias.shape)}")
     _check_devices([("x", x), ("head_weight", head_weight), ("head_bias", head_bias)])
     # A few hundred floats: normalizing here keeps one kernel signature (fp32, rows contiguous).
-    head_weight = head_weight.detach().to(torch.float32).contiguous()
-    head_bias = head_bias.detach().to(torch.float32).contiguous()
+    head_weight = _fp32_contiguous(head_weight)
+    head_bias = _fp32_contiguous(head_bias)
     if out is None:
         out = torch.empty((n, k, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     else:
         _check_out(out, (n, k, h, w), x.dtype, x.device)
     head = (head_weight, head_bias, k, HEAD_ACTIVATIONS[activation])
     return _launch(x, x2, weight, scale, shift, out, dims, relu=relu, head=head)
+
+
+def _fp32_contiguous(t: Tensor) -> Tensor:
+    """``t`` as a contiguous fp32 tensor outside autograd: detached only where autograd would
+    record the cast (a detach is a torch op; under ``no_grad`` or for a tensor without grad it
+    changes nothing the kernel reads)."""
+    if t.requires_grad and torch.is_grad_enabled():
+        t = t.detach()
+    return t.to(torch.float32).contiguous()
 
 
 def _check_norm(name: str, norm, channels: int, device: torch.device):
@@ -1278,11 +1290,31 @@ def conv3x3_bn_stats(
     return _bn_stats(x, x2, weight, bias, x_norm, x2_norm, out)
 
 
+#: (device, C) -> a [C] fp32 tensor of ones: the statistics convs' scale (see ``_unit_scale``).
+_UNIT_SCALES: dict[tuple, Tensor] = {}
+
+
+def _unit_scale(bias: Tensor) -> Tensor:
+    """Ones like the 1-d fp32 ``bias`` [C], made once per (device, C) and kept: the kernels only read
+    it, so one tensor serves every call and stream (a torch op fewer per training conv). Made afresh,
+    not kept, while a CUDA graph is captured: its fill would run only when the graph is replayed."""
+    key = (bias.device, bias.shape[0])
+    ones = _UNIT_SCALES.get(key)
+    if ones is None:
+        ones = torch.ones_like(bias)
+        if not (bias.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _UNIT_SCALES[key] = ones
+    return ones
+
+
 def _bn_stats(x, x2, weight, bias, x_norm, x2_norm, out, up=None, hw=None):
     """``conv3x3_bn_stats`` (and, with ``up``/``hw`` from ``_up_operands``, ``conv3x3_up_bn_stats``)."""
     if not isinstance(bias, Tensor):
         raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
-    ones = torch.ones_like(bias) if bias.dtype == torch.float32 else bias
+    if bias.dtype != torch.float32:
+        ones = bias  # the scale check reports the dtype
+    else:
+        ones = _unit_scale(bias) if bias.dim() == 1 else torch.ones_like(bias)
     dims = _check_conv_inputs(x, weight, ones, bias, x2, hw)
     n, c1, c2, h, w, c_out = dims
     if n * h * w == 0:

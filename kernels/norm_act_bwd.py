@@ -516,7 +516,9 @@ def _launch_main(kind: str, plan: tuple, tensors: tuple, dims: tuple, strides: t
     ``part`` ([2, rows, C] fp32, or None without the sums)."""
     grid, meta, rows = plan
     dx = tensors[5]
-    parts = (part[0], part[1]) if part is not None else (dx, dx)  # never touched without the sums
+    # unbind: both planes in one torch call (they never leave the launch); dx is never touched
+    # without the sums
+    parts = part.unbind(0) if part is not None else (dx, dx)
     launch(_KERNELS[kind], grid, (*tensors, *parts, *dims, rows, *strides), meta)
 
 

@@ -296,9 +296,12 @@ def pack_upconv2x2_weight(weight: torch.Tensor, dtype: torch.dtype | None = None
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (2, 2):
         raise ValueError(f"weight must be [C_in, C_out, 2, 2], got {tuple(weight.shape)}")
     c_in, c_out = weight.shape[:2]
-    packed = weight.new_empty((c_in, 2, 2, c_out), dtype=dtype or weight.dtype)
-    packed.copy_(weight.permute(0, 2, 3, 1))
-    return packed.permute(0, 3, 1, 2)
+    # The strides of a contiguous [C_in, 2, 2, C_out] seen as [C_in, C_out, 2, 2]: allocated so
+    # (two torch ops, not four).
+    packed = weight.new_empty_strided(
+        (c_in, c_out, 2, 2), (4 * c_out, 1, 2 * c_out, c_out), dtype=dtype or weight.dtype
+    )
+    return packed.copy_(weight)
 
 
 def _check_inputs(x, weight, bias, in_scale, in_shift, out):

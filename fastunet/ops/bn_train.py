@@ -59,9 +59,10 @@ def _bn_affine_setup(ctx, inputs, output):
 
 def _bn_affine_backward(ctx, gscale, gshift):
     mean, var, weight = ctx.saved_tensors
-    zeros = torch.zeros(mean.shape, dtype=torch.float64, device=mean.device)
-    gscale = zeros if gscale is None else gscale
-    gshift = zeros if gshift is None else gshift
+    if gscale is None or gshift is None:  # made only when needed: one torch op fewer per BatchNorm
+        zeros = torch.zeros(mean.shape, dtype=torch.float64, device=mean.device)
+        gscale = zeros if gscale is None else gscale
+        gshift = zeros if gshift is None else gshift
     gmean, gvar, gw, gb = AUTO.bn_affine_backward(gscale, gshift, mean, var, weight, ctx.eps)
     w_dtype, b_dtype = ctx.dtypes
     gw = gw.to(w_dtype) if w_dtype is not None else None

@@ -86,8 +86,12 @@ def _packed_conv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _flipped_weight(w: Tensor, dtype: torch.dtype, packed: bool) -> Tensor:
     """``w`` in ``dtype``, transposed and flipped: the input gradient's conv weight (packed for the kernels)."""
-    flipped = w.detach().to(dtype).transpose(0, 1).flip(2, 3)
-    return kernel_package().pack_conv3x3_weight(flipped) if packed else flipped
+    if not packed:
+        return w.detach().to(dtype).transpose(0, 1).flip(2, 3)
+    # Cast, transpose and pack in one copy, then flip: ``flip`` keeps its input's strides, so the
+    # result is packed as well (five torch ops where casting, flipping and then packing took eight).
+    flipped = kernel_package().pack_conv3x3_weight(w.detach().transpose(0, 1), dtype).flip(2, 3)
+    return flipped if flipped.stride(0) == 1 else kernel_package().pack_conv3x3_weight(flipped)
 
 
 def _conv3x3_composite(x, x2, weight, scale, shift, relu) -> Tensor:
@@ -348,7 +352,8 @@ def _conv3x3_stats_backward(ctx, gz, gmean, gvar):
     gx = gxs = gxt = gx2 = gx2s = gx2t = None
     if need_x or need_x2 or need_xs or need_xt or need_x2s or need_x2t:
         gin = _conv3x3_input_grad(g, weight)
-        gx, gxs, gxt = affine_relu_grads(gin[:, :c1], x, x_scale, x_shift)
+        # One source: gin is x's gradient whole (slicing it would only make an alias, a torch op).
+        gx, gxs, gxt = affine_relu_grads(gin if x2 is None else gin[:, :c1], x, x_scale, x_shift)
         if x2 is not None:
             gx2, gx2s, gx2t = affine_relu_grads(gin[:, c1:], x2, x2_scale, x2_shift)
     return grads_for(ctx, (gx, gx2, gw, gb, gxs, gxt, gx2s, gx2t, None))
