@@ -14,7 +14,9 @@ import torch
 from fastunet.kernels import conv3x3 as conv_kernels
 from fastunet.kernels import pack_conv3x3_weight, pack_upconv2x2_weight
 
-from fastunet.ops.conv3x3 import _flipped_weight
+from fastunet.ops.conv3x3 import _flipped_weight, _packed_conv_weight
+from fastunet.ops.derived import untracked
+from fastunet.ops.upconv2x2 import _packed_upconv_weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -104,3 +106,31 @@ def test_the_classic_training_step_runs_none_of_the_ops_taken_out():
     assert ops.get("ones_like.default", 0) <= 1 and "zeros.default" not in ops, ops
     assert ops["flip.default"] == ops["transpose.int"] == 17, ops  # one per conv input gradient
     assert ops["new_empty_strided.default"] <= 35 + 8 + 1, ops  # the packs (+ autograd's copies)
+
+
+def test_untracked_detaches_only_where_autograd_would_record():
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    with torch.enable_grad():
+        got = untracked(w)
+        assert got is not w and not got.requires_grad and got.data_ptr() == w.data_ptr()
+        assert untracked(w.detach()) is not w  # no grad: returned as is
+        plain = torch.randn(3)
+        assert untracked(plain) is plain
+    with torch.no_grad():
+        assert untracked(w) is w
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_prepared_weights_never_carry_a_graph(grad):
+    w = torch.nn.Parameter(torch.randn(6, 4, 3, 3))
+    u = torch.nn.Parameter(torch.randn(4, 5, 2, 2))
+    with torch.set_grad_enabled(grad):
+        prepared = [
+            _packed_conv_weight(w, torch.bfloat16),
+            _flipped_weight(w, torch.bfloat16, packed=True),
+            _packed_upconv_weight(u, torch.bfloat16),
+        ]
+    for t in prepared:
+        assert not t.requires_grad and t.grad_fn is None
+    assert torch.equal(prepared[0], w.detach().to(torch.bfloat16))
+    assert torch.equal(prepared[2], u.detach().to(torch.bfloat16))

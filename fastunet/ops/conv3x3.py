@@ -34,7 +34,7 @@ from ._common import (
     unit_affine,
     use_kernels,
 )
-from .derived import derived
+from .derived import derived, untracked
 from .op import AUTO, declare, kernel_package
 
 
@@ -81,7 +81,7 @@ def _packed_conv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     once per parameter version (``derived``)."""
     if weight.dtype == dtype and weight.stride(0) == 1:
         return weight
-    return derived(weight, ("conv3x3", dtype), lambda w: kernel_package().pack_conv3x3_weight(w.detach(), dtype))
+    return derived(weight, ("conv3x3", dtype), lambda w: kernel_package().pack_conv3x3_weight(untracked(w), dtype))
 
 
 def _flipped_weight(w: Tensor, dtype: torch.dtype, packed: bool) -> Tensor:
@@ -90,7 +90,7 @@ def _flipped_weight(w: Tensor, dtype: torch.dtype, packed: bool) -> Tensor:
         return w.detach().to(dtype).transpose(0, 1).flip(2, 3)
     # Cast, transpose and pack in one copy, then flip: ``flip`` keeps its input's strides, so the
     # result is packed as well (five torch ops where casting, flipping and then packing took eight).
-    flipped = kernel_package().pack_conv3x3_weight(w.detach().transpose(0, 1), dtype).flip(2, 3)
+    flipped = kernel_package().pack_conv3x3_weight(untracked(w).transpose(0, 1), dtype).flip(2, 3)
     return flipped if flipped.stride(0) == 1 else kernel_package().pack_conv3x3_weight(flipped)
 
 

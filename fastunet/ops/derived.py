@@ -33,7 +33,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-__all__ = ["cache_size", "clear", "derived"]
+__all__ = ["cache_size", "clear", "derived", "untracked"]
 
 _PLAIN = (Tensor, nn.Parameter)
 
@@ -80,6 +80,14 @@ def derived(t: Tensor, key, make):
     if out is None:
         out = entry.made[key] = make(t)
     return out
+
+
+def untracked(t: Tensor) -> Tensor:
+    """``t`` for a ``make`` that copies it: detached only where autograd would record the copy
+    (grad mode on and ``t`` requiring grad); otherwise ``t`` itself, which gives the same copy
+    without the detach's torch op. Not for a ``make`` that may return ``t`` itself (a no-op
+    ``.to``): ``derived`` would then keep the parameter alive."""
+    return t.detach() if t.requires_grad and torch.is_grad_enabled() else t
 
 
 def _drop(tid: int) -> None:

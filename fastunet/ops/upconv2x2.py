@@ -22,14 +22,14 @@ from ._common import (
     use_kernels,
     with_norm_defaults,
 )
-from .derived import derived
+from .derived import derived, untracked
 from .op import AUTO, declare, kernel_package
 
 
 def _packed_upconv_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     if weight.dtype == dtype and weight.stride(1) == 1:
         return weight
-    return derived(weight, ("upconv2x2", dtype), lambda w: kernel_package().pack_upconv2x2_weight(w.detach(), dtype))
+    return derived(weight, ("upconv2x2", dtype), lambda w: kernel_package().pack_upconv2x2_weight(untracked(w), dtype))
 
 
 # =========================================================================== upconv2x2
