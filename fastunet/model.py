@@ -21,7 +21,7 @@ are the same tensors at the same version.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import cpu_fold, fused
 from .backend import get_backend, use_fused
@@ -32,6 +32,46 @@ from .plan import plan_of
 from .recompute import check_recompute
 from .reference import UNetReference
 from .validation import validate_input
+
+#: Module type -> whether ``nn.Module.zero_grad``'s walk over it is ``_reset_grads``'s (see there).
+_PLAIN_WALK: dict[type, bool] = {}
+
+
+def _plain_walk(cls: type) -> bool:
+    M = nn.Module
+    plain = cls.named_modules is M.named_modules and cls.__hash__ is M.__hash__ and cls.__eq__ is M.__eq__
+    _PLAIN_WALK[cls] = plain
+    return plain
+
+
+def _reset_grads(root: nn.Module) -> bool:
+    """Set every parameter gradient of ``root``'s tree to None, as ``nn.Module.zero_grad()`` does,
+    by a walk over the modules' ``_modules``/``_parameters`` dicts (torch's walk is generators and a
+    parameter set: ~580 Python calls for the classic U-Net). Returns False where torch's walk could
+    differ (a module type overriding how the tree or the parameters are listed, or module hashing):
+    the caller then runs torch's, which resets the rest the same way."""
+    cls, M = type(root), nn.Module
+    if (cls.parameters, cls.named_parameters, cls._named_members) != (
+        M.parameters,
+        M.named_parameters,
+        M._named_members,
+    ):
+        return False
+    plain = _PLAIN_WALK
+    stack, seen = [root], {id(root)}
+    while stack:
+        m = stack.pop()
+        cls = type(m)
+        if not (plain[cls] if cls in plain else _plain_walk(cls)):
+            return False
+        for p in m._parameters.values():
+            if p is not None and p.grad is not None:
+                p.grad = None
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    return True
 
 
 class UNet(UNetReference):
@@ -100,6 +140,14 @@ class UNet(UNetReference):
             warn_unsupported(self, support)
             return self._reference_forward(x)
         return self._fused_forward(x, support.mode == "train")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``nn.Module.zero_grad``: the same gradients reset (``set_to_none``, the default: by a
+        walk over the module dicts, ``_reset_grads``; otherwise, or for a DataParallel replica, by
+        torch's own)."""
+        if set_to_none and not getattr(self, "_is_replica", False) and _reset_grads(self):
+            return
+        super().zero_grad(set_to_none)
 
     def _empty_batch_syncs(self, x: Tensor) -> bool:
         """Whether an empty batch must run the fused path anyway: some ``nn.SyncBatchNorm``
