@@ -1297,14 +1297,24 @@ _UNIT_SCALES: dict[tuple, Tensor] = {}
 def _unit_scale(bias: Tensor) -> Tensor:
     """Ones like the 1-d fp32 ``bias`` [C], made once per (device, C) and kept: the kernels only read
     it, so one tensor serves every call and stream (a torch op fewer per training conv). Made afresh,
-    not kept, while a CUDA graph is captured: its fill would run only when the graph is replayed."""
+    not kept, while a CUDA graph is captured: its fill would run only when the graph is replayed.
+    On CUDA the fill is waited for once before the tensor is kept: the next reader may be a kernel on
+    another stream, which would not wait for this stream's fill."""
     key = (bias.device, bias.shape[0])
     ones = _UNIT_SCALES.get(key)
     if ones is None:
         ones = torch.ones_like(bias)
-        if not (bias.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _UNIT_SCALES[key] = ones
+        if bias.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return ones
+            _wait_for_fill(bias.device)
+        _UNIT_SCALES[key] = ones
     return ones
+
+
+def _wait_for_fill(device: torch.device) -> None:
+    """Block until ``device``'s current stream has run what was queued on it (once per kept tensor)."""
+    torch.cuda.current_stream(device).synchronize()
 
 
 def _bn_stats(x, x2, weight, bias, x_norm, x2_norm, out, up=None, hw=None):

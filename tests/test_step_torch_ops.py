@@ -78,8 +78,12 @@ def test_the_unit_scale_is_not_kept_while_a_graph_is_captured(unit_scales, monke
     bias = torch.randn(4).as_subclass(_OnCuda)
     assert torch.equal(conv_kernels._unit_scale(bias), torch.ones(4)) and not unit_scales
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    waited = []
+    monkeypatch.setattr(conv_kernels, "_wait_for_fill", waited.append)
     kept = conv_kernels._unit_scale(bias)
-    assert list(unit_scales.values()) == [kept]
+    # kept only after its fill has run: another stream's kernel may read it next
+    assert list(unit_scales.values()) == [kept] and waited == [bias.device]
+    assert conv_kernels._unit_scale(bias) is kept and len(waited) == 1
 
 
 @pytest.mark.parametrize(
