@@ -11,8 +11,9 @@ Which ops run the steps (``form_for``; ``fastunet.cpu_ops`` has the primitives):
 * ``PackedForm`` (the default wherever torch has oneDNN and no gradient is recorded): oneDNN
   convolutions on weights reordered once per input shape, bias and activation fused as
   post-ops, the decoder's concatenation folded into its first conv;
-* ``WinogradForm`` (opt-in, ``fastunet.set_cpu_fast_math(True)``): the same, with NNPACK's
-  Winograd for the 3x3 convs where it pays (fewer FLOPs, ~1e-5 of the output range);
+* ``WinogradForm`` (opt-in, ``fastunet.set_cpu_fast_math(True)``): the same, with Winograd for
+  the 3x3 convs, per layer NNPACK's or fastunet's own (``fastunet.cpu_winograd``), whichever was
+  measured faster for the map size (fewer FLOPs, ~1e-5 of the output range);
 * ``PlainForm``: ``F.conv2d`` and friends (float64, input gradients, a torch without the
   private ops).
 
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from . import cpu_ops
 from ._snapshot import is_current, take_samples, tensors_state
 from .backend import get_cpu_fast_math
+from .cpu_winograd import OwnWinogradConv
 from .guard import FusedLayers
 from .norm import fold_bn
 from .plan import Concat, Conv, DoubleConv, Head, Up, execute
@@ -211,8 +213,8 @@ def run(plan: CpuPlan, x: Tensor, layers: FusedLayers, out_dtype: torch.dtype | 
     memory format, as the module tree's would, and ``out_dtype`` (default: the plan's dtype).
 
     Which ops run the steps (``form_for``): the prepacked oneDNN primitives of
-    ``fastunet.cpu_ops`` where they are available and no gradient is recorded, NNPACK's
-    Winograd as well with ``fastunet.set_cpu_fast_math(True)``; otherwise ``F.conv2d`` and
+    ``fastunet.cpu_ops`` where they are available and no gradient is recorded, Winograd as well
+    with ``fastunet.set_cpu_fast_math(True)`` (``WinogradForm``); otherwise ``F.conv2d`` and
     friends (float64, input gradients, a torch without the private ops).
     """
     keep_cl = x.is_contiguous(memory_format=_CL) and not x.is_contiguous()
@@ -224,7 +226,8 @@ def run(plan: CpuPlan, x: Tensor, layers: FusedLayers, out_dtype: torch.dtype | 
             y = execute(layers.plan, form, x)
     if out_dtype is not None:
         y = y.to(out_dtype)
-    return y if keep_cl else y.contiguous()
+    # a Winograd form's NNPACK levels end NCHW: a channels_last input still gets channels_last
+    return y.contiguous(memory_format=_CL) if keep_cl else y.contiguous()
 
 
 def form_for(plan: CpuPlan, x: Tensor) -> PlainForm:
@@ -237,7 +240,7 @@ def form_for(plan: CpuPlan, x: Tensor) -> PlainForm:
     # One read of the input, small beside the first conv.
     if not bool(torch.isfinite(x).all()):
         return PlainForm(plan)
-    if dtype == torch.float32 and get_cpu_fast_math() and cpu_ops.cpu_features().nnpack:
+    if dtype == torch.float32 and get_cpu_fast_math():
         return WinogradForm(plan)
     return PackedForm(plan)
 
@@ -356,11 +359,14 @@ class _LowRes:
 
 
 class WinogradForm(PackedForm):
-    """``PackedForm`` with NNPACK's Winograd for the 3x3 convs where it pays
-    (``cpu_ops.winograd_pays``), opt-in (``fastunet.set_cpu_fast_math``). NNPACK reads and
-    writes NCHW: a Winograd level keeps its activations NCHW, and its decoder's transposed conv
-    is one GEMM written straight into an NCHW concatenation buffer, the skip copied beside it
-    (NNPACK takes one input). float32, no autograd."""
+    """``PackedForm`` with Winograd for the 3x3 convs, opt-in (``fastunet.set_cpu_fast_math``):
+    per layer the engine ``cpu_ops.conv3x3_engine`` measured fastest for its map size, NNPACK's
+    F(6x6, 3x3) on the large maps, ``fastunet.cpu_winograd``'s own F(4x4) / F(2x2) on the small
+    ones, oneDNN's direct conv for the first layer. NNPACK reads and writes NCHW: an NNPACK level
+    keeps its activations NCHW, and its decoder's transposed conv is one GEMM written straight
+    into an NCHW concatenation buffer, the skip copied beside it (NNPACK takes one input). The own
+    Winograd reads any layout and both of a decoder's sources (no concatenation) and writes
+    channels_last. float32, no autograd."""
 
     def entry(self, x: Tensor) -> Tensor:
         return x.to(dtype=torch.float32)
@@ -368,12 +374,22 @@ class WinogradForm(PackedForm):
     def pool(self, x: Tensor) -> Tensor:
         return cpu_ops.max_pool2x2(x) if x.is_contiguous() else F.max_pool2d(x, 2)  # NCHW: see max_pool2x2
 
+    def engine(self, c_in: int, height: int, width: int) -> str:
+        return cpu_ops.conv3x3_engine(c_in, height, width, cpu_ops.cpu_features().nnpack)
+
     def conv(self, unit: Conv, first: Tensor, second: Tensor | None = None) -> Tensor:
-        if second is not None or not cpu_ops.winograd_pays(first.shape[1], first.shape[2], first.shape[3]):
+        c_in = first.shape[1] + (0 if second is None else second.shape[1])
+        engine = self.engine(c_in, first.shape[2], first.shape[3])
+        if engine == "direct" or (engine == "nnpack" and second is not None):
             return super().conv(unit, first, second)
         act, slope = _fused_act(unit)
         w, b = self.plan.convs[unit.index]
-        y = self.prim(("winograd", unit.index), lambda: cpu_ops.WinogradConv(w, b, act, slope))(first)
+        if engine == "nnpack":
+            y = self.prim(("winograd", unit.index), lambda: cpu_ops.WinogradConv(w, b, act, slope))(first)
+        else:
+            m = 4 if engine == "own4" else 2
+            conv = self.prim(("own", unit.index, m), lambda: OwnWinogradConv(w, b, act, slope, m))
+            y = conv(first) if second is None else conv(first, second)
         return y if act != "none" else self.norm_act(unit, y)
 
     def up(self, step: Up, x: Tensor):
@@ -384,7 +400,7 @@ class WinogradForm(PackedForm):
             return super().concat(step, skip, u, up)
         n, c, h, w = skip.shape
         x = u.x
-        if (step.pad and (h, w) != (2 * x.shape[2], 2 * x.shape[3])) or not cpu_ops.winograd_pays(2 * c, h, w):
+        if (step.pad and (h, w) != (2 * x.shape[2], 2 * x.shape[3])) or self.engine(2 * c, h, w) != "nnpack":
             return super().concat(step, skip, PackedForm.up(self, u.step, x), up)
         buf = torch.empty(n, 2 * c, h, w, dtype=skip.dtype)
         up_part, skip_part = (buf[:, :c], buf[:, c:]) if step.up_first else (buf[:, c:], buf[:, :c])

@@ -20,8 +20,9 @@ inductor's CPU freezing uses) with
 
 ``WinogradConv`` is the opt-in fast mode (``fastunet.set_cpu_fast_math``): NNPACK's Winograd
 F(6x6, 3x3) (NCHW only, through ``torch._nnpack_spatial_convolution``), 4x fewer multiplies
-than the direct convolution for the 3x3 layers where its transforms pay (``winograd_pays``),
-at a measured output error of ~1e-5 relative to the output range (``fastunet.tolerances``).
+than the direct convolution, on the large maps; fastunet's own Winograd
+(``fastunet.cpu_winograd``) takes the small ones (``conv3x3_engine`` picks per layer), at a
+measured output error of ~1e-5 relative to the output range (``fastunet.tolerances``).
 
 All of these are private torch ops: ``cpu_features()`` probes each one once (present, callable
 with this schema, same numbers as ``F.conv2d`` on a small case) and the fold falls back to
@@ -45,12 +46,12 @@ __all__ = [
     "PackedConv",
     "PackedUpConv",
     "WinogradConv",
+    "conv3x3_engine",
     "cpu_features",
     "max_pool2x2",
     "prepacked_ok",
     "upconv2x2_into",
     "upconv_matrix",
-    "winograd_pays",
 ]
 
 _CL = torch.channels_last
@@ -261,17 +262,43 @@ class PackedUpConv:
 
 
 # --------------------------------------------------------------------------- Winograd (opt-in)
-#: Below these NNPACK's Winograd loses to oneDNN's direct convolution (measured per layer on the
-#: classic model's shapes, one AVX2 core: at 16x16 its per-call weight transform dominates, with
-#: 3 input channels its input transform does).
-WINOGRAD_MIN_SIZE = 32
+#: Which engine runs a 3x3 conv under fast math, by the smaller side of its map (``conv3x3_engine``).
+#: Measured per layer on the classic UNet(3, 1) at 256x256 (1 thread, AMD EPYC AVX2, in-process
+#: interleaved, 5 rounds, medians, load 1.8-2.4; ms for oneDNN direct / NNPACK F(6x6) / own
+#: F(4x4) / own F(2x2)):
+#:   64->64 @256: 62 / 48 / 88 / 96        128->128 @128: 62 / 31 / 55 / 71
+#:   256->256 @64: 64 / 29 / 36 / 47       512->256 @64 (concat): 143 / 53 / 70 / 91
+#:   512->512 @32: 70 / 64 / 33 / 44       1024->512 @32 (concat): 135 / 125 / 61 / 76
+#:   512->1024 @16: 40 / 84 / 29 / 28      1024->1024 @16: 67 / 173 / 56 / 52
+#: NNPACK's fused transforms win on the large maps; on the small ones its per-call weight
+#: transform dominates and the own transforms (weights transformed once) win; at 16x16 F(2x2)
+#: matches F(4x4)'s time with ~15x less error. Without NNPACK the own F(4x4) still beats oneDNN
+#: up to 128x128 (1.1-2.2x), not at 256x256 (0.7x). With 3 input channels (the first layer)
+#: every transform costs more than the conv saves.
 WINOGRAD_MIN_CHANNELS = 16
+#: NNPACK from this map size up (smaller side)
+NNPACK_MIN_SIZE = 64
+#: the own F(2x2) up to this size, the own F(4x4) above it (and above NNPACK_MIN_SIZE where
+#: NNPACK is missing, up to OWN_MAX_SIZE)
+OWN_F2_MAX_SIZE = 16
+OWN_MAX_SIZE = 128
 
 
-def winograd_pays(c_in: int, height: int, width: int) -> bool:
-    """Whether a 3x3 conv reading ``c_in`` channels of ``height x width`` runs faster through
-    NNPACK's Winograd than through oneDNN (see ``WINOGRAD_MIN_SIZE``)."""
-    return c_in >= WINOGRAD_MIN_CHANNELS and min(height, width) >= WINOGRAD_MIN_SIZE
+def conv3x3_engine(c_in: int, height: int, width: int, nnpack: bool = True) -> str:
+    """Which engine runs a 3x3 conv reading ``c_in`` channels of ``height x width`` under fast
+    math: ``"direct"`` (oneDNN), ``"nnpack"`` (NNPACK's F(6x6, 3x3), where ``nnpack`` says it
+    works), ``"own4"`` / ``"own2"`` (``fastunet.cpu_winograd``'s F(4x4) / F(2x2)); the table
+    above ``WINOGRAD_MIN_CHANNELS`` says why."""
+    size = min(height, width)
+    if c_in < WINOGRAD_MIN_CHANNELS:
+        return "direct"
+    if size <= OWN_F2_MAX_SIZE:
+        return "own2"
+    if size < NNPACK_MIN_SIZE:
+        return "own4"
+    if nnpack:
+        return "nnpack"
+    return "own4" if size <= OWN_MAX_SIZE else "direct"
 
 
 class WinogradConv:

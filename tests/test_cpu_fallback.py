@@ -193,12 +193,17 @@ FORM_CASES = {
 }
 
 
-@pytest.fixture
-def winograd_everywhere(monkeypatch):
-    """NNPACK's Winograd for every 3x3 conv of a tiny model (the real thresholds leave a tiny
-    model none), so both Winograd levels' code paths run."""
-    monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_SIZE", 2)
-    monkeypatch.setattr(cpu_ops, "WINOGRAD_MIN_CHANNELS", 1)
+@pytest.fixture(params=["nnpack", "own4", "own2", "measured"])
+def winograd_everywhere(request, monkeypatch):
+    """One Winograd engine for every 3x3 conv of a tiny model (the measured table leaves a tiny
+    model none but the own F(2x2)), so each engine's code paths (NNPACK's NCHW levels and
+    concatenation buffer, the own transform's two-source decoder conv) run; "measured" is the
+    table itself."""
+    engine = request.param
+    if engine == "nnpack" and not cpu_ops.cpu_features().nnpack:
+        pytest.skip("no NNPACK in this torch")
+    if engine != "measured":
+        monkeypatch.setattr(cpu_ops, "conv3x3_engine", lambda c_in, height, width, nnpack=True: engine)
     before = fastunet.get_cpu_fast_math()
     fastunet.set_cpu_fast_math(True)
     yield
@@ -228,7 +233,7 @@ def test_prepacked_form_matches_float64_reference(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(FORM_CASES))
-@pytest.mark.skipif(not cpu_ops.cpu_features().nnpack, reason="no NNPACK in this torch")
+@pytest.mark.skipif(not cpu_ops.cpu_features().prepack, reason="no prepacked oneDNN convolutions in this torch")
 def test_fast_math_form_matches_float64_within_its_row(case, monkeypatch, winograd_everywhere):
     ref, model = pair(torch.float32, **FORM_CASES[case])
     forms = _forms(monkeypatch)
@@ -240,6 +245,18 @@ def test_fast_math_form_matches_float64_within_its_row(case, monkeypatch, winogr
         fastunet.set_cpu_fast_math(False)
         model(x)
     assert type(forms[-1]) is cpu_fold.PackedForm  # off again: the exact form
+
+
+@pytest.mark.parametrize("case", ["classic", "leaky-skipup"])
+@pytest.mark.skipif(not cpu_ops.cpu_features().prepack, reason="no prepacked oneDNN convolutions in this torch")
+def test_fast_math_channels_last_input(case, monkeypatch, winograd_everywhere):
+    """A channels_last input through each engine: the output within the row, channels_last."""
+    ref, model = pair(torch.float32, **FORM_CASES[case])
+    x = rand(size=36).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = model(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, ref(x.double()), "winograd", f"{case}, fast math, channels_last")
 
 
 def test_fast_math_switch_is_checked():

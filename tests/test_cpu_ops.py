@@ -158,12 +158,6 @@ def test_winograd_conv_within_its_tolerance(act, c_in, c_out, size):
     assert_close(y, expected, "winograd", f"Winograd {c_in}->{c_out} {act}")
 
 
-def test_winograd_pays_only_where_measured():
-    assert cpu_ops.winograd_pays(64, 256, 256) and cpu_ops.winograd_pays(16, 32, 40)
-    assert not cpu_ops.winograd_pays(3, 256, 256)  # the first layer: its input transform dominates
-    assert not cpu_ops.winograd_pays(1024, 16, 16)  # the bottleneck: its weight transform does
-
-
 # ------------------------------------------------------------------ the feature probes
 @pytest.fixture
 def fresh_features():
