@@ -30,7 +30,7 @@ claimed), so a mismatch cannot hide:
 ``fastunet_cudagraph``          fastunet's CUDA-graph path, ``UNet.cuda_graph`` (captured
                                 after warm-up, replayed with a static input; inference, CUDA)
 ``fastunet_fast``               the CPU fallback with ``fastunet.set_cpu_fast_math(True)``
-                                (NNPACK's Winograd where it pays; fp32 inference, CPU)
+                                (Winograd: NNPACK's or fastunet's own per layer; fp32 inference, CPU)
 ``onnxruntime``                 ONNX Runtime's CPU execution provider on the reference model
                                 exported by ``fastunet.export_onnx`` (static shapes, fp32; all
                                 graph optimizations, ``intra_op_num_threads`` = torch's threads,

@@ -23,8 +23,9 @@ TOLERANCES = {
     "tf32": (5e-3, 5e-3),  # fp32 tensors on tensor cores (10-bit mantissa inputs)
     "fp16": (1e-2, 1e-2),
     "bf16": (6e-2, 6e-2),
-    # NNPACK's Winograd F(6x6, 3x3) in fp32 (the CPU fold under fastunet.set_cpu_fast_math): measured
-    # max |err| ~6e-5 x RMS per 3x3 layer (16 to 1024 input channels), ~1e-5 of the output range
+    # Winograd in fp32 (the CPU fold under fastunet.set_cpu_fast_math: NNPACK's F(6x6, 3x3) and
+    # fastunet.cpu_winograd's F(4x4) / F(2x2)): measured max |err| per 3x3 layer ~6e-5 (NNPACK),
+    # ~5e-5 (F(4x4)), ~3e-6 (F(2x2)) x RMS (3 to 1024 input channels), ~1e-5 of the output range
     # over the classic model (IEEE fp32 convolutions: ~2e-6 x RMS per layer, ~1e-6 of the range)
     "winograd": (2e-4, 2e-4),
 }
