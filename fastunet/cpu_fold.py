@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from . import cpu_ops
 from ._snapshot import is_current, take_samples, tensors_state
 from .backend import get_cpu_fast_math
+from .cpu_scratch import scratch
 from .cpu_winograd import OwnWinogradConv
 from .guard import FusedLayers
 from .norm import fold_bn
@@ -402,7 +403,8 @@ class WinogradForm(PackedForm):
         x = u.x
         if (step.pad and (h, w) != (2 * x.shape[2], 2 * x.shape[3])) or self.engine(2 * c, h, w) != "nnpack":
             return super().concat(step, skip, PackedForm.up(self, u.step, x), up)
-        buf = torch.empty(n, 2 * c, h, w, dtype=skip.dtype)
+        # read by the next conv only, then dropped (plan.execute): a scratch buffer, no page faults
+        buf = scratch("concat", n, 2 * c, h, w)
         up_part, skip_part = (buf[:, :c], buf[:, c:]) if step.up_first else (buf[:, c:], buf[:, :c])
         matrix = self.prim(("up_matrix", up.index), lambda: cpu_ops.upconv_matrix(self.plan.ups[up.index][0]))
         cpu_ops.upconv2x2_into(x.contiguous(), matrix, self.plan.ups[up.index][1], up_part)

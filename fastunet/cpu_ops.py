@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cpu_scratch import scratch
+
 __all__ = [
     "ConcatConv",
     "CpuFeatures",
@@ -337,10 +339,12 @@ def upconv2x2_into(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) 
     n, c_in, h, w = x.shape
     c_out = weight.shape[0] // 4
     x = x.reshape(n, c_in, h * w)
+    # [N, 4 C_out, h w], only read by the scatter below: float32 scratch where it can be
+    y = scratch("upconv", n, 4 * c_out, h * w) if x.dtype == torch.float32 else x.new_empty(n, 4 * c_out, h * w)
     if bias is None:
-        y = torch.matmul(weight, x)  # [N, 4 C_out, h w]
+        torch.matmul(weight, x, out=y)
     else:  # the bias rides in the GEMM (beta = 1), so the scatter below is a plain copy
-        y = torch.baddbmm(bias.repeat_interleave(4).view(1, 4 * c_out, 1), weight.expand(n, -1, -1), x)
+        torch.baddbmm(bias.repeat_interleave(4).view(1, 4 * c_out, 1), weight.expand(n, -1, -1), x, out=y)
     # [N, C_out, di, dj, h, w] -> out viewed as [N, C_out, h, di, w, dj]
     out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).copy_(y.view(n, c_out, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3))
     return out

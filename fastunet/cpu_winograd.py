@@ -22,11 +22,11 @@ output's RMS (tests/test_cpu_winograd.py; the table's ``winograd`` row bounds it
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .cpu_scratch import scratch
 
 __all__ = ["OwnWinogradConv", "winograd_matrices"]
 
@@ -54,25 +54,6 @@ def winograd_matrices(m: int) -> tuple[Tensor, Tensor, Tensor]:
     if m not in _MATRICES:
         raise ValueError(f"Winograd tile {m}: fastunet has F(2x2, 3x3) and F(4x4, 3x3)")
     return tuple(torch.tensor(a, dtype=torch.float64) for a in _MATRICES[m])
-
-
-# Per-thread scratch (the tile matrices of one call), grown to the largest call seen and shared
-# by every layer: the layers run one after another on a thread, and a fresh multi-MB tensor
-# per call costs page faults every forward (glibc gives large blocks back to the OS).
-_SCRATCH = threading.local()
-
-
-def _scratch(role: str, numel: int) -> Tensor:
-    """A float32 buffer of ``numel`` elements for ``role`` on this thread (contents undefined)."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    buf = bufs.get(role)
-    if buf is None or buf.numel() < numel:
-        # normal tensors even inside inference_mode: a later forward outside it writes into them
-        with torch.inference_mode(False):
-            buf = bufs[role] = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel]
 
 
 class OwnWinogradConv:
@@ -112,7 +93,7 @@ class OwnWinogradConv:
         hp, wp = th * m + 2, tw * m + 2
         tiles = n * th * tw
         # zero-padded NHWC copy of the input(s), the concatenation written channel slice by slice
-        xp = _scratch("padded", n * hp * wp * c_in).view(n, hp, wp, c_in)
+        xp = scratch("padded", n, hp, wp, c_in)
         xp[:, 0].zero_()
         xp[:, h + 1 :].zero_()
         xp[:, 1 : h + 1, 0].zero_()
@@ -123,13 +104,13 @@ class OwnWinogradConv:
             start += x.shape[1]
         s = xp.stride()
         windows = xp.as_strided((t, t, n, th, tw, c_in), (s[1], s[2], s[0], m * s[1], m * s[2], 1))
-        d = _scratch("tiles", t * t * tiles * c_in).view(t, t, n, th, tw, c_in)
+        d = scratch("tiles", t, t, n, th, tw, c_in)
         d.copy_(windows)
-        v = _scratch("v", t * t * tiles * c_in).view(t * t, tiles * c_in)
+        v = scratch("v", t * t, tiles * c_in)
         torch.mm(self.bk, d.view(t * t, -1), out=v)  # B^T d B of every tile and channel
-        prod = _scratch("m", t * t * tiles * c_out).view(t * t, tiles, c_out)
+        prod = scratch("m", t * t, tiles, c_out)
         torch.bmm(v.view(t * t, tiles, c_in), self.u, out=prod)  # the t*t GEMMs
-        y = _scratch("y", m * m * tiles * c_out).view(m * m, tiles * c_out)
+        y = scratch("y", m * m, tiles * c_out)
         torch.mm(self.ak, prod.view(t * t, -1), out=y)  # A^T M A
         y = y.view(m, m, n, th, tw, c_out).permute(2, 3, 0, 4, 1, 5)  # [n, th, r, tw, s, k]
         out = torch.empty(n, c_out, h, w, memory_format=_CL)

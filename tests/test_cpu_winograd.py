@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
-from fastunet import cpu_ops, cpu_winograd
+from fastunet import cpu_ops, cpu_scratch
 from fastunet.cpu_winograd import OwnWinogradConv, winograd_matrices
 
 pytestmark = pytest.mark.ops
@@ -86,7 +86,7 @@ def test_poisoned_scratch_never_reaches_the_output(m):
     of it (the padded input's zero border included) must not reach a smaller call's output."""
     conv_big = OwnWinogradConv(*_case(32, 32, 24, 24)[1:], "relu", None, m)
     conv_big(torch.randn(1, 32, 24, 24))
-    for buf in cpu_winograd._SCRATCH.bufs.values():
+    for buf in cpu_scratch.buffers().values():
         buf.fill_(float("nan"))
     x, weight, b = _case(16, 8, 9, 7)
     y = OwnWinogradConv(weight, b, "none", None, m)(x)
@@ -153,3 +153,19 @@ def test_engine_table_is_the_measured_one():
     # without NNPACK: the own F(4x4) up to 128x128, oneDNN above
     assert engine(128, 128, 128, nnpack=False) == engine(256, 64, 64, nnpack=False) == "own4"
     assert engine(64, 256, 256, nnpack=False) == "direct"
+
+
+def test_scratch_is_per_role_per_thread_and_grows():
+    a = cpu_scratch.scratch("test-role", 2, 3)
+    assert a.shape == (2, 3) and a.dtype == torch.float32 and a.is_contiguous()
+    b = cpu_scratch.scratch("test-role", 4, 5)  # grown: a new buffer
+    assert b.shape == (4, 5) and cpu_scratch.scratch("test-role", 3).data_ptr() == b.data_ptr()
+    assert cpu_scratch.scratch("other-role", 3).data_ptr() != b.data_ptr()
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(cpu_scratch.scratch("test-role", 3).data_ptr()))
+    thread.start()
+    thread.join()
+    assert seen[0] != b.data_ptr()
+    with torch.inference_mode():
+        c = cpu_scratch.scratch("inference-role", 4)
+    assert not c.is_inference()
