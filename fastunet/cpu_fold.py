@@ -376,7 +376,7 @@ class WinogradForm(PackedForm):
         return cpu_ops.max_pool2x2(x) if x.is_contiguous() else F.max_pool2d(x, 2)  # NCHW: see max_pool2x2
 
     def engine(self, c_in: int, height: int, width: int) -> str:
-        return cpu_ops.conv3x3_engine(c_in, height, width, cpu_ops.cpu_features().nnpack)
+        return cpu_ops.conv3x3_engine(c_in, height, width, cpu_ops.nnpack_usable())
 
     def conv(self, unit: Conv, first: Tensor, second: Tensor | None = None) -> Tensor:
         c_in = first.shape[1] + (0 if second is None else second.shape[1])

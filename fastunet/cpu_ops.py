@@ -51,6 +51,7 @@ __all__ = [
     "conv3x3_engine",
     "cpu_features",
     "max_pool2x2",
+    "nnpack_usable",
     "prepacked_ok",
     "upconv2x2_into",
     "upconv_matrix",
@@ -75,12 +76,16 @@ class CpuFeatures:
 
     ``prepack``: oneDNN convolutions on prepacked weights with fused post-ops
     (``torch.ops.mkldnn._convolution_pointwise`` and friends) in float32; ``bf16``: the same in
-    bfloat16 (a CPU with AVX-512 BF16 or AMX); ``nnpack``: NNPACK's convolution.
+    bfloat16 (a CPU with AVX-512 BF16 or AMX); ``nnpack``: NNPACK's convolution;
+    ``nnpack_threads``: torch's intra-op thread count when the probe made the process's first
+    NNPACK call (0 without NNPACK): torch creates NNPACK's thread pool then, with that many
+    threads, and never resizes it (see ``nnpack_usable``).
     """
 
     prepack: bool
     bf16: bool
     nnpack: bool
+    nnpack_threads: int = 0
 
 
 def _mkldnn(name: str):
@@ -135,8 +140,21 @@ def cpu_features() -> CpuFeatures:
     mkldnn = torch.backends.mkldnn.is_available()
     prepack = mkldnn and _probe(_probe_prepack, torch.float32)
     bf16 = prepack and _probe(lambda: _mkldnn("_is_mkldnn_bf16_supported")()) and _probe(_probe_prepack, torch.bfloat16)
+    threads = torch.get_num_threads()
     nnpack = _probe(lambda: torch._nnpack_available()) and _probe(_probe_nnpack)
-    return CpuFeatures(prepack, bf16, nnpack)
+    return CpuFeatures(prepack, bf16, nnpack, threads if nnpack else 0)
+
+
+def nnpack_usable() -> bool:
+    """Whether NNPACK may run a convolution now: it works here and torch's intra-op thread count is
+    the one its thread pool was made with. The pool keeps the count of the first NNPACK call in
+    the process (measured: after a forward at 2 threads, NNPACK convolutions kept 2 cores busy at
+    ``torch.set_num_threads(1)``; after one at 1 thread, they stayed on 1 core at 2 threads), so a
+    changed count would make fast math ignore ``torch.set_num_threads``: the other engines run
+    those layers instead. (A caller who used NNPACK before fastunet's first CPU forward made the
+    pool; the probe cannot see that.)"""
+    features = cpu_features()
+    return features.nnpack and torch.get_num_threads() == features.nnpack_threads
 
 
 def prepacked_ok(dtype: torch.dtype) -> bool:

@@ -181,6 +181,31 @@ def test_a_probe_with_other_numbers_turns_its_feature_off(monkeypatch, fresh_fea
     assert cpu_ops.cpu_features() == cpu_ops.CpuFeatures(False, False, False)
 
 
+def test_nnpack_runs_only_at_the_thread_count_its_pool_was_made_with(monkeypatch):
+    """torch sizes NNPACK's thread pool at its first call and never again: at another intra-op
+    thread count fast math must not call it (it would ignore torch.set_num_threads), and its
+    engine table then gives the large maps to the other engines."""
+    monkeypatch.setattr(cpu_ops, "cpu_features", lambda: cpu_ops.CpuFeatures(True, False, True, 2))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_ops.nnpack_usable()
+        assert cpu_ops.conv3x3_engine(64, 256, 256, cpu_ops.nnpack_usable()) == "nnpack"
+        torch.set_num_threads(1)
+        assert not cpu_ops.nnpack_usable()
+        assert cpu_ops.conv3x3_engine(64, 256, 256, cpu_ops.nnpack_usable()) == "direct"
+        assert cpu_ops.conv3x3_engine(64, 128, 128, cpu_ops.nnpack_usable()) == "own4"
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(cpu_ops, "cpu_features", lambda: cpu_ops.CpuFeatures(True, False, False))
+    assert not cpu_ops.nnpack_usable()
+
+
+def test_the_probe_records_the_thread_count_it_ran_at(fresh_features):
+    features = cpu_ops.cpu_features()
+    assert features.nnpack_threads == (torch.get_num_threads() if features.nnpack else 0)
+
+
 @needs_prepack
 def test_mkldnn_switched_off_by_the_user_is_honoured():
     assert cpu_ops.prepacked_ok(torch.float32)
