@@ -642,6 +642,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "CUDA-graph replay) need an NVIDIA GPU and were skipped. The 'fastunet' rows time fastunet's CPU "
             "fallback: fastunet.UNet(...).eval() given the same NCHW fp32 input as eager_fp32_nchw."
         )
+        if len(thread_counts) > 1 and "fastunet_fast" in args.providers and cpu_features().nnpack:
+            notes.append(
+                f"fastunet_fast at {'/'.join(map(str, thread_counts[1:]))} thread(s): NNPACK's thread pool keeps the "
+                f"thread count of the process's first NNPACK call ({thread_counts[0]}), so there fast math runs its "
+                "large maps on its other engines (fastunet.cpu_ops.nnpack_usable); `--threads N` alone gives fast "
+                "math's figure at N threads."
+            )
     print(
         f"fastunet benchmark on {info['name']} ({device.type}"
         + ("" if cuda else f", {'/'.join(map(str, thread_counts))} thread(s), load average {info['load_average'][0]}")
