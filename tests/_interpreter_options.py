@@ -107,7 +107,93 @@ def cache_interpreter_lookups() -> bool:
     return True
 
 
+def share_block_shapes() -> bool:
+    """Triton's type objects for a block shape, derived once per shape instead of once per op.
+
+    The interpreter runs Triton's front end for every op of every program: each op builds a
+    ``block_type`` (unwraps and validates its shape, formats its name) and a ``tensor`` (one
+    ``constexpr`` per dimension and one for the element count, in a new Triton ``tuple``): about a
+    fifth of a kernel test's CPU time. For a shape of plain ints (every shape the interpreter
+    makes), what the two constructors derive from the shape is kept the first time the original
+    constructor has built (and validated) it; later objects get the same fields, each its own
+    Triton ``tuple``, lists and ``tuple_type``, sharing only immutable parts (ints, ``constexpr``
+    and ``constexpr_type`` objects, the shape's text). Anything else (a shape holding a
+    ``constexpr``, a builtin tuple, a 0-d block, a type that is not a dtype) goes to the original, errors
+    included. ``tests/test_interpreter.py`` compares the objects field by field with the originals'.
+
+    A no-op without ``TRITON_INTERPRET`` or with a triton laid out otherwise. Returns whether
+    installed."""
+    interpreter = _interpreter()
+    if interpreter is None:
+        return False
+    import inspect
+
+    import triton.language.core as core
+
+    block_type, tensor, tl_tuple, tuple_type, dtype = (
+        getattr(core, name, None) for name in ("block_type", "tensor", "tuple", "tuple_type", "dtype")
+    )
+    if not all(isinstance(cls, type) for cls in (block_type, tensor, tl_tuple, tuple_type, dtype)):
+        return False
+    init_block, init_tensor = block_type.__init__, tensor.__init__
+    if getattr(init_block, "_fastunet_cached", False):
+        return True
+    if list(inspect.signature(init_block).parameters) != ["self", "element_ty", "shape"]:
+        return False
+    if list(inspect.signature(init_tensor).parameters) != ["self", "handle", "type"]:
+        return False
+    blocks: dict = {}  # dims (ints) -> (numel, the dims' constexpr_types, the shape's text)
+    tensors: dict = {}  # dims (ints) -> (numel as constexpr, the dims as constexprs)
+    kind = type
+
+    def shared_block_init(self, element_ty, shape):
+        dims = shape if kind(shape) is list else shape.values if kind(shape) is tl_tuple else None
+        if not dims or not all(kind(d) is int for d in dims):
+            return init_block(self, element_ty, shape)
+        key = (*dims,)
+        known = blocks.get(key)
+        if known is None:
+            init_block(self, element_ty, shape)  # validates (raises as it always did)
+            blocks[key] = (self.numel, (*self.shape.type.types,), str(self.shape))
+            return None
+        numel, types, text = known
+        self.element_ty = element_ty
+        self.shape = tl_tuple(list(key), tuple_type(list(types)))
+        self.numel = numel
+        self.name = f"<{text}, {element_ty}>"
+        return None
+
+    def shared_tensor_init(self, handle, type):  # noqa: A002 (the original's keyword)
+        if kind(type) is block_type:
+            dims = type.shape.values if kind(type.shape) is tl_tuple else None
+            if not dims or not all(kind(d) is int for d in dims):
+                return init_tensor(self, handle, type)
+        elif isinstance(type, dtype) and not type.is_block():  # a scalar or a pointer
+            dims = ()
+        else:
+            return init_tensor(self, handle, type)
+        key = (*dims,)
+        known = tensors.get(key)
+        if known is None:
+            init_tensor(self, handle, type)
+            tensors[key] = (self.numel, list(self.shape.values))
+            return None
+        numel, constexprs = known
+        self.handle = handle
+        self.shape = tl_tuple(list(constexprs), tuple_type([c.type for c in constexprs]))
+        self.numel = numel
+        self.type = type
+        self.dtype = type.scalar
+        return None
+
+    shared_block_init._fastunet_cached = True
+    shared_block_init.__wrapped__, shared_tensor_init.__wrapped__ = init_block, init_tensor
+    block_type.__init__, tensor.__init__ = shared_block_init, shared_tensor_init
+    return True
+
+
 def speed_up() -> None:
-    """Both changes (each a no-op where it does not apply). Call after ``TRITON_INTERPRET`` is set."""
+    """The three changes (each a no-op where it does not apply). Call after ``TRITON_INTERPRET`` is set."""
     skip_dead_overflow_checks()
     cache_interpreter_lookups()
+    share_block_shapes()

@@ -95,3 +95,76 @@ def test_the_cached_lookups_answer_as_the_originals():
         interpreter._patch_builtin(pkg, None, ours)
         original["_patch_builtin"](pkg, None, theirs)
         assert ours.names and sorted(ours.names, key=str) == sorted(theirs.names, key=str), pkg
+
+
+def _fields(value):
+    """A Triton front-end object as nested plain data (class, then every attribute in order), to
+    compare two objects built apart; ints, strings and other leaves as themselves."""
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, [_fields(v) for v in value]
+    if hasattr(value, "__dict__") and type(value).__module__.startswith("triton"):
+        return type(value).__qualname__, [(k, _fields(v)) for k, v in vars(value).items()]
+    return type(value).__name__, value
+
+
+def _built(cls, init, *args):
+    """``cls`` made with ``init`` (the installed or the original constructor): its fields, or the
+    error it raised (class and text)."""
+    obj = cls.__new__(cls)
+    try:
+        init(obj, *args)
+    except Exception as error:  # noqa: BLE001 (the error is what is compared)
+        return "raised", type(error).__name__, str(error)
+    return _fields(obj)
+
+
+def test_shared_block_shapes_build_what_the_originals_build():
+    """conftest's ``block_type``/``tensor`` constructors are installed, and give field for field
+    what Triton's own give (first build of a shape, and again from what was kept), the same errors
+    for shapes Triton refuses, and their own mutable parts (a tuple changed in one object leaves
+    the next alone)."""
+    import _interpreter_options
+    import triton.language as tl
+    from triton.language import core
+
+    assert getattr(core.block_type.__init__, "_fastunet_cached", False)
+    assert _interpreter_options.share_block_shapes()  # a second call keeps the first's
+    original = {cls: cls.__init__.__wrapped__ for cls in (core.block_type, core.tensor)}
+    elements = [tl.int1, tl.int32, tl.uint8, tl.float16, tl.bfloat16, tl.float32, tl.float64,
+                tl.pointer_type(tl.float32), tl.pointer_type(tl.int8, const=True)]  # fmt: skip
+    refused = [[7], [], [2048, 1024], (4, 8), [4.0]]  # Triton raises (a builtin tuple: its assert)
+    shapes = [
+        [16],
+        [1, 32],
+        [4, 8, 2],
+        [2, 1, 1, 64],
+        core.tuple([8, 4]),
+        [tl.constexpr(4), 8],
+        [True, 2],
+        [0],
+        *refused,
+    ]
+    made = []  # [0]: triton 3.9 refuses it, 3.6 takes it; the same as the original either way
+    for _ in range(2):  # the second round from what the first kept
+        for element in elements:
+            for shape in shapes:
+                args = (element, core.tuple(list(shape.values)) if isinstance(shape, core.tuple) else shape)
+                ours = _built(core.block_type, core.block_type.__init__, *args)
+                assert ours == _built(core.block_type, original[core.block_type], *args), args
+                made.append((repr(shape), ours[0] == "raised"))
+    assert {text for text, raised in made if raised} >= {repr(shape) for shape in refused}
+
+    handle = object()
+    types = [*elements, *(core.block_type(e, s) for e in elements for s in ([16], [1, 32], [4, 8, 2]))]
+    for t in types * 2:
+        assert _built(core.tensor, core.tensor.__init__, handle, t) == _built(
+            core.tensor, original[core.tensor], handle, t
+        ), t
+
+    shape = [4, 8, 2]
+    first, second = core.tensor(handle, core.block_type(tl.float32, shape)), core.tensor(handle, types[-1])
+    first.shape._setitem(0, tl.constexpr(128))
+    first.type.shape._setitem(1, 2)
+    assert _fields(second) == _built(core.tensor, original[core.tensor], handle, types[-1])
+    for cls, args in ((core.block_type, (tl.float32, shape)), (core.tensor, (handle, core.block_type(tl.int8, shape)))):
+        assert _built(cls, cls.__init__, *args) == _built(cls, original[cls], *args)
