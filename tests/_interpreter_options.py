@@ -146,9 +146,11 @@ def share_block_shapes() -> bool:
     tensors: dict = {}  # dims (ints) -> (numel as constexpr, the dims as constexprs)
     kind = type
 
+    ints = {(int,) * rank for rank in range(1, 9)}  # the dims' classes where a shape is kept
+
     def shared_block_init(self, element_ty, shape):
-        dims = shape if kind(shape) is list else shape.values if kind(shape) is tl_tuple else None
-        if not dims or not all(kind(d) is int for d in dims):
+        dims = shape if kind(shape) is list else shape.values if kind(shape) is tl_tuple else ()
+        if (*map(kind, dims),) not in ints:
             return init_block(self, element_ty, shape)
         key = (*dims,)
         known = blocks.get(key)
@@ -165,8 +167,8 @@ def share_block_shapes() -> bool:
 
     def shared_tensor_init(self, handle, type):  # noqa: A002 (the original's keyword)
         if kind(type) is block_type:
-            dims = type.shape.values if kind(type.shape) is tl_tuple else None
-            if not dims or not all(kind(d) is int for d in dims):
+            dims = type.shape.values if kind(type.shape) is tl_tuple else ()
+            if (*map(kind, dims),) not in ints:
                 return init_tensor(self, handle, type)
         elif isinstance(type, dtype) and not type.is_block():  # a scalar or a pointer
             dims = ()
