@@ -7,7 +7,8 @@ the op again, two compares) and hands it to ``device_assert``, which drops it un
 ``options.debug`` is set, and the interpreter never sets it: about a third of the interpreter's
 time at the suite's sizes went into checks that nothing reads. ``tests/test_interpreter.py`` shows
 the check is dead with the stock options, and that it fires with ``debug`` on, where this leaves it.
-Two lookups it repeats are also answered once (``cache_interpreter_lookups``).
+Two lookups it repeats are also answered once (``cache_interpreter_lookups``), and the type fields
+it derives from each block shape are built once per shape (``share_block_shapes``).
 """
 
 from __future__ import annotations
