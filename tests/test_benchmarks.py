@@ -443,7 +443,7 @@ def test_quick_run_json_schema(quick_run):
     device = result["device"]
     assert "avx2" in device["isa"] or "avx2" not in Path("/proc/cpuinfo").read_text()  # the ISA flags recorded
     assert device["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(device["fastunet_cpu_features"]) == {"prepack", "bf16", "nnpack"}
+    assert set(device["fastunet_cpu_features"]) == {"prepack", "bf16", "nnpack", "nnpack_threads"}
     assert len(device["load_average"]) == len(device["load_average_end"]) == 3
     for row in result["rows"]:
         assert set(row) == ROW_KEYS, set(row) ^ ROW_KEYS
